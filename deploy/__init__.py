@@ -1,0 +1,1 @@
+"""Deployment tooling: how Galvani's broker, database and services are started."""

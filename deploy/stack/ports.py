@@ -1,0 +1,42 @@
+"""Choosing loopback ports: the preferred one when it is free, otherwise any free one."""
+
+import socket
+
+from deploy.stack.errors import SetupError
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a TCP listener could bind ``host:port`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Without SO_REUSEADDR, a port in TIME_WAIT reads as taken, which is the safe answer.
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port the kernel reports free on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def choose_port(preferred: int, *, required: int | None, what: str, env_var: str) -> int:
+    """The port to listen on for ``what``.
+
+    ``required`` is a port the user asked for explicitly (through ``env_var``): it must be free.
+    Otherwise ``preferred`` is used when free, else any free port.
+    """
+    if required is not None:
+        if not is_free(required):
+            raise SetupError(
+                f"{what} port {required} (from {env_var}) is already in use: "
+                f"stop whatever listens there or unset {env_var} to let Galvani choose a free port"
+            )
+        return required
+    return preferred if is_free(preferred) else free_port()

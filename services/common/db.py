@@ -1,0 +1,68 @@
+"""Database access shared by the services: connections and the storage flavour in use."""
+
+from enum import StrEnum
+
+import psycopg
+from psycopg import sql
+
+from services.common.errors import DatabaseUnavailable
+
+CONNECT_TIMEOUT_S = 5
+
+
+class Storage(StrEnum):
+    """How time-series tables are stored in the connected database.
+
+    ``timescaledb``: the full (Timescale-licensed) build: compression, continuous aggregates
+    and retention policies. ``timescaledb-apache``: the Apache-only build Debian ships:
+    hypertables and ``time_bucket``; Galvani maintains rollups and retention itself.
+    ``plain``: PostgreSQL with declarative range partitions and a ``time_bucket`` function of
+    Galvani's own with the same meaning.
+    """
+
+    TIMESCALEDB = "timescaledb"
+    TIMESCALEDB_APACHE = "timescaledb-apache"
+    PLAIN = "plain"
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+    """Open a connection, translating failure into :class:`DatabaseUnavailable`."""
+    try:
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def describe_url(url: str) -> str:
+    """``host:port/dbname`` of a URL, without credentials, for messages."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def storage_of(conn: psycopg.Connection[tuple[object, ...]]) -> Storage:
+    """The storage flavour the migrations chose for this database."""
+    row = conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'").fetchone()
+    if row is None:
+        raise DatabaseUnavailable("database is not migrated: run `alembic upgrade head`")
+    return Storage(str(row[0]))
+
+
+def timescaledb_available(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Whether the server can load TimescaleDB (installed and preloaded)."""
+    row = conn.execute(
+        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
+    ).fetchone()
+    if row is None:
+        return False
+    preload = conn.execute("SHOW shared_preload_libraries").fetchone()
+    return preload is not None and "timescaledb" in str(preload[0])
+
+
+def quote_ident(name: str) -> sql.Identifier:
+    """An SQL identifier (for the few statements that name objects dynamically)."""
+    return sql.Identifier(name)

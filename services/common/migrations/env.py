@@ -1,0 +1,34 @@
+"""Alembic environment: plain SQL migrations over psycopg 3, online only."""
+
+import os
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+config = context.config
+
+
+def _database_url() -> str:
+    url = config.attributes.get("database_url") or os.environ.get("GALVANI_DATABASE_URL")
+    if not url:
+        raise SystemExit("GALVANI_DATABASE_URL is not set: point it at the database to migrate")
+    # SQLAlchemy needs the dialect+driver spelled out to pick psycopg 3.
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return str(url)
+
+
+def run_migrations_online() -> None:
+    """Run every pending migration in one transaction per migration."""
+    engine = create_engine(_database_url(), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, transaction_per_migration=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported: they depend on the server")
+run_migrations_online()
