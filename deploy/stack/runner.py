@@ -1,0 +1,392 @@
+"""``make run``: the whole system on this machine, data under ``.galvani/``.
+
+Order: database (own cluster, or ``GALVANI_DATABASE_URL``), migrations, broker (device
+credentials rendered from the database), then every service. ``run.json`` is written only
+when all of them are ready and removed when the stack stops.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from deploy.stack.errors import SetupError
+from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker, find_mosquitto
+from deploy.stack.ports import LOOPBACK, choose_port
+from deploy.stack.postgres import (
+    PostgresConfig,
+    PostgresServer,
+    new_password,
+    require_postgres,
+)
+from deploy.stack.processes import Child, ChildExited, service_user, spawn, wait_until
+from services.common import api_keys
+from services.common.broker_auth import ServiceAccount, active_device_credentials
+from services.common.db import connect, describe_url
+from services.common.errors import DatabaseUnavailable
+from services.common.migrate import upgrade
+from services.common.settings import REPO_ROOT
+
+log = logging.getLogger("galvani.run")
+
+DEFAULT_SIM_DEVICES = 50
+PREFERRED_MQTT_PORT = 1883
+PREFERRED_SERVICE_MQTT_PORT = 1884
+PREFERRED_DB_PORT = 5432
+PREFERRED_API_PORT = 8000
+SERVICE_READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the user asked for, from the environment."""
+
+    data_dir: Path
+    sim_devices: int
+    api_port: int | None
+    mqtt_port: int | None
+    database_url: str | None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "RunOptions":
+        """Read ``GALVANI_*`` variables, refusing malformed values with a clear message."""
+        return cls(
+            data_dir=Path(env.get("GALVANI_DATA_DIR", str(REPO_ROOT / ".galvani"))).resolve(),
+            sim_devices=_int_env(env, "GALVANI_SIM_DEVICES", DEFAULT_SIM_DEVICES),
+            api_port=_port_env(env, "GALVANI_API_PORT"),
+            mqtt_port=_port_env(env, "GALVANI_MQTT_PORT"),
+            database_url=env.get("GALVANI_DATABASE_URL") or None,
+        )
+
+
+def _int_env(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SetupError(f"{name}={raw!r} is not a whole number") from None
+    if value < 0:
+        raise SetupError(f"{name}={raw!r} must be 0 or more")
+    return value
+
+
+def _port_env(env: dict[str, str], name: str) -> int | None:
+    if not env.get(name):
+        return None
+    port = _int_env(env, name, 0)
+    if not 1 <= port <= 65535:
+        raise SetupError(f"{name}={port} is not a TCP port (1-65535)")
+    return port
+
+
+class Secrets:
+    """Generated secrets kept under ``.galvani/secrets`` (owner-only), reused across runs."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+
+    def get(self, name: str) -> str:
+        """The secret ``name``, created on first use."""
+        path = self.directory / name
+        if path.is_file():
+            return path.read_text().strip()
+        value = new_password()
+        self.put(name, value)
+        return value
+
+    def put(self, name: str, value: str) -> None:
+        """Store ``value`` as ``name``."""
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+
+    def read(self, name: str) -> str | None:
+        """The secret ``name`` if it exists."""
+        path = self.directory / name
+        return path.read_text().strip() if path.is_file() else None
+
+
+@dataclass
+class Stack:
+    """Everything ``make run`` started, stopped in reverse order."""
+
+    options: RunOptions
+    postgres: PostgresServer | None = None
+    broker: MosquittoBroker | None = None
+    services: list[Child] = field(default_factory=list)
+
+    @property
+    def run_json(self) -> Path:
+        """Where the start-up contract file goes."""
+        return self.options.data_dir / "run.json"
+
+    def stop(self) -> None:
+        """Stop services, then the broker, then the database; remove run.json."""
+        self.run_json.unlink(missing_ok=True)
+        for child in reversed(self.services):
+            child.stop()
+        self.services.clear()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+@contextmanager
+def exclusive(data_dir: Path) -> Iterator[None]:
+    """Refuse a second ``make run`` on the same data directory."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "run.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SetupError(
+                f"another `make run` is already using {data_dir}: stop it first (Ctrl-C)"
+            ) from None
+        yield
+
+
+def start_database(stack: Stack, secrets: Secrets) -> str:
+    """Start the bundled PostgreSQL, or check the external one; return its URL."""
+    options = stack.options
+    if options.database_url:
+        try:
+            connect(options.database_url).close()
+        except DatabaseUnavailable as exc:
+            raise SetupError(
+                f"GALVANI_DATABASE_URL ({describe_url(options.database_url)}) is unreachable: "
+                f"{exc}; fix the URL or unset it to use the bundled database"
+            ) from None
+        return options.database_url
+    install = require_postgres()
+    port = choose_port(
+        PREFERRED_DB_PORT, required=None, what="PostgreSQL", env_var="GALVANI_DB_PORT"
+    )
+    config = PostgresConfig(
+        data_dir=options.data_dir / "pg" / "data",
+        port=port,
+        password=secrets.get("postgres-password"),
+        run_as=service_user(),
+    )
+    server = PostgresServer(install, config, options.data_dir / "logs" / "postgres.log")
+    stack.postgres = server
+    log.info("starting PostgreSQL (%s%s) on port %d", install.source,
+             ", TimescaleDB" if server.timescaledb else ", no TimescaleDB", port)
+    server.start()
+    return config.url()
+
+
+def ensure_operator_key(database_url: str, secrets: Secrets) -> str:
+    """The operator key: the stored one if still valid, else a newly issued one."""
+    with connect(database_url) as conn:
+        existing = secrets.read("operator-key")
+        if existing and api_keys.key_is_active(conn, existing):
+            return existing
+        issued = api_keys.issue_key(
+            conn, role=api_keys.Role.OPERATOR, name="make run operator", brand_id=None
+        )
+        conn.commit()
+    secrets.put("operator-key", issued.key)
+    return issued.key
+
+
+def start_broker(stack: Stack, database_url: str, secrets: Secrets) -> tuple[int, int]:
+    """Start Mosquitto with credentials from the database; return (device, service) ports."""
+    find_mosquitto()
+    device_port = choose_port(
+        PREFERRED_MQTT_PORT,
+        required=stack.options.mqtt_port,
+        what="MQTT",
+        env_var="GALVANI_MQTT_PORT",
+    )
+    service_port = choose_port(
+        PREFERRED_SERVICE_MQTT_PORT, required=None, what="MQTT (services)", env_var=""
+    )
+    if service_port == device_port:
+        service_port = choose_port(0, required=None, what="MQTT (services)", env_var="")
+    passwords = {account: secrets.get(f"mqtt-{account}") for account in ServiceAccount}
+    broker = MosquittoBroker(
+        BrokerConfig(
+            directory=stack.options.data_dir / "mosquitto",
+            device_port=device_port,
+            service_port=service_port,
+            run_as=service_user(),
+        ),
+        passwords,
+    )
+    with connect(database_url) as conn:
+        credentials = active_device_credentials(conn)
+    stack.broker = broker
+    log.info("starting Mosquitto on port %d (devices) and %d (services)", device_port,
+             service_port)
+    broker.start(credentials)
+    return device_port, service_port
+
+
+def service_env(prefix: str, **values: str | int) -> dict[str, str]:
+    """The process environment plus ``GALVANI_<PREFIX>_<KEY>`` settings."""
+    env = dict(os.environ)
+    env.update({f"GALVANI_{prefix}_{key.upper()}": str(value) for key, value in values.items()})
+    return env
+
+
+def start_services(
+    stack: Stack, database_url: str, service_port: int, secrets: Secrets
+) -> str:
+    """Start the API and the maintenance loop; return the API's URL once it is ready."""
+    options = stack.options
+    logs = options.data_dir / "logs"
+    api_port = choose_port(
+        PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
+    )
+    api = spawn(
+        "api",
+        [sys.executable, "-m", "services.api.main"],
+        logs / "api.log",
+        env=service_env(
+            "API",
+            database_url=database_url,
+            mqtt_port=service_port,
+            mqtt_password=secrets.get(f"mqtt-{ServiceAccount.API}"),
+            data_dir=str(options.data_dir),
+            port=api_port,
+        ),
+        cwd=REPO_ROOT,
+    )
+    stack.services.append(api)
+    stack.services.append(
+        spawn(
+            "maintenance",
+            [sys.executable, "-m", "services.maintenance.main"],
+            logs / "maintenance.log",
+            env=service_env("MAINTENANCE", database_url=database_url),
+            cwd=REPO_ROOT,
+        )
+    )
+    api_url = f"http://{LOOPBACK}:{api_port}"
+    wait_until(lambda: _http_ok(f"{api_url}/readyz"), child=api,
+               timeout_s=SERVICE_READY_TIMEOUT_S, what="the API")
+    return api_url
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def write_run_json(stack: Stack, info: dict[str, object]) -> None:
+    """Write run.json atomically, owner-only (it holds the operator key)."""
+    tmp = stack.run_json.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(info, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, stack.run_json)
+
+
+def run(options: RunOptions, stop: threading.Event) -> None:
+    """Start everything, write run.json, and block until ``stop`` or a child exits."""
+    with exclusive(options.data_dir):
+        stack = Stack(options)
+        secrets = Secrets(options.data_dir / "secrets")
+        try:
+            database_url = start_database(stack, secrets)
+            log.info("migrating %s", describe_url(database_url))
+            upgrade(database_url)
+            operator_key = ensure_operator_key(database_url, secrets)
+            device_port, service_port = start_broker(stack, database_url, secrets)
+            api_url = start_services(stack, database_url, service_port, secrets)
+            info: dict[str, object] = {
+                "api_url": api_url,
+                "mqtt_host": LOOPBACK,
+                "mqtt_port": device_port,
+                "mqtt_service_port": service_port,
+                "database_url": database_url,
+                "operator_key": operator_key,
+                "sim_devices": options.sim_devices,
+                "data_dir": str(options.data_dir),
+                "logs": str(options.data_dir / "logs"),
+                "pids": {c.name: c.pid for c in stack.services}
+                | ({"postgres": stack.postgres.child.pid}
+                   if stack.postgres and stack.postgres.child else {})
+                | ({"mosquitto": stack.broker.child.pid}
+                   if stack.broker and stack.broker.child else {}),
+            }
+            write_run_json(stack, info)
+            print_ready(info, stack.run_json)
+            _supervise(stack, stop)
+        finally:
+            log.info("stopping")
+            stack.stop()
+
+
+def _supervise(stack: Stack, stop: threading.Event) -> None:
+    watched: list[Child] = list(stack.services)
+    for server in (stack.broker, stack.postgres):
+        if server is not None and server.child is not None:
+            watched.append(server.child)
+    while not stop.wait(0.5):
+        for child in watched:
+            if not child.alive():
+                raise ChildExited(
+                    f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"
+                    f"{child.log_tail()}"
+                )
+
+
+def print_ready(info: dict[str, object], run_json: Path) -> None:
+    """Tell the user where to look."""
+    lines = [
+        "",
+        "Galvani is running.",
+        f"  API          {info['api_url']}  (docs: {info['api_url']}/docs)",
+        f"  MQTT         {info['mqtt_host']}:{info['mqtt_port']} (devices)",
+        f"  database     {describe_url(str(info['database_url']))}",
+        f"  logs         {info['logs']}",
+        f"  run.json     {run_json}  (operator key inside)",
+        "Press Ctrl-C to stop.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main() -> int:
+    """Entry point for ``make run``; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="galvani: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        run(RunOptions.from_env(dict(os.environ)), stop)
+    except SetupError as exc:
+        print(f"galvani: {exc}", file=sys.stderr)
+        return 2
+    except ChildExited as exc:
+        print(f"galvani: {exc}", file=sys.stderr)
+        return 1
+    log.info("stopped after %.0f s", time.monotonic() - started)
+    return 0

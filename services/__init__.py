@@ -1,0 +1,1 @@
+"""Galvani backend services: api, ingest, rules, and what they share in common."""

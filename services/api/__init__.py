@@ -1,0 +1,1 @@
+"""The REST API for brands' dashboards, support teams and app backends."""

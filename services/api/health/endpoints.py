@@ -1,0 +1,87 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``: for the ops network, no API key."""
+
+import socket
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import ConnectionPool
+from pydantic import BaseModel
+
+from services.api.settings import ApiSettings
+
+READY_TIMEOUT_S = 2.0
+
+router = APIRouter(tags=["operations"])
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: str
+
+
+class Readiness(BaseModel):
+    """Readiness: each dependency and whether it answered."""
+
+    status: str
+    database: bool
+    broker: bool
+
+
+def _pool(request: Request) -> ConnectionPool:
+    pool: ConnectionPool = request.app.state.pool
+    return pool
+
+
+def _settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is alive."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "a dependency is unreachable"}},
+)
+def readyz(
+    response: Response,
+    pool: Annotated[ConnectionPool, Depends(_pool)],
+    settings: Annotated[ApiSettings, Depends(_settings)],
+) -> Readiness:
+    """Ready when the database answers a query and the broker accepts a TCP connection."""
+    database = _database_ok(pool)
+    broker = _broker_ok(settings.mqtt_host, settings.mqtt_port)
+    ready = database and broker
+    if not ready:
+        response.status_code = 503
+    return Readiness(status="ready" if ready else "unavailable", database=database, broker=broker)
+
+
+def _database_ok(pool: ConnectionPool) -> bool:
+    try:
+        with pool.connection(timeout=READY_TIMEOUT_S) as conn:
+            conn.execute("SELECT 1")
+    except Exception:  # noqa: BLE001 - any failure means "not ready", reported as such
+        return False
+    return True
+
+
+def _broker_ok(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=READY_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+@router.get("/metrics", response_class=Response, include_in_schema=False)
+def metrics() -> Response:
+    """Prometheus exposition of this process's metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

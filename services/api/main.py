@@ -1,0 +1,53 @@
+"""The API application: ``python -m services.api.main`` (or ``uvicorn --factory services.api.main:create_app``)."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from psycopg_pool import ConnectionPool
+
+from services.api.health.endpoints import router as health_router
+from services.api.settings import ApiSettings
+from services.common.logs import configure_logging
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """Build the app; the pool lives for the app's lifespan, never at import time."""
+    settings = settings or ApiSettings()  # type: ignore[call-arg]  # filled from the env
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = ConnectionPool(
+            settings.database_url.get_secret_value(),
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            open=False,
+        )
+        pool.open(wait=False)
+        app.state.pool = pool
+        app.state.settings = settings
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="Galvani API",
+        version="1.0.0",
+        description="Fleet backend for connected microcurrent personal-care devices.",
+        lifespan=lifespan,
+    )
+    app.include_router(health_router)
+    return app
+
+
+def main() -> None:
+    """Run the API server."""
+    settings = ApiSettings()  # type: ignore[call-arg]  # filled from the env
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

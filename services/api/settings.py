@@ -1,0 +1,17 @@
+"""API service settings (environment prefix ``GALVANI_API_``)."""
+
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class ApiSettings(ServiceSettings):
+    """What the API process needs to run."""
+
+    model_config = SettingsConfigDict(env_prefix="GALVANI_API_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mqtt_username: str = "galvani-api"
+    pool_min_size: int = 1
+    pool_max_size: int = 10

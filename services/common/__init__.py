@@ -1,0 +1,1 @@
+"""What the services share: settings, database, protocol models, errors."""

@@ -1,0 +1,74 @@
+"""Device provisioning: broker credentials are created with the device row and revoked with it.
+
+The caller owns the transaction; after it commits, call
+:func:`services.common.broker_auth.sync_device_credentials` so the broker admits (or
+disconnects) the device at once.
+"""
+
+import re
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors
+
+from services.common.broker_auth import hash_password, new_device_password
+from services.common.errors import GalvaniError
+
+DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
+
+
+class ProvisioningError(GalvaniError):
+    """A device could not be provisioned or revoked; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProvisionedDevice:
+    """A new device and its broker password (shown once, stored only as a hash)."""
+
+    device_id: str
+    password: str
+
+
+def provision_device(
+    conn: psycopg.Connection[tuple[object, ...]],
+    *,
+    device_id: str,
+    brand_id: str,
+    model: str,
+    user_id: str | None = None,
+) -> ProvisionedDevice:
+    """Create the device with fresh credentials in the caller's transaction."""
+    if not DEVICE_ID_RE.fullmatch(device_id):
+        raise ProvisioningError(
+            f"device id {device_id!r} must match {DEVICE_ID_RE.pattern} "
+            "(lower-case letters, digits and '-', 3 to 64 characters)"
+        )
+    password = new_device_password()
+    if user_id is not None:
+        conn.execute(
+            "INSERT INTO users (brand_id, id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            [brand_id, user_id],
+        )
+    try:
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO devices (id, brand_id, model, user_id, credential_hash)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                [device_id, brand_id, model, user_id, hash_password(password)],
+            )
+    except errors.UniqueViolation:
+        raise ProvisioningError(f"device {device_id} already exists") from None
+    except errors.ForeignKeyViolation:
+        raise ProvisioningError(f"brand {brand_id} does not exist") from None
+    return ProvisionedDevice(device_id=device_id, password=password)
+
+
+def revoke_device(conn: psycopg.Connection[tuple[object, ...]], device_id: str) -> bool:
+    """Remove the device's credentials and mark it decommissioned; False if unknown."""
+    row = conn.execute(
+        "UPDATE devices SET credential_hash = NULL,"
+        " decommissioned_at = coalesce(decommissioned_at, now()), online = false"
+        " WHERE id = %s RETURNING id",
+        [device_id],
+    ).fetchone()
+    return row is not None

@@ -1,0 +1,1 @@
+"""Storage upkeep the database cannot schedule itself: rollups, retention, partitions."""

@@ -1,0 +1,133 @@
+"""Real servers for the suite: a TimescaleDB-enabled PostgreSQL and a Mosquitto broker.
+
+Both are started once per test run on free loopback ports in a throwaway directory and
+stopped by their pid at the end. Each test that needs the database gets a database of its
+own, copied from a migrated template, so tests run in any order.
+"""
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
+from deploy.stack.ports import free_port
+from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
+from deploy.stack.processes import service_user
+from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
+from services.common.migrate import upgrade
+
+TEMPLATE_DB = "galvani_template"
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def stack_root() -> Iterator[Path]:
+    """A throwaway directory the servers (running as an unprivileged user) can enter."""
+    root = Path(tempfile.mkdtemp(prefix="galvani-test-"))
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(stack_root: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster with TimescaleDB preloaded (required: `make test` installs it)."""
+    install = require_postgres()
+    if not install.has_timescaledb and not os.environ.get("GALVANI_TEST_ALLOW_PLAIN"):
+        pytest.exit(
+            "TimescaleDB is not installed for this PostgreSQL: run `make test` (it installs it) "
+            "or set GALVANI_TEST_ALLOW_PLAIN=1 to test the plain-PostgreSQL path only",
+            returncode=3,
+        )
+    config = PostgresConfig(
+        data_dir=stack_root / "pg" / "data",
+        port=free_port(),
+        password=new_password(),
+        run_as=service_user(),
+        durable=False,
+    )
+    server = PostgresServer(install, config, stack_root / "postgres.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def template_url(postgres: PostgresServer) -> str:
+    """A database migrated to head, used as the template of each test's database."""
+    url = postgres.create_database(TEMPLATE_DB)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def database_url(postgres: PostgresServer, template_url: str) -> Iterator[str]:
+    """A fresh migrated database for one test, dropped afterwards."""
+    name = f"test_{os.getpid()}_{next(_db_numbers)}"
+    url = postgres.create_database(name, template=TEMPLATE_DB)
+    yield url
+    with psycopg.connect(postgres.config.url("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_database_url(postgres: PostgresServer) -> Iterator[str]:
+    """A database with no schema, for migration tests."""
+    name = f"empty_{os.getpid()}_{next(_db_numbers)}"
+    url = postgres.create_database(name)
+    yield url
+    with psycopg.connect(postgres.config.url("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """A connection to this test's database (autocommit off; the test commits)."""
+    with psycopg.connect(database_url) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def service_passwords() -> dict[ServiceAccount, str]:
+    """Passwords of the backend's broker accounts for this run."""
+    return {account: new_password() for account in ServiceAccount}
+
+
+@pytest.fixture(scope="session")
+def broker(
+    stack_root: Path, service_passwords: dict[ServiceAccount, str]
+) -> Iterator[MosquittoBroker]:
+    """A Mosquitto broker with Galvani's generated configuration and no devices yet.
+
+    Tests add devices to their own database and call ``sync_devices``; the broker's device
+    file then holds exactly that test's devices.
+    """
+    server = MosquittoBroker(
+        BrokerConfig(
+            directory=stack_root / "mosquitto",
+            device_port=free_port(),
+            service_port=free_port(),
+            run_as=service_user(),
+        ),
+        service_passwords,
+    )
+    server.start([])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sync_devices(broker: MosquittoBroker, database_url: str):  # type: ignore[no-untyped-def]
+    """Render the broker's device credentials from this test's database and reload."""
+
+    def sync() -> int:
+        with psycopg.connect(database_url) as conn:
+            return sync_device_credentials(conn, BrokerFiles(broker.config.directory))
+
+    return sync
