@@ -118,11 +118,6 @@ class PostgresConfig:
     durable: bool = True
     host: str = LOOPBACK
 
-    @property
-    def socket_dir(self) -> Path:
-        """Where the server puts its Unix socket (inside the data root, never /var/run)."""
-        return self.data_dir.parent / "pg-socket"
-
     def url(self, database: str = DATABASE) -> str:
         """A libpq connection URL for ``database`` as the cluster's superuser."""
         return f"postgresql://{SUPERUSER}:{self.password}@{self.host}:{self.port}/{database}"
@@ -182,7 +177,9 @@ class PostgresServer:
         settings = {
             "listen_addresses": c.host,
             "port": str(c.port),
-            "unix_socket_directories": str(c.socket_dir),
+            # TCP on loopback only: a socket path under a deep checkout can exceed the
+            # 107-byte limit of Unix socket names, and nothing here needs one.
+            "unix_socket_directories": "",
             "max_connections": "200",
             "shared_buffers": "256MB",
             "log_min_messages": "warning",
@@ -200,8 +197,6 @@ class PostgresServer:
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         self.initialise()
-        self.config.socket_dir.mkdir(parents=True, exist_ok=True)
-        chown_to(self.config.socket_dir, self.config.run_as)
         self.child = spawn("postgres", self.server_args(), self.log_path, user=self.config.run_as)
         wait_until(self._accepts, child=self.child, timeout_s=START_TIMEOUT_S, what="PostgreSQL")
         self._ensure_database()

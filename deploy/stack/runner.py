@@ -139,6 +139,8 @@ class Stack:
     def stop(self) -> None:
         """Stop services, then the broker, then the database; remove run.json."""
         self.run_json.unlink(missing_ok=True)
+        if self.services or self.broker or self.postgres:
+            log.info("stopping")
         for child in reversed(self.services):
             child.stop()
         self.services.clear()
@@ -335,7 +337,6 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             print_ready(info, stack.run_json)
             _supervise(stack, stop)
         finally:
-            log.info("stopping")
             stack.stop()
 
 
@@ -372,6 +373,7 @@ def print_ready(info: dict[str, object], run_json: Path) -> None:
 def main() -> int:
     """Entry point for ``make run``; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="galvani: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Final, NoReturn
 
 from pydantic import TypeAdapter, ValidationError
@@ -51,6 +52,9 @@ _NOT_BRACKETS: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
 # A string literal, or an unterminated one running to the end: every '"' starts a match, so
 # stripping strings is linear even on hostile input.
 _JSON_STRING: Final = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NAN_OR_INFINITY: Final = re.compile(rb"NaN|Infinity")
+# An escape for U+0000 is a backslash run of odd length followed by u0000.
+_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def parse_topic(topic: str) -> tuple[str, Channel]:
@@ -82,12 +86,16 @@ def decode(channel: Channel | str, raw: bytes) -> Message:
         raise ProtocolError("not_utf8", f"invalid UTF-8 at byte {exc.start}") from None
     if _too_deep(raw):
         raise ProtocolError("too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    if _has_nan_or_infinity(raw):
+        raise ProtocolError("bad_json", "NaN and Infinity are not JSON")
     if not raw.lstrip(_JSON_WHITESPACE).startswith(b"{"):
         _raise_not_object(raw)
     try:
         message: Message = _ADAPTERS[channel].validate_json(raw)
     except ValidationError as exc:
         raise _translate(exc, channel) from None
+    if _has_nul_escape(raw):
+        raise ProtocolError("invalid", "a string holds U+0000, which PostgreSQL cannot store")
     return message
 
 
@@ -99,7 +107,7 @@ def canonical_json(obj: object) -> bytes:
     return text.encode("utf-8")
 
 
-def signing_input(table: dict[str, Any]) -> bytes:
+def signing_input(table: Mapping[str, object]) -> bytes:
     """The bytes a mode table's Ed25519 ``sig`` covers: its canonical JSON without ``sig``."""
     return canonical_json({key: value for key, value in table.items() if key != "sig"})
 
@@ -117,6 +125,19 @@ def _too_deep(raw: bytes) -> bool:
         else:
             depth -= 1
     return False
+
+
+def _has_nan_or_infinity(raw: bytes) -> bool:
+    # The JSON parser pydantic uses reads these tokens, and PostgreSQL's jsonb would then refuse
+    # the payload in the middle of an ingest batch.
+    if b"NaN" not in raw and b"Infinity" not in raw:
+        return False
+    return _NAN_OR_INFINITY.search(_JSON_STRING.sub(b"", raw)) is not None
+
+
+def _has_nul_escape(raw: bytes) -> bool:
+    # Valid JSON, but PostgreSQL text and jsonb both refuse U+0000.
+    return b"\\u0000" in raw and _NUL_ESCAPE.search(raw) is not None
 
 
 def _raise_not_object(raw: bytes) -> NoReturn:

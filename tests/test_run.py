@@ -1,0 +1,150 @@
+"""`make run`'s runner as a user meets it: start-up contract, reuse, and set-up errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from deploy.stack.errors import SetupError
+from deploy.stack.ports import choose_port, free_port
+from services.common.api_keys import key_is_active
+from services.common.settings import REPO_ROOT
+
+READY_TIMEOUT_S = 90
+
+
+def start_runner(data_dir: Path, **env: str) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GALVANI_")}
+    environ.update(GALVANI_DATA_DIR=str(data_dir), **env)
+    return subprocess.Popen([sys.executable, "-m", "deploy.run"], cwd=REPO_ROOT, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_run_json(process: subprocess.Popen, data_dir: Path) -> dict:
+    path = data_dir / "run.json"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"runner exited {process.returncode}: {process.stderr.read()}")
+        assert time.monotonic() < deadline, "run.json not written in time"
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+def stop(process: subprocess.Popen) -> tuple[int, str]:
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def run_until_error(data_dir: Path, **env: str) -> tuple[int, str]:
+    process = start_runner(data_dir, **env)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+@pytest.fixture
+def data_dir(stack_root: Path, request) -> Path:
+    path = stack_root / f"run-{request.node.name}"
+    path.mkdir()
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.mark.slow
+def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
+    mqtt_port = free_port()
+    process = start_runner(data_dir, GALVANI_MQTT_PORT=str(mqtt_port), GALVANI_SIM_DEVICES="0")
+    try:
+        info = wait_for_run_json(process, data_dir)
+        assert {"api_url", "mqtt_host", "mqtt_port", "database_url", "operator_key"} <= set(info)
+        assert info["mqtt_port"] == mqtt_port
+        assert (data_dir / "run.json").stat().st_mode & 0o077 == 0
+        with urllib.request.urlopen(info["api_url"] + "/readyz", timeout=5) as response:
+            assert json.load(response) == {"status": "ready", "database": True, "broker": True}
+        with psycopg.connect(info["database_url"]) as conn:
+            assert key_is_active(conn, info["operator_key"])
+            assert conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'"
+                                ).fetchone() == ("timescaledb-apache",)
+        socket.create_connection((info["mqtt_host"], info["mqtt_port"]), timeout=2).close()
+    finally:
+        code, err = stop(process)
+    assert code == 0, err
+    assert not (data_dir / "run.json").exists()
+    for pid in info["pids"].values():
+        assert not alive(pid), f"pid {pid} still running after stop"
+
+    # Running again reuses the data: same database contents, same operator key.
+    process = start_runner(data_dir, GALVANI_SIM_DEVICES="0")
+    try:
+        again = wait_for_run_json(process, data_dir)
+        assert again["operator_key"] == info["operator_key"]
+    finally:
+        code, err = stop(process)
+    assert code == 0, err
+
+
+def test_requested_port_that_is_taken_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SetupError, match=f"API port {port} .*GALVANI_API_PORT"):
+            choose_port(8000, required=port, what="API", env_var="GALVANI_API_PORT")
+        assert choose_port(port, required=None, what="API", env_var="GALVANI_API_PORT") != port
+
+
+def test_unreachable_database_url_gives_one_line_not_a_traceback(data_dir):
+    url = f"postgresql://someone:pw@127.0.0.1:{free_port()}/nowhere"
+    code, err = run_until_error(data_dir, GALVANI_DATABASE_URL=url)
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert "GALVANI_DATABASE_URL" in lines[0] and "unreachable" in lines[0]
+    assert ":pw@" not in lines[0], "the password must not be printed"
+
+
+def test_missing_mosquitto_binary_gives_one_line(data_dir, database_url):
+    code, err = run_until_error(data_dir, GALVANI_DATABASE_URL=database_url,
+                                GALVANI_MOSQUITTO_BIN="/nonexistent/mosquitto")
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "galvani: GALVANI_MOSQUITTO_BIN=/nonexistent/mosquitto is not an executable: "
+        "point it at mosquitto or unset it"
+    )
+
+
+def test_taken_mqtt_port_gives_one_line(data_dir, database_url):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = run_until_error(data_dir, GALVANI_DATABASE_URL=database_url,
+                                    GALVANI_MQTT_PORT=str(port))
+    assert code == 2
+    assert "Traceback" not in err
+    assert f"MQTT port {port} (from GALVANI_MQTT_PORT) is already in use" in err
+
+
+def test_malformed_environment_values_are_refused(data_dir):
+    code, err = run_until_error(data_dir, GALVANI_SIM_DEVICES="many")
+    assert code == 2
+    assert err.strip() == "galvani: GALVANI_SIM_DEVICES='many' is not a whole number"
