@@ -151,4 +151,4 @@ class MqttClient:
         self._client.loop_stop()
 
 
-__all__ = ["ConnectRefused", "Properties", "Received", "MqttClient"]
+__all__ = ["ConnectRefused", "MqttClient", "Properties", "Received"]

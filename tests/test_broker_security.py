@@ -36,13 +36,24 @@ def devices(db: psycopg.Connection, sync_devices) -> dict[str, str]:
 
 
 def device_client(broker: MosquittoBroker, device_id: str, password: str, **kw) -> MqttClient:
-    return MqttClient("127.0.0.1", broker.config.device_port, device_id, password,
-                      client_id=kw.pop("client_id", device_id), **kw)
+    return MqttClient(
+        "127.0.0.1",
+        broker.config.device_port,
+        device_id,
+        password,
+        client_id=kw.pop("client_id", device_id),
+        **kw,
+    )
 
 
 def service_client(broker: MosquittoBroker, passwords, account=ServiceAccount.RULES) -> MqttClient:
-    return MqttClient("127.0.0.1", broker.config.service_port, str(account), passwords[account],
-                      client_id=f"{account}-test")
+    return MqttClient(
+        "127.0.0.1",
+        broker.config.service_port,
+        str(account),
+        passwords[account],
+        client_id=f"{account}-test",
+    )
 
 
 def test_device_publishes_to_each_of_its_own_channels(broker, devices, service_passwords):
@@ -74,7 +85,9 @@ def test_device_cannot_publish_to_another_devices_topics(broker, devices, servic
         backend.close()
 
 
-def test_wildcard_subscription_delivers_nothing_of_another_device(broker, devices, service_passwords):
+def test_wildcard_subscription_delivers_nothing_of_another_device(
+    broker, devices, service_passwords
+):
     spy = device_client(broker, "dev-a1", devices["dev-a1"]).connect()
     other = device_client(broker, "dev-b2", devices["dev-b2"]).connect()
     cloud = service_client(broker, service_passwords).connect()
@@ -86,7 +99,8 @@ def test_wildcard_subscription_delivers_nothing_of_another_device(broker, device
         assert cloud.publish(topic("dev-b2", "config"), b"table-b") in ACCEPTED
         assert cloud.publish(topic("dev-a1", "config"), b"table-a") in ACCEPTED
         own = spy.wait_for(topic("dev-a1", "config"))
-        assert own is not None and own.payload == b"table-a"
+        assert own is not None
+        assert own.payload == b"table-a"
         assert [m.topic for m in spy.received] == [topic("dev-a1", "config")]
     finally:
         for client in (spy, other, cloud):
@@ -111,15 +125,21 @@ def test_client_id_is_bound_to_the_username(broker, devices):
 def test_last_will_reaches_only_the_devices_own_presence(broker, devices, service_passwords):
     cloud = service_client(broker, service_passwords, ServiceAccount.INGEST).connect()
     cloud.subscribe("galvani/v1/d/+/presence")
-    forged = device_client(broker, "dev-a1", devices["dev-a1"],
-                           will=(topic("dev-b2", "presence"), b"forged")).connect()
+    forged = device_client(
+        broker, "dev-a1", devices["dev-a1"], will=(topic("dev-b2", "presence"), b"forged")
+    ).connect()
     forged.drop()
-    honest = device_client(broker, "dev-b2", devices["dev-b2"],
-                           will=(topic("dev-b2", "presence"), b'{"v":1,"online":false}')).connect()
+    honest = device_client(
+        broker,
+        "dev-b2",
+        devices["dev-b2"],
+        will=(topic("dev-b2", "presence"), b'{"v":1,"online":false}'),
+    ).connect()
     honest.drop()
     try:
         will = cloud.wait_for(topic("dev-b2", "presence"))
-        assert will is not None and will.payload == b'{"v":1,"online":false}'
+        assert will is not None
+        assert will.payload == b'{"v":1,"online":false}'
         time.sleep(0.3)
         assert [m.payload for m in cloud.received] == [b'{"v":1,"online":false}']
     finally:
@@ -133,8 +153,9 @@ def test_anonymous_and_wrong_credentials_are_refused(broker, devices, service_pa
             MqttClient("127.0.0.1", port, username, password, client_id="x-anon").connect()
     # Service accounts exist only on the service listener, devices only on the device one.
     with pytest.raises(ConnectRefused):
-        MqttClient("127.0.0.1", port, "galvani-rules",
-                   service_passwords[ServiceAccount.RULES]).connect()
+        MqttClient(
+            "127.0.0.1", port, "galvani-rules", service_passwords[ServiceAccount.RULES]
+        ).connect()
     with pytest.raises(ConnectRefused):
         MqttClient("127.0.0.1", broker.config.service_port, "dev-a1", devices["dev-a1"]).connect()
     with pytest.raises(ConnectRefused):
@@ -183,7 +204,9 @@ def test_payload_over_64_kib_is_refused_by_the_broker(broker, devices):
         device.close()
 
 
-@pytest.mark.parametrize("bad_id", ["Dev-1", "d1", "dev/1", "dev+1", "dev#1", "dev%c", "-dev", "a" * 65])
+@pytest.mark.parametrize(
+    "bad_id", ["Dev-1", "d1", "dev/1", "dev+1", "dev#1", "dev%c", "-dev", "a" * 65]
+)
 def test_device_ids_outside_the_pattern_get_no_credentials(db, bad_id):
     db.execute("INSERT INTO brands (id, name) VALUES ('acme', 'Acme')")
     with pytest.raises(ProvisioningError, match="must match"):

@@ -24,8 +24,14 @@ READY_TIMEOUT_S = 90
 def start_runner(data_dir: Path, **env: str) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GALVANI_")}
     environ.update(GALVANI_DATA_DIR=str(data_dir), **env)
-    return subprocess.Popen([sys.executable, "-m", "deploy.run"], cwd=REPO_ROOT, env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "deploy.run"],
+        cwd=REPO_ROOT,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_run_json(process: subprocess.Popen, data_dir: Path) -> dict:
@@ -80,8 +86,9 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
             assert json.load(response) == {"status": "ready", "database": True, "broker": True}
         with psycopg.connect(info["database_url"]) as conn:
             assert key_is_active(conn, info["operator_key"])
-            assert conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'"
-                                ).fetchone() == ("timescaledb-apache",)
+            assert conn.execute(
+                "SELECT value FROM galvani_meta WHERE key = 'storage'"
+            ).fetchone() == ("timescaledb-apache",)
         socket.create_connection((info["mqtt_host"], info["mqtt_port"]), timeout=2).close()
     finally:
         code, err = stop(process)
@@ -117,13 +124,15 @@ def test_unreachable_database_url_gives_one_line_not_a_traceback(data_dir):
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1
-    assert "GALVANI_DATABASE_URL" in lines[0] and "unreachable" in lines[0]
+    assert "GALVANI_DATABASE_URL" in lines[0]
+    assert "unreachable" in lines[0]
     assert ":pw@" not in lines[0], "the password must not be printed"
 
 
 def test_missing_mosquitto_binary_gives_one_line(data_dir, database_url):
-    code, err = run_until_error(data_dir, GALVANI_DATABASE_URL=database_url,
-                                GALVANI_MOSQUITTO_BIN="/nonexistent/mosquitto")
+    code, err = run_until_error(
+        data_dir, GALVANI_DATABASE_URL=database_url, GALVANI_MOSQUITTO_BIN="/nonexistent/mosquitto"
+    )
     assert code == 2
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
@@ -137,8 +146,9 @@ def test_taken_mqtt_port_gives_one_line(data_dir, database_url):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, err = run_until_error(data_dir, GALVANI_DATABASE_URL=database_url,
-                                    GALVANI_MQTT_PORT=str(port))
+        code, err = run_until_error(
+            data_dir, GALVANI_DATABASE_URL=database_url, GALVANI_MQTT_PORT=str(port)
+        )
     assert code == 2
     assert "Traceback" not in err
     assert f"MQTT port {port} (from GALVANI_MQTT_PORT) is already in use" in err

@@ -13,14 +13,23 @@ from services.maintenance.jobs import run_pass
 T0 = datetime(2026, 11, 20, 10, 0, 0, tzinfo=UTC)
 
 
-def insert_samples(conn: psycopg.Connection, device_id: str, start: datetime, count: int,
-                   step=timedelta(milliseconds=100)) -> None:
-    with conn.cursor() as cur, cur.copy(
-        "COPY samples (device_id, ts, seq, out, i_ua, z_ohm, received_at) FROM STDIN"
-    ) as copy:
+def insert_samples(
+    conn: psycopg.Connection,
+    device_id: str,
+    start: datetime,
+    count: int,
+    step=timedelta(milliseconds=100),
+) -> None:
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY samples (device_id, ts, seq, out, i_ua, z_ohm, received_at) FROM STDIN"
+        ) as copy,
+    ):
         for i in range(count):
-            copy.write_row((device_id, start + i * step, 1 + i // 10, True, 100.0 + i % 50,
-                            8000.0, start))
+            copy.write_row(
+                (device_id, start + i * step, 1 + i // 10, True, 100.0 + i % 50, 8000.0, start)
+            )
 
 
 def seed_device(conn: psycopg.Connection, device_id: str = "dev-001") -> None:
@@ -33,11 +42,28 @@ def test_migrations_apply_to_an_empty_database_and_are_idempotent(empty_database
     upgrade(empty_database_url)
     with psycopg.connect(empty_database_url) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
-        tables = {r[0] for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert {"brands", "api_keys", "devices", "users", "samples", "events", "sessions", "alerts",
-            "alert_transitions", "mode_tables", "config_pushes", "dead_letters",
-            "state_reports", "presence_log", "samples_1m", "samples_1h"} <= tables
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+    assert {
+        "brands",
+        "api_keys",
+        "devices",
+        "users",
+        "samples",
+        "events",
+        "sessions",
+        "alerts",
+        "alert_transitions",
+        "mode_tables",
+        "config_pushes",
+        "dead_letters",
+        "state_reports",
+        "presence_log",
+        "samples_1m",
+        "samples_1h",
+    } <= tables
 
 
 def test_samples_is_a_hypertable_when_timescaledb_is_present(db):
@@ -55,8 +81,9 @@ def test_plain_postgres_path_partitions_samples(empty_database_url):
     upgrade(empty_database_url, storage="plain")
     with psycopg.connect(empty_database_url) as conn:
         assert storage_of(conn) is Storage.PLAIN
-        assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
-                            ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
+        ).fetchone() == (0,)
         strategy = conn.execute(
             "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'samples'::regclass"
         ).fetchone()
@@ -104,19 +131,26 @@ def test_redelivered_samples_and_events_are_stored_once(empty_database_url, stor
             )
             conn.execute(
                 "INSERT INTO events (device_id, seq, ts, type, body, received_at)"
-                " VALUES ('dev-001', 8, %s, 'reboot', '{}', now()) ON CONFLICT DO NOTHING", [T0])
+                " VALUES ('dev-001', 8, %s, 'reboot', '{}', now()) ON CONFLICT DO NOTHING",
+                [T0],
+            )
         assert conn.execute("SELECT count(*) FROM samples").fetchone() == (2,)
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
         with pytest.raises(errors.UniqueViolation):
-            conn.execute("INSERT INTO samples (device_id, ts, seq, received_at)"
-                         " VALUES ('dev-001', %s, 9, now())", [T0])
+            conn.execute(
+                "INSERT INTO samples (device_id, ts, seq, received_at)"
+                " VALUES ('dev-001', %s, 9, now())",
+                [T0],
+            )
 
 
 def open_alert(conn, rule="overcurrent"):
     conn.execute(
         "INSERT INTO alerts (brand_id, device_id, rule, rule_version, severity, first_seen,"
         " last_seen, explanation) VALUES ('acme', 'dev-001', %s, 1, 'critical', now(), now(),"
-        " '{}')", [rule])
+        " '{}')",
+        [rule],
+    )
 
 
 def test_database_allows_one_unresolved_alert_per_device_and_rule(db):
@@ -128,8 +162,9 @@ def test_database_allows_one_unresolved_alert_per_device_and_rule(db):
     db.execute("UPDATE alerts SET state = 'acknowledged' WHERE rule = 'overcurrent'")
     with pytest.raises(errors.UniqueViolation), db.transaction():
         open_alert(db)
-    db.execute("UPDATE alerts SET state = 'resolved', resolved_at = now()"
-               " WHERE rule = 'overcurrent'")
+    db.execute(
+        "UPDATE alerts SET state = 'resolved', resolved_at = now() WHERE rule = 'overcurrent'"
+    )
     open_alert(db)
     assert db.execute("SELECT count(*) FROM alerts WHERE rule = 'overcurrent'").fetchone() == (2,)
 
@@ -143,15 +178,24 @@ def test_maintenance_refreshes_rollups_and_drops_expired_samples(empty_database_
         insert_samples(conn, "dev-001", now - timedelta(minutes=30), 6000)  # 10 min of 10 Hz
         late = now - timedelta(days=3)
         insert_samples(conn, "dev-001", late, 600)
-        conn.execute("INSERT INTO samples (device_id, ts, seq, received_at)"
-                     " VALUES ('dev-001', %s, 1, now())", [now - timedelta(days=120)])
+        conn.execute(
+            "INSERT INTO samples (device_id, ts, seq, received_at)"
+            " VALUES ('dev-001', %s, 1, now())",
+            [now - timedelta(days=120)],
+        )
         # Ingest marks the hour a late batch touched; the pass recomputes it.
-        conn.execute("INSERT INTO rollup_dirty VALUES ('dev-001', time_bucket('1 hour', %s::timestamptz))", [late])
+        conn.execute(
+            "INSERT INTO rollup_dirty VALUES ('dev-001', time_bucket('1 hour', %s::timestamptz))",
+            [late],
+        )
         result = run_pass(conn, now, timedelta(hours=2))
-        minute = conn.execute("SELECT count(*), sum(n), sum(n_out), max(i_ua_max), min(i_ua_min)"
-                              " FROM samples_1m").fetchone()
+        minute = conn.execute(
+            "SELECT count(*), sum(n), sum(n_out), max(i_ua_max), min(i_ua_min) FROM samples_1m"
+        ).fetchone()
         hour = conn.execute("SELECT sum(n) FROM samples_1h").fetchone()
-        remaining_old = conn.execute("SELECT count(*) FROM samples WHERE ts < now() - interval '90 days'").fetchone()
+        remaining_old = conn.execute(
+            "SELECT count(*) FROM samples WHERE ts < now() - interval '90 days'"
+        ).fetchone()
         dirty_left = conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()
     assert minute == (11, 6600, 6600, 149.0, 100.0)
     assert hour == (6600,)
@@ -162,14 +206,16 @@ def test_maintenance_refreshes_rollups_and_drops_expired_samples(empty_database_
 
 def test_plain_partition_created_later_takes_its_rows_from_the_default(empty_database_url):
     upgrade(empty_database_url, storage="plain")
-    far = (datetime.now(UTC) + timedelta(days=30)).replace(hour=12, minute=0, second=0,
-                                                           microsecond=0)
+    far = (datetime.now(UTC) + timedelta(days=30)).replace(
+        hour=12, minute=0, second=0, microsecond=0
+    )
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         seed_device(conn)
         insert_samples(conn, "dev-001", far, 10)
         assert conn.execute("SELECT count(*) FROM samples_default").fetchone() == (10,)
-        created = conn.execute("SELECT galvani_ensure_partitions(%s::date, %s::date)",
-                               [far.date(), far.date()]).fetchone()
+        created = conn.execute(
+            "SELECT galvani_ensure_partitions(%s::date, %s::date)", [far.date(), far.date()]
+        ).fetchone()
         assert created == (1,)
         assert conn.execute("SELECT count(*) FROM samples_default").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM samples").fetchone() == (10,)

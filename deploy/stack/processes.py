@@ -117,7 +117,9 @@ def wait_until(check: Callable[[], bool], *, child: Child, timeout_s: float, wha
         if check():
             return
         if not child.alive():
-            raise ChildExited(f"{what} exited during start-up; its log ends with:\n{child.log_tail()}")
+            raise ChildExited(
+                f"{what} exited during start-up; its log ends with:\n{child.log_tail()}"
+            )
         if time.monotonic() > deadline:
             raise ChildExited(
                 f"{what} did not become ready within {timeout_s:.0f} s; "
@@ -129,4 +131,3 @@ def wait_until(check: Callable[[], bool], *, child: Child, timeout_s: float, wha
 
 class ChildExited(RuntimeError):
     """A server stopped or never became ready."""
-

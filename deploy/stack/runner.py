@@ -188,8 +188,12 @@ def start_database(stack: Stack, secrets: Secrets) -> str:
     )
     server = PostgresServer(install, config, options.data_dir / "logs" / "postgres.log")
     stack.postgres = server
-    log.info("starting PostgreSQL (%s%s) on port %d", install.source,
-             ", TimescaleDB" if server.timescaledb else ", no TimescaleDB", port)
+    log.info(
+        "starting PostgreSQL (%s%s) on port %d",
+        install.source,
+        ", TimescaleDB" if server.timescaledb else ", no TimescaleDB",
+        port,
+    )
     server.start()
     return config.url()
 
@@ -235,8 +239,7 @@ def start_broker(stack: Stack, database_url: str, secrets: Secrets) -> tuple[int
     with connect(database_url) as conn:
         credentials = active_device_credentials(conn)
     stack.broker = broker
-    log.info("starting Mosquitto on port %d (devices) and %d (services)", device_port,
-             service_port)
+    log.info("starting Mosquitto on port %d (devices) and %d (services)", device_port, service_port)
     broker.start(credentials)
     return device_port, service_port
 
@@ -248,9 +251,7 @@ def service_env(prefix: str, **values: str | int) -> dict[str, str]:
     return env
 
 
-def start_services(
-    stack: Stack, database_url: str, service_port: int, secrets: Secrets
-) -> str:
+def start_services(stack: Stack, database_url: str, service_port: int, secrets: Secrets) -> str:
     """Start the API and the maintenance loop; return the API's URL once it is ready."""
     options = stack.options
     logs = options.data_dir / "logs"
@@ -282,8 +283,12 @@ def start_services(
         )
     )
     api_url = f"http://{LOOPBACK}:{api_port}"
-    wait_until(lambda: _http_ok(f"{api_url}/readyz"), child=api,
-               timeout_s=SERVICE_READY_TIMEOUT_S, what="the API")
+    wait_until(
+        lambda: _http_ok(f"{api_url}/readyz"),
+        child=api,
+        timeout_s=SERVICE_READY_TIMEOUT_S,
+        what="the API",
+    )
     return api_url
 
 
@@ -328,10 +333,16 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 "data_dir": str(options.data_dir),
                 "logs": str(options.data_dir / "logs"),
                 "pids": {c.name: c.pid for c in stack.services}
-                | ({"postgres": stack.postgres.child.pid}
-                   if stack.postgres and stack.postgres.child else {})
-                | ({"mosquitto": stack.broker.child.pid}
-                   if stack.broker and stack.broker.child else {}),
+                | (
+                    {"postgres": stack.postgres.child.pid}
+                    if stack.postgres and stack.postgres.child
+                    else {}
+                )
+                | (
+                    {"mosquitto": stack.broker.child.pid}
+                    if stack.broker and stack.broker.child
+                    else {}
+                ),
             }
             write_run_json(stack, info)
             print_ready(info, stack.run_json)

@@ -1,4 +1,7 @@
-"""The API application: ``python -m services.api.main`` (or ``uvicorn --factory services.api.main:create_app``)."""
+"""The API application.
+
+Run with ``python -m services.api.main`` or ``uvicorn --factory services.api.main:create_app``.
+"""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +17,7 @@ from services.common.logs import configure_logging
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """Build the app; the pool lives for the app's lifespan, never at import time."""
-    settings = settings or ApiSettings()  # type: ignore[call-arg]  # filled from the env
+    settings = settings or ApiSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,7 +47,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
 def main() -> None:
     """Run the API server."""
-    settings = ApiSettings()  # type: ignore[call-arg]  # filled from the env
+    settings = ApiSettings()
     configure_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
-import psycopg
+from services.common.db import Conn
 
 KEY_PREFIX = "gvk_"
 KEY_RANDOM_BYTES = 32
@@ -35,7 +35,7 @@ def digest(key: str) -> bytes:
 
 
 def issue_key(
-    conn: psycopg.Connection[tuple[object, ...]],
+    conn: Conn,
     *,
     role: Role,
     name: str,
@@ -55,7 +55,7 @@ def issue_key(
     return IssuedKey(id=key_id, key=key)
 
 
-def key_is_active(conn: psycopg.Connection[tuple[object, ...]], key: str) -> bool:
+def key_is_active(conn: Conn, key: str) -> bool:
     """Whether ``key`` exists and is not revoked."""
     row = conn.execute(
         "SELECT 1 FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", [digest(key)]

@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-import psycopg
+from services.common.db import Conn
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default for mosquitto_passwd -H sha512-pbkdf2
 SALT_BYTES = 12
 DEVICE_PASSWORD_BYTES = 24
 
-DEVICE_PASSWD_FILE = "devices.passwd"
+DEVICE_PASSWD_FILE = "devices.passwd"  # noqa: S105 - a file name
 DEVICE_ACL_FILE = "devices.acl"
-SERVICE_PASSWD_FILE = "services.passwd"
+SERVICE_PASSWD_FILE = "services.passwd"  # noqa: S105 - a file name
 SERVICE_ACL_FILE = "services.acl"
 PID_FILE = "mosquitto.pid"
 LOCK_FILE = ".auth.lock"
@@ -179,7 +179,9 @@ class BrokerFiles:
         return True
 
 
-def active_device_credentials(conn: psycopg.Connection[object]) -> list[tuple[str, str]]:
+def active_device_credentials(
+    conn: Conn,
+) -> list[tuple[str, str]]:
     """``(device_id, hash)`` of every device that may connect (not revoked)."""
     rows = conn.execute(
         "SELECT id, credential_hash FROM devices"
@@ -188,7 +190,7 @@ def active_device_credentials(conn: psycopg.Connection[object]) -> list[tuple[st
     return [(str(device_id), str(encoded)) for device_id, encoded in rows]
 
 
-def sync_device_credentials(conn: psycopg.Connection[object], files: BrokerFiles) -> int:
+def sync_device_credentials(conn: Conn, files: BrokerFiles) -> int:
     """Re-render the device password file from the database and reload the broker.
 
     Call after the transaction that provisioned or revoked a device has committed, so the

@@ -3,11 +3,13 @@
 from enum import StrEnum
 
 import psycopg
-from psycopg import sql
 
 from services.common.errors import DatabaseUnavailable
 
 CONNECT_TIMEOUT_S = 5
+
+# The connection type every Galvani function takes (psycopg's default tuple rows).
+Conn = psycopg.Connection[tuple[object, ...]]
 
 
 class Storage(StrEnum):
@@ -25,7 +27,7 @@ class Storage(StrEnum):
     PLAIN = "plain"
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+def connect(url: str, *, autocommit: bool = False) -> Conn:
     """Open a connection, translating failure into :class:`DatabaseUnavailable`."""
     try:
         return psycopg.connect(url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
@@ -44,7 +46,7 @@ def describe_url(url: str) -> str:
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-def storage_of(conn: psycopg.Connection[tuple[object, ...]]) -> Storage:
+def storage_of(conn: Conn) -> Storage:
     """The storage flavour the migrations chose for this database."""
     row = conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'").fetchone()
     if row is None:
@@ -52,7 +54,7 @@ def storage_of(conn: psycopg.Connection[tuple[object, ...]]) -> Storage:
     return Storage(str(row[0]))
 
 
-def timescaledb_available(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+def timescaledb_available(conn: Conn) -> bool:
     """Whether the server can load TimescaleDB (installed and preloaded)."""
     row = conn.execute(
         "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
@@ -61,8 +63,3 @@ def timescaledb_available(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
         return False
     preload = conn.execute("SHOW shared_preload_libraries").fetchone()
     return preload is not None and "timescaledb" in str(preload[0])
-
-
-def quote_ident(name: str) -> sql.Identifier:
-    """An SQL identifier (for the few statements that name objects dynamically)."""
-    return sql.Identifier(name)

@@ -8,10 +8,10 @@ disconnects) the device at once.
 import re
 from dataclasses import dataclass
 
-import psycopg
 from psycopg import errors
 
 from services.common.broker_auth import hash_password, new_device_password
+from services.common.db import Conn
 from services.common.errors import GalvaniError
 
 DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
@@ -30,7 +30,7 @@ class ProvisionedDevice:
 
 
 def provision_device(
-    conn: psycopg.Connection[tuple[object, ...]],
+    conn: Conn,
     *,
     device_id: str,
     brand_id: str,
@@ -63,7 +63,7 @@ def provision_device(
     return ProvisionedDevice(device_id=device_id, password=password)
 
 
-def revoke_device(conn: psycopg.Connection[tuple[object, ...]], device_id: str) -> bool:
+def revoke_device(conn: Conn, device_id: str) -> bool:
     """Remove the device's credentials and mark it decommissioned; False if unknown."""
     row = conn.execute(
         "UPDATE devices SET credential_hash = NULL,"

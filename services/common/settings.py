@@ -44,6 +44,8 @@ class ServiceSettings(BaseSettings):
             return self
         if self.mqtt_password.get_secret_value() in KNOWN_DEFAULT_SECRETS:
             raise ValueError("mqtt_password is empty or a well-known default")
-        if any(f":{word}@" in self.database_url.get_secret_value() for word in KNOWN_DEFAULT_SECRETS):
+        if any(
+            f":{word}@" in self.database_url.get_secret_value() for word in KNOWN_DEFAULT_SECRETS
+        ):
             raise ValueError("database_url carries an empty or well-known default password")
         return self

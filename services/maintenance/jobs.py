@@ -4,9 +4,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import psycopg
-
-from services.common.db import Storage, storage_of
+from services.common.db import Conn, Storage, storage_of
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +20,13 @@ class PassResult:
     partitions_created: int
 
 
-def retention_days(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+def retention_days(conn: Conn) -> int:
     """Days of raw samples kept (``galvani_meta.raw_retention_days``)."""
-    row = conn.execute(
-        "SELECT value FROM galvani_meta WHERE key = 'raw_retention_days'"
-    ).fetchone()
+    row = conn.execute("SELECT value FROM galvani_meta WHERE key = 'raw_retention_days'").fetchone()
     return int(str(row[0])) if row else 90
 
 
-def run_pass(
-    conn: psycopg.Connection[tuple[object, ...]], now: datetime, lookback: timedelta
-) -> PassResult:
+def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     """Refresh rollups, drop expired samples and (plain storage) create partitions ahead.
 
     The licensed TimescaleDB build does all of this with its own policies, so a pass there

@@ -24,7 +24,7 @@ DROPPED = Counter("galvani_maintenance_dropped_total", "Chunks or partitions dro
 
 def main() -> None:
     """Run a pass every ``interval_s`` until SIGTERM or SIGINT."""
-    settings = MaintenanceSettings()  # type: ignore[call-arg]  # filled from the env
+    settings = MaintenanceSettings()
     configure_logging(settings.log_level)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")

@@ -219,19 +219,22 @@ def _plain_functions() -> None:
     DECLARE
         day date := from_day;
         name text;
+        lo timestamptz;
+        hi timestamptz;
         created integer := 0;
     BEGIN
         WHILE day <= to_day LOOP
             name := 'samples_p' || to_char(day, 'YYYYMMDD');
+            lo := day::timestamp AT TIME ZONE 'UTC';
+            hi := (day + 1)::timestamp AT TIME ZONE 'UTC';
             IF to_regclass(name) IS NULL THEN
                 EXECUTE format('CREATE TABLE %I (LIKE samples INCLUDING DEFAULTS)', name);
                 EXECUTE format(
                     'WITH moved AS (DELETE FROM samples_default WHERE ts >= %L AND ts < %L'
-                    ' RETURNING *) INSERT INTO %I SELECT * FROM moved',
-                    day::timestamptz AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC', name);
+                    ' RETURNING *) INSERT INTO %I SELECT * FROM moved', lo, hi, name);
                 EXECUTE format(
                     'ALTER TABLE samples ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
-                    name, day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
+                    name, lo, hi);
                 created := created + 1;
             END IF;
             day := day + 1;
@@ -420,8 +423,10 @@ def _sessions() -> None:
         PRIMARY KEY (device_id, session)
     )""")
     _x("CREATE INDEX sessions_device_started_idx ON sessions (device_id, started_at DESC)")
-    _x("CREATE INDEX sessions_user_started_idx ON sessions (brand_id, user_id, started_at)"
-       " WHERE user_id IS NOT NULL")
+    _x(
+        "CREATE INDEX sessions_user_started_idx ON sessions (brand_id, user_id, started_at)"
+        " WHERE user_id IS NOT NULL"
+    )
 
 
 def _alerts() -> None:
@@ -450,10 +455,12 @@ def _alerts() -> None:
     )""")
     # At most one unresolved alert per (device, rule): the database decides, so concurrent
     # rule workers cannot both open one (INSERT ... ON CONFLICT against this index).
-    _x("CREATE UNIQUE INDEX alerts_one_open_idx ON alerts (device_id, rule)"
-       " WHERE state <> 'resolved'")
+    _x(
+        "CREATE UNIQUE INDEX alerts_one_open_idx ON alerts (device_id, rule)"
+        " WHERE state <> 'resolved'"
+    )
     _x("CREATE INDEX alerts_brand_idx ON alerts (brand_id, state, last_seen DESC)")
-    _x(f"""
+    _x("""
     CREATE TABLE alert_transitions (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         alert_id bigint NOT NULL REFERENCES alerts(id),
