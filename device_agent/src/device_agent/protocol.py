@@ -42,7 +42,7 @@ OUTGOING_CHANNELS: Final = frozenset(
 )
 
 
-class ConfigRejected(Exception):  # noqa: N818 - the device "rejects" a table; reason goes on state
+class ConfigRejected(Exception):
     """A mode table the device must not apply; ``reason`` is what it reports on ``state``."""
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -3,7 +3,7 @@
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Literal, NoReturn, overload
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import from_json
@@ -72,6 +72,18 @@ def parse_topic(topic: str) -> tuple[str, Channel]:
         raise ProtocolError("unknown_channel", "topic names no protocol v1 channel") from None
 
 
+@overload
+def decode(channel: Literal[Channel.TELEMETRY], raw: bytes) -> Telemetry: ...
+@overload
+def decode(channel: Literal[Channel.EVENTS], raw: bytes) -> Event: ...
+@overload
+def decode(channel: Literal[Channel.STATE], raw: bytes) -> State: ...
+@overload
+def decode(channel: Literal[Channel.PRESENCE], raw: bytes) -> Presence: ...
+@overload
+def decode(channel: Literal[Channel.CONFIG], raw: bytes) -> ConfigTable: ...
+@overload
+def decode(channel: Channel | str, raw: bytes) -> Message: ...
 def decode(channel: Channel | str, raw: bytes) -> Message:
     """Decode and validate one payload of ``channel``; raise ``ProtocolError`` if it is not v1."""
     try:

@@ -86,6 +86,8 @@ class Sample(_Wire):
 
 
 class Telemetry(_Wire):
+    """A batch of samples: ten a second while output runs, one a minute while idle."""
+
     v: Version
     seq: Seq
     session: str | None = None
@@ -162,6 +164,8 @@ class ConfigReport(_Wire):
 
 
 class State(_Stamped):
+    """Retained: the firmware a device runs and what it did with the last mode table."""
+
     fw: str
     hw: str
     config: ConfigReport | None = None

@@ -1,0 +1,210 @@
+"""The agent's protocol v1 against the shared vectors, without importing the backend."""
+
+import base64
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from device_agent.protocol import (
+    OUTGOING_CHANNELS,
+    Channel,
+    ConfigRejected,
+    canonical_json,
+    signing_input,
+    topic,
+    validate_outgoing,
+    verify_config,
+)
+
+VECTORS = Path(__file__).resolve().parents[2] / "protocol" / "vectors"
+
+
+def _load(channel: Channel) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((VECTORS / f"{channel}.json").read_text("utf-8"))
+    return document
+
+
+OUTGOING = {channel: _load(channel) for channel in sorted(OUTGOING_CHANNELS)}
+CONFIG = _load(Channel.CONFIG)
+VALID = [
+    pytest.param(channel, case["payload"], id=f"{channel}/{case['name']}")
+    for channel, document in OUTGOING.items()
+    for case in document["valid"]
+]
+INVALID = [
+    pytest.param(channel, case["payload"], case["reason"], id=f"{channel}/{case['name']}")
+    for channel, document in OUTGOING.items()
+    for case in document["invalid"]
+]
+
+
+def _public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _signed(table: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    unsigned = {name: value for name, value in table.items() if name != "sig"}
+    return {**unsigned, "sig": base64.b64encode(key.sign(canonical_json(unsigned))).decode()}
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def table() -> dict[str, Any]:
+    cases = {case["name"]: case["payload"] for case in CONFIG["valid"]}
+    return copy.deepcopy(cases["default_tables_all_modes"])
+
+
+def test_outgoing_channels_are_the_device_to_cloud_ones() -> None:
+    assert {Channel.TELEMETRY, Channel.EVENTS, Channel.STATE, Channel.PRESENCE} == set(
+        OUTGOING_CHANNELS
+    )
+    assert all(document["invalid"] for document in OUTGOING.values())
+
+
+@pytest.mark.parametrize(("channel", "payload"), VALID)
+def test_valid_vector_passes_the_self_check(channel: Channel, payload: object) -> None:
+    assert validate_outgoing(channel, payload) == []
+
+
+@pytest.mark.parametrize(("channel", "payload", "reason"), INVALID)
+def test_invalid_vector_is_flagged_at_its_reason(
+    channel: Channel, payload: object, reason: str
+) -> None:
+    problems = validate_outgoing(channel, payload)
+
+    assert [problem.partition(":")[0] for problem in problems] == [reason]
+
+
+def test_self_check_reports_every_problem_not_just_the_first() -> None:
+    payload = {"v": 2, "seq": True, "samples": [{"ts": 1763805600000, "level": 11}, {}]}
+
+    assert sorted(p.partition(":")[0] for p in validate_outgoing("telemetry", payload)) == [
+        "samples.0.level",
+        "samples.1.ts",
+        "seq",
+        "v",
+    ]
+
+
+def test_self_check_refuses_the_config_channel() -> None:
+    with pytest.raises(ValueError, match="not a device-to-cloud channel"):
+        validate_outgoing(Channel.CONFIG, {"v": 1})
+
+
+def test_topic_is_prefix_device_and_channel() -> None:
+    assert topic("dev-0042", Channel.TELEMETRY) == "galvani/v1/d/dev-0042/telemetry"
+    assert topic("dev-0042", "presence") == "galvani/v1/d/dev-0042/presence"
+
+
+@pytest.mark.parametrize("device_id", ["ab", "Dev-1", "dev/1", "dev+1", "dev#1", "dev%1", "a" * 65])
+def test_topic_refuses_a_device_id_outside_the_pattern(device_id: str) -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        topic(device_id, Channel.STATE)
+
+
+def test_topic_refuses_an_unknown_channel() -> None:
+    with pytest.raises(ValueError, match="firmware"):
+        topic("dev-0042", "firmware")
+
+
+def test_canonical_json_sorts_keys_drops_whitespace_and_keeps_utf8() -> None:
+    value = {"b": 1, "a": {"z": [1, 2.5, None], "é": "ü"}, "c": True}
+
+    assert canonical_json(value) == '{"a":{"z":[1,2.5,null],"é":"ü"},"b":1,"c":true}'.encode()
+
+
+def test_signed_vector_is_accepted() -> None:
+    signed = CONFIG["signed"]
+
+    assert signing_input(signed["table"]) == signed["signing_input"].encode("utf-8")
+    verify_config(signed["table"], base64.b64decode(signed["public_key"]))
+
+
+def test_table_signed_with_the_backend_key_is_accepted(
+    table: dict[str, Any], key: Ed25519PrivateKey
+) -> None:
+    signed = _signed(table, key)
+    reordered = dict(reversed(list(signed.items())))  # the signature covers content, not order
+
+    verify_config(signed, _public_bytes(key))
+    verify_config(reordered, _public_bytes(key))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda t: t["modes"]["LIFT"].update(i_max_ua=900),
+        lambda t: t["modes"]["LIFT"]["z_ok_ohm"].append(5),
+        lambda t: t["locked_modes"].append("INFUSE"),
+        lambda t: t.update(version=t["version"] + 1),
+        lambda t: t.update(added_after_signing=True),
+        lambda t: t.pop("expires_at"),
+    ],
+    ids=["nested_limit", "nested_list", "locked_modes", "version", "added_field", "removed_field"],
+)
+def test_tampered_table_is_bad_signature(
+    table: dict[str, Any], key: Ed25519PrivateKey, tamper: Any
+) -> None:
+    signed = _signed(table, key)
+    tamper(signed)
+
+    with pytest.raises(ConfigRejected) as caught:
+        verify_config(signed, _public_bytes(key))
+    assert caught.value.reason == "bad_signature"
+
+
+def test_table_signed_by_another_key_is_bad_signature(
+    table: dict[str, Any], key: Ed25519PrivateKey
+) -> None:
+    signed = _signed(table, Ed25519PrivateKey.generate())
+
+    with pytest.raises(ConfigRejected) as caught:
+        verify_config(signed, _public_bytes(key))
+    assert caught.value.reason == "bad_signature"
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [None, "", "not base64!", base64.b64encode(b"short").decode(), 12, "A" * 86 + "=="],
+    ids=["null", "empty", "not_base64", "wrong_length", "number", "zero_signature"],
+)
+def test_unusable_sig_is_bad_signature(
+    table: dict[str, Any], key: Ed25519PrivateKey, sig: object
+) -> None:
+    with pytest.raises(ConfigRejected) as caught:
+        verify_config({**table, "sig": sig}, _public_bytes(key))
+    assert caught.value.reason == "bad_signature"
+
+
+def test_unsigned_table_is_bad_signature(table: dict[str, Any], key: Ed25519PrivateKey) -> None:
+    del table["sig"]
+
+    with pytest.raises(ConfigRejected) as caught:
+        verify_config(table, _public_bytes(key))
+    assert caught.value.reason == "bad_signature"
+
+
+@pytest.mark.parametrize("payload", [[], "table", None, 8])
+def test_table_that_is_not_an_object_is_malformed(payload: object, key: Ed25519PrivateKey) -> None:
+    with pytest.raises(ConfigRejected) as caught:
+        verify_config(payload, _public_bytes(key))
+    assert caught.value.reason == "malformed"
+
+
+def test_table_without_canonical_json_is_malformed(
+    table: dict[str, Any], key: Ed25519PrivateKey
+) -> None:
+    signed = _signed(table, key)
+    signed["modes"]["LIFT"]["i_max_ua"] = float("nan")
+
+    with pytest.raises(ConfigRejected) as caught:
+        verify_config(signed, _public_bytes(key))
+    assert caught.value.reason == "malformed"
