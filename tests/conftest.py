@@ -9,6 +9,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device
 from services.common.migrate import upgrade
 
 TEMPLATE_DB = "galvani_template"
+TEMPLATE_COPY_ATTEMPTS = 20
 _db_numbers = itertools.count(1)
 
 
@@ -63,6 +65,15 @@ def template_url(postgres: PostgresServer) -> str:
     """A database migrated to head, used as the template of each test's database."""
     url = postgres.create_database(TEMPLATE_DB)
     upgrade(url)
+    # CREATE DATABASE ... TEMPLATE fails while anyone is connected to the template, and
+    # TimescaleDB's job scheduler connects to every database with the extension. Closing the
+    # template to connections (as template0 is) keeps the scheduler, and everyone else, out.
+    with psycopg.connect(postgres.config.url("postgres"), autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{TEMPLATE_DB}" WITH ALLOW_CONNECTIONS false')
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            [TEMPLATE_DB],
+        )
     return url
 
 
@@ -70,10 +81,23 @@ def template_url(postgres: PostgresServer) -> str:
 def database_url(postgres: PostgresServer, template_url: str) -> Iterator[str]:
     """A fresh migrated database for one test, dropped afterwards."""
     name = f"test_{os.getpid()}_{next(_db_numbers)}"
-    url = postgres.create_database(name, template=TEMPLATE_DB)
+    url = _copy_template(postgres, name)
     yield url
     with psycopg.connect(postgres.config.url("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _copy_template(postgres: PostgresServer, name: str) -> str:
+    # TimescaleDB stops and restarts its per-database scheduler around CREATE DATABASE ...
+    # TEMPLATE; a copy that races that restart sees the template "in use" for a moment.
+    for attempt in range(TEMPLATE_COPY_ATTEMPTS):
+        try:
+            return postgres.create_database(name, template=TEMPLATE_DB)
+        except psycopg.errors.ObjectInUse:
+            if attempt == TEMPLATE_COPY_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture
