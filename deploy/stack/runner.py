@@ -23,7 +23,7 @@ from types import FrameType
 
 from deploy.stack.errors import SetupError
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker, find_mosquitto
-from deploy.stack.ports import LOOPBACK, choose_port
+from deploy.stack.ports import LOOPBACK, choose_port, free_port
 from deploy.stack.postgres import (
     PostgresConfig,
     PostgresServer,
@@ -224,8 +224,8 @@ def start_broker(stack: Stack, database_url: str, secrets: Secrets) -> tuple[int
     service_port = choose_port(
         PREFERRED_SERVICE_MQTT_PORT, required=None, what="MQTT (services)", env_var=""
     )
-    if service_port == device_port:
-        service_port = choose_port(0, required=None, what="MQTT (services)", env_var="")
+    while service_port == device_port:
+        service_port = free_port()
     passwords = {account: secrets.get(f"mqtt-{account}") for account in ServiceAccount}
     broker = MosquittoBroker(
         BrokerConfig(
