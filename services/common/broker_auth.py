@@ -21,7 +21,6 @@ PBKDF2-SHA512 hash, and the password file is re-rendered from it on every change
 import base64
 import fcntl
 import hashlib
-import hmac
 import os
 import secrets
 import signal
@@ -97,20 +96,6 @@ def hash_password(password: str, *, salt: bytes | None = None) -> str:
         f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}"
         f"${base64.b64encode(digest).decode()}"
     )
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Whether ``password`` matches a ``$7$`` hash made by :func:`hash_password`."""
-    try:
-        _, kind, iterations, salt_b64, digest_b64 = encoded.split("$")
-        salt, expected = base64.b64decode(salt_b64), base64.b64decode(digest_b64)
-        rounds = int(iterations)
-    except ValueError:
-        return False
-    if kind != "7":
-        return False
-    actual = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, rounds)
-    return hmac.compare_digest(actual, expected)
 
 
 def new_device_password() -> str:

@@ -52,14 +52,3 @@ def storage_of(conn: Conn) -> Storage:
     if row is None:
         raise DatabaseUnavailable("database is not migrated: run `alembic upgrade head`")
     return Storage(str(row[0]))
-
-
-def timescaledb_available(conn: Conn) -> bool:
-    """Whether the server can load TimescaleDB (installed and preloaded)."""
-    row = conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
-    if row is None:
-        return False
-    preload = conn.execute("SHOW shared_preload_libraries").fetchone()
-    return preload is not None and "timescaledb" in str(preload[0])
