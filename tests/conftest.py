@@ -22,6 +22,7 @@ from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, 
 from deploy.stack.processes import service_user
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
+from tests.ingest import IngestWorkers
 
 TEMPLATE_DB = "galvani_template"
 TEMPLATE_COPY_ATTEMPTS = 20
@@ -155,3 +156,21 @@ def sync_devices(broker: MosquittoBroker, database_url: str):  # type: ignore[no
             return sync_device_credentials(conn, BrokerFiles(broker.config.directory))
 
     return sync
+
+
+@pytest.fixture
+def ingest_workers(
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+) -> Iterator[IngestWorkers]:
+    """Ingest worker processes for this test's database, in a share group of their own."""
+    workers = IngestWorkers(
+        database_url=database_url,
+        mqtt_port=broker.config.service_port,
+        password=service_passwords[ServiceAccount.INGEST],
+        log_dir=tmp_path,
+    )
+    yield workers
+    workers.close()

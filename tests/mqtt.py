@@ -10,6 +10,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 TIMEOUT_S = 5.0
+# Unacknowledged publishes a client keeps in flight in publish_many (the broker allows 1000).
+PUBLISH_WINDOW = 500
 
 
 class ConnectRefused(Exception):
@@ -45,6 +47,7 @@ class MqttClient:
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5
         )
+        self._client.max_inflight_messages_set(PUBLISH_WINDOW)
         if self.username is not None:
             self._client.username_pw_set(self.username, self.password)
         if self.will is not None:
@@ -116,6 +119,19 @@ class MqttClient:
             if not self._lock.wait_for(lambda: info.mid in self._puback, TIMEOUT_S):
                 raise TimeoutError(f"no PUBACK for {topic}")
             return int(self._puback[info.mid].value)
+
+    def publish_many(
+        self, messages: list[tuple[str, bytes]], timeout_s: float = 120.0
+    ) -> list[int]:
+        """Publish at QoS 1 without waiting in between; return every PUBACK reason code."""
+        infos = [self._client.publish(topic, payload, qos=1) for topic, payload in messages]
+        deadline = time.monotonic() + timeout_s
+        for info in infos:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TimeoutError(f"no PUBACK for message {info.mid}")
+        with self._lock:
+            return [int(self._puback[info.mid].value) for info in infos]
 
     def subscribe(self, topic: str) -> int:
         """Subscribe at QoS 1 and return the SUBACK reason code."""

@@ -21,10 +21,10 @@ from services.common.broker_auth import (
 )
 
 START_TIMEOUT_S = 20.0
-# protocol.md caps payloads at 64 KiB; the packet also carries the topic (< 100 bytes for
-# galvani/v1/d/{id}/{channel}) and MQTT 5 properties. Anything larger is refused by the
-# broker before it reaches ingest.
-MAX_PACKET_BYTES = 64 * 1024 + 1024
+# protocol.md caps payloads at 64 KiB. The broker lets somewhat larger packets through so
+# that ingest can store an oversized payload as a dead letter saying why (a firmware team can
+# see it; a disconnect explains nothing), and refuses anything past this to bound its memory.
+MAX_PACKET_BYTES = 256 * 1024
 # Persistent sessions (ingest workers, offline devices) queue QoS 1 messages in the broker;
 # Mosquitto's default of 1,000 would drop a restarting ingest worker's backlog.
 MAX_QUEUED_MESSAGES = 1_000_000

@@ -29,10 +29,13 @@ def retention_days(conn: Conn) -> int:
 def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     """Refresh rollups, drop expired samples and (plain storage) create partitions ahead.
 
-    The licensed TimescaleDB build does all of this with its own policies, so a pass there
-    does nothing.
+    The licensed TimescaleDB build does the sample jobs with its own policies, so a pass there
+    only trims the telemetry ledger.
     """
     storage = storage_of(conn)
+    with conn.transaction():
+        cutoff = now - timedelta(days=retention_days(conn))
+        conn.execute("SELECT galvani_drop_old_messages(%s)", [cutoff])
     if storage is Storage.TIMESCALEDB:
         return PassResult(0, 0, 0)
     created = 0

@@ -1,0 +1,280 @@
+"""From one MQTT message to rows ready to store, or a dead letter saying why not.
+
+Everything here is pure: no database, no broker. The device id comes from the topic, which
+the broker's ACL binds to the device's credentials; a payload never names its device.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from services.common.protocol import (
+    Channel,
+    Event,
+    Presence,
+    ProtocolError,
+    State,
+    Telemetry,
+    decode,
+    parse_topic,
+)
+
+# protocol.md: device time outside [received - 30 days, received + 5 minutes] is kept but
+# flagged, with the receipt time beside it.
+TS_PAST_LIMIT: Final = timedelta(days=30)
+TS_FUTURE_LIMIT: Final = timedelta(minutes=5)
+# Dead letters keep the start of the payload: enough to debug, bounded in size.
+DEAD_LETTER_PAYLOAD_BYTES: Final = 4096
+# safety.md: skin impedance with gel is 1-20 kOhm in every default mode table.
+GEL_BAND_OHM: Final = (1_000.0, 20_000.0)
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# Python's datetime ends at year 9999; PostgreSQL's later. A device clock that far out is
+# not a clock, so such a message is refused rather than stored with an invented time.
+_MAX_EPOCH_MS: Final = int((datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH).total_seconds()) * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message as the subscriber received it."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: datetime
+    generation: int
+
+
+# The samples table's columns, in COPY order.
+SAMPLE_COLUMNS: Final = (
+    "device_id",
+    "ts",
+    "seq",
+    "session",
+    "mode",
+    "level",
+    "out",
+    "i_ua",
+    "i_set_ua",
+    "v_v",
+    "z_ohm",
+    "t_elec_c",
+    "t_batt_c",
+    "batt_pct",
+    "charging",
+    "received_at",
+    "ts_suspect",
+)
+SAMPLE_TYPES: Final = (
+    "text",
+    "timestamptz",
+    "int8",
+    "text",
+    "text",
+    "int2",
+    "bool",
+    "float4",
+    "float4",
+    "float4",
+    "float4",
+    "float4",
+    "float4",
+    "int2",
+    "bool",
+    "timestamptz",
+    "bool",
+)
+SampleRow = tuple[
+    str,
+    datetime,
+    int,
+    str | None,
+    str | None,
+    int | None,
+    bool | None,
+    float | None,
+    float | None,
+    float | None,
+    float | None,
+    float | None,
+    float | None,
+    int | None,
+    bool | None,
+    datetime,
+    bool,
+]
+# Indexes into SampleRow used by the session counters.
+ROW_DEVICE: Final = 0
+ROW_TS: Final = 1
+ROW_SESSION: Final = 3
+ROW_MODE: Final = 4
+ROW_LEVEL: Final = 5
+ROW_OUT: Final = 6
+ROW_Z_OHM: Final = 10
+ROW_BATT_PCT: Final = 13
+ROW_RECEIVED_AT: Final = 15
+ROW_SUSPECT: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryIn:
+    """A telemetry message: its ledger entry and one row per sample."""
+
+    device_id: str
+    seq: int
+    session: str | None
+    rows: list[SampleRow]
+    received_at: datetime
+
+    @property
+    def ts(self) -> datetime:
+        """The first sample's time, which the ledger records."""
+        return self.rows[0][ROW_TS]
+
+    @property
+    def ts_suspect(self) -> bool:
+        """Whether any sample's device time is implausible."""
+        return any(row[ROW_SUSPECT] for row in self.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class EventIn:
+    """One lifecycle event."""
+
+    device_id: str
+    event: Event
+    ts: datetime
+    ts_suspect: bool
+    body: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StateIn:
+    """A state report: firmware and the answer to the last mode table."""
+
+    device_id: str
+    state: State
+    ts: datetime
+    ts_suspect: bool
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceIn:
+    """Online or offline; ``ts`` is None for the last will, which the broker sends."""
+
+    device_id: str
+    online: bool
+    ts: datetime | None
+    ts_suspect: bool
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that is not protocol v1, kept for the firmware team and then acknowledged."""
+
+    topic: str
+    device_id: str | None
+    channel: str | None
+    payload: bytes
+    payload_size: int
+    reason: str
+    detail: str
+    received_at: datetime
+
+
+Decoded = TelemetryIn | EventIn | StateIn | PresenceIn | DeadLetter
+
+
+def device_time(epoch_ms: int, received_at: datetime) -> tuple[datetime, bool]:
+    """The device's time as a datetime and whether it is implausible next to the receipt."""
+    if epoch_ms > _MAX_EPOCH_MS:
+        raise ProtocolError("invalid", f"ts {epoch_ms} is past the year 9999", path="ts")
+    ts = _EPOCH + timedelta(milliseconds=epoch_ms)
+    suspect = ts < received_at - TS_PAST_LIMIT or ts > received_at + TS_FUTURE_LIMIT
+    return ts, suspect
+
+
+def decode_inbound(message: Inbound) -> Decoded:
+    """Validate one message against protocol v1; anything invalid becomes a DeadLetter."""
+    device_id: str | None = None
+    channel: Channel | None = None
+    try:
+        device_id, channel = parse_topic(message.topic)
+        return _decode(device_id, channel, message)
+    except ProtocolError as exc:
+        return DeadLetter(
+            topic=message.topic,
+            device_id=device_id,
+            channel=channel.value if channel is not None else _channel_of(message.topic),
+            payload=message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
+            payload_size=len(message.payload),
+            reason=exc.reason,
+            detail=exc.detail,
+            received_at=message.received_at,
+        )
+
+
+def _channel_of(topic: str) -> str | None:
+    last = topic.rsplit("/", 1)[-1][:64]
+    return last or None
+
+
+def _decode(device_id: str, channel: Channel, message: Inbound) -> Decoded:
+    received_at = message.received_at
+    if channel is Channel.CONFIG:
+        raise ProtocolError("unknown_channel", "config is written by the backend, not read")
+    if channel is Channel.TELEMETRY:
+        return _telemetry(device_id, decode(Channel.TELEMETRY, message.payload), received_at)
+    if channel is Channel.EVENTS:
+        event = decode(Channel.EVENTS, message.payload)
+        ts, suspect = device_time(event.ts, received_at)
+        body = event.model_dump_json(exclude={"v", "seq", "ts", "type"}, exclude_none=True)
+        return EventIn(device_id, event, ts, suspect, body, received_at)
+    if channel is Channel.STATE:
+        state = decode(Channel.STATE, message.payload)
+        ts, suspect = device_time(state.ts, received_at)
+        return StateIn(device_id, state, ts, suspect, received_at)
+    presence: Presence = decode(Channel.PRESENCE, message.payload)
+    if presence.ts is None:
+        return PresenceIn(device_id, presence.online, None, False, received_at)
+    ts, suspect = device_time(presence.ts, received_at)
+    return PresenceIn(device_id, presence.online, ts, suspect, received_at)
+
+
+def _telemetry(device_id: str, message: Telemetry, received_at: datetime) -> TelemetryIn:
+    seq = message.seq
+    session = message.session
+    rows: list[SampleRow] = []
+    for s in message.samples:
+        ts, suspect = device_time(s.ts, received_at)
+        rows.append(
+            (
+                device_id,
+                ts,
+                seq,
+                session,
+                s.mode.value if s.mode is not None else None,
+                s.level,
+                s.out,
+                s.i_ua,
+                s.i_set_ua,
+                s.v_v,
+                s.z_ohm,
+                s.t_elec_c,
+                s.t_batt_c,
+                s.batt_pct,
+                s.charging,
+                received_at,
+                suspect,
+            )
+        )
+    return TelemetryIn(device_id, seq, session, rows, received_at)
+
+
+def in_gel_band(z_ohm: float | None) -> bool:
+    """Whether an impedance reading is what skin with conductive gel gives."""
+    return z_ohm is not None and GEL_BAND_OHM[0] <= z_ohm <= GEL_BAND_OHM[1]

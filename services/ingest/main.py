@@ -1,0 +1,266 @@
+"""An ingest worker: ``python -m services.ingest.main``.
+
+The loop: run the network until a batch is full or its oldest message is
+``flush_interval_s`` old; decode it; store it in one transaction (retrying with capped
+backoff while the database is away); acknowledge it; repeat. Nothing is acknowledged before
+it is committed, so a crash anywhere means redelivery, and redelivery means a duplicate the
+database ignores.
+"""
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Final
+
+import psycopg
+from prometheus_client import start_http_server
+from psycopg import errors
+
+from services.common.db import Conn, Storage, connect, storage_of
+from services.common.errors import DatabaseUnavailable, GalvaniError
+from services.common.logs import configure_logging
+from services.ingest import metrics
+from services.ingest.decode import (
+    ROW_SUSPECT,
+    ROW_TS,
+    DeadLetter,
+    Decoded,
+    EventIn,
+    Inbound,
+    PresenceIn,
+    StateIn,
+    TelemetryIn,
+    decode_inbound,
+)
+from services.ingest.settings import IngestSettings
+from services.ingest.subscriber import Subscriber, SubscriberConfig
+from services.ingest.writer import BatchOutcome, write_batch
+
+log = logging.getLogger("galvani.ingest")
+
+CHANNELS: Final = ("telemetry", "events", "state", "presence")
+RETRY_MIN_DELAY_S: Final = 0.1
+RETRY_MAX_DELAY_S: Final = 5.0
+# Errors that say "this data cannot be stored", not "the database is unwell": the batch is
+# split so that only the offending message becomes a dead letter.
+DATA_ERRORS: Final = (errors.DataError, errors.IntegrityError)
+
+
+class IngestError(GalvaniError):
+    """Base of the ingest worker's own errors."""
+
+
+class Stopped(IngestError):
+    """The worker was asked to stop while it waited for the database; nothing was acked."""
+
+
+def topic_filters(group: str) -> tuple[str, ...]:
+    """The shared-subscription filters of one worker group, one per device channel."""
+    return tuple(f"$share/{group}/galvani/v1/d/+/{channel}" for channel in CHANNELS)
+
+
+class Store:
+    """The worker's database connection, reopened with capped backoff when it fails."""
+
+    def __init__(self, url: str, *, wait: Callable[[float], None], stop: threading.Event):
+        self.url = url
+        self.wait = wait
+        self.stop = stop
+        self._conn: Conn | None = None
+        self._storage = Storage.PLAIN
+
+    def _connection(self) -> Conn:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.url)
+            self._storage = storage_of(self._conn)
+            self._conn.commit()
+        return self._conn
+
+    def write(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
+        """Store one batch, waiting out database failures; raise Stopped if asked to stop."""
+        try:
+            return self._retrying(decoded)
+        except DATA_ERRORS as exc:
+            log.warning(
+                "batch of %d refused (%s); storing its messages one by one", len(decoded), exc
+            )
+            return self._one_by_one(inbound, decoded)
+
+    def _retrying(self, decoded: Sequence[Decoded]) -> BatchOutcome:
+        delay = RETRY_MIN_DELAY_S
+        while True:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    return write_batch(conn, decoded, self._storage)
+            except DATA_ERRORS:
+                raise
+            except (psycopg.Error, DatabaseUnavailable) as exc:
+                metrics.DB_RETRIES.labels(type(exc).__name__).inc()
+                log.warning("database write failed, retrying in %.1f s: %s", delay, exc)
+                if isinstance(exc, psycopg.OperationalError | DatabaseUnavailable):
+                    self.close()
+            if self.stop.is_set():
+                raise Stopped("stopped while the database was unavailable")
+            self.wait(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+    def _one_by_one(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
+        total = BatchOutcome()
+        for raw, item in zip(inbound, decoded, strict=True):
+            try:
+                outcome = self._retrying([item])
+            except DATA_ERRORS as exc:
+                log.exception("message on %s cannot be stored", raw.topic)
+                outcome = self._retrying([unstorable(raw, exc)])
+            total.stored.update(outcome.stored)
+            total.duplicates.update(outcome.duplicates)
+            total.invalid.update(outcome.invalid)
+            total.samples_stored += outcome.samples_stored
+            total.samples_conflicting += outcome.samples_conflicting
+        return total
+
+    def close(self) -> None:
+        """Close the connection (it is reopened on the next write)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def unstorable(message: Inbound, exc: Exception) -> DeadLetter:
+    """A dead letter for a valid-looking message the database refused."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DeadLetter(
+        topic=message.topic,
+        device_id=None,
+        channel=message.topic.rsplit("/", 1)[-1],
+        payload=message.payload[:4096],
+        payload_size=len(message.payload),
+        reason="unstorable",
+        detail=detail,
+        received_at=message.received_at,
+    )
+
+
+def observe(outcome: BatchOutcome, decoded: Sequence[Decoded], committed_at: datetime) -> None:
+    """Record one committed batch in the metrics."""
+    for channel, count in outcome.stored.items():
+        metrics.MESSAGES.labels(channel, "stored").inc(count)
+    for channel, count in outcome.duplicates.items():
+        metrics.MESSAGES.labels(channel, "duplicate").inc(count)
+    for channel, count in outcome.invalid.items():
+        metrics.MESSAGES.labels(channel, "invalid").inc(count)
+    metrics.SAMPLES.labels("stored").inc(outcome.samples_stored)
+    if outcome.samples_conflicting:
+        metrics.SAMPLES.labels("conflicting").inc(outcome.samples_conflicting)
+    metrics.BATCH_MESSAGES.observe(len(decoded))
+    for item in decoded:
+        if isinstance(item, DeadLetter):
+            metrics.DEAD_LETTERS.labels(item.reason).inc()
+            continue
+        ts = _device_time(item)
+        if ts is not None:
+            metrics.LAG_SECONDS.observe(max(0.0, (committed_at - ts).total_seconds()))
+
+
+def _device_time(item: TelemetryIn | EventIn | StateIn | PresenceIn) -> datetime | None:
+    if isinstance(item, TelemetryIn):
+        last = item.rows[-1]
+        return None if last[ROW_SUSPECT] else last[ROW_TS]
+    if isinstance(item, PresenceIn) and item.ts is None:
+        return None
+    return None if item.ts_suspect else item.ts
+
+
+class Worker:
+    """Batches from the subscriber into the store, acknowledged after commit."""
+
+    def __init__(self, settings: IngestSettings, stop: threading.Event):
+        self.settings = settings
+        self.stop = stop
+        self.subscriber = Subscriber(
+            SubscriberConfig(
+                host=settings.mqtt_host,
+                port=settings.mqtt_port,
+                username=settings.mqtt_username,
+                password=settings.mqtt_password.get_secret_value(),
+                client_id=f"galvani-ingest-{settings.worker_id}",
+                topic_filters=topic_filters(settings.share_group),
+                receive_maximum=settings.receive_maximum,
+                session_expiry_s=settings.session_expiry_s,
+            )
+        )
+        self.store = Store(
+            settings.database_url.get_secret_value(), wait=self.subscriber.poll, stop=stop
+        )
+        self._seen_reconnects = 0
+
+    def run(self) -> None:
+        """Consume until ``stop`` is set, then store what is pending and disconnect."""
+        interval = self.settings.flush_interval_s
+        limit = self.settings.batch_max_messages
+        try:
+            while not self.stop.is_set():
+                age = self.subscriber.oldest_age_s()
+                if len(self.subscriber.pending) >= limit or (
+                    self.subscriber.pending and age >= interval
+                ):
+                    self.flush(limit)
+                else:
+                    wait = interval - age if self.subscriber.pending else interval
+                    self.subscriber.poll(timeout_s=wait)
+                metrics.INFLIGHT.set(self.subscriber.unacked)
+                metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
+                self._seen_reconnects = self.subscriber.reconnects
+            while self.subscriber.pending:
+                self.flush(limit)
+        except Stopped:
+            log.warning("stopping with %d messages unacknowledged", self.subscriber.unacked)
+        finally:
+            self.subscriber.close()
+            self.store.close()
+
+    def flush(self, limit: int) -> None:
+        """Store and acknowledge the oldest ``limit`` pending messages."""
+        inbound = self.subscriber.take(limit)
+        decoded = [decode_inbound(message) for message in inbound]
+        with metrics.COMMIT_SECONDS.time():
+            outcome = self.store.write(inbound, decoded)
+        committed_at = datetime.now(UTC)
+        self.subscriber.ack(inbound)
+        observe(outcome, decoded, committed_at)
+        for item in decoded:
+            if isinstance(item, DeadLetter):
+                log.info(
+                    "dead letter on %s: %s: %s (payload %d bytes, starts %r)",
+                    item.topic,
+                    item.reason,
+                    item.detail,
+                    item.payload_size,
+                    item.payload[:80],
+                )
+
+
+def main() -> None:
+    """Run one worker until SIGTERM or SIGINT."""
+    settings = IngestSettings()
+    configure_logging(settings.log_level)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("ingest worker %s starting", settings.worker_id)
+    Worker(settings, stop).run()
+    log.info("ingest worker %s stopped", settings.worker_id)
+
+
+if __name__ == "__main__":
+    main()

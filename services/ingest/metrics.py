@@ -1,0 +1,45 @@
+"""Prometheus metrics of an ingest worker (no per-device labels: fleets are large)."""
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES: Final = Counter(
+    "galvani_ingest_messages_total",
+    "Messages handled, by channel and outcome (stored, duplicate, invalid)",
+    ["channel", "outcome"],
+)
+SAMPLES: Final = Counter(
+    "galvani_ingest_samples_total",
+    "Telemetry samples, by outcome (stored; conflicting: same device and time as a stored one)",
+    ["outcome"],
+)
+DEAD_LETTERS: Final = Counter(
+    "galvani_ingest_dead_letters_total", "Messages stored as dead letters, by reason", ["reason"]
+)
+BATCH_MESSAGES: Final = Histogram(
+    "galvani_ingest_batch_messages",
+    "Messages per committed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+COMMIT_SECONDS: Final = Histogram(
+    "galvani_ingest_commit_seconds",
+    "Time to write and commit one batch",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+LAG_SECONDS: Final = Histogram(
+    "galvani_ingest_lag_seconds",
+    "Device time of a message to the commit that stored it",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
+)
+INFLIGHT: Final = Gauge(
+    "galvani_ingest_inflight_messages", "Messages received from the broker and not yet acknowledged"
+)
+MQTT_RECONNECTS: Final = Counter(
+    "galvani_ingest_mqtt_reconnects_total", "Reconnections to the broker after the first"
+)
+DB_RETRIES: Final = Counter(
+    "galvani_ingest_db_retries_total",
+    "Batches retried because the database failed, by error",
+    ["error"],
+)

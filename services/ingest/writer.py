@@ -1,0 +1,639 @@
+"""Store one decoded batch: every row once, derived state updated, inside the caller's transaction.
+
+The caller owns the transaction (``with conn.transaction(): write_batch(...)``) and
+acknowledges the batch's MQTT messages only after it commits. Everything here is
+idempotent: a batch written twice (a redelivery after a crash) leaves the database as
+written once, because every insert is keyed and every counter only counts rows that the
+database reports as new.
+"""
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final, TypeVar
+
+import psycopg
+from psycopg import errors, sql
+
+from services.common.db import Conn, Storage
+from services.common.protocol import Channel, SessionEnd, SessionStart
+from services.ingest.decode import (
+    ROW_BATT_PCT,
+    ROW_DEVICE,
+    ROW_LEVEL,
+    ROW_MODE,
+    ROW_OUT,
+    ROW_RECEIVED_AT,
+    ROW_SESSION,
+    ROW_SUSPECT,
+    ROW_TS,
+    ROW_Z_OHM,
+    SAMPLE_COLUMNS,
+    SAMPLE_TYPES,
+    DeadLetter,
+    Decoded,
+    EventIn,
+    PresenceIn,
+    SampleRow,
+    StateIn,
+    TelemetryIn,
+    in_gel_band,
+)
+
+# protocol.md: 10 samples a second while output runs, so one sample with ``out`` is 0.1 s.
+SAMPLE_PERIOD_S: Final = 0.1
+# Samples older than this on arrival (a device's offline buffer) mark their hour for the
+# maintenance service to recompute, which otherwise recomputes only recent hours.
+LATE_SAMPLE_AFTER: Final = timedelta(hours=1)
+
+_COLUMNS: Final = sql.SQL(", ").join(map(sql.Identifier, SAMPLE_COLUMNS))
+COPY_SAMPLES: Final = sql.SQL("COPY samples ({}) FROM STDIN (FORMAT BINARY)").format(_COLUMNS)
+COPY_STAGED: Final = sql.SQL("COPY samples_in ({}) FROM STDIN (FORMAT BINARY)").format(_COLUMNS)
+INSERT_STAGED: Final = sql.SQL(
+    "INSERT INTO samples ({}) SELECT {} FROM samples_in ON CONFLICT DO NOTHING"
+    " RETURNING device_id, ts"
+).format(_COLUMNS, _COLUMNS)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch did, counted for metrics and logs."""
+
+    stored: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    invalid: Counter[str] = field(default_factory=Counter)
+    samples_stored: int = 0
+    samples_conflicting: int = 0
+
+
+@dataclass
+class _DeviceDelta:
+    """What one batch changes on one device row."""
+
+    received_at: datetime
+    seen: datetime | None = None
+    min_seq: int | None = None
+    max_seq: int | None = None
+    new_seqs: int = 0
+    state: StateIn | None = None
+    presence_at: datetime | None = None
+    online: bool | None = None
+
+    def saw(self, ts: datetime, suspect: bool, received_at: datetime) -> None:
+        self.received_at = max(self.received_at, received_at)
+        if not suspect and (self.seen is None or ts > self.seen):
+            self.seen = ts
+
+    def counted(self, seq: int) -> None:
+        self.new_seqs += 1
+        self.min_seq = seq if self.min_seq is None else min(self.min_seq, seq)
+        self.max_seq = seq if self.max_seq is None else max(self.max_seq, seq)
+
+
+@dataclass
+class _SessionDelta:
+    """What one batch adds to one session row."""
+
+    samples: int = 0
+    out_samples: int = 0
+    gel_ok_samples: int = 0
+    first_sample_at: datetime | None = None
+    last_sample_at: datetime | None = None
+    first_batt_pct: int | None = None
+    first_mode: str | None = None
+    first_level: int | None = None
+    start: EventIn | None = None
+    end: EventIn | None = None
+
+    def add_sample(self, row: SampleRow) -> None:
+        self.samples += 1
+        if row[ROW_OUT]:
+            self.out_samples += 1
+            if in_gel_band(row[ROW_Z_OHM]):
+                self.gel_ok_samples += 1
+        ts = row[ROW_TS]
+        if self.first_sample_at is None or ts < self.first_sample_at:
+            self.first_sample_at = ts
+            self.first_batt_pct = row[ROW_BATT_PCT]
+            self.first_mode = row[ROW_MODE]
+            self.first_level = row[ROW_LEVEL]
+        if self.last_sample_at is None or ts > self.last_sample_at:
+            self.last_sample_at = ts
+
+    def add_event(self, event: EventIn) -> None:
+        if isinstance(event.event, SessionStart):
+            if self.start is None or event.event.seq > self.start.event.seq:
+                self.start = event
+        elif self.end is None or event.event.seq > self.end.event.seq:
+            self.end = event
+
+
+def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> BatchOutcome:
+    """Store a batch; call inside a transaction and acknowledge only after it commits."""
+    outcome = BatchOutcome()
+    telemetry: dict[tuple[str, int], TelemetryIn] = {}
+    events: dict[tuple[str, int], EventIn] = {}
+    states: dict[tuple[str, int], StateIn] = {}
+    presences: list[PresenceIn] = []
+    dead: list[DeadLetter] = []
+    for item in batch:
+        match item:
+            case TelemetryIn():
+                _keep_first(telemetry, (item.device_id, item.seq), item, outcome, Channel.TELEMETRY)
+            case EventIn():
+                _keep_first(events, (item.device_id, item.event.seq), item, outcome, Channel.EVENTS)
+            case StateIn():
+                _keep_first(states, (item.device_id, item.state.seq), item, outcome, Channel.STATE)
+            case PresenceIn():
+                presences.append(item)
+            case DeadLetter():
+                dead.append(item)
+                outcome.invalid[item.channel or "unknown"] += 1
+
+    devices = _devices_of(telemetry.values(), events.values(), states.values(), presences)
+    known = _lock_devices(conn, sorted(devices))
+    if dead:
+        _insert_dead_letters(conn, dead)
+
+    new_telemetry = _insert_ledger(conn, telemetry)
+    stored_rows = _insert_samples(conn, [telemetry[key] for key in new_telemetry], outcome)
+    if storage is not Storage.TIMESCALEDB:
+        _mark_late_hours(conn, stored_rows)
+    new_events = _insert_events(conn, events)
+    new_states = _insert_states(conn, states)
+    stored_presence = _insert_presence(conn, presences)
+
+    _count(outcome, Channel.TELEMETRY, len(telemetry), len(new_telemetry))
+    _count(outcome, Channel.EVENTS, len(events), len(new_events))
+    _count(outcome, Channel.STATE, len(states), len(new_states))
+    _count(outcome, Channel.PRESENCE, len(presences), stored_presence)
+
+    for item in telemetry.values():
+        delta = devices[item.device_id]
+        for row in item.rows:
+            delta.saw(row[ROW_TS], row[ROW_SUSPECT], item.received_at)
+    for device_id, seq in new_telemetry:
+        devices[device_id].counted(seq)
+    for key, event in events.items():
+        devices[event.device_id].saw(event.ts, event.ts_suspect, event.received_at)
+        if key in new_events:
+            devices[event.device_id].counted(key[1])
+    for key, state in states.items():
+        delta = devices[state.device_id]
+        delta.saw(state.ts, state.ts_suspect, state.received_at)
+        if key in new_states:
+            delta.counted(key[1])
+            if delta.state is None or (state.ts, key[1]) > (delta.state.ts, delta.state.state.seq):
+                delta.state = state
+    for presence in presences:
+        delta = devices[presence.device_id]
+        at = presence.received_at if presence.ts is None or presence.ts_suspect else presence.ts
+        if presence.ts is not None:
+            delta.saw(presence.ts, presence.ts_suspect, presence.received_at)
+        else:
+            delta.received_at = max(delta.received_at, presence.received_at)
+        if delta.presence_at is None or at >= delta.presence_at:
+            delta.presence_at, delta.online = at, presence.online
+
+    sessions = _session_deltas(stored_rows, [events[key] for key in new_events])
+    if sessions:
+        _upsert_sessions(conn, sessions)
+    answered = [delta.state for delta in devices.values() if delta.state is not None]
+    if answered:
+        _record_config_answers(conn, answered)
+    _update_devices(conn, {d: delta for d, delta in devices.items() if d in known})
+    return outcome
+
+
+def _keep_first(seen: dict[K, V], key: K, item: V, outcome: BatchOutcome, channel: Channel) -> None:
+    # Two copies of one message in the same batch (a publish retried by the device).
+    if key in seen:
+        outcome.duplicates[channel] += 1
+    else:
+        seen[key] = item
+
+
+def _count(outcome: BatchOutcome, channel: Channel, distinct: int, new: int) -> None:
+    outcome.stored[channel] += new
+    outcome.duplicates[channel] += distinct - new
+
+
+def _devices_of(
+    telemetry: Iterable[TelemetryIn],
+    events: Iterable[EventIn],
+    states: Iterable[StateIn],
+    presences: Iterable[PresenceIn],
+) -> dict[str, _DeviceDelta]:
+    devices: dict[str, _DeviceDelta] = {}
+    items: list[TelemetryIn | EventIn | StateIn | PresenceIn] = [
+        *telemetry,
+        *events,
+        *states,
+        *presences,
+    ]
+    for item in items:
+        if item.device_id not in devices:
+            devices[item.device_id] = _DeviceDelta(received_at=item.received_at)
+    return devices
+
+
+def _lock_devices(conn: Conn, device_ids: list[str]) -> set[str]:
+    # Every batch locks its devices' rows first, in id order, so two ingest workers never
+    # deadlock on them and a device's rows (ledger, sessions, derived state) are written by
+    # one transaction at a time. Devices unknown to the database (decommissioned while their
+    # messages sat in the broker) are still stored; only their derived state is skipped.
+    if not device_ids:
+        return set()
+    rows = conn.execute(
+        "SELECT id FROM devices WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE", [device_ids]
+    ).fetchall()
+    return {str(row[0]) for row in rows}
+
+
+def _insert_dead_letters(conn: Conn, dead: list[DeadLetter]) -> None:
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY dead_letters (topic, device_id, channel, payload, payload_size, reason,"
+            " detail, received_at) FROM STDIN"
+        ) as copy,
+    ):
+        for d in dead:
+            copy.write_row(
+                (
+                    d.topic,
+                    d.device_id,
+                    d.channel,
+                    d.payload,
+                    d.payload_size,
+                    d.reason,
+                    d.detail,
+                    d.received_at,
+                )
+            )
+
+
+def _insert_ledger(
+    conn: Conn, telemetry: dict[tuple[str, int], TelemetryIn]
+) -> set[tuple[str, int]]:
+    if not telemetry:
+        return set()
+    items = list(telemetry.values())
+    rows = conn.execute(
+        """
+        INSERT INTO telemetry_messages
+            (device_id, seq, ts, session, samples, received_at, ts_suspect)
+        SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[],
+                             %s::int2[], %s::timestamptz[], %s::bool[])
+        ON CONFLICT DO NOTHING
+        RETURNING device_id, seq""",
+        [
+            [t.device_id for t in items],
+            [t.seq for t in items],
+            [t.ts for t in items],
+            [t.session for t in items],
+            [len(t.rows) for t in items],
+            [t.received_at for t in items],
+            [t.ts_suspect for t in items],
+        ],
+    ).fetchall()
+    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+
+
+def _insert_samples(
+    conn: Conn, messages: list[TelemetryIn], outcome: BatchOutcome
+) -> list[SampleRow]:
+    """COPY the samples of new messages; return the rows that were stored."""
+    rows = [row for message in messages for row in message.rows]
+    if not rows:
+        return []
+    # Fast path: the ledger already filtered out redelivered messages, so these samples are
+    # new unless a device sent two messages with overlapping times. COPY into the hypertable
+    # inside a savepoint; if the primary key objects, fall back to a keyed insert.
+    try:
+        with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_SAMPLES) as copy:
+            copy.set_types(SAMPLE_TYPES)
+            for row in rows:
+                copy.write_row(row)
+    except errors.UniqueViolation:
+        stored = _insert_samples_keyed(conn, rows)
+    else:
+        stored = rows
+    outcome.samples_stored += len(stored)
+    outcome.samples_conflicting += len(rows) - len(stored)
+    return stored
+
+
+def _insert_samples_keyed(conn: Conn, rows: list[SampleRow]) -> list[SampleRow]:
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS samples_in (LIKE samples) ON COMMIT DELETE ROWS")
+    with conn.cursor() as cur:
+        with cur.copy(COPY_STAGED) as copy:
+            copy.set_types(SAMPLE_TYPES)
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(INSERT_STAGED)
+        inserted = {(str(d), ts) for d, ts in cur.fetchall()}
+        cur.execute("TRUNCATE samples_in")
+    stored: list[SampleRow] = []
+    for row in rows:
+        key = (row[ROW_DEVICE], row[ROW_TS])
+        if key in inserted:
+            inserted.discard(key)  # the first of two rows with one key is the one stored
+            stored.append(row)
+    return stored
+
+
+def _mark_late_hours(conn: Conn, rows: list[SampleRow]) -> None:
+    late = {
+        (row[ROW_DEVICE], row[ROW_TS].replace(minute=0, second=0, microsecond=0))
+        for row in rows
+        if row[ROW_TS] < row[ROW_RECEIVED_AT] - LATE_SAMPLE_AFTER
+    }
+    if late:
+        conn.execute(
+            "INSERT INTO rollup_dirty (device_id, hour)"
+            " SELECT * FROM unnest(%s::text[], %s::timestamptz[]) ON CONFLICT DO NOTHING",
+            [[d for d, _ in late], [h for _, h in late]],
+        )
+
+
+def _insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tuple[str, int]]:
+    if not events:
+        return set()
+    items = list(events.values())
+    rows = conn.execute(
+        """
+        INSERT INTO events (device_id, seq, ts, type, session, body, received_at, ts_suspect)
+        SELECT device_id, seq, ts, type, session, body::jsonb, received_at, ts_suspect
+        FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[], %s::text[],
+                    %s::text[], %s::timestamptz[], %s::bool[])
+             AS u(device_id, seq, ts, type, session, body, received_at, ts_suspect)
+        ON CONFLICT DO NOTHING
+        RETURNING device_id, seq""",
+        [
+            [e.device_id for e in items],
+            [e.event.seq for e in items],
+            [e.ts for e in items],
+            [e.event.type for e in items],
+            [getattr(e.event, "session", None) for e in items],
+            [e.body for e in items],
+            [e.received_at for e in items],
+            [e.ts_suspect for e in items],
+        ],
+    ).fetchall()
+    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+
+
+def _insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tuple[str, int]]:
+    if not states:
+        return set()
+    items = list(states.values())
+    configs = [s.state.config for s in items]
+    rows = conn.execute(
+        """
+        INSERT INTO state_reports (device_id, seq, ts, fw, hw, config_version, config_sha256,
+                                   config_status, config_reason, received_at)
+        SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[], %s::text[],
+                             %s::int4[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
+        ON CONFLICT DO NOTHING
+        RETURNING device_id, seq""",
+        [
+            [s.device_id for s in items],
+            [s.state.seq for s in items],
+            [s.ts for s in items],
+            [s.state.fw for s in items],
+            [s.state.hw for s in items],
+            [c.version if c else None for c in configs],
+            [c.sha256 if c else None for c in configs],
+            [c.status.value if c else None for c in configs],
+            [c.reason.value if c and c.reason else None for c in configs],
+            [s.received_at for s in items],
+        ],
+    ).fetchall()
+    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+
+
+def _insert_presence(conn: Conn, presences: list[PresenceIn]) -> int:
+    if not presences:
+        return 0
+    # A device's own presence carries ts and is stored once; the last will has no ts (the
+    # broker sends it), so a will redelivered after an ingest crash is logged again.
+    rows = conn.execute(
+        """
+        INSERT INTO presence_log (device_id, online, ts, received_at)
+        SELECT * FROM unnest(%s::text[], %s::bool[], %s::timestamptz[], %s::timestamptz[])
+        ON CONFLICT DO NOTHING
+        RETURNING id""",
+        [
+            [p.device_id for p in presences],
+            [p.online for p in presences],
+            [p.ts for p in presences],
+            [p.received_at for p in presences],
+        ],
+    ).fetchall()
+    return len(rows)
+
+
+def _session_deltas(
+    rows: list[SampleRow], new_events: list[EventIn]
+) -> dict[tuple[str, str], _SessionDelta]:
+    sessions: dict[tuple[str, str], _SessionDelta] = {}
+    for row in rows:
+        session = row[ROW_SESSION]
+        if session is not None:
+            key = (row[ROW_DEVICE], session)
+            delta = sessions.get(key)
+            if delta is None:
+                delta = sessions[key] = _SessionDelta()
+            delta.add_sample(row)
+    for event in new_events:
+        if isinstance(event.event, SessionStart | SessionEnd):
+            key = (event.device_id, event.event.session)
+            sessions.setdefault(key, _SessionDelta()).add_event(event)
+    return sessions
+
+
+def _upsert_sessions(conn: Conn, sessions: dict[tuple[str, str], _SessionDelta]) -> None:
+    keys = sorted(sessions)
+    deltas = [sessions[key] for key in keys]
+    starts = [d.start.event if d.start else None for d in deltas]
+    ends = [d.end.event if d.end else None for d in deltas]
+    conn.execute(
+        """
+        INSERT INTO sessions AS s (
+            device_id, session, brand_id, user_id, mode, level, started_at, start_seq,
+            ended_at, duration_s, end_reason, end_seq, samples, out_samples, gel_ok_samples,
+            output_s, first_sample_at, last_sample_at, start_batt_pct, updated_at)
+        SELECT u.device_id, u.session, d.brand_id, COALESCE(u.user_id, d.user_id),
+               COALESCE(u.start_mode, u.sample_mode), COALESCE(u.start_level, u.sample_level),
+               u.started_at, u.start_seq, u.ended_at, u.duration_s, u.end_reason, u.end_seq,
+               u.samples, u.out_samples, u.gel_ok_samples, u.out_samples * %s::real,
+               u.first_sample_at, u.last_sample_at, u.start_batt_pct, now()
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::int2[], %s::text[],
+                    %s::int2[], %s::timestamptz[], %s::int8[], %s::timestamptz[], %s::real[],
+                    %s::text[], %s::int8[], %s::int4[], %s::int4[], %s::int4[],
+                    %s::timestamptz[], %s::timestamptz[], %s::int2[])
+             AS u(device_id, session, user_id, start_mode, start_level, sample_mode,
+                  sample_level, started_at, start_seq, ended_at, duration_s, end_reason,
+                  end_seq, samples, out_samples, gel_ok_samples, first_sample_at,
+                  last_sample_at, start_batt_pct)
+        JOIN devices d ON d.id = u.device_id
+        ORDER BY u.device_id, u.session
+        ON CONFLICT (device_id, session) DO UPDATE SET
+            -- The start and end with the highest seq win, whatever order they arrive in.
+            user_id = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
+                           AND excluded.start_seq IS NOT NULL
+                           THEN excluded.user_id ELSE s.user_id END,
+            mode = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
+                        AND excluded.start_seq IS NOT NULL THEN excluded.mode
+                        ELSE COALESCE(s.mode, excluded.mode) END,
+            level = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
+                         AND excluded.start_seq IS NOT NULL THEN excluded.level
+                         ELSE COALESCE(s.level, excluded.level) END,
+            started_at = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
+                              AND excluded.start_seq IS NOT NULL THEN excluded.started_at
+                              ELSE s.started_at END,
+            start_seq = GREATEST(s.start_seq, excluded.start_seq),
+            ended_at = CASE WHEN excluded.end_seq > s.end_seq OR s.end_seq IS NULL
+                            AND excluded.end_seq IS NOT NULL THEN excluded.ended_at
+                            ELSE s.ended_at END,
+            duration_s = CASE WHEN excluded.end_seq > s.end_seq OR s.end_seq IS NULL
+                              AND excluded.end_seq IS NOT NULL THEN excluded.duration_s
+                              ELSE s.duration_s END,
+            end_reason = CASE WHEN excluded.end_seq > s.end_seq OR s.end_seq IS NULL
+                              AND excluded.end_seq IS NOT NULL THEN excluded.end_reason
+                              ELSE s.end_reason END,
+            end_seq = GREATEST(s.end_seq, excluded.end_seq),
+            samples = s.samples + excluded.samples,
+            out_samples = s.out_samples + excluded.out_samples,
+            gel_ok_samples = s.gel_ok_samples + excluded.gel_ok_samples,
+            output_s = (s.out_samples + excluded.out_samples) * %s::real,
+            start_batt_pct = CASE WHEN excluded.first_sample_at < s.first_sample_at
+                                  OR s.first_sample_at IS NULL
+                                  THEN COALESCE(excluded.start_batt_pct, s.start_batt_pct)
+                                  ELSE s.start_batt_pct END,
+            first_sample_at = LEAST(s.first_sample_at, excluded.first_sample_at),
+            last_sample_at = GREATEST(s.last_sample_at, excluded.last_sample_at),
+            updated_at = now()""",
+        [
+            SAMPLE_PERIOD_S,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [e.user if isinstance(e, SessionStart) else None for e in starts],
+            [e.mode.value if isinstance(e, SessionStart) else None for e in starts],
+            [e.level if isinstance(e, SessionStart) else None for e in starts],
+            [d.first_mode for d in deltas],
+            [d.first_level for d in deltas],
+            [d.start.ts if d.start else None for d in deltas],
+            [e.seq if e else None for e in starts],
+            [d.end.ts if d.end else None for d in deltas],
+            [e.duration_s if isinstance(e, SessionEnd) else None for e in ends],
+            [e.reason.value if isinstance(e, SessionEnd) else None for e in ends],
+            [e.seq if e else None for e in ends],
+            [d.samples for d in deltas],
+            [d.out_samples for d in deltas],
+            [d.gel_ok_samples for d in deltas],
+            [d.first_sample_at for d in deltas],
+            [d.last_sample_at for d in deltas],
+            [d.first_batt_pct for d in deltas],
+            SAMPLE_PERIOD_S,
+        ],
+    )
+
+
+def _record_config_answers(conn: Conn, states: list[StateIn]) -> None:
+    answers = [(s, s.state.config) for s in states if s.state.config is not None]
+    if not answers:
+        return
+    conn.execute(
+        """
+        UPDATE config_pushes p
+        SET answer_status = u.status, answer_reason = u.reason, answered_at = u.ts
+        FROM unnest(%s::text[], %s::int4[], %s::text[], %s::text[], %s::timestamptz[])
+             AS u(device_id, version, status, reason, ts)
+        WHERE p.device_id = u.device_id AND p.version = u.version
+          AND (p.answered_at IS NULL OR p.answered_at <= u.ts)""",
+        [
+            [s.device_id for s, _ in answers],
+            [c.version for _, c in answers],
+            [c.status.value for _, c in answers],
+            [c.reason.value if c.reason else None for _, c in answers],
+            [s.ts for s, _ in answers],
+        ],
+    )
+
+
+def _update_devices(conn: Conn, devices: dict[str, _DeviceDelta]) -> None:
+    if not devices:
+        return
+    ids = sorted(devices)
+    deltas = [devices[i] for i in ids]
+    states = [d.state for d in deltas]
+    configs = [s.state.config if s else None for s in states]
+    conn.execute(
+        """
+        UPDATE devices d SET
+            last_received_at = GREATEST(d.last_received_at, u.received_at),
+            last_seen = GREATEST(d.last_seen, u.seen),
+            first_seq = LEAST(d.first_seq, u.min_seq),
+            last_seq = GREATEST(d.last_seq, u.max_seq),
+            seq_count = d.seq_count + u.new_seqs,
+            seq_gaps = GREATEST(0, COALESCE(
+                GREATEST(d.last_seq, u.max_seq) - LEAST(d.first_seq, u.min_seq) + 1
+                - (d.seq_count + u.new_seqs), 0)),
+            -- "Latest" is the newest device time, not the last message received.
+            fw = CASE WHEN u.state_ts >= d.state_ts OR d.state_ts IS NULL AND u.state_ts
+                      IS NOT NULL THEN u.fw ELSE d.fw END,
+            hw = CASE WHEN u.state_ts >= d.state_ts OR d.state_ts IS NULL AND u.state_ts
+                      IS NOT NULL THEN u.hw ELSE d.hw END,
+            config_reported_version = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
+                AND u.cfg_version IS NOT NULL THEN u.cfg_version
+                ELSE d.config_reported_version END,
+            config_reported_sha256 = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
+                AND u.cfg_version IS NOT NULL THEN u.cfg_sha256
+                ELSE d.config_reported_sha256 END,
+            config_reported_status = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
+                AND u.cfg_version IS NOT NULL THEN u.cfg_status
+                ELSE d.config_reported_status END,
+            config_reported_reason = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
+                AND u.cfg_version IS NOT NULL THEN u.cfg_reason
+                ELSE d.config_reported_reason END,
+            state_ts = GREATEST(d.state_ts, u.state_ts),
+            online = CASE WHEN u.presence_at >= d.presence_at OR d.presence_at IS NULL
+                          AND u.presence_at IS NOT NULL THEN u.online ELSE d.online END,
+            presence_at = GREATEST(d.presence_at, u.presence_at)
+        FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[], %s::int8[], %s::int8[],
+                    %s::int8[], %s::timestamptz[], %s::text[], %s::text[], %s::int4[],
+                    %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bool[])
+             AS u(id, received_at, seen, min_seq, max_seq, new_seqs, state_ts, fw, hw,
+                  cfg_version, cfg_sha256, cfg_status, cfg_reason, presence_at, online)
+        WHERE d.id = u.id""",
+        [
+            ids,
+            [d.received_at for d in deltas],
+            [d.seen for d in deltas],
+            [d.min_seq for d in deltas],
+            [d.max_seq for d in deltas],
+            [d.new_seqs for d in deltas],
+            [s.ts if s else None for s in states],
+            [s.state.fw if s else None for s in states],
+            [s.state.hw if s else None for s in states],
+            [c.version if c else None for c in configs],
+            [c.sha256 if c else None for c in configs],
+            [c.status.value if c else None for c in configs],
+            [c.reason.value if c and c.reason else None for c in configs],
+            [d.presence_at for d in deltas],
+            [d.online for d in deltas],
+        ],
+    )
+
+
+def is_retryable(exc: psycopg.Error) -> bool:
+    """Whether a failed batch should be retried as is (the database went away or a lock lost)."""
+    return isinstance(
+        exc, psycopg.OperationalError | errors.DeadlockDetected | errors.SerializationFailure
+    )

@@ -1,0 +1,201 @@
+"""Ingest workers as real processes, devices with real credentials, and v1 payload builders."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from deploy.stack.ports import free_port
+from services.common.provisioning import provision_device
+from tests.mqtt import MqttClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T0_MS = int(time.time() * 1000) - 3_600_000
+_groups = itertools.count(1)
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll ``check`` until it holds, or fail the test saying what did not happen."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def scalar(url: str, query: str, params: list[object] | None = None) -> object:
+    """One value from a fresh connection (so each poll sees committed data)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(query, params or []).fetchone()
+        return row[0] if row else None
+
+
+@dataclass
+class IngestWorkers:
+    """Ingest worker processes of one test, in a share group of their own."""
+
+    database_url: str
+    mqtt_port: int
+    password: str
+    log_dir: Path
+    group: str = field(default_factory=lambda: f"t{os.getpid()}-{next(_groups)}")
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def client_id(self, worker: str) -> str:
+        return f"galvani-ingest-{self.group}-{worker}"
+
+    def start(self, worker: str = "1") -> subprocess.Popen[bytes]:
+        """Start (or restart) worker ``worker`` and wait until it has subscribed."""
+        port = self.metrics_ports.setdefault(worker, free_port())
+        env = dict(os.environ)
+        env.update(
+            {
+                "GALVANI_INGEST_DATABASE_URL": self.database_url,
+                "GALVANI_INGEST_MQTT_PORT": str(self.mqtt_port),
+                "GALVANI_INGEST_MQTT_PASSWORD": self.password,
+                "GALVANI_INGEST_WORKER_ID": f"{self.group}-{worker}",
+                "GALVANI_INGEST_SHARE_GROUP": self.group,
+                "GALVANI_INGEST_METRICS_PORT": str(port),
+                "GALVANI_INGEST_LOG_LEVEL": "INFO",
+                **self.env_overrides,
+            }
+        )
+        log = open(self.log_dir / f"ingest-{self.group}-{worker}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.ingest.main"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs[worker] = proc
+        wait_until(lambda: self.subscribed(worker), 20, f"ingest worker {worker} to subscribe")
+        return proc
+
+    def log_text(self, worker: str = "1") -> str:
+        return (self.log_dir / f"ingest-{self.group}-{worker}.log").read_text(errors="replace")
+
+    def subscribed(self, worker: str) -> bool:
+        proc = self.procs[worker]
+        if proc.poll() is not None:
+            raise AssertionError(f"ingest worker exited:\n{self.log_text(worker)[-3000:]}")
+        return "connected to" in self.log_text(worker).rsplit("ingest worker", 1)[-1]
+
+    def metric(self, worker: str, name: str, labels: str = "") -> float:
+        """One sample of a worker's /metrics, 0 when absent."""
+        url = f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill(self, worker: str = "1") -> None:
+        """SIGKILL: no flush, no DISCONNECT, nothing acknowledged that was not committed."""
+        proc = self.procs[worker]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self, worker: str = "1") -> int:
+        """SIGTERM and wait; returns the exit status."""
+        proc = self.procs[worker]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def close(self) -> None:
+        """Stop every worker and make the broker forget their sessions."""
+        for worker in list(self.procs):
+            self.stop(worker)
+            forget = MqttClient(
+                "127.0.0.1",
+                self.mqtt_port,
+                "galvani-ingest",
+                self.password,
+                client_id=self.client_id(worker),
+            )
+            forget.connect()  # clean start, no session expiry: the old session is dropped
+            forget.close()
+
+
+@dataclass(frozen=True)
+class Device:
+    """A provisioned device and its broker password."""
+
+    device_id: str
+    password: str
+
+
+def provision(url: str, count: int, *, prefix: str = "dev", brand: str = "acme") -> list[Device]:
+    """Create ``count`` devices of one brand with real credentials."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO brands (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", [brand, brand]
+        )
+        devices = [
+            provision_device(conn, device_id=f"{prefix}-{i:04d}", brand_id=brand, model="m1")
+            for i in range(count)
+        ]
+    return [Device(d.device_id, d.password) for d in devices]
+
+
+def topic(device_id: str, channel: str) -> str:
+    return f"galvani/v1/d/{device_id}/{channel}"
+
+
+def sample(ts_ms: int, **fields: object) -> dict[str, object]:
+    """One 10 Hz sample during output, with gel (override any field)."""
+    base: dict[str, object] = {
+        "ts": ts_ms,
+        "mode": "LIFT",
+        "level": 3,
+        "out": True,
+        "i_ua": 301.5,
+        "i_set_ua": 300.0,
+        "v_v": 6.1,
+        "z_ohm": 8200,
+        "t_elec_c": 33.1,
+        "t_batt_c": 31.0,
+        "batt_pct": 78,
+        "charging": False,
+    }
+    base.update(fields)
+    return base
+
+
+def telemetry(
+    seq: int, ts_ms: int, count: int = 10, session: str | None = "s-1", **fields: object
+) -> bytes:
+    """A telemetry message of ``count`` samples 100 ms apart starting at ``ts_ms``."""
+    samples = [sample(ts_ms + 100 * i, **fields) for i in range(count)]
+    return json.dumps({"v": 1, "seq": seq, "session": session, "samples": samples}).encode()
+
+
+def event(seq: int, ts_ms: int, type_: str, **fields: object) -> bytes:
+    return json.dumps({"v": 1, "seq": seq, "ts": ts_ms, "type": type_, **fields}).encode()
+
+
+def state(seq: int, ts_ms: int, fw: str = "1.4.2", config: object = None) -> bytes:
+    body: dict[str, object] = {"v": 1, "seq": seq, "ts": ts_ms, "fw": fw, "hw": "B"}
+    if config is not None:
+        body["config"] = config
+    return json.dumps(body).encode()
