@@ -193,9 +193,7 @@ class Worker:
                 session_expiry_s=settings.session_expiry_s,
             )
         )
-        self.store = Store(
-            settings.database_url.get_secret_value(), wait=self.subscriber.poll, stop=stop
-        )
+        self.store = Store(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
         self._seen_reconnects = 0
 
     def run(self) -> None:
@@ -210,11 +208,7 @@ class Worker:
                 ):
                     self.flush(limit)
                 else:
-                    wait = interval - age if self.subscriber.pending else interval
-                    self.subscriber.poll(timeout_s=wait)
-                metrics.INFLIGHT.set(self.subscriber.unacked)
-                metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
-                self._seen_reconnects = self.subscriber.reconnects
+                    self.wait(interval - age if self.subscriber.pending else interval)
             while self.subscriber.pending:
                 self.flush(limit)
         except Stopped:
@@ -222,6 +216,13 @@ class Worker:
         finally:
             self.subscriber.close()
             self.store.close()
+
+    def wait(self, timeout_s: float) -> None:
+        """Run the network for ``timeout_s`` (also while the store waits for the database)."""
+        self.subscriber.poll(timeout_s)
+        metrics.INFLIGHT.set(self.subscriber.unacked)
+        metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
+        self._seen_reconnects = self.subscriber.reconnects
 
     def flush(self, limit: int) -> None:
         """Store and acknowledge the oldest ``limit`` pending messages."""
