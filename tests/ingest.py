@@ -91,7 +91,7 @@ class IngestWorkers:
         proc = self.procs[worker]
         if proc.poll() is not None:
             raise AssertionError(f"ingest worker exited:\n{self.log_text(worker)[-3000:]}")
-        return "connected to" in self.log_text(worker).rsplit("ingest worker", 1)[-1]
+        return "subscribed to" in self.log_text(worker).rsplit("ingest worker", 1)[-1]
 
     def metric(self, worker: str, name: str, labels: str = "") -> float:
         """One sample of a worker's /metrics, 0 when absent."""

@@ -16,7 +16,11 @@ import pytest
 from deploy.stack.errors import SetupError
 from deploy.stack.ports import choose_port, free_port
 from services.common.api_keys import key_is_active
+from services.common.broker_auth import BrokerFiles, sync_device_credentials
+from services.common.provisioning import provision_device
 from services.common.settings import REPO_ROOT
+from tests.ingest import T0_MS, scalar, telemetry, topic, wait_until
+from tests.mqtt import MqttClient
 
 READY_TIMEOUT_S = 90
 
@@ -89,7 +93,8 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
             assert conn.execute(
                 "SELECT value FROM galvani_meta WHERE key = 'storage'"
             ).fetchone() == ("timescaledb-apache",)
-        socket.create_connection((info["mqtt_host"], info["mqtt_port"]), timeout=2).close()
+        assert {"ingest-1", "ingest-2"} <= set(info["pids"])
+        assert_device_data_reaches_the_database(info, data_dir)
     finally:
         code, err = stop(process)
     assert code == 0, err
@@ -105,6 +110,31 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
     finally:
         code, err = stop(process)
     assert code == 0, err
+
+
+def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
+    """A device provisioned in the running stack publishes; its telemetry is stored."""
+    url = info["database_url"]
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO brands (id, name) VALUES ('run-test', 'Run test')")
+        device = provision_device(conn, device_id="run-dev-1", brand_id="run-test", model="m1")
+        conn.commit()
+        sync_device_credentials(conn, BrokerFiles(data_dir / "mosquitto"))
+    client = MqttClient(
+        info["mqtt_host"],
+        info["mqtt_port"],
+        device.device_id,
+        device.password,
+        client_id=device.device_id,
+    ).connect()
+    try:
+        assert client.publish(topic("run-dev-1", "telemetry"), telemetry(1, T0_MS)) in (0, 16)
+    finally:
+        client.close()
+    wait_until(
+        lambda: scalar(url, "SELECT count(*) FROM samples WHERE device_id = 'run-dev-1'") == 10,
+        what="the device's samples in the database",
+    )
 
 
 def test_requested_port_that_is_taken_is_a_clear_error():

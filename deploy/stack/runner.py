@@ -6,6 +6,7 @@ when all of them are ready and removed when the stack stops.
 """
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ from services.common.settings import REPO_ROOT
 log = logging.getLogger("galvani.run")
 
 DEFAULT_SIM_DEVICES = 50
+DEFAULT_INGEST_WORKERS = 2
+# A worker that dies is restarted under the same client id (the broker keeps dealing its
+# share of messages to its session), but not in a tight loop.
+RESTART_DELAY_S = 1.0
 PREFERRED_MQTT_PORT = 1883
 PREFERRED_SERVICE_MQTT_PORT = 1884
 PREFERRED_DB_PORT = 5432
@@ -54,6 +59,7 @@ class RunOptions:
 
     data_dir: Path
     sim_devices: int
+    ingest_workers: int
     api_port: int | None
     mqtt_port: int | None
     database_url: str | None
@@ -64,6 +70,7 @@ class RunOptions:
         return cls(
             data_dir=Path(env.get("GALVANI_DATA_DIR", str(REPO_ROOT / ".galvani"))).resolve(),
             sim_devices=_int_env(env, "GALVANI_SIM_DEVICES", DEFAULT_SIM_DEVICES),
+            ingest_workers=max(1, _int_env(env, "GALVANI_INGEST_WORKERS", DEFAULT_INGEST_WORKERS)),
             api_port=_port_env(env, "GALVANI_API_PORT"),
             mqtt_port=_port_env(env, "GALVANI_MQTT_PORT"),
             database_url=env.get("GALVANI_DATABASE_URL") or None,
@@ -130,6 +137,9 @@ class Stack:
     postgres: PostgresServer | None = None
     broker: MosquittoBroker | None = None
     services: list[Child] = field(default_factory=list)
+    # Services restarted when they exit, by name: how to start each again.
+    restart: dict[str, Callable[[], Child]] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_json(self) -> Path:
@@ -282,6 +292,17 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
             cwd=REPO_ROOT,
         )
     )
+    for worker in range(1, options.ingest_workers + 1):
+        start_ingest = _ingest_starter(stack, database_url, service_port, secrets, worker)
+        child = start_ingest()
+        stack.services.append(child)
+        stack.restart[child.name] = start_ingest
+        wait_until(
+            functools.partial(_ingest_connected, stack.metrics[child.name]),
+            child=child,
+            timeout_s=SERVICE_READY_TIMEOUT_S,
+            what=f"ingest worker {worker}",
+        )
     api_url = f"http://{LOOPBACK}:{api_port}"
     wait_until(
         lambda: _http_ok(f"{api_url}/readyz"),
@@ -290,6 +311,41 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
         what="the API",
     )
     return api_url
+
+
+def _ingest_starter(
+    stack: Stack, database_url: str, service_port: int, secrets: Secrets, worker: int
+) -> Callable[[], Child]:
+    name = f"ingest-{worker}"
+    metrics_port = free_port()
+    stack.metrics[name] = f"http://{LOOPBACK}:{metrics_port}/metrics"
+
+    def start() -> Child:
+        return spawn(
+            name,
+            [sys.executable, "-m", "services.ingest.main"],
+            stack.options.data_dir / "logs" / f"{name}.log",
+            env=service_env(
+                "INGEST",
+                database_url=database_url,
+                mqtt_port=service_port,
+                mqtt_password=secrets.get(f"mqtt-{ServiceAccount.INGEST}"),
+                data_dir=str(stack.options.data_dir),
+                worker_id=str(worker),
+                metrics_port=metrics_port,
+            ),
+            cwd=REPO_ROOT,
+        )
+
+    return start
+
+
+def _ingest_connected(metrics_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=2) as response:  # noqa: S310 - loopback
+            return b"galvani_ingest_connected 1.0" in response.read()
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _http_ok(url: str) -> bool:
@@ -332,6 +388,7 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 "sim_devices": options.sim_devices,
                 "data_dir": str(options.data_dir),
                 "logs": str(options.data_dir / "logs"),
+                "metrics": stack.metrics,
                 "pids": {c.name: c.pid for c in stack.services}
                 | (
                     {"postgres": stack.postgres.child.pid}
@@ -352,12 +409,27 @@ def run(options: RunOptions, stop: threading.Event) -> None:
 
 
 def _supervise(stack: Stack, stop: threading.Event) -> None:
-    watched: list[Child] = list(stack.services)
+    servers: list[Child] = []
     for server in (stack.broker, stack.postgres):
         if server is not None and server.child is not None:
-            watched.append(server.child)
+            servers.append(server.child)
     while not stop.wait(0.5):
-        for child in watched:
+        for index, child in enumerate(stack.services):
+            if child.alive():
+                continue
+            start = stack.restart.get(child.name)
+            if start is None:
+                raise ChildExited(
+                    f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"
+                    f"{child.log_tail()}"
+                )
+            log.warning(
+                "%s exited (status %s); restarting it", child.name, child.process.returncode
+            )
+            child.stop()
+            time.sleep(RESTART_DELAY_S)
+            stack.services[index] = start()
+        for child in servers:
             if not child.alive():
                 raise ChildExited(
                     f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"

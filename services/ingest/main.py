@@ -221,6 +221,7 @@ class Worker:
         """Run the network for ``timeout_s`` (also while the store waits for the database)."""
         self.subscriber.poll(timeout_s)
         metrics.INFLIGHT.set(self.subscriber.unacked)
+        metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
         metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
         self._seen_reconnects = self.subscriber.reconnects
 

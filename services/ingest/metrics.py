@@ -35,6 +35,9 @@ LAG_SECONDS: Final = Histogram(
 INFLIGHT: Final = Gauge(
     "galvani_ingest_inflight_messages", "Messages received from the broker and not yet acknowledged"
 )
+CONNECTED: Final = Gauge(
+    "galvani_ingest_connected", "1 while the worker is connected to the broker and subscribed"
+)
 MQTT_RECONNECTS: Final = Counter(
     "galvani_ingest_mqtt_reconnects_total", "Reconnections to the broker after the first"
 )

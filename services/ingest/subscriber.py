@@ -67,7 +67,7 @@ class Subscriber:
         self.pending: deque[tuple[Inbound, float]] = deque()
         self.unacked = 0
         self.reconnects = 0
-        self.connected = False
+        self.connected = False  # connected and subscribed
         self._generation = 0
         self._ever_connected = False
         self._next_attempt = 0.0
@@ -82,6 +82,7 @@ class Subscriber:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_pre_connect = self._on_pre_connect
 
     def _connect_properties(self) -> Properties:
@@ -107,7 +108,6 @@ class Subscriber:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
-        self.connected = True
         self._delay = RECONNECT_MIN_DELAY_S
         if self._ever_connected:
             self.reconnects += 1
@@ -120,6 +120,21 @@ class Subscriber:
             flags.session_present,
         )
         client.subscribe([(topic, 1) for topic in self.config.topic_filters])
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(reason) for reason in reasons if reason.is_failure]
+        if refused:
+            log.error("broker refused the subscription: %s", ", ".join(refused))
+            return
+        self.connected = True
+        log.info("subscribed to %s", ", ".join(self.config.topic_filters))
 
     def _on_disconnect(
         self,
