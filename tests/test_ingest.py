@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 
 import psycopg
 import pytest
@@ -239,6 +240,12 @@ def test_last_will_marks_the_device_offline(
     device.drop()
     wait_until(lambda: online() is False, timeout_s=60, what="the will to mark it offline")
     assert count(database_url, "SELECT count(*) FROM presence_log WHERE ts IS NULL") == 1
+    # Retained presence (this device's will, other tests' devices) is not replayed to a
+    # worker that subscribes again.
+    ingest_workers.stop()
+    ingest_workers.start()
+    time.sleep(1)
+    assert count(database_url, "SELECT count(*) FROM presence_log") == 2
 
 
 def test_device_time_outside_the_window_is_kept_and_flagged(

@@ -21,8 +21,9 @@ class IngestSettings(ServiceSettings):
     # A batch is flushed when it holds this many messages or its oldest is this old.
     batch_max_messages: int = Field(default=1000, ge=1, le=20_000)
     flush_interval_s: float = Field(default=0.1, gt=0, le=5)
-    # Unacknowledged messages the broker may send this worker (MQTT 5 Receive Maximum):
-    # the bound on the worker's memory. Must exceed one batch, or batches never fill.
+    # Unacknowledged messages the worker holds at most (sent as MQTT 5 Receive Maximum, and
+    # enforced by the worker too): the bound on its memory. Below batch_max_messages, batches
+    # are flushed by age only.
     receive_maximum: int = Field(default=4000, ge=1, le=65_535)
     # How long the broker keeps a stopped worker's session and queued messages.
     session_expiry_s: int = Field(default=WEEK_S, ge=3600)

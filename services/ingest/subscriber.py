@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from services.ingest.decode import Inbound
 
@@ -119,7 +120,11 @@ class Subscriber:
             self.config.client_id,
             flags.session_present,
         )
-        client.subscribe([(topic, 1) for topic in self.config.topic_filters])
+        # MQTT 5 says shared subscriptions get no retained messages; Mosquitto 2.0 sends them
+        # anyway, so on every (re)subscribe the worker would be handed the whole fleet's
+        # retained state and presence again. Ingest has already seen them live: say so.
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe([(topic, options) for topic in self.config.topic_filters])
 
     def _on_subscribe(
         self,
