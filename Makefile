@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest check lint typecheck format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
 	@echo "make check  - ruff and mypy (strict)"
+	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +38,11 @@ test-deps:
 # The suite needs TimescaleDB (it tests the hypertable path and the plain path).
 test: test-deps venv
 	$(PY) -m pytest
+
+# Its own durable PostgreSQL (with TimescaleDB, as in production) and Mosquitto, like `test`.
+# Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
+bench-ingest: test-deps venv
+	$(PY) -m bench.ingest $(BENCH_ARGS)
 
 check: venv lint typecheck
 

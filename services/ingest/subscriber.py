@@ -149,7 +149,9 @@ class Subscriber:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if self.connected:
+        if reason.value == 0:
+            log.info("disconnected from the broker")
+        elif self.connected:
             log.warning("disconnected from the broker: %s", reason)
         self.connected = False
 

@@ -1,0 +1,915 @@
+"""``make bench-ingest``: telemetry ingest throughput and CPU, against COPY as the ceiling.
+
+One run, everything on this machine and all of it started (and stopped, by pid) here:
+
+1. a PostgreSQL cluster with production settings (durable, TimescaleDB preloaded), migrated;
+   a Mosquitto broker with Galvani's generated configuration; both on free loopback ports
+   in a temporary directory;
+2. ``--devices`` provisioned devices of one brand with real broker credentials;
+3. ``--workers`` ingest workers (``python -m services.ingest.main``), each checked end to
+   end with a probe message before the clock starts;
+4. a load generator (bench/mqtt_load.py) with one MQTT connection per device publishing
+   pre-built v1 telemetry (10 samples a message) at QoS 1 for ``--seconds``; only
+   PUBACKed messages count as sent;
+5. when every sent sample is stored: ``ingest_samples_per_s`` = stored samples / (first
+   publish to last commit), and the CPU of the ingest workers and of every PostgreSQL
+   process over the same window per stored sample;
+6. the ceiling: the same rows (same devices, times and values) COPYed into ``samples``
+   from one process in transactions of 10,000 rows.
+
+The last line is the result::
+
+    ingest_samples_per_s=N copy_samples_per_s=N ratio=R cpu_us_per_sample=N lost=0 duplicates=0
+
+and the exit status is non-zero when a sample was lost or stored twice.
+
+The stored count is followed through the workers' ``galvani_ingest_samples_total`` counter
+(incremented after each commit), not ``SELECT count(*)``: counting millions of rows four
+times a second would cost PostgreSQL a good part of a core and be charged to ingest. The
+database is counted once, at the end, and must agree.
+"""
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import psycopg
+
+from bench.mqtt_load import (
+    SAMPLE_FIELDS,
+    SAMPLE_SPACING_MS,
+    SAMPLES_PER_MESSAGE,
+    DeviceLogin,
+    LoadPlan,
+    LoadResult,
+    SharedState,
+    load_process,
+    messages_per_device,
+    publish_once,
+    run_event_loop,
+    split,
+)
+from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
+from deploy.stack.ports import LOOPBACK, free_port
+from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
+from deploy.stack.processes import Child, service_user, spawn, wait_until
+from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
+from services.common.migrate import upgrade
+from services.common.provisioning import provision_device
+from services.ingest.decode import SAMPLE_COLUMNS, SAMPLE_TYPES, SampleRow
+from services.ingest.writer import COPY_SAMPLES
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+BRAND: Final = "bench"
+DEVICE_MODEL: Final = "bench-1"
+# Device time starts two hours back by default (inside protocol.md's plausible window of 30
+# days back to 5 minutes ahead) and advances one second per message, so times are unique per
+# device. Two hours back makes every sample "late" (older than an hour on arrival), which on
+# plain PostgreSQL and TimescaleDB's Apache build also marks its hour for a rollup refresh;
+# --device-time-ago 20 measures live data instead.
+DEFAULT_DEVICE_TIME_AGO_MIN: Final = 120
+# protocol.md: device time more than 5 minutes ahead of receipt is flagged suspect.
+TS_FUTURE_LIMIT_S: Final = 300
+
+POLL_S: Final = 0.25
+PROGRESS_EVERY_S: Final = 10.0
+WORKER_READY_TIMEOUT_S: Final = 30.0
+PROBE_TIMEOUT_S: Final = 30.0
+LOADGEN_READY_TIMEOUT_S: Final = 300.0
+# After publishing stops: give up waiting for the last samples when the stored count has
+# not moved for this long.
+SETTLE_TIMEOUT_S: Final = 30.0
+COPY_TRANSACTION_ROWS: Final = 10_000
+
+STORED_SAMPLES: Final = 'galvani_ingest_samples_total{outcome="stored"}'
+STORED_PRESENCE: Final = 'galvani_ingest_messages_total{channel="presence",outcome="stored"}'
+BATCHES: Final = "galvani_ingest_batch_messages_count"
+BATCHED_MESSAGES: Final = "galvani_ingest_batch_messages_sum"
+COMMIT_SECONDS: Final = "galvani_ingest_commit_seconds_sum"
+INFLIGHT: Final = "galvani_ingest_inflight_messages"
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def say(line: str) -> None:
+    """One line of the report, flushed at once (make pipes stdout)."""
+    print(line, flush=True)
+
+
+# --- CPU accounting ---------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    # The command name is in parentheses and may contain spaces: split after the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_cpu_s(pid: int, *, reaped_children: bool = False) -> float:
+    """utime + stime of ``pid`` (all its threads), plus its reaped children's when asked."""
+    fields = _stat_fields(pid)  # fields[0] is field 3 of proc(5): utime is 14, stime 15
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / CLOCK_TICKS
+
+
+def postgres_cpu_s(postmaster: int) -> float:
+    """CPU of a whole PostgreSQL cluster: the postmaster and every process it started.
+
+    Backends, autovacuum and TimescaleDB workers come and go. A live child's CPU is read
+    from its own stat; a child that exited has been reaped by the postmaster, which adds
+    its CPU to the postmaster's cutime/cstime. So live children + the postmaster's own and
+    reaped time covers every process the cluster ran, whenever it started or ended.
+    """
+    total = process_cpu_s(postmaster, reaped_children=True)
+    with open(f"/proc/{postmaster}/task/{postmaster}/children") as children:
+        pids = [int(pid) for pid in children.read().split()]
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):  # exited since the listing
+            total += process_cpu_s(pid)
+    return total
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Cumulative CPU seconds of everything the benchmark runs, at one moment."""
+
+    at: float  # time.monotonic()
+    ingest: tuple[float, ...]
+    postgres: float
+    mosquitto: float
+    main: float
+
+    def minus(self, earlier: "CpuSnapshot") -> "CpuSnapshot":
+        """CPU spent between ``earlier`` and this snapshot."""
+        return CpuSnapshot(
+            at=self.at - earlier.at,
+            ingest=tuple(a - b for a, b in zip(self.ingest, earlier.ingest, strict=True)),
+            postgres=self.postgres - earlier.postgres,
+            mosquitto=self.mosquitto - earlier.mosquitto,
+            main=self.main - earlier.main,
+        )
+
+
+# --- The stack --------------------------------------------------------------------------
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` different free loopback ports (the kernel may offer one twice in a row)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@dataclass
+class IngestWorker:
+    """One ingest worker process and its metrics endpoint."""
+
+    name: str
+    child: Child
+    metrics_port: int
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's Prometheus samples by series name (labels included)."""
+        url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                values[series] = float(value)
+        return values
+
+    def metric(self, series: str) -> float:
+        """One series of the worker's metrics, 0 when it has not been touched yet."""
+        return self.metrics().get(series, 0.0)
+
+    def log_text(self) -> str:
+        """Everything the worker logged."""
+        return self.child.log_path.read_text(errors="replace")
+
+    def connected(self) -> bool:
+        """Whether the worker has connected to the broker (logged at INFO)."""
+        return "connected to" in self.log_text()
+
+
+def start_postgres(root: Path, stack: contextlib.ExitStack) -> PostgresServer:
+    """A durable (production-settings) cluster with TimescaleDB preloaded, or a clear error."""
+    install = require_postgres()
+    if not install.has_timescaledb:
+        raise SystemExit(
+            "bench-ingest: TimescaleDB is not installed for this PostgreSQL; run it through "
+            "`make bench-ingest`, which installs it"
+        )
+    config = PostgresConfig(
+        data_dir=root / "pg" / "data",
+        port=free_port(),
+        password=new_password(),
+        run_as=service_user(),
+        durable=True,
+    )
+    server = PostgresServer(install, config, root / "postgres.log")
+    stack.callback(server.stop)  # registered first: stopped even if start() is interrupted
+    server.start()
+    return server
+
+
+def start_broker(
+    root: Path, passwords: dict[ServiceAccount, str], stack: contextlib.ExitStack
+) -> MosquittoBroker:
+    """Mosquitto with Galvani's generated configuration and no devices yet."""
+    device_port, service_port = distinct_free_ports(2)
+    broker = MosquittoBroker(
+        BrokerConfig(
+            directory=root / "mosquitto",
+            device_port=device_port,
+            service_port=service_port,
+            run_as=service_user(),
+        ),
+        passwords,
+    )
+    stack.callback(broker.stop)
+    broker.start([])
+    return broker
+
+
+def provision(url: str, count: int, broker: MosquittoBroker) -> list[DeviceLogin]:
+    """``count`` devices of one brand in one transaction, then the broker's credentials."""
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO brands (id, name) VALUES (%s, %s)", [BRAND, "Benchmark"])
+        devices = [
+            provision_device(conn, device_id=f"bench-{i:05d}", brand_id=BRAND, model=DEVICE_MODEL)
+            for i in range(count)
+        ]
+        conn.commit()
+        sync_device_credentials(conn, BrokerFiles(broker.config.directory))
+    return [DeviceLogin(d.device_id, d.password) for d in devices]
+
+
+def start_workers(
+    count: int,
+    root: Path,
+    url: str,
+    broker: MosquittoBroker,
+    password: str,
+    stack: contextlib.ExitStack,
+) -> list[IngestWorker]:
+    """Start the ingest workers and wait until each has connected to the broker."""
+    workers: list[IngestWorker] = []
+    for number, metrics_port in enumerate(distinct_free_ports(count), start=1):
+        env = dict(os.environ)
+        env.update(
+            {
+                "GALVANI_INGEST_DATABASE_URL": url,
+                "GALVANI_INGEST_MQTT_PORT": str(broker.config.service_port),
+                "GALVANI_INGEST_MQTT_PASSWORD": password,
+                "GALVANI_INGEST_WORKER_ID": str(number),
+                "GALVANI_INGEST_METRICS_PORT": str(metrics_port),
+                # INFO: the "connected to" line is how start-up is followed. Nothing is
+                # logged per message at INFO unless a message is dead-lettered.
+                "GALVANI_INGEST_LOG_LEVEL": "INFO",
+            }
+        )
+        child = spawn(
+            f"ingest-{number}",
+            [sys.executable, "-m", "services.ingest.main"],
+            root / f"ingest-{number}.log",
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        stack.callback(child.stop)
+        workers.append(IngestWorker(child.name, child, metrics_port))
+    for worker in workers:
+        wait_until(
+            worker.connected,
+            child=worker.child,
+            timeout_s=WORKER_READY_TIMEOUT_S,
+            what=worker.name,
+        )
+    return workers
+
+
+def probe_workers(
+    workers: Sequence[IngestWorker], broker: MosquittoBroker, login: DeviceLogin
+) -> None:
+    """Publish presence messages until every worker has stored one.
+
+    "connected to" is logged before the subscription is acknowledged; a message published
+    to a shared subscription nobody holds yet is acknowledged by the broker and dropped.
+    A message stored by each worker proves the whole path is up before the clock starts.
+    """
+    topic = f"galvani/v1/d/{login.device_id}/presence"
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    ts_ms = int(time.time() * 1000)
+    while True:
+        if all(worker.metric(STORED_PRESENCE) >= 1 for worker in workers):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit("bench-ingest: the ingest workers did not store a probe message")
+        payloads = []
+        for _ in range(2 * len(workers)):
+            ts_ms += 1  # presence is stored once per (device, ts, online)
+            payloads.append(b'{"v": 1, "online": true, "ts": %d}' % ts_ms)
+        run_event_loop(publish_once(LOOPBACK, broker.config.device_port, login, topic, payloads))
+        time.sleep(0.5)
+
+
+# --- The measured run -------------------------------------------------------------------
+
+
+def stored_samples(metrics: Sequence[dict[str, float]]) -> int:
+    """Samples the workers have committed, from their counters."""
+    return int(sum(values.get(STORED_SAMPLES, 0.0) for values in metrics))
+
+
+@dataclass
+class WorkerStats:
+    """How one worker's batches went over the run, from its metrics."""
+
+    name: str
+    batches: int = 0
+    messages: int = 0
+    commit_s: float = 0.0
+    max_inflight: int = 0  # highest "received, not yet acknowledged" seen by the poll
+
+    def count(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Set the totals from the metrics at the start and at the end of the run."""
+        self.batches = int(after.get(BATCHES, 0) - before.get(BATCHES, 0))
+        self.messages = int(after.get(BATCHED_MESSAGES, 0) - before.get(BATCHED_MESSAGES, 0))
+        self.commit_s = after.get(COMMIT_SECONDS, 0) - before.get(COMMIT_SECONDS, 0)
+
+
+@dataclass
+class Measurement:
+    """What the publishing phase produced."""
+
+    results: list[LoadResult]
+    workers: list[WorkerStats]
+    start: CpuSnapshot
+    last_stored: CpuSnapshot  # taken at the poll that first saw the final stored count
+    stored_by_metrics: int
+    first_publish: float
+    publish_end: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def acked_by_device(self) -> dict[str, int]:
+        """PUBACKed messages of each device (its seqs 0..n-1)."""
+        return {d: n for r in self.results for d, n in r.acked.items()}
+
+
+class Run:
+    """Load processes, the stored-count poll and CPU snapshots of one measured run."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        logins: list[DeviceLogin],
+        broker: MosquittoBroker,
+        postgres: PostgresServer,
+        workers: list[IngestWorker],
+    ):
+        self.args = args
+        self.logins = logins
+        self.broker = broker
+        self.postgres = postgres
+        self.workers = workers
+        self.ctx = multiprocessing.get_context("spawn")
+        self.shared = SharedState.create(self.ctx, args.loadgen_procs)
+        self.ready: Any = self.ctx.Queue()
+        self.results: Any = self.ctx.Queue()
+        self.processes: list[Any] = []
+
+    def snapshot(self) -> CpuSnapshot:
+        """Cumulative CPU of the workers, the cluster, the broker and this process."""
+        assert self.postgres.child is not None
+        assert self.broker.child is not None
+        return CpuSnapshot(
+            at=time.monotonic(),
+            ingest=tuple(process_cpu_s(w.child.pid) for w in self.workers),
+            postgres=postgres_cpu_s(self.postgres.child.pid),
+            mosquitto=process_cpu_s(self.broker.child.pid),
+            main=time.process_time(),
+        )
+
+    def worker_metrics(self) -> list[dict[str, float]]:
+        """Every worker's metrics, in worker order."""
+        return [worker.metrics() for worker in self.workers]
+
+    def start_load(self) -> None:
+        """Start the load processes; return when all have built payloads and connected."""
+        args = self.args
+        max_msgs_per_s = args.max_rate / SAMPLES_PER_MESSAGE
+        per_device = pre_built_messages(args)
+        first_ts_ms = int((time.time() - args.device_time_ago * 60) * 1000)
+        say(
+            f"load: {args.devices} devices over {args.loadgen_procs} process(es), window "
+            f"{args.window}, {per_device} pre-built messages a device "
+            f"({per_device * args.devices * SAMPLES_PER_MESSAGE:,} samples), backlog "
+            f"{args.backlog:,} messages, offered at most {args.max_rate:,} samples/s"
+        )
+        for index, devices in enumerate(split(self.logins, args.loadgen_procs)):
+            plan = LoadPlan(
+                host=LOOPBACK,
+                port=self.broker.config.device_port,
+                devices=devices,
+                total_devices=len(self.logins),
+                messages_per_device=per_device,
+                first_ts_ms=first_ts_ms,
+                window=args.window,
+                seconds=args.seconds,
+                max_msgs_per_s=max_msgs_per_s,
+                backlog_msgs=args.backlog,
+            )
+            process = self.ctx.Process(
+                target=load_process,
+                args=(index, plan, self.shared, self.ready, self.results),
+                name=f"bench-load-{index}",
+            )
+            process.start()
+            self.processes.append(process)
+        waiting = set(range(args.loadgen_procs))
+        deadline = time.monotonic() + LOADGEN_READY_TIMEOUT_S
+        while waiting:
+            try:
+                index, error = self.ready.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline or not all(p.is_alive() for p in self.processes):
+                    raise SystemExit("bench-ingest: the load generator did not get ready") from None
+                continue
+            if error is not None:
+                raise SystemExit(f"bench-ingest: load process {index} failed: {error}")
+            waiting.discard(index)
+
+    def stop_load(self) -> None:
+        """Stop the load processes (they exit on their own once done; abort otherwise)."""
+        self.shared.abort.value = 1
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+
+    def measure(self) -> Measurement:
+        """Publish for ``--seconds`` and follow the stored count until it stops growing."""
+        start_at = time.monotonic() + 0.5
+        self.shared.start_at.value = start_at
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        start = self.snapshot()
+        publish_end = start_at + self.args.seconds
+        first_metrics = metrics = self.worker_metrics()
+        stats = [WorkerStats(w.name) for w in self.workers]
+        stored = stored_samples(metrics)
+        last = start
+        last_change = start_at
+        results: list[LoadResult] = []
+        expected: int | None = None
+        progress = Progress(start_at)
+        while True:
+            time.sleep(POLL_S)
+            now = time.monotonic()
+            for worker in self.workers:
+                if not worker.child.alive():
+                    raise SystemExit(
+                        f"bench-ingest: {worker.name} exited:\n{worker.child.log_tail(20)}"
+                    )
+            metrics = self.worker_metrics()
+            for stat, values in zip(stats, metrics, strict=True):
+                stat.max_inflight = max(stat.max_inflight, int(values.get(INFLIGHT, 0)))
+            count = stored_samples(metrics)
+            if count != stored:
+                stored, last_change, last = count, now, self.snapshot()
+            self.shared.stored_msgs.value = stored // SAMPLES_PER_MESSAGE
+            sent = sum(self.shared.sent)
+            acked = sum(self.shared.acked)
+            progress.maybe_print(now, sent, acked, stored)
+            while expected is None:
+                try:
+                    results.append(self.results.get_nowait())
+                except queue.Empty:
+                    break
+                if len(results) == len(self.processes):
+                    expected = sum(sum(r.acked.values()) for r in results) * SAMPLES_PER_MESSAGE
+                    errors = [f"load process {r.index}: {r.error}" for r in results if r.error]
+                    if errors:
+                        raise SystemExit("bench-ingest: " + "; ".join(errors))
+            if expected is None:
+                if now > publish_end + 120 and not any(p.is_alive() for p in self.processes):
+                    raise SystemExit("bench-ingest: the load processes exited without a result")
+                continue
+            if stored >= expected or now - last_change > SETTLE_TIMEOUT_S:
+                break
+        first_publish = min(
+            (r.first_publish for r in results if r.first_publish is not None), default=start_at
+        )
+        for stat, before, after in zip(stats, first_metrics, metrics, strict=True):
+            stat.count(before, after)
+        measurement = Measurement(
+            results=results,
+            workers=stats,
+            start=start,
+            last_stored=last,
+            stored_by_metrics=stored,
+            first_publish=first_publish,
+            publish_end=max((r.last_ack or start_at for r in results), default=start_at),
+        )
+        if stored < expected:
+            measurement.warnings.append(
+                f"stored count stuck at {stored:,} of {expected:,} for {SETTLE_TIMEOUT_S:.0f} s"
+            )
+        exhausted = sum(r.exhausted_devices for r in results)
+        if exhausted:
+            measurement.warnings.append(
+                f"{exhausted} devices ran out of pre-built messages: raise --max-rate"
+            )
+        return measurement
+
+
+class Progress:
+    """A line every ``PROGRESS_EVERY_S``: publish, acknowledgement and storage rates."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.next = start + PROGRESS_EVERY_S
+        self.last = (start, 0, 0, 0)
+
+    def maybe_print(self, now: float, sent: int, acked: int, stored: int) -> None:
+        if now < self.next:
+            return
+        then, sent0, acked0, stored0 = self.last
+        span = now - then
+        say(
+            f"[{now - self.start:5.1f} s] published {(sent - sent0) / span:8,.0f} msg/s  "
+            f"acked {(acked - acked0) / span:8,.0f} msg/s  "
+            f"stored {(stored - stored0) / span:9,.0f} samples/s  "
+            f"unstored {acked - stored // SAMPLES_PER_MESSAGE:7,} msgs"
+        )
+        self.last = (now, sent, acked, stored)
+        self.next += PROGRESS_EVERY_S
+
+
+# --- Verification and the ceiling -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """What the database holds against what the broker acknowledged."""
+
+    stored: int
+    expected: int
+    lost: int
+    duplicates: int
+    ledger: int
+    ledger_expected: int
+
+
+def verify(url: str, acked_by_device: dict[str, int]) -> Check:
+    """Count rows per device against PUBACKed messages (a loss cannot hide behind a surplus)."""
+    with psycopg.connect(url) as conn:
+        per_device = {
+            str(device): int(str(n))
+            for device, n in conn.execute(
+                "SELECT device_id, count(*) FROM samples GROUP BY device_id"
+            ).fetchall()
+        }
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT (device_id, ts)) FROM samples"
+        ).fetchone()
+        assert row is not None
+        stored, distinct = int(str(row[0])), int(str(row[1]))
+        ledger_row = conn.execute("SELECT count(*) FROM telemetry_messages").fetchone()
+        assert ledger_row is not None
+        ledger = int(str(ledger_row[0]))
+    lost = duplicates = 0
+    for device in acked_by_device.keys() | per_device.keys():
+        want = acked_by_device.get(device, 0) * SAMPLES_PER_MESSAGE
+        got = per_device.get(device, 0)
+        lost += max(0, want - got)
+        duplicates += max(0, got - want)
+    duplicates += stored - distinct  # zero by the primary key; checked all the same
+    acked = sum(acked_by_device.values())
+    return Check(stored, acked * SAMPLES_PER_MESSAGE, lost, duplicates, ledger, acked)
+
+
+def ceiling_rows(url: str) -> list[SampleRow]:
+    """The stored samples rebuilt from the message ledger, as ingest's decoder makes them.
+
+    Cheaper than reading millions of rows back; checked against the table below.
+    """
+    fields = SAMPLE_FIELDS
+    constant = (
+        fields["mode"],
+        fields["level"],
+        fields["out"],
+        float(fields["i_ua"]),  # type: ignore[arg-type]
+        float(fields["i_set_ua"]),  # type: ignore[arg-type]
+        float(fields["v_v"]),  # type: ignore[arg-type]
+        float(fields["z_ohm"]),  # type: ignore[arg-type]
+        float(fields["t_elec_c"]),  # type: ignore[arg-type]
+        float(fields["t_batt_c"]),  # type: ignore[arg-type]
+        fields["batt_pct"],
+        fields["charging"],
+    )
+    offsets = [timedelta(milliseconds=SAMPLE_SPACING_MS * i) for i in range(SAMPLES_PER_MESSAGE)]
+    rows: list[Any] = []
+    append = rows.append
+    with psycopg.connect(url) as conn:
+        messages = conn.execute(
+            "SELECT device_id, seq, ts, session, received_at, ts_suspect FROM telemetry_messages"
+        ).fetchall()
+    for device_id, seq, ts, session, received_at, suspect in messages:
+        for offset in offsets:
+            append((device_id, ts + offset, seq, session, *constant, received_at, suspect))
+    return rows
+
+
+def _float4(value: object) -> object:
+    if isinstance(value, float):
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return value
+
+
+def check_ceiling_rows(url: str, rows: list[SampleRow]) -> None:
+    """The rebuilt rows of one message must equal the stored ones, column for column."""
+    device_id, seq = rows[0][0], rows[0][2]
+    mine = sorted(row for row in rows[:SAMPLES_PER_MESSAGE])
+    columns = ", ".join(SAMPLE_COLUMNS)
+    with psycopg.connect(url) as conn:
+        stored = conn.execute(
+            f"SELECT {columns} FROM samples WHERE device_id = %s AND seq = %s ORDER BY ts",  # noqa: S608 - constants
+            [device_id, seq],
+        ).fetchall()
+    if [tuple(map(_float4, r)) for r in mine] != [tuple(map(_float4, r)) for r in stored]:
+        raise SystemExit(
+            f"bench-ingest: rebuilt rows differ from the stored ones:\n{mine[0]}\n{stored[:1]}"
+        )
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """One process COPYing the same rows."""
+
+    rows: int
+    seconds: float
+    postgres_cpu_s: float
+    main_cpu_s: float
+
+
+def copy_ceiling(url: str, postmaster: int) -> Ceiling:
+    """TRUNCATE samples and COPY the same rows back, 10,000 rows a transaction."""
+    rows = ceiling_rows(url)
+    check_ceiling_rows(url, rows)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE samples")
+        pg0, main0, t0 = postgres_cpu_s(postmaster), time.process_time(), time.perf_counter()
+        with conn.cursor() as cur:
+            for first in range(0, len(rows), COPY_TRANSACTION_ROWS):
+                with conn.transaction(), cur.copy(COPY_SAMPLES) as copy:
+                    copy.set_types(SAMPLE_TYPES)
+                    for row in rows[first : first + COPY_TRANSACTION_ROWS]:
+                        copy.write_row(row)
+        seconds = time.perf_counter() - t0
+        pg1, main1 = postgres_cpu_s(postmaster), time.process_time()
+        counted = conn.execute("SELECT count(*) FROM samples").fetchone()
+    if counted is None or int(str(counted[0])) != len(rows):
+        raise SystemExit(f"bench-ingest: COPY stored {counted} rows, not {len(rows)}")
+    return Ceiling(len(rows), seconds, pg1 - pg0, main1 - main0)
+
+
+# --- Report -----------------------------------------------------------------------------
+
+
+def log_problems(workers: Sequence[IngestWorker]) -> list[str]:
+    """Warning and error lines (and tracebacks) the ingest workers logged."""
+    lines: list[str] = []
+    for worker in workers:
+        for line in worker.log_text().splitlines():
+            if any(word in line for word in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")):
+                lines.append(f"{worker.name}: {line}")
+    return lines
+
+
+def report(
+    args: argparse.Namespace,
+    measurement: Measurement,
+    check: Check,
+    ceiling: Ceiling,
+    workers: Sequence[IngestWorker],
+) -> int:
+    """Print the figures; the last line is the machine-readable result. Returns exit status."""
+    m = measurement
+    window = m.last_stored.at - m.first_publish
+    cpu = m.last_stored.minus(m.start)
+    ingest_cpu = sum(cpu.ingest)
+    loadgen_cpu = sum(r.cpu_publishing_s for r in m.results)
+    stored = check.stored
+    ingest_rate = stored / window if window > 0 else 0.0
+    copy_rate = ceiling.rows / ceiling.seconds if ceiling.seconds > 0 else 0.0
+    per_sample = (ingest_cpu + cpu.postgres) / stored * 1e6 if stored else float("nan")
+    cores = os.cpu_count() or 1
+
+    def us(seconds: float) -> str:
+        return f"{seconds / stored * 1e6:.1f}" if stored else "n/a"
+
+    publishing = max(m.publish_end - m.first_publish, 1e-9)
+    say(
+        f"messages: {check.ledger_expected:,} acknowledged by the broker "
+        f"({check.ledger_expected / publishing:,.0f}/s over {publishing:.1f} s), "
+        f"{check.ledger:,} in the ledger; samples: {stored:,} stored of {check.expected:,}"
+    )
+    say(
+        f"window: {window:.1f} s from first publish to last commit "
+        f"({window - publishing:.1f} s after the last PUBACK)"
+    )
+    say(
+        f"cpu over the window (s): ingest {ingest_cpu:.1f} "
+        f"({' + '.join(f'{c:.1f}' for c in cpu.ingest)}), postgres {cpu.postgres:.1f}, "
+        f"mosquitto {cpu.mosquitto:.1f}, loadgen {loadgen_cpu:.1f}, bench {cpu.main:.1f}; "
+        f"{(ingest_cpu + cpu.postgres + cpu.mosquitto + loadgen_cpu + cpu.main) / window:.2f}"
+        f" of {cores} cores busy"
+    )
+    say(
+        f"cpu us/sample: ingest {us(ingest_cpu)}, postgres {us(cpu.postgres)}, "
+        f"mosquitto {us(cpu.mosquitto)}, loadgen {us(loadgen_cpu)}"
+    )
+    say(
+        f"copy ceiling: {ceiling.rows:,} rows in {ceiling.seconds:.1f} s, cpu us/row: "
+        f"postgres {ceiling.postgres_cpu_s / ceiling.rows * 1e6:.1f}, "
+        f"client {ceiling.main_cpu_s / ceiling.rows * 1e6:.1f}"
+    )
+    for stat in m.workers:
+        say(
+            f"{stat.name}: {stat.batches:,} batches of {stat.messages / max(stat.batches, 1):,.0f}"
+            f" messages on average, {stat.commit_s:.1f} s writing and committing "
+            f"({stat.commit_s / window:.0%} of the window), at most {stat.max_inflight:,} "
+            "messages unacknowledged"
+        )
+    problems = log_problems(workers)
+    say(f"ingest worker logs: {len(problems)} warning/error lines")
+    for line in problems[:10]:
+        say(f"  {line}")
+    for warning in m.warnings:
+        say(f"warning: {warning}")
+    if m.stored_by_metrics != stored:
+        say(
+            f"warning: the workers counted {m.stored_by_metrics:,} samples; "
+            f"the table holds {stored:,}"
+        )
+    if check.ledger != check.ledger_expected:
+        say(f"warning: ledger holds {check.ledger:,} messages, {check.ledger_expected:,} acked")
+    ratio = ingest_rate / copy_rate if copy_rate else 0.0
+    say(
+        f"ingest_samples_per_s={ingest_rate:.0f} copy_samples_per_s={copy_rate:.0f} "
+        f"ratio={ratio:.2f} cpu_us_per_sample={per_sample:.1f} "
+        f"lost={check.lost} duplicates={check.duplicates}"
+    )
+    failed = check.lost or check.duplicates or check.ledger != check.ledger_expected
+    return 1 if failed else 0
+
+
+# --- Main -------------------------------------------------------------------------------
+
+
+def pre_built_messages(args: argparse.Namespace) -> int:
+    """Messages pre-built per device: enough for ``--max-rate`` over ``--seconds``."""
+    return messages_per_device(
+        args.seconds, args.max_rate / SAMPLES_PER_MESSAGE, args.devices, args.window
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.ingest",
+        description="Telemetry ingest throughput and CPU, against COPY as the ceiling.",
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="publishing time (60)")
+    parser.add_argument("--devices", type=int, default=1000, help="device connections (1000)")
+    parser.add_argument("--workers", type=int, default=2, help="ingest worker processes (2)")
+    parser.add_argument("--loadgen-procs", type=int, default=1, help="load-generator processes (1)")
+    parser.add_argument(
+        "--window", type=int, default=20, help="unacknowledged publishes per connection (20)"
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=20_000,
+        help="messages published but not yet stored, at most (20000): keeps the broker's "
+        "queue short so the load generator does not outrun ingest",
+    )
+    parser.add_argument(
+        "--max-rate",
+        type=int,
+        default=200_000,
+        help="offered load ceiling in samples/s (200000); payloads are pre-built for it",
+    )
+    parser.add_argument(
+        "--device-time-ago",
+        type=float,
+        default=DEFAULT_DEVICE_TIME_AGO_MIN,
+        help="minutes before now that device time starts at (120)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the data and logs directory")
+    args = parser.parse_args(argv)
+    if min(args.seconds, args.devices, args.workers, args.loadgen_procs, args.window) <= 0:
+        parser.error("--seconds, --devices, --workers, --loadgen-procs and --window must be > 0")
+    if args.loadgen_procs > args.devices:
+        parser.error("--loadgen-procs cannot exceed --devices")
+    if not 0 < args.device_time_ago < 30 * 24 * 60:
+        parser.error("--device-time-ago must be within protocol.md's 30 days")
+    # A device's last pre-built message must not be ahead of receipt, even if sent at once.
+    if pre_built_messages(args) > args.device_time_ago * 60 + TS_FUTURE_LIMIT_S:
+        parser.error(
+            f"{pre_built_messages(args)} messages a device, one second apart, would run device "
+            "time into the future: raise --device-time-ago or lower --max-rate"
+        )
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    """A directory the servers (running as an unprivileged user when root) can enter."""
+    root = Path(tempfile.mkdtemp(prefix="galvani-bench-"))
+    os.chmod(root, 0o755)  # noqa: S103 - servers run as another user under root
+    try:
+        yield root
+    finally:
+        if keep:
+            say(f"data and logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start everything, measure, stop everything (in reverse order, by pid)."""
+    with workspace(args.keep) as root, contextlib.ExitStack() as stack:
+        postgres = start_postgres(root, stack)
+        url = postgres.config.url()
+        upgrade(url)
+        with psycopg.connect(url) as conn:
+            storage = conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'")
+            storage_row = storage.fetchone()
+        say(
+            f"postgres {postgres.install.source} on port {postgres.config.port}, "
+            f"storage {storage_row[0] if storage_row else '?'}, durable"
+        )
+        passwords = {account: new_password() for account in ServiceAccount}
+        broker = start_broker(root, passwords, stack)
+        logins = provision(url, args.devices, broker)
+        say(
+            f"mosquitto on ports {broker.config.device_port}/{broker.config.service_port}, "
+            f"{len(logins)} devices provisioned"
+        )
+        workers = start_workers(
+            args.workers, root, url, broker, passwords[ServiceAccount.INGEST], stack
+        )
+        probe_workers(workers, broker, logins[0])
+        say(f"{len(workers)} ingest workers up and storing")
+
+        measured = Run(args, logins, broker, postgres, workers)
+        stack.callback(measured.stop_load)
+        measured.start_load()
+        say(f"publishing for {args.seconds:.0f} s")
+        measurement = measured.measure()
+        measured.stop_load()
+        check = verify(url, measurement.acked_by_device)
+        assert postgres.child is not None
+        ceiling = copy_ceiling(url, postgres.child.pid)
+        return report(args, measurement, check, ceiling, workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        say("bench-ingest: interrupted; everything it started has been stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""A CPU-cheap MQTT 3.1.1 load generator: many device connections publishing telemetry at QoS 1.
+
+The benchmark shares two cores between the broker, PostgreSQL, the ingest workers and this
+load generator, so every cycle spent here is a cycle the system under test does not get.
+paho costs tens of microseconds per publish; this client costs a few:
+
+* every CONNECT and PUBLISH packet (payload, topic, packet id) is encoded before timing starts,
+  so publishing is slicing a list and one ``transport.write`` per readiness event;
+* connections are ``asyncio.Protocol`` objects on uvloop (when installed): no stream objects,
+  no coroutine per connection, and PUBACKs are parsed straight out of ``data_received``;
+* each connection keeps at most ``window`` publishes unacknowledged, and packet ids are
+  ``1..65535`` in order, so the broker's in-order PUBACKs (MQTT 3.1.1, 4.6) are checked by
+  comparing each one with the id expected next.
+
+Offered load adapts to what ingest stores: the benchmark's main process publishes the stored
+count, and a process never lets its share of "sent but not yet stored" exceed ``backlog``
+messages. Without that bound the broker acknowledges as fast as it can read, queues the rest
+for the ingest workers, and the load generator burns the CPU ingest needs on messages that
+only wait in the broker. ``max_msgs_per_s`` caps the offered load besides (and sizes the
+pre-built payloads).
+"""
+
+import asyncio
+import ctypes
+import json
+import math
+import multiprocessing.queues
+import signal
+import struct
+import time
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, cast
+
+KEEPALIVE_S: Final = 600  # activity never stops for long; the broker allows up to 65535
+CONNECT_CONCURRENCY: Final = 100
+# Right after the device password file is re-rendered the broker is still reloading it and
+# refuses new devices (CONNACK 4/5) for a moment: retry those.
+CONNECT_ATTEMPTS: Final = 40
+CONNECT_RETRY_S: Final = 0.25
+CONNECT_TIMEOUT_S: Final = 10.0
+TICK_S: Final = 0.01
+DRAIN_TIMEOUT_S: Final = 60.0
+MAX_PACKET_ID: Final = 65_535
+
+CONNACK: Final = 0x20
+PUBACK: Final = 0x40
+PINGRESP: Final = 0xD0
+DISCONNECT: Final = b"\xe0\x00"
+CONNACK_REFUSED_RETRYABLE: Final = frozenset({4, 5})  # bad credentials / not authorised
+
+TOPIC_PREFIX: Final = "galvani/v1/d"
+SAMPLES_PER_MESSAGE: Final = 10
+SAMPLE_SPACING_MS: Final = 100
+MESSAGE_SPACING_MS: Final = 1000
+# One 10 Hz sample during output, with gel: tests/ingest.py ``sample()`` without ``ts``.
+SAMPLE_FIELDS: Final[dict[str, object]] = {
+    "mode": "LIFT",
+    "level": 3,
+    "out": True,
+    "i_ua": 301.5,
+    "i_set_ua": 300.0,
+    "v_v": 6.1,
+    "z_ohm": 8200,
+    "t_elec_c": 33.1,
+    "t_batt_c": 31.0,
+    "batt_pct": 78,
+    "charging": False,
+}
+
+T = TypeVar("T")
+
+
+class LoadError(RuntimeError):
+    """The broker refused a device, broke protocol or dropped a connection."""
+
+
+@dataclass(frozen=True)
+class DeviceLogin:
+    """A provisioned device's broker credentials (the username is the device id)."""
+
+    device_id: str
+    password: str
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What one load-generator process publishes, and the limits it shares with the others."""
+
+    host: str
+    port: int
+    devices: tuple[DeviceLogin, ...]
+    total_devices: int
+    messages_per_device: int
+    first_ts_ms: int
+    window: int
+    seconds: float
+    max_msgs_per_s: float
+    backlog_msgs: int
+
+
+@dataclass
+class SharedState:
+    """Counters shared with the benchmark's main process (``RawValue``/``RawArray``).
+
+    Single writers only: the main process writes ``start_at``, ``abort`` and
+    ``stored_msgs``; load process ``i`` writes ``sent[i]`` and ``acked[i]``.
+    """
+
+    start_at: Any  # c_double: time.monotonic() to start publishing at; 0 until known
+    abort: Any  # c_int: non-zero stops publishing at once
+    stored_msgs: Any  # c_int64: telemetry messages the ingest workers have committed
+    sent: Any  # c_int64 array, one per load process
+    acked: Any  # c_int64 array, one per load process
+
+    @classmethod
+    def create(cls, ctx: Any, processes: int) -> "SharedState":
+        """Shared counters for ``processes`` load processes from a multiprocessing context."""
+        return cls(
+            start_at=ctx.RawValue(ctypes.c_double, 0.0),
+            abort=ctx.RawValue(ctypes.c_int, 0),
+            stored_msgs=ctx.RawValue(ctypes.c_int64, 0),
+            sent=ctx.RawArray(ctypes.c_int64, processes),
+            acked=ctx.RawArray(ctypes.c_int64, processes),
+        )
+
+
+@dataclass
+class LoadResult:
+    """What one load process did, sent back to the main process when it is done."""
+
+    index: int
+    acked: dict[str, int] = field(default_factory=dict)  # per device: messages 0..n-1 acked
+    sent: int = 0
+    first_publish: float | None = None  # time.monotonic()
+    last_ack: float | None = None
+    cpu_publishing_s: float = 0.0  # this process's CPU from first publish to drained
+    exhausted_devices: int = 0  # devices that ran out of pre-built messages
+    error: str | None = None
+
+
+# --- Encoding ---------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def connect_packet(login: DeviceLogin) -> bytes:
+    """CONNECT, MQTT 3.1.1, clean session, client id = username = device id."""
+    flags = 0x80 | 0x40 | 0x02  # username, password, clean session
+    variable = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", KEEPALIVE_S)
+    payload = _string(login.device_id) + _string(login.device_id) + _string(login.password)
+    body = variable + payload
+    return b"\x10" + _varint(len(body)) + body
+
+
+def publish_packet(topic_field: bytes, packet_id: int, payload: bytes) -> bytes:
+    """PUBLISH at QoS 1; ``topic_field`` is the length-prefixed topic."""
+    remaining = len(topic_field) + 2 + len(payload)
+    return b"".join(
+        (b"\x32", _varint(remaining), topic_field, packet_id.to_bytes(2, "big"), payload)
+    )
+
+
+def packet_id(index: int) -> int:
+    """The packet id of a connection's ``index``-th publish (0-based): 1..65535, wrapping."""
+    return index % MAX_PACKET_ID + 1
+
+
+def telemetry_topic(device_id: str) -> str:
+    """The device's own telemetry topic."""
+    return f"{TOPIC_PREFIX}/{device_id}/telemetry"
+
+
+def session_of(device_id: str) -> str:
+    """The one session a benchmark device reports all its samples in."""
+    return f"s-{device_id}"
+
+
+def telemetry_body(seq: int, ts_ms: int, session: str) -> dict[str, object]:
+    """A v1 telemetry message exactly as tests/ingest.py ``telemetry()`` builds it."""
+    samples = [
+        {"ts": ts_ms + SAMPLE_SPACING_MS * i, **SAMPLE_FIELDS} for i in range(SAMPLES_PER_MESSAGE)
+    ]
+    return {"v": 1, "seq": seq, "session": session, "samples": samples}
+
+
+def payload_template(session: str) -> bytes:
+    """``json.dumps`` of a telemetry message with ``%d`` for seq and the ten sample times.
+
+    Formatting ints into this template gives the same bytes as ``json.dumps`` of the message
+    at a tenth of the cost, which matters when a million payloads are built before a run.
+    """
+    seq_mark = 987_654_321_000_000
+    ts_marks = [seq_mark + 1 + i for i in range(SAMPLES_PER_MESSAGE)]
+    body = telemetry_body(seq_mark, 0, session)
+    for sample, mark in zip(cast(list[dict[str, object]], body["samples"]), ts_marks, strict=True):
+        sample["ts"] = mark
+    text = json.dumps(body).replace("%", "%%")
+    for mark in (seq_mark, *ts_marks):
+        if text.count(str(mark)) != 1:
+            raise AssertionError(f"template marker {mark} is not unique")
+        text = text.replace(str(mark), "%d")
+    return text.encode()
+
+
+def device_packets(device_id: str, count: int, first_ts_ms: int) -> list[bytes]:
+    """``count`` PUBLISH packets of one device: seq 0.., one second of device time apart."""
+    session = session_of(device_id)
+    template = payload_template(session)
+    topic_field = _string(telemetry_topic(device_id))
+    spacing = SAMPLE_SPACING_MS
+    packets = []
+    for seq in range(count):
+        ts = first_ts_ms + MESSAGE_SPACING_MS * seq
+        payload = template % (seq, *(ts + spacing * i for i in range(SAMPLES_PER_MESSAGE)))
+        packets.append(publish_packet(topic_field, packet_id(seq), payload))
+    # The template must reproduce json.dumps byte for byte; check one message per device.
+    expected = json.dumps(telemetry_body(0, first_ts_ms, session)).encode()
+    if count and not packets[0].endswith(expected):
+        raise AssertionError("payload template does not match json.dumps")
+    return packets
+
+
+# --- Connections ------------------------------------------------------------------------
+
+
+class DeviceConnection(asyncio.Protocol):
+    """One device's connection: publishes handed to it by the generator, PUBACKs counted."""
+
+    def __init__(self, generator: "LoadGenerator", device_id: str, packets: list[bytes]):
+        self.generator = generator
+        self.device_id = device_id
+        self.packets = packets
+        self.sent = 0
+        self.acked = 0
+        self.parked = False
+        self.exhausted = False
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer + data if self._buffer else data
+        size = len(buf)
+        pos = 0
+        acks = 0
+        # Only CONNACK, PUBACK and PINGRESP can arrive, all shorter than 128 bytes, so the
+        # remaining length is always one byte.
+        while pos + 2 <= size:
+            kind = buf[pos]
+            end = pos + 2 + buf[pos + 1]
+            if buf[pos + 1] & 0x80:
+                self._protocol_error(f"unexpected packet 0x{kind:02x} of 128+ bytes")
+                return
+            if end > size:
+                break
+            if kind == PUBACK:
+                got = (buf[pos + 2] << 8) | buf[pos + 3]
+                if got != packet_id(self.acked + acks):
+                    self._protocol_error(f"PUBACK {got}, expected {packet_id(self.acked + acks)}")
+                    return
+                acks += 1
+            elif kind == CONNACK:
+                if not self.connack.done():
+                    code = buf[pos + 3]
+                    if code:
+                        self.closing = True  # the broker closes a refused connection
+                    self.connack.set_result(code)
+            elif kind != PINGRESP:
+                self._protocol_error(f"unexpected packet 0x{kind:02x}")
+                return
+            pos = end
+        self._buffer = buf[pos:] if pos < size else b""
+        if acks:
+            self.acked += acks
+            self.generator.on_acked(self, acks)
+
+    def _protocol_error(self, what: str) -> None:
+        self.generator.fail(f"{self.device_id}: {what}")
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.connack.done():
+            self.connack.set_exception(LoadError(f"{self.device_id}: connection lost ({exc})"))
+        elif not self.closing:
+            self.generator.fail(f"{self.device_id}: connection lost ({exc or 'closed'})")
+
+    def send(self, count: int) -> None:
+        """Write the next ``count`` pre-encoded publishes in one go."""
+        start = self.sent
+        assert self.transport is not None
+        if count == 1:
+            self.transport.write(self.packets[start])
+        else:
+            self.transport.write(b"".join(self.packets[start : start + count]))
+        self.sent = start + count
+
+    def close(self, *, disconnect: bool = False) -> None:
+        """Close the connection (sending DISCONNECT first when asked)."""
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            if disconnect:
+                self.transport.write(DISCONNECT)
+            self.transport.close()
+
+
+class LoadGenerator:
+    """The connections of one load process and the credit that paces them."""
+
+    def __init__(self, index: int, plan: LoadPlan, shared: SharedState):
+        self.index = index
+        self.plan = plan
+        self.shared = shared
+        self.connections: list[DeviceConnection] = []
+        self.parked: deque[DeviceConnection] = deque()
+        self.publishing = False
+        self.credit = 0
+        self.sent = 0
+        self.acked = 0
+        self.exhausted = 0
+        self.first_publish: float | None = None
+        self.last_ack: float | None = None
+        self.error: str | None = None
+
+    def fail(self, what: str) -> None:
+        """Record the first failure; the publishing loop stops on it."""
+        if self.error is None:
+            self.error = what
+
+    # Called for every PUBACK burst: keep this path short.
+    def on_acked(self, conn: DeviceConnection, count: int) -> None:
+        self.acked += count
+        self.last_ack = time.monotonic()
+        if self.publishing:
+            self.fill(conn)
+
+    def fill(self, conn: DeviceConnection) -> None:
+        """Top the connection's window up as far as the credit allows, else park it."""
+        room = self.plan.window - (conn.sent - conn.acked)
+        left = len(conn.packets) - conn.sent
+        count = min(room, left, self.credit)
+        if count > 0:
+            if self.first_publish is None:
+                self.first_publish = time.monotonic()
+            conn.send(count)
+            self.credit -= count
+            self.sent += count
+        if count == left:
+            if not conn.exhausted:
+                conn.exhausted = True
+                self.exhausted += 1
+        elif count < room and not conn.parked:
+            # Out of credit: the ticker resumes parked connections in arrival order.
+            conn.parked = True
+            self.parked.append(conn)
+
+    async def connect_all(self) -> None:
+        """Open every device connection (bounded concurrency, retrying refusals)."""
+        plan = self.plan
+        limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def one(login: DeviceLogin) -> DeviceConnection:
+            packets = device_packets(login.device_id, plan.messages_per_device, plan.first_ts_ms)
+            async with limit:
+                return await self._connect(login, packets)
+
+        self.connections = list(await asyncio.gather(*(one(login) for login in plan.devices)))
+
+    async def _connect(self, login: DeviceLogin, packets: list[bytes]) -> DeviceConnection:
+        loop = asyncio.get_running_loop()
+        code = -1
+        for _ in range(CONNECT_ATTEMPTS):
+            transport, conn = await loop.create_connection(
+                lambda: DeviceConnection(self, login.device_id, packets),
+                self.plan.host,
+                self.plan.port,
+            )
+            transport.write(connect_packet(login))
+            code = await asyncio.wait_for(conn.connack, CONNECT_TIMEOUT_S)
+            if code == 0:
+                return conn
+            conn.close()
+            if code not in CONNACK_REFUSED_RETRYABLE:
+                break
+            await asyncio.sleep(CONNECT_RETRY_S)
+        raise LoadError(f"broker refused {login.device_id} (CONNACK return code {code})")
+
+    def _publish_shared(self) -> None:
+        self.shared.sent[self.index] = self.sent
+        self.shared.acked[self.index] = self.acked
+
+    async def wait_for_start(self) -> bool:
+        """Wait for the main process's start time; False when it aborted instead."""
+        shared = self.shared
+        while shared.start_at.value == 0.0 or time.monotonic() < shared.start_at.value:
+            if shared.abort.value:
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
+    async def publish(self) -> None:
+        """Publish for ``plan.seconds`` from the start time, then wait for the PUBACKs."""
+        plan = self.plan
+        shared = self.shared
+        start = shared.start_at.value
+        end = start + plan.seconds
+        share = len(plan.devices) / plan.total_devices
+        self.parked.extend(self.connections)
+        for conn in self.connections:
+            conn.parked = True
+        self.publishing = True
+        while True:
+            now = time.monotonic()
+            if now >= end or shared.abort.value or self.error:
+                break
+            # Credit: this process's share of the global limit, minus what it already sent.
+            offered = plan.max_msgs_per_s * (now - start)
+            stored_limit = shared.stored_msgs.value + plan.backlog_msgs
+            self.credit = int(share * min(offered, stored_limit)) - self.sent
+            while self.credit > 0 and self.parked:
+                conn = self.parked.popleft()
+                conn.parked = False
+                self.fill(conn)
+            self._publish_shared()
+            await asyncio.sleep(TICK_S)
+        self.publishing = False
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self.acked < self.sent and not self.error and not shared.abort.value:
+            if time.monotonic() > deadline:
+                self.fail(f"{self.sent - self.acked} publishes unacknowledged after draining")
+                break
+            self._publish_shared()
+            await asyncio.sleep(TICK_S)
+        self._publish_shared()
+
+    async def close_all(self) -> None:
+        """DISCONNECT every connection and give the writes a moment to leave."""
+        for conn in self.connections:
+            conn.close(disconnect=True)
+        await asyncio.sleep(0.2)
+
+    def result(self, cpu_publishing_s: float) -> LoadResult:
+        """This process's outcome for the main process."""
+        return LoadResult(
+            index=self.index,
+            acked={conn.device_id: conn.acked for conn in self.connections},
+            sent=self.sent,
+            first_publish=self.first_publish,
+            last_ack=self.last_ack,
+            cpu_publishing_s=cpu_publishing_s,
+            exhausted_devices=self.exhausted,
+            error=self.error,
+        )
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (it is, with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+async def _run_load(
+    generator: LoadGenerator, ready: "multiprocessing.queues.Queue[tuple[int, str | None]]"
+) -> LoadResult:
+    try:
+        await generator.connect_all()
+    except (OSError, LoadError, TimeoutError) as exc:
+        ready.put((generator.index, f"connecting: {exc!r}"))
+        raise
+    ready.put((generator.index, None))
+    try:
+        if not await generator.wait_for_start():
+            return generator.result(0.0)
+        # CPU from the start signal to the last PUBACK: payload building and connecting,
+        # which are far from cheap, happen before and do not count.
+        cpu_start = time.process_time()
+        await generator.publish()
+        return generator.result(time.process_time() - cpu_start)
+    finally:
+        await generator.close_all()
+
+
+def load_process(
+    index: int,
+    plan: LoadPlan,
+    shared: SharedState,
+    ready: "multiprocessing.queues.Queue[tuple[int, str | None]]",
+    results: "multiprocessing.queues.Queue[LoadResult]",
+) -> None:
+    """Entry point of one load-generator process (multiprocessing target)."""
+    # Ctrl-C reaches the whole process group; the main process decides when this one stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    generator = LoadGenerator(index, plan, shared)
+    try:
+        result = run_event_loop(_run_load(generator, ready))
+    except (OSError, LoadError, TimeoutError, AssertionError) as exc:
+        result = LoadResult(index=index, error=repr(exc))
+    results.put(result)
+
+
+def messages_per_device(seconds: float, max_msgs_per_s: float, devices: int, window: int) -> int:
+    """Messages to pre-build per device so the offered-load ceiling never runs dry."""
+    return math.ceil(seconds * max_msgs_per_s / devices * 1.05) + window
+
+
+def split(devices: Sequence[DeviceLogin], parts: int) -> list[tuple[DeviceLogin, ...]]:
+    """Deal devices round-robin into ``parts`` groups."""
+    return [tuple(devices[i::parts]) for i in range(parts)]
+
+
+# --- One-off publishing (the readiness probe) -------------------------------------------
+
+
+async def publish_once(
+    host: str, port: int, login: DeviceLogin, topic: str, payloads: Sequence[bytes]
+) -> None:
+    """Connect as ``login``, publish ``payloads`` at QoS 1, wait for every PUBACK, disconnect."""
+    topic_field = _string(topic)
+    for _ in range(CONNECT_ATTEMPTS):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(connect_packet(login))
+            connack = await asyncio.wait_for(reader.readexactly(4), CONNECT_TIMEOUT_S)
+            if connack[0] != CONNACK:
+                raise LoadError(f"expected CONNACK, got 0x{connack[0]:02x}")
+            if connack[3] in CONNACK_REFUSED_RETRYABLE:
+                await asyncio.sleep(CONNECT_RETRY_S)
+                continue
+            if connack[3]:
+                raise LoadError(f"broker refused {login.device_id}: return code {connack[3]}")
+            for i, payload in enumerate(payloads):
+                writer.write(publish_packet(topic_field, packet_id(i), payload))
+            for i in range(len(payloads)):
+                ack = await asyncio.wait_for(reader.readexactly(4), CONNECT_TIMEOUT_S)
+                if ack[0] != PUBACK or int.from_bytes(ack[2:4], "big") != packet_id(i):
+                    raise LoadError(f"unexpected reply {ack!r} to publish {i}")
+            writer.write(DISCONNECT)
+            return
+        finally:
+            writer.close()
+    raise LoadError(f"broker kept refusing {login.device_id}")
