@@ -181,11 +181,13 @@ class Subscriber:
         rc = self._client.loop(timeout=timeout_s)
         reads = 1
         while rc is MQTTErrorCode.MQTT_ERR_SUCCESS and reads < MAX_READS_PER_POLL:
-            # loop() reads one packet per call; keep reading while the socket has data.
+            # loop() reads one packet per select(); once the socket is readable, read on
+            # with loop_read() (paho's external-loop API: no select, no write pass) until a
+            # read yields no message. Writes and keepalive run on the next loop().
             before = len(self.pending)
             if self.full():
                 break
-            rc = self._client.loop(timeout=0)
+            rc = self._client.loop_read()
             reads += 1
             if len(self.pending) == before:
                 break
