@@ -206,16 +206,34 @@ def decode_inbound(message: Inbound) -> Decoded:
         device_id, channel = parse_topic(message.topic)
         return _decode(device_id, channel, message)
     except ProtocolError as exc:
-        return DeadLetter(
-            topic=message.topic,
+        return dead_letter(
+            message,
+            exc.reason,
+            exc.detail,
             device_id=device_id,
-            channel=channel.value if channel is not None else _channel_of(message.topic),
-            payload=message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
-            payload_size=len(message.payload),
-            reason=exc.reason,
-            detail=exc.detail,
-            received_at=message.received_at,
+            channel=channel.value if channel is not None else None,
         )
+
+
+def dead_letter(
+    message: Inbound,
+    reason: str,
+    detail: str,
+    *,
+    device_id: str | None = None,
+    channel: str | None = None,
+) -> DeadLetter:
+    """A dead letter for ``message``: the start of its payload, its size and why."""
+    return DeadLetter(
+        topic=message.topic,
+        device_id=device_id,
+        channel=channel if channel is not None else _channel_of(message.topic),
+        payload=message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
+        payload_size=len(message.payload),
+        reason=reason,
+        detail=detail,
+        received_at=message.received_at,
+    )
 
 
 def _channel_of(topic: str) -> str | None:

@@ -33,6 +33,7 @@ from services.ingest.decode import (
     PresenceIn,
     StateIn,
     TelemetryIn,
+    dead_letter,
     decode_inbound,
 )
 from services.ingest.settings import IngestSettings
@@ -133,16 +134,7 @@ class Store:
 def unstorable(message: Inbound, exc: Exception) -> DeadLetter:
     """A dead letter for a valid-looking message the database refused."""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DeadLetter(
-        topic=message.topic,
-        device_id=None,
-        channel=message.topic.rsplit("/", 1)[-1],
-        payload=message.payload[:4096],
-        payload_size=len(message.payload),
-        reason="unstorable",
-        detail=detail,
-        received_at=message.received_at,
-    )
+    return dead_letter(message, "unstorable", detail)
 
 
 def observe(outcome: BatchOutcome, decoded: Sequence[Decoded], committed_at: datetime) -> None:

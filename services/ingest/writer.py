@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
-import psycopg
 from psycopg import errors, sql
 
 from services.common.db import Conn, Storage
@@ -629,11 +628,4 @@ def _update_devices(conn: Conn, devices: dict[str, _DeviceDelta]) -> None:
             [d.presence_at for d in deltas],
             [d.online for d in deltas],
         ],
-    )
-
-
-def is_retryable(exc: psycopg.Error) -> bool:
-    """Whether a failed batch should be retried as is (the database went away or a lock lost)."""
-    return isinstance(
-        exc, psycopg.OperationalError | errors.DeadlockDetected | errors.SerializationFailure
     )
