@@ -145,6 +145,19 @@ class Device:
     password: str
 
 
+def connect_device(
+    port: int,
+    device: Device,
+    *,
+    host: str = "127.0.0.1",
+    will: tuple[str, bytes] | None = None,
+) -> MqttClient:
+    """Connect as ``device`` (client id = username = device id) on the device listener."""
+    return MqttClient(
+        host, port, device.device_id, device.password, client_id=device.device_id, will=will
+    ).connect()
+
+
 def provision(url: str, count: int, *, prefix: str = "dev", brand: str = "acme") -> list[Device]:
     """Create ``count`` devices of one brand with real credentials."""
     with psycopg.connect(url) as conn:

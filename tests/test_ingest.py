@@ -12,6 +12,7 @@ from tests.ingest import (
     T0_MS,
     Device,
     IngestWorkers,
+    connect_device,
     event,
     provision,
     scalar,
@@ -27,13 +28,7 @@ NOT_AUTHORIZED = 0x87
 
 
 def connect(broker: MosquittoBroker, device: Device) -> MqttClient:
-    return MqttClient(
-        "127.0.0.1",
-        broker.config.device_port,
-        device.device_id,
-        device.password,
-        client_id=device.device_id,
-    ).connect()
+    return connect_device(broker.config.device_port, device)
 
 
 @pytest.fixture
@@ -219,14 +214,7 @@ def test_last_will_marks_the_device_offline(
     ingest_workers.start()
     d = devices[0]
     will = (topic(d.device_id, "presence"), json.dumps({"v": 1, "online": False}).encode())
-    device = MqttClient(
-        "127.0.0.1",
-        broker.config.device_port,
-        d.device_id,
-        d.password,
-        client_id=d.device_id,
-        will=will,
-    ).connect()
+    device = connect_device(broker.config.device_port, d, will=will)
     device.publish(
         topic(d.device_id, "presence"),
         json.dumps({"v": 1, "online": True, "ts": T0_MS}).encode(),

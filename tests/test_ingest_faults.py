@@ -18,13 +18,13 @@ from tests.ingest import (
     T0_MS,
     Device,
     IngestWorkers,
+    connect_device,
     provision,
     scalar,
     telemetry,
     topic,
     wait_until,
 )
-from tests.mqtt import MqttClient
 
 ACCEPTED = (0, 16)
 
@@ -33,13 +33,7 @@ def publish_from_all(broker: MosquittoBroker, devices: list[Device], per_device:
     """Every device publishes ``per_device`` one-sample messages at once; all PUBACK codes."""
 
     def run(device: Device) -> list[int]:
-        client = MqttClient(
-            "127.0.0.1",
-            broker.config.device_port,
-            device.device_id,
-            device.password,
-            client_id=device.device_id,
-        ).connect()
+        client = connect_device(broker.config.device_port, device)
         try:
             return client.publish_many(
                 [

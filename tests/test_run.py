@@ -19,8 +19,7 @@ from services.common.api_keys import key_is_active
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.provisioning import provision_device
 from services.common.settings import REPO_ROOT
-from tests.ingest import T0_MS, scalar, telemetry, topic, wait_until
-from tests.mqtt import MqttClient
+from tests.ingest import T0_MS, Device, connect_device, scalar, telemetry, topic, wait_until
 
 READY_TIMEOUT_S = 90
 
@@ -120,13 +119,9 @@ def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
         device = provision_device(conn, device_id="run-dev-1", brand_id="run-test", model="m1")
         conn.commit()
         sync_device_credentials(conn, BrokerFiles(data_dir / "mosquitto"))
-    client = MqttClient(
-        info["mqtt_host"],
-        info["mqtt_port"],
-        device.device_id,
-        device.password,
-        client_id=device.device_id,
-    ).connect()
+    client = connect_device(
+        info["mqtt_port"], Device(device.device_id, device.password), host=info["mqtt_host"]
+    )
     try:
         assert client.publish(topic("run-dev-1", "telemetry"), telemetry(1, T0_MS)) in (0, 16)
     finally:
