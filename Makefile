@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-agent check lint typecheck format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
 	@echo "make check  - ruff and mypy (strict)"
 	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
+	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,10 @@ test: test-deps venv
 # Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
 bench-ingest: test-deps venv
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+
+# Its own Mosquitto; no database (the broker acknowledges, nothing stores).
+bench-agent: system-deps venv
+	$(PY) -m bench.agent $(BENCH_ARGS)
 
 check: venv lint typecheck
 

@@ -117,6 +117,7 @@ def wait_until(check: Callable[[], bool], *, child: Child, timeout_s: float, wha
         if check():
             return
         if not child.alive():
+            child.stop()  # reaps it and closes its log
             raise ChildExited(
                 f"{what} exited during start-up; its log ends with:\n{child.log_tail()}"
             )

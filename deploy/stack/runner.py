@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from deploy.stack import sim_fleet
 from deploy.stack.errors import SetupError
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker, find_mosquitto
 from deploy.stack.ports import LOOPBACK, choose_port, free_port
@@ -33,15 +34,20 @@ from deploy.stack.postgres import (
 )
 from deploy.stack.processes import Child, ChildExited, service_user, spawn, wait_until
 from services.common import api_keys
-from services.common.broker_auth import ServiceAccount, active_device_credentials
+from services.common.broker_auth import ServiceAccount, sync_device_credentials
 from services.common.db import connect, describe_url
 from services.common.errors import DatabaseUnavailable
 from services.common.migrate import upgrade
 from services.common.settings import REPO_ROOT
+from services.common.signing import load_or_create_key, public_key_b64
 
 log = logging.getLogger("galvani.run")
 
 DEFAULT_SIM_DEVICES = 50
+# A live demo: sessions 50 times as often as real people start them, so the first ones come
+# within minutes (each device's own limits still cap it at its mode table's daily count).
+DEFAULT_SIM_ACTIVITY = 50.0
+FLEET_READY_TIMEOUT_S = 60.0
 DEFAULT_INGEST_WORKERS = 2
 # A worker that dies is restarted under the same client id (the broker keeps dealing its
 # share of messages to its session), but not in a tight loop.
@@ -59,6 +65,7 @@ class RunOptions:
 
     data_dir: Path
     sim_devices: int
+    sim_activity: float
     ingest_workers: int
     api_port: int | None
     mqtt_port: int | None
@@ -70,6 +77,7 @@ class RunOptions:
         return cls(
             data_dir=Path(env.get("GALVANI_DATA_DIR", str(REPO_ROOT / ".galvani"))).resolve(),
             sim_devices=_int_env(env, "GALVANI_SIM_DEVICES", DEFAULT_SIM_DEVICES),
+            sim_activity=_float_env(env, "GALVANI_SIM_ACTIVITY", DEFAULT_SIM_ACTIVITY),
             ingest_workers=max(1, _int_env(env, "GALVANI_INGEST_WORKERS", DEFAULT_INGEST_WORKERS)),
             api_port=_port_env(env, "GALVANI_API_PORT"),
             mqtt_port=_port_env(env, "GALVANI_MQTT_PORT"),
@@ -87,6 +95,19 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         raise SetupError(f"{name}={raw!r} is not a whole number") from None
     if value < 0:
         raise SetupError(f"{name}={raw!r} must be 0 or more")
+    return value
+
+
+def _float_env(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SetupError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise SetupError(f"{name}={raw!r} must be positive")
     return value
 
 
@@ -246,12 +267,22 @@ def start_broker(stack: Stack, database_url: str, secrets: Secrets) -> tuple[int
         ),
         passwords,
     )
-    with connect(database_url) as conn:
-        credentials = active_device_credentials(conn)
     stack.broker = broker
     log.info("starting Mosquitto on port %d (devices) and %d (services)", device_port, service_port)
-    broker.start(credentials)
+    # Devices are admitted only once ingest has subscribed (admit_devices): Mosquitto 2.0
+    # restores plain subscriptions from its persistence file but not shared ones, so a
+    # device publishing between a broker restart and ingest's resubscription would have its
+    # messages acknowledged and dropped (docs/architecture.md, "Broker restarts").
+    broker.start([])
     return device_port, service_port
+
+
+def admit_devices(stack: Stack, database_url: str) -> None:
+    """Render the device credentials from the database so devices may connect."""
+    assert stack.broker is not None
+    with connect(database_url) as conn:
+        admitted = sync_device_credentials(conn, stack.broker.files)
+    log.info("admitting %d devices", admitted)
 
 
 def service_env(prefix: str, **values: str | int) -> dict[str, str]:
@@ -311,6 +342,53 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
         what="the API",
     )
     return api_url
+
+
+def start_fleet(stack: Stack, fleet_dir: Path, device_port: int) -> None:
+    """Start the simulated fleet and wait until every device is connected."""
+    options = stack.options
+    status = fleet_dir / sim_fleet.STATUS_FILE
+    status.unlink(missing_ok=True)
+
+    def start() -> Child:
+        return spawn(
+            "fleet",
+            [
+                sys.executable,
+                "-m",
+                "device_agent.fleet",
+                f"--devices={options.sim_devices}",
+                f"--credentials={fleet_dir / ('active-' + sim_fleet.CREDENTIALS_FILE)}",
+                f"--host={LOOPBACK}",
+                f"--port={device_port}",
+                f"--public-key={fleet_dir / sim_fleet.PUBLIC_KEY_FILE}",
+                f"--store={fleet_dir / sim_fleet.STORE_FILE}",
+                f"--activity={options.sim_activity}",
+                f"--status-file={status}",
+            ],
+            options.data_dir / "logs" / "fleet.log",
+            env=dict(os.environ),
+            cwd=REPO_ROOT,
+        )
+
+    child = start()
+    stack.services.append(child)
+    stack.restart[child.name] = start
+    log.info("starting %d simulated devices", options.sim_devices)
+    wait_until(
+        lambda: _fleet_connected(status, options.sim_devices),
+        child=child,
+        timeout_s=FLEET_READY_TIMEOUT_S,
+        what="the simulated fleet",
+    )
+
+
+def _fleet_connected(status: Path, devices: int) -> bool:
+    try:
+        report = json.loads(status.read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(report.get("connected", 0) >= devices)
 
 
 def _ingest_starter(
@@ -376,8 +454,17 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             log.info("migrating %s", describe_url(database_url))
             upgrade(database_url)
             operator_key = ensure_operator_key(database_url, secrets)
+            fleet_dir = options.data_dir / "fleet"
+            signing_key = load_or_create_key(secrets.directory)
+            if options.sim_devices:
+                (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).parent.mkdir(parents=True, exist_ok=True)
+                (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(public_key_b64(signing_key))
+                sim_fleet.provision_fleet(database_url, fleet_dir, options.sim_devices)
             device_port, service_port = start_broker(stack, database_url, secrets)
             api_url = start_services(stack, database_url, service_port, secrets)
+            admit_devices(stack, database_url)
+            if options.sim_devices:
+                start_fleet(stack, fleet_dir, device_port)
             info: dict[str, object] = {
                 "api_url": api_url,
                 "mqtt_host": LOOPBACK,
@@ -386,6 +473,8 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 "database_url": database_url,
                 "operator_key": operator_key,
                 "sim_devices": options.sim_devices,
+                "sim_fleet_status": str(fleet_dir / sim_fleet.STATUS_FILE),
+                "config_public_key": public_key_b64(signing_key),
                 "data_dir": str(options.data_dir),
                 "logs": str(options.data_dir / "logs"),
                 "metrics": stack.metrics,

@@ -1,0 +1,304 @@
+"""``galvani-fleet``: many simulated devices in one process, one asyncio loop, no thread each.
+
+Every device has its own credentials (from a JSON file ``{"device-id": "password", ...}``),
+its own agent, outbox and seq (all in one SQLite file keyed by device id) and its own MQTT
+connection. Usage is realistic by default: most people 3 to 5 sessions a week at random
+times, some overusers (some of them with a second device), some who forget the gel, and a
+few faulty units. ``--activity`` multiplies everyone's session rate, so a small live fleet
+shows sessions within minutes instead of days.
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import heapq
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from device_agent.agent import Identity
+from device_agent.link import BrokerAddress
+from device_agent.simulation import Habits, SimulatedDevice
+from device_agent.simulator import Scenario
+from device_agent.store import DeviceStore, OutboxLimits, open_database
+
+log = logging.getLogger("galvani.fleet")
+
+CONNECTS_PER_S: Final = 500  # how fast the fleet powers on (the broker's accept queue)
+STATUS_INTERVAL_S: Final = 10.0
+PUBLISHING_WINDOW_S: Final = 70.0  # a heartbeat a minute, plus slack
+# Thousands of outboxes share one file on one disk: 1 MiB each is still hours of a session.
+FLEET_OUTBOX: Final = OutboxLimits(max_bytes=1024 * 1024)
+OVERUSER_SHARE: Final = 0.05
+FORGETFUL_SHARE: Final = 0.10
+FAULTY_SHARE: Final = 0.02
+FAULTS: Final = (
+    Scenario.DRY_ELECTRODE,
+    Scenario.CONTACT_LOSS,
+    Scenario.OVERCURRENT_SPIKE,
+    Scenario.REGULATION_DRIFT,
+    Scenario.ELECTRODE_OVERHEAT,
+)
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """What ``galvani-fleet`` was asked to run."""
+
+    devices: int
+    credentials: Path
+    host: str
+    port: int
+    public_key: bytes
+    store: Path
+    activity: float = 1.0
+    seed: int = 0
+    status_file: Path | None = None
+    status_interval_s: float = STATUS_INTERVAL_S
+    duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A device's broker password and, if known, the pseudonymous user it belongs to."""
+
+    password: str
+    user: str | None
+
+
+def load_credentials(path: Path) -> dict[str, Credential]:
+    """Device credentials from a JSON object: ``{"id": "password"}`` or
+    ``{"id": {"password": "...", "user": "u-1"}}``; anything else is a clear error."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"galvani-fleet: cannot read credentials {path}: {exc}") from None
+    problem = SystemExit(
+        f"galvani-fleet: {path} must map device ids to a password or to "
+        '{"password": ..., "user": ...}'
+    )
+    if not isinstance(data, dict):
+        raise problem
+    credentials = {}
+    for device_id, value in data.items():
+        if isinstance(value, str):
+            credentials[device_id] = Credential(value, None)
+        elif isinstance(value, dict) and isinstance(value.get("password"), str):
+            user = value.get("user")
+            credentials[device_id] = Credential(
+                value["password"], user if isinstance(user, str) else None
+            )
+        else:
+            raise problem
+    return credentials
+
+
+def read_public_key(path: Path) -> bytes:
+    """The backend's raw 32-byte Ed25519 public key, stored base64."""
+    try:
+        key = base64.b64decode(path.read_text("ascii").strip(), validate=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot read the config public key {path}: {exc}") from None
+    if len(key) != 32:
+        raise SystemExit(f"{path} does not hold a raw 32-byte Ed25519 public key (base64)")
+    return key
+
+
+def habits_for(user: str | None, rng: random.Random, activity: float) -> Habits:
+    """How ``user`` uses the device: most 3 to 5 times a week, some overuse or forget gel."""
+    roll = rng.random()
+    per_week = rng.uniform(3, 5)
+    gel_forgotten = 0.02
+    if roll < OVERUSER_SHARE:
+        per_week = rng.uniform(8, 14)
+    elif roll < OVERUSER_SHARE + FORGETFUL_SHARE:
+        gel_forgotten = 0.4
+    return Habits(
+        user_id=user,
+        sessions_per_week=per_week * activity,
+        gel_forgotten=gel_forgotten,
+        level=rng.randint(3, 7),
+    )
+
+
+class Fleet:
+    """The devices and the one loop that ticks them."""
+
+    def __init__(self, options: FleetOptions) -> None:
+        self.options = options
+        self.devices: list[SimulatedDevice] = []
+        self.started = time.monotonic()
+        # How late ticks ran (ms) since the last report: is the one loop keeping up?
+        self.lateness_ms: list[float] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Power the fleet on, tick it until ``stop``, then power it off."""
+        options = self.options
+        credentials = load_credentials(options.credentials)
+        device_ids = sorted(credentials)[: options.devices]
+        if len(device_ids) < options.devices:
+            raise SystemExit(
+                f"galvani-fleet: {options.credentials} has {len(device_ids)} devices, "
+                f"{options.devices} asked"
+            )
+        conn = open_database(options.store, durable=False)
+        rng = random.Random(options.seed)
+        due: list[tuple[float, int]] = []
+        for device_id in device_ids:
+            device_rng = random.Random(f"{options.seed}/{device_id}")
+            scenarios = [rng.choice(FAULTS)] if rng.random() < FAULTY_SHARE else []
+            device = SimulatedDevice(
+                Identity(device_id, fw="1.4.2", hw="B"),
+                DeviceStore(conn, device_id, FLEET_OUTBOX),
+                BrokerAddress(options.host, options.port, credentials[device_id].password),
+                public_key=options.public_key,
+                clock_ms=_now_ms,
+                rng=device_rng,
+                habits=habits_for(credentials[device_id].user, device_rng, options.activity),
+                scenarios=scenarios,
+            )
+            self.devices.append(device)
+        log.info("powering on %d devices", len(self.devices))
+        for index, device in enumerate(self.devices):
+            device.start()
+            heapq.heappush(due, (time.monotonic() + random.random(), index))
+            if index % CONNECTS_PER_S == CONNECTS_PER_S - 1:
+                await asyncio.sleep(1)
+        next_status = time.monotonic()
+        deadline = None if options.duration_s is None else time.monotonic() + options.duration_s
+        while not stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            while due and due[0][0] <= now:
+                at, index = heapq.heappop(due)
+                self.lateness_ms.append(1000 * (now - at))
+                interval_ms = self.devices[index].tick()
+                next_at = at + interval_ms / 1000
+                heapq.heappush(due, (next_at if next_at > now else now + interval_ms / 1000, index))
+            if now >= next_status:
+                next_status = now + options.status_interval_s
+                self.report()
+            wait = (due[0][0] - time.monotonic()) if due else 0.1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(0.005, wait))
+        log.info("powering off")
+        for device in self.devices:
+            device.stop()
+        await asyncio.sleep(1)  # let the offline presences and disconnects go out
+        self.report()
+        conn.close()
+
+    def status(self) -> dict[str, object]:
+        """What the fleet is doing now."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        recent = time.monotonic() - PUBLISHING_WINDOW_S
+        lateness = sorted(self.lateness_ms)
+        self.lateness_ms = []
+        p99 = lateness[int(0.99 * (len(lateness) - 1))] if lateness else 0.0
+        return {
+            "devices": len(self.devices),
+            "connected": sum(d.link.connected for d in self.devices),
+            "publishing_60s": sum(
+                (d.link.stats.last_delivery_s or -1e18) >= recent for d in self.devices
+            ),
+            "lateness_p99_ms": round(p99, 1),
+            "in_session": sum(d.agent.session is not None for d in self.devices),
+            "delivered": sum(d.link.stats.delivered for d in self.devices),
+            "refused": sum(d.link.stats.refused for d in self.devices),
+            "backlog": sum(d.agent.store.backlog()[0] for d in self.devices),
+            "session_refusals": sum(d.refusals for d in self.devices),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
+    def report(self) -> None:
+        """Log the status (and write it to the status file, if asked)."""
+        status = self.status()
+        log.info("fleet %s", " ".join(f"{key}={value}" for key, value in status.items()))
+        if self.options.status_file is not None:
+            tmp = self.options.status_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(status) + "\n")
+            os.replace(tmp, self.options.status_file)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def parse_args(argv: Sequence[str]) -> FleetOptions:
+    """The command line of ``galvani-fleet``."""
+    parser = argparse.ArgumentParser(prog="galvani-fleet", description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, required=True, help="how many devices to run")
+    parser.add_argument(
+        "--credentials", type=Path, required=True, help="JSON file: device id -> password"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        required=True,
+        help="the backend's config-signing public key (raw Ed25519, base64)",
+    )
+    parser.add_argument(
+        "--store", type=Path, required=True, help="SQLite file for every device's outbox and seq"
+    )
+    parser.add_argument(
+        "--activity", type=float, default=1.0, help="multiply every session rate (1 = realistic)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--status-file", type=Path, help="write the status JSON here")
+    parser.add_argument(
+        "--status-interval", type=float, default=STATUS_INTERVAL_S, help="seconds between reports"
+    )
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error("--devices must be at least 1")
+    if args.activity <= 0:
+        parser.error("--activity must be positive")
+    return FleetOptions(
+        devices=args.devices,
+        credentials=args.credentials,
+        host=args.host,
+        port=args.port,
+        public_key=read_public_key(args.public_key),
+        store=args.store,
+        activity=args.activity,
+        seed=args.seed,
+        status_file=args.status_file,
+        status_interval_s=args.status_interval,
+        duration_s=args.duration,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``galvani-fleet``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    options = parse_args(sys.argv[1:] if argv is None else argv)
+    return asyncio.run(_serve(options))
+
+
+async def _serve(options: FleetOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await Fleet(options).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
