@@ -79,7 +79,7 @@ def data_dir(stack_root: Path, request) -> Path:
 @pytest.mark.slow
 def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
     mqtt_port = free_port()
-    process = start_runner(data_dir, GALVANI_MQTT_PORT=str(mqtt_port), GALVANI_SIM_DEVICES="0")
+    process = start_runner(data_dir, GALVANI_MQTT_PORT=str(mqtt_port), GALVANI_SIM_DEVICES="3")
     try:
         info = wait_for_run_json(process, data_dir)
         assert {"api_url", "mqtt_host", "mqtt_port", "database_url", "operator_key"} <= set(info)
@@ -92,8 +92,9 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
             assert conn.execute(
                 "SELECT value FROM galvani_meta WHERE key = 'storage'"
             ).fetchone() == ("timescaledb-apache",)
-        assert {"ingest-1", "ingest-2"} <= set(info["pids"])
+        assert {"ingest-1", "ingest-2", "fleet"} <= set(info["pids"])
         assert_device_data_reaches_the_database(info, data_dir)
+        fleet = assert_simulated_fleet_reports(info, 3)
     finally:
         code, err = stop(process)
     assert code == 0, err
@@ -101,14 +102,37 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
     for pid in info["pids"].values():
         assert not alive(pid), f"pid {pid} still running after stop"
 
-    # Running again reuses the data: same database contents, same operator key.
-    process = start_runner(data_dir, GALVANI_SIM_DEVICES="0")
+    # Running again reuses the data: same database contents, operator key and devices.
+    process = start_runner(data_dir, GALVANI_SIM_DEVICES="3")
     try:
         again = wait_for_run_json(process, data_dir)
         assert again["operator_key"] == info["operator_key"]
+        assert again["config_public_key"] == info["config_public_key"]
+        assert assert_simulated_fleet_reports(again, 3, reboots=2) == fleet
     finally:
         code, err = stop(process)
     assert code == 0, err
+
+
+def assert_simulated_fleet_reports(info: dict, devices: int, reboots: int = 1) -> set[str]:
+    """Every simulated device booted (``reboots`` times so far), is online and sends samples."""
+    url = info["database_url"]
+
+    def booted() -> bool:
+        with psycopg.connect(url) as conn:
+            rows = conn.execute(
+                "SELECT d.id, d.online, count(e.*) FILTER (WHERE e.type = 'reboot'),"
+                " (SELECT count(*) FROM samples s WHERE s.device_id = d.id)"
+                " FROM devices d LEFT JOIN events e ON e.device_id = d.id"
+                " WHERE d.brand_id = 'demo' GROUP BY d.id, d.online"
+            ).fetchall()
+        return len(rows) == devices and all(
+            online and boots == reboots and samples >= reboots for _, online, boots, samples in rows
+        )
+
+    wait_until(booted, what=f"{devices} simulated devices online with their boot and samples")
+    with psycopg.connect(url) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM devices WHERE brand_id = 'demo'")}
 
 
 def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,9 @@ class PostgresConfig:
         return f"postgresql://{SUPERUSER}:{self.password}@{self.host}:{self.port}/{database}"
 
 
+TEMPLATE_BUSY_TIMEOUT_S = 10.0
+
+
 class PostgresServer:
     """One PostgreSQL cluster under ``config.data_dir``, started as a child process."""
 
@@ -218,8 +222,19 @@ class PostgresServer:
 
     def create_database(self, name: str, template: str = "template1") -> str:
         """Create an empty database ``name`` and return its URL (for tests)."""
+        # TimescaleDB's launcher briefly connects to every database that allows connections,
+        # template1 included, to look for the extension; CREATE DATABASE refuses a template
+        # with another session on it (ObjectInUse), so wait that visit out.
+        deadline = time.monotonic() + TEMPLATE_BUSY_TIMEOUT_S
         with psycopg.connect(self.config.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            while True:
+                try:
+                    conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+                    break
+                except psycopg.errors.ObjectInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
         return self.config.url(name)
 
     def stop(self) -> None:

@@ -18,6 +18,7 @@ from device_agent.store import (
     OutboxLimits,
     SessionRecord,
     open_database,
+    total_backlog,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -573,3 +574,15 @@ def test_a_database_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="schema 99"):
         open_database(path)
+
+
+def test_total_backlog_sums_every_device_in_the_database(db: Opener) -> None:
+    conn = db()
+    first, second = DeviceStore(conn, "dev-a"), DeviceStore(conn, "dev-b")
+    send(first, "events", 100)
+    send(first, "telemetry", 200)
+    send(second, "state", 50)
+    assert total_backlog(conn) == (3, 350)
+    first.ack(m.id for m in first.pending(limit=1))
+    assert total_backlog(conn) == (2, 250)
+    assert (first.enqueued, second.enqueued) == (2, 1)

@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from device_agent.agent import Identity
 from device_agent.link import BrokerAddress
 from device_agent.simulation import Habits, SimulatedDevice
 from device_agent.simulator import Scenario
-from device_agent.store import DeviceStore, OutboxLimits, open_database
+from device_agent.store import DeviceStore, OutboxLimits, open_database, total_backlog
 
 log = logging.getLogger("galvani.fleet")
 
@@ -137,6 +138,7 @@ class Fleet:
     def __init__(self, options: FleetOptions) -> None:
         self.options = options
         self.devices: list[SimulatedDevice] = []
+        self.conn: sqlite3.Connection | None = None
         self.started = time.monotonic()
         # How late ticks ran (ms) since the last report: is the one loop keeping up?
         self.lateness_ms: list[float] = []
@@ -151,7 +153,7 @@ class Fleet:
                 f"galvani-fleet: {options.credentials} has {len(device_ids)} devices, "
                 f"{options.devices} asked"
             )
-        conn = open_database(options.store, durable=False)
+        conn = self.conn = open_database(options.store, durable=False)
         rng = random.Random(options.seed)
         due: list[tuple[float, int]] = []
         for device_id in device_ids:
@@ -197,6 +199,7 @@ class Fleet:
             device.stop()
         await asyncio.sleep(1)  # let the offline presences and disconnects go out
         self.report()
+        self.conn = None
         conn.close()
 
     def status(self) -> dict[str, object]:
@@ -216,7 +219,7 @@ class Fleet:
             "in_session": sum(d.agent.session is not None for d in self.devices),
             "delivered": sum(d.link.stats.delivered for d in self.devices),
             "refused": sum(d.link.stats.refused for d in self.devices),
-            "backlog": sum(d.agent.store.backlog()[0] for d in self.devices),
+            "backlog": total_backlog(self.conn)[0] if self.conn is not None else 0,
             "session_refusals": sum(d.refusals for d in self.devices),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "rss_mb": round(usage.ru_maxrss / 1024, 1),

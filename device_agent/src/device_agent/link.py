@@ -89,6 +89,7 @@ class Link:
         self._stopping = False
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._fed_up_to = 0  # highest outbox id handed to paho on this connection
+        self._looked_at = -1  # store.enqueued when pump last read the outbox
         self._config_topic = topic(device_id, Channel.CONFIG)
         self._presence_topic = topic(device_id, Channel.PRESENCE)
 
@@ -115,12 +116,19 @@ class Link:
         if self._client is not None:
             self._client.loop_misc()
 
-    def pump(self) -> None:
-        """Hand paho the next outbox messages while the window has room."""
+    def pump(self, *, force: bool = False) -> None:
+        """Hand paho the next outbox messages while the window has room.
+
+        Without ``force`` it looks at the outbox only if something was enqueued since the
+        last look; PUBACKs and new connections force a look.
+        """
         client = self._client
         room = PUBLISH_WINDOW - len(self._inflight)
         if client is None or not self.connected or room <= 0:
             return
+        if not force and self.store.enqueued == self._looked_at:
+            return
+        self._looked_at = self.store.enqueued
         for message in self.store.pending(after_id=self._fed_up_to, limit=room):
             info = client.publish(
                 topic(self.device_id, message.channel),
@@ -212,7 +220,7 @@ class Link:
         self.stats.connects += 1
         client.subscribe(self._config_topic, qos=1)
         client.publish(self._presence_topic, _presence(True), qos=1, retain=True)
-        self.pump()
+        self.pump(force=True)
 
     def _on_disconnect(
         self,
@@ -252,7 +260,7 @@ class Link:
             self.stats.delivered += 1
             self.stats.last_delivery_s = time.monotonic()
         self.store.ack([outbox_id])
-        self.pump()
+        self.pump(force=True)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self._config_topic and message.payload:
