@@ -204,6 +204,7 @@ def main() -> int:
     sizes = [int(size) for size in args.fleet_sizes.split(",")]
     with contextlib.ExitStack() as stack:
         root = Path(tempfile.mkdtemp(prefix="galvani-bench-agent-"))
+        root.chmod(0o755)  # the broker runs as an unprivileged account and must enter it
         if not args.keep:
             stack.callback(lambda: subprocess.run(["rm", "-rf", str(root)], check=False))
         else:

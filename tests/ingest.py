@@ -207,8 +207,8 @@ def event(seq: int, ts_ms: int, type_: str, **fields: object) -> bytes:
     return json.dumps({"v": 1, "seq": seq, "ts": ts_ms, "type": type_, **fields}).encode()
 
 
-def state(seq: int, ts_ms: int, fw: str = "1.4.2", config: object = None) -> bytes:
-    body: dict[str, object] = {"v": 1, "seq": seq, "ts": ts_ms, "fw": fw, "hw": "B"}
+def state(seq: int, ts_ms: int, fw: str = "1.4.2", config: object = None, **extra: object) -> bytes:
+    body: dict[str, object] = {"v": 1, "seq": seq, "ts": ts_ms, "fw": fw, "hw": "B", **extra}
     if config is not None:
         body["config"] = config
     return json.dumps(body).encode()

@@ -186,7 +186,9 @@ def test_latest_state_is_the_newest_device_time_not_the_last_received(
     try:
         applied = {"version": 7, "sha256": "abc", "status": "applied", "reason": None}
         device.publish(topic(d, "state"), state(10, T0_MS + 10_000, fw="2.0.0", config=applied))
-        device.publish(topic(d, "state"), state(5, T0_MS + 5_000, fw="1.0.0"))
+        dropped = {"messages": 3, "telemetry": 3, "events": 0, "state": 0}
+        dropped |= {"first_seq": 2, "last_seq": 4}
+        device.publish(topic(d, "state"), state(5, T0_MS + 5_000, fw="1.0.0", dropped=dropped))
         device.publish(
             topic(d, "presence"), json.dumps({"v": 1, "online": True, "ts": T0_MS}).encode()
         )
@@ -204,8 +206,12 @@ def test_latest_state_is_the_newest_device_time_not_the_last_received(
         answer = conn.execute(
             "SELECT answer_status FROM config_pushes WHERE device_id = %s", [d]
         ).fetchone()
+        reported = conn.execute(
+            "SELECT seq, dropped FROM state_reports WHERE device_id = %s ORDER BY seq", [d]
+        ).fetchall()
     assert row == ("2.0.0", 7, "applied", True)
     assert answer == ("applied",)
+    assert reported == [(5, dropped), (10, None)]  # what the outbox dropped, as reported
 
 
 def test_last_will_marks_the_device_offline(

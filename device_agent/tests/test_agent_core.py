@@ -27,7 +27,7 @@ from device_agent.agent import (
 from device_agent.modes import DEFAULT_MODES, factory_table, spec_payload
 from device_agent.protocol import canonical_json, validate_outgoing
 from device_agent.simulator import Scenario, SimulatedHardware
-from device_agent.store import DeviceStore, open_database
+from device_agent.store import DeviceStore, OutboxLimits, open_database
 
 T0 = 1_763_805_600_000
 HOUR_MS = 3_600_000
@@ -44,14 +44,20 @@ class Clock:
 class Rig:
     """An agent on simulated hardware, its store, and a fake clock that drives both."""
 
-    def __init__(self, path: Path, key: Ed25519PrivateKey, **hardware: Any) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key: Ed25519PrivateKey,
+        limits: OutboxLimits | None = None,
+        **hardware: Any,
+    ) -> None:
         self.clock = Clock()
         self.key = key
         self.hardware = SimulatedHardware(
             clock=self.clock.seconds, rng=random.Random(7), **hardware
         )
         self.conn = open_database(path)
-        self.store = DeviceStore(self.conn, "dev-0001")
+        self.store = DeviceStore(self.conn, "dev-0001", limits or OutboxLimits())
         self.agent = self.new_agent()
         self.agent.boot(self.clock.ms)
 
@@ -378,3 +384,19 @@ def test_unenforced_firmware_runs_past_the_cap(rig: Rig) -> None:
     [end] = rig.events("session_end")
     assert end["reason"] == "completed"
     assert end["duration_s"] == 1300
+
+
+def test_an_outbox_too_small_for_the_outage_keeps_events_and_reports_the_drop(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(
+        tmp_path / "a.sqlite3", Ed25519PrivateKey.generate(), OutboxLimits(max_bytes=20_000)
+    )
+    session = rig.start(seconds=60)
+    rig.run(61_000 + HEARTBEAT_INTERVAL_MS)
+    assert [e["type"] for e in rig.events()] == ["reboot", "session_start", "session_end"]
+    assert rig.events("session_start")[0]["session"] == session
+    dropped = rig.states()[-1]["dropped"]
+    assert dropped["telemetry"] == dropped["messages"] > 0
+    assert dropped["events"] == 0
+    assert dropped["first_seq"] >= rig.events("session_start")[0]["seq"] + 1

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
 from psycopg import errors, sql
+from psycopg.types.json import Jsonb
 
 from services.common.db import Conn, Storage
 from services.common.protocol import Channel, SessionEnd, SessionStart
@@ -395,9 +396,10 @@ def _insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tu
     rows = conn.execute(
         """
         INSERT INTO state_reports (device_id, seq, ts, fw, hw, config_version, config_sha256,
-                                   config_status, config_reason, received_at)
+                                   config_status, config_reason, received_at, dropped)
         SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[], %s::text[],
-                             %s::int4[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
+                             %s::int4[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
+                             %s::jsonb[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
         [
@@ -411,6 +413,7 @@ def _insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tu
             [c.status.value if c else None for c in configs],
             [c.reason.value if c and c.reason else None for c in configs],
             [s.received_at for s in items],
+            [Jsonb(s.state.dropped.model_dump()) if s.state.dropped else None for s in items],
         ],
     ).fetchall()
     return {(str(device_id), int(str(seq))) for device_id, seq in rows}

@@ -140,6 +140,7 @@ class Agent:
         self._charging: bool | None = None
         self._next_heartbeat_ms = 0
         self._next_poll_ms = 0
+        self._reported_drops = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -393,7 +394,10 @@ class Agent:
             # Output with no session (a relay stuck across a reboot): keep cutting it and
             # report every poll, so the cloud sees what is flowing.
             self.hardware.stop_output()
-        if reading.output_on or now_ms >= self._next_heartbeat_ms:
+        heartbeat = now_ms >= self._next_heartbeat_ms
+        if heartbeat and self.store.dropped().messages != self._reported_drops:
+            self.report_state(now_ms)  # the outbox had to drop something: say what
+        if reading.output_on or heartbeat:
             self._next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS
             self._publish(
                 now_ms,
@@ -422,6 +426,7 @@ class Agent:
         if answer is not None:
             payload["config"] = answer
         dropped = self.store.dropped()
+        self._reported_drops = dropped.messages
         if dropped.messages:
             # An optional v1 extension: what the outbox had to drop, so a gap in seq is
             # explained rather than guessed at.

@@ -23,7 +23,7 @@ from pathlib import Path
 from device_agent.agent import Identity
 from device_agent.fleet import read_public_key
 from device_agent.link import BACKOFF_MAX_S, BrokerAddress
-from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice
+from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice, power_off
 from device_agent.store import DeviceStore, OutboxLimits, open_database
 
 log = logging.getLogger("galvani.agent.cli")
@@ -144,8 +144,7 @@ async def _run(args: argparse.Namespace) -> int:
         interval_ms = device.tick()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval_ms / 1000)
-    device.stop()
-    await asyncio.sleep(0.5)  # the offline presence and the disconnect
+    await power_off([device])
     messages, size = store.backlog()
     log.info("stopped; %d messages (%d bytes) wait in the outbox", messages, size)
     conn.close()

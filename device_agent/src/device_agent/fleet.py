@@ -29,7 +29,7 @@ from typing import Final
 
 from device_agent.agent import Identity
 from device_agent.link import BrokerAddress
-from device_agent.simulation import Habits, SimulatedDevice
+from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
 from device_agent.store import DeviceStore, OutboxLimits, open_database, total_backlog
 
@@ -195,9 +195,7 @@ class Fleet:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(0.005, wait))
         log.info("powering off")
-        for device in self.devices:
-            device.stop()
-        await asyncio.sleep(1)  # let the offline presences and disconnects go out
+        await power_off(self.devices)
         self.report()
         self.conn = None
         conn.close()

@@ -8,12 +8,12 @@ process); both drive :meth:`SimulatedDevice.tick` from one asyncio loop.
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from device_agent.agent import Agent, Identity, SessionRefused
+from device_agent.agent import SAMPLE_INTERVAL_MS, Agent, Identity, SessionRefused
 from device_agent.link import BACKOFF_MAX_S, BrokerAddress, Link
 from device_agent.simulator import Scenario, SimulatedHardware
 from device_agent.store import DeviceStore
@@ -21,6 +21,7 @@ from device_agent.store import DeviceStore
 log = logging.getLogger("galvani.agent.sim")
 
 WEEK_MS: Final = 7 * 24 * 3600 * 1000
+DRAIN_TIMEOUT_S: Final = 5.0
 REBOOT_LOOP_INTERVAL_MS: Final = 150_000  # four watchdog resets in ten minutes
 CHARGE_BELOW_PCT: Final = 30
 UNPLUG_ABOVE_PCT: Final = 95
@@ -142,13 +143,17 @@ class SimulatedDevice:
             self._next_use_ms = now + self._gap_ms(first=True)
         self.link.start()
 
-    def stop(self) -> None:
-        """Power off cleanly: end a running session and disconnect."""
+    def end_use(self) -> None:
+        """Power-off, first half: end a running session and queue what it produced."""
         now = self.clock_ms()
         self.agent.stop_session(now)
-        self.agent.tick(now + 100)
+        self.agent.tick(now + SAMPLE_INTERVAL_MS)
         self.link.pump()
-        self.link.stop()
+
+    @property
+    def drained(self) -> bool:
+        """Nothing left to deliver, or no connection to deliver it on."""
+        return not self.link.connected or self.agent.store.backlog()[0] == 0
 
     def tick(self) -> int:
         """Run whatever is due; returns the milliseconds until the next tick."""
@@ -221,3 +226,21 @@ class SimulatedDevice:
         if first:
             return int(self.rng.uniform(0, mean_ms))
         return int(self.rng.expovariate(1 / mean_ms))
+
+
+async def power_off(devices: Sequence[SimulatedDevice], timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """End sessions, let the outboxes drain for up to ``timeout_s``, then disconnect.
+
+    Whatever is still undelivered stays in the outboxes for the next start.
+    """
+    for device in devices:
+        device.end_use()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    waiting = list(devices)
+    while waiting and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        waiting = [device for device in waiting if not device.drained]
+    for device in devices:
+        device.link.stop()
+    await asyncio.sleep(0.5)  # the offline presences and the disconnects

@@ -163,12 +163,24 @@ class ConfigReport(_Wire):
         return reason
 
 
+class OutboxDrops(_Wire):
+    """What a device's outbox has dropped since it was set up (optional, added in v1)."""
+
+    messages: Count
+    telemetry: Count
+    events: Count
+    state: Count
+    first_seq: Seq | None = None
+    last_seq: Seq | None = None
+
+
 class State(_Stamped):
     """Retained: the firmware a device runs and what it did with the last mode table."""
 
     fw: str
     hw: str
     config: ConfigReport | None = None
+    dropped: OutboxDrops | None = None
 
 
 class Presence(_Wire):
