@@ -389,9 +389,7 @@ def test_unenforced_firmware_runs_past_the_cap(rig: Rig) -> None:
 def test_an_outbox_too_small_for_the_outage_keeps_events_and_reports_the_drop(
     tmp_path: Path,
 ) -> None:
-    rig = Rig(
-        tmp_path / "a.sqlite3", Ed25519PrivateKey.generate(), OutboxLimits(max_bytes=20_000)
-    )
+    rig = Rig(tmp_path / "a.sqlite3", Ed25519PrivateKey.generate(), OutboxLimits(max_bytes=20_000))
     session = rig.start(seconds=60)
     rig.run(61_000 + HEARTBEAT_INTERVAL_MS)
     assert [e["type"] for e in rig.events()] == ["reboot", "session_start", "session_end"]
