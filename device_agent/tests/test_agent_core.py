@@ -370,6 +370,22 @@ def test_a_table_arriving_mid_session_waits_for_the_session_to_end(rig: Rig) -> 
     assert answered[-1]["seq"] > end["seq"]
 
 
+def test_a_waiting_table_redelivered_is_neither_rejected_nor_lost_in_a_crash(rig: Rig) -> None:
+    raw = rig.signed(version=7)
+    rig.start(seconds=60)
+    rig.run(5_000)
+    rig.agent.on_config(rig.clock.ms, raw)
+    rig.agent.on_config(rig.clock.ms, raw)  # a reconnect mid-session: the retained table again
+    assert all("config" not in s for s in rig.states())
+    rig.hardware.stop_output()
+    rig.agent = rig.new_agent()  # crash before the session ended
+    rig.agent.boot(rig.clock.ms)
+    rig.agent.on_config(rig.clock.ms, raw)  # delivered again after the restart
+    assert rig.agent.table.version == 7
+    answers = [s["config"] for s in rig.states() if "config" in s]
+    assert [(a["version"], a["status"]) for a in answers] == [(7, "applied")]
+
+
 def test_the_retained_table_redelivered_on_reconnect_is_not_answered_twice(rig: Rig) -> None:
     raw = rig.signed(version=2)
     rig.agent.on_config(rig.clock.ms, raw)

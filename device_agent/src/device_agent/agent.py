@@ -136,6 +136,7 @@ class Agent:
             table_from_payload(stored) if isinstance(stored, dict) else factory_table()
         )
         self.pending_table: ModeTable | None = None
+        self._pending_fingerprint: str | None = None
         self.session: _Session | None = None
         self._charging: bool | None = None
         self._next_heartbeat_ms = 0
@@ -175,6 +176,7 @@ class Agent:
             self._record_progress(self.session, now_ms)
         self.session = None
         self.pending_table = None
+        self._pending_fingerprint = None
         self._charging = None
         self.boot(now_ms, reason)
 
@@ -367,8 +369,8 @@ class Agent:
         self.session = None
         self._next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS
         self._next_poll_ms = now_ms + IDLE_POLL_MS
-        if self.pending_table is not None:
-            self._apply(self.pending_table, now_ms)
+        if self.pending_table is not None and self._pending_fingerprint is not None:
+            self._apply(self.pending_table, self._pending_fingerprint, now_ms)
 
     def _flush(self, session: _Session, now_ms: int) -> None:
         if session.samples:
@@ -459,13 +461,14 @@ class Agent:
 
     def on_config(self, now_ms: int, raw: bytes) -> None:
         """A table arrived on ``config``: check it, apply it now or after the session, answer."""
-        if self.store.get("config_seen") == _fingerprint(raw):
-            return  # the retained table again, after a reconnect: already answered
-        self.store.put("config_seen", _fingerprint(raw))
+        fingerprint = _fingerprint(raw)
+        if fingerprint in (self.store.get("config_seen"), self._pending_fingerprint):
+            return  # the retained table again, after a reconnect: answered or waiting
         try:
             payload = json.loads(raw)
         except (UnicodeDecodeError, ValueError):
             log.warning("%s: config payload is not JSON; cannot answer it", self.identity.device_id)
+            self.store.put("config_seen", fingerprint)
             return
         applied = max(self.table.version, self.pending_table.version if self.pending_table else 0)
         try:
@@ -474,8 +477,11 @@ class Agent:
             )
         except ConfigRejected as rejected:
             self._reject(now_ms, payload, rejected)
+            self.store.put("config_seen", fingerprint)
             return
         if self.session is not None:
+            # Kept in memory only: after a crash the broker delivers the retained table
+            # again and it is checked afresh.
             log.info(
                 "%s: mode table %d waits for session %s to end",
                 self.identity.device_id,
@@ -483,13 +489,16 @@ class Agent:
                 self.session.id,
             )
             self.pending_table = table
+            self._pending_fingerprint = fingerprint
             return
-        self._apply(table, now_ms)
+        self._apply(table, fingerprint, now_ms)
 
-    def _apply(self, table: ModeTable, now_ms: int) -> None:
+    def _apply(self, table: ModeTable, fingerprint: str, now_ms: int) -> None:
         self.table = table
         self.pending_table = None
+        self._pending_fingerprint = None
         self.store.put("table", dict(table.payload))
+        self.store.put("config_seen", fingerprint)
         log.info("%s: applied mode table %d", self.identity.device_id, table.version)
         answer = {
             "version": table.version,
