@@ -414,3 +414,10 @@ def test_an_outbox_too_small_for_the_outage_keeps_events_and_reports_the_drop(
     assert dropped["telemetry"] == dropped["messages"] > 0
     assert dropped["events"] == 0
     assert dropped["first_seq"] >= rig.events("session_start")[0]["seq"] + 1
+
+
+def test_the_factory_tables_are_the_ones_the_protocol_vectors_pin() -> None:
+    vectors = Path(__file__).resolve().parents[2] / "protocol" / "vectors" / "config.json"
+    cases = json.loads(vectors.read_text("utf-8"))["valid"]
+    [defaults] = [c for c in cases if c["name"] == "default_tables_all_modes"]
+    assert factory_table().payload["modes"] == defaults["payload"]["modes"]

@@ -1,0 +1,158 @@
+"""Pushing a mode table to a device: the one signing path rules and rollouts share.
+
+Two steps, so the database decides before the broker hears anything:
+
+1. :func:`record_push`, in the caller's transaction: lock the device row, take the next
+   version (above every version pushed or reported), check the envelope, sign, and record the
+   signed payload in ``config_pushes``.
+2. :func:`publish_push`, after that transaction commits: publish the payload retained at QoS 1
+   on the device's ``config`` topic and mark it published.
+
+A push recorded but not published (the broker was down, the process died between the two)
+is found by :func:`unpublished_pushes` and published again; the device answers each version
+once, so publishing twice is harmless. The device's answer on ``state`` closes the loop:
+ingest writes it into the push's ``answer_*`` columns.
+"""
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import paho.mqtt.client as paho
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg.types.json import Jsonb
+
+from services.common.db import Conn
+from services.common.errors import GalvaniError
+from services.common.mode_tables import EnvelopeProblem, envelope_problems
+from services.common.protocol import canonical_json
+from services.common.signing import sign_table
+
+PUBLISH_TIMEOUT_S: Final = 10.0
+SOURCES: Final = ("rule", "rollout", "api")
+
+
+class PushError(GalvaniError):
+    """A table that cannot be pushed; ``problems`` lists envelope violations, if any."""
+
+    def __init__(self, message: str, problems: list[EnvelopeProblem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class Push:
+    """A signed table recorded for one device."""
+
+    device_id: str
+    version: int
+    payload: dict[str, Any]
+    sha256: str
+
+    @property
+    def topic(self) -> str:
+        """The device's config topic."""
+        return f"galvani/v1/d/{self.device_id}/config"
+
+
+def table_sha256(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the signed bytes: what a device reports in ``state.config.sha256``."""
+    unsigned = {name: value for name, value in payload.items() if name != "sig"}
+    return hashlib.sha256(canonical_json(unsigned)).hexdigest()
+
+
+def record_push(
+    conn: Conn,
+    key: Ed25519PrivateKey,
+    *,
+    device_id: str,
+    table: Mapping[str, Any],
+    source: str,
+    source_ref: str | None = None,
+    mode_table_id: str | None = None,
+) -> Push:
+    """Version, check, sign and record ``table`` for ``device_id`` in the caller's transaction.
+
+    ``table`` is unsigned; its ``version`` is replaced by the device's next one.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}")
+    problems = envelope_problems(table["modes"])
+    if problems:
+        listed = "; ".join(f"{p.path}: {p.message}" for p in problems)
+        raise PushError(f"the table leaves the safety envelope: {listed}", problems)
+    # FOR UPDATE: two pushers of one device take versions one after the other.
+    row = conn.execute(
+        "SELECT greatest(coalesce(d.config_reported_version, 0),"
+        "                coalesce(d.config_desired_version, 0),"
+        "                coalesce((SELECT max(version) FROM config_pushes p"
+        "                          WHERE p.device_id = d.id), 0))"
+        " FROM devices d WHERE d.id = %s AND d.decommissioned_at IS NULL FOR UPDATE",
+        [device_id],
+    ).fetchone()
+    if row is None:
+        raise PushError(f"device {device_id} does not exist or is decommissioned")
+    version = int(str(row[0])) + 1
+    signed = sign_table({**table, "version": version}, key)
+    sha256 = table_sha256(signed)
+    issued_at = signed.get("issued_at")
+    expires_at = signed.get("expires_at")
+    conn.execute(
+        "INSERT INTO config_pushes (device_id, version, mode_table_id, payload, sha256, reason,"
+        " source, source_ref, issued_at, expires_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        [
+            device_id,
+            version,
+            mode_table_id,
+            Jsonb(signed),
+            sha256,
+            str(signed.get("reason") or source),
+            source,
+            source_ref,
+            _from_ms(issued_at),
+            _from_ms(expires_at) if expires_at is not None else None,
+        ],
+    )
+    conn.execute(
+        "UPDATE devices SET config_desired_version = %s WHERE id = %s", [version, device_id]
+    )
+    return Push(device_id, version, dict(signed), sha256)
+
+
+def publish_push(conn: Conn, client: paho.Client, push: Push) -> None:
+    """Publish ``push`` retained at QoS 1, wait for the PUBACK, and mark it published.
+
+    Call after the transaction that recorded it has committed; ``conn`` is then used in a
+    transaction of its own (the caller's, committed by the caller).
+    """
+    info = client.publish(push.topic, canonical_json(push.payload), qos=1, retain=True)
+    info.wait_for_publish(PUBLISH_TIMEOUT_S)
+    if not info.is_published():
+        raise PushError(f"the broker did not acknowledge table {push.version} for {push.device_id}")
+    conn.execute(
+        "UPDATE config_pushes SET published_at = now() WHERE device_id = %s AND version = %s",
+        [push.device_id, push.version],
+    )
+
+
+def unpublished_pushes(conn: Conn, limit: int = 100) -> list[Push]:
+    """Pushes recorded but never acknowledged by the broker, oldest first."""
+    rows = conn.execute(
+        "SELECT device_id, version, payload, sha256 FROM config_pushes"
+        " WHERE published_at IS NULL ORDER BY id LIMIT %s",
+        [limit],
+    ).fetchall()
+    pushes = []
+    for device_id, version, payload, sha256 in rows:
+        assert isinstance(payload, dict)  # jsonb objects come back as dicts
+        pushes.append(Push(str(device_id), int(str(version)), payload, str(sha256)))
+    return pushes
+
+
+def _from_ms(value: object) -> datetime:
+    if type(value) is not int:
+        raise PushError(f"issued_at/expires_at must be epoch milliseconds, not {value!r}")
+    return datetime.fromtimestamp(value / 1000, tz=UTC)

@@ -1,0 +1,134 @@
+"""The signing path for mode tables: envelope, versions, the record, and a real agent's answer."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from deploy.stack.mosquitto import MosquittoBroker
+from services.common.broker_auth import ServiceAccount
+from services.common.config_push import (
+    PushError,
+    publish_push,
+    record_push,
+    table_sha256,
+    unpublished_pushes,
+)
+from services.common.mode_tables import DEFAULT_MODES, restricted_table
+from services.common.signing import load_or_create_key
+from tests.ingest import IngestWorkers, provision, scalar, wait_until
+from tests.test_agent_live import AgentProcess
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def key(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return load_or_create_key(tmp_path / "secrets")
+
+
+def test_a_table_outside_the_envelope_is_refused_naming_the_field_and_limit(
+    database_url: str, key: Any
+) -> None:
+    [device] = provision(database_url, 1, prefix="env")
+    loose = {**DEFAULT_MODES["LIFT"], "i_max_ua": 600, "session_cap_s": 1800}
+    table = restricted_table(None, version=0, issued_at_ms=_now_ms(), reason="t", lock_all=False)
+    table["modes"] = {"LIFT": loose}
+    with psycopg.connect(database_url) as conn, pytest.raises(PushError) as refused:
+        record_push(conn, key, device_id=device.device_id, table=table, source="api")
+    assert [(p.path, p.limit, p.value) for p in refused.value.problems] == [
+        ("modes.LIFT.i_max_ua", 500, 600),
+        ("modes.LIFT.session_cap_s", 1200, 1800),
+    ]
+    assert scalar(database_url, "SELECT count(*) FROM config_pushes") == 0
+
+
+def test_versions_follow_the_highest_pushed_or_reported(database_url: str, key: Any) -> None:
+    [device] = provision(database_url, 1, prefix="ver")
+    table = restricted_table(None, version=0, issued_at_ms=_now_ms(), reason="t", lock_all=True)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE devices SET config_reported_version = 7 WHERE id = %s", [device.device_id]
+        )
+        first = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+        second = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+    assert (first.version, second.version) == (8, 9)
+    assert first.payload["sig"] != second.payload["sig"]
+    assert first.sha256 == table_sha256(first.payload)
+    with psycopg.connect(database_url) as conn:
+        assert [p.version for p in unpublished_pushes(conn)] == [8, 9]
+        assert conn.execute(
+            "SELECT config_desired_version FROM devices WHERE id = %s", [device.device_id]
+        ).fetchone() == (9,)
+
+
+def test_a_pushed_safe_table_is_verified_applied_and_answered_by_a_real_agent(
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Any,
+    ingest_workers: IngestWorkers,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    key: Any,
+) -> None:
+    [device] = provision(database_url, 1, prefix="push")
+    sync_devices()
+    ingest_workers.start("1")
+    agent = AgentProcess(tmp_path, device, broker.config.device_port, key)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="push-test", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set(ServiceAccount.RULES.value, service_passwords[ServiceAccount.RULES])
+    client.connect("127.0.0.1", broker.config.service_port)
+    client.loop_start()
+    try:
+        agent.start()
+        wait_until(
+            lambda: bool(
+                scalar(database_url, "SELECT online FROM devices WHERE id = %s", [device.device_id])
+            ),
+            30,
+            "the agent online",
+        )
+        table = restricted_table(
+            None,
+            version=0,
+            issued_at_ms=_now_ms(),
+            reason="rule overcurrent: safe mode",
+            lock_all=False,
+        )
+        with psycopg.connect(database_url) as conn:
+            push = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+        with psycopg.connect(database_url) as conn:
+            publish_push(conn, client, push)
+            assert unpublished_pushes(conn) == []
+
+        def answered() -> bool:
+            return (
+                scalar(
+                    database_url,
+                    "SELECT answer_status FROM config_pushes WHERE device_id = %s AND version = %s",
+                    [device.device_id, push.version],
+                )
+                is not None
+            )
+
+        wait_until(answered, 30, "the agent's answer to the pushed table")
+        with psycopg.connect(database_url) as conn:
+            answer = conn.execute(
+                "SELECT p.answer_status, p.answer_reason, d.config_reported_sha256"
+                " FROM config_pushes p JOIN devices d ON d.id = p.device_id"
+                " WHERE p.device_id = %s AND p.version = %s",
+                [device.device_id, push.version],
+            ).fetchone()
+        assert answer == ("applied", None, push.sha256)
+    finally:
+        agent.stop()
+        client.loop_stop()
+        client.disconnect()
