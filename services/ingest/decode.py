@@ -33,6 +33,7 @@ from services.common.protocol.models import (
     VOLTAGE_V_MAX,
     VOLTAGE_V_MIN,
 )
+from services.common.subscriber import Inbound
 
 # protocol.md: device time outside [received - 30 days, received + 5 minutes] is kept but
 # flagged, with the receipt time beside it.
@@ -81,18 +82,6 @@ class _FastTelemetry(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _FAST_TELEMETRY: Final = msgspec.json.Decoder(_FastTelemetry)
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """One message as the subscriber received it."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    received_at: datetime
-    generation: int
 
 
 # The samples table's columns, in COPY order.

@@ -22,6 +22,7 @@ from psycopg import errors
 from services.common.db import Conn, Storage, connect, storage_of
 from services.common.errors import DatabaseUnavailable, GalvaniError
 from services.common.logs import configure_logging
+from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.ingest import metrics
 from services.ingest.decode import (
     ROW_SUSPECT,
@@ -29,7 +30,6 @@ from services.ingest.decode import (
     DeadLetter,
     Decoded,
     EventIn,
-    Inbound,
     PresenceIn,
     StateIn,
     TelemetryIn,
@@ -37,7 +37,6 @@ from services.ingest.decode import (
     decode_inbound,
 )
 from services.ingest.settings import IngestSettings
-from services.ingest.subscriber import Subscriber, SubscriberConfig
 from services.ingest.writer import BatchOutcome, write_batch
 
 log = logging.getLogger("galvani.ingest")

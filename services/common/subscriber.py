@@ -1,4 +1,6 @@
-"""The ingest worker's MQTT session: persistent, shared, acknowledged only after commit.
+"""A backend worker's MQTT session: persistent, shared, acknowledged only after commit.
+
+Ingest and rules each run workers of their own share group on it.
 
 * MQTT 5 with clean start off and a long session expiry: while a worker is down the broker
   keeps its subscriptions and queues its share of the messages, and redelivers every QoS 1
@@ -33,9 +35,20 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from services.ingest.decode import Inbound
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message as the subscriber received it."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: datetime
+    generation: int
+
 
 # Long enough that a worker which stops reading while the database is down (and so does not
 # see PINGRESP) rides out a short outage without reconnecting.

@@ -1,0 +1,319 @@
+"""The rule catalogue of ``safety.md``: ids, versions, severities, actions and thresholds.
+
+Each threshold is a :class:`Param` with its default, which way is tighter, and the loosest
+value a brand may set (the envelope's figure where the envelope has one, else the default:
+such a threshold can only be tightened). A threshold whose default is ``None`` comes from the
+mode table the device runs (``max_sessions_24h``, ``min_batt_pct``) unless the brand sets it.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+SEVERITY_RANK: Final = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+
+
+class Action(StrEnum):
+    """What a rule does besides raising its alert."""
+
+    ALERT = "alert"
+    PUSH_SAFE = "push_safe"
+    LOCK_DEVICE = "lock_device"
+    LOCK_USER_DEVICES = "lock_user_devices"
+
+
+class Tighter(StrEnum):
+    LOWER = "lower"
+    HIGHER = "higher"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One threshold: its default, which way tightens it, and the loosest value allowed."""
+
+    name: str
+    default: float | None
+    tighter: Tighter
+    limit: float
+    unit: str
+
+    def loosens_past_limit(self, value: float) -> bool:
+        """Whether ``value`` is looser than the limit a brand may go to."""
+        return value > self.limit if self.tighter is Tighter.LOWER else value < self.limit
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    version: int
+    severity: Severity
+    action: Action
+    summary: str
+    params: tuple[Param, ...] = field(default_factory=tuple)
+    # Rules whose condition can clear resolve their own alerts (actor galvani-rules).
+    self_resolving: bool = False
+
+    def param(self, name: str) -> Param:
+        """The threshold called ``name``."""
+        for param in self.params:
+            if param.name == name:
+                return param
+        raise KeyError(f"rule {self.id} has no threshold {name!r}")
+
+
+def _p(name: str, default: float | None, tighter: Tighter, limit: float, unit: str) -> Param:
+    return Param(name, default, tighter, limit, unit)
+
+
+LO, HI = Tighter.LOWER, Tighter.HIGHER
+W, C, INFO = Severity.WARNING, Severity.CRITICAL, Severity.INFO
+
+RULES: Final[tuple[Rule, ...]] = (
+    Rule(
+        "overuse_24h",
+        1,
+        W,
+        Action.ALERT,
+        "more than max_sessions_24h sessions by one user in a rolling 24 h",
+        (_p("max_sessions", None, LO, 3, "sessions"),),
+    ),
+    Rule(
+        "overuse_7d",
+        1,
+        W,
+        Action.ALERT,
+        "more than 5 sessions (7 in the intro stage) or 120 output-minutes in a rolling 7 days",
+        (
+            _p("max_sessions", 5, LO, 10, "sessions"),
+            _p("max_sessions_intro", 7, LO, 10, "sessions"),
+            _p("max_output_min", 120, LO, 120, "min"),
+        ),
+    ),
+    Rule(
+        "cooldown",
+        1,
+        INFO,
+        Action.ALERT,
+        "a session starts within cooldown_s of the end of a session that lasted over 5 minutes",
+        (_p("long_session_s", 300, LO, 300, "s"),),
+    ),
+    Rule(
+        "session_overrun",
+        1,
+        C,
+        Action.PUSH_SAFE,
+        "output still on 30 s past the mode's session_cap_s",
+        (_p("grace_s", 30, LO, 30, "s"),),
+    ),
+    Rule(
+        "no_gel",
+        1,
+        W,
+        Action.ALERT,
+        "impedance 20-200 kOhm with output on for more than 10 s in total in one session",
+        (_p("z_low_ohm", 20_000, LO, 20_000, "Ohm"), _p("total_s", 10, LO, 10, "s")),
+    ),
+    Rule(
+        "no_contact",
+        1,
+        INFO,
+        Action.ALERT,
+        "impedance above 200 kOhm, or current below 10 % of setpoint, with output on for > 2 s",
+        (
+            _p("z_ohm", 200_000, LO, 200_000, "Ohm"),
+            _p("current_fraction", 0.1, HI, 0.1, "of setpoint"),
+            _p("duration_s", 2, LO, 2, "s"),
+        ),
+        self_resolving=True,
+    ),
+    Rule(
+        "short_circuit",
+        1,
+        C,
+        Action.PUSH_SAFE,
+        "impedance below 300 Ohm with output on for more than 1 s",
+        (_p("z_ohm", 300, HI, 300, "Ohm"), _p("duration_s", 1, LO, 1, "s")),
+    ),
+    Rule(
+        "overcurrent",
+        1,
+        C,
+        Action.PUSH_SAFE,
+        "current above 1.2 x i_max_ua for more than 200 ms, or any sample above 1000 uA",
+        (
+            _p("factor", 1.2, LO, 1.2, "x i_max_ua"),
+            _p("duration_ms", 200, LO, 200, "ms"),
+            _p("absolute_ua", 1000, LO, 1000, "uA"),
+        ),
+    ),
+    Rule(
+        "regulation_drift",
+        1,
+        W,
+        Action.ALERT,
+        "current off setpoint by more than 20 % for more than 2 s while impedance is in range",
+        (_p("fraction", 0.2, LO, 0.2, "of setpoint"), _p("duration_s", 2, LO, 2, "s")),
+    ),
+    Rule(
+        "electrode_overtemp",
+        1,
+        C,
+        Action.PUSH_SAFE,
+        "electrode above 41 C (critical), or above 39 C for more than 60 s (warning)",
+        (
+            _p("critical_c", 41, LO, 41, "C"),
+            _p("warning_c", 39, LO, 41, "C"),
+            _p("warning_s", 60, LO, 60, "s"),
+        ),
+    ),
+    Rule(
+        "battery_overtemp",
+        1,
+        C,
+        Action.LOCK_DEVICE,
+        "battery above 60 C, or rising faster than 1 C/s",
+        (_p("max_c", 60, LO, 60, "C"), _p("rise_c_per_s", 1.0, LO, 1.0, "C/s")),
+    ),
+    Rule(
+        "output_while_charging",
+        1,
+        C,
+        Action.LOCK_DEVICE,
+        "any sample with output on while charging",
+    ),
+    Rule(
+        "low_battery_start",
+        1,
+        W,
+        Action.ALERT,
+        "a session starts below the mode's min_batt_pct",
+        (_p("min_batt_pct", None, HI, 15, "%"),),
+    ),
+    Rule(
+        "reboot_loop",
+        1,
+        C,
+        Action.PUSH_SAFE,
+        "3 or more unexpected reboots (watchdog, brownout, panic) in 10 minutes",
+        (_p("count", 3, LO, 3, "reboots"), _p("window_s", 600, HI, 600, "s")),
+    ),
+    Rule(
+        "contraindicated_use",
+        1,
+        C,
+        Action.LOCK_USER_DEVICES,
+        "a session starts for a user flagged with a contraindication",
+    ),
+    Rule(
+        "adverse_report",
+        1,
+        C,
+        Action.LOCK_DEVICE,
+        "a user_report of burn (critical, lock the device) or redness (warning)",
+    ),
+    Rule(
+        "device_fault",
+        1,
+        C,
+        Action.PUSH_SAFE,
+        "any fault event; critical codes push SAFE",
+    ),
+    Rule(
+        "config_unacked",
+        1,
+        W,
+        Action.ALERT,
+        "a pushed mode table not answered within 24 h of the device being online",
+        (_p("online_hours", 24, LO, 24, "h"),),
+        self_resolving=True,
+    ),
+    Rule(
+        "config_rejected",
+        1,
+        W,
+        Action.ALERT,
+        "a device rejected a pushed mode table",
+    ),
+    Rule(
+        "offline",
+        1,
+        INFO,
+        Action.ALERT,
+        "a device with a session in the last 7 days offline for more than 72 h",
+        (_p("hours", 72, LO, 72, "h"), _p("recent_days", 7, HI, 7, "days")),
+        self_resolving=True,
+    ),
+)
+
+BY_ID: Final[Mapping[str, Rule]] = {rule.id: rule for rule in RULES}
+
+
+class ThresholdError(ValueError):
+    """A brand override that names no threshold or loosens one past its limit."""
+
+    def __init__(self, rule: str, param: str, limit: float | None, value: object, message: str):
+        super().__init__(f"{rule}.{param}: {message}")
+        self.rule = rule
+        self.param = param
+        self.limit = limit
+        self.value = value
+        self.message = message
+
+
+def check_overrides(rule_id: str, params: Mapping[str, object]) -> dict[str, float]:
+    """Validate a brand's overrides of one rule; return them as numbers."""
+    rule = BY_ID.get(rule_id)
+    if rule is None:
+        raise ThresholdError(rule_id, "", None, None, "no such rule")
+    checked: dict[str, float] = {}
+    for name, value in params.items():
+        try:
+            param = rule.param(name)
+        except KeyError:
+            raise ThresholdError(rule_id, name, None, value, "no such threshold") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ThresholdError(rule_id, name, param.limit, value, "must be a number")
+        if value < 0:
+            raise ThresholdError(rule_id, name, param.limit, value, "must not be negative")
+        if param.loosens_past_limit(value):
+            way = "above" if param.tighter is Tighter.LOWER else "below"
+            raise ThresholdError(
+                rule_id,
+                name,
+                param.limit,
+                value,
+                f"{value:g} is {way} the limit {param.limit:g} {param.unit}: a brand may "
+                "tighten a threshold, never loosen it past the envelope",
+            )
+        checked[name] = float(value)
+    return checked
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A brand's effective thresholds: its overrides over the catalogue's defaults."""
+
+    overrides: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def get(self, rule_id: str, name: str) -> float | None:
+        """The threshold ``rule_id.name``: the brand's override, else the default."""
+        override = self.overrides.get(rule_id, {}).get(name)
+        return override if override is not None else BY_ID[rule_id].param(name).default
+
+    def value(self, rule_id: str, name: str) -> float:
+        """Like :meth:`get`, for thresholds that always have a default."""
+        found = self.get(rule_id, name)
+        if found is None:
+            raise KeyError(f"{rule_id}.{name} comes from the mode table")
+        return found
+
+
+DEFAULT_THRESHOLDS: Final = Thresholds()

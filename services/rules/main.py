@@ -1,0 +1,285 @@
+"""A rules worker: ``python -m services.rules.main``.
+
+The loop mirrors ingest's: run the network until a batch is due (``flush_interval_s``, a few
+milliseconds: alerts are latency-bound), evaluate it in one transaction, acknowledge it, then
+publish the mode tables the transaction recorded. Nothing is acknowledged before its
+evaluation commits, so a crash means redelivery, and redelivery changes nothing (occurrences
+are keyed); a table recorded but not published is published by the next sweep.
+"""
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Final, TypeVar
+
+import paho.mqtt.client as paho
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import start_http_server
+from psycopg import errors
+
+from services.common.config_push import Push, PushError, publish_push, unpublished_pushes
+from services.common.db import Conn, connect
+from services.common.errors import DatabaseUnavailable, GalvaniError
+from services.common.logs import configure_logging
+from services.common.protocol import ProtocolError, decode, parse_topic
+from services.common.protocol.enums import Channel
+from services.common.signing import load_or_create_key
+from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
+from services.rules import metrics
+from services.rules.engine import Received, evaluate
+from services.rules.settings import RulesSettings
+from services.rules.sweeps import sweep
+
+log = logging.getLogger("galvani.rules")
+
+CHANNELS: Final = ("telemetry", "events", "state", "presence")
+RETRY_MIN_DELAY_S: Final = 0.1
+RETRY_MAX_DELAY_S: Final = 5.0
+PUBLISHER_KEEPALIVE_S: Final = 30
+DATA_ERRORS: Final = (errors.DataError, errors.IntegrityError)
+
+T = TypeVar("T")
+
+
+class RulesError(GalvaniError):
+    """Base of the rules worker's own errors."""
+
+
+class Stopped(RulesError):
+    """The worker was asked to stop while it waited for the database; nothing was acked."""
+
+
+def topic_filters(group: str) -> tuple[str, ...]:
+    """The shared-subscription filters of one worker group, one per device channel."""
+    return tuple(f"$share/{group}/galvani/v1/d/+/{channel}" for channel in CHANNELS)
+
+
+def to_received(message: Inbound) -> Received | None:
+    """The valid device message in ``message``, or None (ingest dead-letters the rest)."""
+    try:
+        device_id, channel = parse_topic(message.topic)
+        if channel is Channel.CONFIG:
+            return None
+        decoded = decode(channel, message.payload)
+    except ProtocolError as exc:
+        metrics.MESSAGES.labels("unknown", "invalid").inc()
+        log.debug("skipping invalid message on %s: %s", message.topic, exc)
+        return None
+    return Received(device_id, channel, decoded, message.received_at)
+
+
+class Database:
+    """The worker's connection, reopened with capped backoff when it fails."""
+
+    def __init__(self, url: str, *, wait: Callable[[float], None], stop: threading.Event):
+        self.url = url
+        self.wait = wait
+        self.stop = stop
+        self._conn: Conn | None = None
+
+    def transaction(self, work: Callable[[Conn], T]) -> T:
+        """Run ``work`` in one transaction, retrying while the database is away."""
+        delay = RETRY_MIN_DELAY_S
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self.url)
+                with self._conn.transaction():
+                    return work(self._conn)
+            except DATA_ERRORS:
+                raise
+            except (psycopg.Error, DatabaseUnavailable) as exc:
+                metrics.DB_RETRIES.labels(type(exc).__name__).inc()
+                log.warning("database transaction failed, retrying in %.1f s: %s", delay, exc)
+                if isinstance(exc, psycopg.OperationalError | DatabaseUnavailable):
+                    self.close()
+            if self.stop.is_set():
+                raise Stopped("stopped while the database was unavailable")
+            self.wait(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+    def close(self) -> None:
+        """Close the connection (it is reopened on the next transaction)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Publisher:
+    """A client of its own for publishing tables, its network loop on a background thread.
+
+    The subscriber's client is driven by the worker's loop and cannot wait for a PUBACK while
+    the worker waits for it.
+    """
+
+    def __init__(self, settings: RulesSettings) -> None:
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"galvani-rules-{settings.worker_id}-publisher",
+            protocol=paho.MQTTv5,
+        )
+        self.client.username_pw_set(
+            settings.mqtt_username, settings.mqtt_password.get_secret_value()
+        )
+        self.client.reconnect_delay_set(1, 30)
+        self.client.connect_async(
+            settings.mqtt_host, settings.mqtt_port, keepalive=PUBLISHER_KEEPALIVE_S
+        )
+        self.client.loop_start()
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Worker:
+    """Batches from the subscriber through the engine, acknowledged after commit."""
+
+    def __init__(self, settings: RulesSettings, stop: threading.Event, key: Ed25519PrivateKey):
+        self.settings = settings
+        self.stop = stop
+        self.key = key
+        self.subscriber = Subscriber(
+            SubscriberConfig(
+                host=settings.mqtt_host,
+                port=settings.mqtt_port,
+                username=settings.mqtt_username,
+                password=settings.mqtt_password.get_secret_value(),
+                client_id=f"galvani-rules-{settings.worker_id}",
+                topic_filters=topic_filters(settings.share_group),
+                receive_maximum=settings.receive_maximum,
+                session_expiry_s=settings.session_expiry_s,
+            )
+        )
+        self.publisher = Publisher(settings)
+        self.db = Database(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
+        self._seen_reconnects = 0
+        self._next_sweep = time.monotonic()
+
+    def run(self) -> None:
+        """Consume until ``stop`` is set, then evaluate what is pending and disconnect."""
+        interval = self.settings.flush_interval_s
+        limit = self.settings.batch_max_messages
+        try:
+            while not self.stop.is_set():
+                age = self.subscriber.oldest_age_s()
+                if len(self.subscriber.pending) >= limit or (
+                    self.subscriber.pending and age >= interval
+                ):
+                    self.flush(limit)
+                elif time.monotonic() >= self._next_sweep:
+                    self.sweep()
+                else:
+                    self.wait(interval - age if self.subscriber.pending else interval)
+            while self.subscriber.pending:
+                self.flush(limit)
+        except Stopped:
+            log.warning("stopping with %d messages unacknowledged", self.subscriber.unacked)
+        finally:
+            self.subscriber.close()
+            self.publisher.close()
+            self.db.close()
+
+    def wait(self, timeout_s: float) -> None:
+        """Run the network for ``timeout_s`` (also while waiting for the database)."""
+        self.subscriber.poll(timeout_s)
+        metrics.INFLIGHT.set(self.subscriber.unacked)
+        metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
+        metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
+        self._seen_reconnects = self.subscriber.reconnects
+
+    def flush(self, limit: int) -> None:
+        """Evaluate, commit, acknowledge and act on the oldest ``limit`` pending messages."""
+        inbound = self.subscriber.take(limit)
+        received = [r for r in map(to_received, inbound) if r is not None]
+        started = time.perf_counter()
+        pushes = self._evaluate(received)
+        committed = datetime.now(UTC)
+        metrics.EVALUATION_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_MESSAGES.observe(len(inbound))
+        self.subscriber.ack(inbound)
+        for message in received:
+            metrics.MESSAGES.labels(message.channel.value, "evaluated").inc()
+            metrics.RECEIPT_TO_COMMIT_SECONDS.observe(
+                max(0.0, (committed - message.received_at).total_seconds())
+            )
+        self.publish(pushes)
+
+    def _evaluate(self, received: Sequence[Received]) -> list[Push]:
+        if not received:
+            return []
+        try:
+            return self.db.transaction(lambda conn: evaluate(conn, self.key, received).pushes)
+        except DATA_ERRORS as exc:
+            if len(received) == 1:
+                log.error(  # noqa: TRY400 - one line: the message was logged by ingest too
+                    "cannot evaluate a message of %s on %s: %s",
+                    received[0].device_id,
+                    received[0].channel.value,
+                    exc,
+                )
+                return []
+            log.warning("batch of %d refused (%s); evaluating one by one", len(received), exc)
+            pushes: list[Push] = []
+            for message in received:
+                pushes.extend(self._evaluate([message]))
+            return pushes
+
+    def sweep(self) -> None:
+        """Run the periodic rules and publish anything recorded but unpublished."""
+        self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
+        result = self.db.transaction(lambda conn: sweep(conn, self.key))
+        if result.trimmed:
+            log.info("trimmed %d rows of rules state", result.trimmed)
+        self.publish(result.outcome.pushes)
+        self.publish(self.db.transaction(unpublished_pushes))
+
+    def publish(self, pushes: Sequence[Push]) -> None:
+        """Publish recorded tables; one the broker does not take is left for the next sweep."""
+        for push in pushes:
+            if not self.publisher.client.is_connected():
+                metrics.PUBLISHED.labels("deferred").inc()
+                log.warning(
+                    "broker unavailable: table v%d for %s deferred", push.version, push.device_id
+                )
+                continue
+            try:
+                self.db.transaction(
+                    lambda conn, push=push: publish_push(conn, self.publisher.client, push)  # type: ignore[misc]
+                )
+            except (PushError, RuntimeError, ValueError) as exc:
+                metrics.PUBLISHED.labels("failed").inc()
+                log.warning("table v%d for %s not published: %s", push.version, push.device_id, exc)
+                continue
+            metrics.PUBLISHED.labels("published").inc()
+            log.info("published table v%d to %s", push.version, push.device_id)
+
+
+def main() -> None:
+    """Run one worker until SIGTERM or SIGINT."""
+    settings = RulesSettings()
+    configure_logging(settings.log_level)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    key = load_or_create_key(settings.key_dir())
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("rules worker %s starting", settings.worker_id)
+    Worker(settings, stop, key).run()
+    log.info("rules worker %s stopped", settings.worker_id)
+
+
+if __name__ == "__main__":
+    main()

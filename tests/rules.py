@@ -1,0 +1,314 @@
+"""Rules test support: v1 streams of one device, evaluation against a real database, results.
+
+Streams are built as payload bytes and decoded with the protocol's own decoder, so every
+message a rules test feeds the engine is a valid protocol v1 message.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from deploy.stack.ports import free_port
+from services.common.protocol import decode
+from services.common.protocol.enums import Channel
+from services.common.provisioning import provision_device
+from services.rules.engine import Received, evaluate
+from tests.ingest import REPO_ROOT, wait_until
+from tests.mqtt import MqttClient
+
+RECEIVED_AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+T0 = int(datetime(2026, 11, 2, 8, 0, tzinfo=UTC).timestamp() * 1000)
+SECOND = 1000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+
+def normal(**fields: object) -> dict[str, object]:
+    """A LIFT sample with gel and output on, well inside every threshold."""
+    base: dict[str, object] = {
+        "mode": "LIFT",
+        "level": 5,
+        "out": True,
+        "i_ua": 300.0,
+        "i_set_ua": 300.0,
+        "v_v": 2.4,
+        "z_ohm": 8000.0,
+        "t_elec_c": 33.0,
+        "t_batt_c": 30.0,
+        "batt_pct": 80,
+        "charging": False,
+    }
+    base.update(fields)
+    return base
+
+
+@dataclass
+class Stream:
+    """Messages of one device, with its seq counter."""
+
+    device_id: str
+    seq: int = 0
+    messages: list[Received] = field(default_factory=list)
+
+    def _add(self, channel: Channel, body: dict[str, Any]) -> Received:
+        message = Received(
+            self.device_id, channel, decode(channel, json.dumps(body).encode()), RECEIVED_AT
+        )
+        self.messages.append(message)
+        return message
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def start(
+        self, session: str, at: int, mode: str = "LIFT", level: int = 5, user: str | None = None
+    ) -> Received:
+        body: dict[str, Any] = {
+            "v": 1,
+            "seq": self._next(),
+            "ts": at,
+            "type": "session_start",
+            "session": session,
+            "mode": mode,
+            "level": level,
+        }
+        if user is not None:
+            body["user"] = user
+        return self._add(Channel.EVENTS, body)
+
+    def end(self, session: str, at: int, duration_s: int, reason: str = "completed") -> Received:
+        return self._add(
+            Channel.EVENTS,
+            {
+                "v": 1,
+                "seq": self._next(),
+                "ts": at,
+                "type": "session_end",
+                "session": session,
+                "duration_s": duration_s,
+                "reason": reason,
+            },
+        )
+
+    def session(
+        self, session: str, at: int, duration_s: int, mode: str = "LIFT", user: str | None = None
+    ) -> None:
+        """A start and an end, no samples (usage windows only)."""
+        self.start(session, at, mode=mode, user=user)
+        self.end(session, at + duration_s * SECOND, duration_s)
+
+    def samples(
+        self,
+        session: str | None,
+        at: int,
+        count: int,
+        period_ms: int = 100,
+        per_message: int = 10,
+        **fields: object,
+    ) -> list[Received]:
+        """``count`` samples ``period_ms`` apart from ``at``, ``per_message`` to a message."""
+        sent = []
+        for first in range(0, count, per_message):
+            n = min(per_message, count - first)
+            body = {
+                "v": 1,
+                "seq": self._next(),
+                "session": session,
+                "samples": [
+                    {"ts": at + (first + i) * period_ms, **normal(**fields)} for i in range(n)
+                ],
+            }
+            sent.append(self._add(Channel.TELEMETRY, body))
+        return sent
+
+    def event(self, type_: str, at: int, **fields: object) -> Received:
+        return self._add(
+            Channel.EVENTS, {"v": 1, "seq": self._next(), "ts": at, "type": type_, **fields}
+        )
+
+    def state(self, at: int, config: dict[str, Any] | None = None) -> Received:
+        body: dict[str, Any] = {"v": 1, "seq": self._next(), "ts": at, "fw": "1.0", "hw": "A"}
+        if config is not None:
+            body["config"] = config
+        return self._add(Channel.STATE, body)
+
+    def presence(self, online: bool, at: int) -> Received:
+        return self._add(Channel.PRESENCE, {"v": 1, "online": online, "ts": at})
+
+
+def setup_brand(
+    url: str,
+    devices: Iterable[tuple[str, str | None]],
+    *,
+    brand: str = "acme",
+    users: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """A brand, its users (stage, contraindications) and devices (id, user)."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO brands (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", [brand, brand]
+        )
+        for user_id, attrs in (users or {}).items():
+            conn.execute(
+                "INSERT INTO users (brand_id, id, stage, contraindications)"
+                " VALUES (%s, %s, %s, %s)",
+                [
+                    brand,
+                    user_id,
+                    attrs.get("stage", "maintenance"),
+                    attrs.get("contraindications", []),
+                ],
+            )
+        for device_id, user_id in devices:
+            provision_device(conn, device_id=device_id, brand_id=brand, model="m1", user_id=user_id)
+
+
+def run(
+    url: str, key: Ed25519PrivateKey, messages: Sequence[Received], *, one_by_one: bool = True
+) -> None:
+    """Evaluate ``messages`` in arrival order, each in its own transaction (or all in one)."""
+    batches = [[m] for m in messages] if one_by_one else [list(messages)]
+    with psycopg.connect(url) as conn:
+        for batch in batches:
+            with conn.transaction():
+                evaluate(conn, key, batch)
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    device_id: str
+    rule: str
+    severity: str
+    count: int
+    state: str
+    explanation: dict[str, Any]
+
+
+def alerts(url: str, rule: str | None = None) -> list[AlertRow]:
+    """Every alert (of ``rule``), oldest first."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT device_id, rule, severity, count, state, explanation FROM alerts"
+            " WHERE %s::text IS NULL OR rule = %s ORDER BY id",
+            [rule, rule],
+        ).fetchall()
+    return [AlertRow(*row) for row in rows]  # type: ignore[arg-type]
+
+
+def pushes(url: str, device_id: str) -> list[dict[str, Any]]:
+    """Tables recorded for a device, oldest first."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT payload FROM config_pushes WHERE device_id = %s ORDER BY version", [device_id]
+        ).fetchall()
+    return [row[0] for row in rows]  # type: ignore[misc]
+
+
+@dataclass
+class RulesWorkers:
+    """Rules worker processes of one test, in a share group of their own."""
+
+    database_url: str
+    mqtt_port: int
+    password: str
+    log_dir: Path
+    key_dir: Path
+    group: str
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def client_id(self, worker: str) -> str:
+        return f"galvani-rules-{self.group}-{worker}"
+
+    def log_path(self, worker: str) -> Path:
+        return self.log_dir / f"rules-{self.group}-{worker}.log"
+
+    def start(self, worker: str = "1") -> subprocess.Popen[bytes]:
+        """Start (or restart) worker ``worker`` and wait until it has subscribed."""
+        port = self.metrics_ports.setdefault(worker, free_port())
+        env = dict(os.environ)
+        env.update(
+            {
+                "GALVANI_RULES_DATABASE_URL": self.database_url,
+                "GALVANI_RULES_MQTT_PORT": str(self.mqtt_port),
+                "GALVANI_RULES_MQTT_PASSWORD": self.password,
+                "GALVANI_RULES_WORKER_ID": f"{self.group}-{worker}",
+                "GALVANI_RULES_SHARE_GROUP": self.group,
+                "GALVANI_RULES_METRICS_PORT": str(port),
+                "GALVANI_RULES_SIGNING_KEY_DIR": str(self.key_dir),
+                "GALVANI_RULES_LOG_LEVEL": "INFO",
+            }
+        )
+        log = open(self.log_path(worker), "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.rules.main"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs[worker] = proc
+        wait_until(lambda: self.subscribed(worker), 20, f"rules worker {worker} to subscribe")
+        return proc
+
+    def log_text(self, worker: str = "1") -> str:
+        return self.log_path(worker).read_text(errors="replace")
+
+    def subscribed(self, worker: str) -> bool:
+        proc = self.procs[worker]
+        if proc.poll() is not None:
+            raise AssertionError(f"rules worker exited:\n{self.log_text(worker)[-3000:]}")
+        return "subscribed to" in self.log_text(worker).rsplit("rules worker", 1)[-1]
+
+    def metric(self, worker: str, name: str, labels: str = "") -> float:
+        """One sample of a worker's /metrics, 0 when absent."""
+        url = f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill(self, worker: str = "1") -> None:
+        """SIGKILL: nothing acknowledged that was not committed."""
+        proc = self.procs[worker]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self, worker: str = "1") -> int:
+        proc = self.procs[worker]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def close(self) -> None:
+        """Stop every worker and make the broker forget their sessions."""
+        for worker in list(self.procs):
+            self.stop(worker)
+            forget = MqttClient(
+                "127.0.0.1", self.mqtt_port, "galvani-rules", self.password,
+                client_id=self.client_id(worker),
+            )
+            forget.connect()
+            forget.close()

@@ -1,0 +1,558 @@
+"""Every rule of the catalogue: a stream that fires it, and a near miss that does not.
+
+The engine runs against the real database; each message is evaluated in its own
+transaction, as the worker would when messages arrive one at a time.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from services.common.signing import load_or_create_key
+from tests.rules import DAY, HOUR, MINUTE, SECOND, T0, Stream, alerts, pushes, run, setup_brand
+
+DEV = "dev-0001"
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Any:
+    return load_or_create_key(tmp_path / "secrets")
+
+
+@pytest.fixture
+def device(database_url: str) -> Stream:
+    setup_brand(database_url, [(DEV, "ann")], users={"ann": {"stage": "maintenance"}})
+    return Stream(DEV)
+
+
+def fired(url: str, rule: str) -> int:
+    """How many occurrences of ``rule`` were counted (0 when no alert)."""
+    return sum(a.count for a in alerts(url, rule))
+
+
+def locked(url: str, device_id: str = DEV) -> list[str]:
+    """The modes locked by the newest table recorded for the device ([] when none)."""
+    tables = pushes(url, device_id)
+    return sorted(tables[-1]["locked_modes"]) if tables else []
+
+
+SAFE_LOCKS = ["INFUSE", "LIFT", "TIGHTEN"]
+ALL_LOCKS = ["INFUSE", "LIFT", "SAFE", "TIGHTEN"]
+
+
+# --- usage windows -------------------------------------------------------------------------
+
+
+def test_overuse_24h_fires_on_the_third_lift_session_in_a_day(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    for i in range(3):
+        device.session(f"s{i}", T0 + i * 3 * HOUR, 300)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "overuse_24h")
+    assert (alert.severity, alert.count, alert.state) == ("warning", 1, "open")
+    assert alert.explanation["observed"]["sessions"] == 3
+    assert alert.explanation["threshold"] == {"max_sessions_24h": 2}
+    assert alert.explanation["text"].startswith("This is the 3rd session in 24 hours")
+
+
+def test_overuse_24h_near_miss_a_session_exactly_24_hours_earlier_is_outside_the_window(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.session("s0", T0, 300)
+    device.session("s1", T0 + 12 * HOUR, 300)
+    device.session("s2", T0 + DAY, 300)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "overuse_24h") == 0
+
+
+def test_overuse_24h_counts_the_users_sessions_across_devices(
+    database_url: str, key: Any
+) -> None:
+    setup_brand(database_url, [("dev-a", "bo"), ("dev-b", "bo")], users={"bo": {}})
+    a, b = Stream("dev-a"), Stream("dev-b")
+    a.session("s0", T0, 300)
+    b.session("s1", T0 + HOUR, 300)
+    a.session("s2", T0 + 2 * HOUR, 300)
+    run(database_url, key, a.messages + b.messages)
+    [alert] = alerts(database_url, "overuse_24h")
+    assert alert.device_id == "dev-a"
+
+
+def test_overuse_7d_fires_on_the_sixth_session_in_seven_days(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    for i in range(6):
+        device.session(f"s{i}", T0 + i * 25 * HOUR, 300)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "overuse_7d")
+    assert alert.count == 1
+    assert alert.explanation["observed"]["sessions"] == 6
+
+
+def test_overuse_7d_near_miss_the_fifth_session_does_not_fire(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    for i in range(5):
+        device.session(f"s{i}", T0 + i * 25 * HOUR, 300)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "overuse_7d") == 0
+
+
+def test_overuse_7d_allows_seven_in_the_intro_stage_and_fires_on_the_eighth(
+    database_url: str, key: Any
+) -> None:
+    setup_brand(database_url, [("dev-new", "cy")], users={"cy": {"stage": "intro"}})
+    stream = Stream("dev-new")
+    for i in range(7):
+        stream.session(f"s{i}", T0 + i * 23 * HOUR, 300)
+    run(database_url, key, stream.messages)
+    assert fired(database_url, "overuse_7d") == 0
+    stream.messages.clear()
+    stream.session("s7", T0 + 7 * 23 * HOUR, 300)
+    run(database_url, key, stream.messages)
+    assert fired(database_url, "overuse_7d") == 1
+
+
+def test_overuse_7d_fires_on_more_than_120_output_minutes(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    for i, seconds in enumerate([1500, 1500, 1500, 1500, 1201]):  # 120 min 1 s
+        device.session(f"s{i}", T0 + i * 25 * HOUR, seconds)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "overuse_7d")
+    assert alert.explanation["observed"]["output_min"] == 120.0
+
+
+def test_overuse_7d_near_miss_exactly_120_output_minutes(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    for i, seconds in enumerate([1500, 1500, 1500, 1500, 1200]):
+        device.session(f"s{i}", T0 + i * 25 * HOUR, seconds)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "overuse_7d") == 0
+
+
+def test_cooldown_fires_when_a_session_starts_inside_the_cooldown(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.session("s0", T0, 301)
+    device.start("s1", T0 + 301 * SECOND + 1799 * SECOND)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "cooldown")
+    assert alert.severity == "info"
+    assert alert.explanation["observed"]["gap_s"] == 1799
+
+
+@pytest.mark.parametrize(
+    ("previous_s", "gap_s"), [(301, 1800), (300, 60)], ids=["cooldown-over", "short-session"]
+)
+def test_cooldown_near_misses(
+    database_url: str, key: Any, device: Stream, previous_s: int, gap_s: int
+) -> None:
+    device.session("s0", T0, previous_s)
+    device.start("s1", T0 + (previous_s + gap_s) * SECOND)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "cooldown") == 0
+
+
+def test_cooldown_is_found_when_the_earlier_sessions_end_arrives_last(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.start("s0", T0)
+    end = device.end("s0", T0 + 600 * SECOND, 600)
+    device.start("s1", T0 + 700 * SECOND)
+    device.messages.remove(end)
+    run(database_url, key, [*device.messages, end])
+    assert fired(database_url, "cooldown") == 1
+
+
+# --- samples -------------------------------------------------------------------------------
+
+
+def test_session_overrun_fires_30_s_past_the_cap_and_pushes_safe(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.start("s0", T0)
+    device.samples("s0", T0 + 1225 * SECOND, 52)  # last sample at cap + 30.1 s
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "session_overrun")
+    assert alert.severity == "critical"
+    assert alert.explanation["text"] == (
+        "The device ran 30.1 s past its 20-minute limit for LIFT; it has been switched to "
+        "safe mode (mode table v1)."
+    )
+    assert locked(database_url) == SAFE_LOCKS
+
+
+def test_session_overrun_near_miss_exactly_30_s_past_the_cap(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.start("s0", T0)
+    device.samples("s0", T0 + 1225 * SECOND, 51)  # last sample at cap + 30.0 s
+    run(database_url, key, device.messages)
+    assert fired(database_url, "session_overrun") == 0
+    assert pushes(database_url, DEV) == []
+
+
+def test_session_overrun_uses_the_first_sample_when_the_start_event_is_missing(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 10)
+    device.samples("s0", T0 + 1231 * SECOND, 10)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "session_overrun") == 1
+
+
+def test_no_gel_fires_after_more_than_10_s_of_dry_impedance_in_a_session(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 60, z_ohm=55_000.0)
+    device.samples("s0", T0 + 30 * SECOND, 41, z_ohm=120_000.0)  # 10.1 s in total
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "no_gel")
+    assert alert.explanation["observed"]["seconds"] == 10.1
+    assert pushes(database_url, DEV) == []
+
+
+def test_no_gel_near_miss_exactly_10_s(database_url: str, key: Any, device: Stream) -> None:
+    device.samples("s0", T0, 100, z_ohm=55_000.0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "no_gel") == 0
+
+
+def test_no_contact_fires_after_more_than_2_s_and_resolves_when_contact_returns(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 10)
+    device.samples("s0", T0 + SECOND, 22, z_ohm=400_000.0)  # 2.1 s
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "no_contact")
+    assert alert.state == "open"
+    device.messages.clear()
+    device.samples("s0", T0 + 4 * SECOND, 10)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "no_contact")
+    assert alert.state == "resolved"
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT resolved_by, resolution FROM alerts WHERE rule = 'no_contact'"
+        ).fetchone()
+    assert row is not None
+    assert row[0] == "galvani-rules"
+    assert str(row[1]).startswith("contact regained at ")
+
+
+def test_no_contact_fires_on_current_below_a_tenth_of_setpoint(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 30, i_ua=25.0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "no_contact") == 1
+
+
+def test_no_contact_near_miss_exactly_2_s(database_url: str, key: Any, device: Stream) -> None:
+    device.samples("s0", T0, 21, z_ohm=400_000.0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "no_contact") == 0
+
+
+def test_short_circuit_fires_after_more_than_1_s_and_pushes_safe(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 12, z_ohm=250.0)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "short_circuit")
+    assert alert.severity == "critical"
+    assert locked(database_url) == SAFE_LOCKS
+
+
+def test_short_circuit_near_miss_exactly_1_s(database_url: str, key: Any, device: Stream) -> None:
+    device.samples("s0", T0, 11, z_ohm=250.0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "short_circuit") == 0
+
+
+def test_overcurrent_fires_above_1_2_times_i_max_for_more_than_200_ms(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 6)
+    device.samples("s0", T0 + 600, 4, i_ua=481.0)  # LIFT i_max 400: limit 480 µA, 300 ms
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "overcurrent")
+    assert alert.explanation["observed"]["duration_s"] == 0.3
+    assert alert.explanation["threshold"]["i_ua"] == pytest.approx(480.0)
+    assert locked(database_url) == SAFE_LOCKS
+
+
+def test_overcurrent_near_miss_200_ms_and_exactly_the_limit(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 3, i_ua=481.0)  # 200 ms
+    device.samples("s0", T0 + SECOND, 10, i_ua=480.0)  # at the limit, not above
+    run(database_url, key, device.messages)
+    assert fired(database_url, "overcurrent") == 0
+
+
+def test_overcurrent_fires_on_a_single_sample_above_1000_ua(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 1, i_ua=1000.5)
+    device.samples("s0", T0 + SECOND, 1, i_ua=1000.0)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "overcurrent")
+    assert alert.count == 1
+
+
+def test_a_run_split_across_messages_is_one_occurrence_whatever_the_order(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    parts = device.samples("s0", T0, 30, per_message=10, i_ua=700.0)
+    run(database_url, key, [parts[2], parts[0], parts[2], parts[1]])
+    [alert] = alerts(database_url, "overcurrent")
+    assert alert.count == 1
+    with psycopg.connect(database_url) as conn:
+        spans = conn.execute(
+            "SELECT variant, ended_at - started_at FROM alert_triggers"
+            " WHERE rule = 'overcurrent' ORDER BY variant"
+        ).fetchall()
+    assert [(v, d.total_seconds()) for v, d in spans] == [("sustained", 2.9)]
+
+
+def test_regulation_drift_fires_off_setpoint_for_more_than_2_s_with_impedance_in_range(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 22, i_ua=230.0)  # 23 % under 300 µA
+    run(database_url, key, device.messages)
+    assert fired(database_url, "regulation_drift") == 1
+
+
+@pytest.mark.parametrize(
+    ("count", "fields"),
+    [(21, {"i_ua": 230.0}), (40, {"i_ua": 241.0}), (40, {"i_ua": 200.0, "z_ohm": 25_000.0})],
+    ids=["exactly-2s", "within-20pct", "impedance-out-of-range"],
+)
+def test_regulation_drift_near_misses(
+    database_url: str, key: Any, device: Stream, count: int, fields: dict[str, Any]
+) -> None:
+    device.samples("s0", T0, count, **fields)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "regulation_drift") == 0
+
+
+def test_electrode_above_41_c_is_critical_and_pushes_safe(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 1, t_elec_c=41.2)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "electrode_overtemp")
+    assert alert.severity == "critical"
+    assert locked(database_url) == SAFE_LOCKS
+
+
+def test_electrode_above_39_c_for_more_than_60_s_is_a_warning(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 602, per_message=50, t_elec_c=39.5)  # 60.1 s
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "electrode_overtemp")
+    assert (alert.severity, alert.count) == ("warning", 1)
+    assert pushes(database_url, DEV) == []
+
+
+def test_electrode_near_misses_41_c_and_60_s_above_39_c(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 601, per_message=50, t_elec_c=39.5)  # 60.0 s
+    device.samples("s0", T0 + 2 * MINUTE, 5, t_elec_c=41.0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "electrode_overtemp") == 0
+
+
+def test_battery_above_60_c_locks_every_mode(database_url: str, key: Any, device: Stream) -> None:
+    device.samples(None, T0, 1, out=False, t_batt_c=60.5)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "battery_overtemp")
+    assert alert.severity == "critical"
+    assert locked(database_url) == ALL_LOCKS
+    assert alert.explanation["text"].endswith("; all modes have been locked (mode table v1).")
+
+
+def test_battery_rising_faster_than_1_c_per_s_fires(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 1, t_batt_c=40.0)
+    device.samples("s0", T0 + 500, 1, t_batt_c=40.6)  # 1.2 °C/s
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "battery_overtemp")
+    assert alert.explanation["variant"] == "rising"
+
+
+def test_battery_near_misses_60_c_and_1_c_per_s(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples("s0", T0, 1, t_batt_c=50.0)
+    device.samples("s0", T0 + SECOND, 1, t_batt_c=51.0)  # exactly 1 °C/s
+    device.samples("s0", T0 + 10 * SECOND, 1, t_batt_c=60.0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "battery_overtemp") == 0
+
+
+def test_output_while_charging_locks_every_mode(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.samples(None, T0, 5, out=False, charging=True)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "output_while_charging") == 0
+    device.samples("s0", T0 + MINUTE, 1, charging=True)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "output_while_charging") == 1
+    assert locked(database_url) == ALL_LOCKS
+
+
+def test_low_battery_start_fires_below_the_modes_minimum(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.start("s0", T0)
+    device.samples("s0", T0 + 100, 10, batt_pct=19)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "low_battery_start")
+    assert alert.explanation["observed"] == {"batt_pct": 19}
+
+
+def test_low_battery_start_is_judged_when_the_start_event_arrives_after_the_samples(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    start = device.start("s0", T0)
+    device.samples("s0", T0 + 100, 10, batt_pct=12)
+    device.messages.remove(start)
+    run(database_url, key, [*device.messages, start])
+    assert fired(database_url, "low_battery_start") == 1
+
+
+def test_low_battery_start_near_miss_at_the_minimum_and_later_in_the_session(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.start("s0", T0)
+    device.samples("s0", T0 + 100, 10, batt_pct=20)
+    device.samples("s0", T0 + 5 * MINUTE, 10, batt_pct=5)  # drained during the session
+    run(database_url, key, device.messages)
+    assert fired(database_url, "low_battery_start") == 0
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def test_reboot_loop_fires_on_three_unexpected_reboots_in_10_minutes(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    for i, reason in enumerate(["watchdog", "brownout", "panic"]):
+        device.event("reboot", T0 + i * 4 * MINUTE, reason=reason)
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "reboot_loop")
+    assert alert.explanation["observed"]["reasons"] == ["watchdog", "brownout", "panic"]
+    assert locked(database_url) == SAFE_LOCKS
+
+
+def test_reboot_loop_near_misses_spread_over_10_minutes_and_expected_reboots(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.event("reboot", T0, reason="watchdog")
+    device.event("reboot", T0 + 5 * MINUTE, reason="watchdog")
+    device.event("reboot", T0 + 10 * MINUTE + 1, reason="watchdog")
+    device.event("reboot", T0 + 11 * MINUTE, reason="power_on")
+    device.event("reboot", T0 + 12 * MINUTE, reason="firmware_update")
+    run(database_url, key, device.messages)
+    assert fired(database_url, "reboot_loop") == 0
+
+
+def test_contraindicated_use_locks_every_device_of_the_user(database_url: str, key: Any) -> None:
+    setup_brand(
+        database_url,
+        [("dev-p1", "dee"), ("dev-p2", "dee"), ("dev-other", None)],
+        users={"dee": {"contraindications": ["pacemaker"]}},
+    )
+    stream = Stream("dev-p1")
+    stream.start("s0", T0)
+    run(database_url, key, stream.messages)
+    [alert] = alerts(database_url, "contraindicated_use")
+    assert alert.severity == "critical"
+    assert "pacemaker" in alert.explanation["text"]
+    assert locked(database_url, "dev-p1") == ALL_LOCKS
+    assert locked(database_url, "dev-p2") == ALL_LOCKS
+    assert pushes(database_url, "dev-other") == []
+
+
+def test_contraindicated_use_near_miss_a_user_without_flags(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.start("s0", T0)
+    run(database_url, key, device.messages)
+    assert fired(database_url, "contraindicated_use") == 0
+
+
+def test_adverse_reports_burn_is_critical_and_locks_redness_is_a_warning(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.event("user_report", T0, kind="redness")
+    device.event("user_report", T0 + MINUTE, kind="discomfort")
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "adverse_report")
+    assert (alert.severity, alert.count) == ("warning", 1)
+    assert pushes(database_url, DEV) == []
+    device.messages.clear()
+    device.event("user_report", T0 + HOUR, kind="burn", note="left cheek")
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "adverse_report")
+    assert (alert.severity, alert.count) == ("critical", 2)
+    assert locked(database_url) == ALL_LOCKS
+
+
+def test_device_fault_severity_and_action_follow_the_code(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.event("fault", T0, code="dc_offset")
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "device_fault")
+    assert alert.severity == "warning"
+    assert pushes(database_url, DEV) == []
+    device.messages.clear()
+    device.event("fault", T0 + MINUTE, code="overtemp_electrode", detail={"t_elec_c": 42.5})
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "device_fault")
+    assert (alert.severity, alert.count) == ("critical", 2)
+    assert locked(database_url) == SAFE_LOCKS
+
+
+def test_a_second_critical_finding_does_not_push_safe_twice(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.event("fault", T0, code="overcurrent")
+    device.samples("s0", T0 + SECOND, 1, i_ua=1500.0)
+    run(database_url, key, device.messages)
+    assert len(pushes(database_url, DEV)) == 1
+    [alert] = alerts(database_url, "overcurrent")
+    assert "already in safe mode (mode table v1)" in alert.explanation["text"]
+
+
+def test_config_rejected_fires_and_an_applied_answer_does_not(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    device.state(T0, {"version": 3, "sha256": "ab" * 32, "status": "applied"})
+    device.state(
+        T0 + MINUTE,
+        {"version": 4, "sha256": "cd" * 32, "status": "rejected", "reason": "outside_envelope"},
+    )
+    run(database_url, key, device.messages)
+    [alert] = alerts(database_url, "config_rejected")
+    assert alert.explanation["observed"] == {"version": 4, "reason": "outside_envelope"}
+    assert alert.explanation["text"].startswith("The device rejected mode table v4")
+
+
+def test_unknown_devices_are_ignored(database_url: str, key: Any, device: Stream) -> None:
+    ghost = Stream("ghost-001")
+    ghost.event("fault", T0, code="overcurrent")
+    run(database_url, key, ghost.messages)
+    assert alerts(database_url) == []
