@@ -307,7 +307,10 @@ class RulesWorkers:
         for worker in list(self.procs):
             self.stop(worker)
             forget = MqttClient(
-                "127.0.0.1", self.mqtt_port, "galvani-rules", self.password,
+                "127.0.0.1",
+                self.mqtt_port,
+                "galvani-rules",
+                self.password,
                 client_id=self.client_id(worker),
             )
             forget.connect()

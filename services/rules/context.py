@@ -9,9 +9,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg.types.json import Jsonb
+
 from services.common.db import Conn
 from services.common.mode_tables import DEFAULT_MODES
-from services.rules.catalogue import Thresholds
+from services.rules.catalogue import Thresholds, check_overrides
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,26 @@ def load_thresholds(conn: Conn, brand_ids: Iterable[str]) -> dict[str, Threshold
         assert isinstance(params, dict)
         overrides[str(brand_id)][str(rule)] = {str(k): float(v) for k, v in params.items()}
     return {brand: Thresholds(per_rule) for brand, per_rule in overrides.items()}
+
+
+def save_overrides(
+    conn: Conn, brand_id: str, rule: str, params: Mapping[str, object], actor: str
+) -> dict[str, float]:
+    """Set a brand's overrides of one rule (replacing earlier ones), in the caller's
+    transaction; raises ``ThresholdError`` for a loosening past the limit or an unknown name."""
+    checked = check_overrides(rule, params)
+    if not checked:
+        conn.execute(
+            "DELETE FROM brand_rule_thresholds WHERE brand_id = %s AND rule = %s", [brand_id, rule]
+        )
+        return checked
+    conn.execute(
+        "INSERT INTO brand_rule_thresholds (brand_id, rule, params, updated_by)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (brand_id, rule) DO UPDATE SET"
+        " params = EXCLUDED.params, updated_by = EXCLUDED.updated_by, updated_at = now()",
+        [brand_id, rule, Jsonb(checked), actor],
+    )
+    return checked
 
 
 def load_contexts(conn: Conn, device_ids: Iterable[str]) -> dict[str, DeviceContext]:
