@@ -68,9 +68,7 @@ def test_overuse_24h_near_miss_a_session_exactly_24_hours_earlier_is_outside_the
     assert fired(database_url, "overuse_24h") == 0
 
 
-def test_overuse_24h_counts_the_users_sessions_across_devices(
-    database_url: str, key: Any
-) -> None:
+def test_overuse_24h_counts_the_users_sessions_across_devices(database_url: str, key: Any) -> None:
     setup_brand(database_url, [("dev-a", "bo"), ("dev-b", "bo")], users={"bo": {}})
     a, b = Stream("dev-a"), Stream("dev-b")
     a.session("s0", T0, 300)

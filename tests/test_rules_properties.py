@@ -11,7 +11,6 @@ alerts with the same counts and severities, and leave the same modes locked.
 import itertools
 import random
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -123,7 +122,8 @@ def outcome(url: str, brand: str) -> dict[str, Any]:
         ).fetchall()
         locks = conn.execute(
             "SELECT substr(d.id, %s), p.payload->'locked_modes' FROM devices d"
-            " LEFT JOIN config_pushes p ON p.device_id = d.id AND p.version = d.config_desired_version"
+            " LEFT JOIN config_pushes p"
+            " ON p.device_id = d.id AND p.version = d.config_desired_version"
             " WHERE d.brand_id = %s",
             [strip + 1, brand],
         ).fetchall()
