@@ -19,7 +19,16 @@ from services.common.api_keys import key_is_active
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.provisioning import provision_device
 from services.common.settings import REPO_ROOT
-from tests.ingest import T0_MS, Device, connect_device, scalar, telemetry, topic, wait_until
+from tests.ingest import (
+    T0_MS,
+    Device,
+    connect_device,
+    event,
+    scalar,
+    telemetry,
+    topic,
+    wait_until,
+)
 
 READY_TIMEOUT_S = 90
 
@@ -92,7 +101,7 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
             assert conn.execute(
                 "SELECT value FROM galvani_meta WHERE key = 'storage'"
             ).fetchone() == ("timescaledb-apache",)
-        assert {"ingest-1", "ingest-2", "fleet"} <= set(info["pids"])
+        assert {"ingest-1", "ingest-2", "rules-1", "fleet"} <= set(info["pids"])
         assert_device_data_reaches_the_database(info, data_dir)
         fleet = assert_simulated_fleet_reports(info, 3)
     finally:
@@ -148,12 +157,21 @@ def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
     )
     try:
         assert client.publish(topic("run-dev-1", "telemetry"), telemetry(1, T0_MS)) in (0, 16)
+        client.subscribe(topic("run-dev-1", "config"))
+        burn = event(2, T0_MS + 5000, "user_report", kind="burn")
+        assert client.publish(topic("run-dev-1", "events"), burn) in (0, 16)
+        locked = client.wait_for(topic("run-dev-1", "config"), 30)
     finally:
         client.close()
     wait_until(
         lambda: scalar(url, "SELECT count(*) FROM samples WHERE device_id = 'run-dev-1'") == 10,
         what="the device's samples in the database",
     )
+    # The rules worker raised the alert and locked the device with a table signed by the
+    # stack's key.
+    assert locked is not None
+    assert json.loads(locked.payload)["locked_modes"] == ["LIFT", "TIGHTEN", "INFUSE", "SAFE"]
+    assert scalar(url, "SELECT severity FROM alerts WHERE device_id = 'run-dev-1'") == "critical"
 
 
 def test_requested_port_that_is_taken_is_a_clear_error():

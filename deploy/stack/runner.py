@@ -269,10 +269,11 @@ def start_broker(stack: Stack, database_url: str, secrets: Secrets) -> tuple[int
     )
     stack.broker = broker
     log.info("starting Mosquitto on port %d (devices) and %d (services)", device_port, service_port)
-    # Devices are admitted only once ingest has subscribed (admit_devices): Mosquitto 2.0
-    # restores plain subscriptions from its persistence file but not shared ones, so a
-    # device publishing between a broker restart and ingest's resubscription would have its
-    # messages acknowledged and dropped (docs/architecture.md, "Broker restarts").
+    # Devices are admitted only once ingest and rules have subscribed (admit_devices):
+    # Mosquitto 2.0 restores plain subscriptions from its persistence file but not shared
+    # ones, so a device publishing between a broker restart and the workers' resubscription
+    # would have its messages acknowledged and dropped (docs/architecture.md, "Broker
+    # restarts").
     broker.start([])
     return device_port, service_port
 
@@ -323,16 +324,19 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
             cwd=REPO_ROOT,
         )
     )
-    for worker in range(1, options.ingest_workers + 1):
-        start_ingest = _ingest_starter(stack, database_url, service_port, secrets, worker)
-        child = start_ingest()
+    # Both consumers subscribe before any device is admitted (see start_broker).
+    workers = [("ingest", str(n)) for n in range(1, options.ingest_workers + 1)]
+    workers.append(("rules", "1"))
+    for service, worker in workers:
+        start_worker = _worker_starter(stack, service, database_url, service_port, secrets, worker)
+        child = start_worker()
         stack.services.append(child)
-        stack.restart[child.name] = start_ingest
+        stack.restart[child.name] = start_worker
         wait_until(
-            functools.partial(_ingest_connected, stack.metrics[child.name]),
+            functools.partial(_worker_connected, stack.metrics[child.name], service),
             child=child,
             timeout_s=SERVICE_READY_TIMEOUT_S,
-            what=f"ingest worker {worker}",
+            what=f"{service} worker {worker}",
         )
     api_url = f"http://{LOOPBACK}:{api_port}"
     wait_until(
@@ -391,25 +395,27 @@ def _fleet_connected(status: Path, devices: int) -> bool:
     return bool(report.get("connected", 0) >= devices)
 
 
-def _ingest_starter(
-    stack: Stack, database_url: str, service_port: int, secrets: Secrets, worker: int
+def _worker_starter(
+    stack: Stack, service: str, database_url: str, service_port: int, secrets: Secrets, worker: str
 ) -> Callable[[], Child]:
-    name = f"ingest-{worker}"
+    """How to (re)start worker ``worker`` of ``service`` (ingest or rules) under one name."""
+    name = f"{service}-{worker}"
     metrics_port = free_port()
     stack.metrics[name] = f"http://{LOOPBACK}:{metrics_port}/metrics"
+    account = ServiceAccount.INGEST if service == "ingest" else ServiceAccount.RULES
 
     def start() -> Child:
         return spawn(
             name,
-            [sys.executable, "-m", "services.ingest.main"],
+            [sys.executable, "-m", f"services.{service}.main"],
             stack.options.data_dir / "logs" / f"{name}.log",
             env=service_env(
-                "INGEST",
+                service.upper(),
                 database_url=database_url,
                 mqtt_port=service_port,
-                mqtt_password=secrets.get(f"mqtt-{ServiceAccount.INGEST}"),
+                mqtt_password=secrets.get(f"mqtt-{account}"),
                 data_dir=str(stack.options.data_dir),
-                worker_id=str(worker),
+                worker_id=worker,
                 metrics_port=metrics_port,
             ),
             cwd=REPO_ROOT,
@@ -418,10 +424,10 @@ def _ingest_starter(
     return start
 
 
-def _ingest_connected(metrics_url: str) -> bool:
+def _worker_connected(metrics_url: str, service: str) -> bool:
     try:
         with urllib.request.urlopen(metrics_url, timeout=2) as response:  # noqa: S310 - loopback
-            return b"galvani_ingest_connected 1.0" in response.read()
+            return f"galvani_{service}_connected 1.0".encode() in response.read()
     except (urllib.error.URLError, OSError):
         return False
 
