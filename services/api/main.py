@@ -10,9 +10,13 @@ import uvicorn
 from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
+from services.api import problems
 from services.api.health.endpoints import router as health_router
+from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
+from services.api.signing.endpoints import router as signing_router
 from services.common.logs import configure_logging
+from services.common.signing import load_or_create_key, public_key_b64
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -30,6 +34,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         pool.open(wait=False)
         app.state.pool = pool
         app.state.settings = settings
+        # The same key directory as the rules workers: whoever starts first creates it.
+        app.state.config_public_key = public_key_b64(load_or_create_key(settings.key_dir()))
         try:
             yield
         finally:
@@ -41,7 +47,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         description="Fleet backend for connected microcurrent personal-care devices.",
         lifespan=lifespan,
     )
+    problems.install(app)
     app.include_router(health_router)
+    app.include_router(signing_router)
+    app.include_router(rules_router)
     return app
 
 

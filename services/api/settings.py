@@ -1,5 +1,7 @@
 """API service settings (environment prefix ``GALVANI_API_``)."""
 
+from pathlib import Path
+
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -15,3 +17,9 @@ class ApiSettings(ServiceSettings):
     mqtt_username: str = "galvani-api"
     pool_min_size: int = 1
     pool_max_size: int = 10
+    # The mode-table signing key's directory (default ``<data_dir>/secrets``).
+    signing_key_dir: Path | None = None
+
+    def key_dir(self) -> Path:
+        """Where the signing key lives."""
+        return self.signing_key_dir or self.data_dir / "secrets"

@@ -1,0 +1,94 @@
+"""Request dependencies: the database connection (transaction owned here) and the caller's key."""
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool
+
+from services.api.problems import ProblemError
+from services.common.api_keys import Role, digest
+from services.common.db import Conn
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gvk_...`")
+
+
+def _connection(request: Request) -> Iterator[Conn]:
+    """One connection per request; committed if the endpoint returns, rolled back if it raises."""
+    pool: ConnectionPool = request.app.state.pool
+    with pool.connection() as conn, conn.transaction():
+        yield conn
+
+
+ConnDep = Annotated[Conn, Depends(_connection)]
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """The caller: its key's id, role and brand (``None`` for the operator)."""
+
+    id: uuid.UUID
+    role: Role
+    brand_id: str | None
+
+    @property
+    def brand(self) -> str:
+        """The caller's brand; refuses the operator, which has none."""
+        if self.brand_id is None:
+            raise ProblemError(
+                403,
+                "brand-key-required",
+                "A brand key is required",
+                "this endpoint answers for one brand: call it with a key of that brand",
+            )
+        return self.brand_id
+
+    @property
+    def actor(self) -> str:
+        """Who did it, as recorded in audit columns."""
+        return f"api-key:{self.id}"
+
+
+def _unauthorized(detail: str) -> ProblemError:
+    return ProblemError(
+        401,
+        "unauthorized",
+        "Unauthorized",
+        detail,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _current_key(
+    conn: ConnDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    if credentials is None:
+        raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
+    row = conn.execute(
+        "SELECT id, role, brand_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+        [digest(credentials.credentials)],
+    ).fetchone()
+    if row is None:
+        raise _unauthorized("the API key is unknown or has been revoked")
+    key_id, role, brand_id = row
+    assert isinstance(key_id, uuid.UUID)
+    return ApiKey(key_id, Role(str(role)), str(brand_id) if brand_id is not None else None)
+
+
+CurrentKey = Annotated[ApiKey, Depends(_current_key)]
+
+
+def require(key: ApiKey, *roles: Role) -> None:
+    """Refuse ``key`` unless its role is one of ``roles``."""
+    if key.role not in roles:
+        allowed = ", ".join(role.value for role in roles)
+        raise ProblemError(
+            403,
+            "forbidden",
+            "Forbidden",
+            f"a {key.role.value} key cannot do this; it needs one of: {allowed}",
+        )

@@ -1,0 +1,1 @@
+"""The rule catalogue and a brand's thresholds."""

@@ -1,0 +1,42 @@
+"""Rule catalogue schemas."""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Threshold(BaseModel):
+    """One threshold of a rule, as it applies to the caller's brand."""
+
+    name: str
+    unit: str
+    default: float | None = Field(
+        description="the catalogue's default; null: taken from the mode table the device runs"
+    )
+    value: float | None = Field(description="what applies to this brand")
+    overridden: bool
+    tighter: str = Field(description="`lower` or `higher`: which way tightens it")
+    limit: float = Field(description="the loosest value a brand may set")
+
+
+class RuleOut(BaseModel):
+    """A rule of the safety catalogue."""
+
+    id: str
+    version: int
+    severity: str
+    action: str
+    summary: str
+    thresholds: list[Threshold]
+
+
+class RuleList(BaseModel):
+    items: list[RuleOut]
+
+
+class RulePatch(BaseModel):
+    """New overrides: a number sets one, ``null`` returns it to the default."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"thresholds": {"total_s": 5}}]}
+    )
+
+    thresholds: dict[str, float | None]

@@ -1,0 +1,1 @@
+"""The public key devices verify mode tables with."""

@@ -1,0 +1,142 @@
+"""The API's signing-key and rule-threshold endpoints, with real keys in a real database."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from services.api.main import create_app
+from services.api.settings import ApiSettings
+from services.common.api_keys import Role, issue_key
+from services.common.signing import load_or_create_key, public_key_b64
+
+
+@pytest.fixture
+def keys(database_url: str) -> dict[str, str]:
+    """Plaintext keys by name: operator, acme admin/viewer, and another brand's admin."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'Acme'), ('other', 'Other')")
+        issued = {
+            "operator": issue_key(conn, role=Role.OPERATOR, name="op", brand_id=None),
+            "admin": issue_key(conn, role=Role.ADMIN, name="a", brand_id="acme"),
+            "viewer": issue_key(conn, role=Role.VIEWER, name="v", brand_id="acme"),
+            "other": issue_key(conn, role=Role.ADMIN, name="o", brand_id="other"),
+            "revoked": issue_key(conn, role=Role.ADMIN, name="r", brand_id="acme"),
+        }
+        conn.execute("UPDATE api_keys SET revoked_at = now() WHERE name = 'r'")
+    return {name: key.key for name, key in issued.items()}
+
+
+@pytest.fixture
+def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    settings = ApiSettings(database_url=database_url, mqtt_password="x", data_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_the_signing_key_endpoint_serves_the_public_half_of_the_data_dirs_key(
+    client: TestClient, keys: dict[str, str], tmp_path: Path
+) -> None:
+    response = client.get("/v1/config-signing-key", headers=auth(keys["viewer"]))
+    assert response.status_code == 200
+    expected = public_key_b64(load_or_create_key(tmp_path / "secrets"))
+    assert response.json() == {"public_key": expected, "algorithm": "ed25519"}
+
+
+@pytest.mark.parametrize("header", [None, "Bearer gvk_not-a-key", "revoked"])
+def test_missing_unknown_and_revoked_keys_get_401_problem_json(
+    client: TestClient, keys: dict[str, str], header: str | None
+) -> None:
+    headers = {}
+    if header == "revoked":
+        headers = auth(keys["revoked"])
+    elif header is not None:
+        headers = {"Authorization": header}
+    response = client.get("/v1/config-signing-key", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["type"].endswith("/unauthorized")
+
+
+def test_rules_list_the_catalogue_with_the_brands_thresholds(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    response = client.get("/v1/rules", headers=auth(keys["viewer"]))
+    assert response.status_code == 200
+    rules = {rule["id"]: rule for rule in response.json()["items"]}
+    assert len(rules) == 20
+    [total] = [t for t in rules["no_gel"]["thresholds"] if t["name"] == "total_s"]
+    assert total == {
+        "name": "total_s",
+        "unit": "s",
+        "default": 10.0,
+        "value": 10.0,
+        "overridden": False,
+        "tighter": "lower",
+        "limit": 10.0,
+    }
+
+
+def test_an_admin_tightens_a_threshold_for_its_brand_only(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    response = client.patch(
+        "/v1/rules/no_gel", json={"thresholds": {"total_s": 5}}, headers=auth(keys["admin"])
+    )
+    assert response.status_code == 200
+    [total] = [t for t in response.json()["thresholds"] if t["name"] == "total_s"]
+    assert (total["value"], total["overridden"]) == (5.0, True)
+    other = client.get("/v1/rules", headers=auth(keys["other"])).json()["items"]
+    [no_gel] = [rule for rule in other if rule["id"] == "no_gel"]
+    assert [t["value"] for t in no_gel["thresholds"] if t["name"] == "total_s"] == [10.0]
+    reset = client.patch(
+        "/v1/rules/no_gel", json={"thresholds": {"total_s": None}}, headers=auth(keys["admin"])
+    )
+    assert [t["value"] for t in reset.json()["thresholds"] if t["name"] == "total_s"] == [10.0]
+
+
+def test_loosening_past_the_envelope_is_a_422_naming_the_field_and_limit(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    response = client.patch(
+        "/v1/rules/electrode_overtemp",
+        json={"thresholds": {"critical_c": 45}},
+        headers=auth(keys["admin"]),
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"].endswith("/threshold-outside-envelope")
+    assert body["errors"][0]["field"] == "thresholds.critical_c"
+    assert body["errors"][0]["limit"] == 41
+
+
+@pytest.mark.parametrize(
+    ("who", "path", "body", "status"),
+    [
+        ("viewer", "/v1/rules/no_gel", {"thresholds": {"total_s": 5}}, 403),
+        ("admin", "/v1/rules/no_such_rule", {"thresholds": {}}, 404),
+        ("admin", "/v1/rules/no_gel", {"thresholds": {"total_s": "five"}}, 422),
+        ("admin", "/v1/rules/no_gel", {"limits": {}}, 422),
+        ("operator", "/v1/rules/no_gel", {"thresholds": {"total_s": 5}}, 403),
+    ],
+)
+def test_rule_changes_are_refused_with_problem_json(
+    client: TestClient,
+    keys: dict[str, str],
+    who: str,
+    path: str,
+    body: dict[str, object],
+    status: int,
+) -> None:
+    response = client.patch(path, json=body, headers=auth(keys[who]))
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == status
