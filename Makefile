@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-agent check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-agent bench-rules check lint typecheck format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
@@ -15,6 +15,7 @@ help:
 	@echo "make check  - ruff and mypy (strict)"
 	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
+	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ test: test-deps venv
 # Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
 bench-ingest: test-deps venv
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+
+# Its own PostgreSQL (TimescaleDB) and Mosquitto, 10,200 background devices and the backend.
+bench-rules: test-deps venv
+	$(PY) -m bench.rules $(BENCH_ARGS)
 
 # Its own Mosquitto; no database (the broker acknowledges, nothing stores).
 bench-agent: system-deps venv

@@ -1,0 +1,647 @@
+"""``make bench-rules``: from a device's publish to the alert row, and to the SAFE table.
+
+One run, everything on this machine and all of it started (and stopped, by pid) here:
+
+1. a PostgreSQL cluster with production settings (durable, TimescaleDB preloaded), migrated,
+   and a Mosquitto broker with Galvani's generated configuration, on free loopback ports;
+2. ``--heartbeat-devices`` (10,000) + ``--session-devices`` (200) + ``--injections`` devices
+   of one brand with real broker credentials;
+3. the backend: ``--rules-workers`` rules workers and ``--ingest-workers`` ingest workers,
+   as ``make run`` starts them;
+4. a background load process with one MQTT connection per device: every heartbeat device
+   sends one idle sample a minute, every session device ten samples a second (one message),
+   spread evenly, at QoS 1;
+5. after ``--warmup`` seconds, the injector publishes one triggering message every
+   ``--interval`` seconds from a fresh device, cycling overcurrent (3 samples at 1,200 µA),
+   session overrun (output 1,235 s after a LIFT start), no gel (the 101st to 110th dry
+   sample) and battery overheating (61 °C). Each injected device is subscribed to its own
+   ``config`` topic beforehand.
+
+Measured per injection, from just before the PUBLISH is written to the socket:
+
+* (a) the alert row committed: a trigger on ``alerts`` (created by this benchmark in its own
+  database only) sends ``pg_notify`` on insert, which PostgreSQL delivers at commit; the
+  time the benchmark's listening connection receives it;
+* (b) the SAFE (or lock-all) table arriving at the device's ``config`` subscription (no gel is
+  a warning and pushes nothing).
+
+The last two lines are the result::
+
+    alert_latency_ms p50=N p99=N
+    push_latency_ms p50=N p99=N
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+
+from bench.ingest import (
+    IngestWorker,
+    distinct_free_ports,
+    postgres_cpu_s,
+    process_cpu_s,
+    provision,
+    say,
+    start_broker,
+    start_postgres,
+)
+from bench.mqtt_load import DeviceLogin, connect_packet, publish_packet
+from deploy.stack.mosquitto import MosquittoBroker
+from deploy.stack.ports import LOOPBACK
+from deploy.stack.postgres import new_password
+from deploy.stack.processes import spawn, wait_until
+from services.common.broker_auth import ServiceAccount
+from services.common.migrate import upgrade
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+CONNECT_CONCURRENCY: Final = 100
+CONNECT_ATTEMPTS: Final = 40
+CONNECT_RETRY_S: Final = 0.25
+TICK_S: Final = 0.005
+HEARTBEAT_PERIOD_S: Final = 60.0
+SESSION_PERIOD_S: Final = 1.0
+WORKER_READY_TIMEOUT_S: Final = 30.0
+RESULT_TIMEOUT_S: Final = 10.0
+TRIGGERS: Final = ("overcurrent", "session_overrun", "no_gel", "battery_overtemp")
+PUSHING: Final = frozenset({"overcurrent", "session_overrun", "battery_overtemp"})
+
+NOTIFY_SQL: Final = """
+CREATE FUNCTION bench_alert_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_alerts', NEW.device_id);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_alert_notify AFTER INSERT ON alerts
+    FOR EACH ROW EXECUTE FUNCTION bench_alert_notify();
+"""
+
+
+# --- a minimal MQTT 3.1.1 client on asyncio ------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+class Client(asyncio.Protocol):
+    """One device connection: QoS 1 publishes, a subscription, incoming publishes acked."""
+
+    def __init__(self, on_message: Callable[[str, bytes, float], None] | None = None) -> None:
+        self.on_message = on_message
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[int] = loop.create_future()
+        self.suback: asyncio.Future[int] = loop.create_future()
+        self._buffer = b""
+        self._next_id = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        buf = self._buffer + data
+        pos = 0
+        while True:
+            if pos + 2 > len(buf):
+                break
+            kind, length, shift, i = buf[pos], 0, 0, pos + 1
+            while i < len(buf):
+                byte = buf[i]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not byte & 0x80:
+                    break
+            else:
+                break
+            end = i + length
+            if end > len(buf):
+                break
+            body = buf[i:end]
+            if kind == 0x20 and not self.connack.done():
+                self.connack.set_result(body[1])
+            elif kind == 0x90 and not self.suback.done():
+                self.suback.set_result(body[2])
+            elif kind & 0xF0 == 0x30:
+                self._incoming(kind, body, now)
+            pos = end
+        self._buffer = buf[pos:]
+
+    def _incoming(self, kind: int, body: bytes, now: float) -> None:
+        topic_len = struct.unpack("!H", body[:2])[0]
+        topic = body[2 : 2 + topic_len].decode()
+        rest = body[2 + topic_len :]
+        if (kind >> 1) & 0x03:
+            packet_id, payload = rest[:2], rest[2:]
+            assert self.transport is not None
+            self.transport.write(b"\x40\x02" + packet_id)
+        else:
+            payload = rest
+        if self.on_message is not None:
+            self.on_message(topic, payload, now)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Write one QoS 1 PUBLISH (PUBACKs are read and ignored)."""
+        self._next_id = self._next_id % 65_535 + 1
+        assert self.transport is not None
+        self.transport.write(publish_packet(_string(topic), self._next_id, payload))
+
+    async def subscribe(self, topic: str) -> None:
+        """SUBSCRIBE at QoS 1 and wait for the SUBACK."""
+        self._next_id = self._next_id % 65_535 + 1
+        body = struct.pack("!H", self._next_id) + _string(topic) + b"\x01"
+        assert self.transport is not None
+        self.transport.write(b"\x82" + _varint(len(body)) + body)
+        code = await asyncio.wait_for(self.suback, 10)
+        if code & 0x80:
+            raise RuntimeError(f"subscription to {topic} refused")
+
+
+async def connect(
+    host: str, port: int, login: DeviceLogin, on_message: Callable[[str, bytes, float], None] | None
+) -> Client:
+    """A connected client, retrying while the broker is still reloading its password file."""
+    loop = asyncio.get_running_loop()
+    for _ in range(CONNECT_ATTEMPTS):
+        transport, client = await loop.create_connection(lambda: Client(on_message), host, port)
+        transport.write(connect_packet(login))
+        code = await asyncio.wait_for(client.connack, 10)
+        if code == 0:
+            return client
+        transport.close()
+        await asyncio.sleep(CONNECT_RETRY_S)
+    raise RuntimeError(f"{login.device_id} could not connect")
+
+
+async def connect_all(
+    host: str,
+    port: int,
+    logins: Sequence[DeviceLogin],
+    on_message: Callable[[str, bytes, float], None] | None = None,
+) -> list[Client]:
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def one(login: DeviceLogin) -> Client:
+        async with gate:
+            return await connect(host, port, login, on_message)
+
+    return list(await asyncio.gather(*(one(login) for login in logins)))
+
+
+# --- payloads ------------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def telemetry(seq: int, session: str | None, samples: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"v": 1, "seq": seq, "session": session, "samples": samples}).encode()
+
+
+def sample(ts: int, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "ts": ts,
+        "mode": "LIFT",
+        "level": 5,
+        "out": True,
+        "i_ua": 301.0,
+        "i_set_ua": 300.0,
+        "v_v": 2.4,
+        "z_ohm": 7800.0,
+        "t_elec_c": 33.0,
+        "t_batt_c": 30.0,
+        "batt_pct": 80,
+        "charging": False,
+    }
+    base.update(fields)
+    return base
+
+
+def idle_sample(ts: int) -> dict[str, Any]:
+    return {"ts": ts, "out": False, "t_batt_c": 24.0, "batt_pct": 81, "charging": False}
+
+
+def event(seq: int, ts: int, type_: str, **fields: Any) -> bytes:
+    return json.dumps({"v": 1, "seq": seq, "ts": ts, "type": type_, **fields}).encode()
+
+
+# --- background load -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Background:
+    host: str
+    port: int
+    heartbeat: tuple[DeviceLogin, ...]
+    session: tuple[DeviceLogin, ...]
+
+
+def background_process(plan: Background, ready: Any, stop: Any, sent: Any) -> None:
+    """Keep every background device publishing on schedule until ``stop`` is set."""
+    asyncio.run(_background(plan, ready, stop, sent))
+
+
+async def _background(plan: Background, ready: Any, stop: Any, sent: Any) -> None:
+    heartbeat = await connect_all(plan.host, plan.port, plan.heartbeat)
+    session = await connect_all(plan.host, plan.port, plan.session)
+    ready.set()
+    seqs = {id(c): 0 for c in heartbeat + session}
+    start = time.monotonic()
+    done_h = done_s = 0
+    hb_every = HEARTBEAT_PERIOD_S / max(1, len(heartbeat))
+    s_every = SESSION_PERIOD_S / max(1, len(session))
+    while not stop.is_set():
+        elapsed = time.monotonic() - start
+        ts = now_ms()
+        while heartbeat and done_h * hb_every <= elapsed:
+            i = done_h % len(heartbeat)
+            client, login = heartbeat[i], plan.heartbeat[i]
+            seqs[id(client)] += 1
+            client.publish(
+                f"galvani/v1/d/{login.device_id}/telemetry",
+                telemetry(seqs[id(client)], None, [idle_sample(ts)]),
+            )
+            done_h += 1
+        while session and done_s * s_every <= elapsed:
+            i = done_s % len(session)
+            client, login = session[i], plan.session[i]
+            seqs[id(client)] += 1
+            samples = [sample(ts - 900 + 100 * k) for k in range(10)]
+            client.publish(
+                f"galvani/v1/d/{login.device_id}/telemetry",
+                telemetry(seqs[id(client)], f"bg-{i}", samples),
+            )
+            done_s += 1
+        sent.value = done_h + done_s
+        await asyncio.sleep(TICK_S)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Injection:
+    trigger: str
+    login: DeviceLogin
+    client: Client | None = None
+    published: float | None = None
+    alerted: float | None = None
+    pushed: float | None = None
+    seq: int = 0
+
+
+@dataclass
+class Listener:
+    """Receives the alert notifications on a connection of its own."""
+
+    url: str
+    by_device: dict[str, float] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("LISTEN bench_alerts")
+            while not self.stop.is_set():
+                for note in conn.notifies(timeout=0.5):
+                    self.by_device.setdefault(note.payload, time.monotonic())
+
+
+def start_worker(
+    service: str,
+    number: int,
+    root: Path,
+    url: str,
+    broker: MosquittoBroker,
+    password: str,
+    key_dir: Path,
+    metrics_port: int,
+    stack: contextlib.ExitStack,
+) -> IngestWorker:
+    prefix = f"GALVANI_{service.upper()}_"
+    env = dict(os.environ)
+    env.update(
+        {
+            prefix + "DATABASE_URL": url,
+            prefix + "MQTT_PORT": str(broker.config.service_port),
+            prefix + "MQTT_PASSWORD": password,
+            prefix + "WORKER_ID": str(number),
+            prefix + "METRICS_PORT": str(metrics_port),
+            prefix + "LOG_LEVEL": "INFO",
+            prefix + "DATA_DIR": str(root),
+        }
+    )
+    if service == "rules":
+        env[prefix + "SIGNING_KEY_DIR"] = str(key_dir)
+    child = spawn(
+        f"{service}-{number}",
+        [sys.executable, "-m", f"services.{service}.main"],
+        root / f"{service}-{number}.log",
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    stack.callback(child.stop)
+    worker = IngestWorker(child.name, child, metrics_port)
+    wait_until(
+        lambda: "subscribed to" in worker.log_text(),
+        child=child,
+        timeout_s=WORKER_READY_TIMEOUT_S,
+        what=child.name,
+    )
+    return worker
+
+
+async def precondition(injection: Injection, start_ms: int) -> None:
+    """What a device did before its triggering message (a session start, dry samples)."""
+    client, device = injection.client, injection.login.device_id
+    assert client is not None
+    if injection.trigger == "session_overrun":
+        injection.seq += 1
+        client.publish(
+            f"galvani/v1/d/{device}/events",
+            event(
+                injection.seq,
+                start_ms - 1_235_000,
+                "session_start",
+                session="inj",
+                mode="LIFT",
+                level=5,
+            ),
+        )
+    elif injection.trigger == "no_gel":
+        injection.seq += 1
+        client.publish(
+            f"galvani/v1/d/{device}/events",
+            event(
+                injection.seq,
+                start_ms - 60_000,
+                "session_start",
+                session="inj",
+                mode="LIFT",
+                level=5,
+            ),
+        )
+        for m in range(10):  # 100 dry samples: exactly 10 s, not yet an alert
+            injection.seq += 1
+            first = start_ms - 50_000 + m * 1000
+            samples = [sample(first + 100 * k, z_ohm=60_000.0) for k in range(10)]
+            client.publish(
+                f"galvani/v1/d/{device}/telemetry", telemetry(injection.seq, "inj", samples)
+            )
+
+
+def trigger_payload(injection: Injection) -> bytes:
+    ts = now_ms()
+    injection.seq += 1
+    if injection.trigger == "overcurrent":
+        samples = [sample(ts - 200 + 100 * k, i_ua=1200.0) for k in range(3)]
+    elif injection.trigger == "session_overrun":
+        samples = [sample(ts - 900 + 100 * k) for k in range(10)]
+    elif injection.trigger == "no_gel":
+        samples = [sample(ts - 900 + 100 * k, z_ohm=60_000.0) for k in range(10)]
+    else:
+        samples = [sample(ts, t_batt_c=61.0)]
+    return telemetry(injection.seq, "inj", samples)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def inject(
+    host: str, port: int, injections: list[Injection], interval_s: float, listener: Listener
+) -> None:
+    by_topic: dict[str, Injection] = {
+        f"galvani/v1/d/{i.login.device_id}/config": i for i in injections
+    }
+
+    def on_message(topic: str, payload: bytes, at: float) -> None:
+        injection = by_topic.get(topic)
+        if injection is not None and injection.pushed is None:
+            injection.pushed = at
+
+    clients = await connect_all(host, port, [i.login for i in injections], on_message)
+    start_ms = now_ms()
+    for injection, client in zip(injections, clients, strict=True):
+        injection.client = client
+        await client.subscribe(f"galvani/v1/d/{injection.login.device_id}/config")
+        await precondition(injection, start_ms)
+    await asyncio.sleep(3)  # let the preconditions be evaluated before the clock starts
+    for injection in injections:
+        payload = trigger_payload(injection)
+        assert injection.client is not None
+        injection.published = time.monotonic()
+        injection.client.publish(f"galvani/v1/d/{injection.login.device_id}/telemetry", payload)
+        await asyncio.sleep(interval_s)
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if all(
+            i.login.device_id in listener.by_device
+            and (i.pushed is not None or i.trigger not in PUSHING)
+            for i in injections
+        ):
+            break
+        await asyncio.sleep(0.1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench-rules", description=__doc__.split("\n")[0])
+    parser.add_argument("--heartbeat-devices", type=int, default=10_000)
+    parser.add_argument("--session-devices", type=int, default=200)
+    parser.add_argument("--injections", type=int, default=200)
+    parser.add_argument("--interval", type=float, default=0.25, help="seconds between injections")
+    parser.add_argument("--warmup", type=float, default=20.0, help="seconds of background first")
+    parser.add_argument("--rules-workers", type=int, default=1)
+    parser.add_argument("--ingest-workers", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    args = parser.parse_args(argv)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    root = Path(tempfile.mkdtemp(prefix="galvani-bench-rules-"))
+    os.chmod(root, 0o755)  # noqa: S103 - the servers run as another user and must enter it
+    try:
+        with contextlib.ExitStack() as stack:
+            return _run(args, root, stack)
+    finally:
+        if args.keep:
+            say(f"data kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
+    server = start_postgres(root, stack)
+    url = server.create_database("galvani_bench")
+    upgrade(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(NOTIFY_SQL)
+    passwords = {account: new_password() for account in ServiceAccount}
+    broker = start_broker(root, passwords, stack)
+    total = args.heartbeat_devices + args.session_devices + args.injections
+    logins = provision(url, total, broker)
+    heartbeat = logins[: args.heartbeat_devices]
+    session = logins[args.heartbeat_devices : args.heartbeat_devices + args.session_devices]
+    injected = logins[args.heartbeat_devices + args.session_devices :]
+    key_dir = root / "secrets"
+    ports = distinct_free_ports(args.rules_workers + args.ingest_workers)
+    rules = [
+        start_worker(
+            "rules",
+            n,
+            root,
+            url,
+            broker,
+            passwords[ServiceAccount.RULES],
+            key_dir,
+            ports.pop(),
+            stack,
+        )
+        for n in range(1, args.rules_workers + 1)
+    ]
+    ingest = [
+        start_worker(
+            "ingest",
+            n,
+            root,
+            url,
+            broker,
+            passwords[ServiceAccount.INGEST],
+            key_dir,
+            ports.pop(),
+            stack,
+        )
+        for n in range(1, args.ingest_workers + 1)
+    ]
+    say(
+        f"devices: {len(heartbeat)} heartbeat (1 msg/min), {len(session)} in session "
+        f"(1 msg of 10 samples/s), {len(injected)} injected; "
+        f"{len(rules)} rules and {len(ingest)} ingest workers"
+    )
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop, sent = ctx.Event(), ctx.Event(), ctx.RawValue("q", 0)
+    loader = ctx.Process(
+        target=background_process,
+        args=(
+            Background(LOOPBACK, broker.config.device_port, tuple(heartbeat), tuple(session)),
+            ready,
+            stop,
+            sent,
+        ),
+    )
+    loader.start()
+    stack.callback(lambda: (stop.set(), loader.join(30), loader.kill()))
+    if not ready.wait(300):
+        raise SystemExit("bench-rules: the background devices did not connect")
+    say(f"background connected; warming up {args.warmup:g} s")
+    time.sleep(args.warmup)
+    listener = Listener(url)
+    thread = threading.Thread(target=listener.run, daemon=True)
+    thread.start()
+    injections = [Injection(TRIGGERS[n % len(TRIGGERS)], login) for n, login in enumerate(injected)]
+    assert server.child is not None
+    assert broker.child is not None
+    postmaster, mosquitto = server.child.pid, broker.child.pid
+    before = _cpu(rules, ingest, postmaster, mosquitto)
+    sent_before, t0 = sent.value, time.monotonic()
+    asyncio.run(inject(LOOPBACK, broker.config.device_port, injections, args.interval, listener))
+    elapsed = time.monotonic() - t0
+    spent = _cpu(rules, ingest, postmaster, mosquitto).minus(before)
+    background_rate = (sent.value - sent_before) / elapsed
+    listener.stop.set()
+    thread.join(5)
+    for injection in injections:
+        injection.alerted = listener.by_device.get(injection.login.device_id)
+    alert_ms = [
+        (i.alerted - i.published) * 1000
+        for i in injections
+        if i.alerted is not None and i.published is not None
+    ]
+    push_ms = [
+        (i.pushed - i.published) * 1000
+        for i in injections
+        if i.trigger in PUSHING and i.pushed is not None and i.published is not None
+    ]
+    missing_alerts = len(injections) - len(alert_ms)
+    missing_pushes = sum(1 for i in injections if i.trigger in PUSHING) - len(push_ms)
+    by_trigger = {
+        t: statistics.median(
+            (i.alerted - i.published) * 1000
+            for i in injections
+            if i.trigger == t and i.alerted is not None and i.published is not None
+        )
+        for t in TRIGGERS
+        if any(i.trigger == t and i.alerted is not None for i in injections)
+    }
+    say(
+        f"background_msgs_per_s={background_rate:.0f} injected={len(injections)} "
+        f"alerts={len(alert_ms)} pushes={len(push_ms)} missing_alerts={missing_alerts} "
+        f"missing_pushes={missing_pushes}"
+    )
+    say(
+        "cpu_pct "
+        + " ".join(f"{name}={100 * seconds / elapsed:.0f}" for name, seconds in spent.items())
+    )
+    say("alert_p50_ms_by_trigger " + " ".join(f"{t}={v:.1f}" for t, v in by_trigger.items()))
+    if not alert_ms or not push_ms:
+        say("bench-rules: no latency measured")
+        return 1
+    say(
+        f"alert_latency_ms p50={percentile(alert_ms, 0.5):.1f} p99={percentile(alert_ms, 0.99):.1f}"
+    )
+    say(f"push_latency_ms p50={percentile(push_ms, 0.5):.1f} p99={percentile(push_ms, 0.99):.1f}")
+    return 0 if not missing_alerts and not missing_pushes else 1
+
+
+@dataclass
+class Cpu:
+    seconds: dict[str, float]
+
+    def minus(self, earlier: "Cpu") -> dict[str, float]:
+        return {k: v - earlier.seconds.get(k, 0.0) for k, v in self.seconds.items()}
+
+
+def _cpu(
+    rules: Sequence[IngestWorker], ingest: Sequence[IngestWorker], postmaster: int, broker: int
+) -> Cpu:
+    seconds = {
+        "rules": sum(process_cpu_s(w.child.pid) for w in rules),
+        "ingest": sum(process_cpu_s(w.child.pid) for w in ingest),
+        "postgres": postgres_cpu_s(postmaster),
+        "mosquitto": process_cpu_s(broker),
+    }
+    return Cpu(seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
