@@ -15,11 +15,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
 from deploy.stack.ports import free_port
 from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
 from deploy.stack.processes import service_user
+from services.api.main import create_app
+from services.api.settings import ApiSettings
+from services.common.api_keys import Role, issue_key
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
 from tests.ingest import IngestWorkers
@@ -174,3 +178,28 @@ def ingest_workers(
     )
     yield workers
     workers.close()
+
+
+@pytest.fixture
+def keys(database_url: str) -> dict[str, str]:
+    """Plaintext keys by name: operator; acme's admin, viewer, support and a revoked one; and
+    another brand's admin."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'Acme'), ('other', 'Other')")
+        issued = {
+            "operator": issue_key(conn, role=Role.OPERATOR, name="op", brand_id=None),
+            "admin": issue_key(conn, role=Role.ADMIN, name="a", brand_id="acme"),
+            "viewer": issue_key(conn, role=Role.VIEWER, name="v", brand_id="acme"),
+            "support": issue_key(conn, role=Role.SUPPORT, name="s", brand_id="acme"),
+            "other": issue_key(conn, role=Role.ADMIN, name="o", brand_id="other"),
+            "revoked": issue_key(conn, role=Role.ADMIN, name="r", brand_id="acme"),
+        }
+        conn.execute("UPDATE api_keys SET revoked_at = now() WHERE name = 'r'")
+    return {name: key.key for name, key in issued.items()}
+
+
+@pytest.fixture
+def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    settings = ApiSettings(database_url=database_url, mqtt_password="x", data_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        yield client

@@ -1,43 +1,12 @@
 """The API's signing-key and rule-threshold endpoints, with real keys in a real database."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from services.api.main import create_app
-from services.api.settings import ApiSettings
-from services.common.api_keys import Role, issue_key
 from services.common.signing import load_or_create_key, public_key_b64
-
-
-@pytest.fixture
-def keys(database_url: str) -> dict[str, str]:
-    """Plaintext keys by name: operator, acme admin/viewer, and another brand's admin."""
-    with psycopg.connect(database_url) as conn:
-        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'Acme'), ('other', 'Other')")
-        issued = {
-            "operator": issue_key(conn, role=Role.OPERATOR, name="op", brand_id=None),
-            "admin": issue_key(conn, role=Role.ADMIN, name="a", brand_id="acme"),
-            "viewer": issue_key(conn, role=Role.VIEWER, name="v", brand_id="acme"),
-            "other": issue_key(conn, role=Role.ADMIN, name="o", brand_id="other"),
-            "revoked": issue_key(conn, role=Role.ADMIN, name="r", brand_id="acme"),
-        }
-        conn.execute("UPDATE api_keys SET revoked_at = now() WHERE name = 'r'")
-    return {name: key.key for name, key in issued.items()}
-
-
-@pytest.fixture
-def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    settings = ApiSettings(database_url=database_url, mqtt_password="x", data_dir=tmp_path)
-    with TestClient(create_app(settings)) as client:
-        yield client
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+from tests.api import auth
 
 
 def test_the_signing_key_endpoint_serves_the_public_half_of_the_data_dirs_key(

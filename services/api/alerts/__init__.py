@@ -1,0 +1,1 @@
+"""Alerts: list, details with the explanation, acknowledge and resolve."""

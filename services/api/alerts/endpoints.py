@@ -1,0 +1,93 @@
+"""``/v1/alerts``: list and filter, details with the explanation, acknowledge, resolve."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+
+from services.api.alerts import repository, service
+from services.api.alerts.schemas import (
+    Alert,
+    AlertAction,
+    AlertDetail,
+    AlertList,
+    AlertState,
+    Severity,
+    Transition,
+)
+from services.api.deps import ConnDep, CurrentKey, require
+from services.api.problems import responses
+from services.common.api_keys import Role
+
+router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
+
+
+@router.get("", response_model=AlertList, responses=responses(401, 403, 422))
+def list_alerts(
+    conn: ConnDep,
+    key: CurrentKey,
+    device: Annotated[str | None, Query(max_length=64)] = None,
+    rule: Annotated[str | None, Query(max_length=64)] = None,
+    state: AlertState | None = None,
+    severity: Severity | None = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> AlertList:
+    """The brand's alerts, newest first."""
+    rows = repository.list_alerts(
+        conn,
+        key.brand,
+        device=device,
+        rule=rule,
+        state=state.value if state else None,
+        severity=severity.value if severity else None,
+        before_id=service.decode_cursor(cursor) if cursor else None,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return AlertList(
+        items=[Alert.model_validate(row) for row in rows],
+        next_cursor=service.encode_cursor(rows[-1]["id"]) if more else None,
+    )
+
+
+@router.get("/{alert_id}", response_model=AlertDetail, responses=responses(401, 403, 404))
+def get_alert(alert_id: int, conn: ConnDep, key: CurrentKey) -> AlertDetail:
+    """One alert with its explanation and every transition (who and when)."""
+    alert = service.require_alert(conn, key.brand, alert_id)
+    return AlertDetail.model_validate(
+        {
+            **alert,
+            "transitions": [
+                Transition.model_validate(t) for t in repository.transitions(conn, alert_id)
+            ],
+        }
+    )
+
+
+@router.post("/{alert_id}/ack", response_model=AlertDetail, responses=responses(401, 403, 404, 409))
+def acknowledge(
+    alert_id: int,
+    conn: ConnDep,
+    key: CurrentKey,
+    action: Annotated[AlertAction | None, Body()] = None,
+) -> AlertDetail:
+    """Acknowledge: a person is on it."""
+    require(key, Role.ADMIN, Role.SUPPORT)
+    service.acknowledge(conn, key.brand, alert_id, key.actor, action.note if action else None)
+    return get_alert(alert_id, conn, key)
+
+
+@router.post(
+    "/{alert_id}/resolve", response_model=AlertDetail, responses=responses(401, 403, 404, 409)
+)
+def resolve(
+    alert_id: int,
+    conn: ConnDep,
+    key: CurrentKey,
+    action: Annotated[AlertAction | None, Body()] = None,
+) -> AlertDetail:
+    """Resolve: the matter is closed (a repeat opens a new alert)."""
+    require(key, Role.ADMIN, Role.SUPPORT)
+    service.resolve(conn, key.brand, alert_id, key.actor, action.note if action else None)
+    return get_alert(alert_id, conn, key)
