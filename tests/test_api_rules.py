@@ -50,6 +50,7 @@ def test_rules_list_the_catalogue_with_the_brands_thresholds(
         "overridden": False,
         "tighter": "lower",
         "limit": 10.0,
+        "tightest": 0.0,
     }
 
 
@@ -109,3 +110,28 @@ def test_rule_changes_are_refused_with_problem_json(
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["status"] == status
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"thresholds": {"recent_days": 1000000}}',
+        '{"thresholds": {"recent_days": true}}',
+        '{"thresholds": {"recent_days": 1e400}}',
+        '{"thresholds": {"hours": -1}}',
+    ],
+    ids=["past-tightest", "boolean", "infinite", "negative"],
+)
+def test_thresholds_that_mean_nothing_are_refused(
+    client: TestClient, keys: dict[str, str], raw: str
+) -> None:
+    response = client.patch(
+        "/v1/rules/offline",
+        content=raw,
+        headers={**auth(keys["admin"]), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    listed = client.get("/v1/rules", headers=auth(keys["admin"])).json()["items"]
+    [offline] = [rule for rule in listed if rule["id"] == "offline"]
+    assert not any(t["overridden"] for t in offline["thresholds"])

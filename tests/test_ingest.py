@@ -2,6 +2,7 @@
 
 import json
 import random
+import secrets
 import time
 
 import psycopg
@@ -387,3 +388,27 @@ def test_a_message_the_database_refuses_becomes_a_dead_letter_without_stalling(
         device.close()
     wait_until(lambda: count(database_url, "SELECT count(*) FROM samples") == 480, what="rows")
     assert scalar(database_url, "SELECT reason FROM dead_letters") == "unstorable"
+
+
+def test_a_value_too_long_for_an_index_becomes_a_dead_letter_instead_of_a_retry_loop(
+    database_url, broker, devices, ingest_workers: IngestWorkers
+):
+    # PostgreSQL raises program_limit_exceeded (an OperationalError, like a lost connection)
+    # for an index entry over ~2,700 bytes; it must be split out, not retried forever.
+    ingest_workers.start()
+    d = devices[0].device_id
+    poison = telemetry(1, T0_MS, session=secrets.token_urlsafe(6000))
+    device = connect(broker, devices[0])
+    try:
+        device.publish_many(
+            [(topic(d, "telemetry"), poison)]
+            + [(topic(d, "telemetry"), telemetry(seq, T0_MS + seq * 1000)) for seq in range(2, 6)]
+        )
+    finally:
+        device.close()
+    wait_until(lambda: count(database_url, "SELECT count(*) FROM samples") == 40, what="rows")
+    wait_until(
+        lambda: count(database_url, "SELECT count(*) FROM dead_letters") == 1, what="dead letter"
+    )
+    assert scalar(database_url, "SELECT reason FROM dead_letters") == "unstorable"
+    assert ingest_workers.procs["1"].poll() is None

@@ -167,6 +167,35 @@ def test_cooldown_is_found_when_the_earlier_sessions_end_arrives_last(
     assert fired(database_url, "cooldown") == 1
 
 
+def test_cooldown_is_found_when_the_earlier_sessions_start_arrives_last(
+    database_url: str, key: Any, device: Stream
+) -> None:
+    start = device.start("s0", T0)
+    device.end("s0", T0 + 600 * SECOND, 600)
+    device.start("s1", T0 + 700 * SECOND)
+    device.messages.remove(start)
+    run(database_url, key, [*device.messages, start])
+    assert fired(database_url, "cooldown") == 1
+
+
+def test_an_end_before_its_start_counts_for_the_user_the_start_names(
+    database_url: str, key: Any
+) -> None:
+    setup_brand(database_url, [("dev-x", None)], users={"eve": {}})
+    stream = Stream("dev-x")
+    start = stream.start("s0", T0, user="eve")
+    stream.end("s0", T0 + 600 * SECOND, 600)
+    stream.start("s1", T0 + 700 * SECOND)  # no user: the device's own windows
+    stream.start("s2", T0 + 800 * SECOND, user="eve")
+    stream.messages.remove(start)
+    run(database_url, key, [*stream.messages, start])
+    with psycopg.connect(database_url) as conn:
+        keys = conn.execute(
+            "SELECT key FROM alert_triggers WHERE rule = 'cooldown' ORDER BY key"
+        ).fetchall()
+    assert keys == [("s2",)]
+
+
 # --- samples -------------------------------------------------------------------------------
 
 
@@ -382,7 +411,7 @@ def test_battery_rising_faster_than_1_c_per_s_fires(
     database_url: str, key: Any, device: Stream
 ) -> None:
     device.samples("s0", T0, 1, t_batt_c=40.0)
-    device.samples("s0", T0 + 500, 1, t_batt_c=40.6)  # 1.2 °C/s
+    device.samples("s0", T0 + 1500, 1, t_batt_c=41.8)  # 1.2 °C/s
     run(database_url, key, device.messages)
     [alert] = alerts(database_url, "battery_overtemp")
     assert alert.explanation["variant"] == "rising"
@@ -394,6 +423,9 @@ def test_battery_near_misses_60_c_and_1_c_per_s(
     device.samples("s0", T0, 1, t_batt_c=50.0)
     device.samples("s0", T0 + SECOND, 1, t_batt_c=51.0)  # exactly 1 °C/s
     device.samples("s0", T0 + 10 * SECOND, 1, t_batt_c=60.0)
+    # A 0.1 °C sensor step between two 10 Hz samples is not 1 °C/s.
+    device.samples("s0", T0 + 20 * SECOND, 1, t_batt_c=36.3)
+    device.samples("s0", T0 + 20 * SECOND + 100, 1, t_batt_c=36.4)
     run(database_url, key, device.messages)
     assert fired(database_url, "battery_overtemp") == 0
 
@@ -481,6 +513,23 @@ def test_contraindicated_use_locks_every_device_of_the_user(database_url: str, k
     assert locked(database_url, "dev-p1") == ALL_LOCKS
     assert locked(database_url, "dev-p2") == ALL_LOCKS
     assert pushes(database_url, "dev-other") == []
+
+
+def test_contraindicated_use_also_locks_the_device_in_use_when_registered_to_another(
+    database_url: str, key: Any
+) -> None:
+    setup_brand(
+        database_url,
+        [("dev-own", "fay"), ("dev-lent", "gus")],
+        users={"fay": {"contraindications": ["epilepsy"]}, "gus": {}},
+    )
+    stream = Stream("dev-lent")
+    stream.start("s0", T0, user="fay")
+    run(database_url, key, stream.messages)
+    assert locked(database_url, "dev-lent") == ALL_LOCKS
+    assert locked(database_url, "dev-own") == ALL_LOCKS
+    [alert] = alerts(database_url, "contraindicated_use")
+    assert "locked on 2 of the user's 2 device(s)" in alert.explanation["text"]
 
 
 def test_contraindicated_use_near_miss_a_user_without_flags(

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from services.common.broker_auth import ServiceAccount
 from services.common.protocol import signing_input
 from services.common.signing import load_or_create_key, public_key_b64
 from tests.ingest import IngestWorkers, connect_device, provision, scalar, topic, wait_until
-from tests.rules import RulesWorkers
+from tests.rules import RulesWorkers, Stream, run
 from tests.test_agent_live import AgentProcess
 
 _groups = iter(range(1, 1_000_000))
@@ -178,7 +179,7 @@ def test_killing_the_rules_worker_mid_stream_misses_and_duplicates_no_alert(
     def publish() -> None:
         for seq in range(1, per_device + 1):
             for d, client in zip(devices, clients, strict=True):
-                code = "overcurrent" if seq == 13 else "dc_offset"
+                code = "overcurrent" if seq == 2 else "dc_offset"
                 client.publish(topic(d.device_id, "events"), _fault(seq, now + seq * 1000, code))
         done.set()
 
@@ -213,11 +214,14 @@ def test_killing_the_rules_worker_mid_stream_misses_and_duplicates_no_alert(
             "SELECT count(*), count(DISTINCT (device_id, key)) FROM alert_triggers"
         ).fetchone()
         tables = conn.execute(
-            "SELECT device_id, count(*) FROM config_pushes GROUP BY device_id"
+            "SELECT device_id, count(*), count(published_at) FROM config_pushes GROUP BY device_id"
         ).fetchall()
     assert triggers == (total, total)
     assert counts == [(d.device_id, "device_fault", "critical", per_device) for d in devices]
-    assert sorted(tables) == [(d.device_id, 1) for d in devices]
+    # One SAFE table per device, and every one published, whether its device's push was
+    # recorded before or after the kill (a table recorded but not published when the worker
+    # died is published by the restarted worker's first sweep).
+    assert sorted(tables) == [(d.device_id, 1, 1) for d in devices]
 
 
 def test_two_workers_find_runs_whose_messages_were_dealt_to_different_workers(
@@ -275,3 +279,62 @@ def test_two_workers_find_runs_whose_messages_were_dealt_to_different_workers(
     assert [(r[0], r[1], r[2].total_seconds()) for r in rows] == [
         (d.device_id, 1, 0.7) for d in devices
     ]
+
+
+def test_a_table_recorded_but_never_published_reaches_the_device_after_a_restart(
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Any,
+    rules_workers: RulesWorkers,
+    key_dir: Path,
+) -> None:
+    """The worker died between its commit and the publish: the table is in the database only."""
+    [device] = provision(database_url, 1, prefix="lost")
+    sync_devices()
+    stream = Stream(device.device_id)
+    stream.event("fault", int(time.time() * 1000), code="short_circuit")
+    run(database_url, load_or_create_key(key_dir), stream.messages)  # records, publishes nothing
+    assert scalar(database_url, "SELECT count(published_at) FROM config_pushes") == 0
+    client = connect_device(broker.config.device_port, device)
+    try:
+        client.subscribe(topic(device.device_id, "config"))
+        rules_workers.start()
+        pushed = client.wait_for(topic(device.device_id, "config"), 20)
+    finally:
+        client.close()
+    assert pushed is not None
+    assert json.loads(pushed.payload)["version"] == 1
+    assert scalar(database_url, "SELECT count(published_at) FROM config_pushes") == 1
+
+
+def test_a_message_the_engine_cannot_store_is_skipped_and_the_stream_goes_on(
+    database_url: str, broker: MosquittoBroker, sync_devices: Any, rules_workers: RulesWorkers
+) -> None:
+    [device] = provision(database_url, 1, prefix="poison")
+    sync_devices()
+    rules_workers.start()
+    now = int(time.time() * 1000)
+    # A session id too long for a B-tree index entry (PostgreSQL: about 2,700 bytes):
+    # valid protocol v1, but no database index can hold it.
+    huge = secrets.token_urlsafe(6000)
+    poison = json.dumps(
+        {"v": 1, "seq": 1, "session": huge, "samples": [{"ts": now, "out": True, "i_ua": 1.0}]}
+    ).encode()
+    client = connect_device(broker.config.device_port, device)
+    try:
+        assert client.publish(topic(device.device_id, "telemetry"), poison) == 0
+        assert client.publish(topic(device.device_id, "events"), _fault(2, now + 1000)) == 0
+    finally:
+        client.close()
+    wait_until(
+        lambda: scalar(database_url, "SELECT count(*) FROM alerts") == 1,
+        20,
+        "the fault after the poison message to raise its alert",
+    )
+    assert (
+        rules_workers.metric(
+            "1", "galvani_rules_messages_total", 'channel="telemetry",outcome="failed"'
+        )
+        == 1
+    )
+    assert rules_workers.procs["1"].poll() is None

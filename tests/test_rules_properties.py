@@ -36,7 +36,11 @@ EPISODES: dict[str, dict[str, object]] = {
     "hot_electrode": {"t_elec_c": 41.5},
     "warm_electrode": {"t_elec_c": 39.5},
     "charging": {"charging": True},
+    "low_battery": {"batt_pct": 10},
+    "battery_heating": {"t_batt_c": 45.0},
 }
+# Output still on 1,231 s after the start: past the LIFT cap and its grace.
+OVERRUN_AT_MS = 1_231_000
 
 episode = st.tuples(
     st.sampled_from(sorted(EPISODES)),
@@ -46,10 +50,12 @@ episode = st.tuples(
 )
 session = st.tuples(
     st.integers(min_value=0, max_value=1),  # device
-    st.integers(min_value=0, max_value=9 * 24),  # start hour
-    st.integers(min_value=200, max_value=700),  # duration, s
+    st.integers(min_value=0, max_value=9 * 24 * 60),  # start minute
+    st.integers(min_value=200, max_value=1500),  # duration, s
     st.lists(episode, max_size=3),
     st.booleans(),  # end event sent
+    st.sampled_from([None, "ann", "bob"]),  # the user the start event names
+    st.booleans(),  # output still on past the cap
 )
 other = st.tuples(
     st.sampled_from(["reboot", "fault", "burn", "redness", "rejected"]),
@@ -61,9 +67,9 @@ other = st.tuples(
 def build(sessions: list[Any], others: list[Any]) -> list[Received]:
     """The two devices' messages in the order each device sent them."""
     streams = [Stream("d0"), Stream("d1")]
-    for n, (device, hour, duration_s, episodes, ended) in enumerate(sessions):
-        stream, name, start = streams[device], f"s{n}", T0 + hour * HOUR + n * MINUTE
-        stream.start(name, start)
+    for n, (device, minute, duration_s, episodes, ended, user, overrun) in enumerate(sessions):
+        stream, name, start = streams[device], f"s{n}", T0 + minute * MINUTE + n * SECOND
+        stream.start(name, start, user=user)
         # Episodes follow one another: a device never sends two samples with one timestamp.
         position = 0
         for kind, gap, length, per_message in episodes:
@@ -76,6 +82,8 @@ def build(sessions: list[Any], others: list[Any]) -> list[Received]:
                 **EPISODES[kind],  # type: ignore[arg-type]
             )
             position += length
+        if overrun:
+            stream.samples(name, start + OVERRUN_AT_MS, 3)
         if ended:
             stream.end(name, start + duration_s * SECOND, duration_s)
     for kind, device, minute in others:
@@ -138,11 +146,16 @@ def outcome(url: str, brand: str) -> dict[str, Any]:
 
 
 def evaluate_as(url: str, key: Any, messages: list[Received], brand: str) -> dict[str, Any]:
+    # d0 is ann's; d1 has no registered user. Starts may name ann or bob (in the intro stage,
+    # with a contraindication), so windows span devices and users differ from the registered one.
     setup_brand(
         url,
-        [(f"{brand}-d0", "ann"), (f"{brand}-d1", "ann")],
+        [(f"{brand}-d0", "ann"), (f"{brand}-d1", None)],
         brand=brand,
-        users={"ann": {"stage": "maintenance"}},
+        users={
+            "ann": {"stage": "maintenance"},
+            "bob": {"stage": "intro", "contraindications": ["implant"]},
+        },
     )
     run(url, key, [replace(m, device_id=f"{brand}-{m.device_id}") for m in messages])
     return outcome(url, brand)
@@ -159,7 +172,7 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Any:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    sessions=st.lists(session, min_size=1, max_size=5),
+    sessions=st.lists(session, min_size=1, max_size=8),
     others=st.lists(other, max_size=6),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
 )
@@ -178,7 +191,9 @@ def test_alerts_do_not_depend_on_arrival_order_duplicates_or_replays(
 
 def test_the_property_holds_for_a_known_tricky_stream(database_url: str, key: Any) -> None:
     """A run whose pieces arrive last-first, and whose middle arrives twice, counts once."""
-    sessions = [(0, 0, 300, [("overcurrent", 0, 30, 3), ("no_contact", 100, 40, 7)], True)]
+    sessions = [
+        (0, 0, 300, [("overcurrent", 0, 30, 3), ("no_contact", 100, 40, 7)], True, None, False)
+    ]
     messages = build(sessions, [("reboot", 0, 1), ("reboot", 0, 2), ("reboot", 0, 3)])
     delivered = list(reversed(messages)) + messages[3:6]
     in_order = evaluate_as(database_url, key, messages, "known-a")

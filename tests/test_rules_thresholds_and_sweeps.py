@@ -10,8 +10,8 @@ import pytest
 from services.common.signing import load_or_create_key
 from services.rules.catalogue import RULES, ThresholdError, check_overrides
 from services.rules.context import save_overrides
-from services.rules.sweeps import sweep
-from tests.rules import DAY, HOUR, SECOND, T0, Stream, alerts, run, setup_brand
+from services.rules.sweeps import TRIM_BATCH, sweep, trim
+from tests.rules import DAY, HOUR, RECEIVED_AT, SECOND, T0, Stream, alerts, run, setup_brand
 
 DEV = "dev-0001"
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -193,13 +193,27 @@ def test_config_unacked_near_miss_23_hours_online(
     assert alerts(database_url, "config_unacked") == []
 
 
-def test_the_sweep_trims_rules_state_older_than_its_windows(
+def test_trimming_keeps_what_the_windows_need_and_drops_the_rest(
     database_url: str, key: Any, device: Stream
 ) -> None:
     device.samples("s0", T0, 10)
     device.session("s1", T0 + 5 * SECOND, 300)
     run(database_url, key, device.messages)
-    _sweep(database_url, key, now=datetime.now(UTC) + timedelta(days=40))
-    with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM rule_samples").fetchone() == (0,)
-        assert conn.execute("SELECT count(*) FROM rule_sessions").fetchone() == (0,)
+
+    def counts(now: datetime) -> tuple[object, object]:
+        with psycopg.connect(database_url) as conn:
+            while trim(conn, now) == TRIM_BATCH:
+                pass
+            conn.commit()
+            samples = conn.execute("SELECT count(*) FROM rule_samples").fetchone()
+            sessions = conn.execute("SELECT count(*) FROM rule_sessions").fetchone()
+        assert samples is not None
+        assert sessions is not None
+        return samples[0], sessions[0]
+
+    t0 = datetime.fromtimestamp(T0 / 1000, tz=UTC)
+    # Samples live two hours from receipt (RECEIVED_AT), sessions eight days from their start.
+    assert counts(RECEIVED_AT.replace(year=2026, month=11, day=2)) == (10, 1)
+    assert counts(t0 + timedelta(days=7, hours=23)) == (10, 1)
+    assert counts(RECEIVED_AT + timedelta(hours=1, minutes=59)) == (10, 0)
+    assert counts(RECEIVED_AT + timedelta(hours=2, minutes=1)) == (0, 0)

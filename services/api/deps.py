@@ -23,7 +23,9 @@ def _connection(request: Request) -> Iterator[Conn]:
         yield conn
 
 
-ConnDep = Annotated[Conn, Depends(_connection)]
+# scope="function": the transaction commits before the response is sent, so a client never
+# sees a success that then fails to commit (the default "request" scope ends after sending).
+ConnDep = Annotated[Conn, Depends(_connection, scope="function")]
 
 
 @dataclass(frozen=True)

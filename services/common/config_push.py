@@ -122,12 +122,30 @@ def record_push(
     return Push(device_id, version, dict(signed), sha256)
 
 
-def publish_push(conn: Conn, client: paho.Client, push: Push) -> None:
+def publish_push(conn: Conn, client: paho.Client, push: Push) -> bool:
     """Publish ``push`` retained at QoS 1, wait for the PUBACK, and mark it published.
 
     Call after the transaction that recorded it has committed; ``conn`` is then used in a
-    transaction of its own (the caller's, committed by the caller).
+    transaction of its own (the caller's, committed by the caller). Only the device's newest
+    recorded table is published: an older one is marked superseded and ``False`` returned,
+    since publishing it retained would roll the device's table back. A transaction-scoped
+    advisory lock per device orders publishers, so the newest table is also the last
+    published.
     """
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('galvani-config:' || %s, 0))",
+        [push.device_id],
+    )
+    row = conn.execute(
+        "SELECT config_desired_version FROM devices WHERE id = %s", [push.device_id]
+    ).fetchone()
+    if row is None or row[0] != push.version:
+        conn.execute(
+            "UPDATE config_pushes SET superseded_at = now()"
+            " WHERE device_id = %s AND version = %s AND published_at IS NULL",
+            [push.device_id, push.version],
+        )
+        return False
     info = client.publish(push.topic, canonical_json(push.payload), qos=1, retain=True)
     info.wait_for_publish(PUBLISH_TIMEOUT_S)
     if not info.is_published():
@@ -136,13 +154,14 @@ def publish_push(conn: Conn, client: paho.Client, push: Push) -> None:
         "UPDATE config_pushes SET published_at = now() WHERE device_id = %s AND version = %s",
         [push.device_id, push.version],
     )
+    return True
 
 
 def unpublished_pushes(conn: Conn, limit: int = 100) -> list[Push]:
-    """Pushes recorded but never acknowledged by the broker, oldest first."""
+    """Pushes recorded but neither acknowledged by the broker nor superseded, oldest first."""
     rows = conn.execute(
         "SELECT device_id, version, payload, sha256 FROM config_pushes"
-        " WHERE published_at IS NULL ORDER BY id LIMIT %s",
+        " WHERE published_at IS NULL AND superseded_at IS NULL ORDER BY id LIMIT %s",
         [limit],
     ).fetchall()
     pushes = []

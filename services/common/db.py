@@ -52,3 +52,22 @@ def storage_of(conn: Conn) -> Storage:
     if row is None:
         raise DatabaseUnavailable("database is not migrated: run `alembic upgrade head`")
     return Storage(str(row[0]))
+
+
+# SQLSTATE classes worth retrying: the connection failed (08), the transaction was rolled back
+# for a deadlock or serialization failure (40), the server is short of resources (53), an
+# object is locked or in use (55), an operator cancelled or shut down (57), an I/O error (58).
+# Anything else (a too-long index key, bad data) fails the same way every time, so retrying
+# it would stall the stream on one poison message.
+TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "55", "57", "58")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error may succeed if retried (see TRANSIENT_SQLSTATE_PREFIXES)."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        # No SQLSTATE: raised by the client itself (connection lost, closed, timed out).
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return sqlstate.startswith(TRANSIENT_SQLSTATE_PREFIXES)

@@ -7,6 +7,7 @@ what ``GET /v1/config-signing-key`` serves and what a device is provisioned with
 
 import base64
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def load_or_create_key(directory: Path) -> Ed25519PrivateKey:
     directory.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A temporary name of its own (mkstemp: 0600, unique), so two processes creating the key
+    # at once (API and rules on a fresh data directory) cannot clobber each other's file.
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".config-signing-key-", suffix=".tmp")
+    tmp = Path(name)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
     try:

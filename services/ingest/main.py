@@ -17,9 +17,8 @@ from typing import Final
 
 import psycopg
 from prometheus_client import start_http_server
-from psycopg import errors
 
-from services.common.db import Conn, Storage, connect, storage_of
+from services.common.db import Conn, Storage, connect, is_transient, storage_of
 from services.common.errors import DatabaseUnavailable, GalvaniError
 from services.common.logs import configure_logging
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
@@ -44,9 +43,6 @@ log = logging.getLogger("galvani.ingest")
 CHANNELS: Final = ("telemetry", "events", "state", "presence")
 RETRY_MIN_DELAY_S: Final = 0.1
 RETRY_MAX_DELAY_S: Final = 5.0
-# Errors that say "this data cannot be stored", not "the database is unwell": the batch is
-# split so that only the offending message becomes a dead letter.
-DATA_ERRORS: Final = (errors.DataError, errors.IntegrityError)
 
 
 class IngestError(GalvaniError):
@@ -83,7 +79,7 @@ class Store:
         """Store one batch, waiting out database failures; raise Stopped if asked to stop."""
         try:
             return self._retrying(decoded)
-        except DATA_ERRORS as exc:
+        except psycopg.Error as exc:  # not transient: split, so one message is dead-lettered
             log.warning(
                 "batch of %d refused (%s); storing its messages one by one", len(decoded), exc
             )
@@ -96,9 +92,11 @@ class Store:
                 conn = self._connection()
                 with conn.transaction():
                     return write_batch(conn, decoded, self._storage)
-            except DATA_ERRORS:
-                raise
             except (psycopg.Error, DatabaseUnavailable) as exc:
+                # "This data cannot be stored" (bad data, a too-long key) is raised to be split
+                # out; "the database is unwell" is waited out.
+                if isinstance(exc, psycopg.Error) and not is_transient(exc):
+                    raise
                 metrics.DB_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("database write failed, retrying in %.1f s: %s", delay, exc)
                 if isinstance(exc, psycopg.OperationalError | DatabaseUnavailable):
@@ -113,7 +111,7 @@ class Store:
         for raw, item in zip(inbound, decoded, strict=True):
             try:
                 outcome = self._retrying([item])
-            except DATA_ERRORS as exc:
+            except psycopg.Error as exc:
                 log.exception("message on %s cannot be stored", raw.topic)
                 outcome = self._retrying([unstorable(raw, exc)])
             total.stored.update(outcome.stored)

@@ -53,10 +53,28 @@ class Finding:
 
 @dataclass
 class Outcome:
-    """What applying findings did: alerts opened or repeated, tables to publish."""
+    """What a transaction did, reported (and counted in metrics) once it has committed."""
 
-    raised: list[int] = field(default_factory=list)
+    raised: list[tuple[int, str, str]] = field(default_factory=list)  # alert id, rule, severity
     pushes: list[Push] = field(default_factory=list)
+    push_kinds: list[tuple[str, str]] = field(default_factory=list)  # rule, safe | lock_all
+    resolved: int = 0
+
+    def extend(self, other: "Outcome") -> None:
+        """Add what another transaction did."""
+        self.raised.extend(other.raised)
+        self.pushes.extend(other.pushes)
+        self.push_kinds.extend(other.push_kinds)
+        self.resolved += other.resolved
+
+    def count(self) -> None:
+        """Record in the metrics (call after the commit, so a retried batch counts once)."""
+        for _, rule, severity in self.raised:
+            metrics.ALERTS.labels(rule, severity).inc()
+        for rule, kind in self.push_kinds:
+            metrics.PUSHES.labels(rule, kind).inc()
+        if self.resolved:
+            metrics.RESOLVED.labels("auto").inc(self.resolved)
 
 
 def apply_finding(
@@ -154,9 +172,10 @@ def apply_finding(
                 Jsonb({**finding.observed, "session": finding.session}),
             ],
         )
-    metrics.ALERTS.labels(finding.rule, finding.severity.value).inc()
-    outcome.raised.append(alert_id)
+    outcome.raised.append((alert_id, finding.rule, finding.severity.value))
     outcome.pushes.extend(pushes)
+    kind = "lock_all" if finding.action is not Action.PUSH_SAFE else "safe"
+    outcome.push_kinds.extend((finding.rule, kind) for _ in pushes)
 
 
 def _merge_run(conn: Conn, finding: Finding) -> bool:
@@ -209,14 +228,21 @@ def _act(
         return _restrict(conn, key, context, finding, lock_all=False)
     if action is Action.LOCK_DEVICE:
         return _restrict(conn, key, context, finding, lock_all=True)
-    devices = user_devices(conn, context.brand_id, finding.user_key or "")
+    # The user's registered devices and the one in use (it may be registered to someone else);
+    # in id order, so workers lock device rows in one order.
+    devices = sorted(
+        {*user_devices(conn, context.brand_id, finding.user_key or ""), finding.device_id}
+    )
     pushes: list[Push] = []
     for device_id in devices:
         _, pushed = _restrict_device(conn, key, device_id, finding, lock_all=True)
         pushes.extend(pushed)
-    if not devices:
-        return "the user has no registered devices to lock", []
-    return f"all modes have been locked on the user's {len(devices)} device(s)", pushes
+    if not pushes:
+        return f"all modes were already locked on the user's {len(devices)} device(s)", []
+    return (
+        f"all modes have been locked on {len(pushes)} of the user's {len(devices)} device(s)",
+        pushes,
+    )
 
 
 def _restrict(
@@ -230,7 +256,8 @@ def _restrict_device(
 ) -> tuple[str, list[Push]]:
     wanted = ALL_LOCKS if lock_all else SAFE_LOCKS
     row = conn.execute(
-        "SELECT d.config_desired_version, desired.payload, applied.payload"
+        "SELECT d.config_desired_version, desired.payload, applied.payload,"
+        " desired.answer_status"
         " FROM devices d"
         " LEFT JOIN config_pushes desired"
         "   ON desired.device_id = d.id AND desired.version = d.config_desired_version"
@@ -242,7 +269,9 @@ def _restrict_device(
     ).fetchone()
     if row is None:
         return "the device is not registered, so nothing was pushed", []
-    desired_version, desired, applied = row
+    desired_version, desired, applied, answer = row
+    if answer == "rejected":
+        desired = None  # the device refused it: what it runs is the applied table
     locked = (
         frozenset(desired.get("locked_modes", [])) if isinstance(desired, dict) else frozenset()
     )
@@ -265,7 +294,6 @@ def _restrict_device(
     except PushError as exc:
         log.exception("cannot push a restricted table to %s", device_id)
         return f"the restricted table could not be pushed ({exc})", []
-    metrics.PUSHES.labels(finding.rule, "lock_all" if lock_all else "safe").inc()
     return f"{what} (mode table v{push.version})", [push]
 
 
@@ -285,7 +313,6 @@ def resolve(conn: Conn, alert_id: int, resolution: str) -> bool:
         " VALUES (%s, %s, 'resolved', %s, %s)",
         [alert_id, row[0], ACTOR, resolution],
     )
-    metrics.RESOLVED.labels("auto").inc()
     return True
 
 

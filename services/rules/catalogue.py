@@ -6,6 +6,7 @@ such a threshold can only be tightened). A threshold whose default is ``None`` c
 mode table the device runs (``max_sessions_24h``, ``min_batt_pct``) unless the brand sets it.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,17 +38,23 @@ class Tighter(StrEnum):
 
 @dataclass(frozen=True)
 class Param:
-    """One threshold: its default, which way tightens it, and the loosest value allowed."""
+    """One threshold: its default, which way tightens it, the loosest value a brand may set,
+    and the tightest that still means something (0 for a lower-is-tighter threshold)."""
 
     name: str
     default: float | None
     tighter: Tighter
     limit: float
     unit: str
+    tightest: float = 0.0
 
     def loosens_past_limit(self, value: float) -> bool:
         """Whether ``value`` is looser than the limit a brand may go to."""
         return value > self.limit if self.tighter is Tighter.LOWER else value < self.limit
+
+    def past_tightest(self, value: float) -> bool:
+        """Whether ``value`` is beyond the tightest meaningful value."""
+        return value < self.tightest if self.tighter is Tighter.LOWER else value > self.tightest
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,15 @@ class Rule:
         raise KeyError(f"rule {self.id} has no threshold {name!r}")
 
 
-def _p(name: str, default: float | None, tighter: Tighter, limit: float, unit: str) -> Param:
-    return Param(name, default, tighter, limit, unit)
+def _p(
+    name: str,
+    default: float | None,
+    tighter: Tighter,
+    limit: float,
+    unit: str,
+    tightest: float = 0.0,
+) -> Param:
+    return Param(name, default, tighter, limit, unit, tightest)
 
 
 LO, HI = Tighter.LOWER, Tighter.HIGHER
@@ -129,7 +143,7 @@ RULES: Final[tuple[Rule, ...]] = (
         "impedance above 200 kOhm, or current below 10 % of setpoint, with output on for > 2 s",
         (
             _p("z_ohm", 200_000, LO, 200_000, "Ohm"),
-            _p("current_fraction", 0.1, HI, 0.1, "of setpoint"),
+            _p("current_fraction", 0.1, HI, 0.1, "of setpoint", tightest=1.0),
             _p("duration_s", 2, LO, 2, "s"),
         ),
         self_resolving=True,
@@ -140,7 +154,8 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "impedance below 300 Ohm with output on for more than 1 s",
-        (_p("z_ohm", 300, HI, 300, "Ohm"), _p("duration_s", 1, LO, 1, "s")),
+        # Tightest: the low end of the gel band; above it a short circuit is contact.
+        (_p("z_ohm", 300, HI, 300, "Ohm", tightest=1000), _p("duration_s", 1, LO, 1, "s")),
     ),
     Rule(
         "overcurrent",
@@ -195,7 +210,7 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "a session starts below the mode's min_batt_pct",
-        (_p("min_batt_pct", None, HI, 15, "%"),),
+        (_p("min_batt_pct", None, HI, 15, "%", tightest=100),),
     ),
     Rule(
         "reboot_loop",
@@ -203,7 +218,8 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "3 or more unexpected reboots (watchdog, brownout, panic) in 10 minutes",
-        (_p("count", 3, LO, 3, "reboots"), _p("window_s", 600, HI, 600, "s")),
+        # Tightest window: a day, as long as the rules keep reboots.
+        (_p("count", 3, LO, 3, "reboots"), _p("window_s", 600, HI, 600, "s", tightest=86_400)),
     ),
     Rule(
         "contraindicated_use",
@@ -248,7 +264,8 @@ RULES: Final[tuple[Rule, ...]] = (
         INFO,
         Action.ALERT,
         "a device with a session in the last 7 days offline for more than 72 h",
-        (_p("hours", 72, LO, 72, "h"), _p("recent_days", 7, HI, 7, "days")),
+        # Tightest: 8 days, as long as the rules keep sessions.
+        (_p("hours", 72, LO, 72, "h"), _p("recent_days", 7, HI, 7, "days", tightest=8)),
         self_resolving=True,
     ),
 )
@@ -279,10 +296,20 @@ def check_overrides(rule_id: str, params: Mapping[str, object]) -> dict[str, flo
             param = rule.param(name)
         except KeyError:
             raise ThresholdError(rule_id, name, None, value, "no such threshold") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise ThresholdError(rule_id, name, param.limit, value, "must be a number")
-        if value < 0:
-            raise ThresholdError(rule_id, name, param.limit, value, "must not be negative")
+        if not math.isfinite(value):
+            raise ThresholdError(rule_id, name, param.limit, value, "must be a finite number")
+        if param.past_tightest(value):
+            way = "below" if param.tighter is Tighter.LOWER else "above"
+            raise ThresholdError(
+                rule_id,
+                name,
+                param.tightest,
+                value,
+                f"{value:g} is {way} {param.tightest:g} {param.unit}, the tightest that means "
+                "something",
+            )
         if param.loosens_past_limit(value):
             way = "above" if param.tighter is Tighter.LOWER else "below"
             raise ThresholdError(

@@ -9,7 +9,6 @@ whole. Because samples are keyed by ``(device_id, ts)``, the runs depend on the 
 samples, not on the order they arrived in.
 """
 
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,8 +21,11 @@ from services.rules.catalogue import Action, Severity, Thresholds
 SAMPLE_PERIOD_S: Final = 0.1
 MAX_GAP_S: Final = 0.25
 MAX_GAP: Final = timedelta(seconds=MAX_GAP_S)
-# The battery's rate of rise is measured between consecutive samples at most this far apart.
+# The battery's rate of rise is measured over 1 to 2 s (samples further apart do not say how
+# fast it rose), with a tolerance for float32 storage of the readings.
+RISE_MIN_SPAN_S: Final = 1.0
 RISE_MAX_GAP_S: Final = 2.0
+RISE_TOLERANCE_C_PER_S: Final = 1e-3
 
 
 class Bit(IntFlag):
@@ -217,7 +219,7 @@ def qualifying_runs(
 
 @dataclass(frozen=True)
 class Rise:
-    """Two consecutive samples between which the battery warmed too fast."""
+    """Two samples between which the battery warmed too fast."""
 
     before: SampleIn
     after: SampleIn
@@ -227,18 +229,24 @@ class Rise:
 def battery_rises(
     samples: Sequence[SampleIn], limit_c_per_s: float, new: Iterable[datetime]
 ) -> list[Rise]:
-    """Consecutive pairs (at most :data:`RISE_MAX_GAP_S` apart) warming faster than the limit,
-    where either sample is new."""
+    """Pairs of samples 1 to 2 s apart (a 0.1 °C sensor step between two 10 Hz samples is
+    noise, not 1 °C/s) between which the battery warmed faster than the limit, where either
+    sample is new; at most one pair per later sample. Every pair counts, so more samples
+    can only find more rises, whatever order they arrive in."""
     fresh = set(new)
     rises = []
     with_temp = [s for s in samples if s.t_batt_c is not None]
-    for before, after in itertools.pairwise(with_temp):
-        gap = (after.ts - before.ts).total_seconds()
-        if not 0 < gap <= RISE_MAX_GAP_S or (before.ts not in fresh and after.ts not in fresh):
-            continue
-        rate = (_temp(after) - _temp(before)) / gap
-        if rate > limit_c_per_s:
-            rises.append(Rise(before, after, rate))
+    for index, after in enumerate(with_temp):
+        for before in reversed(with_temp[:index]):
+            gap = (after.ts - before.ts).total_seconds()
+            if gap > RISE_MAX_GAP_S:
+                break
+            if gap < RISE_MIN_SPAN_S or (before.ts not in fresh and after.ts not in fresh):
+                continue
+            rate = (_temp(after) - _temp(before)) / gap
+            if rate > limit_c_per_s + RISE_TOLERANCE_C_PER_S:
+                rises.append(Rise(before, after, rate))
+                break
     return rises
 
 

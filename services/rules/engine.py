@@ -94,6 +94,11 @@ class Batch:
             self.contexts.update(load_contexts(self.conn, [device_id]))
         return self.contexts.get(device_id)
 
+    def resolve(self, alert_id: int, resolution: str) -> None:
+        """Resolve an alert whose condition cleared."""
+        if resolve(self.conn, alert_id, resolution):
+            self.outcome.resolved += 1
+
     def raise_(self, finding: Finding) -> None:
         context = self.context(finding.device_id)
         if context is None:
@@ -107,11 +112,24 @@ def evaluate(conn: Conn, key: Ed25519PrivateKey, messages: Sequence[Received]) -
     _lock(conn, [f"d:{device_id}" for device_id in device_ids])
     batch = Batch(conn, key, load_contexts(conn, device_ids))
     user_keys = set()
+    ends = []
     for m in messages:
         context = batch.contexts.get(m.device_id)
-        if context is not None and isinstance(m.message, SessionStart | SessionEnd):
-            user = m.message.user if isinstance(m.message, SessionStart) else None
-            user_keys.add(f"u:{context.brand_id}:{context.user_key(user)}")
+        if context is None:
+            continue
+        if isinstance(m.message, SessionStart):
+            user_keys.add(f"u:{context.brand_id}:{context.user_key(m.message.user)}")
+        elif isinstance(m.message, SessionEnd):
+            ends.append((m.device_id, m.message.session))
+    if ends:
+        # An end is judged under the user its start named (stored with the start).
+        rows = conn.execute(
+            "SELECT brand_id, user_key FROM rule_sessions"
+            " WHERE (device_id, session) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+            " AND started_at IS NOT NULL",
+            [[d for d, _ in ends], [s for _, s in ends]],
+        ).fetchall()
+        user_keys.update(f"u:{brand}:{user_key}" for brand, user_key in rows)
     # Users after devices, each set sorted: every worker locks in the same order.
     _lock(conn, sorted(user_keys))
     for device_id in device_ids:
@@ -537,7 +555,7 @@ def _resolve_no_contact_by_samples(batch: Batch, context: DeviceContext) -> None
             [context.device_id, ended + MAX_GAP, int(Bit.NO_CONTACT)],
         ).fetchone()
         if row is not None and row[0] is not None:
-            resolve(batch.conn, alert_id, f"contact regained at {_iso(row[0])}")  # type: ignore[arg-type]
+            batch.resolve(alert_id, f"contact regained at {_iso(row[0])}")  # type: ignore[arg-type]
 
 
 # --- events --------------------------------------------------------------------------------
@@ -567,11 +585,12 @@ class StartRow:
 def _session_started(batch: Batch, context: DeviceContext, event: SessionStart) -> None:
     user_key = context.user_key(event.user)
     started = from_ms(event.ts)
-    batch.conn.execute(
+    row = batch.conn.execute(
         "INSERT INTO rule_sessions (device_id, session, brand_id, user_key, mode, level,"
         " started_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (device_id, session) DO UPDATE SET user_key = EXCLUDED.user_key,"
-        " mode = EXCLUDED.mode, level = EXCLUDED.level, started_at = EXCLUDED.started_at",
+        " mode = EXCLUDED.mode, level = EXCLUDED.level, started_at = EXCLUDED.started_at"
+        " RETURNING ended_at",
         [
             context.device_id,
             event.session,
@@ -581,9 +600,14 @@ def _session_started(batch: Batch, context: DeviceContext, event: SessionStart) 
             event.level,
             started,
         ],
-    )
+    ).fetchone()
+    assert row is not None
     _check_usage(batch, context.brand_id, user_key, started, started + WEEK)
     _check_cooldown(batch, context.brand_id, user_key, started, started)
+    ended = row[0]
+    if isinstance(ended, datetime):
+        # Its end arrived first and was left unjudged: judge the starts that followed it.
+        _check_cooldown(batch, context.brand_id, user_key, ended, ended + LONGEST_COOLDOWN)
     _check_session_so_far(batch, context, event.session)
     user = load_user(batch.conn, context.brand_id, event.user) if event.user else context.user
     if user.contraindications:
@@ -636,7 +660,7 @@ def _session_ended(batch: Batch, context: DeviceContext, event: SessionEnd) -> N
     _check_cooldown(batch, context.brand_id, user_key, ended, ended + LONGEST_COOLDOWN)
     for alert_id, last in open_alerts(batch.conn, context.device_id, "no_contact"):
         if last <= ended:
-            resolve(batch.conn, alert_id, f"session {event.session} ended ({event.reason.value})")
+            batch.resolve(alert_id, f"session {event.session} ended ({event.reason.value})")
 
 
 def _starts(conn: Conn, brand_id: str, user_key: str, lo: datetime, hi: datetime) -> list[StartRow]:
@@ -750,7 +774,8 @@ def _check_cooldown(batch: Batch, brand_id: str, user_key: str, lo: datetime, hi
         rows = batch.conn.execute(
             "SELECT session, mode, ended_at, duration_s FROM rule_sessions"
             " WHERE brand_id = %s AND user_key = %s AND ended_at <= %s AND ended_at > %s"
-            " AND duration_s > %s AND NOT (device_id = %s AND session = %s)"
+            " AND duration_s > %s AND started_at IS NOT NULL"
+            " AND NOT (device_id = %s AND session = %s)"
             " ORDER BY ended_at DESC",
             [
                 brand_id,
@@ -891,7 +916,7 @@ def _state(batch: Batch, context: DeviceContext, state: State) -> None:
         return
     for alert_id, version in _unacked_alerts(batch.conn, context.device_id):
         if version <= config.version:
-            resolve(batch.conn, alert_id, f"the device answered table v{config.version}")
+            batch.resolve(alert_id, f"the device answered table v{config.version}")
     if config.reason is None or config.status.value != "rejected":
         return
     ts = from_ms(state.ts)
@@ -928,8 +953,17 @@ def _unacked_alerts(conn: Conn, device_id: str) -> list[tuple[int, int]]:
 def _presence(batch: Batch, context: DeviceContext, presence: Presence) -> None:
     if not presence.online:
         return
-    for alert_id, _ in open_alerts(batch.conn, context.device_id, "offline"):
-        resolve(batch.conn, alert_id, "the device came back online")
+    rows = batch.conn.execute(
+        "SELECT id, first_seen FROM alerts WHERE device_id = %s AND rule = 'offline'"
+        " AND state <> 'resolved'",
+        [context.device_id],
+    ).fetchall()
+    for alert_id, silent_since in rows:
+        # The last will has no ts; a device's own online message older than the silence
+        # (delivered from a backlog) does not end it.
+        if presence.ts is not None and from_ms(presence.ts) <= silent_since:  # type: ignore[operator]
+            continue
+        batch.resolve(int(str(alert_id)), "the device came back online")
 
 
 def _ordinal(n: int) -> str:

@@ -21,20 +21,21 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import start_http_server
-from psycopg import errors
 
 from services.common.config_push import Push, PushError, publish_push, unpublished_pushes
-from services.common.db import Conn, connect
+from services.common.db import Conn, connect, is_transient
 from services.common.errors import DatabaseUnavailable, GalvaniError
 from services.common.logs import configure_logging
 from services.common.protocol import ProtocolError, decode, parse_topic
 from services.common.protocol.enums import Channel
+from services.common.protocol.models import Telemetry
 from services.common.signing import load_or_create_key
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.rules import metrics
+from services.rules.alerts import Outcome
 from services.rules.engine import Received, evaluate
 from services.rules.settings import RulesSettings
-from services.rules.sweeps import sweep
+from services.rules.sweeps import TRIM_BATCH, sweep, trim
 
 log = logging.getLogger("galvani.rules")
 
@@ -42,7 +43,8 @@ CHANNELS: Final = ("telemetry", "events", "state", "presence")
 RETRY_MIN_DELAY_S: Final = 0.1
 RETRY_MAX_DELAY_S: Final = 5.0
 PUBLISHER_KEEPALIVE_S: Final = 30
-DATA_ERRORS: Final = (errors.DataError, errors.IntegrityError)
+# Device time past this cannot anchor a 7-day window in Python's datetime (ends at 9999).
+MAX_DEVICE_TIME_MS: Final = int(datetime(9999, 12, 1, tzinfo=UTC).timestamp() * 1000)
 
 T = TypeVar("T")
 
@@ -71,7 +73,19 @@ def to_received(message: Inbound) -> Received | None:
         metrics.MESSAGES.labels("unknown", "invalid").inc()
         log.debug("skipping invalid message on %s: %s", message.topic, exc)
         return None
+    if latest_ms(decoded) > MAX_DEVICE_TIME_MS:
+        metrics.MESSAGES.labels(channel.value, "invalid").inc()
+        log.debug("skipping a message on %s: ts past what windows can hold", message.topic)
+        return None
     return Received(device_id, channel, decoded, message.received_at)
+
+
+def latest_ms(message: object) -> int:
+    """The latest device time in a message (0 when it has none)."""
+    if isinstance(message, Telemetry):
+        return max(sample.ts for sample in message.samples)
+    ts = getattr(message, "ts", None)
+    return ts if isinstance(ts, int) else 0
 
 
 class Database:
@@ -92,9 +106,9 @@ class Database:
                     self._conn = connect(self.url)
                 with self._conn.transaction():
                     return work(self._conn)
-            except DATA_ERRORS:
-                raise
             except (psycopg.Error, DatabaseUnavailable) as exc:
+                if isinstance(exc, psycopg.Error) and not is_transient(exc):
+                    raise
                 metrics.DB_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("database transaction failed, retrying in %.1f s: %s", delay, exc)
                 if isinstance(exc, psycopg.OperationalError | DatabaseUnavailable):
@@ -169,13 +183,14 @@ class Worker:
         limit = self.settings.batch_max_messages
         try:
             while not self.stop.is_set():
+                # On its own timer, so a backlog cannot starve it (it republishes lost pushes).
+                if time.monotonic() >= self._next_sweep:
+                    self.sweep()
                 age = self.subscriber.oldest_age_s()
                 if len(self.subscriber.pending) >= limit or (
                     self.subscriber.pending and age >= interval
                 ):
                     self.flush(limit)
-                elif time.monotonic() >= self._next_sweep:
-                    self.sweep()
                 else:
                     self.wait(interval - age if self.subscriber.pending else interval)
             while self.subscriber.pending:
@@ -200,45 +215,64 @@ class Worker:
         inbound = self.subscriber.take(limit)
         received = [r for r in map(to_received, inbound) if r is not None]
         started = time.perf_counter()
-        pushes = self._evaluate(received)
+        outcome = self._evaluate(received)
         committed = datetime.now(UTC)
         metrics.EVALUATION_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_MESSAGES.observe(len(inbound))
         self.subscriber.ack(inbound)
+        outcome.count()
         for message in received:
             metrics.MESSAGES.labels(message.channel.value, "evaluated").inc()
             metrics.RECEIPT_TO_COMMIT_SECONDS.observe(
                 max(0.0, (committed - message.received_at).total_seconds())
             )
-        self.publish(pushes)
+        self.publish(outcome.pushes)
 
-    def _evaluate(self, received: Sequence[Received]) -> list[Push]:
+    def _evaluate(self, received: Sequence[Received]) -> Outcome:
         if not received:
-            return []
+            return Outcome()
         try:
-            return self.db.transaction(lambda conn: evaluate(conn, self.key, received).pushes)
-        except DATA_ERRORS as exc:
+            return self.db.transaction(lambda conn: evaluate(conn, self.key, received))
+        except Stopped:
+            raise
+        except Exception:
             if len(received) == 1:
-                log.error(  # noqa: TRY400 - one line: the message was logged by ingest too
-                    "cannot evaluate a message of %s on %s: %s",
-                    received[0].device_id,
-                    received[0].channel.value,
-                    exc,
+                # One message the engine cannot evaluate (retrying cannot help: transient
+                # database errors were retried already). Acknowledge it rather than stall
+                # every device behind it; ingest has stored it.
+                message = received[0]
+                metrics.MESSAGES.labels(message.channel.value, "failed").inc()
+                log.exception(
+                    "cannot evaluate a %s message of %s", message.channel.value, message.device_id
                 )
-                return []
-            log.warning("batch of %d refused (%s); evaluating one by one", len(received), exc)
-            pushes: list[Push] = []
+                return Outcome()
+            log.warning("batch of %d failed; evaluating its messages one by one", len(received))
+            outcome = Outcome()
             for message in received:
-                pushes.extend(self._evaluate([message]))
-            return pushes
+                outcome.extend(self._evaluate([message]))
+            return outcome
 
     def sweep(self) -> None:
-        """Run the periodic rules and publish anything recorded but unpublished."""
+        """Run the periodic rules, trim the rules' state, publish what is unpublished."""
         self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
-        result = self.db.transaction(lambda conn: sweep(conn, self.key))
-        if result.trimmed:
-            log.info("trimmed %d rows of rules state", result.trimmed)
-        self.publish(result.outcome.pushes)
+        try:
+            outcome = self.db.transaction(lambda conn: sweep(conn, self.key))
+            trimmed = 0
+            while True:  # short transactions, until a pass finds less than a full batch
+                deleted = self.db.transaction(trim)
+                trimmed += deleted
+                if deleted < TRIM_BATCH or self.stop.is_set():
+                    break
+                self.wait(0)
+        except Stopped:
+            raise
+        except Exception:
+            log.exception("sweep failed")
+            return
+        outcome.count()
+        if trimmed:
+            log.info("trimmed %d rows of rules state", trimmed)
+        self.publish(outcome.pushes)
         self.publish(self.db.transaction(unpublished_pushes))
 
     def publish(self, pushes: Sequence[Push]) -> None:
@@ -251,12 +285,16 @@ class Worker:
                 )
                 continue
             try:
-                self.db.transaction(
+                published = self.db.transaction(
                     lambda conn, push=push: publish_push(conn, self.publisher.client, push)  # type: ignore[misc]
                 )
             except (PushError, RuntimeError, ValueError) as exc:
                 metrics.PUBLISHED.labels("failed").inc()
                 log.warning("table v%d for %s not published: %s", push.version, push.device_id, exc)
+                continue
+            if not published:
+                metrics.PUBLISHED.labels("superseded").inc()
+                log.info("table v%d for %s superseded by a newer one", push.version, push.device_id)
                 continue
             metrics.PUBLISHED.labels("published").inc()
             log.info("published table v%d to %s", push.version, push.device_id)

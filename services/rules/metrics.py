@@ -6,7 +6,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES: Final = Counter(
     "galvani_rules_messages_total",
-    "Messages evaluated, by channel and outcome (evaluated, invalid, unknown_device)",
+    "Messages, by channel and outcome (evaluated; invalid: skipped; failed: could not be "
+    "evaluated, acknowledged and logged)",
     ["channel", "outcome"],
 )
 ALERTS: Final = Counter(

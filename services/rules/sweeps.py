@@ -7,7 +7,6 @@ The same sweep trims the rules' own state and finds pushes that were recorded bu
 published (the process died between commit and publish).
 """
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -28,21 +27,14 @@ REBOOTS_KEPT: Final = timedelta(days=1)
 TRIM_BATCH: Final = 50_000
 
 
-@dataclass
-class SweepResult:
-    outcome: Outcome = field(default_factory=Outcome)
-    trimmed: int = 0
-
-
-def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> SweepResult:
-    """Run the periodic rules and housekeeping in the caller's transaction."""
+def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Outcome:
+    """Run the periodic rules in the caller's transaction."""
     now = now or datetime.now(UTC)
-    result = SweepResult()
-    _offline(conn, key, now, result.outcome)
-    _unacked(conn, key, now, result.outcome)
-    result.trimmed = _trim(conn, now)
+    outcome = Outcome()
+    _offline(conn, key, now, outcome)
+    _unacked(conn, key, now, outcome)
     metrics.SWEEPS.inc()
-    return result
+    return outcome
 
 
 def _offline(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome) -> None:
@@ -151,7 +143,10 @@ def _unacked(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome
         )
 
 
-def _trim(conn: Conn, now: datetime) -> int:
+def trim(conn: Conn, now: datetime | None = None) -> int:
+    """Delete up to TRIM_BATCH expired rows of each rules table (call until it returns less
+    than TRIM_BATCH, each call in a short transaction of its own)."""
+    now = now or datetime.now(UTC)
     trimmed = 0
     for sql, cutoff in (
         (
@@ -170,5 +165,5 @@ def _trim(conn: Conn, now: datetime) -> int:
             now - REBOOTS_KEPT,
         ),
     ):
-        trimmed += conn.execute(sql, [cutoff, TRIM_BATCH]).rowcount
+        trimmed = max(trimmed, conn.execute(sql, [cutoff, TRIM_BATCH]).rowcount)
     return trimmed

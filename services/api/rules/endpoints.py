@@ -30,6 +30,7 @@ def _out(rule: Rule, thresholds: Thresholds) -> RuleOut:
                 overridden=p.name in overrides,
                 tighter=p.tighter.value,
                 limit=p.limit,
+                tightest=p.tightest,
             )
             for p in rule.params
         ],
@@ -63,9 +64,10 @@ def patch_rule(rule_id: str, patch: RulePatch, conn: ConnDep, key: CurrentKey) -
     try:
         save_overrides(conn, key.brand, rule_id, current, key.actor)
     except ThresholdError as exc:
+        kind = "threshold-outside-envelope" if exc.limit is not None else "unknown-threshold"
         raise ProblemError(
             422,
-            "threshold-outside-envelope",
+            kind,
             "Threshold refused",
             str(exc),
             errors=[

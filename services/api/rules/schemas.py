@@ -1,5 +1,7 @@
 """Rule catalogue schemas."""
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,6 +17,7 @@ class Threshold(BaseModel):
     overridden: bool
     tighter: str = Field(description="`lower` or `higher`: which way tightens it")
     limit: float = Field(description="the loosest value a brand may set")
+    tightest: float = Field(description="the tightest value that still means something")
 
 
 class RuleOut(BaseModel):
@@ -39,4 +42,4 @@ class RulePatch(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"thresholds": {"total_s": 5}}]}
     )
 
-    thresholds: dict[str, float | None]
+    thresholds: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)] | None]

@@ -8,11 +8,13 @@ windows need itself, keyed so that a redelivered or duplicated message changes n
   conditions it met, so a run ("for more than 2 s") is found in event time across messages
   that arrive in any order;
 * ``rule_sessions`` and ``rule_reboots``: session starts and ends and reboots for the rolling
-  24 h / 7 day / 10 minute windows, kept eight days;
+  24 h / 7 day / 10 minute windows (sessions kept eight days, reboots one);
 * ``alert_triggers``: each occurrence an alert counts, with its idempotency key (the session,
   the event's seq, the pushed version) or, for runs of samples, its interval in event time;
   an alert's ``count`` is the number of its triggers, so a replay adds none;
-* ``brand_rule_thresholds``: a brand's overrides of the catalogue's defaults.
+* ``brand_rule_thresholds``: a brand's overrides of the catalogue's defaults;
+* ``config_pushes.superseded_at``: a recorded table that was never published because a newer
+  one was recorded for the device first (publishing it would roll the retained table back).
 
 Revision ID: 0004
 Revises: 0003
@@ -114,9 +116,11 @@ def upgrade() -> None:
         updated_by text NOT NULL,
         PRIMARY KEY (brand_id, rule)
     )""")
+    _x("ALTER TABLE config_pushes ADD COLUMN superseded_at timestamptz")
 
 
 def downgrade() -> None:
+    _x("ALTER TABLE config_pushes DROP COLUMN superseded_at")
     for table in (
         "brand_rule_thresholds",
         "alert_triggers",
