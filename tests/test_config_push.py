@@ -132,3 +132,37 @@ def test_a_pushed_safe_table_is_verified_applied_and_answered_by_a_real_agent(
         agent.stop()
         client.loop_stop()
         client.disconnect()
+
+
+def test_an_older_unpublished_table_is_superseded_not_published(
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    key: Any,
+) -> None:
+    [device] = provision(database_url, 1, prefix="stale")
+    table = restricted_table(None, version=0, issued_at_ms=_now_ms(), reason="t", lock_all=False)
+    with psycopg.connect(database_url) as conn:
+        older = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+        newer = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="stale-test", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set(ServiceAccount.RULES.value, service_passwords[ServiceAccount.RULES])
+    client.connect("127.0.0.1", broker.config.service_port)
+    client.loop_start()
+    try:
+        with psycopg.connect(database_url) as conn:
+            assert publish_push(conn, client, older) is False
+        with psycopg.connect(database_url) as conn:
+            assert [p.version for p in unpublished_pushes(conn)] == [newer.version]
+            assert publish_push(conn, client, newer) is True
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                "SELECT version, published_at IS NOT NULL, superseded_at IS NOT NULL"
+                " FROM config_pushes ORDER BY version"
+            ).fetchall()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert rows == [(older.version, False, True), (newer.version, True, False)]
