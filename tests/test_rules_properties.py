@@ -67,8 +67,11 @@ other = st.tuples(
 def build(sessions: list[Any], others: list[Any]) -> list[Received]:
     """The two devices' messages in the order each device sent them."""
     streams = [Stream("d0"), Stream("d1")]
+    free_at = [T0, T0]  # a device runs one session at a time: never two samples at one ts
     for n, (device, minute, duration_s, episodes, ended, user, overrun) in enumerate(sessions):
-        stream, name, start = streams[device], f"s{n}", T0 + minute * MINUTE + n * SECOND
+        start = max(T0 + minute * MINUTE, free_at[device])
+        free_at[device] = start + max(duration_s * SECOND, OVERRUN_AT_MS) + MINUTE
+        stream, name = streams[device], f"s{n}"
         stream.start(name, start, user=user)
         # Episodes follow one another: a device never sends two samples with one timestamp.
         position = 0

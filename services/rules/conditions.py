@@ -229,14 +229,18 @@ class Rise:
 def battery_rises(
     samples: Sequence[SampleIn], limit_c_per_s: float, new: Iterable[datetime]
 ) -> list[Rise]:
-    """Pairs of samples 1 to 2 s apart (a 0.1 °C sensor step between two 10 Hz samples is
-    noise, not 1 °C/s) between which the battery warmed faster than the limit, where either
-    sample is new; at most one pair per later sample. Every pair counts, so more samples
-    can only find more rises, whatever order they arrive in."""
+    """Samples whose battery warmed faster than the limit since a sample 1 to 2 s before
+    (a 0.1 °C sensor step between two 10 Hz samples is noise, not 1 °C/s).
+
+    Every such pair with a new member is looked at, and each later sample reports its earliest
+    partner, so the occurrences found depend on the samples, not on their arrival order.
+    """
     fresh = set(new)
     rises = []
     with_temp = [s for s in samples if s.t_batt_c is not None]
     for index, after in enumerate(with_temp):
+        earliest: SampleIn | None = None
+        fastest = 0.0
         for before in reversed(with_temp[:index]):
             gap = (after.ts - before.ts).total_seconds()
             if gap > RISE_MAX_GAP_S:
@@ -245,8 +249,9 @@ def battery_rises(
                 continue
             rate = (_temp(after) - _temp(before)) / gap
             if rate > limit_c_per_s + RISE_TOLERANCE_C_PER_S:
-                rises.append(Rise(before, after, rate))
-                break
+                earliest, fastest = before, max(fastest, rate)
+        if earliest is not None:
+            rises.append(Rise(earliest, after, fastest))
     return rises
 
 
