@@ -236,8 +236,13 @@ def battery_rises(
     partner, so the occurrences found depend on the samples, not on their arrival order.
     """
     fresh = set(new)
-    rises = []
+    rises: list[Rise] = []
     with_temp = [s for s in samples if s.t_batt_c is not None]
+    temps = [_temp(s) for s in with_temp]
+    # A rise needs more than limit x 1 s between two samples: usually the whole window is
+    # flatter than that, and no pair needs looking at.
+    if not temps or max(temps) - min(temps) <= limit_c_per_s * RISE_MIN_SPAN_S:
+        return rises
     for index, after in enumerate(with_temp):
         earliest: SampleIn | None = None
         fastest = 0.0

@@ -37,6 +37,8 @@ class DeviceContext:
     desired_locked: frozenset[str]
     desired_version: int | None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    # Whether a no_contact alert is open on the device (contact back must resolve it).
+    open_no_contact: bool = False
 
     def user_key(self, event_user: str | None = None) -> str:
         """Whose usage windows a session counts in: its user, else the device's own."""
@@ -78,11 +80,15 @@ def save_overrides(
 
 
 def load_contexts(conn: Conn, device_ids: Iterable[str]) -> dict[str, DeviceContext]:
-    """Contexts of the known, active devices among ``device_ids``."""
+    """Contexts of the known, active devices among ``device_ids`` (one query)."""
     rows = conn.execute(
         """
         SELECT d.id, d.brand_id, d.user_id, u.stage, u.contraindications,
-               applied.payload, desired.payload, d.config_desired_version
+               applied.payload, desired.payload, d.config_desired_version,
+               (SELECT jsonb_object_agg(t.rule, t.params) FROM brand_rule_thresholds t
+                 WHERE t.brand_id = d.brand_id),
+               EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = d.id
+                        AND a.rule = 'no_contact' AND a.state <> 'resolved')
         FROM devices d
         LEFT JOIN users u ON u.brand_id = d.brand_id AND u.id = d.user_id
         LEFT JOIN config_pushes applied
@@ -94,12 +100,14 @@ def load_contexts(conn: Conn, device_ids: Iterable[str]) -> dict[str, DeviceCont
         """,
         [list(set(device_ids))],
     ).fetchall()
-    thresholds = load_thresholds(conn, {str(row[1]) for row in rows})
     contexts = {}
-    for device_id, brand_id, user_id, stage, contra, applied, desired, desired_version in rows:
+    for row in rows:
+        device_id, brand_id, user_id, stage, contra, applied, desired, desired_version = row[:8]
+        overrides, open_no_contact = row[8], row[9]
         table = applied if isinstance(applied, dict) else None
         modes = table["modes"] if table is not None else DEFAULT_MODES
         locked = desired.get("locked_modes", []) if isinstance(desired, dict) else []
+        per_rule = overrides if isinstance(overrides, dict) else {}
         contexts[str(device_id)] = DeviceContext(
             device_id=str(device_id),
             brand_id=str(brand_id),
@@ -112,7 +120,13 @@ def load_contexts(conn: Conn, device_ids: Iterable[str]) -> dict[str, DeviceCont
             modes=modes,
             desired_locked=frozenset(str(mode) for mode in locked),
             desired_version=int(str(desired_version)) if desired_version is not None else None,
-            thresholds=thresholds[str(brand_id)],
+            thresholds=Thresholds(
+                {
+                    str(rule): {str(k): float(v) for k, v in params.items()}
+                    for rule, params in per_rule.items()
+                }
+            ),
+            open_no_contact=bool(open_no_contact),
         )
     return contexts
 

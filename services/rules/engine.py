@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg import Cursor
 
 from services.common.db import Conn
 from services.common.protocol.enums import Channel, FaultCode, RebootReason, ReportKind
@@ -87,6 +88,8 @@ class Batch:
     key: Ed25519PrivateKey
     contexts: dict[str, DeviceContext]
     outcome: Outcome = field(default_factory=Outcome)
+    # Devices whose no_contact alert this batch raised (it may clear within the batch).
+    raised_no_contact: set[str] = field(default_factory=set)
 
     def context(self, device_id: str) -> DeviceContext | None:
         """A device's context, loaded on first use (other devices of a user)."""
@@ -103,14 +106,18 @@ class Batch:
         context = self.context(finding.device_id)
         if context is None:
             return
+        if finding.rule == "no_contact":
+            self.raised_no_contact.add(finding.device_id)
         apply_finding(self.conn, self.key, context, finding, self.outcome)
 
 
 def evaluate(conn: Conn, key: Ed25519PrivateKey, messages: Sequence[Received]) -> Outcome:
     """Evaluate ``messages`` in the caller's transaction; return what was raised and pushed."""
     device_ids = sorted({m.device_id for m in messages})
-    _lock(conn, [f"d:{device_id}" for device_id in device_ids])
-    batch = Batch(conn, key, load_contexts(conn, device_ids))
+    with conn.pipeline():  # one round trip: the locks, then what the rules know of each device
+        _lock(conn, [f"d:{device_id}" for device_id in device_ids])
+        contexts = load_contexts(conn, device_ids)
+    batch = Batch(conn, key, contexts)
     user_keys = set()
     ends = []
     for m in messages:
@@ -190,17 +197,27 @@ def _telemetry(batch: Batch, context: DeviceContext, messages: Sequence[Received
             mask = sample_mask(sample, context.modes, context.thresholds)
             samples.setdefault(sample.ts, _with_mask(sample, mask))
             received.setdefault(sample.ts, m.received_at)
-    new = _store_samples(batch.conn, context.device_id, list(samples.values()), received)
+    candidates = list(samples.values())
+    mask = 0
+    for sample in candidates:
+        mask |= sample.mask
+    margin = timedelta(seconds=window_s(context.thresholds, mask))
+    lo, hi = min(samples) - margin, max(samples) + margin
+    sessions = sorted({s.session for s in candidates if s.session is not None})
+    # One round trip: store (duplicates ignored), then read the window around the new samples
+    # (this statement sees the insert) and what is known of their sessions.
+    with batch.conn.pipeline():
+        stored = _store_samples(batch.conn, context.device_id, candidates, received)
+        loaded = _load_samples(batch.conn, context.device_id, lo, hi)
+        infos = {s: _session_info(batch.conn, context.device_id, s) for s in sessions}
+    new = {row[0] for row in stored.fetchall()}
     if not new:
         return
     fresh = [samples[ts] for ts in sorted(new)]
     mask = 0
     for sample in fresh:
         mask |= sample.mask
-    margin = timedelta(seconds=window_s(context.thresholds, mask))
-    window = _load_samples(
-        batch.conn, context.device_id, fresh[0].ts - margin, fresh[-1].ts + margin
-    )
+    window = [SampleIn(*row[1:]) for row in loaded.fetchall()]
     for check in run_checks(context.thresholds):
         if not mask & check.bit:
             continue
@@ -233,14 +250,15 @@ def _telemetry(batch: Batch, context: DeviceContext, messages: Sequence[Received
         mine = [s for s in fresh if s.session == session]
         if any(s.mask & Bit.NO_GEL for s in mine):
             _check_no_gel(batch, context, session)
-        info = _session_info(batch.conn, context.device_id, session)
+        info = _info(infos[session])
         outs = [s.ts for s in mine if s.out]
         if outs:
             _check_overrun(batch, context, session, info, max(outs))
         batteries = [s.batt_pct for s in mine if s.batt_pct is not None and info.in_start(s.ts)]
         if batteries:
             _check_low_battery_start(batch, context, session, info, min(batteries))
-    if any(s.out and not s.mask & Bit.NO_CONTACT for s in fresh):
+    maybe_open = context.open_no_contact or context.device_id in batch.raised_no_contact
+    if maybe_open and any(s.out and not s.mask & Bit.NO_CONTACT for s in fresh):
         _resolve_no_contact_by_samples(batch, context)
 
 
@@ -263,9 +281,9 @@ def _with_mask(sample: SampleIn, mask: int) -> SampleIn:
 
 def _store_samples(
     conn: Conn, device_id: str, samples: Sequence[SampleIn], received: Mapping[datetime, datetime]
-) -> set[datetime]:
-    """Insert the samples not stored yet; return the times of those that were new."""
-    rows = conn.execute(
+) -> Cursor:
+    """Insert the samples not stored yet; the cursor returns the times of those that were new."""
+    return conn.execute(
         f"INSERT INTO rule_samples ({SAMPLE_COLUMNS}, received_at)"  # noqa: S608 - constant
         " SELECT %s, * FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::boolean[],"
         " %s::real[], %s::real[], %s::real[], %s::real[], %s::real[], %s::smallint[],"
@@ -287,17 +305,16 @@ def _store_samples(
             [s.mask for s in samples],
             [received[s.ts] for s in samples],
         ],
-    ).fetchall()
-    return {row[0] for row in rows}  # type: ignore[misc]
+    )
 
 
-def _load_samples(conn: Conn, device_id: str, lo: datetime, hi: datetime) -> list[SampleIn]:
-    rows = conn.execute(
+def _load_samples(conn: Conn, device_id: str, lo: datetime, hi: datetime) -> Cursor:
+    """The stored samples of a device between ``lo`` and ``hi``, in time order."""
+    return conn.execute(
         f"SELECT {SAMPLE_COLUMNS} FROM rule_samples"  # noqa: S608 - constant columns
         " WHERE device_id = %s AND ts BETWEEN %s AND %s ORDER BY ts",
         [device_id, lo, hi],
-    ).fetchall()
-    return [SampleIn(*row[1:]) for row in rows]  # type: ignore[arg-type]
+    )
 
 
 RUN_TEXT: Final = {
@@ -452,17 +469,22 @@ class SessionInfo:
         return start is not None and start <= ts <= start + START_BATTERY_WINDOW
 
 
-def _session_info(conn: Conn, device_id: str, session: str) -> SessionInfo:
-    row = conn.execute(
+def _session_info(conn: Conn, device_id: str, session: str) -> Cursor:
+    """A cursor with one row: the fields of :class:`SessionInfo`."""
+    return conn.execute(
         "SELECT s.started_at, s.mode, first.ts, first.mode"
         " FROM (SELECT 1) one"
         " LEFT JOIN rule_sessions s ON s.device_id = %s AND s.session = %s"
         " LEFT JOIN LATERAL (SELECT ts, mode FROM rule_samples r"
         "   WHERE r.device_id = %s AND r.session = %s ORDER BY ts LIMIT 1) first ON true",
         [device_id, session, device_id, session],
-    ).fetchone()
-    assert row is not None
-    return SessionInfo(*row)  # type: ignore[arg-type]
+    )
+
+
+def _info(cursor: Cursor) -> SessionInfo:
+    row = cursor.fetchone()
+    assert row is not None  # one row whatever is known
+    return SessionInfo(*row)
 
 
 def _check_overrun(
@@ -530,7 +552,7 @@ def _check_low_battery_start(
 
 def _check_session_so_far(batch: Batch, context: DeviceContext, session: str) -> None:
     """Judge the samples already stored for a session whose start event just arrived."""
-    info = _session_info(batch.conn, context.device_id, session)
+    info = _info(_session_info(batch.conn, context.device_id, session))
     if info.event_start is None:
         return
     row = batch.conn.execute(
