@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-agent bench-rules check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules check lint typecheck format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
 	@echo "make check  - ruff and mypy (strict)"
 	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
+	@echo "make bench-ingest-floor - CPU per sample of paho receive+ack and of decoding (no servers)"
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
 
@@ -45,6 +46,10 @@ test: test-deps venv
 # Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
 bench-ingest: test-deps venv
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+
+# No servers: what paho and decoding cost per sample, the client side of ingest's CPU floor.
+bench-ingest-floor: venv
+	$(PY) -m bench.ingest_floor $(BENCH_ARGS)
 
 # Its own PostgreSQL (TimescaleDB) and Mosquitto, 10,200 background devices and the backend.
 bench-rules: test-deps venv

@@ -1,0 +1,155 @@
+"""``make bench-ingest-floor``: the CPU per sample of the parts ingest cannot do without.
+
+Issue 3 asks for ingest plus database CPU of at most 12 µs per stored sample. This measures
+the two client-side pieces that every design on the mandated stack pays, in isolation, on the
+benchmark's own message (10 samples, about 2 KB):
+
+1. **paho-mqtt 2.x receiving and acknowledging** one QoS 1 PUBLISH with ``manual_ack``: the
+   packets are pre-encoded and fed through a socket pair, so no broker CPU is counted, and
+   the CPU is the reading thread's own (``time.thread_time``);
+2. **decoding and validating** the payload into rows: ingest's own ``decode_inbound`` (the
+   msgspec fast path).
+
+The database side of the floor is the raw binary COPY of the same rows, which
+``make bench-ingest`` prints as its ``copy ceiling`` line (PostgreSQL CPU per row). The last
+line is::
+
+    paho_us_per_sample=N decode_us_per_sample=N client_floor_us_per_sample=N
+
+The socket-pair harness sets two private attributes of ``paho.mqtt.client.Client`` (its socket
+and connection state) so that it reads without a broker; it is a measuring tool, not code the
+services run.
+"""
+
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Final
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.ingest import say
+from services.common.subscriber import Inbound
+from services.ingest.decode import decode_inbound
+
+MESSAGES: Final = 50_000
+SAMPLES: Final = 10
+TOPIC: Final = "galvani/v1/d/bench-00001/telemetry"
+FEED_CHUNK: Final = 100
+
+
+def payload(seq: int) -> bytes:
+    """The benchmark's telemetry message (bench/mqtt_load.py's sample fields)."""
+    samples = [
+        {
+            "ts": 1_764_000_000_000 + seq * 1000 + i * 100,
+            "mode": "LIFT",
+            "level": 3,
+            "out": True,
+            "i_ua": 301.5,
+            "i_set_ua": 300.0,
+            "v_v": 6.1,
+            "z_ohm": 8200,
+            "t_elec_c": 33.1,
+            "t_batt_c": 31.0,
+            "batt_pct": 78,
+            "charging": False,
+        }
+        for i in range(SAMPLES)
+    ]
+    return json.dumps({"v": 1, "seq": seq, "session": "s-1", "samples": samples}).encode()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def publish_packet(packet_id: int, body: bytes) -> bytes:
+    """An MQTT 5 PUBLISH at QoS 1 with no properties."""
+    topic = TOPIC.encode()
+    rest = struct.pack("!H", len(topic)) + topic + struct.pack("!H", packet_id) + b"\x00" + body
+    return b"\x32" + _varint(len(rest)) + rest
+
+
+def paho_us_per_message() -> float:
+    """paho's CPU to read, dispatch and acknowledge one message."""
+    reader, feeder = socket.socketpair()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="floor", protocol=paho.MQTTv5, manual_ack=True
+    )
+    received = 0
+
+    def on_message(c: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        nonlocal received
+        received += 1
+        c.ack(message.mid, message.qos)
+
+    client.on_message = on_message
+    # The harness (see the module docstring) reads without a broker.
+    client._sock = reader  # type: ignore[assignment]
+    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+    reader.setblocking(False)
+    packets = [publish_packet(i % 65_535 + 1, payload(i)) for i in range(MESSAGES)]
+
+    def feed() -> None:
+        for i in range(0, MESSAGES, FEED_CHUNK):
+            feeder.sendall(b"".join(packets[i : i + FEED_CHUNK]))
+
+    def drain() -> None:  # the PUBACKs, 4 bytes each
+        left = 4 * MESSAGES
+        while left > 0:
+            left -= len(feeder.recv(65_536))
+
+    threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+    for thread in threads:
+        thread.start()
+    started = time.thread_time()
+    while received < MESSAGES:
+        client.loop_read()
+        client.loop_write()
+    spent = time.thread_time() - started
+    for thread in threads:
+        thread.join()
+    reader.close()
+    feeder.close()
+    return spent / MESSAGES * 1e6
+
+
+def decode_us_per_message() -> float:
+    """ingest's decode and validation of one message into rows."""
+    now = datetime.now(UTC)
+    inbound = [
+        Inbound(TOPIC, payload(i), mid=i + 1, qos=1, received_at=now, generation=1)
+        for i in range(MESSAGES)
+    ]
+    started = time.process_time()
+    for message in inbound:
+        decode_inbound(message)
+    return (time.process_time() - started) / MESSAGES * 1e6
+
+
+def main() -> int:
+    paho_us = paho_us_per_message()
+    decode_us = decode_us_per_message()
+    say(f"paho receive+ack: {paho_us:.1f} us per message of {SAMPLES} samples")
+    say(f"decode+validate: {decode_us:.1f} us per message of {SAMPLES} samples")
+    say(
+        f"paho_us_per_sample={paho_us / SAMPLES:.1f} "
+        f"decode_us_per_sample={decode_us / SAMPLES:.1f} "
+        f"client_floor_us_per_sample={(paho_us + decode_us) / SAMPLES:.1f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
