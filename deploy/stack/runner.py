@@ -300,6 +300,7 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
     api_port = choose_port(
         PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
     )
+    assert stack.broker is not None
     api = spawn(
         "api",
         [sys.executable, "-m", "services.api.main"],
@@ -311,6 +312,7 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
             mqtt_password=secrets.get(f"mqtt-{ServiceAccount.API}"),
             data_dir=str(options.data_dir),
             port=api_port,
+            device_mqtt_port=stack.broker.config.device_port,
         ),
         cwd=REPO_ROOT,
     )

@@ -1,7 +1,7 @@
 """Request dependencies: the database connection (transaction owned here) and the caller's key."""
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -17,10 +17,24 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: 
 
 
 def _connection(request: Request) -> Iterator[Conn]:
-    """One connection per request; committed if the endpoint returns, rolled back if it raises."""
+    """One connection per request; committed if the endpoint returns, rolled back if it raises.
+
+    Work that must follow the commit (telling the broker about new credentials) is added to
+    ``request.state.after_commit`` and runs, on the same connection, before the response.
+    """
     pool: ConnectionPool = request.app.state.pool
-    with pool.connection() as conn, conn.transaction():
-        yield conn
+    after: list[Callable[[Conn], None]] = []
+    request.state.after_commit = after
+    with pool.connection() as conn:
+        with conn.transaction():
+            yield conn
+        for callback in after:
+            callback(conn)
+
+
+def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:
+    """Run ``callback`` once the request's transaction has committed."""
+    request.state.after_commit.append(callback)
 
 
 # scope="function": the transaction commits before the response is sent, so a client never
@@ -35,6 +49,7 @@ class ApiKey:
     id: uuid.UUID
     role: Role
     brand_id: str | None
+    name: str = ""
 
     @property
     def brand(self) -> str:
@@ -71,17 +86,35 @@ def _current_key(
     if credentials is None:
         raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
     row = conn.execute(
-        "SELECT id, role, brand_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+        "SELECT id, role, brand_id, name FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
         [digest(credentials.credentials)],
     ).fetchone()
     if row is None:
         raise _unauthorized("the API key is unknown or has been revoked")
-    key_id, role, brand_id = row
+    key_id, role, brand_id, name = row
     assert isinstance(key_id, uuid.UUID)
-    return ApiKey(key_id, Role(str(role)), str(brand_id) if brand_id is not None else None)
+    return ApiKey(
+        key_id, Role(str(role)), str(brand_id) if brand_id is not None else None, str(name)
+    )
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
+
+
+def brand_scope(key: ApiKey, requested: str | None) -> str:
+    """The brand a request acts on: the key's own, or for the operator the one it names."""
+    if key.brand_id is not None:
+        if requested is not None and requested != key.brand_id:
+            raise ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
+        return key.brand_id
+    if requested is None:
+        raise ProblemError(
+            422,
+            "brand-required",
+            "A brand is required",
+            "brand: an operator key must name the brand it acts on",
+        )
+    return requested
 
 
 def require(key: ApiKey, *roles: Role) -> None:

@@ -20,6 +20,17 @@ class ApiSettings(ServiceSettings):
     # The mode-table signing key's directory (default ``<data_dir>/secrets``).
     signing_key_dir: Path | None = None
 
+    # The broker's configuration directory (its device password file is rendered there on
+    # provisioning and revocation); the broker and the API share a host.
+    broker_dir: Path | None = None
+    # The device listener's address, handed to provisioned devices.
+    device_mqtt_host: str = "127.0.0.1"
+    device_mqtt_port: int = 1883
+
+    def mosquitto_dir(self) -> Path:
+        """Where the broker's auth files live (default ``<data_dir>/mosquitto``)."""
+        return self.broker_dir or self.data_dir / "mosquitto"
+
     def key_dir(self) -> Path:
         """Where the signing key lives."""
         return self.signing_key_dir or self.data_dir / "secrets"

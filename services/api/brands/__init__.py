@@ -1,0 +1,1 @@
+"""Brands and API keys (the operator and brand admins)."""

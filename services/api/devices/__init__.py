@@ -1,0 +1,1 @@
+"""Devices: provisioning with broker credentials, listing, details, decommissioning."""

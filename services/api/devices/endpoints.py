@@ -1,0 +1,154 @@
+"""``/v1/devices``: provision (broker credentials at once), list, details, decommission."""
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from services.api.deps import ConnDep, CurrentKey, after_commit, brand_scope, require
+from services.api.devices import repository
+from services.api.devices.schemas import (
+    Device,
+    DeviceCreate,
+    DeviceList,
+    MqttCredentials,
+    ProvisionedDevice,
+)
+from services.api.problems import ProblemError, responses
+from services.api.settings import ApiSettings
+from services.common.api_keys import Role
+from services.common.broker_auth import BrokerFiles, sync_device_credentials
+from services.common.db import Conn
+from services.common.provisioning import ProvisioningError, provision_device, revoke_device
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+MAX_LIMIT = 500
+TOPIC_PREFIX = "galvani/v1/d"
+
+
+def _sync_broker(request: Request) -> None:
+    settings: ApiSettings = request.app.state.settings
+    files = BrokerFiles(settings.mosquitto_dir())
+
+    def sync(conn: Conn) -> None:
+        sync_device_credentials(conn, files)
+
+    after_commit(request, sync)
+
+
+def _cursor(device_id: str) -> str:
+    return base64.urlsafe_b64encode(f"d:{device_id}".encode()).decode().rstrip("=")
+
+
+def _after(cursor: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except ValueError:
+        text = ""
+    kind, _, value = text.partition(":")
+    if kind != "d" or not value:
+        raise ProblemError(
+            422,
+            "invalid-cursor",
+            "Invalid cursor",
+            "cursor: pass the next_cursor of a previous page unchanged",
+        )
+    return value
+
+
+def _not_found(device_id: str) -> ProblemError:
+    return ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
+
+
+@router.post(
+    "",
+    response_model=ProvisionedDevice,
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(401, 403, 409, 422),
+)
+def provision(
+    body: DeviceCreate, request: Request, conn: ConnDep, key: CurrentKey
+) -> ProvisionedDevice:
+    """Create a device and its broker credentials; it can connect as soon as this returns."""
+    require(key, Role.ADMIN, Role.OPERATOR)
+    brand = brand_scope(key, body.brand)
+    try:
+        device = provision_device(
+            conn, device_id=body.device_id, brand_id=brand, model=body.model, user_id=body.user
+        )
+    except ProvisioningError as exc:
+        exists = "already exists" in str(exc)
+        raise ProblemError(
+            409 if exists else 422,
+            "device-exists" if exists else "invalid-device",
+            "Device not provisioned",
+            str(exc),
+        ) from None
+    _sync_broker(request)
+    settings: ApiSettings = request.app.state.settings
+    return ProvisionedDevice(
+        device_id=device.device_id,
+        mqtt=MqttCredentials(
+            host=settings.device_mqtt_host,
+            port=settings.device_mqtt_port,
+            username=device.device_id,
+            password=device.password,
+            client_id=device.device_id,
+            topic_prefix=f"{TOPIC_PREFIX}/{device.device_id}",
+        ),
+    )
+
+
+@router.get("", response_model=DeviceList, responses=responses(401, 403, 422))
+def list_devices(
+    conn: ConnDep,
+    key: CurrentKey,
+    online: bool | None = None,
+    alerting: bool | None = None,
+    fw: Annotated[str | None, Query(max_length=64)] = None,
+    model: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> DeviceList:
+    """The brand's active devices, in id order."""
+    rows = repository.list_devices(
+        conn,
+        key.brand,
+        online=online,
+        alerting=alerting,
+        fw=fw,
+        model=model,
+        after_id=_after(cursor) if cursor else None,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return DeviceList(
+        items=[Device.model_validate(row) for row in rows],
+        next_cursor=_cursor(rows[-1]["device_id"]) if more else None,
+    )
+
+
+@router.get("/{device_id}", response_model=Device, responses=responses(401, 403, 404))
+def get_device(device_id: str, conn: ConnDep, key: CurrentKey) -> Device:
+    """Presence, firmware, config versions, open alerts, last seq and gaps."""
+    row = repository.get_device(conn, key.brand, device_id)
+    if row is None:
+        raise _not_found(device_id)
+    return Device.model_validate(row)
+
+
+@router.delete(
+    "/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=responses(401, 403, 404),
+)
+def decommission(device_id: str, request: Request, conn: ConnDep, key: CurrentKey) -> Response:
+    """Revoke the device's credentials; the broker disconnects it at once."""
+    require(key, Role.ADMIN)
+    if repository.get_device(conn, key.brand, device_id) is None:
+        raise _not_found(device_id)
+    revoke_device(conn, device_id)
+    _sync_broker(request)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,76 @@
+"""Device queries, always scoped by brand. Never commits: the request owns the transaction."""
+
+from typing import Any, Final
+
+from services.common.db import Conn
+
+SELECT: Final = """
+SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.online,
+       d.last_seen, d.fw, d.last_seq, d.seq_gaps, d.config_desired_version,
+       d.config_reported_version,
+       (SELECT count(*) FROM alerts a
+         WHERE a.device_id = d.id AND a.state <> 'resolved')::integer AS open_alerts,
+       d.provisioned_at, d.decommissioned_at
+FROM devices d
+"""
+NAMES: Final = (
+    "device_id",
+    "brand",
+    "model",
+    "user",
+    "online",
+    "last_seen",
+    "fw",
+    "last_seq",
+    "seq_gaps",
+    "config_desired_version",
+    "config_reported_version",
+    "open_alerts",
+    "provisioned_at",
+    "decommissioned_at",
+)
+
+
+def get_device(conn: Conn, brand_id: str, device_id: str) -> dict[str, Any] | None:
+    """The brand's device, or None (another brand's device is None too)."""
+    row = conn.execute(
+        SELECT + " WHERE d.id = %s AND d.brand_id = %s", [device_id, brand_id]
+    ).fetchone()
+    return dict(zip(NAMES, row, strict=True)) if row is not None else None
+
+
+def list_devices(
+    conn: Conn,
+    brand_id: str,
+    *,
+    online: bool | None,
+    alerting: bool | None,
+    fw: str | None,
+    model: str | None,
+    after_id: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The brand's active devices in id order, after ``after_id``."""
+    rows = conn.execute(
+        SELECT  # noqa: S608 - constant text, every value is a parameter
+        + """
+        WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL
+          AND (%(online)s::boolean IS NULL OR d.online = %(online)s)
+          AND (%(fw)s::text IS NULL OR d.fw = %(fw)s)
+          AND (%(model)s::text IS NULL OR d.model = %(model)s)
+          AND (%(after)s::text IS NULL OR d.id > %(after)s)
+          AND (%(alerting)s::boolean IS NULL OR %(alerting)s = EXISTS (
+                SELECT 1 FROM alerts a WHERE a.device_id = d.id AND a.state <> 'resolved'))
+        ORDER BY d.id LIMIT %(limit)s
+        """,
+        {
+            "brand": brand_id,
+            "online": online,
+            "fw": fw,
+            "model": model,
+            "after": after_id,
+            "alerting": alerting,
+            "limit": limit,
+        },
+    ).fetchall()
+    return [dict(zip(NAMES, row, strict=True)) for row in rows]

@@ -1,0 +1,59 @@
+"""Device schemas (api.md, "A device" and the provisioning answer)."""
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.provisioning import DEVICE_ID_RE
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"device_id": "glow-00042", "model": "glow-2"}]},
+    )
+
+    device_id: str = Field(pattern=DEVICE_ID_RE.pattern)
+    model: str = Field(min_length=1, max_length=64)
+    user: str | None = Field(default=None, min_length=1, max_length=128)
+    brand: str | None = Field(
+        default=None, description="operator keys only: the brand the device belongs to"
+    )
+
+
+class MqttCredentials(BaseModel):
+    """Shown once: the password is stored only as a hash."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    client_id: str
+    topic_prefix: str
+
+
+class ProvisionedDevice(BaseModel):
+    device_id: str
+    mqtt: MqttCredentials
+
+
+class Device(BaseModel):
+    device_id: str
+    brand: str
+    model: str
+    user: str | None
+    online: bool
+    last_seen: datetime | None
+    fw: str | None
+    last_seq: int | None
+    seq_gaps: int
+    config_desired_version: int | None
+    config_reported_version: int | None
+    open_alerts: int
+    provisioned_at: datetime
+    decommissioned_at: datetime | None
+
+
+class DeviceList(BaseModel):
+    items: list[Device]
+    next_cursor: str | None

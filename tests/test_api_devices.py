@@ -1,0 +1,112 @@
+"""Devices through the API: provisioning reaches the real broker at once, and so does revocation."""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deploy.stack.mosquitto import MosquittoBroker
+from services.api.main import create_app
+from services.api.settings import ApiSettings
+from tests.api import auth
+from tests.ingest import Device, connect_device
+
+
+@pytest.fixture
+def api(database_url: str, broker: MosquittoBroker, tmp_path: Path) -> Iterator[TestClient]:
+    settings = ApiSettings(
+        database_url=database_url,
+        mqtt_password="x",
+        data_dir=tmp_path,
+        broker_dir=broker.config.directory,
+        device_mqtt_port=broker.config.device_port,
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def provision(api: TestClient, key: str, device_id: str, **extra: object) -> dict[str, object]:
+    response = api.post(
+        "/v1/devices", json={"device_id": device_id, "model": "glow-2", **extra}, headers=auth(key)
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def test_a_provisioned_device_connects_within_a_second_and_a_revoked_one_is_cut_off(
+    api: TestClient, keys: dict[str, str], broker: MosquittoBroker
+) -> None:
+    body = provision(api, keys["admin"], "glow-00001", user="u-1")
+    mqtt = body["mqtt"]
+    assert isinstance(mqtt, dict)
+    assert (mqtt["username"], mqtt["client_id"], mqtt["port"]) == (
+        "glow-00001",
+        "glow-00001",
+        broker.config.device_port,
+    )
+    assert mqtt["topic_prefix"] == "galvani/v1/d/glow-00001"
+    started = time.monotonic()
+    device = connect_device(mqtt["port"], Device("glow-00001", str(mqtt["password"])))
+    assert time.monotonic() - started < 1.0
+    try:
+        detail = api.get("/v1/devices/glow-00001", headers=auth(keys["viewer"])).json()
+        assert (detail["brand"], detail["user"], detail["online"]) == ("acme", "u-1", False)
+        gone = api.delete("/v1/devices/glow-00001", headers=auth(keys["admin"]))
+        assert gone.status_code == 204
+        assert device.wait_disconnected(5), "the revoked device stayed connected"
+    finally:
+        device.close()
+    listed = api.get("/v1/devices", headers=auth(keys["viewer"])).json()
+    assert listed["items"] == []
+    detail = api.get("/v1/devices/glow-00001", headers=auth(keys["viewer"])).json()
+    assert detail["decommissioned_at"] is not None
+
+
+def test_devices_are_listed_in_pages_and_filtered(api: TestClient, keys: dict[str, str]) -> None:
+    for n in range(5):
+        provision(api, keys["admin"], f"glow-{n:05d}")
+    headers = auth(keys["viewer"])
+    first = api.get("/v1/devices?limit=2", headers=headers).json()
+    assert [d["device_id"] for d in first["items"]] == ["glow-00000", "glow-00001"]
+    second = api.get(f"/v1/devices?limit=2&cursor={first['next_cursor']}", headers=headers).json()
+    assert [d["device_id"] for d in second["items"]] == ["glow-00002", "glow-00003"]
+    assert api.get("/v1/devices?online=true", headers=headers).json()["items"] == []
+    assert len(api.get("/v1/devices?model=glow-2", headers=headers).json()["items"]) == 5
+    assert api.get("/v1/devices?alerting=true", headers=headers).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("who", "body", "status", "kind"),
+    [
+        ("viewer", {"device_id": "glow-1", "model": "m"}, 403, "forbidden"),
+        ("support", {"device_id": "glow-1", "model": "m"}, 403, "forbidden"),
+        ("admin", {"device_id": "Not/Valid", "model": "m"}, 422, "invalid-request"),
+        ("admin", {"device_id": "glow-1"}, 422, "invalid-request"),
+        ("operator", {"device_id": "glow-1", "model": "m"}, 422, "brand-required"),
+        ("admin", {"device_id": "glow-1", "model": "m", "brand": "other"}, 404, "not-found"),
+    ],
+)
+def test_provisioning_is_refused_with_problem_json(
+    api: TestClient, keys: dict[str, str], who: str, body: dict[str, str], status: int, kind: str
+) -> None:
+    response = api.post("/v1/devices", json=body, headers=auth(keys[who]))
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"].endswith("/" + kind)
+
+
+def test_a_device_id_is_provisioned_once_and_the_operator_names_the_brand(
+    api: TestClient, keys: dict[str, str]
+) -> None:
+    provision(api, keys["operator"], "glow-00009", brand="other")
+    again = api.post(
+        "/v1/devices", json={"device_id": "glow-00009", "model": "m"}, headers=auth(keys["admin"])
+    )
+    assert again.status_code == 409
+    # acme's keys cannot see the other brand's device, whatever the route.
+    assert api.get("/v1/devices/glow-00009", headers=auth(keys["admin"])).status_code == 404
+    assert api.delete("/v1/devices/glow-00009", headers=auth(keys["admin"])).status_code == 404
+    assert api.get("/v1/devices/glow-00009", headers=auth(keys["other"])).status_code == 200
