@@ -12,7 +12,9 @@ from psycopg_pool import ConnectionPool
 
 from services.api import problems
 from services.api.alerts.endpoints import router as alerts_router
+from services.api.brands.endpoints import router as brands_router
 from services.api.devices.endpoints import router as devices_router
+from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
 from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
@@ -55,6 +57,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(rules_router)
     app.include_router(alerts_router)
     app.include_router(devices_router)
+    app.include_router(brands_router)
+    app.include_router(fleet_router)
     return app
 
 

@@ -1,0 +1,1 @@
+"""Fleet summary and dead letters."""

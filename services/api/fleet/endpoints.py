@@ -1,0 +1,157 @@
+"""``GET /v1/fleet/summary`` and ``GET /v1/dead-letters``."""
+
+import base64
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from services.api.deps import ConnDep, CurrentKey, brand_scope, require
+from services.api.problems import ProblemError, responses
+from services.common.api_keys import Role
+
+router = APIRouter(prefix="/v1", tags=["fleet"])
+MAX_LIMIT = 200
+PAYLOAD_PREVIEW_BYTES = 512
+
+
+class OpenAlerts(BaseModel):
+    total: int
+    by_severity: dict[str, int]
+    by_rule: dict[str, int]
+
+
+class FleetSummary(BaseModel):
+    devices: int
+    online: int
+    sessions_today: int = Field(description="sessions started since 00:00 UTC")
+    open_alerts: OpenAlerts
+
+
+@router.get("/fleet/summary", response_model=FleetSummary, responses=responses(401, 403))
+def fleet_summary(conn: ConnDep, key: CurrentKey) -> FleetSummary:
+    """Devices online, sessions today, open alerts by severity and rule."""
+    brand = key.brand
+    devices, online = conn.execute(  # type: ignore[misc]
+        "SELECT count(*), count(*) FILTER (WHERE online) FROM devices"
+        " WHERE brand_id = %s AND decommissioned_at IS NULL",
+        [brand],
+    ).fetchone()
+    sessions = conn.execute(
+        "SELECT count(*) FROM sessions WHERE brand_id = %s"
+        " AND started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+        [brand],
+    ).fetchone()
+    rows = conn.execute(
+        "SELECT severity, rule, count(*) FROM alerts WHERE brand_id = %s AND state <> 'resolved'"
+        " GROUP BY severity, rule",
+        [brand],
+    ).fetchall()
+    by_severity: dict[str, int] = {"info": 0, "warning": 0, "critical": 0}
+    by_rule: dict[str, int] = {}
+    for severity, rule, count in rows:
+        by_severity[str(severity)] += int(str(count))
+        by_rule[str(rule)] = by_rule.get(str(rule), 0) + int(str(count))
+    return FleetSummary(
+        devices=int(str(devices)),
+        online=int(str(online)),
+        sessions_today=int(str(sessions[0])) if sessions else 0,
+        open_alerts=OpenAlerts(
+            total=sum(by_severity.values()), by_severity=by_severity, by_rule=by_rule
+        ),
+    )
+
+
+class DeadLetter(BaseModel):
+    id: int
+    topic: str
+    device_id: str | None
+    channel: str | None
+    reason: str
+    detail: str
+    payload_size: int
+    payload_preview_b64: str = Field(
+        description=f"the first {PAYLOAD_PREVIEW_BYTES} bytes as stored, base64"
+    )
+    received_at: datetime
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetter]
+    next_cursor: str | None
+
+
+@router.get("/dead-letters", response_model=DeadLetterList, responses=responses(401, 403, 422))
+def dead_letters(
+    conn: ConnDep,
+    key: CurrentKey,
+    brand: Annotated[str | None, Query(description="operator keys: the brand to show")] = None,
+    reason: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> DeadLetterList:
+    """Messages that could not be stored, newest first: a brand's devices' (admin), or any
+    brand's, or those of no known device (operator, without ``brand``)."""
+    require(key, Role.OPERATOR, Role.ADMIN)
+    scope = brand_scope(key, brand) if key.brand_id is not None or brand is not None else None
+    before = _before(cursor) if cursor else None
+    rows = conn.execute(
+        "SELECT l.id, l.topic, l.device_id, l.channel, l.reason, l.detail, l.payload_size,"
+        " substring(l.payload FROM 1 FOR %(preview)s), l.received_at"
+        " FROM dead_letters l LEFT JOIN devices d ON d.id = l.device_id"
+        " WHERE (%(brand)s::text IS NULL OR d.brand_id = %(brand)s)"
+        " AND (%(reason)s::text IS NULL OR l.reason = %(reason)s)"
+        " AND (%(before)s::bigint IS NULL OR l.id < %(before)s)"
+        " ORDER BY l.id DESC LIMIT %(limit)s",
+        {
+            "preview": PAYLOAD_PREVIEW_BYTES,
+            "brand": scope,
+            "reason": reason,
+            "before": before,
+            "limit": limit + 1,
+        },
+    ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [
+        DeadLetter(
+            id=int(str(r[0])),
+            topic=str(r[1]),
+            device_id=r[2],
+            channel=r[3],
+            reason=str(r[4]),
+            detail=str(r[5]),
+            payload_size=int(str(r[6])),
+            payload_preview_b64=base64.b64encode(_bytes(r[7])).decode(),
+            received_at=r[8],
+        )
+        for r in rows
+    ]
+    next_cursor = (
+        base64.urlsafe_b64encode(f"l:{items[-1].id}".encode()).decode().rstrip("=")
+        if more
+        else None
+    )
+    return DeadLetterList(items=items, next_cursor=next_cursor)
+
+
+def _bytes(value: object) -> bytes:
+    assert isinstance(value, bytes | memoryview)  # bytea
+    return bytes(value)
+
+
+def _before(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except ValueError:
+        text = ""
+    kind, _, value = text.partition(":")
+    if kind != "l" or not value.isdigit():
+        raise ProblemError(
+            422,
+            "invalid-cursor",
+            "Invalid cursor",
+            "cursor: pass the next_cursor of a previous page unchanged",
+        )
+    return int(value)
