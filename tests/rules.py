@@ -177,10 +177,24 @@ def setup_brand(
 
 
 def run(
-    url: str, key: Ed25519PrivateKey, messages: Sequence[Received], *, one_by_one: bool = True
+    url: str,
+    key: Ed25519PrivateKey,
+    messages: Sequence[Received],
+    *,
+    one_by_one: bool = True,
+    batch_sizes: Sequence[int] | None = None,
 ) -> None:
-    """Evaluate ``messages`` in arrival order, each in its own transaction (or all in one)."""
-    batches = [[m] for m in messages] if one_by_one else [list(messages)]
+    """Evaluate ``messages`` in arrival order, each in its own transaction (or all in one, or
+    in consecutive batches of the given sizes, cycled)."""
+    if batch_sizes:
+        batches, start = [], 0
+        sizes = list(batch_sizes)
+        while start < len(messages):
+            size = sizes[len(batches) % len(sizes)]
+            batches.append(list(messages[start : start + size]))
+            start += size
+    else:
+        batches = [[m] for m in messages] if one_by_one else [list(messages)]
     with psycopg.connect(url) as conn:
         for batch in batches:
             with conn.transaction():

@@ -12,6 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from deploy.stack.mosquitto import MosquittoBroker
 from services.common.broker_auth import ServiceAccount
 from services.common.config_push import (
+    Published,
     PushError,
     publish_push,
     record_push,
@@ -153,10 +154,10 @@ def test_an_older_unpublished_table_is_superseded_not_published(
     client.loop_start()
     try:
         with psycopg.connect(database_url) as conn:
-            assert publish_push(conn, client, older) is False
+            assert publish_push(conn, client, older) is Published.SUPERSEDED
         with psycopg.connect(database_url) as conn:
             assert [p.version for p in unpublished_pushes(conn)] == [newer.version]
-            assert publish_push(conn, client, newer) is True
+            assert publish_push(conn, client, newer) is Published.PUBLISHED
         with psycopg.connect(database_url) as conn:
             rows = conn.execute(
                 "SELECT version, published_at IS NOT NULL, superseded_at IS NOT NULL"

@@ -148,7 +148,13 @@ def outcome(url: str, brand: str) -> dict[str, Any]:
     }
 
 
-def evaluate_as(url: str, key: Any, messages: list[Received], brand: str) -> dict[str, Any]:
+def evaluate_as(
+    url: str,
+    key: Any,
+    messages: list[Received],
+    brand: str,
+    batch_sizes: list[int] | None = None,
+) -> dict[str, Any]:
     # d0 is ann's; d1 has no registered user. Starts may name ann or bob (in the intro stage,
     # with a contraindication), so windows span devices and users differ from the registered one.
     setup_brand(
@@ -160,7 +166,8 @@ def evaluate_as(url: str, key: Any, messages: list[Received], brand: str) -> dic
             "bob": {"stage": "intro", "contraindications": ["implant"]},
         },
     )
-    run(url, key, [replace(m, device_id=f"{brand}-{m.device_id}") for m in messages])
+    renamed = [replace(m, device_id=f"{brand}-{m.device_id}") for m in messages]
+    run(url, key, renamed, batch_sizes=batch_sizes)
     return outcome(url, brand)
 
 
@@ -188,7 +195,9 @@ def test_alerts_do_not_depend_on_arrival_order_duplicates_or_replays(
     shuffler.shuffle(delivered)
     n = next(_brands)
     in_order = evaluate_as(database_url, key, messages, f"in{n}")
-    shuffled = evaluate_as(database_url, key, delivered, f"sh{n}")
+    # The shuffled stream is evaluated in batches of varying size, as a worker takes them.
+    sizes = [shuffler.randint(1, 6) for _ in range(8)]
+    shuffled = evaluate_as(database_url, key, delivered, f"sh{n}", batch_sizes=sizes)
     assert shuffled == in_order
 
 

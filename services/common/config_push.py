@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
 import paho.mqtt.client as paho
@@ -122,20 +123,31 @@ def record_push(
     return Push(device_id, version, dict(signed), sha256)
 
 
-def publish_push(conn: Conn, client: paho.Client, push: Push) -> bool:
+class Published(StrEnum):
+    """What :func:`publish_push` did."""
+
+    PUBLISHED = "published"
+    SUPERSEDED = "superseded"  # a newer table was recorded for the device: not published
+    BUSY = "busy"  # another process is publishing to the device: try again later
+
+
+def publish_push(conn: Conn, client: paho.Client, push: Push) -> Published:
     """Publish ``push`` retained at QoS 1, wait for the PUBACK, and mark it published.
 
     Call after the transaction that recorded it has committed; ``conn`` is then used in a
     transaction of its own (the caller's, committed by the caller). Only the device's newest
-    recorded table is published: an older one is marked superseded and ``False`` returned,
-    since publishing it retained would roll the device's table back. A transaction-scoped
-    advisory lock per device orders publishers, so the newest table is also the last
-    published.
+    recorded table is published: an older one is marked superseded, since publishing it
+    retained would roll the device's table back. A transaction-scoped advisory lock per device
+    orders publishers, so the newest table is also the last published; it is only tried, never
+    waited for. A caller whose publish fails must drop its client before its transaction ends:
+    paho keeps an unacknowledged message queued and would send it, stale, on reconnect.
     """
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('galvani-config:' || %s, 0))",
+    locked = conn.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('galvani-config:' || %s, 0))",
         [push.device_id],
-    )
+    ).fetchone()
+    if locked is None or not locked[0]:
+        return Published.BUSY
     row = conn.execute(
         "SELECT config_desired_version FROM devices WHERE id = %s", [push.device_id]
     ).fetchone()
@@ -145,7 +157,7 @@ def publish_push(conn: Conn, client: paho.Client, push: Push) -> bool:
             " WHERE device_id = %s AND version = %s AND published_at IS NULL",
             [push.device_id, push.version],
         )
-        return False
+        return Published.SUPERSEDED
     info = client.publish(push.topic, canonical_json(push.payload), qos=1, retain=True)
     info.wait_for_publish(PUBLISH_TIMEOUT_S)
     if not info.is_published():
@@ -154,7 +166,7 @@ def publish_push(conn: Conn, client: paho.Client, push: Push) -> bool:
         "UPDATE config_pushes SET published_at = now() WHERE device_id = %s AND version = %s",
         [push.device_id, push.version],
     )
-    return True
+    return Published.PUBLISHED
 
 
 def unpublished_pushes(conn: Conn, limit: int = 100) -> list[Push]:

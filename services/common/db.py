@@ -54,20 +54,20 @@ def storage_of(conn: Conn) -> Storage:
     return Storage(str(row[0]))
 
 
-# SQLSTATE classes worth retrying: the connection failed (08), the transaction was rolled back
-# for a deadlock or serialization failure (40), the server is short of resources (53), an
-# object is locked or in use (55), an operator cancelled or shut down (57), an I/O error (58).
-# Anything else (a too-long index key, bad data) fails the same way every time, so retrying
-# it would stall the stream on one poison message.
-TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "55", "57", "58")
+# SQLSTATE classes that say "this message cannot be stored", whatever is retried: bad data
+# (22), a constraint (23), a limit such as an index entry too large (54). Anything else (the
+# connection, a deadlock, a read-only or missing table during a failover or migration, an
+# internal error) is the database's trouble, not the message's: it is retried, and no message
+# is dead-lettered or skipped because of it.
+BAD_MESSAGE_SQLSTATE_PREFIXES = ("22", "23", "54")
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether a database error may succeed if retried (see TRANSIENT_SQLSTATE_PREFIXES)."""
+def is_bad_message(exc: BaseException) -> bool:
+    """Whether a database error blames the data written (see BAD_MESSAGE_SQLSTATE_PREFIXES)."""
     if not isinstance(exc, psycopg.Error):
         return False
     sqlstate = exc.sqlstate
     if sqlstate is None:
-        # No SQLSTATE: raised by the client itself (connection lost, closed, timed out).
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-    return sqlstate.startswith(TRANSIENT_SQLSTATE_PREFIXES)
+        # Raised by psycopg itself while adapting a value (no server round trip).
+        return isinstance(exc, psycopg.DataError)
+    return sqlstate.startswith(BAD_MESSAGE_SQLSTATE_PREFIXES)

@@ -18,7 +18,7 @@ from typing import Final
 import psycopg
 from prometheus_client import start_http_server
 
-from services.common.db import Conn, Storage, connect, is_transient, storage_of
+from services.common.db import Conn, Storage, connect, is_bad_message, storage_of
 from services.common.errors import DatabaseUnavailable, GalvaniError
 from services.common.logs import configure_logging
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
@@ -79,7 +79,7 @@ class Store:
         """Store one batch, waiting out database failures; raise Stopped if asked to stop."""
         try:
             return self._retrying(decoded)
-        except psycopg.Error as exc:  # not transient: split, so one message is dead-lettered
+        except psycopg.Error as exc:  # a bad message: split, so only it is dead-lettered
             log.warning(
                 "batch of %d refused (%s); storing its messages one by one", len(decoded), exc
             )
@@ -95,7 +95,7 @@ class Store:
             except (psycopg.Error, DatabaseUnavailable) as exc:
                 # "This data cannot be stored" (bad data, a too-long key) is raised to be split
                 # out; "the database is unwell" is waited out.
-                if isinstance(exc, psycopg.Error) and not is_transient(exc):
+                if is_bad_message(exc):
                     raise
                 metrics.DB_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("database write failed, retrying in %.1f s: %s", delay, exc)

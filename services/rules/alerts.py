@@ -59,6 +59,7 @@ class Outcome:
     pushes: list[Push] = field(default_factory=list)
     push_kinds: list[tuple[str, str]] = field(default_factory=list)  # rule, safe | lock_all
     resolved: int = 0
+    failed: list[Any] = field(default_factory=list)  # messages that could not be evaluated
 
     def extend(self, other: "Outcome") -> None:
         """Add what another transaction did."""
@@ -66,6 +67,7 @@ class Outcome:
         self.pushes.extend(other.pushes)
         self.push_kinds.extend(other.push_kinds)
         self.resolved += other.resolved
+        self.failed.extend(other.failed)
 
     def count(self) -> None:
         """Record in the metrics (call after the commit, so a retried batch counts once)."""

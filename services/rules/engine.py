@@ -66,6 +66,7 @@ CRITICAL_FAULTS: Final = frozenset(
     }
 )
 LONGEST_COOLDOWN: Final = timedelta(hours=24)
+SUSPECT_CLOCK: Final = timedelta(days=30)
 
 DeviceMessage = Telemetry | Event | State | Presence
 
@@ -90,12 +91,22 @@ class Batch:
     outcome: Outcome = field(default_factory=Outcome)
     # Devices whose no_contact alert this batch raised (it may clear within the batch).
     raised_no_contact: set[str] = field(default_factory=set)
+    stages: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def context(self, device_id: str) -> DeviceContext | None:
         """A device's context, loaded on first use (other devices of a user)."""
         if device_id not in self.contexts:
             self.contexts.update(load_contexts(self.conn, [device_id]))
         return self.contexts.get(device_id)
+
+    def stage(self, brand_id: str, user_key: str) -> str:
+        """The stage of the user a session counts for (``intro`` without a known user)."""
+        kind, _, name = user_key.partition(":")
+        if kind != "user":
+            return "intro"
+        if (brand_id, name) not in self.stages:
+            self.stages[(brand_id, name)] = load_user(self.conn, brand_id, name).stage
+        return self.stages[(brand_id, name)]
 
     def resolve(self, alert_id: int, resolution: str) -> None:
         """Resolve an alert whose condition cleared."""
@@ -149,7 +160,7 @@ def evaluate(conn: Conn, key: Ed25519PrivateKey, messages: Sequence[Received]) -
             if isinstance(m.message, State):
                 _state(batch, context, m.message)
             elif isinstance(m.message, Presence):
-                _presence(batch, context, m.message)
+                _presence(batch, context, m.message, m.received_at)
             elif not isinstance(m.message, Telemetry):
                 _event(batch, context, m.message)
         telemetry = [m for m in mine if isinstance(m.message, Telemetry)]
@@ -757,7 +768,7 @@ def _judge_7d(
     user_key: str,
 ) -> None:
     t = context.thresholds
-    intro = context.user.stage == "intro"
+    intro = batch.stage(context.brand_id, user_key) == "intro"
     limit = t.value("overuse_7d", "max_sessions_intro" if intro else "max_sessions")
     minutes = sum(durations.get((s.device_id, s.session), 0) for s in week) / 60
     max_minutes = t.value("overuse_7d", "max_output_min")
@@ -972,18 +983,24 @@ def _unacked_alerts(conn: Conn, device_id: str) -> list[tuple[int, int]]:
     return [(int(str(r[0])), int(str(r[1]))) for r in rows]
 
 
-def _presence(batch: Batch, context: DeviceContext, presence: Presence) -> None:
+def _presence(
+    batch: Batch, context: DeviceContext, presence: Presence, received_at: datetime
+) -> None:
     if not presence.online:
         return
+    # A device's clock after a long power loss may read 1970: such a time says nothing about
+    # the silence (ingest's rule: more than 30 days before receipt is suspect).
+    sent = from_ms(presence.ts) if presence.ts is not None else None
+    if sent is not None and sent < received_at - SUSPECT_CLOCK:
+        sent = None
     rows = batch.conn.execute(
         "SELECT id, first_seen FROM alerts WHERE device_id = %s AND rule = 'offline'"
         " AND state <> 'resolved'",
         [context.device_id],
     ).fetchall()
     for alert_id, silent_since in rows:
-        # The last will has no ts; a device's own online message older than the silence
-        # (delivered from a backlog) does not end it.
-        if presence.ts is not None and from_ms(presence.ts) <= silent_since:  # type: ignore[operator]
+        # A device's own online message older than the silence (from a backlog) does not end it.
+        if sent is not None and sent <= silent_since:  # type: ignore[operator]
             continue
         batch.resolve(int(str(alert_id)), "the device came back online")
 

@@ -22,8 +22,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import start_http_server
 
-from services.common.config_push import Push, PushError, publish_push, unpublished_pushes
-from services.common.db import Conn, connect, is_transient
+from services.common.config_push import (
+    Published,
+    Push,
+    PushError,
+    publish_push,
+    unpublished_pushes,
+)
+from services.common.db import Conn, connect, is_bad_message
 from services.common.errors import DatabaseUnavailable, GalvaniError
 from services.common.logs import configure_logging
 from services.common.protocol import ProtocolError, decode, parse_topic
@@ -43,6 +49,10 @@ CHANNELS: Final = ("telemetry", "events", "state", "presence")
 RETRY_MIN_DELAY_S: Final = 0.1
 RETRY_MAX_DELAY_S: Final = 5.0
 PUBLISHER_KEEPALIVE_S: Final = 30
+# Trimming runs between batches, a short batch at a time, so it never holds up evaluation for
+# long: at most TRIM_BATCH rows per table per pass, every TRIM_INTERVAL_S (sooner while busy).
+TRIM_INTERVAL_S: Final = 5.0
+TRIM_BUSY_INTERVAL_S: Final = 0.2
 # Device time past this cannot anchor a 7-day window in Python's datetime (ends at 9999).
 MAX_DEVICE_TIME_MS: Final = int(datetime(9999, 12, 1, tzinfo=UTC).timestamp() * 1000)
 
@@ -107,7 +117,7 @@ class Database:
                 with self._conn.transaction():
                     return work(self._conn)
             except (psycopg.Error, DatabaseUnavailable) as exc:
-                if isinstance(exc, psycopg.Error) and not is_transient(exc):
+                if is_bad_message(exc):
                     raise
                 metrics.DB_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("database transaction failed, retrying in %.1f s: %s", delay, exc)
@@ -176,6 +186,7 @@ class Worker:
         self.db = Database(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
         self._seen_reconnects = 0
         self._next_sweep = time.monotonic()
+        self._next_trim = time.monotonic()
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then evaluate what is pending and disconnect."""
@@ -186,6 +197,8 @@ class Worker:
                 # On its own timer, so a backlog cannot starve it (it republishes lost pushes).
                 if time.monotonic() >= self._next_sweep:
                     self.sweep()
+                if time.monotonic() >= self._next_trim:
+                    self.trim()
                 age = self.subscriber.oldest_age_s()
                 if len(self.subscriber.pending) >= limit or (
                     self.subscriber.pending and age >= interval
@@ -222,6 +235,8 @@ class Worker:
         self.subscriber.ack(inbound)
         outcome.count()
         for message in received:
+            if any(message is failed for failed in outcome.failed):
+                continue
             metrics.MESSAGES.labels(message.channel.value, "evaluated").inc()
             metrics.RECEIPT_TO_COMMIT_SECONDS.observe(
                 max(0.0, (committed - message.received_at).total_seconds())
@@ -245,7 +260,7 @@ class Worker:
                 log.exception(
                     "cannot evaluate a %s message of %s", message.channel.value, message.device_id
                 )
-                return Outcome()
+                return Outcome(failed=[message])
             log.warning("batch of %d failed; evaluating its messages one by one", len(received))
             outcome = Outcome()
             for message in received:
@@ -253,51 +268,67 @@ class Worker:
             return outcome
 
     def sweep(self) -> None:
-        """Run the periodic rules, trim the rules' state, publish what is unpublished."""
+        """Run the periodic rules and publish what was recorded but not published."""
         self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
         try:
             outcome = self.db.transaction(lambda conn: sweep(conn, self.key))
-            trimmed = 0
-            while True:  # short transactions, until a pass finds less than a full batch
-                deleted = self.db.transaction(trim)
-                trimmed += deleted
-                if deleted < TRIM_BATCH or self.stop.is_set():
-                    break
-                self.wait(0)
         except Stopped:
             raise
         except Exception:
             log.exception("sweep failed")
+        else:
+            outcome.count()
+            self.publish(outcome.pushes)
+        try:
+            pending = self.db.transaction(unpublished_pushes)
+        except Stopped:
+            raise
+        except Exception:
+            log.exception("cannot list unpublished tables")
             return
-        outcome.count()
-        if trimmed:
-            log.info("trimmed %d rows of rules state", trimmed)
-        self.publish(outcome.pushes)
-        self.publish(self.db.transaction(unpublished_pushes))
+        self.publish(pending)
+
+    def trim(self) -> None:
+        """Delete one short batch of expired rules state; soon again while there is more."""
+        try:
+            deleted = self.db.transaction(trim)
+        except Stopped:
+            raise
+        except Exception:
+            log.exception("trimming rules state failed")
+            deleted = 0
+        if deleted:
+            log.debug("trimmed %d rows of rules state", deleted)
+        busy = deleted >= TRIM_BATCH
+        self._next_trim = time.monotonic() + (TRIM_BUSY_INTERVAL_S if busy else TRIM_INTERVAL_S)
 
     def publish(self, pushes: Sequence[Push]) -> None:
-        """Publish recorded tables; one the broker does not take is left for the next sweep."""
-        for push in pushes:
+        """Publish recorded tables; what cannot be published now is left for the next sweep."""
+        for n, push in enumerate(pushes):
             if not self.publisher.client.is_connected():
-                metrics.PUBLISHED.labels("deferred").inc()
-                log.warning(
-                    "broker unavailable: table v%d for %s deferred", push.version, push.device_id
-                )
-                continue
+                metrics.PUBLISHED.labels("deferred").inc(len(pushes) - n)
+                log.warning("broker unavailable: %d tables deferred", len(pushes) - n)
+                return
             try:
-                published = self.db.transaction(
-                    lambda conn, push=push: publish_push(conn, self.publisher.client, push)  # type: ignore[misc]
-                )
-            except (PushError, RuntimeError, ValueError) as exc:
+                result = self.db.transaction(lambda conn, push=push: self._publish_one(conn, push))  # type: ignore[misc]
+            except Stopped:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker or database is in trouble
                 metrics.PUBLISHED.labels("failed").inc()
                 log.warning("table v%d for %s not published: %s", push.version, push.device_id, exc)
-                continue
-            if not published:
-                metrics.PUBLISHED.labels("superseded").inc()
-                log.info("table v%d for %s superseded by a newer one", push.version, push.device_id)
-                continue
-            metrics.PUBLISHED.labels("published").inc()
-            log.info("published table v%d to %s", push.version, push.device_id)
+                return  # the rest waits for the next sweep rather than 10 s each
+            metrics.PUBLISHED.labels(result.value).inc()
+            log.info("table v%d for %s: %s", push.version, push.device_id, result.value)
+
+    def _publish_one(self, conn: Conn, push: Push) -> Published:
+        try:
+            return publish_push(conn, self.publisher.client, push)
+        except (PushError, RuntimeError, ValueError):
+            # Still holding the device's publish lock: drop the client, and with it the
+            # message paho would otherwise resend (stale) when it reconnects.
+            self.publisher.close()
+            self.publisher = Publisher(self.settings)
+            raise
 
 
 def main() -> None:

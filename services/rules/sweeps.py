@@ -24,7 +24,7 @@ SAMPLES_KEPT: Final = timedelta(hours=2)
 # The longest window is 7 days; a day more for sessions that arrive late.
 SESSIONS_KEPT: Final = timedelta(days=8)
 REBOOTS_KEPT: Final = timedelta(days=1)
-TRIM_BATCH: Final = 50_000
+TRIM_BATCH: Final = 10_000
 
 
 def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Outcome:
