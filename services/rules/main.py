@@ -250,11 +250,10 @@ class Worker:
             return self.db.transaction(lambda conn: evaluate(conn, self.key, received))
         except Stopped:
             raise
-        except Exception:
+        except Exception:  # the data's fault (other database errors were retried): isolate it
             if len(received) == 1:
-                # One message the engine cannot evaluate (retrying cannot help: transient
-                # database errors were retried already). Acknowledge it rather than stall
-                # every device behind it; ingest has stored it.
+                # One message the engine cannot evaluate, and retrying cannot help.
+                # Acknowledge it rather than stall every device behind it; ingest has it.
                 message = received[0]
                 metrics.MESSAGES.labels(message.channel.value, "failed").inc()
                 log.exception(
@@ -274,7 +273,7 @@ class Worker:
             outcome = self.db.transaction(lambda conn: sweep(conn, self.key))
         except Stopped:
             raise
-        except Exception:
+        except Exception:  # logged; the next sweep tries again
             log.exception("sweep failed")
         else:
             outcome.count()
@@ -283,7 +282,7 @@ class Worker:
             pending = self.db.transaction(unpublished_pushes)
         except Stopped:
             raise
-        except Exception:
+        except Exception:  # logged; the next sweep tries again
             log.exception("cannot list unpublished tables")
             return
         self.publish(pending)
@@ -294,7 +293,7 @@ class Worker:
             deleted = self.db.transaction(trim)
         except Stopped:
             raise
-        except Exception:
+        except Exception:  # logged; trimming is tried again on its timer
             log.exception("trimming rules state failed")
             deleted = 0
         if deleted:
