@@ -1,0 +1,1 @@
+"""Users: stage and contraindications, and usage over rolling windows."""
