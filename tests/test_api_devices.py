@@ -4,12 +4,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from deploy.stack.mosquitto import MosquittoBroker
 from services.api.main import create_app
 from services.api.settings import ApiSettings
+from services.common.provisioning import provision_device
 from tests.api import auth
 from tests.ingest import Device, connect_device
 
@@ -110,3 +112,41 @@ def test_a_device_id_is_provisioned_once_and_the_operator_names_the_brand(
     assert api.get("/v1/devices/glow-00009", headers=auth(keys["admin"])).status_code == 404
     assert api.delete("/v1/devices/glow-00009", headers=auth(keys["admin"])).status_code == 404
     assert api.get("/v1/devices/glow-00009", headers=auth(keys["other"])).status_code == 200
+
+
+def test_a_devices_sessions_and_events_are_listed_newest_first_in_pages(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        provision_device(conn, device_id="acme-1", brand_id="acme", model="m")
+        provision_device(conn, device_id="other-1", brand_id="other", model="m")
+        for n in range(3):
+            conn.execute(
+                "INSERT INTO sessions (device_id, session, brand_id, mode, level, started_at,"
+                " ended_at, duration_s, end_reason, output_s, samples, out_samples,"
+                " gel_ok_samples) VALUES ('acme-1', %s, 'acme', 'LIFT', 5,"
+                " now() - %s * interval '1 day', now() - %s * interval '1 day'"
+                " + interval '5 minutes', 300, 'completed', 300, 3000, 3000, 2400)",
+                [f"s{n}", 3 - n, 3 - n],
+            )
+            conn.execute(
+                "INSERT INTO events (device_id, seq, ts, type, session, body, received_at)"
+                " VALUES ('acme-1', %s, now(), 'session_start', %s, '{}', now())",
+                [n + 1, f"s{n}"],
+            )
+    headers = auth(keys["viewer"])
+    first = client.get("/v1/devices/acme-1/sessions?limit=2", headers=headers).json()
+    assert [s["session"] for s in first["items"]] == ["s2", "s1"]
+    assert first["items"][0]["gel_ok_share"] == pytest.approx(0.8)
+    rest = client.get(
+        f"/v1/devices/acme-1/sessions?limit=2&cursor={first['next_cursor']}", headers=headers
+    ).json()
+    assert ([s["session"] for s in rest["items"]], rest["next_cursor"]) == (["s0"], None)
+    events = client.get("/v1/devices/acme-1/events?limit=2", headers=headers).json()
+    assert [e["seq"] for e in events["items"]] == [3, 2]
+    more = client.get(
+        f"/v1/devices/acme-1/events?cursor={events['next_cursor']}", headers=headers
+    ).json()
+    assert [e["seq"] for e in more["items"]] == [1]
+    for path in ("sessions", "events"):
+        assert client.get(f"/v1/devices/other-1/{path}", headers=headers).status_code == 404

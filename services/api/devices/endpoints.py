@@ -11,8 +11,12 @@ from services.api.devices.schemas import (
     Device,
     DeviceCreate,
     DeviceList,
+    Event,
+    EventList,
     MqttCredentials,
     ProvisionedDevice,
+    Session,
+    SessionList,
 )
 from services.api.problems import ProblemError, responses
 from services.api.settings import ApiSettings
@@ -152,3 +156,85 @@ def decommission(device_id: str, request: Request, conn: ConnDep, key: CurrentKe
     revoke_device(conn, device_id)
     _sync_broker(request)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _require_device(conn: Conn, brand: str, device_id: str) -> None:
+    if repository.get_device(conn, brand, device_id) is None:
+        raise _not_found(device_id)
+
+
+def _encode(kind: str, *parts: str) -> str:
+    text = kind + ":" + "\x1f".join(parts)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode(kind: str, cursor: str, count: int) -> list[str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except ValueError:
+        text = ""
+    prefix, _, rest = text.partition(":")
+    parts = rest.split("\x1f")
+    if prefix != kind or len(parts) != count:
+        raise ProblemError(
+            422,
+            "invalid-cursor",
+            "Invalid cursor",
+            "cursor: pass the next_cursor of a previous page unchanged",
+        )
+    return parts
+
+
+@router.get(
+    "/{device_id}/sessions", response_model=SessionList, responses=responses(401, 403, 404, 422)
+)
+def list_sessions(
+    device_id: str,
+    conn: ConnDep,
+    key: CurrentKey,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+) -> SessionList:
+    """Sessions with mode, level, duration, end reason and contact quality, newest first."""
+    _require_device(conn, key.brand, device_id)
+    before = _decode("s", cursor, 2) if cursor else None
+    rows = repository.sessions(
+        conn, device_id, before=(before[0], before[1]) if before else None, limit=limit + 1
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = None
+    if more:
+        last = rows[-1]
+        started = last["started_at"].isoformat() if last["started_at"] else "-infinity"
+        next_cursor = _encode("s", started, last["session"])
+    return SessionList(items=[Session.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{device_id}/events", response_model=EventList, responses=responses(401, 403, 404, 422)
+)
+def list_events(
+    device_id: str,
+    conn: ConnDep,
+    key: CurrentKey,
+    type: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> EventList:
+    """Events, newest first."""
+    _require_device(conn, key.brand, device_id)
+    before = _decode("e", cursor, 1) if cursor else None
+    if before is not None and not before[0].isdigit():
+        raise ProblemError(422, "invalid-cursor", "Invalid cursor", "cursor: not a page cursor")
+    rows = repository.events(
+        conn,
+        device_id,
+        before_seq=int(before[0]) if before else None,
+        type_=type,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = _encode("e", str(rows[-1]["seq"])) if more else None
+    return EventList(items=[Event.model_validate(r) for r in rows], next_cursor=next_cursor)

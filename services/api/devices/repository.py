@@ -74,3 +74,53 @@ def list_devices(
         },
     ).fetchall()
     return [dict(zip(NAMES, row, strict=True)) for row in rows]
+
+
+def sessions(
+    conn: Conn, device_id: str, *, before: tuple[str, str] | None, limit: int
+) -> list[dict[str, Any]]:
+    """A device's sessions, newest start first (keyset: started_at, session)."""
+    rows = conn.execute(
+        "SELECT session, user_id, mode, level, started_at, ended_at, duration_s, end_reason,"
+        " output_s, samples,"
+        " CASE WHEN out_samples > 0 THEN gel_ok_samples::real / out_samples END"
+        " FROM sessions WHERE device_id = %(device)s"
+        " AND (%(ts)s::timestamptz IS NULL OR (coalesce(started_at, '-infinity'), session)"
+        "      < (%(ts)s::timestamptz, %(session)s))"
+        " ORDER BY coalesce(started_at, '-infinity') DESC, session DESC LIMIT %(limit)s",
+        {
+            "device": device_id,
+            "ts": before[0] if before else None,
+            "session": before[1] if before else None,
+            "limit": limit,
+        },
+    ).fetchall()
+    names = (
+        "session",
+        "user",
+        "mode",
+        "level",
+        "started_at",
+        "ended_at",
+        "duration_s",
+        "end_reason",
+        "output_s",
+        "samples",
+        "gel_ok_share",
+    )
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def events(
+    conn: Conn, device_id: str, *, before_seq: int | None, type_: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """A device's events, newest seq first."""
+    rows = conn.execute(
+        "SELECT seq, ts, type, session, body, received_at, ts_suspect FROM events"
+        " WHERE device_id = %(device)s AND (%(type)s::text IS NULL OR type = %(type)s)"
+        " AND (%(before)s::bigint IS NULL OR seq < %(before)s)"
+        " ORDER BY seq DESC LIMIT %(limit)s",
+        {"device": device_id, "type": type_, "before": before_seq, "limit": limit},
+    ).fetchall()
+    names = ("seq", "ts", "type", "session", "body", "received_at", "ts_suspect")
+    return [dict(zip(names, row, strict=True)) for row in rows]

@@ -57,3 +57,41 @@ class Device(BaseModel):
 class DeviceList(BaseModel):
     items: list[Device]
     next_cursor: str | None
+
+
+class Session(BaseModel):
+    """A session as ingest built it from the device's events and samples."""
+
+    session: str
+    user: str | None
+    mode: str | None
+    level: int | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    duration_s: float | None
+    end_reason: str | None
+    output_s: float
+    samples: int
+    gel_ok_share: float | None = Field(
+        description="share of samples with output on whose impedance was in the gel band"
+    )
+
+
+class SessionList(BaseModel):
+    items: list[Session]
+    next_cursor: str | None
+
+
+class Event(BaseModel):
+    seq: int
+    ts: datetime
+    type: str
+    session: str | None
+    body: dict[str, object]
+    received_at: datetime
+    ts_suspect: bool
+
+
+class EventList(BaseModel):
+    items: list[Event]
+    next_cursor: str | None
