@@ -12,8 +12,10 @@ from deploy.stack.mosquitto import MosquittoBroker
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.provisioning import provision_device
+from services.common.signing import load_or_create_key
 from tests.api import auth
 from tests.ingest import Device, connect_device
+from tests.rules import T0, Stream, run
 
 
 @pytest.fixture
@@ -150,3 +152,33 @@ def test_a_devices_sessions_and_events_are_listed_newest_first_in_pages(
     assert [e["seq"] for e in more["items"]] == [1]
     for path in ("sessions", "events"):
         assert client.get(f"/v1/devices/other-1/{path}", headers=headers).status_code == 404
+
+
+def test_the_config_view_shows_desired_reported_drift_and_history(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        provision_device(conn, device_id="acme-1", brand_id="acme", model="m")
+    stream = Stream("acme-1")
+    stream.event("fault", T0, code="short_circuit")  # the rules push SAFE: v1
+    run(database_url, load_or_create_key(tmp_path / "k"), stream.messages)
+    headers = auth(keys["viewer"])
+    pending = client.get("/v1/devices/acme-1/config", headers=headers).json()
+    assert (pending["desired_version"], pending["reported_version"], pending["drift"]) == (
+        1,
+        None,
+        True,
+    )
+    assert pending["desired"]["locked_modes"] == ["LIFT", "TIGHTEN", "INFUSE"]
+    assert [(h["version"], h["source"], h["answer_status"]) for h in pending["history"]] == [
+        (1, "rule", None)
+    ]
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE devices SET config_reported_version = 1, config_reported_status = 'applied',"
+            " config_reported_sha256 = (SELECT sha256 FROM config_pushes WHERE version = 1)"
+            " WHERE id = 'acme-1'"
+        )
+    applied = client.get("/v1/devices/acme-1/config", headers=headers).json()
+    assert applied["drift"] is False
+    assert client.get("/v1/devices/other-1/config", headers=auth(keys["other"])).status_code == 404

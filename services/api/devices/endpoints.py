@@ -9,12 +9,14 @@ from services.api.deps import ConnDep, CurrentKey, after_commit, brand_scope, re
 from services.api.devices import repository
 from services.api.devices.schemas import (
     Device,
+    DeviceConfig,
     DeviceCreate,
     DeviceList,
     Event,
     EventList,
     MqttCredentials,
     ProvisionedDevice,
+    PushRecord,
     Session,
     SessionList,
 )
@@ -238,3 +240,51 @@ def list_events(
     rows = rows[:limit]
     next_cursor = _encode("e", str(rows[-1]["seq"])) if more else None
     return EventList(items=[Event.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{device_id}/config", response_model=DeviceConfig, responses=responses(401, 403, 404))
+def device_config(device_id: str, conn: ConnDep, key: CurrentKey) -> DeviceConfig:
+    """Desired vs reported mode table, drift, and every push with the device's answer."""
+    row = conn.execute(
+        "SELECT d.config_desired_version, p.payload, p.sha256, d.config_reported_version,"
+        " d.config_reported_status, d.config_reported_reason, d.config_reported_sha256"
+        " FROM devices d LEFT JOIN config_pushes p"
+        "   ON p.device_id = d.id AND p.version = d.config_desired_version"
+        " WHERE d.id = %s AND d.brand_id = %s",
+        [device_id, key.brand],
+    ).fetchone()
+    if row is None:
+        raise _not_found(device_id)
+    desired_version, desired, desired_sha, version, status_, reason, sha = row
+    history = conn.execute(
+        "SELECT version, source, reason, sha256, issued_at, expires_at, published_at,"
+        " superseded_at, answer_status, answer_reason, answered_at"
+        " FROM config_pushes WHERE device_id = %s ORDER BY version DESC LIMIT 100",
+        [device_id],
+    ).fetchall()
+    names = (
+        "version",
+        "source",
+        "reason",
+        "sha256",
+        "issued_at",
+        "expires_at",
+        "published_at",
+        "superseded_at",
+        "answer_status",
+        "answer_reason",
+        "answered_at",
+    )
+    drift = desired_version is not None and not (
+        version == desired_version and status_ == "applied" and sha == desired_sha
+    )
+    return DeviceConfig(
+        desired_version=desired_version,
+        desired=desired if isinstance(desired, dict) else None,
+        reported_version=version,
+        reported_status=status_,
+        reported_reason=reason,
+        reported_sha256=sha,
+        drift=drift,
+        history=[PushRecord.model_validate(dict(zip(names, h, strict=True))) for h in history],
+    )

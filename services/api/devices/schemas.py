@@ -95,3 +95,35 @@ class Event(BaseModel):
 class EventList(BaseModel):
     items: list[Event]
     next_cursor: str | None
+
+
+class PushRecord(BaseModel):
+    """One table pushed to the device, and what the device answered."""
+
+    version: int
+    source: str
+    reason: str
+    sha256: str
+    issued_at: datetime
+    expires_at: datetime | None
+    published_at: datetime | None
+    superseded_at: datetime | None
+    answer_status: str | None
+    answer_reason: str | None
+    answered_at: datetime | None
+
+
+class DeviceConfig(BaseModel):
+    """The table the backend wants the device to run, the one it reports, and the history."""
+
+    desired_version: int | None
+    desired: dict[str, object] | None = Field(description="the signed table, as published")
+    reported_version: int | None = Field(description="0 or null: the factory defaults")
+    reported_status: str | None
+    reported_reason: str | None
+    reported_sha256: str | None
+    drift: bool = Field(
+        description="true while the device does not run the desired table (not yet answered, "
+        "rejected, or running another version)"
+    )
+    history: list[PushRecord]
