@@ -19,6 +19,7 @@ from services.api.health.endpoints import router as health_router
 from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
 from services.api.signing.endpoints import router as signing_router
+from services.api.telemetry.endpoints import router as telemetry_router
 from services.api.users.endpoints import router as users_router
 from services.common.logs import configure_logging
 from services.common.signing import load_or_create_key, public_key_b64
@@ -61,6 +62,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(brands_router)
     app.include_router(fleet_router)
     app.include_router(users_router)
+    app.include_router(telemetry_router)
     return app
 
 

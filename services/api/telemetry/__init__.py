@@ -1,0 +1,1 @@
+"""A device's telemetry: raw samples or min/avg/max per bucket."""

@@ -1,0 +1,153 @@
+"""``GET /v1/devices/{id}/telemetry``: raw samples, or min/avg/max per time bucket.
+
+Responses are bounded: a request that would return more than :data:`MAX_POINTS` points is
+answered 422 with what to change (a shorter range, or a bucket), never truncated silently.
+"""
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from services.api.deps import ConnDep, CurrentKey
+from services.api.problems import ProblemError, responses
+
+router = APIRouter(prefix="/v1/devices", tags=["telemetry"])
+
+MAX_POINTS: Final = 10_000
+METRICS: Final = ("i_ua", "i_set_ua", "v_v", "z_ohm", "t_elec_c", "t_batt_c", "batt_pct")
+RAW_EXTRA: Final = ("out", "mode", "level", "charging", "session")
+BUCKET_RE: Final = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
+UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+class Telemetry(BaseModel):
+    device_id: str
+    from_: datetime = Field(alias="from")
+    to: datetime
+    bucket: str | None = Field(description="null: raw samples")
+    fields: list[str]
+    points: list[dict[str, Any]] = Field(
+        description="raw: one object per sample with `ts` and the fields; bucketed: `ts` (the "
+        "bucket's start), `n` (samples) and `{min, avg, max}` per field"
+    )
+
+
+def parse_time(value: str, name: str) -> datetime:
+    """RFC 3339, or epoch milliseconds."""
+    if value.isdigit():
+        return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "Invalid request",
+            f"{name}: give an RFC 3339 time or epoch milliseconds",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_bucket(value: str) -> timedelta:
+    match = BUCKET_RE.match(value)
+    if match is None:
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "Invalid request",
+            "bucket: a width such as 10s, 1m, 15m, 1h or 1d",
+        )
+    return timedelta(seconds=int(match.group(1)) * UNIT_S[match.group(2)])
+
+
+def too_many(detail: str) -> ProblemError:
+    return ProblemError(422, "too-many-points", "Too many points", detail)
+
+
+@router.get(
+    "/{device_id}/telemetry",
+    response_model=Telemetry,
+    response_model_by_alias=True,
+    responses=responses(401, 403, 404, 422),
+)
+def telemetry(
+    device_id: str,
+    conn: ConnDep,
+    key: CurrentKey,
+    from_: Annotated[str, Query(alias="from", max_length=40)],
+    to: Annotated[str, Query(max_length=40)],
+    bucket: Annotated[str | None, Query(max_length=10)] = None,
+    fields: Annotated[str | None, Query(max_length=200)] = None,
+) -> Telemetry:
+    """Samples of one device between ``from`` and ``to`` (at most 10,000 points)."""
+    start, end = parse_time(from_, "from"), parse_time(to, "to")
+    if end <= start:
+        raise ProblemError(422, "invalid-request", "Invalid request", "to: must be after from")
+    allowed = METRICS if bucket else METRICS + RAW_EXTRA
+    chosen = [f.strip() for f in fields.split(",")] if fields else list(METRICS)
+    unknown = [f for f in chosen if f not in allowed]
+    if unknown or not chosen:
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "Invalid request",
+            f"fields: {', '.join(unknown) or 'none'} not available; choose from "
+            + ", ".join(allowed),
+        )
+    owned = conn.execute(
+        "SELECT 1 FROM devices WHERE id = %s AND brand_id = %s", [device_id, key.brand]
+    ).fetchone()
+    if owned is None:
+        raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
+    columns = ", ".join(chosen)  # every name is from the allowed list above
+    if bucket is None:
+        rows = conn.execute(
+            f"SELECT ts, {columns} FROM samples"  # noqa: S608 - names checked against a list
+            " WHERE device_id = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
+            [device_id, start, end, MAX_POINTS + 1],
+        ).fetchall()
+        if len(rows) > MAX_POINTS:
+            raise too_many(
+                f"more than {MAX_POINTS} samples between from and to: narrow the range or "
+                "ask for a bucket (e.g. bucket=1m)"
+            )
+        points = [dict(zip(("ts", *chosen), row, strict=True)) for row in rows]
+    else:
+        width = parse_bucket(bucket)
+        count = (end - start) / width
+        if count > MAX_POINTS:
+            smallest = (end - start).total_seconds() / MAX_POINTS
+            raise too_many(
+                f"{int(count)} buckets of {bucket} between from and to: use a bucket of at "
+                f"least {smallest:.0f} s or a shorter range"
+            )
+        aggregates = ", ".join(f"min({c}), avg({c}), max({c})" for c in chosen)
+        rows = conn.execute(
+            f"SELECT time_bucket(%s, ts) AS b, count(*), {aggregates} FROM samples"  # noqa: S608
+            " WHERE device_id = %s AND ts >= %s AND ts < %s GROUP BY b ORDER BY b",
+            [width, device_id, start, end],
+        ).fetchall()
+        points = []
+        for row in rows:
+            point: dict[str, Any] = {"ts": row[0], "n": row[1]}
+            for i, name in enumerate(chosen):
+                low, mean, high = row[2 + 3 * i : 5 + 3 * i]
+                point[name] = {
+                    "min": low,
+                    "avg": float(mean) if mean is not None else None,  # type: ignore[arg-type]
+                    "max": high,
+                }
+            points.append(point)
+    return Telemetry.model_validate(
+        {
+            "device_id": device_id,
+            "from": start,
+            "to": end,
+            "bucket": bucket,
+            "fields": chosen,
+            "points": points,
+        }
+    )
