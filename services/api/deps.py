@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
 from services.api.problems import ProblemError
+from services.api.rate_limit import RateLimiter, retry_after_header
 from services.common.api_keys import Role, digest
 from services.common.db import Conn
 
@@ -80,6 +81,7 @@ def _unauthorized(detail: str) -> ProblemError:
 
 
 def _current_key(
+    request: Request,
     conn: ConnDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
@@ -93,6 +95,16 @@ def _current_key(
         raise _unauthorized("the API key is unknown or has been revoked")
     key_id, role, brand_id, name = row
     assert isinstance(key_id, uuid.UUID)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait_s = limiter.take(key_id)
+    if wait_s > 0:
+        raise ProblemError(
+            429,
+            "rate-limited",
+            "Too many requests",
+            f"this key is over its rate limit; retry in {wait_s:.1f} s",
+            headers={"Retry-After": retry_after_header(wait_s)},
+        )
     return ApiKey(
         key_id, Role(str(role)), str(brand_id) if brand_id is not None else None, str(name)
     )

@@ -16,6 +16,7 @@ from services.api.brands.endpoints import router as brands_router
 from services.api.devices.endpoints import router as devices_router
 from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
+from services.api.rate_limit import RateLimiter
 from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
 from services.api.signing.endpoints import router as signing_router
@@ -40,6 +41,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         pool.open(wait=False)
         app.state.pool = pool
         app.state.settings = settings
+        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         # The same key directory as the rules workers: whoever starts first creates it.
         app.state.config_public_key = public_key_b64(load_or_create_key(settings.key_dir()))
         try:

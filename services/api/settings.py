@@ -17,6 +17,9 @@ class ApiSettings(ServiceSettings):
     mqtt_username: str = "galvani-api"
     pool_min_size: int = 1
     pool_max_size: int = 10
+    # Per API key: this many requests at once, then this many a second (429 beyond).
+    rate_limit_burst: int = 100
+    rate_limit_per_s: float = 50.0
     # The mode-table signing key's directory (default ``<data_dir>/secrets``).
     signing_key_dir: Path | None = None
 
