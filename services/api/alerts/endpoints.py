@@ -15,6 +15,7 @@ from services.api.alerts.schemas import (
     Transition,
 )
 from services.api.deps import ConnDep, CurrentKey, require
+from services.api.pagination import decode_int_cursor, encode_cursor
 from services.api.problems import responses
 from services.common.api_keys import Role
 
@@ -40,14 +41,14 @@ def list_alerts(
         rule=rule,
         state=state.value if state else None,
         severity=severity.value if severity else None,
-        before_id=service.decode_cursor(cursor) if cursor else None,
+        before_id=decode_int_cursor("a", cursor) if cursor else None,
         limit=limit + 1,
     )
     more = len(rows) > limit
     rows = rows[:limit]
     return AlertList(
         items=[Alert.model_validate(row) for row in rows],
-        next_cursor=service.encode_cursor(rows[-1]["id"]) if more else None,
+        next_cursor=encode_cursor("a", str(rows[-1]["id"])) if more else None,
     )
 
 

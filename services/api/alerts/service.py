@@ -1,6 +1,5 @@
 """The alert lifecycle as support and admins drive it: open -> acknowledged -> resolved."""
 
-import base64
 from typing import Any
 
 from services.api.alerts import repository
@@ -8,27 +7,6 @@ from services.api.problems import ProblemError
 from services.common.db import Conn
 
 MAX_LIMIT = 200
-
-
-def encode_cursor(alert_id: int) -> str:
-    return base64.urlsafe_b64encode(f"a:{alert_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    """The id a cursor continues below; a 422 problem for anything else."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except ValueError:
-        text = ""
-    kind, _, value = text.partition(":")
-    if kind != "a" or not value.isdigit():
-        raise ProblemError(
-            422,
-            "invalid-cursor",
-            "Invalid cursor",
-            "cursor: pass the next_cursor of a previous page unchanged",
-        )
-    return int(value)
 
 
 def require_alert(

@@ -1,6 +1,5 @@
 """``/v1/devices``: provision (broker credentials at once), list, details, decommission."""
 
-import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -20,6 +19,7 @@ from services.api.devices.schemas import (
     Session,
     SessionList,
 )
+from services.api.pagination import decode_cursor, decode_int_cursor, encode_cursor
 from services.api.problems import ProblemError, responses
 from services.api.settings import ApiSettings
 from services.common.api_keys import Role
@@ -40,26 +40,6 @@ def _sync_broker(request: Request) -> None:
         sync_device_credentials(conn, files)
 
     after_commit(request, sync)
-
-
-def _cursor(device_id: str) -> str:
-    return base64.urlsafe_b64encode(f"d:{device_id}".encode()).decode().rstrip("=")
-
-
-def _after(cursor: str) -> str:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except ValueError:
-        text = ""
-    kind, _, value = text.partition(":")
-    if kind != "d" or not value:
-        raise ProblemError(
-            422,
-            "invalid-cursor",
-            "Invalid cursor",
-            "cursor: pass the next_cursor of a previous page unchanged",
-        )
-    return value
 
 
 def _not_found(device_id: str) -> ProblemError:
@@ -124,14 +104,14 @@ def list_devices(
         alerting=alerting,
         fw=fw,
         model=model,
-        after_id=_after(cursor) if cursor else None,
+        after_id=decode_cursor("d", cursor, 1)[0] if cursor else None,
         limit=limit + 1,
     )
     more = len(rows) > limit
     rows = rows[:limit]
     return DeviceList(
         items=[Device.model_validate(row) for row in rows],
-        next_cursor=_cursor(rows[-1]["device_id"]) if more else None,
+        next_cursor=encode_cursor("d", rows[-1]["device_id"]) if more else None,
     )
 
 
@@ -165,28 +145,6 @@ def _require_device(conn: Conn, brand: str, device_id: str) -> None:
         raise _not_found(device_id)
 
 
-def _encode(kind: str, *parts: str) -> str:
-    text = kind + ":" + "\x1f".join(parts)
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _decode(kind: str, cursor: str, count: int) -> list[str]:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except ValueError:
-        text = ""
-    prefix, _, rest = text.partition(":")
-    parts = rest.split("\x1f")
-    if prefix != kind or len(parts) != count:
-        raise ProblemError(
-            422,
-            "invalid-cursor",
-            "Invalid cursor",
-            "cursor: pass the next_cursor of a previous page unchanged",
-        )
-    return parts
-
-
 @router.get(
     "/{device_id}/sessions", response_model=SessionList, responses=responses(401, 403, 404, 422)
 )
@@ -199,7 +157,7 @@ def list_sessions(
 ) -> SessionList:
     """Sessions with mode, level, duration, end reason and contact quality, newest first."""
     _require_device(conn, key.brand, device_id)
-    before = _decode("s", cursor, 2) if cursor else None
+    before = decode_cursor("s", cursor, 2) if cursor else None
     rows = repository.sessions(
         conn, device_id, before=(before[0], before[1]) if before else None, limit=limit + 1
     )
@@ -209,7 +167,7 @@ def list_sessions(
     if more:
         last = rows[-1]
         started = last["started_at"].isoformat() if last["started_at"] else "-infinity"
-        next_cursor = _encode("s", started, last["session"])
+        next_cursor = encode_cursor("s", started, last["session"])
     return SessionList(items=[Session.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
@@ -226,19 +184,16 @@ def list_events(
 ) -> EventList:
     """Events, newest first."""
     _require_device(conn, key.brand, device_id)
-    before = _decode("e", cursor, 1) if cursor else None
-    if before is not None and not before[0].isdigit():
-        raise ProblemError(422, "invalid-cursor", "Invalid cursor", "cursor: not a page cursor")
     rows = repository.events(
         conn,
         device_id,
-        before_seq=int(before[0]) if before else None,
+        before_seq=decode_int_cursor("e", cursor) if cursor else None,
         type_=type,
         limit=limit + 1,
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = _encode("e", str(rows[-1]["seq"])) if more else None
+    next_cursor = encode_cursor("e", str(rows[-1]["seq"])) if more else None
     return EventList(items=[Event.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 

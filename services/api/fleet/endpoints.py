@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from services.api.deps import ConnDep, CurrentKey, brand_scope, require
-from services.api.problems import ProblemError, responses
+from services.api.pagination import decode_int_cursor, encode_cursor
+from services.api.problems import responses
 from services.common.api_keys import Role
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
@@ -95,7 +96,7 @@ def dead_letters(
     brand's, or those of no known device (operator, without ``brand``)."""
     require(key, Role.OPERATOR, Role.ADMIN)
     scope = brand_scope(key, brand) if key.brand_id is not None or brand is not None else None
-    before = _before(cursor) if cursor else None
+    before = decode_int_cursor("l", cursor) if cursor else None
     rows = conn.execute(
         "SELECT l.id, l.topic, l.device_id, l.channel, l.reason, l.detail, l.payload_size,"
         " substring(l.payload FROM 1 FOR %(preview)s), l.received_at"
@@ -128,30 +129,10 @@ def dead_letters(
         )
         for r in rows
     ]
-    next_cursor = (
-        base64.urlsafe_b64encode(f"l:{items[-1].id}".encode()).decode().rstrip("=")
-        if more
-        else None
-    )
+    next_cursor = encode_cursor("l", str(items[-1].id)) if more else None
     return DeadLetterList(items=items, next_cursor=next_cursor)
 
 
 def _bytes(value: object) -> bytes:
     assert isinstance(value, bytes | memoryview)  # bytea
     return bytes(value)
-
-
-def _before(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except ValueError:
-        text = ""
-    kind, _, value = text.partition(":")
-    if kind != "l" or not value.isdigit():
-        raise ProblemError(
-            422,
-            "invalid-cursor",
-            "Invalid cursor",
-            "cursor: pass the next_cursor of a previous page unchanged",
-        )
-    return int(value)
