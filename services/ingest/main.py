@@ -18,9 +18,9 @@ from typing import Final
 import psycopg
 from prometheus_client import start_http_server
 
-from services.common.db import Conn, Storage, connect, is_bad_message, storage_of
-from services.common.errors import DatabaseUnavailable, GalvaniError
+from services.common.db import Conn, Storage, storage_of
 from services.common.logs import configure_logging
+from services.common.retrying import RetryingDatabase, StoppedWaiting
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.ingest import metrics
 from services.ingest.decode import (
@@ -41,16 +41,6 @@ from services.ingest.writer import BatchOutcome, write_batch
 log = logging.getLogger("galvani.ingest")
 
 CHANNELS: Final = ("telemetry", "events", "state", "presence")
-RETRY_MIN_DELAY_S: Final = 0.1
-RETRY_MAX_DELAY_S: Final = 5.0
-
-
-class IngestError(GalvaniError):
-    """Base of the ingest worker's own errors."""
-
-
-class Stopped(IngestError):
-    """The worker was asked to stop while it waited for the database; nothing was acked."""
 
 
 def topic_filters(group: str) -> tuple[str, ...]:
@@ -59,24 +49,19 @@ def topic_filters(group: str) -> tuple[str, ...]:
 
 
 class Store:
-    """The worker's database connection, reopened with capped backoff when it fails."""
+    """The worker's database, through which each batch is written in one transaction."""
 
     def __init__(self, url: str, *, wait: Callable[[float], None], stop: threading.Event):
-        self.url = url
-        self.wait = wait
-        self.stop = stop
-        self._conn: Conn | None = None
         self._storage = Storage.PLAIN
+        self.db = RetryingDatabase(
+            url, wait=wait, stop=stop, on_retry=_count_retry, on_connect=self._learn_storage
+        )
 
-    def _connection(self) -> Conn:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect(self.url)
-            self._storage = storage_of(self._conn)
-            self._conn.commit()
-        return self._conn
+    def _learn_storage(self, conn: Conn) -> None:
+        self._storage = storage_of(conn)
 
     def write(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
-        """Store one batch, waiting out database failures; raise Stopped if asked to stop."""
+        """Store one batch, waiting out database failures; raise StoppedWaiting if asked to stop."""
         try:
             return self._retrying(decoded)
         except psycopg.Error as exc:  # a bad message: split, so only it is dead-lettered
@@ -86,25 +71,7 @@ class Store:
             return self._one_by_one(inbound, decoded)
 
     def _retrying(self, decoded: Sequence[Decoded]) -> BatchOutcome:
-        delay = RETRY_MIN_DELAY_S
-        while True:
-            try:
-                conn = self._connection()
-                with conn.transaction():
-                    return write_batch(conn, decoded, self._storage)
-            except (psycopg.Error, DatabaseUnavailable) as exc:
-                # "This data cannot be stored" (bad data, a too-long key) is raised to be split
-                # out; "the database is unwell" is waited out.
-                if is_bad_message(exc):
-                    raise
-                metrics.DB_RETRIES.labels(type(exc).__name__).inc()
-                log.warning("database write failed, retrying in %.1f s: %s", delay, exc)
-                if isinstance(exc, psycopg.OperationalError | DatabaseUnavailable):
-                    self.close()
-            if self.stop.is_set():
-                raise Stopped("stopped while the database was unavailable")
-            self.wait(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+        return self.db.transaction(lambda conn: write_batch(conn, decoded, self._storage))
 
     def _one_by_one(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
         total = BatchOutcome()
@@ -123,9 +90,11 @@ class Store:
 
     def close(self) -> None:
         """Close the connection (it is reopened on the next write)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.db.close()
+
+
+def _count_retry(exc: Exception) -> None:
+    metrics.DB_RETRIES.labels(type(exc).__name__).inc()
 
 
 def unstorable(message: Inbound, exc: Exception) -> DeadLetter:
@@ -200,7 +169,7 @@ class Worker:
                     self.wait(interval - age if self.subscriber.pending else interval)
             while self.subscriber.pending:
                 self.flush(limit)
-        except Stopped:
+        except StoppedWaiting:
             log.warning("stopping with %d messages unacknowledged", self.subscriber.unacked)
         finally:
             self.subscriber.close()

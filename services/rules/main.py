@@ -11,13 +11,12 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Final, TypeVar
+from typing import Final
 
 import paho.mqtt.client as paho
-import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import start_http_server
@@ -29,12 +28,12 @@ from services.common.config_push import (
     publish_push,
     unpublished_pushes,
 )
-from services.common.db import Conn, connect, is_bad_message
-from services.common.errors import DatabaseUnavailable, GalvaniError
+from services.common.db import Conn
 from services.common.logs import configure_logging
 from services.common.protocol import ProtocolError, decode, parse_topic
 from services.common.protocol.enums import Channel
 from services.common.protocol.models import Telemetry
+from services.common.retrying import RetryingDatabase, StoppedWaiting
 from services.common.signing import load_or_create_key
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.rules import metrics
@@ -46,8 +45,6 @@ from services.rules.sweeps import TRIM_BATCH, sweep, trim
 log = logging.getLogger("galvani.rules")
 
 CHANNELS: Final = ("telemetry", "events", "state", "presence")
-RETRY_MIN_DELAY_S: Final = 0.1
-RETRY_MAX_DELAY_S: Final = 5.0
 PUBLISHER_KEEPALIVE_S: Final = 30
 # Trimming runs between batches, a short batch at a time, so it never holds up evaluation for
 # long: at most TRIM_BATCH rows per table per pass, every TRIM_INTERVAL_S (sooner while busy).
@@ -55,16 +52,6 @@ TRIM_INTERVAL_S: Final = 5.0
 TRIM_BUSY_INTERVAL_S: Final = 0.2
 # Device time past this cannot anchor a 7-day window in Python's datetime (ends at 9999).
 MAX_DEVICE_TIME_MS: Final = int(datetime(9999, 12, 1, tzinfo=UTC).timestamp() * 1000)
-
-T = TypeVar("T")
-
-
-class RulesError(GalvaniError):
-    """Base of the rules worker's own errors."""
-
-
-class Stopped(RulesError):
-    """The worker was asked to stop while it waited for the database; nothing was acked."""
 
 
 def topic_filters(group: str) -> tuple[str, ...]:
@@ -96,43 +83,6 @@ def latest_ms(message: object) -> int:
         return max(sample.ts for sample in message.samples)
     ts = getattr(message, "ts", None)
     return ts if isinstance(ts, int) else 0
-
-
-class Database:
-    """The worker's connection, reopened with capped backoff when it fails."""
-
-    def __init__(self, url: str, *, wait: Callable[[float], None], stop: threading.Event):
-        self.url = url
-        self.wait = wait
-        self.stop = stop
-        self._conn: Conn | None = None
-
-    def transaction(self, work: Callable[[Conn], T]) -> T:
-        """Run ``work`` in one transaction, retrying while the database is away."""
-        delay = RETRY_MIN_DELAY_S
-        while True:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.url)
-                with self._conn.transaction():
-                    return work(self._conn)
-            except (psycopg.Error, DatabaseUnavailable) as exc:
-                if is_bad_message(exc):
-                    raise
-                metrics.DB_RETRIES.labels(type(exc).__name__).inc()
-                log.warning("database transaction failed, retrying in %.1f s: %s", delay, exc)
-                if isinstance(exc, psycopg.OperationalError | DatabaseUnavailable):
-                    self.close()
-            if self.stop.is_set():
-                raise Stopped("stopped while the database was unavailable")
-            self.wait(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY_S)
-
-    def close(self) -> None:
-        """Close the connection (it is reopened on the next transaction)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
 
 class Publisher:
@@ -183,7 +133,12 @@ class Worker:
             )
         )
         self.publisher = Publisher(settings)
-        self.db = Database(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
+        self.db = RetryingDatabase(
+            settings.database_url.get_secret_value(),
+            wait=self.wait,
+            stop=stop,
+            on_retry=lambda exc: metrics.DB_RETRIES.labels(type(exc).__name__).inc(),
+        )
         self._seen_reconnects = 0
         self._next_sweep = time.monotonic()
         self._next_trim = time.monotonic()
@@ -208,7 +163,7 @@ class Worker:
                     self.wait(interval - age if self.subscriber.pending else interval)
             while self.subscriber.pending:
                 self.flush(limit)
-        except Stopped:
+        except StoppedWaiting:
             log.warning("stopping with %d messages unacknowledged", self.subscriber.unacked)
         finally:
             self.subscriber.close()
@@ -248,7 +203,7 @@ class Worker:
             return Outcome()
         try:
             return self.db.transaction(lambda conn: evaluate(conn, self.key, received))
-        except Stopped:
+        except StoppedWaiting:
             raise
         except Exception:  # the data's fault (other database errors were retried): isolate it
             if len(received) == 1:
@@ -271,7 +226,7 @@ class Worker:
         self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
         try:
             outcome = self.db.transaction(lambda conn: sweep(conn, self.key))
-        except Stopped:
+        except StoppedWaiting:
             raise
         except Exception:  # logged; the next sweep tries again
             log.exception("sweep failed")
@@ -280,7 +235,7 @@ class Worker:
             self.publish(outcome.pushes)
         try:
             pending = self.db.transaction(unpublished_pushes)
-        except Stopped:
+        except StoppedWaiting:
             raise
         except Exception:  # logged; the next sweep tries again
             log.exception("cannot list unpublished tables")
@@ -291,7 +246,7 @@ class Worker:
         """Delete one short batch of expired rules state; soon again while there is more."""
         try:
             deleted = self.db.transaction(trim)
-        except Stopped:
+        except StoppedWaiting:
             raise
         except Exception:  # logged; trimming is tried again on its timer
             log.exception("trimming rules state failed")
@@ -310,7 +265,7 @@ class Worker:
                 return
             try:
                 result = self.db.transaction(lambda conn, push=push: self._publish_one(conn, push))  # type: ignore[misc]
-            except Stopped:
+            except StoppedWaiting:
                 raise
             except Exception as exc:  # noqa: BLE001 - the broker or database is in trouble
                 metrics.PUBLISHED.labels("failed").inc()
