@@ -46,17 +46,27 @@ class DeviceContext:
         return f"user:{user}" if user else f"device:{self.device_id}"
 
 
+def thresholds_of(per_rule: Mapping[str, Mapping[str, Any]]) -> Thresholds:
+    """A brand's thresholds from its stored overrides (``{rule: {param: value}}``)."""
+    return Thresholds(
+        {
+            str(rule): {str(k): float(v) for k, v in params.items()}
+            for rule, params in per_rule.items()
+        }
+    )
+
+
 def load_thresholds(conn: Conn, brand_ids: Iterable[str]) -> dict[str, Thresholds]:
     """Each brand's thresholds."""
-    overrides: dict[str, dict[str, dict[str, float]]] = {brand: {} for brand in brand_ids}
+    overrides: dict[str, dict[str, Mapping[str, Any]]] = {brand: {} for brand in brand_ids}
     rows = conn.execute(
         "SELECT brand_id, rule, params FROM brand_rule_thresholds WHERE brand_id = ANY(%s)",
         [list(overrides)],
     ).fetchall()
     for brand_id, rule, params in rows:
         assert isinstance(params, dict)
-        overrides[str(brand_id)][str(rule)] = {str(k): float(v) for k, v in params.items()}
-    return {brand: Thresholds(per_rule) for brand, per_rule in overrides.items()}
+        overrides[str(brand_id)][str(rule)] = params
+    return {brand: thresholds_of(per_rule) for brand, per_rule in overrides.items()}
 
 
 def save_overrides(
@@ -120,12 +130,7 @@ def load_contexts(conn: Conn, device_ids: Iterable[str]) -> dict[str, DeviceCont
             modes=modes,
             desired_locked=frozenset(str(mode) for mode in locked),
             desired_version=int(str(desired_version)) if desired_version is not None else None,
-            thresholds=Thresholds(
-                {
-                    str(rule): {str(k): float(v) for k, v in params.items()}
-                    for rule, params in per_rule.items()
-                }
-            ),
+            thresholds=thresholds_of(per_rule),
             open_no_contact=bool(open_no_contact),
         )
     return contexts

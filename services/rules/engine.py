@@ -613,6 +613,7 @@ class StartRow:
     session: str
     mode: str | None
     started_at: datetime
+    duration_s: int | None  # from the session's end, when it has arrived
 
 
 def _session_started(batch: Batch, context: DeviceContext, event: SessionStart) -> None:
@@ -698,36 +699,26 @@ def _session_ended(batch: Batch, context: DeviceContext, event: SessionEnd) -> N
 
 def _starts(conn: Conn, brand_id: str, user_key: str, lo: datetime, hi: datetime) -> list[StartRow]:
     rows = conn.execute(
-        "SELECT device_id, session, mode, started_at FROM rule_sessions"
+        "SELECT device_id, session, mode, started_at, duration_s FROM rule_sessions"
         " WHERE brand_id = %s AND user_key = %s AND started_at BETWEEN %s AND %s"
         " ORDER BY started_at, device_id, session",
         [brand_id, user_key, lo, hi],
     ).fetchall()
-    return [StartRow(str(r[0]), str(r[1]), r[2], r[3]) for r in rows]  # type: ignore[arg-type]
+    return [StartRow(str(r[0]), str(r[1]), r[2], r[3], r[4]) for r in rows]  # type: ignore[arg-type]
 
 
 def _check_usage(batch: Batch, brand_id: str, user_key: str, lo: datetime, hi: datetime) -> None:
     """Re-judge overuse for every start whose window can include something in [lo, hi]."""
-    candidates = _starts(batch.conn, brand_id, user_key, lo, hi)
-    if not candidates:
-        return
-    history = _starts(batch.conn, brand_id, user_key, candidates[0].started_at - WEEK, hi)
-    durations = {
-        (str(r[0]), str(r[1])): int(str(r[2]))
-        for r in batch.conn.execute(
-            "SELECT device_id, session, duration_s FROM rule_sessions WHERE brand_id = %s"
-            " AND user_key = %s AND started_at BETWEEN %s AND %s AND duration_s IS NOT NULL",
-            [brand_id, user_key, candidates[0].started_at - WEEK, hi],
-        ).fetchall()
-    }
-    for start in candidates:
+    # One read: the starts to judge ([lo, hi]) and the week before each of them.
+    history = _starts(batch.conn, brand_id, user_key, lo - WEEK, hi)
+    for start in (s for s in history if s.started_at >= lo):
         context = batch.context(start.device_id)
         if context is None:
             continue
         day = [s for s in history if start.started_at - DAY < s.started_at <= start.started_at]
         week = [s for s in history if start.started_at - WEEK < s.started_at <= start.started_at]
         _judge_24h(batch, context, start, day, user_key)
-        _judge_7d(batch, context, start, week, durations, user_key)
+        _judge_7d(batch, context, start, week, user_key)
 
 
 def _judge_24h(
@@ -764,13 +755,12 @@ def _judge_7d(
     context: DeviceContext,
     start: StartRow,
     week: list[StartRow],
-    durations: Mapping[tuple[str, str], int],
     user_key: str,
 ) -> None:
     t = context.thresholds
     intro = batch.stage(context.brand_id, user_key) == "intro"
     limit = t.value("overuse_7d", "max_sessions_intro" if intro else "max_sessions")
-    minutes = sum(durations.get((s.device_id, s.session), 0) for s in week) / 60
+    minutes = sum(s.duration_s or 0 for s in week) / 60
     max_minutes = t.value("overuse_7d", "max_output_min")
     reasons = []
     if len(week) > limit:
