@@ -40,40 +40,43 @@ def scalar(url: str, query: str, params: list[object] | None = None) -> object:
 
 
 @dataclass
-class IngestWorkers:
-    """Ingest worker processes of one test, in a share group of their own."""
+class ServiceWorkers:
+    """Worker processes of one backend service (``ingest`` or ``rules``) for one test, in a
+    share group of their own."""
 
     database_url: str
     mqtt_port: int
     password: str
     log_dir: Path
+    service: str = "ingest"
     group: str = field(default_factory=lambda: f"t{os.getpid()}-{next(_groups)}")
     env_overrides: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def client_id(self, worker: str) -> str:
-        return f"galvani-ingest-{self.group}-{worker}"
+        return f"galvani-{self.service}-{self.group}-{worker}"
 
     def start(self, worker: str = "1") -> subprocess.Popen[bytes]:
         """Start (or restart) worker ``worker`` and wait until it has subscribed."""
         port = self.metrics_ports.setdefault(worker, free_port())
         env = dict(os.environ)
+        prefix = f"GALVANI_{self.service.upper()}_"
         env.update(
             {
-                "GALVANI_INGEST_DATABASE_URL": self.database_url,
-                "GALVANI_INGEST_MQTT_PORT": str(self.mqtt_port),
-                "GALVANI_INGEST_MQTT_PASSWORD": self.password,
-                "GALVANI_INGEST_WORKER_ID": f"{self.group}-{worker}",
-                "GALVANI_INGEST_SHARE_GROUP": self.group,
-                "GALVANI_INGEST_METRICS_PORT": str(port),
-                "GALVANI_INGEST_LOG_LEVEL": "INFO",
+                prefix + "DATABASE_URL": self.database_url,
+                prefix + "MQTT_PORT": str(self.mqtt_port),
+                prefix + "MQTT_PASSWORD": self.password,
+                prefix + "WORKER_ID": f"{self.group}-{worker}",
+                prefix + "SHARE_GROUP": self.group,
+                prefix + "METRICS_PORT": str(port),
+                prefix + "LOG_LEVEL": "INFO",
                 **self.env_overrides,
             }
         )
-        log = open(self.log_dir / f"ingest-{self.group}-{worker}.log", "ab")  # noqa: SIM115
+        log = open(self.log_path(worker), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.ingest.main"],
+            [sys.executable, "-m", f"services.{self.service}.main"],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,
@@ -81,17 +84,22 @@ class IngestWorkers:
         )
         log.close()
         self.procs[worker] = proc
-        wait_until(lambda: self.subscribed(worker), 20, f"ingest worker {worker} to subscribe")
+        wait_until(
+            lambda: self.subscribed(worker), 20, f"{self.service} worker {worker} to subscribe"
+        )
         return proc
 
     def log_text(self, worker: str = "1") -> str:
-        return (self.log_dir / f"ingest-{self.group}-{worker}.log").read_text(errors="replace")
+        return self.log_path(worker).read_text(errors="replace")
+
+    def log_path(self, worker: str) -> Path:
+        return self.log_dir / f"{self.service}-{self.group}-{worker}.log"
 
     def subscribed(self, worker: str) -> bool:
         proc = self.procs[worker]
         if proc.poll() is not None:
-            raise AssertionError(f"ingest worker exited:\n{self.log_text(worker)[-3000:]}")
-        return "subscribed to" in self.log_text(worker).rsplit("ingest worker", 1)[-1]
+            raise AssertionError(f"{self.service} worker exited:\n{self.log_text(worker)[-3000:]}")
+        return "subscribed to" in self.log_text(worker).rsplit(f"{self.service} worker", 1)[-1]
 
     def metric(self, worker: str, name: str, labels: str = "") -> float:
         """One sample of a worker's /metrics, 0 when absent."""
@@ -129,12 +137,19 @@ class IngestWorkers:
             forget = MqttClient(
                 "127.0.0.1",
                 self.mqtt_port,
-                "galvani-ingest",
+                f"galvani-{self.service}",
                 self.password,
                 client_id=self.client_id(worker),
             )
             forget.connect()  # clean start, no session expiry: the old session is dropped
             forget.close()
+
+
+@dataclass
+class IngestWorkers(ServiceWorkers):
+    """Ingest worker processes of one test."""
+
+    service: str = "ingest"
 
 
 @dataclass(frozen=True)

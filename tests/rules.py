@@ -5,27 +5,19 @@ message a rules test feeds the engine is a valid protocol v1 message.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from deploy.stack.ports import free_port
 from services.common.protocol import decode
 from services.common.protocol.enums import Channel
 from services.common.provisioning import provision_device
 from services.rules.engine import Received, evaluate
-from tests.ingest import REPO_ROOT, wait_until
-from tests.mqtt import MqttClient
+from tests.ingest import ServiceWorkers
 
 RECEIVED_AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 T0 = int(datetime(2026, 11, 2, 8, 0, tzinfo=UTC).timestamp() * 1000)
@@ -232,100 +224,7 @@ def pushes(url: str, device_id: str) -> list[dict[str, Any]]:
 
 
 @dataclass
-class RulesWorkers:
-    """Rules worker processes of one test, in a share group of their own."""
+class RulesWorkers(ServiceWorkers):
+    """Rules worker processes of one test (the signing key's directory in ``env_overrides``)."""
 
-    database_url: str
-    mqtt_port: int
-    password: str
-    log_dir: Path
-    key_dir: Path
-    group: str
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    metrics_ports: dict[str, int] = field(default_factory=dict)
-
-    def client_id(self, worker: str) -> str:
-        return f"galvani-rules-{self.group}-{worker}"
-
-    def log_path(self, worker: str) -> Path:
-        return self.log_dir / f"rules-{self.group}-{worker}.log"
-
-    def start(self, worker: str = "1") -> subprocess.Popen[bytes]:
-        """Start (or restart) worker ``worker`` and wait until it has subscribed."""
-        port = self.metrics_ports.setdefault(worker, free_port())
-        env = dict(os.environ)
-        env.update(
-            {
-                "GALVANI_RULES_DATABASE_URL": self.database_url,
-                "GALVANI_RULES_MQTT_PORT": str(self.mqtt_port),
-                "GALVANI_RULES_MQTT_PASSWORD": self.password,
-                "GALVANI_RULES_WORKER_ID": f"{self.group}-{worker}",
-                "GALVANI_RULES_SHARE_GROUP": self.group,
-                "GALVANI_RULES_METRICS_PORT": str(port),
-                "GALVANI_RULES_SIGNING_KEY_DIR": str(self.key_dir),
-                "GALVANI_RULES_LOG_LEVEL": "INFO",
-            }
-        )
-        log = open(self.log_path(worker), "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.rules.main"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.procs[worker] = proc
-        wait_until(lambda: self.subscribed(worker), 20, f"rules worker {worker} to subscribe")
-        return proc
-
-    def log_text(self, worker: str = "1") -> str:
-        return self.log_path(worker).read_text(errors="replace")
-
-    def subscribed(self, worker: str) -> bool:
-        proc = self.procs[worker]
-        if proc.poll() is not None:
-            raise AssertionError(f"rules worker exited:\n{self.log_text(worker)[-3000:]}")
-        return "subscribed to" in self.log_text(worker).rsplit("rules worker", 1)[-1]
-
-    def metric(self, worker: str, name: str, labels: str = "") -> float:
-        """One sample of a worker's /metrics, 0 when absent."""
-        url = f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        wanted = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def kill(self, worker: str = "1") -> None:
-        """SIGKILL: nothing acknowledged that was not committed."""
-        proc = self.procs[worker]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-    def stop(self, worker: str = "1") -> int:
-        proc = self.procs[worker]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
-
-    def close(self) -> None:
-        """Stop every worker and make the broker forget their sessions."""
-        for worker in list(self.procs):
-            self.stop(worker)
-            forget = MqttClient(
-                "127.0.0.1",
-                self.mqtt_port,
-                "galvani-rules",
-                self.password,
-                client_id=self.client_id(worker),
-            )
-            forget.connect()
-            forget.close()
+    service: str = "rules"

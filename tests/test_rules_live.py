@@ -42,8 +42,8 @@ def rules_workers(
         mqtt_port=broker.config.service_port,
         password=service_passwords[ServiceAccount.RULES],
         log_dir=tmp_path,
-        key_dir=key_dir,
         group=f"r{time.monotonic_ns() % 10**9}-{next(_groups)}",
+        env_overrides={"GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir)},
     )
     yield workers
     workers.close()
