@@ -34,6 +34,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.ingest import say
+from bench.mqtt_load import SAMPLE_FIELDS, SAMPLE_SPACING_MS
 from services.common.subscriber import Inbound
 from services.ingest.decode import decode_inbound
 
@@ -46,20 +47,7 @@ FEED_CHUNK: Final = 100
 def payload(seq: int) -> bytes:
     """The benchmark's telemetry message (bench/mqtt_load.py's sample fields)."""
     samples = [
-        {
-            "ts": 1_764_000_000_000 + seq * 1000 + i * 100,
-            "mode": "LIFT",
-            "level": 3,
-            "out": True,
-            "i_ua": 301.5,
-            "i_set_ua": 300.0,
-            "v_v": 6.1,
-            "z_ohm": 8200,
-            "t_elec_c": 33.1,
-            "t_batt_c": 31.0,
-            "batt_pct": 78,
-            "charging": False,
-        }
+        {"ts": 1_764_000_000_000 + seq * 1000 + i * SAMPLE_SPACING_MS, **SAMPLE_FIELDS}
         for i in range(SAMPLES)
     ]
     return json.dumps({"v": 1, "seq": seq, "session": "s-1", "samples": samples}).encode()
