@@ -7,8 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from psycopg_pool import ConnectionPool
+from sqlalchemy import Engine
+from sqlmodel import Session
 
+from services.api.database import raw_connection
 from services.api.problems import ProblemError
 from services.api.rate_limit import RateLimiter, retry_after_header
 from services.common.api_keys import Role, digest
@@ -17,20 +19,22 @@ from services.common.db import Conn
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gvk_...`")
 
 
-def _connection(request: Request) -> Iterator[Conn]:
-    """One connection per request; committed if the endpoint returns, rolled back if it raises.
+def _session(request: Request) -> Iterator[Session]:
+    """One session per request; committed if the endpoint returns, rolled back if it raises.
 
-    Work that must follow the commit (telling the broker about new credentials) is added to
-    ``request.state.after_commit`` and runs, on the same connection, before the response.
+    Work that must follow the commit (telling the broker about new credentials, publishing a
+    signed table) is added to ``request.state.after_commit`` and runs before the response, each
+    callback in a transaction of its own on the session's connection.
     """
-    pool: ConnectionPool = request.app.state.pool
+    engine: Engine = request.app.state.engine
     after: list[Callable[[Conn], None]] = []
     request.state.after_commit = after
-    with pool.connection() as conn:
-        with conn.transaction():
-            yield conn
+    with Session(engine, expire_on_commit=False) as session:
+        with session.begin():
+            yield session
         for callback in after:
-            callback(conn)
+            with session.begin():
+                callback(raw_connection(session))
 
 
 def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:
@@ -40,7 +44,16 @@ def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:
 
 # scope="function": the transaction commits before the response is sent, so a client never
 # sees a success that then fails to commit (the default "request" scope ends after sending).
-ConnDep = Annotated[Conn, Depends(_connection, scope="function")]
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
+
+
+def _connection(session: SessionDep) -> Conn:
+    return raw_connection(session)
+
+
+# The psycopg connection inside the request's session: bulk reads and the shared services
+# (provisioning, signing pushes) run in the same transaction as the ORM's writes.
+ConnDep = Annotated[Conn, Depends(_connection)]
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,18 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
-from psycopg_pool import ConnectionPool
 
 from services.api import problems
 from services.api.alerts.endpoints import router as alerts_router
 from services.api.brands.endpoints import router as brands_router
+from services.api.database import create_database_engine
 from services.api.devices.endpoints import router as devices_router
 from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
+from services.api.mode_tables.endpoints import router as mode_tables_router
+from services.api.publisher import ConfigPublisher
 from services.api.rate_limit import RateLimiter
+from services.api.rollouts.endpoints import router as rollouts_router
 from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
 from services.api.signing.endpoints import router as signing_router
@@ -32,22 +35,23 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ConnectionPool(
-            settings.database_url.get_secret_value(),
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            open=False,
+        engine = create_database_engine(
+            settings.database_url.get_secret_value(), pool_size=settings.pool_size
         )
-        pool.open(wait=False)
-        app.state.pool = pool
+        app.state.engine = engine
         app.state.settings = settings
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         # The same key directory as the rules workers: whoever starts first creates it.
-        app.state.config_public_key = public_key_b64(load_or_create_key(settings.key_dir()))
+        signing_key = load_or_create_key(settings.key_dir())
+        app.state.signing_key = signing_key
+        app.state.config_public_key = public_key_b64(signing_key)
+        publisher = ConfigPublisher(settings, engine)
+        app.state.config_publisher = publisher
         try:
             yield
         finally:
-            pool.close()
+            publisher.close()
+            engine.dispose()
 
     app = FastAPI(
         title="Galvani API",
@@ -65,6 +69,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(fleet_router)
     app.include_router(users_router)
     app.include_router(telemetry_router)
+    app.include_router(mode_tables_router)
+    app.include_router(rollouts_router)
     return app
 
 

@@ -15,8 +15,8 @@ class ApiSettings(ServiceSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     mqtt_username: str = "galvani-api"
-    pool_min_size: int = 1
-    pool_max_size: int = 10
+    # Database connections per process: requests beyond it wait for one.
+    pool_size: int = 10
     # Per API key: this many requests at once, then this many a second (429 beyond).
     rate_limit_burst: int = 100
     rate_limit_per_s: float = 50.0

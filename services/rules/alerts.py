@@ -60,6 +60,7 @@ class Outcome:
     push_kinds: list[tuple[str, str]] = field(default_factory=list)  # rule, safe | lock_all
     resolved: int = 0
     failed: list[Any] = field(default_factory=list)  # messages that could not be evaluated
+    paused_rollouts: list[tuple[Any, str]] = field(default_factory=list)  # rollout id, reason
 
     def extend(self, other: "Outcome") -> None:
         """Add what another transaction did."""
@@ -68,6 +69,7 @@ class Outcome:
         self.push_kinds.extend(other.push_kinds)
         self.resolved += other.resolved
         self.failed.extend(other.failed)
+        self.paused_rollouts.extend(other.paused_rollouts)
 
     def count(self) -> None:
         """Record in the metrics (call after the commit, so a retried batch counts once)."""
@@ -77,6 +79,9 @@ class Outcome:
             metrics.PUSHES.labels(rule, kind).inc()
         if self.resolved:
             metrics.RESOLVED.labels("auto").inc(self.resolved)
+        for rollout_id, reason in self.paused_rollouts:
+            metrics.ROLLOUTS_PAUSED.inc()
+            log.warning("rollout %s %s", rollout_id, reason)
 
 
 def apply_finding(

@@ -43,6 +43,10 @@ BATCH_MESSAGES: Final = Histogram(
     "Messages per evaluated batch",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
 )
+ROLLOUTS_PAUSED: Final = Counter(
+    "galvani_rules_rollouts_paused_total",
+    "Canary rollouts paused because the canary's critical-alert rate tripped the guard",
+)
 INFLIGHT: Final = Gauge(
     "galvani_rules_inflight_messages", "Messages received from the broker and not yet acknowledged"
 )

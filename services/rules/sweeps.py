@@ -3,8 +3,10 @@
 ``offline`` and ``config_unacked`` fire on the absence of messages, so no message can trigger
 them; a worker runs :func:`sweep` every ``sweep_interval_s`` in a transaction of its own.
 They use the backend's clock (receipt times), not device time: silence has no device time.
-The same sweep trims the rules' own state and finds pushes that were recorded but never
-published (the process died between commit and publish).
+The same sweep pauses canary rollouts whose canary's critical-alert rate trips the guard
+(``services/common/rollouts.py``), trims the rules' own state and finds pushes that were
+recorded but never published (the process died between commit and publish, or the API could
+not reach the broker).
 """
 
 from datetime import UTC, datetime, timedelta
@@ -13,6 +15,7 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.common.db import Conn
+from services.common.rollouts import guard_canaries
 from services.rules import metrics
 from services.rules.alerts import Finding, Outcome, apply_finding
 from services.rules.catalogue import Action, Severity
@@ -33,6 +36,7 @@ def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Ou
     outcome = Outcome()
     _offline(conn, key, now, outcome)
     _unacked(conn, key, now, outcome)
+    outcome.paused_rollouts.extend(guard_canaries(conn))
     metrics.SWEEPS.inc()
     return outcome
 

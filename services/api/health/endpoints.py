@@ -5,8 +5,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import ConnectionPool
 from pydantic import BaseModel
+from sqlalchemy import Engine, text
 
 from services.api.settings import ApiSettings
 
@@ -29,9 +29,9 @@ class Readiness(BaseModel):
     broker: bool
 
 
-def _pool(request: Request) -> ConnectionPool:
-    pool: ConnectionPool = request.app.state.pool
-    return pool
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
 
 
 def _settings(request: Request) -> ApiSettings:
@@ -52,11 +52,11 @@ def healthz() -> Health:
 )
 def readyz(
     response: Response,
-    pool: Annotated[ConnectionPool, Depends(_pool)],
+    engine: Annotated[Engine, Depends(_engine)],
     settings: Annotated[ApiSettings, Depends(_settings)],
 ) -> Readiness:
     """Ready when the database answers a query and the broker accepts a TCP connection."""
-    database = _database_ok(pool)
+    database = _database_ok(engine)
     broker = _broker_ok(settings.mqtt_host, settings.mqtt_port)
     ready = database and broker
     if not ready:
@@ -64,10 +64,10 @@ def readyz(
     return Readiness(status="ready" if ready else "unavailable", database=database, broker=broker)
 
 
-def _database_ok(pool: ConnectionPool) -> bool:
+def _database_ok(engine: Engine) -> bool:
     try:
-        with pool.connection(timeout=READY_TIMEOUT_S) as conn:
-            conn.execute("SELECT 1")
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
     except Exception:  # noqa: BLE001 - any failure means "not ready", reported as such
         return False
     return True

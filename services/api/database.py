@@ -1,0 +1,38 @@
+"""The API's database engine: SQLModel sessions for CRUD, the same connection for bulk reads.
+
+One engine per app, created in the lifespan. A request's session owns its transaction
+(``deps.SessionDep``); repositories that read in bulk with psycopg use the session's own
+connection (``deps.ConnDep``), so an ORM write and a raw query in one request share one
+transaction.
+"""
+
+from typing import cast
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
+
+from services.common.db import Conn
+
+POOL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5
+
+
+def create_database_engine(database_url: str, *, pool_size: int) -> Engine:
+    """An engine on psycopg 3 with ``pool_size`` connections (no overflow: the pool is the cap)."""
+    url = make_url(database_url).set(drivername="postgresql+psycopg")
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=POOL_TIMEOUT_S,
+        # A connection the server closed (restart, failover) is replaced on checkout rather
+        # than failing the request that drew it.
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+    )
+
+
+def raw_connection(session: Session) -> Conn:
+    """The psycopg connection under ``session``, inside the session's transaction."""
+    return cast(Conn, session.connection().connection.driver_connection)

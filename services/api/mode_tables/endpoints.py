@@ -1,0 +1,64 @@
+"""``/v1/mode-tables``: create (validated against the envelope), list, read."""
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from services.api.deps import CurrentKey, SessionDep, brand_scope, require
+from services.api.mode_tables import repository, service
+from services.api.mode_tables.schemas import ModeTable, ModeTableCreate, ModeTableList
+from services.api.pagination import decode_cursor, encode_cursor, invalid_cursor
+from services.api.problems import ProblemError, responses
+from services.common.api_keys import Role
+
+router = APIRouter(prefix="/v1/mode-tables", tags=["mode tables"])
+MAX_LIMIT = 200
+
+
+@router.post(
+    "",
+    response_model=ModeTable,
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(401, 403, 422),
+)
+def create_mode_table(body: ModeTableCreate, session: SessionDep, key: CurrentKey) -> ModeTable:
+    """Store a table for the brand. A table outside the envelope is refused: the 422 lists
+    each field (``modes.LIFT.i_max_ua``), its limit and the value given."""
+    require(key, Role.ADMIN, Role.OPERATOR)
+    brand = brand_scope(key, body.brand)
+    return service.to_schema(service.create(session, brand, body, key.actor))
+
+
+@router.get("", response_model=ModeTableList, responses=responses(401, 403, 422))
+def list_mode_tables(
+    session: SessionDep,
+    key: CurrentKey,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ModeTableList:
+    """The brand's tables, newest first."""
+    after = None
+    if cursor is not None:
+        created, table_id = decode_cursor("mode-tables", cursor, 2)
+        try:
+            after = (datetime.fromisoformat(created), uuid.UUID(table_id))
+        except ValueError:
+            raise invalid_cursor() from None
+    rows = repository.newest_first(session, key.brand, after=after, limit=limit + 1)
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor("mode-tables", last.created_at.isoformat(), str(last.id))
+    return ModeTableList(items=[service.to_schema(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/{table_id}", response_model=ModeTable, responses=responses(401, 403, 404, 422))
+def get_mode_table(table_id: uuid.UUID, session: SessionDep, key: CurrentKey) -> ModeTable:
+    """One table of the brand."""
+    row = repository.get(session, key.brand, table_id)
+    if row is None:
+        raise ProblemError(404, "not-found", "Not found", f"there is no mode table {table_id}")
+    return service.to_schema(row)

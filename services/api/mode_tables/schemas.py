@@ -1,0 +1,97 @@
+"""Mode table schemas: the shape devices accept (protocol.md, ``config``), checked before the
+envelope (safety.md), which the service checks next."""
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from services.common.mode_tables import DEFAULT_MODES
+from services.common.protocol.enums import Mode
+
+# Device firmware holds integers on the wire; a bound keeps absurd values out of the database.
+Count = Annotated[StrictInt, Field(ge=0, le=2_147_483_647)]
+
+
+class Waveform(StrEnum):
+    MONO_ALT = "mono_alt"
+    DC = "dc"
+
+
+class ModeSpec(BaseModel):
+    """One mode's output and usage limits, as devices receive them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    waveform: Waveform
+    i_target_ua: Count = Field(description="current setpoint, µA")
+    i_max_ua: Count = Field(description="hard current limit, µA")
+    freq_hz: Count
+    pulse_ms: Count
+    v_max_v: Count = Field(description="electrode voltage limit, V")
+    z_ok_ohm: tuple[Count, Count] = Field(description="[low, high]: the gel band of impedance")
+    session_default_s: Count
+    session_cap_s: Count
+    cooldown_s: Count
+    max_sessions_24h: Count
+    max_sessions_7d: Count
+    min_batt_pct: Annotated[StrictInt, Field(ge=0, le=100)]
+    t_elec_max_c: Annotated[StrictInt, Field(ge=-40, le=150)]
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        low, high = self.z_ok_ohm
+        if low > high:
+            raise ValueError("z_ok_ohm: low must not be above high")
+        if self.session_default_s > self.session_cap_s:
+            raise ValueError("session_default_s must not be above session_cap_s")
+        return self
+
+
+class ModeTableCreate(BaseModel):
+    """A named table of mode specs; modes not listed are unavailable on the device."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "gentler LIFT",
+                    "modes": {"LIFT": {**DEFAULT_MODES["LIFT"], "i_target_ua": 250}},
+                    "locked_modes": [],
+                }
+            ]
+        },
+    )
+
+    name: str = Field(min_length=1, max_length=100)
+    modes: dict[Mode, ModeSpec] = Field(min_length=1)
+    locked_modes: list[Mode] = Field(default_factory=list, max_length=len(Mode))
+    brand: str | None = Field(
+        default=None, description="operator keys only: the brand the table belongs to"
+    )
+
+    @model_validator(mode="after")
+    def _distinct_locks(self) -> Self:
+        if len(set(self.locked_modes)) != len(self.locked_modes):
+            raise ValueError("locked_modes: list each mode once")
+        return self
+
+
+class ModeTable(BaseModel):
+    """A stored table. Tables are immutable: a change is a new table."""
+
+    id: uuid.UUID
+    brand: str
+    name: str
+    modes: dict[Mode, ModeSpec]
+    locked_modes: list[Mode]
+    created_at: datetime
+    created_by: str
+
+
+class ModeTableList(BaseModel):
+    items: list[ModeTable]
+    next_cursor: str | None

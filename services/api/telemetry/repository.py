@@ -1,0 +1,105 @@
+"""Telemetry queries. Never commits: the request owns the transaction.
+
+Bucketed reads whose width is a rollup's (``1m``: ``samples_1m``, ``1h``: ``samples_1h``)
+take the buckets the maintenance job has completed from the rollup and only the rest from raw
+samples: the partial bucket at ``from`` when it is not on a bucket boundary, and everything
+from the last refresh (``galvani_meta.rollups_refreshed_to``, rounded down to a bucket) to
+``to``. Each bucket of the answer comes whole from one side, so the numbers are those of
+computing it from raw samples: the same count, min and max, and the mean as a ``real``, which
+is what the rollup stores (samples are ``real`` too). A sample that arrives after a refresh
+for an hour already refreshed is counted once the job has recomputed that hour (ingest marks
+it), one maintenance interval later.
+
+Widths that are multiples of a rollup's are read raw: combining rollup means needs each
+bucket's count of non-null values per field, which the rollups do not keep.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from services.common.db import Conn
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# Rollup table by its bucket width. Hour and minute boundaries are the same whether counted
+# from the Unix epoch or from time_bucket's origin (Monday 2000-01-03 00:00 UTC).
+ROLLUPS: Final = {timedelta(minutes=1): "samples_1m", timedelta(hours=1): "samples_1h"}
+
+
+def owned_refreshed_to(conn: Conn, brand_id: str, device_id: str) -> tuple[bool, datetime | None]:
+    """Whether the brand owns the device, and how far the rollups are complete (one query)."""
+    row = conn.execute(
+        "SELECT (SELECT value FROM galvani_meta WHERE key = 'rollups_refreshed_to')"
+        " FROM devices WHERE id = %s AND brand_id = %s",
+        [device_id, brand_id],
+    ).fetchone()
+    if row is None:
+        return False, None
+    value = row[0]
+    return True, datetime.fromisoformat(str(value)) if value is not None else None
+
+
+def raw_samples(
+    conn: Conn, device_id: str, start: datetime, end: datetime, fields: list[str], limit: int
+) -> list[tuple[Any, ...]]:
+    """``(ts, *fields)`` of each sample in ``[start, end)``, in time order, at most ``limit``."""
+    columns = ", ".join(fields)  # the endpoint checks every name against a fixed list
+    return conn.execute(
+        f"SELECT ts, {columns} FROM samples"  # noqa: S608 - names checked against a list
+        " WHERE device_id = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
+        [device_id, start, end, limit],
+    ).fetchall()
+
+
+def _floor(moment: datetime, width: timedelta) -> datetime:
+    return EPOCH + ((moment - EPOCH) // width) * width
+
+
+def _ceil(moment: datetime, width: timedelta) -> datetime:
+    floor = _floor(moment, width)
+    return floor if floor == moment else floor + width
+
+
+def _raw_buckets(fields: list[str]) -> str:
+    aggregates = ", ".join(f"min({f}), avg({f})::real, max({f})" for f in fields)
+    return (
+        f"SELECT time_bucket(%(width)s, ts) AS b, count(*)::integer, {aggregates}"  # noqa: S608
+        " FROM samples WHERE device_id = %(device)s AND ts >= %(lo)s AND ts < %(hi)s"
+        " GROUP BY b"
+    )
+
+
+def buckets(
+    conn: Conn,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    width: timedelta,
+    fields: list[str],
+    refreshed_to: datetime | None,
+) -> list[tuple[Any, ...]]:
+    """``(bucket, n, min, avg, max per field...)`` per bucket with samples, in time order."""
+    table = ROLLUPS.get(width)
+    lo = _ceil(start, width)
+    cut = min(_floor(end, width), _floor(refreshed_to, width)) if refreshed_to else lo
+    if table is None or cut <= lo:
+        return conn.execute(
+            _raw_buckets(fields) + " ORDER BY b",
+            {"width": width, "device": device_id, "lo": start, "hi": end},
+        ).fetchall()
+    rolled = ", ".join(f"{f}_min, {f}_avg, {f}_max" for f in fields)
+    parts = [
+        f"SELECT bucket, n, {rolled} FROM {table}"  # noqa: S608 - names from fixed lists
+        " WHERE device_id = %(device)s AND bucket >= %(lo)s AND bucket < %(cut)s"
+    ]
+    params: dict[str, Any] = {"width": width, "device": device_id, "lo": lo, "cut": cut}
+    if start < lo:
+        parts.append(
+            _raw_buckets(fields).replace("%(lo)s", "%(head_lo)s").replace("%(hi)s", "%(lo)s")
+        )
+        params["head_lo"] = start
+    if cut < end:
+        parts.append(
+            _raw_buckets(fields).replace("%(lo)s", "%(cut)s").replace("%(hi)s", "%(end)s")
+        )
+        params["end"] = end
+    return conn.execute(" UNION ALL ".join(parts) + " ORDER BY 1", params).fetchall()

@@ -1,0 +1,204 @@
+"""Rollouts shared by the API (which starts and steers them) and the rules sweep (which pauses
+a canary that hurts people): the table a target receives, progress, and the canary guard.
+
+A rollout never lifts a rule's restriction: a device a rule switched to SAFE (or locked
+entirely) keeps those modes locked in every table a rollout sends it, with the SAFE spec it
+runs now, until support clears the device (safety.md: "the other modes are locked until
+support clears the device").
+"""
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from services.common.db import Conn
+from services.common.mode_tables import DEFAULT_MODES, PROTOCOL_VERSION
+
+# The guard (issue 6): pause when the canary's critical-alert rate is at least twice the rest
+# of the fleet's, once the canary has at least this many critical alerts.
+GUARD_RATE_FACTOR: Final = 2.0
+GUARD_MIN_ALERTS: Final = 3
+PROGRESS_STATES: Final = ("waiting", "pending", "offline", "applied", "rejected", "superseded")
+
+
+def canary_size(targets: int, share: float) -> int:
+    """How many of ``targets`` get the table first: the share rounded up, leaving at least one."""
+    return min(targets - 1, max(1, math.ceil(targets * share)))
+
+
+def rollout_table(
+    body: Mapping[str, Any],
+    *,
+    issued_at_ms: int,
+    expires_at_ms: int | None,
+    reason: str,
+    rule_lock: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The unsigned table for one target (``version`` is set when it is recorded).
+
+    ``rule_lock`` is the device's newest table pushed by a rule, if any: its locked modes stay
+    locked, and its SAFE spec is kept so the device can still run SAFE.
+    """
+    modes = dict(body["modes"])
+    locked = set(body.get("locked_modes", []))
+    if rule_lock is not None:
+        locked |= set(rule_lock.get("locked_modes", []))
+        rule_modes = rule_lock.get("modes", {})
+        modes["SAFE"] = rule_modes.get("SAFE", DEFAULT_MODES["SAFE"])
+    return {
+        "v": PROTOCOL_VERSION,
+        "version": 0,
+        "issued_at": issued_at_ms,
+        "expires_at": expires_at_ms,
+        "reason": reason,
+        "locked_modes": sorted(locked),
+        "modes": modes,
+    }
+
+
+def rule_locks(conn: Conn, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each device's newest rule-pushed table, for the devices a rule has restricted."""
+    rows = conn.execute(
+        "SELECT DISTINCT ON (device_id) device_id, payload FROM config_pushes"
+        " WHERE source = 'rule' AND device_id = ANY(%s) ORDER BY device_id, version DESC",
+        [list(device_ids)],
+    ).fetchall()
+    return {str(device_id): payload for device_id, payload in rows if isinstance(payload, dict)}
+
+
+@dataclass(frozen=True)
+class GroupProgress:
+    """How many targets of one group (canary or the rest) are in each state."""
+
+    targets: int
+    counts: dict[str, int]
+
+
+def progress(conn: Conn, rollout_id: uuid.UUID) -> dict[bool, GroupProgress]:
+    """Progress by group (``True``: canary), from the pushes' answers and devices' presence.
+
+    ``waiting``: not pushed yet; ``applied``/``rejected``: the device's answer on ``state``;
+    ``superseded``: a newer table (a rule's, another rollout's) was pushed before it answered;
+    ``pending``/``offline``: pushed, unanswered, and the device is online or not.
+    """
+    rows = conn.execute(
+        """
+        SELECT rd.canary,
+               CASE WHEN rd.version IS NULL THEN 'waiting'
+                    WHEN p.answer_status IS NOT NULL THEN p.answer_status
+                    WHEN d.config_desired_version > rd.version THEN 'superseded'
+                    WHEN d.online THEN 'pending'
+                    ELSE 'offline' END AS state,
+               count(*)
+        FROM rollout_devices rd
+        JOIN devices d ON d.id = rd.device_id
+        LEFT JOIN config_pushes p ON p.device_id = rd.device_id AND p.version = rd.version
+        WHERE rd.rollout_id = %s
+        GROUP BY 1, 2""",
+        [rollout_id],
+    ).fetchall()
+    groups: dict[bool, dict[str, int]] = {
+        True: dict.fromkeys(PROGRESS_STATES, 0),
+        False: dict.fromkeys(PROGRESS_STATES, 0),
+    }
+    for canary, state, count in rows:
+        groups[bool(canary)][str(state)] = int(str(count))
+    return {
+        canary: GroupProgress(sum(counts.values()), counts) for canary, counts in groups.items()
+    }
+
+
+@dataclass(frozen=True)
+class CanaryHealth:
+    """Critical alerts raised since the canary started: on canary devices and on the rest of
+    the brand's fleet."""
+
+    canary_devices: int
+    canary_alerts: int
+    rest_devices: int
+    rest_alerts: int
+
+    @property
+    def canary_rate(self) -> float:
+        """Critical alerts per canary device."""
+        return self.canary_alerts / self.canary_devices if self.canary_devices else 0.0
+
+    @property
+    def rest_rate(self) -> float:
+        """Critical alerts per device of the rest of the fleet."""
+        return self.rest_alerts / self.rest_devices if self.rest_devices else 0.0
+
+    @property
+    def alarming(self) -> bool:
+        """The guard's condition: at least 3 canary alerts at twice the rest's rate or more."""
+        return (
+            self.canary_alerts >= GUARD_MIN_ALERTS
+            and self.canary_rate >= GUARD_RATE_FACTOR * self.rest_rate
+        )
+
+    def describe(self) -> str:
+        """One sentence for ``status_reason``."""
+        return (
+            f"canary critical-alert rate {self.canary_rate:.3f} per device "
+            f"({self.canary_alerts} alerts on {self.canary_devices} devices) is at least "
+            f"{GUARD_RATE_FACTOR:g} times the rest of the fleet's {self.rest_rate:.3f} "
+            f"({self.rest_alerts} alerts on {self.rest_devices} devices)"
+        )
+
+
+def canary_health(
+    conn: Conn, rollout_id: uuid.UUID, brand_id: str, since: datetime
+) -> CanaryHealth:
+    """Critical alerts first seen since ``since``, canary devices against the brand's others."""
+    row = conn.execute(
+        """
+        WITH canary AS (
+            SELECT device_id FROM rollout_devices WHERE rollout_id = %(rollout)s AND canary
+        ), raised AS (
+            SELECT device_id, count(*) AS n FROM alerts
+            WHERE brand_id = %(brand)s AND severity = 'critical' AND first_seen >= %(since)s
+            GROUP BY device_id
+        )
+        SELECT count(*) FILTER (WHERE c.device_id IS NOT NULL),
+               coalesce(sum(r.n) FILTER (WHERE c.device_id IS NOT NULL), 0),
+               count(*) FILTER (WHERE c.device_id IS NULL),
+               coalesce(sum(r.n) FILTER (WHERE c.device_id IS NULL), 0)
+        FROM devices d
+        LEFT JOIN canary c ON c.device_id = d.id
+        LEFT JOIN raised r ON r.device_id = d.id
+        WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL""",
+        {"rollout": rollout_id, "brand": brand_id, "since": since},
+    ).fetchone()
+    assert row is not None
+    return CanaryHealth(*(int(str(value)) for value in row))
+
+
+def guard_canaries(conn: Conn) -> list[tuple[uuid.UUID, str]]:
+    """Pause every canary whose critical-alert rate trips the guard; what was paused and why.
+
+    Run periodically (the rules sweep). Rows are locked so a concurrent promotion through the
+    API either happens first (and the rollout is no longer a canary) or waits and then finds
+    it paused.
+    """
+    rows = conn.execute(
+        "SELECT id, brand_id, canary_started_at FROM rollouts"
+        " WHERE status = 'canary' FOR UPDATE SKIP LOCKED"
+    ).fetchall()
+    paused = []
+    for rollout_id, brand_id, started in rows:
+        assert isinstance(rollout_id, uuid.UUID)
+        assert isinstance(started, datetime)
+        health = canary_health(conn, rollout_id, str(brand_id), started)
+        if not health.alarming:
+            continue
+        reason = "auto-paused: " + health.describe()
+        conn.execute(
+            "UPDATE rollouts SET status = 'paused', paused_from = 'canary',"
+            " status_reason = %s, updated_at = now() WHERE id = %s",
+            [reason, rollout_id],
+        )
+        paused.append((rollout_id, reason))
+    return paused
