@@ -1,12 +1,15 @@
 """A device's telemetry through the API: raw, bucketed, and bounded."""
 
 from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from services.common.db import Storage, storage_of
 from services.common.provisioning import provision_device
+from services.maintenance.jobs import run_pass
 from tests.api import auth
 
 START = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
@@ -109,3 +112,83 @@ def test_another_brands_device_is_404(
         headers=auth(keys["other"]),
     )
     assert response.status_code == 404
+
+
+HALF: Final = START + timedelta(hours=2, minutes=10, seconds=7)
+
+
+@pytest.fixture
+def half_refreshed(database_url: str) -> None:
+    """Four hours of samples every 2 s, rollups refreshed by the maintenance job up to HALF,
+    and the samples after HALF arriving only after that refresh (as they would live).
+
+    Some samples have no current (output off) and none has a voltage, so means are over
+    non-null values only and a field can be null in every sample of a bucket.
+    """
+    insert = (
+        "INSERT INTO samples (device_id, ts, seq, out, i_ua, i_set_ua, z_ohm, t_elec_c,"
+        " t_batt_c, batt_pct, received_at)"
+        " SELECT 'acme-1', %(start)s + n * interval '2 seconds', n, n %% 13 <> 0,"
+        " CASE WHEN n %% 13 <> 0 THEN 300 + n %% 17 END, 300, 8000 + n %% 50,"
+        " 33.25 + (n %% 7) / 10.0, 30, 80 - n / 1000, now()"
+        " FROM generate_series(0, 7199) n"
+        " WHERE %(start)s + n * interval '2 seconds' {} %(half)s"
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if storage_of(conn) is Storage.TIMESCALEDB:
+            pytest.skip("the licensed build keeps continuous aggregates, not rollup tables")
+        provision_device(conn, device_id="acme-1", brand_id="acme", model="m")
+        conn.execute(insert.format("<"), {"start": START, "half": HALF})
+        run_pass(conn, HALF, timedelta(hours=3))
+        conn.execute(insert.format(">="), {"start": START, "half": HALF})
+
+
+def _bucketed(client: TestClient, key: str, bucket: str) -> dict[str, Any]:
+    start = START + timedelta(seconds=37)  # neither edge on a bucket boundary
+    end = START + timedelta(hours=4, seconds=-23)
+    response = client.get(
+        f"/v1/devices/acme-1/telemetry?from={iso(start)}&to={iso(end)}&bucket={bucket}",
+        headers=auth(key),
+    )
+    assert response.status_code == 200
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.mark.parametrize("bucket", ["1m", "1h"])
+def test_rollup_backed_buckets_equal_buckets_from_raw_samples(
+    client: TestClient, keys: dict[str, str], database_url: str, half_refreshed: None, bucket: str
+) -> None:
+    from_rollups = _bucketed(client, keys["viewer"], bucket)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE galvani_meta SET value = '1970-01-01T00:00:00Z'"
+            " WHERE key = 'rollups_refreshed_to'"
+        )
+    from_raw = _bucketed(client, keys["viewer"], bucket)
+    assert from_rollups == from_raw
+    assert sum(p["n"] for p in from_raw["points"]) == 7200 - 19 - 11  # both partial edges
+    assert from_raw["points"][0]["v_v"] == {"min": None, "avg": None, "max": None}
+
+
+@pytest.mark.parametrize(
+    ("bucket", "table", "cut"), [("1m", "samples_1m", "10:10"), ("1h", "samples_1h", "10:00")]
+)
+def test_buckets_before_the_last_refresh_come_from_the_rollup(
+    client: TestClient,
+    keys: dict[str, str],
+    database_url: str,
+    half_refreshed: None,
+    bucket: str,
+    table: str,
+    cut: str,
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE {table} SET n = n + 1000000")  # noqa: S608 - a constant name
+    points = _bucketed(client, keys["viewer"], bucket)["points"]
+    from_rollup = [p["ts"][11:16] for p in points if p["n"] > 1000000]
+    from_raw = [p["ts"][11:16] for p in points if p["n"] < 1000000]
+    # The partial first bucket and everything from the refresh's bucket on are raw.
+    assert from_raw[0] == "08:00"
+    assert from_rollup[0] == ("08:01" if bucket == "1m" else "09:00")
+    assert from_rollup[-1] < cut <= from_raw[1]

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from services.api.deps import ConnDep, CurrentKey
 from services.api.problems import ProblemError, responses
+from services.api.telemetry import repository
 
 router = APIRouter(prefix="/v1/devices", tags=["telemetry"])
 
@@ -97,18 +98,11 @@ def telemetry(
             f"fields: {', '.join(unknown) or 'none'} not available; choose from "
             + ", ".join(allowed),
         )
-    owned = conn.execute(
-        "SELECT 1 FROM devices WHERE id = %s AND brand_id = %s", [device_id, key.brand]
-    ).fetchone()
-    if owned is None:
+    owned, refreshed_to = repository.owned_refreshed_to(conn, key.brand, device_id)
+    if not owned:
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
-    columns = ", ".join(chosen)  # every name is from the allowed list above
     if bucket is None:
-        rows = conn.execute(
-            f"SELECT ts, {columns} FROM samples"  # noqa: S608 - names checked against a list
-            " WHERE device_id = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
-            [device_id, start, end, MAX_POINTS + 1],
-        ).fetchall()
+        rows = repository.raw_samples(conn, device_id, start, end, chosen, MAX_POINTS + 1)
         if len(rows) > MAX_POINTS:
             raise too_many(
                 f"more than {MAX_POINTS} samples between from and to: narrow the range or "
@@ -124,22 +118,13 @@ def telemetry(
                 f"{int(count)} buckets of {bucket} between from and to: use a bucket of at "
                 f"least {smallest:.0f} s or a shorter range"
             )
-        aggregates = ", ".join(f"min({c}), avg({c}), max({c})" for c in chosen)
-        rows = conn.execute(
-            f"SELECT time_bucket(%s, ts) AS b, count(*), {aggregates} FROM samples"  # noqa: S608
-            " WHERE device_id = %s AND ts >= %s AND ts < %s GROUP BY b ORDER BY b",
-            [width, device_id, start, end],
-        ).fetchall()
+        rows = repository.buckets(conn, device_id, start, end, width, chosen, refreshed_to)
         points = []
         for row in rows:
             point: dict[str, Any] = {"ts": row[0], "n": row[1]}
             for i, name in enumerate(chosen):
                 low, mean, high = row[2 + 3 * i : 5 + 3 * i]
-                point[name] = {
-                    "min": low,
-                    "avg": float(mean) if mean is not None else None,  # type: ignore[arg-type]
-                    "max": high,
-                }
+                point[name] = {"min": low, "avg": mean, "max": high}
             points.append(point)
     return Telemetry.model_validate(
         {

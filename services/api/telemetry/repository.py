@@ -59,11 +59,12 @@ def _ceil(moment: datetime, width: timedelta) -> datetime:
     return floor if floor == moment else floor + width
 
 
-def _raw_buckets(fields: list[str]) -> str:
-    aggregates = ", ".join(f"min({f}), avg({f})::real, max({f})" for f in fields)
+def _raw_buckets(fields: list[str], lo: str, hi: str) -> str:
+    """Buckets from raw samples in ``[%(lo)s, %(hi)s)``, typed as the rollup columns are."""
+    aggregates = ", ".join(f"min({f})::real, avg({f})::real, max({f})::real" for f in fields)
     return (
         f"SELECT time_bucket(%(width)s, ts) AS b, count(*)::integer, {aggregates}"  # noqa: S608
-        " FROM samples WHERE device_id = %(device)s AND ts >= %(lo)s AND ts < %(hi)s"
+        f" FROM samples WHERE device_id = %(device)s AND ts >= %({lo})s AND ts < %({hi})s"
         " GROUP BY b"
     )
 
@@ -83,8 +84,8 @@ def buckets(
     cut = min(_floor(end, width), _floor(refreshed_to, width)) if refreshed_to else lo
     if table is None or cut <= lo:
         return conn.execute(
-            _raw_buckets(fields) + " ORDER BY b",
-            {"width": width, "device": device_id, "lo": start, "hi": end},
+            _raw_buckets(fields, "start", "end") + " ORDER BY b",
+            {"width": width, "device": device_id, "start": start, "end": end},
         ).fetchall()
     rolled = ", ".join(f"{f}_min, {f}_avg, {f}_max" for f in fields)
     parts = [
@@ -92,14 +93,10 @@ def buckets(
         " WHERE device_id = %(device)s AND bucket >= %(lo)s AND bucket < %(cut)s"
     ]
     params: dict[str, Any] = {"width": width, "device": device_id, "lo": lo, "cut": cut}
-    if start < lo:
-        parts.append(
-            _raw_buckets(fields).replace("%(lo)s", "%(head_lo)s").replace("%(hi)s", "%(lo)s")
-        )
-        params["head_lo"] = start
-    if cut < end:
-        parts.append(
-            _raw_buckets(fields).replace("%(lo)s", "%(cut)s").replace("%(hi)s", "%(end)s")
-        )
+    if start < lo:  # the partial first bucket
+        parts.append(_raw_buckets(fields, "start", "lo"))
+        params["start"] = start
+    if cut < end:  # what the rollups do not hold yet
+        parts.append(_raw_buckets(fields, "cut", "end"))
         params["end"] = end
     return conn.execute(" UNION ALL ".join(parts) + " ORDER BY 1", params).fetchall()
