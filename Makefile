@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules bench-api check lint typecheck format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-ingest-floor - CPU per sample of paho receive+ack and of decoding (no servers)"
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
+	@echo "make bench-api    - API p50/p95 at 20 clients on a seeded month of 10,000 devices"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +55,11 @@ bench-ingest-floor: venv
 # Its own PostgreSQL (TimescaleDB) and Mosquitto, 10,200 background devices and the backend.
 bench-rules: test-deps venv
 	$(PY) -m bench.rules $(BENCH_ARGS)
+
+# Its own PostgreSQL (TimescaleDB), seeded once and kept under .galvani/bench-api (--reseed),
+# and the API as `make run` starts it.
+bench-api: test-deps venv
+	$(PY) -m bench.api $(BENCH_ARGS)
 
 # Its own Mosquitto; no database (the broker acknowledges, nothing stores).
 bench-agent: system-deps venv
