@@ -8,7 +8,7 @@ transaction.
 
 from typing import cast
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
@@ -35,4 +35,9 @@ def create_database_engine(database_url: str, *, pool_size: int) -> Engine:
 
 def raw_connection(session: Session) -> Conn:
     """The psycopg connection under ``session``, inside the session's transaction."""
-    return cast(Conn, session.connection().connection.driver_connection)
+    return raw_connection_of(session.connection())
+
+
+def raw_connection_of(connection: Connection) -> Conn:
+    """The psycopg connection under a SQLAlchemy ``connection``."""
+    return cast(Conn, connection.connection.driver_connection)

@@ -11,6 +11,8 @@ from fastapi import FastAPI
 
 from services.api import problems
 from services.api.alerts.endpoints import router as alerts_router
+from services.api.alerts.feed import AlertFeed
+from services.api.alerts.stream import router as alert_stream_router
 from services.api.brands.endpoints import router as brands_router
 from services.api.database import create_database_engine
 from services.api.devices.endpoints import router as devices_router
@@ -47,9 +49,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.config_public_key = public_key_b64(signing_key)
         publisher = ConfigPublisher(settings, engine)
         app.state.config_publisher = publisher
+        feed = AlertFeed(settings.database_url.get_secret_value())
+        app.state.alert_feed = feed
         try:
             yield
         finally:
+            feed.close()
             publisher.close()
             engine.dispose()
 
@@ -63,6 +68,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(signing_router)
     app.include_router(rules_router)
+    app.include_router(alert_stream_router)  # before /v1/alerts/{alert_id}
     app.include_router(alerts_router)
     app.include_router(devices_router)
     app.include_router(brands_router)

@@ -60,8 +60,52 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def _problem_response(description: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {PROBLEM_JSON: {"schema": schema}}}
+
+
+def document_problems(document: dict[str, Any]) -> dict[str, Any]:
+    """Make ``document`` (the app's OpenAPI) say what :func:`install` makes true of every
+    operation, whatever its endpoint declared:
+
+    - a problem response is ``application/problem+json`` with the ``Problem`` schema only
+      (``responses(...)`` passes the model, which FastAPI files under ``application/json``);
+    - a request FastAPI refuses (422) is problem+json, not FastAPI's ``HTTPValidationError``;
+    - a body that cannot be read as text answers 400 (FastAPI: "error parsing the body");
+    - an operation that takes an API key may answer 401, and 429 when the key is over its rate.
+    """
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/{model}"))
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            answers = operation.setdefault("responses", {})
+            for status, answer in answers.items():
+                if PROBLEM_JSON in answer.get("content", {}):
+                    answers[status] = _problem_response(answer.get("description", "a problem"))
+            invalid = answers.get("422")
+            if invalid is not None and PROBLEM_JSON not in invalid.get("content", {}):
+                answers["422"] = _problem_response("a problem: the request is invalid")
+            if "requestBody" in operation:
+                answers.setdefault("400", _problem_response("a problem: the body is unreadable"))
+            if operation.get("security"):
+                answers.setdefault("401", _problem_response("a problem: no valid API key"))
+                answers.setdefault("429", _problem_response("a problem: over the rate limit"))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    return document
+
+
 def install(app: FastAPI) -> None:
-    """Render every error of ``app`` as problem+json."""
+    """Render every error of ``app`` as problem+json, and say so in its OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)

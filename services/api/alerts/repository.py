@@ -9,6 +9,7 @@ COLUMNS: Final = (
     " explanation, acknowledged_at, acknowledged_by, resolved_at, resolved_by, resolution"
 )
 NAMES: Final = tuple(name.strip() for name in COLUMNS.split(","))
+MAX_CHANGES: Final = 500
 
 
 def _row(values: tuple[Any, ...]) -> dict[str, Any]:
@@ -59,6 +60,30 @@ def get_alert(
         [alert_id, brand_id],
     ).fetchone()
     return _row(row) if row is not None else None
+
+
+def changed(
+    conn: Conn, brand_id: str, *, ids: list[int] | None = None, after_seq: int | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """The brand's alerts with ``ids``, or changed after ``after_seq``: (change_seq, alert),
+    in change order, at most :data:`MAX_CHANGES`."""
+    rows = conn.execute(
+        f"SELECT change_seq, {COLUMNS} FROM alerts"  # noqa: S608 - constant column list
+        " WHERE brand_id = %(brand)s"
+        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))"
+        " AND (%(after)s::bigint IS NULL OR change_seq > %(after)s)"
+        " ORDER BY change_seq LIMIT %(limit)s",
+        {"brand": brand_id, "ids": ids, "after": after_seq, "limit": MAX_CHANGES},
+    ).fetchall()
+    return [(int(str(row[0])), _row(row[1:])) for row in rows]
+
+
+def newest_change(conn: Conn, brand_id: str) -> int:
+    """The brand's highest change number (0 when it has no alerts)."""
+    row = conn.execute(
+        "SELECT coalesce(max(change_seq), 0) FROM alerts WHERE brand_id = %s", [brand_id]
+    ).fetchone()
+    return int(str(row[0])) if row else 0
 
 
 def transitions(conn: Conn, alert_id: int) -> list[dict[str, Any]]:

@@ -83,7 +83,7 @@ class DeadLetterList(BaseModel):
     next_cursor: str | None
 
 
-@router.get("/dead-letters", response_model=DeadLetterList, responses=responses(401, 403, 422))
+@router.get("/dead-letters", response_model=DeadLetterList, responses=responses(401, 403, 404, 422))
 def dead_letters(
     conn: ConnDep,
     key: CurrentKey,
