@@ -338,3 +338,36 @@ def test_real_agents_apply_a_rollout_and_its_progress_follows_their_answers(
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_support_clears_a_rule_restriction_back_to_the_brands_last_applied_table(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    [device] = devices(database_url, 1)
+    table_id = mode_table(client, keys["admin"], i_target_ua=222)
+    rollout(client, keys["admin"], mode_table_id=table_id, target={"all": True})
+    answer(database_url, device)
+    rule_table = restricted_table(
+        None, version=0, issued_at_ms=int(time.time() * 1000), reason="rule overcurrent",
+        lock_all=True,
+    )  # fmt: skip
+    with psycopg.connect(database_url) as conn:
+        record_push(
+            conn, load_or_create_key(tmp_path / "rules-key"), device_id=device, table=rule_table,
+            source="rule",
+        )  # fmt: skip
+    url = f"/v1/devices/{device}/clear"
+    assert client.post(url, headers=auth(keys["viewer"])).status_code == 403
+    assert client.post(url, headers=auth(keys["other"])).status_code == 404
+    cleared = client.post(url, json={"note": "electrode replaced"}, headers=auth(keys["support"]))
+    assert cleared.status_code == 200, cleared.text
+    desired = cleared.json()["desired"]
+    assert desired["version"] == 3
+    assert desired["locked_modes"] == []
+    assert desired["modes"]["LIFT"]["i_target_ua"] == 222
+    assert "electrode replaced" in desired["reason"]
+    again = client.post(url, headers=auth(keys["support"]))
+    assert again.status_code == 409
+    # A rollout after the clearance carries no rule lock.
+    later = rollout(client, keys["admin"], mode_table_id=table_id, target={"all": True})
+    assert pushes(database_url, later["id"])[device]["payload"]["locked_modes"] == []

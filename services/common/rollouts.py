@@ -60,13 +60,61 @@ def rollout_table(
 
 
 def rule_locks(conn: Conn, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Each device's newest rule-pushed table, for the devices a rule has restricted."""
+    """The newest rule-pushed table of each device a rule has restricted and support has not
+    cleared since (a clearance is a push with source ``api``, see :func:`clearance_table`)."""
     rows = conn.execute(
-        "SELECT DISTINCT ON (device_id) device_id, payload FROM config_pushes"
-        " WHERE source = 'rule' AND device_id = ANY(%s) ORDER BY device_id, version DESC",
+        "SELECT DISTINCT ON (r.device_id) r.device_id, r.payload FROM config_pushes r"
+        " WHERE r.source = 'rule' AND r.device_id = ANY(%s)"
+        " AND NOT EXISTS (SELECT 1 FROM config_pushes c WHERE c.device_id = r.device_id"
+        "                 AND c.source = 'api' AND c.version > r.version)"
+        " ORDER BY r.device_id, r.version DESC",
         [list(device_ids)],
     ).fetchall()
     return {str(device_id): payload for device_id, payload in rows if isinstance(payload, dict)}
+
+
+FACTORY: Final[dict[str, Any]] = {"modes": dict(DEFAULT_MODES), "locked_modes": []}
+
+
+@dataclass(frozen=True)
+class Restorable:
+    """A table a device ran, as its brand chose it: the mode table (``None``: the factory
+    table) and its body, without any rule's locks."""
+
+    mode_table_id: str | None
+    body: dict[str, Any]
+
+
+def last_applied(conn: Conn, device_ids: Sequence[str]) -> dict[str, Restorable]:
+    """The newest table each device applied that was not a rule's, as its brand chose it.
+
+    Every push but a rule's names the mode table it was built from (``NULL``: the factory
+    table), so the rule locks a rollout or a restoration carried are not carried further.
+    Devices without one are absent: they run the factory table.
+    """
+    rows = conn.execute(
+        "SELECT DISTINCT ON (p.device_id) p.device_id, p.mode_table_id, t.body"
+        " FROM config_pushes p LEFT JOIN mode_tables t ON t.id = p.mode_table_id"
+        " WHERE p.device_id = ANY(%s) AND p.source <> 'rule' AND p.answer_status = 'applied'"
+        " ORDER BY p.device_id, p.version DESC",
+        [list(device_ids)],
+    ).fetchall()
+    found = {}
+    for device_id, table_id, body in rows:
+        if table_id is None:
+            found[str(device_id)] = Restorable(None, FACTORY)
+        else:
+            assert isinstance(body, dict)
+            found[str(device_id)] = Restorable(str(table_id), body)
+    return found
+
+
+def clearance(conn: Conn, device_id: str) -> Restorable | None:
+    """What clears a rule's restriction: the device's last applied table of its brand's
+    choosing (or the factory table); ``None`` when no rule restriction is in force."""
+    if device_id not in rule_locks(conn, [device_id]):
+        return None
+    return last_applied(conn, [device_id]).get(device_id, Restorable(None, FACTORY))
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """``/v1/devices``: provision (broker credentials at once), list, details, decommission."""
 
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from services.api.deps import ConnDep, CurrentKey, after_commit, brand_scope, require
 from services.api.devices import repository
 from services.api.devices.schemas import (
     Device,
+    DeviceClear,
     DeviceConfig,
     DeviceCreate,
     DeviceList,
@@ -21,9 +24,12 @@ from services.api.devices.schemas import (
 )
 from services.api.pagination import decode_cursor, decode_int_cursor, encode_cursor
 from services.api.problems import ProblemError, responses
+from services.api.publisher import ConfigPublisher
 from services.api.settings import ApiSettings
+from services.common import rollouts
 from services.common.api_keys import Role
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
+from services.common.config_push import record_push
 from services.common.db import Conn
 from services.common.provisioning import ProvisioningError, provision_device, revoke_device
 
@@ -50,7 +56,7 @@ def _not_found(device_id: str) -> ProblemError:
     "",
     response_model=ProvisionedDevice,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(401, 403, 409, 422),
+    responses=responses(401, 403, 404, 409, 422),
 )
 def provision(
     body: DeviceCreate, request: Request, conn: ConnDep, key: CurrentKey
@@ -243,3 +249,53 @@ def device_config(device_id: str, conn: ConnDep, key: CurrentKey) -> DeviceConfi
         drift=drift,
         history=[PushRecord.model_validate(dict(zip(names, h, strict=True))) for h in history],
     )
+
+
+@router.post(
+    "/{device_id}/clear",
+    response_model=DeviceConfig,
+    responses=responses(401, 403, 404, 409, 422),
+)
+def clear_device(
+    device_id: str,
+    request: Request,
+    conn: ConnDep,
+    key: CurrentKey,
+    action: Annotated[DeviceClear | None, Body()] = None,
+) -> DeviceConfig:
+    """Lift a rule's restriction (SAFE only, or every mode locked) once support has checked
+    the device: it gets the last table it applied of the brand's choosing (or the factory
+    table) as a new version. Later rollouts no longer carry the rule's locks to it."""
+    require(key, Role.ADMIN, Role.SUPPORT)
+    _require_device(conn, key.brand, device_id)
+    conn.execute("SELECT 1 FROM devices WHERE id = %s FOR UPDATE", [device_id])
+    restore = rollouts.clearance(conn, device_id)
+    if restore is None:
+        raise ProblemError(
+            409, "not-restricted", "Not restricted", f"no rule restricts device {device_id!r}"
+        )
+    note = action.note if action and action.note else None
+    table = rollouts.rollout_table(
+        restore.body,
+        issued_at_ms=int(time.time() * 1000),
+        expires_at_ms=None,
+        reason=f"cleared by {key.actor}" + (f": {note}" if note else ""),
+        rule_lock=None,
+    )
+    signing_key: Ed25519PrivateKey = request.app.state.signing_key
+    push = record_push(
+        conn,
+        signing_key,
+        device_id=device_id,
+        table=table,
+        source="api",
+        source_ref=key.actor,
+        mode_table_id=restore.mode_table_id,
+    )
+    publisher: ConfigPublisher = request.app.state.config_publisher
+
+    def publish(_: Conn) -> None:
+        publisher.submit([push])
+
+    after_commit(request, publish)
+    return device_config(device_id, conn, key)

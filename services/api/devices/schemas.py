@@ -127,3 +127,11 @@ class DeviceConfig(BaseModel):
         "rejected, or running another version)"
     )
     history: list[PushRecord]
+
+
+class DeviceClear(BaseModel):
+    """Support's note on why the device is safe to use again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(default=None, max_length=500)

@@ -5,7 +5,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel import Session, col, select
@@ -25,7 +24,6 @@ from services.api.rollouts.schemas import (
 from services.common import rollouts
 from services.common.config_push import Push, record_push
 from services.common.db import Conn
-from services.common.mode_tables import DEFAULT_MODES
 
 
 def _invalid(detail: str) -> ProblemError:
@@ -244,19 +242,18 @@ def abort(
     row.paused_from = None
     session.add(row)
     session.flush()
-    previous = _last_applied(conn, device_ids)
+    previous = rollouts.last_applied(conn, device_ids)
     locks = rollouts.rule_locks(conn, device_ids)
     now_ms = int(time.time() * 1000)
     pushes = []
     for device_id in device_ids:
-        before = previous.get(device_id)
-        body = before or {"modes": dict(DEFAULT_MODES), "locked_modes": []}
+        before = previous.get(device_id, rollouts.Restorable(None, rollouts.FACTORY))
         payload = rollouts.rollout_table(
-            body,
+            before.body,
             issued_at_ms=now_ms,
             expires_at_ms=None,
             reason=f"rollout {row.id} aborted: back to "
-            + ("the table last applied" if before else "the factory table"),
+            + ("the table last applied" if before.mode_table_id else "the factory table"),
             rule_lock=locks.get(device_id),
         )
         pushes.append(
@@ -267,27 +264,10 @@ def abort(
                 table=payload,
                 source="rollout",
                 source_ref=str(row.id),
+                mode_table_id=before.mode_table_id,
             )
         )
     return pushes
-
-
-def _last_applied(conn: Conn, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Each device's newest table it answered ``applied``: its modes and locked modes."""
-    rows = conn.execute(
-        "SELECT DISTINCT ON (device_id) device_id, payload FROM config_pushes"
-        " WHERE device_id = ANY(%s) AND answer_status = 'applied'"
-        " ORDER BY device_id, version DESC",
-        [list(device_ids)],
-    ).fetchall()
-    found = {}
-    for device_id, payload in rows:
-        assert isinstance(payload, dict)
-        found[str(device_id)] = {
-            "modes": payload["modes"],
-            "locked_modes": payload.get("locked_modes", []),
-        }
-    return found
 
 
 def newest_first(
