@@ -120,7 +120,8 @@ def provision(page: Any, device_id: str) -> Device:
         """async (id) => {
             const r = await fetch('/v1/devices', {method: 'POST', headers: {
                 'Authorization': 'Bearer ' + sessionStorage.getItem('galvani.apiKey'),
-                'Content-Type': 'application/json'}, body: JSON.stringify({device_id: id, model: 'glow-2'})});
+                'Content-Type': 'application/json'},
+                body: JSON.stringify({device_id: id, model: 'glow-2'})});
             return {status: r.status, body: await r.json()};
         }""",
         device_id,
