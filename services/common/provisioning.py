@@ -44,13 +44,14 @@ def provision_device(
             "(lower-case letters, digits and '-', 3 to 64 characters)"
         )
     password = new_device_password()
-    if user_id is not None:
-        conn.execute(
-            "INSERT INTO users (brand_id, id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            [brand_id, user_id],
-        )
     try:
         with conn.transaction():
+            # Inside the savepoint: a brand that does not exist fails the user's row first.
+            if user_id is not None:
+                conn.execute(
+                    "INSERT INTO users (brand_id, id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                    [brand_id, user_id],
+                )
             conn.execute(
                 "INSERT INTO devices (id, brand_id, model, user_id, credential_hash)"
                 " VALUES (%s, %s, %s, %s, %s)",
