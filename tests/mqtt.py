@@ -165,6 +165,10 @@ class MqttClient:
         """Disconnect cleanly and stop the network thread."""
         self._client.disconnect()
         self._client.loop_stop()
+        # paho 2.x closes the wake-up socket pair loop_start() opened only on a later
+        # reconnect; left to the garbage collector it surfaces as a ResourceWarning (an error
+        # under filterwarnings) in whichever test happens to collect it.
+        self._client._reset_sockets(sockpair_only=True)
 
 
 __all__ = ["ConnectRefused", "MqttClient", "Properties", "Received"]

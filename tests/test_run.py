@@ -102,6 +102,7 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
                 "SELECT value FROM galvani_meta WHERE key = 'storage'"
             ).fetchone() == ("timescaledb-apache",)
         assert {"ingest-1", "ingest-2", "rules-1", "fleet"} <= set(info["pids"])
+        assert_dashboard_signs_in_with_the_demo_key(info)
         assert_device_data_reaches_the_database(info, data_dir)
         fleet = assert_simulated_fleet_reports(info, 3)
     finally:
@@ -116,11 +117,24 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
     try:
         again = wait_for_run_json(process, data_dir)
         assert again["operator_key"] == info["operator_key"]
+        assert again["demo_admin_key"] == info["demo_admin_key"]
         assert again["config_public_key"] == info["config_public_key"]
         assert assert_simulated_fleet_reports(again, 3, reboots=2) == fleet
     finally:
         code, err = stop(process)
     assert code == 0, err
+
+
+def assert_dashboard_signs_in_with_the_demo_key(info: dict) -> None:
+    """The dashboard page is served and run.json's demo key is an admin of the fleet's brand."""
+    with urllib.request.urlopen(info["dashboard_url"], timeout=5) as response:
+        assert b"Galvani support dashboard" in response.read()
+    request = urllib.request.Request(
+        info["api_url"] + "/v1/me", headers={"Authorization": f"Bearer {info['demo_admin_key']}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        me = json.load(response)
+    assert (me["brand"], me["role"]) == ("demo", "admin")
 
 
 def assert_simulated_fleet_reports(info: dict, devices: int, reboots: int = 1) -> set[str]:

@@ -243,6 +243,21 @@ def ensure_operator_key(database_url: str, secrets: Secrets) -> str:
     return issued.key
 
 
+def ensure_brand_admin_key(database_url: str, secrets: Secrets, brand_id: str) -> str:
+    """An admin key of ``brand_id`` (the simulated fleet's), for the dashboard."""
+    name = f"{brand_id}-admin-key"
+    with connect(database_url) as conn:
+        existing = secrets.read(name)
+        if existing and api_keys.key_is_active(conn, existing):
+            return existing
+        issued = api_keys.issue_key(
+            conn, role=api_keys.Role.ADMIN, name="make run dashboard", brand_id=brand_id
+        )
+        conn.commit()
+    secrets.put(name, issued.key)
+    return issued.key
+
+
 def start_broker(stack: Stack, database_url: str, secrets: Secrets) -> tuple[int, int]:
     """Start Mosquitto with credentials from the database; return (device, service) ports."""
     find_mosquitto()
@@ -468,6 +483,11 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).parent.mkdir(parents=True, exist_ok=True)
                 (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(public_key_b64(signing_key))
                 sim_fleet.provision_fleet(database_url, fleet_dir, options.sim_devices)
+                demo_admin_key: str | None = ensure_brand_admin_key(
+                    database_url, secrets, sim_fleet.BRAND_ID
+                )
+            else:
+                demo_admin_key = None
             device_port, service_port = start_broker(stack, database_url, secrets)
             api_url = start_services(stack, database_url, service_port, secrets)
             admit_devices(stack, database_url)
@@ -480,6 +500,8 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 "mqtt_service_port": service_port,
                 "database_url": database_url,
                 "operator_key": operator_key,
+                "dashboard_url": f"{api_url}/dashboard/",
+                "demo_admin_key": demo_admin_key,
                 "sim_devices": options.sim_devices,
                 "sim_fleet_status": str(fleet_dir / sim_fleet.STATUS_FILE),
                 "config_public_key": public_key_b64(signing_key),
@@ -540,6 +562,8 @@ def print_ready(info: dict[str, object], run_json: Path) -> None:
         "",
         "Galvani is running.",
         f"  API          {info['api_url']}  (docs: {info['api_url']}/docs)",
+        f"  dashboard    {info['dashboard_url']}"
+        + ("  (sign in with run.json's demo_admin_key)" if info["demo_admin_key"] else ""),
         f"  MQTT         {info['mqtt_host']}:{info['mqtt_port']} (devices)",
         f"  database     {describe_url(str(info['database_url']))}",
         f"  logs         {info['logs']}",
