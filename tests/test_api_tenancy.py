@@ -216,7 +216,7 @@ def call(
         if key in BRAND_IN_BODY:
             assert body is not None
             body["brand"] = brand
-        elif endpoint.method != "GET" or endpoint.path == "/v1/dead-letters":
+        else:  # a query parameter where the route takes one (rollouts' actions, dead letters)
             params["brand"] = brand
     return client.request(
         endpoint.method, endpoint.url(seeded), json=body, params=params, headers=headers
@@ -253,6 +253,8 @@ def acme_state(database_url: str) -> dict[str, list[tuple[object, ...]]]:
         "thresholds": "SELECT * FROM brand_rule_thresholds WHERE brand_id = 'acme' ORDER BY 1, 2",
         "tables": "SELECT * FROM mode_tables WHERE brand_id = 'acme' ORDER BY id",
         "rollouts": "SELECT * FROM rollouts WHERE brand_id = 'acme' ORDER BY id",
+        "rollout_devices": "SELECT r.* FROM rollout_devices r JOIN devices d"
+        " ON d.id = r.device_id WHERE d.brand_id = 'acme' ORDER BY 1, 2",
         "pushes": "SELECT p.* FROM config_pushes p JOIN devices d ON d.id = p.device_id"
         " WHERE d.brand_id = 'acme' ORDER BY p.id",
     }
