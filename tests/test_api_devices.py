@@ -182,3 +182,29 @@ def test_the_config_view_shows_desired_reported_drift_and_history(
     applied = client.get("/v1/devices/acme-1/config", headers=headers).json()
     assert applied["drift"] is False
     assert client.get("/v1/devices/other-1/config", headers=auth(keys["other"])).status_code == 404
+
+
+def test_a_decommissioned_device_cannot_be_cleared(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        provision_device(conn, device_id="acme-1", brand_id="acme", model="m")
+    stream = Stream("acme-1")
+    stream.event("fault", T0, code="short_circuit")  # the rules restrict it to SAFE
+    run(database_url, load_or_create_key(tmp_path / "k"), stream.messages)
+    assert client.delete("/v1/devices/acme-1", headers=auth(keys["admin"])).status_code == 204
+    refused = client.post("/v1/devices/acme-1/clear", headers=auth(keys["support"]))
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["type"].endswith("/decommissioned")
+
+
+def test_a_device_with_a_user_for_a_brand_that_does_not_exist_is_refused_not_a_500(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    refused = client.post(
+        "/v1/devices",
+        json={"device_id": "glow-00042", "model": "glow-2", "user": "u1", "brand": "nobrand"},
+        headers=auth(keys["operator"]),
+    )
+    assert refused.status_code == 422, refused.text
+    assert "nobrand" in refused.json()["detail"]

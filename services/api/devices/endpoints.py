@@ -268,7 +268,16 @@ def clear_device(
     table) as a new version. Later rollouts no longer carry the rule's locks to it."""
     require(key, Role.ADMIN, Role.SUPPORT)
     _require_device(conn, key.brand, device_id)
-    conn.execute("SELECT 1 FROM devices WHERE id = %s FOR UPDATE", [device_id])
+    row = conn.execute(
+        "SELECT decommissioned_at FROM devices WHERE id = %s FOR UPDATE", [device_id]
+    ).fetchone()
+    if row is not None and row[0] is not None:
+        raise ProblemError(
+            409,
+            "decommissioned",
+            "Device decommissioned",
+            f"device {device_id!r} is decommissioned: no table can be pushed to it",
+        )
     restore = rollouts.clearance(conn, device_id)
     if restore is None:
         raise ProblemError(
