@@ -112,8 +112,8 @@ def _known(method: str, name: str) -> list[Any]:
     if seeded is None:  # explicit examples are drawn at collection, before any run exists
         return []
     if name == "device_id":
-        # Decommissioning the device that holds the sessions and samples would leave later
-        # operations of this role only their 404s: DELETE draws the spare one.
+        # DELETE draws the spare device, so the one with the data, alerts and rollout still
+        # takes tables (a rollout, a clearance) in this role's later operations.
         return [seeded.spare_device_id] if method == "DELETE" else [seeded.device_id]
     return {
         "alert_id": list(seeded.alert_ids),

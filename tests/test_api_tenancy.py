@@ -108,8 +108,8 @@ PATH_IDS: dict[str, Callable[[SeededBrand], str]] = {
     "rollout_id": lambda s: s.rollout_id,
 }
 
-# Where a route takes another of acme's ids than PATH_IDS gives: decommissioning the device
-# that holds the sessions, alerts and rollout would leave later calls only its 404s.
+# Where a route takes another of acme's ids than PATH_IDS gives: DELETE decommissions the
+# spare device, so the one with the alerts and the rollout still takes tables afterwards.
 PATH_ID_OVERRIDES: dict[tuple[str, str], dict[str, Callable[[SeededBrand], str]]] = {
     ("DELETE", "/v1/devices/{device_id}"): {"device_id": lambda s: s.spare_device_id},
 }
