@@ -193,12 +193,22 @@ def test_support_sees_an_overheating_device_live_acknowledges_it_and_reads_its_c
     page.wait_for_function(
         "document.querySelector('#f-modes-LIFT-i_max_ua-error').textContent.length > 0"
     )
-    assert "limit 500" in error.inner_text()
+    assert "above the limit 500" in error.inner_text()
     assert page.locator("#f-modes-LIFT-i_max_ua").get_attribute("aria-invalid") == "true"
     page.screenshot(path=ARTIFACTS / "mode-table-error.png", full_page=True)
+    page.locator("#f-modes-LIFT-i_max_ua").fill("400")
+    page.get_by_role("button", name="Create table").click()
+    page.locator("#mode-tables tbody tr", has_text="too strong").wait_for()
 
     page.get_by_role("link", name="Rollouts").click()
-    page.get_by_role("heading", name="Rollouts").wait_for()
+    page.get_by_role("heading", name="Start a rollout").wait_for()
+    page.get_by_label("Canary share (%)").fill("0")
+    page.get_by_role("button", name="Start rollout").click()
+    started = page.locator("#rollouts tbody tr[data-status]").first
+    started.wait_for()
+    # The agent has stopped: its table waits for it, counted as pushed but offline.
+    assert "1 offline" in started.inner_text()
+    assert started.get_attribute("data-status") == "running"
     page.screenshot(path=ARTIFACTS / "rollouts.png", full_page=True)
     # The browser logs the refused table's 422 as a failed load; nothing else may fail.
     assert [e for e in errors if "status of 422" not in e] == []

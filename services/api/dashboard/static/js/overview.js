@@ -58,7 +58,7 @@ export async function overviewPage(main) {
       render().catch(() => {});
     }, 1000);
   });
-  const timer = setInterval(() => render().catch(() => {}), 30000);
+  const timer = setInterval(() => render().catch(() => {}), 10000);
   return {
     leave() {
       off();

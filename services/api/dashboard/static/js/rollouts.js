@@ -23,6 +23,8 @@ export async function rolloutsPage(main) {
   const message = h("div");
   const tbody = h("tbody");
   const actions = can("tables");
+  const tables = await get("/v1/mode-tables?limit=200");
+  const tableName = new Map(tables.items.map((t) => [t.id, t.name]));
 
   async function act(rollout, verb) {
     try {
@@ -46,7 +48,7 @@ export async function rolloutsPage(main) {
       return h(
         "tr",
         { id: `rollout-${r.id}`, dataset: { status: r.status } },
-        h("td", {}, when(r.created_at), h("div", { class: "hint" }, h("code", {}, r.mode_table_id))),
+        h("td", {}, when(r.created_at), h("div", { class: "hint" }, tableName.get(r.mode_table_id) || h("code", {}, r.mode_table_id))),
         h("td", {}, r.target.all ? "all devices" : r.target.model ? `model ${r.target.model}` : `${r.target.device_ids.length} devices`,
           r.canary_share ? h("div", { class: "hint" }, `canary ${Math.round(r.canary_share * 100)} %`) : null),
         h("td", {}, h("strong", {}, r.status), r.status_reason ? h("div", { class: "hint" }, r.status_reason) : null),
@@ -59,7 +61,6 @@ export async function rolloutsPage(main) {
 
   const parts = [h("h1", {}, "Rollouts"), message];
   if (actions) {
-    const tables = await get("/v1/mode-tables?limit=100");
     const form = h(
       "form",
       { id: "new-rollout", onsubmit: async (event) => {
@@ -92,7 +93,7 @@ export async function rolloutsPage(main) {
     parts.push(form);
   }
   parts.push(h("table", { id: "rollouts" },
-    h("thead", {}, h("tr", {}, ["started", "target", "status", "progress", "actions"].map((n) => h("th", { scope: "col" }, n)))), tbody));
+    h("thead", {}, h("tr", {}, ["started / table", "target", "status", "progress", "actions"].map((n) => h("th", { scope: "col" }, n)))), tbody));
   clear(main, ...parts);
   await refresh();
   const timer = setInterval(() => refresh().catch(() => {}), 5000);

@@ -78,8 +78,7 @@ function showErrors(form, problem) {
     const input = form.querySelector(`#${CSS.escape(inputId(path))}`);
     if (!input) continue;
     input.setAttribute("aria-invalid", "true");
-    const text = error.limit !== undefined ? `${error.message} (limit ${error.limit})` : error.message;
-    form.querySelector(`#${CSS.escape(inputId(path))}-error`).textContent = text;
+    form.querySelector(`#${CSS.escape(inputId(path))}-error`).textContent = error.message;
     first = first || input;
   }
   if (first) first.focus();
