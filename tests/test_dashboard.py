@@ -174,7 +174,7 @@ def test_support_sees_an_overheating_device_live_acknowledges_it_and_reads_its_c
 
         acknowledged.get_by_role("link", name="dash-0001").click()
         page.get_by_role("heading", name="Device dash-0001").wait_for()
-        page.get_by_label("Range").select_option("1h")
+        page.get_by_label("Range", exact=True).select_option("1h")
         for chart in ("current", "impedance", "temperature", "battery"):
             page.wait_for_selector(f"#chart-{chart}[data-points]:not([data-points='0'])")
             assert page.locator(f"#chart-{chart} canvas").count() == 1
