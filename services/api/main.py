@@ -19,6 +19,7 @@ from services.api.database import create_database_engine
 from services.api.devices.endpoints import router as devices_router
 from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
+from services.api.metrics import RequestMetrics
 from services.api.mode_tables.endpoints import router as mode_tables_router
 from services.api.publisher import ConfigPublisher
 from services.api.rate_limit import RateLimiter
@@ -66,6 +67,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(RequestMetrics)
     app.include_router(health_router)
     app.include_router(signing_router)
     app.include_router(rules_router)
