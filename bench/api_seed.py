@@ -690,13 +690,16 @@ def refresh_rollups(url: str, plan: Plan, say: SayFn) -> datetime:
     """The maintenance job's passes over the window, a day at a time; returns refreshed_to."""
     last = plan.end - LAST_PASS_BEFORE_END
     moment = plan.start + timedelta(days=1)
-    t0 = time.monotonic()
+    t0 = shown = time.monotonic()
     rows = 0
     with psycopg.connect(url, autocommit=True) as conn:
         while True:
             now = min(moment, last)
             result = run_pass(conn, now, timedelta(days=1, hours=1))
             rows += result.rollup_rows
+            if time.monotonic() - shown > PROGRESS_EVERY_S:
+                say(f"  rollups: refreshed to {now:%Y-%m-%d %H:%M}, {rows:,} rows")
+                shown = time.monotonic()
             if now >= last:
                 break
             moment += timedelta(days=1)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from services.api.deps import ConnDep, CurrentKey, brand_scope, require
+from services.api.fleet import repository
 from services.api.pagination import decode_int_cursor, encode_cursor
 from services.api.problems import responses
 from services.common.api_keys import Role
@@ -33,35 +34,7 @@ class FleetSummary(BaseModel):
 @router.get("/fleet/summary", response_model=FleetSummary, responses=responses(401, 403))
 def fleet_summary(conn: ConnDep, key: CurrentKey) -> FleetSummary:
     """Devices online, sessions today, open alerts by severity and rule."""
-    brand = key.brand
-    devices, online = conn.execute(  # type: ignore[misc]
-        "SELECT count(*), count(*) FILTER (WHERE online) FROM devices"
-        " WHERE brand_id = %s AND decommissioned_at IS NULL",
-        [brand],
-    ).fetchone()
-    sessions = conn.execute(
-        "SELECT count(*) FROM sessions WHERE brand_id = %s"
-        " AND started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
-        [brand],
-    ).fetchone()
-    rows = conn.execute(
-        "SELECT severity, rule, count(*) FROM alerts WHERE brand_id = %s AND state <> 'resolved'"
-        " GROUP BY severity, rule",
-        [brand],
-    ).fetchall()
-    by_severity: dict[str, int] = {"info": 0, "warning": 0, "critical": 0}
-    by_rule: dict[str, int] = {}
-    for severity, rule, count in rows:
-        by_severity[str(severity)] += int(str(count))
-        by_rule[str(rule)] = by_rule.get(str(rule), 0) + int(str(count))
-    return FleetSummary(
-        devices=int(str(devices)),
-        online=int(str(online)),
-        sessions_today=int(str(sessions[0])) if sessions else 0,
-        open_alerts=OpenAlerts(
-            total=sum(by_severity.values()), by_severity=by_severity, by_rule=by_rule
-        ),
-    )
+    return FleetSummary.model_validate(repository.summary(conn, key.brand))
 
 
 class DeadLetter(BaseModel):
