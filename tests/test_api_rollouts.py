@@ -19,7 +19,7 @@ from services.common.broker_auth import ServiceAccount
 from services.common.config_push import record_push
 from services.common.mode_tables import DEFAULT_MODES, restricted_table
 from services.common.protocol import canonical_json
-from services.common.provisioning import provision_device
+from services.common.provisioning import provision_device, revoke_device
 from services.common.rollouts import guard_canaries
 from services.common.signing import load_or_create_key
 from tests.api import auth
@@ -85,7 +85,7 @@ def test_a_rollout_signs_the_table_for_every_target_with_each_devices_next_versi
     assert created["status"] == "running"
     assert created["progress"]["total"] == {
         "targets": 3, "waiting": 0, "pending": 0, "offline": 3, "applied": 0, "rejected": 0,
-        "superseded": 0,
+        "superseded": 0, "decommissioned": 0,
     }  # fmt: skip
     recorded = pushes(database_url, created["id"])
     assert sorted(recorded) == targets
@@ -121,11 +121,16 @@ def test_a_canary_gets_the_table_first_and_the_rest_on_promotion(
     assert len(pushes(database_url, created["id"])) == 2
     assert created["canary_health"]["canary_devices"] == 2
 
+    canary = set(pushes(database_url, created["id"]))
+    leaving = next(device_id for device_id in targets if device_id not in canary)
+    with psycopg.connect(database_url) as conn:
+        revoke_device(conn, leaving)
     promoted = client.post(f"/v1/rollouts/{created['id']}/promote", headers=auth(keys["admin"]))
     assert promoted.status_code == 200, promoted.text
     assert promoted.json()["status"] == "running"
     assert promoted.json()["progress"]["total"]["waiting"] == 0
-    assert sorted(pushes(database_url, created["id"])) == targets
+    assert promoted.json()["progress"]["total"]["decommissioned"] == 1
+    assert sorted(pushes(database_url, created["id"])) == [d for d in targets if d != leaving]
     again = client.post(f"/v1/rollouts/{created['id']}/promote", headers=auth(keys["admin"]))
     assert again.status_code == 409
     assert again.headers["content-type"] == "application/problem+json"

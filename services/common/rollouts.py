@@ -21,7 +21,15 @@ from services.common.mode_tables import DEFAULT_MODES, PROTOCOL_VERSION
 # of the fleet's, once the canary has at least this many critical alerts.
 GUARD_RATE_FACTOR: Final = 2.0
 GUARD_MIN_ALERTS: Final = 3
-PROGRESS_STATES: Final = ("waiting", "pending", "offline", "applied", "rejected", "superseded")
+PROGRESS_STATES: Final = (
+    "waiting",
+    "pending",
+    "offline",
+    "applied",
+    "rejected",
+    "superseded",
+    "decommissioned",
+)
 
 
 def canary_size(targets: int, share: float) -> int:
@@ -130,13 +138,15 @@ def progress(conn: Conn, rollout_id: uuid.UUID) -> dict[bool, GroupProgress]:
 
     ``waiting``: not pushed yet; ``applied``/``rejected``: the device's answer on ``state``;
     ``superseded``: a newer table (a rule's, another rollout's) was pushed before it answered;
-    ``pending``/``offline``: pushed, unanswered, and the device is online or not.
+    ``pending``/``offline``: pushed, unanswered, and the device is online or not;
+    ``decommissioned``: the device left the fleet before it answered.
     """
     rows = conn.execute(
         """
         SELECT rd.canary,
-               CASE WHEN rd.version IS NULL THEN 'waiting'
-                    WHEN p.answer_status IS NOT NULL THEN p.answer_status
+               CASE WHEN p.answer_status IS NOT NULL THEN p.answer_status
+                    WHEN d.decommissioned_at IS NOT NULL THEN 'decommissioned'
+                    WHEN rd.version IS NULL THEN 'waiting'
                     WHEN d.config_desired_version > rd.version THEN 'superseded'
                     WHEN d.online THEN 'pending'
                     ELSE 'offline' END AS state,

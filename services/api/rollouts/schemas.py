@@ -72,7 +72,8 @@ class RolloutStatus(StrEnum):
 class GroupProgress(BaseModel):
     """Targets of one group by state: ``waiting`` (not pushed yet), ``pending`` and
     ``offline`` (pushed, no answer yet), ``applied``, ``rejected``, ``superseded`` (a newer
-    table reached the device first)."""
+    table reached the device first), ``decommissioned`` (the device left the fleet before it
+    answered)."""
 
     targets: int
     waiting: int
@@ -81,6 +82,7 @@ class GroupProgress(BaseModel):
     applied: int
     rejected: int
     superseded: int
+    decommissioned: int
 
 
 class Progress(BaseModel):
