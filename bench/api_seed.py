@@ -18,8 +18,10 @@ import json
 import multiprocessing
 import random
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
@@ -686,24 +688,50 @@ def _alert(
     )
 
 
-def refresh_rollups(url: str, plan: Plan, say: SayFn) -> datetime:
-    """The maintenance job's passes over the window, a day at a time; returns refreshed_to."""
+def refresh_rollups(url: str, plan: Plan, processes: int, say: SayFn) -> datetime:
+    """The maintenance job's pass (``run_pass``) over the window; returns ``refreshed_to``.
+
+    One pass per whole day, ``processes`` at a time: a pass at ``now`` recomputes whole hours
+    from ``now - lookback`` to the end of ``now``'s hour, so passes just before midnight
+    with a lookback of a day touch disjoint hours and may run side by side. The last pass,
+    alone, runs :data:`LAST_PASS_BEFORE_END` before the end of the data and sets
+    ``galvani_meta.rollups_refreshed_to`` as the live job would.
+    """
     last = plan.end - LAST_PASS_BEFORE_END
-    moment = plan.start + timedelta(days=1)
-    t0 = shown = time.monotonic()
+    last_day = last.replace(hour=0, minute=0, second=0, microsecond=0)
+    day = plan.start.replace(hour=0, minute=0, second=0, microsecond=0)
+    days: list[datetime] = []
+    while day < last_day:
+        days.append(day)
+        day += timedelta(days=1)
+    just_before = timedelta(microseconds=1)
+    t0 = time.monotonic()
+    connections = [psycopg.connect(url, autocommit=True) for _ in range(processes)]
+    free = list(connections)
+    lock = threading.Lock()
+
+    def one_day(start: datetime) -> int:
+        with lock:
+            conn = free.pop()
+        try:
+            end = start + timedelta(days=1) - just_before
+            return run_pass(conn, end, timedelta(days=1) - just_before).rollup_rows
+        finally:
+            with lock:
+                free.append(conn)
+
     rows = 0
-    with psycopg.connect(url, autocommit=True) as conn:
-        while True:
-            now = min(moment, last)
-            result = run_pass(conn, now, timedelta(days=1, hours=1))
-            rows += result.rollup_rows
-            if time.monotonic() - shown > PROGRESS_EVERY_S:
-                say(f"  rollups: refreshed to {now:%Y-%m-%d %H:%M}, {rows:,} rows")
-                shown = time.monotonic()
-            if now >= last:
-                break
-            moment += timedelta(days=1)
-        say(f"  rollups: {rows:,} rows written in {time.monotonic() - t0:.0f} s")
+    try:
+        with ThreadPoolExecutor(processes) as pool:
+            for done, count in enumerate(pool.map(one_day, days), start=1):
+                rows += count
+                if done % 5 == 0:
+                    say(f"  rollups: {done} of {len(days) + 1} passes, {rows:,} rows")
+        rows += run_pass(connections[0], last, last - last_day).rollup_rows
+    finally:
+        for conn in connections:
+            conn.close()
+    say(f"  rollups: {rows:,} rows written in {time.monotonic() - t0:.0f} s")
     return last
 
 
@@ -721,7 +749,7 @@ def seed(url: str, plan: Plan, processes: int, say: SayFn) -> dict[str, object]:
     )
     copy_samples(url, plan, processes, say)
     copy_s = time.monotonic() - t0
-    refreshed_to = refresh_rollups(url, plan, say)
+    refreshed_to = refresh_rollups(url, plan, processes, say)
     with psycopg.connect(url, autocommit=True) as conn:
         t1 = time.monotonic()
         conn.execute("VACUUM (ANALYZE)")
