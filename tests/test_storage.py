@@ -41,7 +41,7 @@ def test_migrations_apply_to_an_empty_database_and_are_idempotent(empty_database
     upgrade(empty_database_url)
     upgrade(empty_database_url)
     with psycopg.connect(empty_database_url) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
         tables = {
             r[0]
             for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")

@@ -126,8 +126,9 @@ def _current_key(
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
 
 
-def brand_scope(key: ApiKey, requested: str | None) -> str:
-    """The brand a request acts on: the key's own, or for the operator the one it names."""
+def brand_scope(conn: Conn, key: ApiKey, requested: str | None) -> str:
+    """The brand a request acts on: the key's own, or for the operator the one it names (which
+    must exist: 404 otherwise, as for a brand key naming another brand)."""
     if key.brand_id is not None:
         if requested is not None and requested != key.brand_id:
             raise ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
@@ -139,6 +140,8 @@ def brand_scope(key: ApiKey, requested: str | None) -> str:
             "A brand is required",
             "brand: an operator key must name the brand it acts on",
         )
+    if conn.execute("SELECT 1 FROM brands WHERE id = %s", [requested]).fetchone() is None:
+        raise ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
     return requested
 
 

@@ -63,7 +63,7 @@ def provision(
 ) -> ProvisionedDevice:
     """Create a device and its broker credentials; it can connect as soon as this returns."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    brand = brand_scope(key, body.brand)
+    brand = brand_scope(conn, key, body.brand)
     try:
         device = provision_device(
             conn, device_id=body.device_id, brand_id=brand, model=body.model, user_id=body.user

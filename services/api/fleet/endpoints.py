@@ -68,7 +68,7 @@ def dead_letters(
     """Messages that could not be stored, newest first: a brand's devices' (admin), or any
     brand's, or those of no known device (operator, without ``brand``)."""
     require(key, Role.OPERATOR, Role.ADMIN)
-    scope = brand_scope(key, brand) if key.brand_id is not None or brand is not None else None
+    scope = brand_scope(conn, key, brand) if key.brand_id is not None or brand is not None else None
     before = decode_int_cursor("l", cursor) if cursor else None
     rows = conn.execute(
         "SELECT l.id, l.topic, l.device_id, l.channel, l.reason, l.detail, l.payload_size,"

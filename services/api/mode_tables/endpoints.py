@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from services.api.deps import CurrentKey, SessionDep, brand_scope, require
+from services.api.deps import ConnDep, CurrentKey, SessionDep, brand_scope, require
 from services.api.mode_tables import repository, service
 from services.api.mode_tables.schemas import (
     Envelope,
@@ -28,13 +28,15 @@ MAX_LIMIT = 200
     "",
     response_model=ModeTable,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(401, 403, 422),
+    responses=responses(401, 403, 404, 422),
 )
-def create_mode_table(body: ModeTableCreate, session: SessionDep, key: CurrentKey) -> ModeTable:
+def create_mode_table(
+    body: ModeTableCreate, session: SessionDep, conn: ConnDep, key: CurrentKey
+) -> ModeTable:
     """Store a table for the brand. A table outside the envelope is refused: the 422 lists
     each field (``modes.LIFT.i_max_ua``), its limit and the value given."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    brand = brand_scope(key, body.brand)
+    brand = brand_scope(conn, key, body.brand)
     return service.to_schema(service.create(session, brand, body, key.actor))
 
 

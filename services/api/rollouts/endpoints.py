@@ -46,7 +46,7 @@ def _publish_after_commit(request: Request, pushes: Sequence[Push]) -> None:
     "",
     response_model=Rollout,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(401, 403, 422),
+    responses=responses(401, 403, 404, 422),
 )
 def create_rollout(
     body: RolloutCreate, request: Request, session: SessionDep, conn: ConnDep, key: CurrentKey
@@ -54,7 +54,7 @@ def create_rollout(
     """Fix the targets and push the table to the canary share (or to every target). Each
     device gets its next version, signed; devices a rule restricted keep the rule's locks."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    brand = brand_scope(key, body.brand)
+    brand = brand_scope(conn, key, body.brand)
     row, pushes = service.create(session, conn, _signing_key(request), brand, body, key.actor)
     _publish_after_commit(request, pushes)
     return service.to_schema(conn, row)
@@ -107,7 +107,7 @@ def promote_rollout(
 ) -> Rollout:
     """From the canary stage: push the table to the rest of the targets."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(key, brand), rollout_id)
+    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
     pushes = service.promote(session, conn, _signing_key(request), row, key.actor)
     _publish_after_commit(request, pushes)
     session.flush()
@@ -127,7 +127,7 @@ def pause_rollout(
 ) -> Rollout:
     """Hold a rollout in its canary stage: nothing more is pushed until it is resumed."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(key, brand), rollout_id)
+    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
     service.pause(session, row, key.actor, action.note if action else None)
     session.flush()
     return service.to_schema(conn, row)
@@ -146,7 +146,7 @@ def resume_rollout(
 ) -> Rollout:
     """Return a paused rollout to the stage it was paused in."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(key, brand), rollout_id)
+    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
     service.resume(session, row, key.actor, action.note if action else None)
     session.flush()
     return service.to_schema(conn, row)
@@ -166,7 +166,7 @@ def abort_rollout(
 ) -> Rollout:
     """Stop the rollout; devices that have not applied its table get their previous one back."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(key, brand), rollout_id)
+    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
     pushes = service.abort(
         session, conn, _signing_key(request), row, key.actor, action.note if action else None
     )
