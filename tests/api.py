@@ -1,6 +1,7 @@
 """API test helpers: the auth header, keys of every role, a brand seeded with one of everything,
-and databases that outlive one test (for module-scoped fixtures)."""
+databases that outlive one test (for module-scoped fixtures), and the app on a real server."""
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,15 +10,39 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from psycopg.conninfo import conninfo_to_dict
 
+from deploy.stack.ports import free_port
 from deploy.stack.postgres import PostgresServer
 from services.common.api_keys import Role, issue_key
 from services.common.mode_tables import DEFAULT_MODES
 from services.common.provisioning import provision_device
 from services.common.signing import load_or_create_key
 from tests.rules import MINUTE, Stream, run
+
+SERVER_START_TIMEOUT_S = 15.0
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[tuple[str, int]]:
+    """``app`` on a real HTTP server on a free loopback port, in a thread: (host, port)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not server.started:
+        assert time.monotonic() < deadline, "the API server did not start"
+        assert thread.is_alive(), "the API server exited while starting"
+        time.sleep(0.05)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def auth(key: str) -> dict[str, str]:

@@ -23,10 +23,11 @@ from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, 
 from deploy.stack.processes import service_user
 from services.api.main import create_app
 from services.api.settings import ApiSettings
-from services.common.api_keys import Role, issue_key
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
+from tests.api import issue_keys
 from tests.ingest import IngestWorkers
+from tests.rules import RulesWorkers
 
 TEMPLATE_DB = "galvani_template"
 TEMPLATE_COPY_ATTEMPTS = 20
@@ -184,18 +185,37 @@ def ingest_workers(
 def keys(database_url: str) -> dict[str, str]:
     """Plaintext keys by name: operator; acme's admin, viewer, support and a revoked one; and
     another brand's admin."""
-    with psycopg.connect(database_url) as conn:
-        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'Acme'), ('other', 'Other')")
-        issued = {
-            "operator": issue_key(conn, role=Role.OPERATOR, name="op", brand_id=None),
-            "admin": issue_key(conn, role=Role.ADMIN, name="a", brand_id="acme"),
-            "viewer": issue_key(conn, role=Role.VIEWER, name="v", brand_id="acme"),
-            "support": issue_key(conn, role=Role.SUPPORT, name="s", brand_id="acme"),
-            "other": issue_key(conn, role=Role.ADMIN, name="o", brand_id="other"),
-            "revoked": issue_key(conn, role=Role.ADMIN, name="r", brand_id="acme"),
-        }
-        conn.execute("UPDATE api_keys SET revoked_at = now() WHERE name = 'r'")
-    return {name: key.key for name, key in issued.items()}
+    return issue_keys(database_url)
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path) -> Path:
+    """Where this test's rules workers (and API) keep the mode-table signing key."""
+    return tmp_path / "secrets"
+
+
+_rules_groups = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def rules_workers(
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    key_dir: Path,
+) -> Iterator[RulesWorkers]:
+    """Rules worker processes for this test's database, in a share group of their own."""
+    workers = RulesWorkers(
+        database_url=database_url,
+        mqtt_port=broker.config.service_port,
+        password=service_passwords[ServiceAccount.RULES],
+        log_dir=tmp_path,
+        group=f"r{time.monotonic_ns() % 10**9}-{next(_rules_groups)}",
+        env_overrides={"GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir)},
+    )
+    yield workers
+    workers.close()
 
 
 @pytest.fixture

@@ -3,44 +3,28 @@ brand arrive as Server-Sent Events, another brand's never do, and Last-Event-ID 
 
 import http.client
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import uvicorn
 
-from deploy.stack.ports import free_port
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.provisioning import provision_device
-from tests.api import auth
+from tests.api import auth, serving
 
 READ_TIMEOUT_S = 10.0
 
 
 @pytest.fixture
 def server(database_url: str, tmp_path: Path) -> Iterator[tuple[str, int]]:
-    port = free_port()
     settings = ApiSettings(database_url=database_url, mqtt_password="x", data_dir=tmp_path)
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    assert app.state.alert_feed.wait_listening(10)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(app) as address:
+        assert app.state.alert_feed.wait_listening(10)
+        yield address
 
 
 class Stream:

@@ -4,23 +4,20 @@ device's charts drawn with data, and see an envelope error next to its field. Sc
 each page land in ``test-artifacts/dashboard/``."""
 
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import uvicorn
 from playwright.sync_api import sync_playwright
 
 from deploy.stack.mosquitto import MosquittoBroker
-from deploy.stack.ports import free_port
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.broker_auth import ServiceAccount
 from services.common.signing import load_or_create_key
+from tests.api import serving
 from tests.ingest import Device, IngestWorkers
 from tests.rules import RulesWorkers
 from tests.test_agent_live import AgentProcess
@@ -28,31 +25,6 @@ from tests.test_agent_live import AgentProcess
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
 LIVE_TIMEOUT_MS = 60_000
-
-
-@pytest.fixture
-def key_dir(tmp_path: Path) -> Path:
-    return tmp_path / "secrets"
-
-
-@pytest.fixture
-def rules_workers(
-    database_url: str,
-    broker: MosquittoBroker,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
-    key_dir: Path,
-) -> Iterator[RulesWorkers]:
-    workers = RulesWorkers(
-        database_url=database_url,
-        mqtt_port=broker.config.service_port,
-        password=service_passwords[ServiceAccount.RULES],
-        log_dir=tmp_path,
-        group=f"dash{time.monotonic_ns() % 10**9}",
-        env_overrides={"GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir)},
-    )
-    yield workers
-    workers.close()
 
 
 @pytest.fixture
@@ -72,21 +44,8 @@ def api_url(
         broker_dir=broker.config.directory,
         device_mqtt_port=broker.config.device_port,
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(create_app(settings)) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 @pytest.fixture

@@ -5,48 +5,18 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from deploy.stack.mosquitto import MosquittoBroker
-from services.common.broker_auth import ServiceAccount
 from services.common.protocol import signing_input
 from services.common.signing import load_or_create_key, public_key_b64
 from tests.ingest import IngestWorkers, connect_device, provision, scalar, topic, wait_until
 from tests.rules import RulesWorkers, Stream, run
 from tests.test_agent_live import AgentProcess
-
-_groups = iter(range(1, 1_000_000))
-
-
-@pytest.fixture
-def key_dir(tmp_path: Path) -> Path:
-    return tmp_path / "secrets"
-
-
-@pytest.fixture
-def rules_workers(
-    database_url: str,
-    broker: MosquittoBroker,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
-    key_dir: Path,
-) -> Iterator[RulesWorkers]:
-    workers = RulesWorkers(
-        database_url=database_url,
-        mqtt_port=broker.config.service_port,
-        password=service_passwords[ServiceAccount.RULES],
-        log_dir=tmp_path,
-        group=f"r{time.monotonic_ns() % 10**9}-{next(_groups)}",
-        env_overrides={"GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir)},
-    )
-    yield workers
-    workers.close()
 
 
 def _overcurrent(seq: int, ts_ms: int, session: str = "s-1") -> bytes:

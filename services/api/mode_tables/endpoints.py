@@ -1,7 +1,6 @@
 """``/v1/mode-tables``: create (validated against the envelope), list, read."""
 
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
@@ -15,7 +14,8 @@ from services.api.mode_tables.schemas import (
     ModeTableCreate,
     ModeTableList,
 )
-from services.api.pagination import decode_cursor, encode_cursor, invalid_cursor
+from services.api.models import ModeTableRow
+from services.api.pagination import decode_time_cursor, encode_time_cursor, newest_first
 from services.api.problems import ProblemError, responses
 from services.common.api_keys import Role
 from services.common.mode_tables import DEFAULT_MODES, ENVELOPE
@@ -48,19 +48,12 @@ def list_mode_tables(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> ModeTableList:
     """The brand's tables, newest first."""
-    after = None
-    if cursor is not None:
-        created, table_id = decode_cursor("mode-tables", cursor, 2)
-        try:
-            after = (datetime.fromisoformat(created), uuid.UUID(table_id))
-        except ValueError:
-            raise invalid_cursor() from None
-    rows = repository.newest_first(session, key.brand, after=after, limit=limit + 1)
+    after = decode_time_cursor("mode-tables", cursor) if cursor is not None else None
+    rows = newest_first(session, ModeTableRow, key.brand, after=after, limit=limit + 1)
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        last = rows[-1]
-        next_cursor = encode_cursor("mode-tables", last.created_at.isoformat(), str(last.id))
+        next_cursor = encode_time_cursor("mode-tables", rows[-1].created_at, rows[-1].id)
     return ModeTableList(items=[service.to_schema(row) for row in rows], next_cursor=next_cursor)
 
 

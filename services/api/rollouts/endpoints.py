@@ -1,15 +1,24 @@
 """``/v1/rollouts``: push a mode table to devices, optionally to a canary first; steer it."""
 
 import uuid
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import APIRouter, Body, Query, Request, status
+from sqlmodel import Session
 
-from services.api.deps import ConnDep, CurrentKey, SessionDep, after_commit, brand_scope, require
-from services.api.pagination import decode_cursor, encode_cursor, invalid_cursor
+from services.api.deps import (
+    ApiKey,
+    ConnDep,
+    CurrentKey,
+    SessionDep,
+    after_commit,
+    brand_scope,
+    require,
+)
+from services.api.models import RolloutRow
+from services.api.pagination import decode_time_cursor, encode_time_cursor, newest_first
 from services.api.problems import responses
 from services.api.publisher import ConfigPublisher
 from services.api.rollouts import service
@@ -69,18 +78,12 @@ def list_rollouts(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> RolloutList:
     """The brand's rollouts, newest first, with their progress."""
-    after = None
-    if cursor is not None:
-        created, rollout_id = decode_cursor("rollouts", cursor, 2)
-        try:
-            after = (datetime.fromisoformat(created), uuid.UUID(rollout_id))
-        except ValueError:
-            raise invalid_cursor() from None
-    rows = service.newest_first(session, key.brand, after=after, limit=limit + 1)
+    after = decode_time_cursor("rollouts", cursor) if cursor is not None else None
+    rows = newest_first(session, RolloutRow, key.brand, after=after, limit=limit + 1)
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = encode_cursor("rollouts", rows[-1].created_at.isoformat(), str(rows[-1].id))
+        next_cursor = encode_time_cursor("rollouts", rows[-1].created_at, rows[-1].id)
     return RolloutList(
         items=[service.to_schema(conn, row) for row in rows], next_cursor=next_cursor
     )
@@ -106,12 +109,11 @@ def promote_rollout(
     brand: BrandQuery = None,
 ) -> Rollout:
     """From the canary stage: push the table to the rest of the targets."""
-    require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
-    pushes = service.promote(session, conn, _signing_key(request), row, key.actor)
-    _publish_after_commit(request, pushes)
-    session.flush()
-    return service.to_schema(conn, row)
+    key_ = _signing_key(request)
+    return _steer(
+        request, session, conn, key, brand, rollout_id,
+        lambda row: service.promote(session, conn, key_, row, key.actor),
+    )  # fmt: skip
 
 
 @router.post(
@@ -119,6 +121,7 @@ def promote_rollout(
 )
 def pause_rollout(
     rollout_id: uuid.UUID,
+    request: Request,
     session: SessionDep,
     conn: ConnDep,
     key: CurrentKey,
@@ -126,11 +129,11 @@ def pause_rollout(
     brand: BrandQuery = None,
 ) -> Rollout:
     """Hold a rollout in its canary stage: nothing more is pushed until it is resumed."""
-    require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
-    service.pause(session, row, key.actor, action.note if action else None)
-    session.flush()
-    return service.to_schema(conn, row)
+    note = action.note if action else None
+    return _steer(
+        request, session, conn, key, brand, rollout_id,
+        lambda row: service.pause(session, row, key.actor, note),
+    )  # fmt: skip
 
 
 @router.post(
@@ -138,6 +141,7 @@ def pause_rollout(
 )
 def resume_rollout(
     rollout_id: uuid.UUID,
+    request: Request,
     session: SessionDep,
     conn: ConnDep,
     key: CurrentKey,
@@ -145,11 +149,11 @@ def resume_rollout(
     brand: BrandQuery = None,
 ) -> Rollout:
     """Return a paused rollout to the stage it was paused in."""
-    require(key, Role.ADMIN, Role.OPERATOR)
-    row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
-    service.resume(session, row, key.actor, action.note if action else None)
-    session.flush()
-    return service.to_schema(conn, row)
+    note = action.note if action else None
+    return _steer(
+        request, session, conn, key, brand, rollout_id,
+        lambda row: service.resume(session, row, key.actor, note),
+    )  # fmt: skip
 
 
 @router.post(
@@ -165,10 +169,26 @@ def abort_rollout(
     brand: BrandQuery = None,
 ) -> Rollout:
     """Stop the rollout; devices that have not applied its table get their previous one back."""
+    note = action.note if action else None
+    key_ = _signing_key(request)
+    return _steer(
+        request, session, conn, key, brand, rollout_id,
+        lambda row: service.abort(session, conn, key_, row, key.actor, note),
+    )  # fmt: skip
+
+
+def _steer(
+    request: Request,
+    session: Session,
+    conn: Conn,
+    key: ApiKey,
+    brand: str | None,
+    rollout_id: uuid.UUID,
+    step: Callable[[RolloutRow], Sequence[Push]],
+) -> Rollout:
+    """Lock the brand's rollout, take ``step``, publish its pushes after the commit."""
     require(key, Role.ADMIN, Role.OPERATOR)
     row = service.get_for_update(session, brand_scope(conn, key, brand), rollout_id)
-    pushes = service.abort(
-        session, conn, _signing_key(request), row, key.actor, action.note if action else None
-    )
-    _publish_after_commit(request, pushes)
+    _publish_after_commit(request, step(row))
+    session.flush()
     return service.to_schema(conn, row)

@@ -5,9 +5,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from services.api.mode_tables import repository as mode_tables
 from services.api.models import ModeTableRow, RolloutRow
@@ -64,26 +65,25 @@ def _push(
     locks = rollouts.rule_locks(conn, device_ids)
     now_ms = int(time.time() * 1000)
     expires_ms = int(rollout.expires_at.timestamp() * 1000) if rollout.expires_at else None
-    pushes = []
-    for device_id in device_ids:
-        payload = rollouts.rollout_table(
-            table.body,
-            issued_at_ms=now_ms,
-            expires_at_ms=expires_ms,
-            reason=f"rollout {rollout.id}: {table.name}",
-            rule_lock=locks.get(device_id),
-        )
-        pushes.append(
-            record_push(
-                conn,
-                key,
-                device_id=device_id,
-                table=payload,
-                source="rollout",
-                source_ref=str(rollout.id),
-                mode_table_id=str(table.id),
+    pushes = _record(
+        conn,
+        key,
+        rollout.id,
+        [
+            (
+                device_id,
+                rollouts.rollout_table(
+                    table.body,
+                    issued_at_ms=now_ms,
+                    expires_at_ms=expires_ms,
+                    reason=f"rollout {rollout.id}: {table.name}",
+                    rule_lock=locks.get(device_id),
+                ),
+                str(table.id),
             )
-        )
+            for device_id in device_ids
+        ],
+    )
     conn.execute(
         "UPDATE rollout_devices r SET version = v.version"
         " FROM unnest(%s::text[], %s::int[]) AS v(device_id, version)"
@@ -91,6 +91,27 @@ def _push(
         [[p.device_id for p in pushes], [p.version for p in pushes], rollout.id],
     )
     return pushes
+
+
+def _record(
+    conn: Conn,
+    key: Ed25519PrivateKey,
+    rollout_id: uuid.UUID,
+    tables: Sequence[tuple[str, dict[str, Any], str | None]],
+) -> list[Push]:
+    """Sign and record each (device, unsigned table, mode table id) for the rollout."""
+    return [
+        record_push(
+            conn,
+            key,
+            device_id=device_id,
+            table=table,
+            source="rollout",
+            source_ref=str(rollout_id),
+            mode_table_id=mode_table_id,
+        )
+        for device_id, table, mode_table_id in tables
+    ]
 
 
 def create(
@@ -194,7 +215,7 @@ def _active(conn: Conn, device_ids: Sequence[str]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-def pause(session: Session, row: RolloutRow, actor: str, note: str | None) -> None:
+def pause(session: Session, row: RolloutRow, actor: str, note: str | None) -> list[Push]:
     """Hold a canary: nothing more is pushed until it is resumed (or promoted after that)."""
     if row.status != RolloutStatus.CANARY:
         if row.status == RolloutStatus.RUNNING:
@@ -205,15 +226,17 @@ def pause(session: Session, row: RolloutRow, actor: str, note: str | None) -> No
     _set(row, RolloutStatus.PAUSED, f"paused by {actor}" + (f": {note}" if note else ""))
     row.paused_from = RolloutStatus.CANARY.value
     session.add(row)
+    return []
 
 
-def resume(session: Session, row: RolloutRow, actor: str, note: str | None) -> None:
-    """Back to the stage it was paused in."""
+def resume(session: Session, row: RolloutRow, actor: str, note: str | None) -> list[Push]:
+    """Back to the stage it was paused in (pushes nothing)."""
     if row.status != RolloutStatus.PAUSED or row.paused_from is None:
         raise _conflict(f"only a paused rollout can be resumed; it is {row.status}")
     _set(row, RolloutStatus(row.paused_from), f"resumed by {actor}" + (f": {note}" if note else ""))
     row.paused_from = None
     session.add(row)
+    return []
 
 
 def abort(
@@ -245,44 +268,19 @@ def abort(
     previous = rollouts.last_applied(conn, device_ids)
     locks = rollouts.rule_locks(conn, device_ids)
     now_ms = int(time.time() * 1000)
-    pushes = []
+    tables = []
     for device_id in device_ids:
         before = previous.get(device_id, rollouts.Restorable(None, rollouts.FACTORY))
-        payload = rollouts.rollout_table(
+        back_to = "the table last applied" if before.mode_table_id else "the factory table"
+        table = rollouts.rollout_table(
             before.body,
             issued_at_ms=now_ms,
             expires_at_ms=None,
-            reason=f"rollout {row.id} aborted: back to "
-            + ("the table last applied" if before.mode_table_id else "the factory table"),
+            reason=f"rollout {row.id} aborted: back to {back_to}",
             rule_lock=locks.get(device_id),
         )
-        pushes.append(
-            record_push(
-                conn,
-                key,
-                device_id=device_id,
-                table=payload,
-                source="rollout",
-                source_ref=str(row.id),
-                mode_table_id=before.mode_table_id,
-            )
-        )
-    return pushes
-
-
-def newest_first(
-    session: Session, brand_id: str, *, after: tuple[datetime, uuid.UUID] | None, limit: int
-) -> list[RolloutRow]:
-    """The brand's rollouts, newest first, continuing after ``after`` (created_at, id)."""
-    query = select(RolloutRow).where(RolloutRow.brand_id == brand_id)
-    if after is not None:
-        created_at, rollout_id = after
-        query = query.where(
-            (col(RolloutRow.created_at) < created_at)
-            | ((col(RolloutRow.created_at) == created_at) & (col(RolloutRow.id) < rollout_id))
-        )
-    query = query.order_by(col(RolloutRow.created_at).desc(), col(RolloutRow.id).desc())
-    return list(session.exec(query.limit(limit)).all())
+        tables.append((device_id, table, before.mode_table_id))
+    return _record(conn, key, row.id, tables)
 
 
 def get(session: Session, brand_id: str, rollout_id: uuid.UUID) -> RolloutRow:
