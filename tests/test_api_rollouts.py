@@ -376,3 +376,23 @@ def test_support_clears_a_rule_restriction_back_to_the_brands_last_applied_table
     # A rollout after the clearance carries no rule lock.
     later = rollout(client, keys["admin"], mode_table_id=table_id, target={"all": True})
     assert pushes(database_url, later["id"])[device]["payload"]["locked_modes"] == []
+
+
+def test_an_expiry_must_name_its_time_zone_and_lie_ahead(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    devices(database_url, 1)
+    table_id = mode_table(client, keys["admin"])
+    body = {"mode_table_id": table_id, "target": {"all": True}}
+    for expires_at, says in (
+        ("2099-01-01T00:00:00", "timezone"),
+        ("2000-01-01T00:00:00Z", "future"),
+    ):
+        refused = client.post(
+            "/v1/rollouts", json={**body, "expires_at": expires_at}, headers=auth(keys["admin"])
+        )
+        assert refused.status_code == 422, refused.text
+        assert says in refused.text
+    created = rollout(client, keys["admin"], **body, expires_at="2099-01-01T00:00:00Z")
+    payload = next(iter(pushes(database_url, created["id"]).values()))["payload"]
+    assert payload["expires_at"] == 4070908800000

@@ -5,7 +5,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from services.common.provisioning import DEVICE_ID_RE
 
@@ -53,8 +53,8 @@ class RolloutCreate(BaseModel):
         lt=1,
         description="push to this share of the targets first; the rest on promotion",
     )
-    expires_at: datetime | None = Field(
-        default=None, description="devices refuse the table after this time"
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="devices refuse the table after this time (with a time zone)"
     )
     brand: str | None = Field(
         default=None, description="operator keys only: the brand the rollout belongs to"
