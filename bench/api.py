@@ -7,9 +7,9 @@
    ``.galvani/bench-api/<key>`` (key: the seed parameters, the seed format and the migration
    head) and reused unless ``--reseed``. It is seeded with durability off and measured with
    production settings (durable), on a free loopback port.
-2. The API as ``make run`` starts it (``python -m services.api.main``, uvicorn, loopback,
-   free port; ``--workers`` > 1 runs uvicorn's own worker processes), with an admin key of
-   the brand issued by ``services.common.api_keys.issue_key``.
+2. The API as ``make run`` starts it (``python -m services.api.main``: uvicorn with
+   ``--workers`` processes, default 2 as ``GALVANI_API_WORKERS``; loopback, free port), with
+   an admin key of the brand issued by ``services.common.api_keys.issue_key``.
 3. Per endpoint, ``--clients`` closed loops (each sends its next request when the previous
    answer arrives) for ``--warmup`` + ``--seconds``, a random device per request, every
    answer checked (status 200 and its body).
@@ -177,23 +177,10 @@ def start_api(url: str, workers: int, root: Path, stack: contextlib.ExitStack) -
             # One key drives all the load: its rate limit (50/s by default) is not measured.
             "GALVANI_API_RATE_LIMIT_PER_S": "1000000",
             "GALVANI_API_RATE_LIMIT_BURST": "1000000",
+            "GALVANI_API_WORKERS": str(workers),
         }
     )
-    if workers == 1:
-        argv = [sys.executable, "-m", "services.api.main"]
-    else:
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "services.api.main:create_app",
-            f"--host={LOOPBACK}",
-            f"--port={port}",
-            f"--workers={workers}",
-            "--log-level=warning",
-            "--no-access-log",
-        ]
+    argv = [sys.executable, "-m", "services.api.main"]
     api = spawn("api", argv, root / "api.log", env=env, cwd=REPO_ROOT)
     stack.callback(api.stop)
     wait_until(
@@ -361,7 +348,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds, not measured")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured, per endpoint")
-    parser.add_argument("--workers", type=int, default=1, help="API (uvicorn) processes")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="API processes (GALVANI_API_WORKERS; as make run)"
+    )
     parser.add_argument("--only", default=None, help="comma-separated endpoint names")
     parser.add_argument("--keep", action="store_true", help="keep the API's log")
     return parser.parse_args(argv)

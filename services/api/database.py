@@ -26,9 +26,10 @@ def create_database_engine(database_url: str, *, pool_size: int) -> Engine:
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT_S,
-        # A connection the server closed (restart, failover) is replaced on checkout rather
-        # than failing the request that drew it.
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip on every request. A connection the server closed
+        # (restart, failover) fails its request with a 503 (problems.py) and is discarded
+        # when it returns to the pool.
+        pool_pre_ping=False,
         connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
     )
 

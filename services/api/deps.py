@@ -1,4 +1,5 @@
-"""Request dependencies: the database connection (transaction owned here) and the caller's key."""
+"""Request dependencies: the session (the transaction is owned here), its connection, and the
+caller's key."""
 
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,43 +18,6 @@ from services.common.api_keys import Role, digest
 from services.common.db import Conn
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gvk_...`")
-
-
-def _session(request: Request) -> Iterator[Session]:
-    """One session per request; committed if the endpoint returns, rolled back if it raises.
-
-    Work that must follow the commit (telling the broker about new credentials, publishing a
-    signed table) is added to ``request.state.after_commit`` and runs before the response, each
-    callback in a transaction of its own on the session's connection.
-    """
-    engine: Engine = request.app.state.engine
-    after: list[Callable[[Conn], None]] = []
-    request.state.after_commit = after
-    with Session(engine, expire_on_commit=False) as session:
-        with session.begin():
-            yield session
-        for callback in after:
-            with session.begin():
-                callback(raw_connection(session))
-
-
-def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:
-    """Run ``callback`` once the request's transaction has committed."""
-    request.state.after_commit.append(callback)
-
-
-# scope="function": the transaction commits before the response is sent, so a client never
-# sees a success that then fails to commit (the default "request" scope ends after sending).
-SessionDep = Annotated[Session, Depends(_session, scope="function")]
-
-
-def _connection(session: SessionDep) -> Conn:
-    return raw_connection(session)
-
-
-# The psycopg connection inside the request's session: bulk reads and the shared services
-# (provisioning, signing pushes) run in the same transaction as the ORM's writes.
-ConnDep = Annotated[Conn, Depends(_connection)]
 
 
 @dataclass(frozen=True)
@@ -93,16 +57,10 @@ def _unauthorized(detail: str) -> ProblemError:
     )
 
 
-def _current_key(
-    request: Request,
-    conn: ConnDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey:
-    if credentials is None:
-        raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
+def _authenticate(request: Request, conn: Conn, secret: str) -> ApiKey:
     row = conn.execute(
         "SELECT id, role, brand_id, name FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
-        [digest(credentials.credentials)],
+        [digest(secret)],
     ).fetchone()
     if row is None:
         raise _unauthorized("the API key is unknown or has been revoked")
@@ -123,7 +81,72 @@ def _current_key(
     )
 
 
-CurrentKey = Annotated[ApiKey, Depends(_current_key)]
+@dataclass(frozen=True)
+class RequestScope:
+    """What an authenticated request works with: its session (which owns the transaction),
+    the psycopg connection inside it, and the caller's key."""
+
+    session: Session
+    conn: Conn
+    key: ApiKey
+
+
+def _request_scope(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Iterator[RequestScope]:
+    """One session per request, committed if the endpoint returns and rolled back if it raises;
+    the key is checked inside it.
+
+    One blocking dependency on purpose: FastAPI runs each sync dependency on the thread pool,
+    and the hops cost more than the key lookup. Work that must follow the commit (telling the
+    broker about new credentials, publishing a signed table) is added with
+    :func:`after_commit` and runs before the response, each callback in a transaction of its
+    own on the session's connection.
+    """
+    if credentials is None:
+        raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
+    engine: Engine = request.app.state.engine
+    after: list[Callable[[Conn], None]] = []
+    request.state.after_commit = after
+    with Session(engine, expire_on_commit=False) as session:
+        with session.begin():
+            conn = raw_connection(session)
+            yield RequestScope(session, conn, _authenticate(request, conn, credentials.credentials))
+        for callback in after:
+            with session.begin():
+                callback(raw_connection(session))
+
+
+# scope="function": the transaction commits before the response is sent, so a client never
+# sees a success that then fails to commit (the default "request" scope ends after sending).
+_ScopeDep = Annotated[RequestScope, Depends(_request_scope, scope="function")]
+
+
+# The accessors are async: they do no I/O, and FastAPI runs async dependencies on the event
+# loop instead of sending each to the thread pool.
+async def _session_of(scope: _ScopeDep) -> Session:
+    return scope.session
+
+
+async def _connection_of(scope: _ScopeDep) -> Conn:
+    return scope.conn
+
+
+async def _key_of(scope: _ScopeDep) -> ApiKey:
+    return scope.key
+
+
+SessionDep = Annotated[Session, Depends(_session_of)]
+# The psycopg connection inside the request's session: bulk reads and the shared services
+# (provisioning, signing pushes) run in the same transaction as the ORM's writes.
+ConnDep = Annotated[Conn, Depends(_connection_of)]
+CurrentKey = Annotated[ApiKey, Depends(_key_of)]
+
+
+def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:
+    """Run ``callback`` once the request's transaction has committed."""
+    request.state.after_commit.append(callback)
 
 
 def brand_scope(conn: Conn, key: ApiKey, requested: str | None) -> str:

@@ -1,6 +1,7 @@
 """The API application.
 
-Run with ``python -m services.api.main`` or ``uvicorn --factory services.api.main:create_app``.
+Run with ``python -m services.api.main`` (``GALVANI_API_WORKERS`` processes) or
+``uvicorn --factory services.api.main:app_from_environment``.
 """
 
 from collections.abc import AsyncIterator
@@ -84,11 +85,25 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     return app
 
 
-def main() -> None:
-    """Run the API server."""
+def app_from_environment() -> FastAPI:
+    """The app with settings from ``GALVANI_API_*``: the factory each server process runs."""
     settings = ApiSettings()
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return create_app(settings)
+
+
+def main() -> None:
+    """Run the API server: ``workers`` processes (uvicorn's), sharing the port."""
+    settings = ApiSettings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "services.api.main:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

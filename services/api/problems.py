@@ -1,12 +1,17 @@
 """Errors as RFC 9457 problem details (``application/problem+json``) with stable types."""
 
+import logging
 from typing import Any, Final
 
+import psycopg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 PROBLEM_JSON: Final = "application/problem+json"
 TYPE_BASE: Final = "https://galvani.dev/problems/"
@@ -73,7 +78,8 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
       (``responses(...)`` passes the model, which FastAPI files under ``application/json``);
     - a request FastAPI refuses (422) is problem+json, not FastAPI's ``HTTPValidationError``;
     - a body that cannot be read as text answers 400 (FastAPI: "error parsing the body");
-    - an operation that takes an API key may answer 401, and 429 when the key is over its rate.
+    - an operation that takes an API key may answer 401, and 429 when the key is over its
+      rate, and 503 when the database cannot be reached.
     """
     components = document.setdefault("components", {}).setdefault("schemas", {})
     components.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/{model}"))
@@ -91,6 +97,7 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
             if operation.get("security"):
                 answers.setdefault("401", _problem_response("a problem: no valid API key"))
                 answers.setdefault("429", _problem_response("a problem: over the rate limit"))
+                answers.setdefault("503", _problem_response("a problem: database unavailable"))
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     return document
@@ -141,6 +148,20 @@ def install(app: FastAPI) -> None:
             dict(exc.headers) if exc.headers else None,
         )
 
+    async def on_database(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            Problem(
+                type=TYPE_BASE + "database-unavailable",
+                title="Database unavailable",
+                status=503,
+                detail="the database cannot be reached just now; retry shortly",
+            ),
+            {"Retry-After": "1"},
+        )
+
     app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(psycopg.OperationalError, on_database)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, on_database)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

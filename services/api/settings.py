@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -14,6 +15,9 @@ class ApiSettings(ServiceSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Server processes (uvicorn workers): one per core serves the most requests; each has its
+    # own database pool, rate-limit buckets and alert feed.
+    workers: int = Field(default=2, ge=1, le=64)
     mqtt_username: str = "galvani-api"
     # Database connections per process: requests beyond it wait for one.
     pool_size: int = 10

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Response
 
 from services.api.alerts import repository, service
 from services.api.alerts.schemas import (
@@ -17,6 +17,7 @@ from services.api.alerts.schemas import (
 from services.api.deps import ConnDep, CurrentKey, require
 from services.api.pagination import decode_int_cursor, encode_cursor
 from services.api.problems import responses
+from services.api.responses import json_response
 from services.common.api_keys import Role
 
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
@@ -32,7 +33,7 @@ def list_alerts(
     severity: Severity | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
-) -> AlertList:
+) -> Response:
     """The brand's alerts, newest first."""
     rows = repository.list_alerts(
         conn,
@@ -46,23 +47,27 @@ def list_alerts(
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    return AlertList(
-        items=[Alert.model_validate(row) for row in rows],
-        next_cursor=encode_cursor("a", str(rows[-1]["id"])) if more else None,
+    return json_response(
+        AlertList(
+            items=[Alert.model_validate(row) for row in rows],
+            next_cursor=encode_cursor("a", str(rows[-1]["id"])) if more else None,
+        )
     )
 
 
 @router.get("/{alert_id}", response_model=AlertDetail, responses=responses(401, 403, 404))
-def get_alert(alert_id: int, conn: ConnDep, key: CurrentKey) -> AlertDetail:
+def get_alert(alert_id: int, conn: ConnDep, key: CurrentKey) -> Response:
     """One alert with its explanation and every transition (who and when)."""
     alert = service.require_alert(conn, key.brand, alert_id)
-    return AlertDetail.model_validate(
-        {
-            **alert,
-            "transitions": [
-                Transition.model_validate(t) for t in repository.transitions(conn, alert_id)
-            ],
-        }
+    return json_response(
+        AlertDetail.model_validate(
+            {
+                **alert,
+                "transitions": [
+                    Transition.model_validate(t) for t in repository.transitions(conn, alert_id)
+                ],
+            }
+        )
     )
 
 
@@ -72,7 +77,7 @@ def acknowledge(
     conn: ConnDep,
     key: CurrentKey,
     action: Annotated[AlertAction | None, Body()] = None,
-) -> AlertDetail:
+) -> Response:
     """Acknowledge: a person is on it."""
     require(key, Role.ADMIN, Role.SUPPORT)
     service.acknowledge(conn, key.brand, alert_id, key.actor, action.note if action else None)
@@ -87,7 +92,7 @@ def resolve(
     conn: ConnDep,
     key: CurrentKey,
     action: Annotated[AlertAction | None, Body()] = None,
-) -> AlertDetail:
+) -> Response:
     """Resolve: the matter is closed (a repeat opens a new alert)."""
     require(key, Role.ADMIN, Role.SUPPORT)
     service.resolve(conn, key.brand, alert_id, key.actor, action.note if action else None)

@@ -25,6 +25,7 @@ from services.api.devices.schemas import (
 from services.api.pagination import decode_cursor, decode_int_cursor, encode_cursor
 from services.api.problems import ProblemError, responses
 from services.api.publisher import ConfigPublisher
+from services.api.responses import json_response
 from services.api.settings import ApiSettings
 from services.common import rollouts
 from services.common.api_keys import Role
@@ -101,7 +102,7 @@ def list_devices(
     model: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> DeviceList:
+) -> Response:
     """The brand's active devices, in id order."""
     rows = repository.list_devices(
         conn,
@@ -115,19 +116,21 @@ def list_devices(
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    return DeviceList(
-        items=[Device.model_validate(row) for row in rows],
-        next_cursor=encode_cursor("d", rows[-1]["device_id"]) if more else None,
+    return json_response(
+        DeviceList(
+            items=[Device.model_validate(row) for row in rows],
+            next_cursor=encode_cursor("d", rows[-1]["device_id"]) if more else None,
+        )
     )
 
 
 @router.get("/{device_id}", response_model=Device, responses=responses(401, 403, 404))
-def get_device(device_id: str, conn: ConnDep, key: CurrentKey) -> Device:
+def get_device(device_id: str, conn: ConnDep, key: CurrentKey) -> Response:
     """Presence, firmware, config versions, open alerts, last seq and gaps."""
     row = repository.get_device(conn, key.brand, device_id)
     if row is None:
         raise _not_found(device_id)
-    return Device.model_validate(row)
+    return json_response(Device.model_validate(row))
 
 
 @router.delete(
@@ -160,7 +163,7 @@ def list_sessions(
     key: CurrentKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
-) -> SessionList:
+) -> Response:
     """Sessions with mode, level, duration, end reason and contact quality, newest first."""
     _require_device(conn, key.brand, device_id)
     before = decode_cursor("s", cursor, 2) if cursor else None
@@ -174,7 +177,9 @@ def list_sessions(
         last = rows[-1]
         started = last["started_at"].isoformat() if last["started_at"] else "-infinity"
         next_cursor = encode_cursor("s", started, last["session"])
-    return SessionList(items=[Session.model_validate(r) for r in rows], next_cursor=next_cursor)
+    return json_response(
+        SessionList(items=[Session.model_validate(r) for r in rows], next_cursor=next_cursor)
+    )
 
 
 @router.get(
@@ -187,7 +192,7 @@ def list_events(
     type: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
-) -> EventList:
+) -> Response:
     """Events, newest first."""
     _require_device(conn, key.brand, device_id)
     rows = repository.events(
@@ -200,11 +205,13 @@ def list_events(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor("e", str(rows[-1]["seq"])) if more else None
-    return EventList(items=[Event.model_validate(r) for r in rows], next_cursor=next_cursor)
+    return json_response(
+        EventList(items=[Event.model_validate(r) for r in rows], next_cursor=next_cursor)
+    )
 
 
 @router.get("/{device_id}/config", response_model=DeviceConfig, responses=responses(401, 403, 404))
-def device_config(device_id: str, conn: ConnDep, key: CurrentKey) -> DeviceConfig:
+def device_config(device_id: str, conn: ConnDep, key: CurrentKey) -> Response:
     """Desired vs reported mode table, drift, and every push with the device's answer."""
     row = conn.execute(
         "SELECT d.config_desired_version, p.payload, p.sha256, d.config_reported_version,"
@@ -239,15 +246,17 @@ def device_config(device_id: str, conn: ConnDep, key: CurrentKey) -> DeviceConfi
     drift = desired_version is not None and not (
         version == desired_version and status_ == "applied" and sha == desired_sha
     )
-    return DeviceConfig(
-        desired_version=desired_version,
-        desired=desired if isinstance(desired, dict) else None,
-        reported_version=version,
-        reported_status=status_,
-        reported_reason=reason,
-        reported_sha256=sha,
-        drift=drift,
-        history=[PushRecord.model_validate(dict(zip(names, h, strict=True))) for h in history],
+    return json_response(
+        DeviceConfig(
+            desired_version=desired_version,
+            desired=desired if isinstance(desired, dict) else None,
+            reported_version=version,
+            reported_status=status_,
+            reported_reason=reason,
+            reported_sha256=sha,
+            drift=drift,
+            history=[PushRecord.model_validate(dict(zip(names, h, strict=True))) for h in history],
+        )
     )
 
 
@@ -262,7 +271,7 @@ def clear_device(
     conn: ConnDep,
     key: CurrentKey,
     action: Annotated[DeviceClear | None, Body()] = None,
-) -> DeviceConfig:
+) -> Response:
     """Lift a rule's restriction (SAFE only, or every mode locked) once support has checked
     the device: it gets the last table it applied of the brand's choosing (or the factory
     table) as a new version. Later rollouts no longer carry the rule's locks to it."""

@@ -4,13 +4,14 @@ import base64
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from services.api.deps import ConnDep, CurrentKey, brand_scope, require
 from services.api.fleet import repository
 from services.api.pagination import decode_int_cursor, encode_cursor
 from services.api.problems import responses
+from services.api.responses import json_response
 from services.common.api_keys import Role
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
@@ -32,9 +33,9 @@ class FleetSummary(BaseModel):
 
 
 @router.get("/fleet/summary", response_model=FleetSummary, responses=responses(401, 403))
-def fleet_summary(conn: ConnDep, key: CurrentKey) -> FleetSummary:
+def fleet_summary(conn: ConnDep, key: CurrentKey) -> Response:
     """Devices online, sessions today, open alerts by severity and rule."""
-    return FleetSummary.model_validate(repository.summary(conn, key.brand))
+    return json_response(FleetSummary.model_validate(repository.summary(conn, key.brand)))
 
 
 class DeadLetter(BaseModel):
@@ -64,7 +65,7 @@ def dead_letters(
     reason: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
-) -> DeadLetterList:
+) -> Response:
     """Messages that could not be stored, newest first: a brand's devices' (admin), or any
     brand's, or those of no known device (operator, without ``brand``)."""
     require(key, Role.OPERATOR, Role.ADMIN)
@@ -103,7 +104,7 @@ def dead_letters(
         for r in rows
     ]
     next_cursor = encode_cursor("l", str(items[-1].id)) if more else None
-    return DeadLetterList(items=items, next_cursor=next_cursor)
+    return json_response(DeadLetterList(items=items, next_cursor=next_cursor))
 
 
 def _bytes(value: object) -> bytes:

@@ -3,7 +3,7 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from services.api.deps import ConnDep, CurrentKey, SessionDep, brand_scope, require
 from services.api.mode_tables import repository, service
@@ -17,6 +17,7 @@ from services.api.mode_tables.schemas import (
 from services.api.models import ModeTableRow
 from services.api.pagination import decode_time_cursor, encode_time_cursor, newest_first
 from services.api.problems import ProblemError, responses
+from services.api.responses import json_response
 from services.common.api_keys import Role
 from services.common.mode_tables import DEFAULT_MODES, ENVELOPE
 
@@ -46,7 +47,7 @@ def list_mode_tables(
     key: CurrentKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> ModeTableList:
+) -> Response:
     """The brand's tables, newest first."""
     after = decode_time_cursor("mode-tables", cursor) if cursor is not None else None
     rows = newest_first(session, ModeTableRow, key.brand, after=after, limit=limit + 1)
@@ -54,7 +55,9 @@ def list_mode_tables(
     if len(rows) > limit:
         rows = rows[:limit]
         next_cursor = encode_time_cursor("mode-tables", rows[-1].created_at, rows[-1].id)
-    return ModeTableList(items=[service.to_schema(row) for row in rows], next_cursor=next_cursor)
+    return json_response(
+        ModeTableList(items=[service.to_schema(row) for row in rows], next_cursor=next_cursor)
+    )
 
 
 @router.get("/envelope", response_model=Envelope, responses=responses(401))

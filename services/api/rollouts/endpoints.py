@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import APIRouter, Body, Query, Request, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 from sqlmodel import Session
 
 from services.api.deps import (
@@ -21,6 +21,7 @@ from services.api.models import RolloutRow
 from services.api.pagination import decode_time_cursor, encode_time_cursor, newest_first
 from services.api.problems import responses
 from services.api.publisher import ConfigPublisher
+from services.api.responses import json_response
 from services.api.rollouts import service
 from services.api.rollouts.schemas import Rollout, RolloutAction, RolloutCreate, RolloutList
 from services.common.api_keys import Role
@@ -76,7 +77,7 @@ def list_rollouts(
     key: CurrentKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> RolloutList:
+) -> Response:
     """The brand's rollouts, newest first, with their progress."""
     after = decode_time_cursor("rollouts", cursor) if cursor is not None else None
     rows = newest_first(session, RolloutRow, key.brand, after=after, limit=limit + 1)
@@ -84,8 +85,8 @@ def list_rollouts(
     if len(rows) > limit:
         rows = rows[:limit]
         next_cursor = encode_time_cursor("rollouts", rows[-1].created_at, rows[-1].id)
-    return RolloutList(
-        items=[service.to_schema(conn, row) for row in rows], next_cursor=next_cursor
+    return json_response(
+        RolloutList(items=[service.to_schema(conn, row) for row in rows], next_cursor=next_cursor)
     )
 
 

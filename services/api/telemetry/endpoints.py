@@ -8,11 +8,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from services.api.deps import ConnDep, CurrentKey
 from services.api.problems import ProblemError, responses
+from services.api.responses import json_response
 from services.api.telemetry import repository
 
 router = APIRouter(prefix="/v1/devices", tags=["telemetry"])
@@ -82,7 +83,7 @@ def telemetry(
     to: Annotated[str, Query(max_length=40)],
     bucket: Annotated[str | None, Query(max_length=10)] = None,
     fields: Annotated[str | None, Query(max_length=200)] = None,
-) -> Telemetry:
+) -> Response:
     """Samples of one device between ``from`` and ``to`` (at most 10,000 points)."""
     start, end = parse_time(from_, "from"), parse_time(to, "to")
     if end <= start:
@@ -126,13 +127,15 @@ def telemetry(
                 low, mean, high = row[2 + 3 * i : 5 + 3 * i]
                 point[name] = {"min": low, "avg": mean, "max": high}
             points.append(point)
-    return Telemetry.model_validate(
-        {
-            "device_id": device_id,
-            "from": start,
-            "to": end,
-            "bucket": bucket,
-            "fields": chosen,
-            "points": points,
-        }
+    return json_response(
+        Telemetry.model_validate(
+            {
+                "device_id": device_id,
+                "from": start,
+                "to": end,
+                "bucket": bucket,
+                "fields": chosen,
+                "points": points,
+            }
+        )
     )

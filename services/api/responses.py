@@ -1,0 +1,19 @@
+"""Answering with a model serialized once.
+
+FastAPI, given a model to return and a ``response_model``, dumps the model to a dict,
+validates that dict into the model again and serializes the result. For the read endpoints,
+which build their models from database rows they have just validated, that doubled the API's
+CPU per request. Returning the JSON (pydantic-core serializes it) skips the round trip; the
+``response_model`` on the route still documents the answer in OpenAPI, and the schema tests
+check every answer against it.
+"""
+
+from fastapi import Response
+from pydantic import BaseModel
+
+JSON = "application/json"
+
+
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
+    """``model`` as the JSON body FastAPI would have sent for it (aliases, ``null`` kept)."""
+    return Response(model.model_dump_json(by_alias=True), status_code=status_code, media_type=JSON)
