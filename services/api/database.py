@@ -30,7 +30,8 @@ def create_database_engine(database_url: str, *, pool_size: int) -> Engine:
         # (restart, failover) fails its request with a 503 (problems.py) and is discarded
         # when it returns to the pool.
         pool_pre_ping=False,
-        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+        # UTC sessions: timestamps come back in UTC, as the API writes them (RFC 3339, Z).
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "options": "-c TimeZone=UTC"},
     )
 
 

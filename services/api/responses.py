@@ -1,4 +1,4 @@
-"""Answering with a model serialized once.
+"""Answering with JSON serialized once.
 
 FastAPI, given a model to return and a ``response_model``, dumps the model to a dict,
 validates that dict into the model again and serializes the result. For the read endpoints,
@@ -8,12 +8,24 @@ CPU per request. Returning the JSON (pydantic-core serializes it) skips the roun
 check every answer against it.
 """
 
+from typing import Any
+
+import msgspec
 from fastapi import Response
 from pydantic import BaseModel
 
 JSON = "application/json"
+_encoder = msgspec.json.Encoder()
 
 
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """``model`` as the JSON body FastAPI would have sent for it (aliases, ``null`` kept)."""
     return Response(model.model_dump_json(by_alias=True), status_code=status_code, media_type=JSON)
+
+
+def rows_response(body: dict[str, Any]) -> Response:
+    """``body`` built from database rows the route's model describes exactly (the same names,
+    and types psycopg returns: str, int, float, bool, None, aware datetimes, dicts and lists)
+    as JSON, without building models at all: for the answers with many rows (telemetry
+    points, alert lists). Datetimes become RFC 3339 strings, as pydantic writes them."""
+    return Response(_encoder.encode(body), media_type=JSON)
