@@ -117,3 +117,17 @@ def test_dead_letters_are_shown_to_admins_of_the_devices_brand_and_to_the_operat
     everything = client.get("/v1/dead-letters", headers=auth(keys["operator"])).json()["items"]
     assert [d["device_id"] for d in everything] == [None, "other-1", "acme-1"]
     assert client.get("/v1/dead-letters", headers=auth(keys["viewer"])).status_code == 403
+
+
+def test_a_nul_byte_in_a_parameter_is_a_problem_not_a_500(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    unknown = client.get(
+        "/v1/dead-letters", params={"brand": "\x00"}, headers=auth(keys["operator"])
+    )
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == "there is no brand '\\x00'"
+    refused = client.get("/v1/alerts", params={"rule": "a\x00b"}, headers=auth(keys["viewer"]))
+    assert refused.status_code == 422
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "NUL" in refused.json()["detail"]

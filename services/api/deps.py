@@ -1,6 +1,7 @@
 """Request dependencies: the session (the transaction is owned here), its connection, and the
 caller's key."""
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from services.api.problems import ProblemError
 from services.api.rate_limit import RateLimiter, retry_after_header
 from services.common.api_keys import Role, digest
 from services.common.db import Conn
+
+BRAND_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,63}$"  # a brand's id, as POST /v1/brands takes it
+BRAND_ID_RE = re.compile(BRAND_ID_PATTERN)
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gvk_...`")
 
@@ -163,7 +167,11 @@ def brand_scope(conn: Conn, key: ApiKey, requested: str | None) -> str:
             "A brand is required",
             "brand: an operator key must name the brand it acts on",
         )
-    if conn.execute("SELECT 1 FROM brands WHERE id = %s", [requested]).fetchone() is None:
+    known = BRAND_ID_RE.match(requested) is not None
+    if (
+        not known
+        or conn.execute("SELECT 1 FROM brands WHERE id = %s", [requested]).fetchone() is None
+    ):
         raise ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
     return requested
 

@@ -160,7 +160,21 @@ def install(app: FastAPI) -> None:
             {"Retry-After": "1"},
         )
 
+    async def on_data(request: Request, exc: Exception) -> JSONResponse:
+        # Values the request carried that PostgreSQL cannot hold (a NUL byte in a string, a
+        # number out of its column's range): the request is at fault; the transaction was
+        # rolled back by the request's session.
+        return problem_response(
+            Problem(
+                type=TYPE_BASE + "invalid-request",
+                title="Invalid request",
+                status=422,
+                detail=f"a value cannot be stored or compared: {str(exc).splitlines()[0]}",
+            )
+        )
+
     app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(psycopg.DataError, on_data)
     app.add_exception_handler(psycopg.OperationalError, on_database)
     app.add_exception_handler(sqlalchemy.exc.OperationalError, on_database)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -8,12 +8,11 @@ from fastapi import APIRouter, Response, status
 from psycopg import errors
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.api.deps import ConnDep, CurrentKey, require
+from services.api.deps import BRAND_ID_PATTERN, ConnDep, CurrentKey, require
 from services.api.problems import ProblemError, responses
 from services.common.api_keys import Role, issue_key
 
 router = APIRouter(prefix="/v1", tags=["brands and keys"])
-BRAND_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,63}$"
 
 
 class BrandCreate(BaseModel):
