@@ -9,6 +9,7 @@ publish lock) stays recorded as unpublished, and the rules workers' sweep publis
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from typing import Final, cast
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_S: Final = 30
 STOP_TIMEOUT_S: Final = 5.0
+CONNECT_WAIT_S: Final = 5.0
+CONNECT_POLL_S: Final = 0.02
 
 PUBLISHED = Counter(
     "galvani_api_config_published_total",
@@ -40,7 +43,10 @@ class ConfigPublisher:
         self._settings = settings
         self._engine = engine
         self._queue: queue.Queue[Push | None] = queue.Queue()
-        self._client = self._connect()
+        # Connected on the first push: most API processes never publish, and a client that
+        # keeps retrying an absent broker delays shutdown by its reconnect back-off.
+        self._client: paho.Client | None = None
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="config-publisher", daemon=True)
         self._thread.start()
 
@@ -65,14 +71,33 @@ class ConfigPublisher:
 
     def close(self) -> None:
         """Stop after what was submitted; what is left unpublished waits for the sweep."""
+        self._closing.set()  # no more waiting for a broker that is not there
         self._queue.put(None)
         self._thread.join(STOP_TIMEOUT_S)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def _connected(self) -> paho.Client | None:
+        """The client if it is connected. A new client is waited for (up to
+        :data:`CONNECT_WAIT_S`); one that lost the broker is not, so a backlog is left to the
+        sweep at once while paho reconnects in the background."""
+        if self._client is None:
+            self._client = self._connect()
+            deadline = time.monotonic() + CONNECT_WAIT_S
+            while not self._client.is_connected() and time.monotonic() < deadline:
+                if self._closing.wait(CONNECT_POLL_S):
+                    break
+        return self._client if self._client.is_connected() else None
 
     def _run(self) -> None:
         while (push := self._queue.get()) is not None:
-            if not self._client.is_connected():
+            client = self._connected()
+            if client is None:
                 PUBLISHED.labels("deferred").inc()
                 log.warning(
                     "broker unavailable: table v%d for %s left to the sweep",
@@ -83,12 +108,10 @@ class ConfigPublisher:
             try:
                 with self._engine.begin() as connection:
                     conn = cast(Conn, connection.connection.driver_connection)
-                    outcome = publish_push(conn, self._client, push)
+                    outcome = publish_push(conn, client, push)
             except (PushError, RuntimeError, ValueError) as exc:
                 # paho would resend the unacknowledged (maybe stale) message on reconnect.
-                self._client.disconnect()
-                self._client.loop_stop()
-                self._client = self._connect()
+                self._disconnect()
                 PUBLISHED.labels("failed").inc()
                 log.warning("table v%d for %s not published: %s", push.version, push.device_id, exc)
                 continue

@@ -22,7 +22,7 @@ import psycopg
 log = logging.getLogger(__name__)
 
 CHANNEL: Final = "galvani_alerts"
-POLL_S: Final = 1.0
+POLL_S: Final = 0.2  # how soon the thread notices close()
 RECONNECT_S: Final = 2.0
 
 
