@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.api.alerts import repository
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.provisioning import provision_device
@@ -120,3 +121,24 @@ def test_the_stream_needs_a_key(server: tuple[str, int], keys: dict[str, str]) -
     assert response.status == 401
     assert response.getheader("content-type") == "application/problem+json"
     conn.close()
+
+
+def test_a_replay_longer_than_one_page_delivers_every_change_in_order(
+    server: tuple[str, int],
+    database_url: str,
+    keys: dict[str, str],
+    fleet: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(repository, "MAX_CHANGES", 2)
+    raised = [raise_alert(database_url, "acme", "acme-1", f"rule_{n}") for n in range(5)]
+    with psycopg.connect(database_url) as conn:
+        before = conn.execute("SELECT min(change_seq) - 1 FROM alerts").fetchone()
+    assert before is not None
+    replay = Stream(server, keys["viewer"], last_event_id=str(before[0]))
+    try:
+        events = [replay.next_event() for _ in raised]
+    finally:
+        replay.close()
+    assert [json.loads(e["data"])["id"] for e in events] == raised
+    assert [int(e["id"]) for e in events] == sorted(int(e["id"]) for e in events)

@@ -31,10 +31,22 @@ router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
 def _read(
     engine: Engine, brand_id: str, ids: list[int] | None, after: int | None
 ) -> list[tuple[int, str]]:
-    """(change number, event) for the alerts with ``ids`` or changed after ``after``."""
+    """(change number, event) for the alerts with ``ids``, or for every alert changed after
+    ``after``, in change order, read a page of :data:`repository.MAX_CHANGES` at a time."""
+    rows: list[tuple[int, dict[str, Any]]] = []
     with engine.connect() as connection:
         conn = raw_connection_of(connection)
-        rows = repository.changed(conn, brand_id, ids=ids, after_seq=after)
+        if ids is not None:
+            for start in range(0, len(ids), repository.MAX_CHANGES):
+                chunk = ids[start : start + repository.MAX_CHANGES]
+                rows += repository.changed(conn, brand_id, ids=chunk)
+            rows.sort(key=lambda row: row[0])
+        else:
+            while page := repository.changed(conn, brand_id, after_seq=after):
+                rows += page
+                if len(page) < repository.MAX_CHANGES:
+                    break
+                after = page[-1][0]
         connection.rollback()
     return [(seq, _event(seq, alert)) for seq, alert in rows]
 
