@@ -219,6 +219,27 @@ def rules_workers(
 
 
 @pytest.fixture
+def broker_api_settings(
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    key_dir: Path,
+) -> ApiSettings:
+    """API settings on this test's broker with the API's own account: provisioning renders the
+    broker's files, tables are published, and the signing key is the rules workers'."""
+    return ApiSettings(
+        database_url=database_url,
+        mqtt_port=broker.config.service_port,
+        mqtt_password=service_passwords[ServiceAccount.API],
+        data_dir=tmp_path / "api",
+        signing_key_dir=key_dir,
+        broker_dir=broker.config.directory,
+        device_mqtt_port=broker.config.device_port,
+    )
+
+
+@pytest.fixture
 def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
     settings = ApiSettings(database_url=database_url, mqtt_password="x", data_dir=tmp_path)
     with TestClient(create_app(settings)) as client:

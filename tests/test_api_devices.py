@@ -19,15 +19,8 @@ from tests.rules import T0, Stream, run
 
 
 @pytest.fixture
-def api(database_url: str, broker: MosquittoBroker, tmp_path: Path) -> Iterator[TestClient]:
-    settings = ApiSettings(
-        database_url=database_url,
-        mqtt_password="x",
-        data_dir=tmp_path,
-        broker_dir=broker.config.directory,
-        device_mqtt_port=broker.config.device_port,
-    )
-    with TestClient(create_app(settings)) as client:
+def api(broker_api_settings: ApiSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(broker_api_settings)) as client:
         yield client
 
 

@@ -4,6 +4,7 @@ rule locks kept, and a live rollout applied by real agents and answered through 
 import base64
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ from fastapi.testclient import TestClient
 from deploy.stack.mosquitto import MosquittoBroker
 from services.api.main import create_app
 from services.api.settings import ApiSettings
-from services.common.broker_auth import ServiceAccount
 from services.common.config_push import record_push
 from services.common.mode_tables import DEFAULT_MODES, restricted_table
 from services.common.protocol import canonical_json
@@ -278,21 +278,8 @@ def test_rollouts_are_refused_with_problem_json(
 
 
 @pytest.fixture
-def live_api(
-    database_url: str,
-    broker: MosquittoBroker,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
-) -> Any:
-    settings = ApiSettings(
-        database_url=database_url,
-        mqtt_port=broker.config.service_port,
-        mqtt_password=service_passwords[ServiceAccount.API],
-        data_dir=tmp_path / "api-data",
-        broker_dir=broker.config.directory,
-        device_mqtt_port=broker.config.device_port,
-    )
-    with TestClient(create_app(settings)) as client:
+def live_api(broker_api_settings: ApiSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(broker_api_settings)) as client:
         yield client
 
 
@@ -304,11 +291,12 @@ def test_real_agents_apply_a_rollout_and_its_progress_follows_their_answers(
     sync_devices: Any,
     ingest_workers: IngestWorkers,
     tmp_path: Path,
+    key_dir: Path,
 ) -> None:
     agents_devices = provision(database_url, 2, prefix="roll")
     sync_devices()
     ingest_workers.start("1")
-    key = load_or_create_key(tmp_path / "api-data" / "secrets")
+    key = load_or_create_key(key_dir)
     agents = []
     for device in agents_devices:
         home = tmp_path / device.device_id

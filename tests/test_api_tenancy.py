@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from httpx2 import Response
 
+from services.common.mode_tables import DEFAULT_MODES
 from tests.api import SeededBrand, auth, seed_brand
 
 OPERATOR, ADMIN, SUPPORT, VIEWER = "operator", "admin", "support", "viewer"
@@ -124,24 +125,7 @@ BODIES: dict[tuple[str, str], Callable[[SeededBrand], dict[str, Any]]] = {
     ("PUT", "/v1/users/{user_id}"): lambda s: {"stage": "intro"},
     ("POST", "/v1/mode-tables"): lambda s: {
         "name": "gentler LIFT",
-        "modes": {
-            "LIFT": {
-                "waveform": "mono_alt",
-                "i_target_ua": 250,
-                "i_max_ua": 400,
-                "freq_hz": 10,
-                "pulse_ms": 40,
-                "v_max_v": 15,
-                "z_ok_ohm": [1000, 20000],
-                "session_default_s": 300,
-                "session_cap_s": 1200,
-                "cooldown_s": 1800,
-                "max_sessions_24h": 2,
-                "max_sessions_7d": 7,
-                "min_batt_pct": 20,
-                "t_elec_max_c": 41,
-            }
-        },
+        "modes": {"LIFT": {**DEFAULT_MODES["LIFT"], "i_target_ua": 250}},
     },
     ("POST", "/v1/rollouts"): lambda s: {
         "mode_table_id": s.mode_table_id,

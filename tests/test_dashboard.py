@@ -15,7 +15,6 @@ from playwright.sync_api import sync_playwright
 from deploy.stack.mosquitto import MosquittoBroker
 from services.api.main import create_app
 from services.api.settings import ApiSettings
-from services.common.broker_auth import ServiceAccount
 from services.common.signing import load_or_create_key
 from tests.api import serving
 from tests.ingest import Device, IngestWorkers
@@ -28,23 +27,8 @@ LIVE_TIMEOUT_MS = 60_000
 
 
 @pytest.fixture
-def api_url(
-    database_url: str,
-    broker: MosquittoBroker,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
-    key_dir: Path,
-) -> Iterator[str]:
-    settings = ApiSettings(
-        database_url=database_url,
-        mqtt_port=broker.config.service_port,
-        mqtt_password=service_passwords[ServiceAccount.API],
-        data_dir=tmp_path / "api",
-        signing_key_dir=key_dir,
-        broker_dir=broker.config.directory,
-        device_mqtt_port=broker.config.device_port,
-    )
-    with serving(create_app(settings)) as (host, port):
+def api_url(broker_api_settings: ApiSettings) -> Iterator[str]:
+    with serving(create_app(broker_api_settings)) as (host, port):
         yield f"http://{host}:{port}"
 
 
