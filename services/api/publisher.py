@@ -14,17 +14,15 @@ from collections.abc import Iterable
 from typing import Final, cast
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter
 from sqlalchemy import Engine
 
 from services.api.settings import ApiSettings
-from services.common.config_push import Push, PushError, publish_push
+from services.common.config_push import Push, PushError, connect_publisher, publish_push
 from services.common.db import Conn
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_S: Final = 30
 STOP_TIMEOUT_S: Final = 5.0
 CONNECT_WAIT_S: Final = 5.0
 CONNECT_POLL_S: Final = 0.02
@@ -50,20 +48,6 @@ class ConfigPublisher:
         self._thread = threading.Thread(target=self._run, name="config-publisher", daemon=True)
         self._thread.start()
 
-    def _connect(self) -> paho.Client:
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"galvani-api-{threading.get_native_id()}-publisher",
-            protocol=paho.MQTTv5,
-        )
-        client.username_pw_set(
-            self._settings.mqtt_username, self._settings.mqtt_password.get_secret_value()
-        )
-        client.reconnect_delay_set(1, 30)
-        client.connect_async(self._settings.mqtt_host, self._settings.mqtt_port, KEEPALIVE_S)
-        client.loop_start()
-        return client
-
     def submit(self, pushes: Iterable[Push]) -> None:
         """Publish ``pushes`` soon, in this order."""
         for push in pushes:
@@ -87,7 +71,9 @@ class ConfigPublisher:
         :data:`CONNECT_WAIT_S`); one that lost the broker is not, so a backlog is left to the
         sweep at once while paho reconnects in the background."""
         if self._client is None:
-            self._client = self._connect()
+            self._client = connect_publisher(
+                self._settings, f"galvani-api-{threading.get_native_id()}-publisher"
+            )
             deadline = time.monotonic() + CONNECT_WAIT_S
             while not self._client.is_connected() and time.monotonic() < deadline:
                 if self._closing.wait(CONNECT_POLL_S):

@@ -23,15 +23,18 @@ from typing import Any, Final
 
 import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 from psycopg.types.json import Jsonb
 
 from services.common.db import Conn
 from services.common.errors import GalvaniError
 from services.common.mode_tables import EnvelopeProblem, envelope_problems
 from services.common.protocol import canonical_json
+from services.common.settings import ServiceSettings
 from services.common.signing import sign_table
 
 PUBLISH_TIMEOUT_S: Final = 10.0
+PUBLISHER_KEEPALIVE_S: Final = 30
 SOURCES: Final = ("rule", "rollout", "api")
 
 
@@ -129,6 +132,17 @@ class Published(StrEnum):
     PUBLISHED = "published"
     SUPERSEDED = "superseded"  # a newer table was recorded for the device: not published
     BUSY = "busy"  # another process is publishing to the device: try again later
+
+
+def connect_publisher(settings: ServiceSettings, client_id: str) -> paho.Client:
+    """A broker client for :func:`publish_push`, connecting (and reconnecting) on a network
+    thread of its own: a publisher waits for PUBACKs while its caller's loop does not run."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.username_pw_set(settings.mqtt_username, settings.mqtt_password.get_secret_value())
+    client.reconnect_delay_set(1, 30)
+    client.connect_async(settings.mqtt_host, settings.mqtt_port, keepalive=PUBLISHER_KEEPALIVE_S)
+    client.loop_start()
+    return client
 
 
 def publish_push(conn: Conn, client: paho.Client, push: Push) -> Published:

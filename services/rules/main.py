@@ -16,15 +16,14 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Final
 
-import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import start_http_server
 
 from services.common.config_push import (
     Published,
     Push,
     PushError,
+    connect_publisher,
     publish_push,
     unpublished_pushes,
 )
@@ -45,7 +44,6 @@ from services.rules.sweeps import TRIM_BATCH, sweep, trim
 log = logging.getLogger("galvani.rules")
 
 CHANNELS: Final = ("telemetry", "events", "state", "presence")
-PUBLISHER_KEEPALIVE_S: Final = 30
 # Trimming runs between batches, a short batch at a time, so it never holds up evaluation for
 # long: at most TRIM_BATCH rows per table per pass, every TRIM_INTERVAL_S (sooner while busy).
 TRIM_INTERVAL_S: Final = 5.0
@@ -93,19 +91,7 @@ class Publisher:
     """
 
     def __init__(self, settings: RulesSettings) -> None:
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"galvani-rules-{settings.worker_id}-publisher",
-            protocol=paho.MQTTv5,
-        )
-        self.client.username_pw_set(
-            settings.mqtt_username, settings.mqtt_password.get_secret_value()
-        )
-        self.client.reconnect_delay_set(1, 30)
-        self.client.connect_async(
-            settings.mqtt_host, settings.mqtt_port, keepalive=PUBLISHER_KEEPALIVE_S
-        )
-        self.client.loop_start()
+        self.client = connect_publisher(settings, f"galvani-rules-{settings.worker_id}-publisher")
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""
