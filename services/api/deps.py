@@ -1,14 +1,23 @@
-"""Request dependencies: the session (the transaction is owned here), its connection, and the
-caller's key."""
+"""Request dependencies: the caller's key, and what the request reads and writes with.
+
+Two scopes, each checking the key on the connection it gives the endpoint:
+
+* the **session** scope (``SessionDep``, ``ConnDep``, ``CurrentKey``): a SQLModel session that
+  owns the request's transaction, on the thread pool, for endpoints that write and the sync
+  services they call;
+* the **read** scope (``ReadConnDep``, ``ReadKey``): an async connection from the read pool
+  (autocommit, read-only), on the event loop, for the endpoints dashboards poll.
+"""
 
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -16,7 +25,7 @@ from services.api.database import raw_connection
 from services.api.problems import ProblemError
 from services.api.rate_limit import RateLimiter, retry_after_header
 from services.common.api_keys import Role, digest
-from services.common.db import Conn
+from services.common.db import AsyncConn, Conn
 
 BRAND_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,63}$"  # a brand's id, as POST /v1/brands takes it
 BRAND_ID_RE = re.compile(BRAND_ID_PATTERN)
@@ -61,11 +70,28 @@ def _unauthorized(detail: str) -> ProblemError:
     )
 
 
+_KEY_QUERY = (
+    "SELECT id, role, brand_id, name FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
+)
+
+
+def _secret(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None:
+        raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
+    return credentials.credentials
+
+
 def _authenticate(request: Request, conn: Conn, secret: str) -> ApiKey:
-    row = conn.execute(
-        "SELECT id, role, brand_id, name FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
-        [digest(secret)],
-    ).fetchone()
+    return _admit(request, conn.execute(_KEY_QUERY, [digest(secret)]).fetchone())
+
+
+async def _authenticate_async(request: Request, conn: AsyncConn, secret: str) -> ApiKey:
+    cursor = await conn.execute(_KEY_QUERY, [digest(secret)])
+    return _admit(request, await cursor.fetchone())
+
+
+def _admit(request: Request, row: tuple[object, ...] | None) -> ApiKey:
+    """The key of ``row`` (``None``: unknown or revoked), within its rate limit."""
     if row is None:
         raise _unauthorized("the API key is unknown or has been revoked")
     key_id, role, brand_id, name = row
@@ -108,15 +134,14 @@ def _request_scope(
     :func:`after_commit` and runs before the response, each callback in a transaction of its
     own on the session's connection.
     """
-    if credentials is None:
-        raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
+    secret = _secret(credentials)
     engine: Engine = request.app.state.engine
     after: list[Callable[[Conn], None]] = []
     request.state.after_commit = after
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             conn = raw_connection(session)
-            yield RequestScope(session, conn, _authenticate(request, conn, credentials.credentials))
+            yield RequestScope(session, conn, _authenticate(request, conn, secret))
         for callback in after:
             with session.begin():
                 callback(raw_connection(session))
@@ -146,6 +171,43 @@ SessionDep = Annotated[Session, Depends(_session_of)]
 # (provisioning, signing pushes) run in the same transaction as the ORM's writes.
 ConnDep = Annotated[Conn, Depends(_connection_of)]
 CurrentKey = Annotated[ApiKey, Depends(_key_of)]
+
+
+@dataclass(frozen=True)
+class ReadScope:
+    """What a read endpoint works with: a connection of the read pool and the caller's key."""
+
+    conn: AsyncConn
+    key: ApiKey
+
+
+async def _read_scope(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AsyncIterator[ReadScope]:
+    """A read pool connection for the request, returned to the pool before the response is
+    sent. Each statement on it is its own read-only transaction."""
+    secret = _secret(credentials)
+    pool: AsyncConnectionPool[AsyncConn] = request.app.state.read_pool
+    async with pool.connection() as conn:
+        yield ReadScope(conn, await _authenticate_async(request, conn, secret))
+
+
+_ReadScopeDep = Annotated[ReadScope, Depends(_read_scope, scope="function")]
+
+
+async def _read_connection_of(scope: _ReadScopeDep) -> AsyncConn:
+    return scope.conn
+
+
+async def _read_key_of(scope: _ReadScopeDep) -> ApiKey:
+    return scope.key
+
+
+# For ``async def`` endpoints that only read: never mixed with the session scope's
+# dependencies in one endpoint (that would hold a connection of each pool).
+ReadConnDep = Annotated[AsyncConn, Depends(_read_connection_of)]
+ReadKey = Annotated[ApiKey, Depends(_read_key_of)]
 
 
 def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:

@@ -16,7 +16,7 @@ from services.api.alerts.feed import AlertFeed
 from services.api.alerts.stream import router as alert_stream_router
 from services.api.brands.endpoints import router as brands_router
 from services.api.dashboard import endpoints as dashboard
-from services.api.database import create_database_engine
+from services.api.database import create_database_engine, create_read_pool
 from services.api.devices.endpoints import router as devices_router
 from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
@@ -40,10 +40,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        database_url = settings.database_url.get_secret_value()
         engine = create_database_engine(
-            settings.database_url.get_secret_value(), pool_size=settings.pool_size
+            database_url, pool_size=settings.pool_size, timeout_s=settings.pool_timeout_s
         )
         app.state.engine = engine
+        read_pool = create_read_pool(
+            database_url, size=settings.pool_size, timeout_s=settings.pool_timeout_s
+        )
+        # Without waiting: a database that is down fails requests (503), not the start.
+        await read_pool.open(wait=False)
+        app.state.read_pool = read_pool
         app.state.settings = settings
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         # The same key directory as the rules workers: whoever starts first creates it.
@@ -52,13 +59,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.config_public_key = public_key_b64(signing_key)
         publisher = ConfigPublisher(settings, engine)
         app.state.config_publisher = publisher
-        feed = AlertFeed(settings.database_url.get_secret_value())
+        feed = AlertFeed(database_url)
         app.state.alert_feed = feed
         try:
             yield
         finally:
             feed.close()
             publisher.close()
+            await read_pool.close()
             engine.dispose()
 
     app = FastAPI(

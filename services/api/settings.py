@@ -19,8 +19,11 @@ class ApiSettings(ServiceSettings):
     # own database pool, rate-limit buckets and alert feed.
     workers: int = Field(default=2, ge=1, le=64)
     mqtt_username: str = "galvani-api"
-    # Database connections per process: requests beyond it wait for one.
+    # Database connections per process, for the reads on the event loop and again for the
+    # requests that write: requests beyond it wait for one, at most ``pool_timeout_s``
+    # (then 503).
     pool_size: int = 10
+    pool_timeout_s: float = Field(default=10.0, gt=0)
     # Per API key: this many requests at once, then this many a second (429 beyond).
     rate_limit_burst: int = 100
     rate_limit_per_s: float = 50.0

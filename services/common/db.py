@@ -10,6 +10,8 @@ CONNECT_TIMEOUT_S = 5
 
 # The connection type every Galvani function takes (psycopg's default tuple rows).
 Conn = psycopg.Connection[tuple[object, ...]]
+# The same on the event loop (the API's read endpoints).
+AsyncConn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 class Storage(StrEnum):

@@ -13,7 +13,7 @@ from services.api.alerts.schemas import (
     Severity,
     Transition,
 )
-from services.api.deps import ConnDep, CurrentKey, require
+from services.api.deps import ConnDep, CurrentKey, ReadConnDep, ReadKey, require
 from services.api.pagination import decode_int_cursor, encode_cursor
 from services.api.problems import responses
 from services.api.responses import json_response, rows_response
@@ -23,9 +23,9 @@ router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
 
 
 @router.get("", response_model=AlertList, responses=responses(401, 403, 422))
-def list_alerts(
-    conn: ConnDep,
-    key: CurrentKey,
+async def list_alerts(
+    conn: ReadConnDep,
+    key: ReadKey,
     device: Annotated[str | None, Query(max_length=64)] = None,
     rule: Annotated[str | None, Query(max_length=64)] = None,
     state: AlertState | None = None,
@@ -34,7 +34,7 @@ def list_alerts(
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """The brand's alerts, newest first."""
-    rows = repository.list_alerts(
+    rows = await repository.list_alerts(
         conn,
         key.brand,
         device=device,

@@ -2,7 +2,7 @@
 
 from typing import Any, Final
 
-from services.common.db import Conn
+from services.common.db import AsyncConn, Conn
 
 COLUMNS: Final = (
     "id, device_id, rule, rule_version, severity, state, count, first_seen, last_seen,"
@@ -16,8 +16,8 @@ def _row(values: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(NAMES, values, strict=True))
 
 
-def list_alerts(
-    conn: Conn,
+async def list_alerts(
+    conn: AsyncConn,
     brand_id: str,
     *,
     device: str | None,
@@ -28,7 +28,7 @@ def list_alerts(
     limit: int,
 ) -> list[dict[str, Any]]:
     """Newest first (by id), at most ``limit``, ids below ``before_id``."""
-    rows = conn.execute(
+    cursor = await conn.execute(
         f"SELECT {COLUMNS} FROM alerts"  # noqa: S608 - constant column list
         " WHERE brand_id = %(brand)s"
         " AND (%(device)s::text IS NULL OR device_id = %(device)s)"
@@ -46,8 +46,8 @@ def list_alerts(
             "before": before_id,
             "limit": limit,
         },
-    ).fetchall()
-    return [_row(row) for row in rows]
+    )
+    return [_row(row) for row in await cursor.fetchall()]
 
 
 def get_alert(

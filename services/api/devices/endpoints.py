@@ -6,7 +6,15 @@ from typing import Annotated
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import APIRouter, Body, Query, Request, Response, status
 
-from services.api.deps import ConnDep, CurrentKey, after_commit, brand_scope, require
+from services.api.deps import (
+    ConnDep,
+    CurrentKey,
+    ReadConnDep,
+    ReadKey,
+    after_commit,
+    brand_scope,
+    require,
+)
 from services.api.devices import repository
 from services.api.devices.schemas import (
     Device,
@@ -31,7 +39,7 @@ from services.common import rollouts
 from services.common.api_keys import Role
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.config_push import record_push
-from services.common.db import Conn
+from services.common.db import AsyncConn, Conn
 from services.common.provisioning import ProvisioningError, provision_device, revoke_device
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -93,9 +101,9 @@ def provision(
 
 
 @router.get("", response_model=DeviceList, responses=responses(401, 403, 422))
-def list_devices(
-    conn: ConnDep,
-    key: CurrentKey,
+async def list_devices(
+    conn: ReadConnDep,
+    key: ReadKey,
     online: bool | None = None,
     alerting: bool | None = None,
     fw: Annotated[str | None, Query(max_length=64)] = None,
@@ -104,7 +112,7 @@ def list_devices(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """The brand's active devices, in id order."""
-    rows = repository.list_devices(
+    rows = await repository.list_devices(
         conn,
         key.brand,
         online=online,
@@ -125,9 +133,9 @@ def list_devices(
 
 
 @router.get("/{device_id}", response_model=Device, responses=responses(401, 403, 404))
-def get_device(device_id: str, conn: ConnDep, key: CurrentKey) -> Response:
+async def get_device(device_id: str, conn: ReadConnDep, key: ReadKey) -> Response:
     """Presence, firmware, config versions, open alerts, last seq and gaps."""
-    row = repository.get_device(conn, key.brand, device_id)
+    row = await repository.get_device(conn, key.brand, device_id)
     if row is None:
         raise _not_found(device_id)
     return json_response(Device.model_validate(row))
@@ -142,32 +150,32 @@ def get_device(device_id: str, conn: ConnDep, key: CurrentKey) -> Response:
 def decommission(device_id: str, request: Request, conn: ConnDep, key: CurrentKey) -> Response:
     """Revoke the device's credentials; the broker disconnects it at once."""
     require(key, Role.ADMIN)
-    if repository.get_device(conn, key.brand, device_id) is None:
+    if not repository.exists(conn, key.brand, device_id):
         raise _not_found(device_id)
     revoke_device(conn, device_id)
     _sync_broker(request)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def _require_device(conn: Conn, brand: str, device_id: str) -> None:
-    if repository.get_device(conn, brand, device_id) is None:
+async def _require_device(conn: AsyncConn, brand: str, device_id: str) -> None:
+    if await repository.get_device(conn, brand, device_id) is None:
         raise _not_found(device_id)
 
 
 @router.get(
     "/{device_id}/sessions", response_model=SessionList, responses=responses(401, 403, 404, 422)
 )
-def list_sessions(
+async def list_sessions(
     device_id: str,
-    conn: ConnDep,
-    key: CurrentKey,
+    conn: ReadConnDep,
+    key: ReadKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
 ) -> Response:
     """Sessions with mode, level, duration, end reason and contact quality, newest first."""
-    _require_device(conn, key.brand, device_id)
+    await _require_device(conn, key.brand, device_id)
     before = decode_cursor("s", cursor, 2) if cursor else None
-    rows = repository.sessions(
+    rows = await repository.sessions(
         conn, device_id, before=(before[0], before[1]) if before else None, limit=limit + 1
     )
     more = len(rows) > limit
@@ -185,17 +193,17 @@ def list_sessions(
 @router.get(
     "/{device_id}/events", response_model=EventList, responses=responses(401, 403, 404, 422)
 )
-def list_events(
+async def list_events(
     device_id: str,
-    conn: ConnDep,
-    key: CurrentKey,
+    conn: ReadConnDep,
+    key: ReadKey,
     type: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """Events, newest first."""
-    _require_device(conn, key.brand, device_id)
-    rows = repository.events(
+    await _require_device(conn, key.brand, device_id)
+    rows = await repository.events(
         conn,
         device_id,
         before_seq=decode_int_cursor("e", cursor) if cursor else None,
@@ -276,7 +284,8 @@ def clear_device(
     the device: it gets the last table it applied of the brand's choosing (or the factory
     table) as a new version. Later rollouts no longer carry the rule's locks to it."""
     require(key, Role.ADMIN, Role.SUPPORT)
-    _require_device(conn, key.brand, device_id)
+    if not repository.exists(conn, key.brand, device_id):
+        raise _not_found(device_id)
     row = conn.execute(
         "SELECT decommissioned_at FROM devices WHERE id = %s FOR UPDATE", [device_id]
     ).fetchone()

@@ -1,8 +1,11 @@
-"""Device queries, always scoped by brand. Never commits: the request owns the transaction."""
+"""Device queries, always scoped by brand. Never commits: the request owns the transaction.
+
+The reads run on the read pool (async); :func:`exists` serves the endpoints that write.
+"""
 
 from typing import Any, Final
 
-from services.common.db import Conn
+from services.common.db import AsyncConn, Conn
 
 SELECT: Final = """
 SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.online,
@@ -31,16 +34,25 @@ NAMES: Final = (
 )
 
 
-def get_device(conn: Conn, brand_id: str, device_id: str) -> dict[str, Any] | None:
-    """The brand's device, or None (another brand's device is None too)."""
+def exists(conn: Conn, brand_id: str, device_id: str) -> bool:
+    """Whether the brand has the device (decommissioned or not)."""
     row = conn.execute(
-        SELECT + " WHERE d.id = %s AND d.brand_id = %s", [device_id, brand_id]
+        "SELECT 1 FROM devices WHERE id = %s AND brand_id = %s", [device_id, brand_id]
     ).fetchone()
+    return row is not None
+
+
+async def get_device(conn: AsyncConn, brand_id: str, device_id: str) -> dict[str, Any] | None:
+    """The brand's device, or None (another brand's device is None too)."""
+    cursor = await conn.execute(
+        SELECT + " WHERE d.id = %s AND d.brand_id = %s", [device_id, brand_id]
+    )
+    row = await cursor.fetchone()
     return dict(zip(NAMES, row, strict=True)) if row is not None else None
 
 
-def list_devices(
-    conn: Conn,
+async def list_devices(
+    conn: AsyncConn,
     brand_id: str,
     *,
     online: bool | None,
@@ -51,7 +63,7 @@ def list_devices(
     limit: int,
 ) -> list[dict[str, Any]]:
     """The brand's active devices in id order, after ``after_id``."""
-    rows = conn.execute(
+    cursor = await conn.execute(
         SELECT  # noqa: S608 - constant text, every value is a parameter
         + """
         WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL
@@ -72,15 +84,15 @@ def list_devices(
             "alerting": alerting,
             "limit": limit,
         },
-    ).fetchall()
-    return [dict(zip(NAMES, row, strict=True)) for row in rows]
+    )
+    return [dict(zip(NAMES, row, strict=True)) for row in await cursor.fetchall()]
 
 
-def sessions(
-    conn: Conn, device_id: str, *, before: tuple[str, str] | None, limit: int
+async def sessions(
+    conn: AsyncConn, device_id: str, *, before: tuple[str, str] | None, limit: int
 ) -> list[dict[str, Any]]:
     """A device's sessions, newest start first (keyset: started_at, session)."""
-    rows = conn.execute(
+    cursor = await conn.execute(
         "SELECT session, user_id, mode, level, started_at, ended_at, duration_s, end_reason,"
         " output_s, samples,"
         " CASE WHEN out_samples > 0 THEN gel_ok_samples::real / out_samples END"
@@ -94,7 +106,7 @@ def sessions(
             "session": before[1] if before else None,
             "limit": limit,
         },
-    ).fetchall()
+    )
     names = (
         "session",
         "user",
@@ -108,19 +120,19 @@ def sessions(
         "samples",
         "gel_ok_share",
     )
-    return [dict(zip(names, row, strict=True)) for row in rows]
+    return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
 
-def events(
-    conn: Conn, device_id: str, *, before_seq: int | None, type_: str | None, limit: int
+async def events(
+    conn: AsyncConn, device_id: str, *, before_seq: int | None, type_: str | None, limit: int
 ) -> list[dict[str, Any]]:
     """A device's events, newest seq first."""
-    rows = conn.execute(
+    cursor = await conn.execute(
         "SELECT seq, ts, type, session, body, received_at, ts_suspect FROM events"
         " WHERE device_id = %(device)s AND (%(type)s::text IS NULL OR type = %(type)s)"
         " AND (%(before)s::bigint IS NULL OR seq < %(before)s)"
         " ORDER BY seq DESC LIMIT %(limit)s",
         {"device": device_id, "type": type_, "before": before_seq, "limit": limit},
-    ).fetchall()
+    )
     names = ("seq", "ts", "type", "session", "body", "received_at", "ts_suspect")
-    return [dict(zip(names, row, strict=True)) for row in rows]
+    return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from services.api.deps import ConnDep, CurrentKey, brand_scope, require
+from services.api.deps import ConnDep, CurrentKey, ReadConnDep, ReadKey, brand_scope, require
 from services.api.fleet import repository
 from services.api.pagination import decode_int_cursor, encode_cursor
 from services.api.problems import responses
@@ -33,9 +33,9 @@ class FleetSummary(BaseModel):
 
 
 @router.get("/fleet/summary", response_model=FleetSummary, responses=responses(401, 403))
-def fleet_summary(conn: ConnDep, key: CurrentKey) -> Response:
+async def fleet_summary(conn: ReadConnDep, key: ReadKey) -> Response:
     """Devices online, sessions today, open alerts by severity and rule."""
-    return json_response(FleetSummary.model_validate(repository.summary(conn, key.brand)))
+    return json_response(FleetSummary.model_validate(await repository.summary(conn, key.brand)))
 
 
 class DeadLetter(BaseModel):

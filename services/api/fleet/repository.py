@@ -1,8 +1,8 @@
-"""Fleet queries, always scoped by brand. Never commits: the request owns the transaction."""
+"""Fleet queries, always scoped by brand, on the read pool."""
 
 from typing import Any
 
-from services.common.db import Conn
+from services.common.db import AsyncConn
 
 # One statement, one round trip. Each count reads an index of migration 0006 or 0001
 # (devices_brand_active_idx, sessions_brand_started_idx, alerts_one_open_idx).
@@ -20,10 +20,11 @@ FROM (SELECT count(*) AS devices, count(*) FILTER (WHERE online) AS online FROM 
 """
 
 
-def summary(conn: Conn, brand_id: str) -> dict[str, Any]:
+async def summary(conn: AsyncConn, brand_id: str) -> dict[str, Any]:
     """Active and online devices, sessions started today (UTC), open alerts by severity and
     rule."""
-    row = conn.execute(SUMMARY, {"brand": brand_id}).fetchone()
+    cursor = await conn.execute(SUMMARY, {"brand": brand_id})
+    row = await cursor.fetchone()
     assert row is not None  # an aggregate of scalar subqueries always returns a row
     devices, online, sessions_today, alerts = row
     by_severity: dict[str, int] = {"info": 0, "warning": 0, "critical": 0}

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from services.api.deps import ConnDep, CurrentKey
+from services.api.deps import ReadConnDep, ReadKey
 from services.api.problems import ProblemError, responses
 from services.api.responses import rows_response
 from services.api.telemetry import repository
@@ -75,10 +75,10 @@ def too_many(detail: str) -> ProblemError:
     response_model_by_alias=True,
     responses=responses(401, 403, 404, 422),
 )
-def telemetry(
+async def telemetry(
     device_id: str,
-    conn: ConnDep,
-    key: CurrentKey,
+    conn: ReadConnDep,
+    key: ReadKey,
     from_: Annotated[str, Query(alias="from", max_length=40)],
     to: Annotated[str, Query(max_length=40)],
     bucket: Annotated[str | None, Query(max_length=10)] = None,
@@ -99,11 +99,11 @@ def telemetry(
             f"fields: {', '.join(unknown) or 'none'} not available; choose from "
             + ", ".join(allowed),
         )
-    owned, refreshed_to = repository.owned_refreshed_to(conn, key.brand, device_id)
+    owned, refreshed_to = await repository.owned_refreshed_to(conn, key.brand, device_id)
     if not owned:
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
     if bucket is None:
-        rows = repository.raw_samples(conn, device_id, start, end, chosen, MAX_POINTS + 1)
+        rows = await repository.raw_samples(conn, device_id, start, end, chosen, MAX_POINTS + 1)
         if len(rows) > MAX_POINTS:
             raise too_many(
                 f"more than {MAX_POINTS} samples between from and to: narrow the range or "
@@ -119,7 +119,7 @@ def telemetry(
                 f"{int(count)} buckets of {bucket} between from and to: use a bucket of at "
                 f"least {smallest:.0f} s or a shorter range"
             )
-        rows = repository.buckets(conn, device_id, start, end, width, chosen, refreshed_to)
+        rows = await repository.buckets(conn, device_id, start, end, width, chosen, refreshed_to)
         points = []
         for row in rows:
             point: dict[str, Any] = {"ts": row[0], "n": row[1]}

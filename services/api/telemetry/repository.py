@@ -1,4 +1,4 @@
-"""Telemetry queries. Never commits: the request owns the transaction.
+"""Telemetry queries, on the read pool.
 
 Bucketed reads whose width is a rollup's (``1m``: ``samples_1m``, ``1h``: ``samples_1h``)
 take the buckets the maintenance job has completed from the rollup and only the rest from raw
@@ -17,7 +17,7 @@ bucket's count of non-null values per field, which the rollups do not keep.
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from services.common.db import Conn
+from services.common.db import AsyncConn
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Rollup table by its bucket width. Hour and minute boundaries are the same whether counted
@@ -25,29 +25,33 @@ EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 ROLLUPS: Final = {timedelta(minutes=1): "samples_1m", timedelta(hours=1): "samples_1h"}
 
 
-def owned_refreshed_to(conn: Conn, brand_id: str, device_id: str) -> tuple[bool, datetime | None]:
+async def owned_refreshed_to(
+    conn: AsyncConn, brand_id: str, device_id: str
+) -> tuple[bool, datetime | None]:
     """Whether the brand owns the device, and how far the rollups are complete (one query)."""
-    row = conn.execute(
+    cursor = await conn.execute(
         "SELECT (SELECT value FROM galvani_meta WHERE key = 'rollups_refreshed_to')"
         " FROM devices WHERE id = %s AND brand_id = %s",
         [device_id, brand_id],
-    ).fetchone()
+    )
+    row = await cursor.fetchone()
     if row is None:
         return False, None
     value = row[0]
     return True, datetime.fromisoformat(str(value)) if value is not None else None
 
 
-def raw_samples(
-    conn: Conn, device_id: str, start: datetime, end: datetime, fields: list[str], limit: int
+async def raw_samples(
+    conn: AsyncConn, device_id: str, start: datetime, end: datetime, fields: list[str], limit: int
 ) -> list[tuple[Any, ...]]:
     """``(ts, *fields)`` of each sample in ``[start, end)``, in time order, at most ``limit``."""
     columns = ", ".join(fields)  # the endpoint checks every name against a fixed list
-    return conn.execute(
+    cursor = await conn.execute(
         f"SELECT ts, {columns} FROM samples"  # noqa: S608 - names checked against a list
         " WHERE device_id = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
         [device_id, start, end, limit],
-    ).fetchall()
+    )
+    return await cursor.fetchall()
 
 
 def _floor(moment: datetime, width: timedelta) -> datetime:
@@ -69,8 +73,8 @@ def _raw_buckets(fields: list[str], lo: str, hi: str) -> str:
     )
 
 
-def buckets(
-    conn: Conn,
+async def buckets(
+    conn: AsyncConn,
     device_id: str,
     start: datetime,
     end: datetime,
@@ -83,10 +87,11 @@ def buckets(
     lo = _ceil(start, width)
     cut = min(_floor(end, width), _floor(refreshed_to, width)) if refreshed_to else lo
     if table is None or cut <= lo:
-        return conn.execute(
+        cursor = await conn.execute(
             _raw_buckets(fields, "start", "end") + " ORDER BY b",
             {"width": width, "device": device_id, "start": start, "end": end},
-        ).fetchall()
+        )
+        return await cursor.fetchall()
     rolled = ", ".join(f"{f}_min, {f}_avg, {f}_max" for f in fields)
     parts = [
         f"SELECT bucket, n, {rolled} FROM {table}"  # noqa: S608 - names from fixed lists
@@ -99,4 +104,5 @@ def buckets(
     if cut < end:  # what the rollups do not hold yet
         parts.append(_raw_buckets(fields, "cut", "end"))
         params["end"] = end
-    return conn.execute(" UNION ALL ".join(parts) + " ORDER BY 1", params).fetchall()
+    cursor = await conn.execute(" UNION ALL ".join(parts) + " ORDER BY 1", params)
+    return await cursor.fetchall()
