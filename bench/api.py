@@ -403,8 +403,10 @@ def run(args: argparse.Namespace) -> int:
             measured = [e for e in measured if e.name in wanted]
         lines = []
         failed = False
+        workers = _children(api.pid)
         for n, endpoint in enumerate(measured):
             before = (postgres_cpu_s(api.pid), postgres_cpu_s(postmaster), _self_cpu())
+            workers_before = [process_cpu_s(pid) for pid in workers]
             result = run_load(
                 LOOPBACK,
                 port,
@@ -417,7 +419,13 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed * 100 + n,
             )
             after = (postgres_cpu_s(api.pid), postgres_cpu_s(postmaster), _self_cpu())
+            workers_after = [process_cpu_s(pid) for pid in workers]
             window = args.warmup + args.seconds
+            # Each keep-alive connection stays with the process that accepted it.
+            per_worker = "+".join(
+                f"{100 * (a - b) / window:.0f}"
+                for a, b in zip(workers_after, workers_before, strict=True)
+            )
             api_cpu, pg_cpu, gen_cpu = (
                 100 * (a - b) / window for a, b in zip(after, before, strict=True)
             )
@@ -428,8 +436,8 @@ def run(args: argparse.Namespace) -> int:
             count = len(result.latencies) + result.errors
             requests_per_s = count / result.window_s
             say(
-                f"  {endpoint.name}: cpu_pct api={api_cpu:.0f} postgres={pg_cpu:.0f} "
-                f"loadgen={gen_cpu:.0f}; cpu_ms_per_request api="
+                f"  {endpoint.name}: cpu_pct api={api_cpu:.0f} ({per_worker}) "
+                f"postgres={pg_cpu:.0f} loadgen={gen_cpu:.0f}; cpu_ms_per_request api="
                 f"{api_cpu * 10 / requests_per_s:.2f} postgres={pg_cpu * 10 / requests_per_s:.2f}"
                 + (f"; first error: {result.first_error}" if result.errors else "")
             )
@@ -443,6 +451,11 @@ def run(args: argparse.Namespace) -> int:
         for line in lines:
             say(line)
         return 1 if failed else 0
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
 
 
 def _self_cpu() -> float:

@@ -4,13 +4,13 @@ Run with ``python -m services.api.main`` (``GALVANI_API_WORKERS`` processes) or
 ``uvicorn --factory services.api.main:app_from_environment``.
 """
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI
 
-from services.api import problems
+from services.api import problems, server
 from services.api.alerts.endpoints import router as alerts_router
 from services.api.alerts.feed import AlertFeed
 from services.api.alerts.stream import router as alert_stream_router
@@ -100,19 +100,16 @@ def app_from_environment() -> FastAPI:
     return create_app(settings)
 
 
-def main() -> None:
-    """Run the API server: ``workers`` processes (uvicorn's), sharing the port."""
+def main() -> int:
+    """Run the API: one server process, or ``workers`` of them sharing the port
+    (``services/api/server.py``)."""
     settings = ApiSettings()
     configure_logging(settings.log_level)
-    uvicorn.run(
-        "services.api.main:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level="warning",
-    )
+    if settings.workers == 1:
+        server.serve()
+        return 0
+    return server.supervise(settings.workers)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
