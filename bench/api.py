@@ -45,7 +45,7 @@ from alembic.script import ScriptDirectory
 from bench.api_seed import BRAND, RIVAL, SeedParams, device_id, make_plan, seed
 from bench.http_load import Check, percentile, run_load
 from bench.ingest import postgres_cpu_s, process_cpu_s, say
-from deploy.stack.ports import LOOPBACK, free_port
+from deploy.stack.ports import LOOPBACK, free_port, listeners
 from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
 from deploy.stack.processes import Child, service_user, spawn, wait_until
 from services.common import api_keys
@@ -184,7 +184,7 @@ def start_api(url: str, workers: int, root: Path, stack: contextlib.ExitStack) -
     api = spawn("api", argv, root / "api.log", env=env, cwd=REPO_ROOT)
     stack.callback(api.stop)
     wait_until(
-        lambda: _http_ok(f"http://{LOOPBACK}:{port}/healthz"),
+        lambda: _http_ok(f"http://{LOOPBACK}:{port}/healthz") and listeners(port) == workers,
         child=api,
         timeout_s=API_READY_TIMEOUT_S,
         what="the API",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack.ports import free_port
+from deploy.stack.ports import free_port, listeners
 from tests.api import auth
 
 START_TIMEOUT_S = 30.0
@@ -94,7 +94,8 @@ def api_processes(database_url: str, tmp_path: Path, workers: int) -> Iterator[A
     api = Api(supervisor, port)
     try:
         _wait(lambda: len(api.servers()) == workers, f"{workers} server processes")
-        _wait(lambda: _all_listening(api), "every server process to listen")
+        _wait(lambda: listeners(port) == workers, "every server process to listen")
+        assert _all_listening(api), "each server process has a listening socket of its own"
         _wait(lambda: _answers(api), "the API to answer")
         yield api
     finally:
@@ -139,7 +140,7 @@ def _sockets_by_server(api: Api, state: str) -> dict[int, int]:
 
 def _all_listening(api: Api) -> bool:
     listening = _sockets_by_server(api, LISTEN)
-    return len(listening) > 0 and all(count > 0 for count in listening.values())
+    return len(listening) > 0 and all(count == 1 for count in listening.values())
 
 
 def _burst_of_connections(port: int, count: int) -> list[http.client.HTTPConnection]:

@@ -40,3 +40,19 @@ def choose_port(preferred: int, *, required: int | None, what: str, env_var: str
             )
         return required
     return preferred if is_free(preferred) else free_port()
+
+
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+
+
+def listeners(port: int) -> int:
+    """How many IPv4 TCP sockets listen on ``port`` (Linux, from /proc/net/tcp). With
+    ``SO_REUSEPORT`` each process serving the port has its own."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)  # the heading
+        for line in table:
+            fields = line.split()
+            if fields[3] == TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 from fastapi import Response
+from psycopg.abc import AdaptContext
+from psycopg.adapt import Buffer, Loader
 from pydantic import BaseModel
 
 JSON = "application/json"
@@ -27,5 +29,17 @@ def rows_response(body: dict[str, Any]) -> Response:
     """``body`` built from database rows the route's model describes exactly (the same names,
     and types psycopg returns: str, int, float, bool, None, aware datetimes, dicts and lists)
     as JSON, without building models at all: for the answers with many rows (telemetry
-    points, alert lists). Datetimes become RFC 3339 strings, as pydantic writes them."""
+    points, alert lists). Datetimes become RFC 3339 strings, as pydantic writes them; jsonb
+    read with :func:`jsonb_passed_through` is written as PostgreSQL sent it."""
     return Response(_encoder.encode(body), media_type=JSON)
+
+
+class _PassThroughLoader(Loader):
+    def load(self, data: Buffer) -> msgspec.Raw:
+        return msgspec.Raw(bytes(data))
+
+
+def jsonb_passed_through(context: AdaptContext) -> None:
+    """Have ``context`` (a cursor) return jsonb values as the JSON text PostgreSQL sends,
+    for :func:`rows_response` to write verbatim: never parsed, never encoded again."""
+    context.adapters.register_loader("jsonb", _PassThroughLoader)

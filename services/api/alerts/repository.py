@@ -2,6 +2,7 @@
 
 from typing import Any, Final
 
+from services.api.responses import jsonb_passed_through
 from services.common.db import AsyncConn, Conn
 
 COLUMNS: Final = (
@@ -27,27 +28,30 @@ async def list_alerts(
     before_id: int | None,
     limit: int,
 ) -> list[dict[str, Any]]:
-    """Newest first (by id), at most ``limit``, ids below ``before_id``."""
-    cursor = await conn.execute(
-        f"SELECT {COLUMNS} FROM alerts"  # noqa: S608 - constant column list
-        " WHERE brand_id = %(brand)s"
-        " AND (%(device)s::text IS NULL OR device_id = %(device)s)"
-        " AND (%(rule)s::text IS NULL OR rule = %(rule)s)"
-        " AND (%(state)s::text IS NULL OR state = %(state)s)"
-        " AND (%(severity)s::text IS NULL OR severity = %(severity)s)"
-        " AND (%(before)s::bigint IS NULL OR id < %(before)s)"
-        " ORDER BY id DESC LIMIT %(limit)s",
-        {
-            "brand": brand_id,
-            "device": device,
-            "rule": rule,
-            "state": state,
-            "severity": severity,
-            "before": before_id,
-            "limit": limit,
-        },
-    )
-    return [_row(row) for row in await cursor.fetchall()]
+    """Newest first (by id), at most ``limit``, ids below ``before_id``; each explanation as
+    the JSON text stored (for :func:`rows_response`)."""
+    async with conn.cursor() as cursor:
+        jsonb_passed_through(cursor)
+        await cursor.execute(
+            f"SELECT {COLUMNS} FROM alerts"  # noqa: S608 - constant column list
+            " WHERE brand_id = %(brand)s"
+            " AND (%(device)s::text IS NULL OR device_id = %(device)s)"
+            " AND (%(rule)s::text IS NULL OR rule = %(rule)s)"
+            " AND (%(state)s::text IS NULL OR state = %(state)s)"
+            " AND (%(severity)s::text IS NULL OR severity = %(severity)s)"
+            " AND (%(before)s::bigint IS NULL OR id < %(before)s)"
+            " ORDER BY id DESC LIMIT %(limit)s",
+            {
+                "brand": brand_id,
+                "device": device,
+                "rule": rule,
+                "state": state,
+                "severity": severity,
+                "before": before_id,
+                "limit": limit,
+            },
+        )
+        return [_row(row) for row in await cursor.fetchall()]
 
 
 def get_alert(
