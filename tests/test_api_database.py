@@ -8,9 +8,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 
 from deploy.stack.ports import free_port
+from services.api import deps
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from tests.api import auth
@@ -72,3 +75,29 @@ def test_an_unreachable_database_answers_503_problem_json(
     assert answer.headers["content-type"] == "application/problem+json"
     assert answer.headers["retry-after"] == "1"
     assert answer.json()["type"].endswith("/database-unavailable")
+
+
+def _calls(dependant: Dependant) -> set[object]:
+    found: set[object] = {dependant.call}
+    for dependency in dependant.dependencies:
+        found |= _calls(dependency)
+    return found
+
+
+def test_no_endpoint_takes_a_connection_from_both_pools(client: TestClient) -> None:
+    contexts = [
+        context
+        for context in iter_route_contexts(client.app.routes)  # type: ignore[attr-defined]
+        if isinstance(context.original_route, APIRoute)
+    ]
+    uses = {
+        f"{sorted(context.methods or ())} {context.path_format}": _calls(
+            context.original_route.dependant  # type: ignore[attr-defined]
+        )
+        for context in contexts
+    }
+    reading = {route for route, calls in uses.items() if deps._read_scope in calls}
+    writing = {route for route, calls in uses.items() if deps._request_scope in calls}
+    assert "['GET'] /v1/devices/{device_id}/telemetry" in reading
+    assert "['POST'] /v1/mode-tables" in writing
+    assert reading & writing == set()
