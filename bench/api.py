@@ -47,7 +47,7 @@ from bench.http_load import Check, percentile, run_load
 from bench.ingest import postgres_cpu_s, process_cpu_s, say
 from deploy.stack.ports import LOOPBACK, free_port, listeners
 from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
-from deploy.stack.processes import Child, service_user, spawn, wait_until
+from deploy.stack.processes import Child, child_pids, service_user, spawn, wait_until
 from services.common import api_keys
 from services.common.migrate import alembic_config, upgrade
 
@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
             measured = [e for e in measured if e.name in wanted]
         lines = []
         failed = False
-        workers = _children(api.pid)
+        workers = child_pids(api.pid)
         for n, endpoint in enumerate(measured):
             before = (postgres_cpu_s(api.pid), postgres_cpu_s(postmaster), _self_cpu())
             workers_before = [process_cpu_s(pid) for pid in workers]
@@ -451,11 +451,6 @@ def run(args: argparse.Namespace) -> int:
         for line in lines:
             say(line)
         return 1 if failed else 0
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as children:
-        return [int(child) for child in children.read().split()]
 
 
 def _self_cpu() -> float:

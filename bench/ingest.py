@@ -67,7 +67,7 @@ from bench.mqtt_load import (
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
 from deploy.stack.ports import LOOPBACK, free_port
 from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
-from deploy.stack.processes import Child, service_user, spawn, wait_until
+from deploy.stack.processes import Child, child_pids, service_user, spawn, wait_until
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
 from services.common.provisioning import provision_device
@@ -138,9 +138,7 @@ def postgres_cpu_s(postmaster: int) -> float:
     reaped time covers every process the cluster ran, whenever it started or ended.
     """
     total = process_cpu_s(postmaster, reaped_children=True)
-    with open(f"/proc/{postmaster}/task/{postmaster}/children") as children:
-        pids = [int(pid) for pid in children.read().split()]
-    for pid in pids:
+    for pid in child_pids(postmaster):
         with contextlib.suppress(OSError, ValueError):  # exited since the listing
             total += process_cpu_s(pid)
     return total

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack.ports import free_port, listeners
+from deploy.stack.ports import TCP_ESTABLISHED, TCP_LISTEN, free_port, listeners, tcp_sockets
+from deploy.stack.processes import child_pids
 from tests.api import auth
 
 START_TIMEOUT_S = 30.0
@@ -31,10 +32,9 @@ class Api:
 
     def servers(self) -> list[int]:
         """The pids of the live server processes (not multiprocessing's helpers)."""
-        pid = self.supervisor.pid
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            pids = [int(child) for child in children.read().split()]
-        return [child for child in pids if b"spawn_main" in _cmdline(child)]
+        return [
+            child for child in child_pids(self.supervisor.pid) if b"spawn_main" in _cmdline(child)
+        ]
 
     def get(self, path: str, key: str | None = None) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -112,19 +112,10 @@ def _answers(api: Api) -> bool:
         return False
 
 
-ESTABLISHED = "01"
-LISTEN = "0A"
-
-
 def _sockets_by_server(api: Api, state: str) -> dict[int, int]:
-    """Sockets on the API's port in ``state`` (as /proc/net/tcp writes it), counted by the
-    server process holding them: each process's socket inodes against /proc/net/tcp."""
-    wanted: set[str] = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local_port = int(fields[1].split(":")[1], 16)
-        if local_port == api.port and fields[3] == state:
-            wanted.add(fields[9])  # the socket's inode
+    """Sockets on the API's port in ``state``, counted by the server process holding them:
+    each process's socket inodes against /proc/net/tcp's."""
+    wanted = tcp_sockets(api.port, state)
     counts = {}
     for pid in api.servers():
         inodes = set()
@@ -139,7 +130,7 @@ def _sockets_by_server(api: Api, state: str) -> dict[int, int]:
 
 
 def _all_listening(api: Api) -> bool:
-    listening = _sockets_by_server(api, LISTEN)
+    listening = _sockets_by_server(api, TCP_LISTEN)
     return len(listening) > 0 and all(count == 1 for count in listening.values())
 
 
@@ -172,7 +163,7 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_the_server_processes(
                 answer = client.getresponse()
                 answer.read()
                 assert answer.status == 200
-            counts = _sockets_by_server(api, ESTABLISHED)
+            counts = _sockets_by_server(api, TCP_ESTABLISHED)
         finally:
             for client in clients:
                 client.close()

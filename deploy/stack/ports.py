@@ -42,17 +42,25 @@ def choose_port(preferred: int, *, required: int | None, what: str, env_var: str
     return preferred if is_free(preferred) else free_port()
 
 
-TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+# The state column of /proc/net/tcp.
+TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
 
 
-def listeners(port: int) -> int:
-    """How many IPv4 TCP sockets listen on ``port`` (Linux, from /proc/net/tcp). With
-    ``SO_REUSEPORT`` each process serving the port has its own."""
-    count = 0
+def tcp_sockets(port: int, state: str) -> set[str]:
+    """The inodes of the IPv4 TCP sockets in ``state`` whose local port is ``port`` (Linux,
+    from /proc/net/tcp); a process's ``/proc/<pid>/fd`` links name the same inodes."""
+    found = set()
     with open("/proc/net/tcp") as table:
         next(table)  # the heading
         for line in table:
             fields = line.split()
-            if fields[3] == TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
-                count += 1
-    return count
+            if fields[3] == state and int(fields[1].rpartition(":")[2], 16) == port:
+                found.add(fields[9])
+    return found
+
+
+def listeners(port: int) -> int:
+    """How many IPv4 TCP sockets listen on ``port``. With ``SO_REUSEPORT`` each process
+    serving the port has its own."""
+    return len(tcp_sockets(port, TCP_LISTEN))

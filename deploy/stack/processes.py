@@ -13,6 +13,12 @@ from typing import IO
 STOP_TIMEOUT_S = 20.0
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (Linux, from /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
 def service_user() -> str | None:
     """The unprivileged account servers run as when Galvani is started by root.
 
