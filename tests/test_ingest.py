@@ -271,6 +271,32 @@ def test_device_time_outside_the_window_is_kept_and_flagged(
     assert int(seen[0].timestamp() * 1000) == now_ms - 29 * 86_400_000
 
 
+def test_late_samples_mark_their_hours_for_the_rollup_recompute(
+    database_url, broker, devices, ingest_workers: IngestWorkers
+):
+    ingest_workers.start()
+    d = devices[0].device_id
+    device = connect(broker, devices[0])
+    now_ms = int(time.time() * 1000)
+    hour_ms = 3_600_000
+    boundary_ms = (now_ms // hour_ms - 3) * hour_ms  # an hour boundary 3 to 4 hours ago
+    try:
+        # 10 samples 100 ms apart across the boundary, then a live message.
+        device.publish(topic(d, "telemetry"), telemetry(1, boundary_ms - 500))
+        device.publish(topic(d, "telemetry"), telemetry(2, now_ms - 60_000))
+    finally:
+        device.close()
+    wait_until(lambda: count(database_url, "SELECT count(*) FROM samples") == 20, what="rows")
+    with psycopg.connect(database_url) as conn:
+        storage = conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'").fetchone()
+        hours = conn.execute(
+            "SELECT device_id, (extract(epoch FROM hour) * 1000)::int8 FROM rollup_dirty"
+            " ORDER BY hour"
+        ).fetchall()
+    assert storage is not None and storage[0] != "timescaledb"  # continuous aggregates do it
+    assert hours == [(d, boundary_ms - hour_ms), (d, boundary_ms)]
+
+
 def test_sessions_are_built_from_events_and_telemetry_in_any_order(
     database_url, broker, devices, ingest_workers: IngestWorkers
 ):

@@ -24,7 +24,6 @@ from services.ingest.decode import (
     ROW_LEVEL,
     ROW_MODE,
     ROW_OUT,
-    ROW_RECEIVED_AT,
     ROW_SESSION,
     ROW_SUSPECT,
     ROW_TS,
@@ -46,6 +45,7 @@ SAMPLE_PERIOD_S: Final = 0.1
 # Samples older than this on arrival (a device's offline buffer) mark their hour for the
 # maintenance service to recompute, which otherwise recomputes only recent hours.
 LATE_SAMPLE_AFTER: Final = timedelta(hours=1)
+ONE_HOUR: Final = timedelta(hours=1)
 
 _COLUMNS: Final = sql.SQL(", ").join(map(sql.Identifier, SAMPLE_COLUMNS))
 COPY_SAMPLES: Final = sql.SQL("COPY samples ({}) FROM STDIN (FORMAT BINARY)").format(_COLUMNS)
@@ -160,9 +160,10 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
         _insert_dead_letters(conn, dead)
 
     new_telemetry = _insert_ledger(conn, telemetry)
-    stored_rows = _insert_samples(conn, [telemetry[key] for key in new_telemetry], outcome)
+    new_messages = [telemetry[key] for key in new_telemetry]
+    stored_rows = _insert_samples(conn, new_messages, outcome)
     if storage is not Storage.TIMESCALEDB:
-        _mark_late_hours(conn, stored_rows)
+        _mark_late_hours(conn, new_messages)
     new_events = _insert_events(conn, events)
     new_states = _insert_states(conn, states)
     stored_presence = _insert_presence(conn, presences)
@@ -347,12 +348,35 @@ def _insert_samples_keyed(conn: Conn, rows: list[SampleRow]) -> list[SampleRow]:
     return stored
 
 
-def _mark_late_hours(conn: Conn, rows: list[SampleRow]) -> None:
-    late = {
-        (row[ROW_DEVICE], row[ROW_TS].replace(minute=0, second=0, microsecond=0))
-        for row in rows
-        if row[ROW_TS] < row[ROW_RECEIVED_AT] - LATE_SAMPLE_AFTER
-    }
+def late_hours(messages: Iterable[TelemetryIn]) -> set[tuple[str, datetime]]:
+    """The (device, hour) of every sample older than ``LATE_SAMPLE_AFTER`` on arrival.
+
+    A message's samples nearly always lie within one hour, so that case costs two
+    comparisons per message rather than an hour computed per sample. Samples a conflict kept
+    out of the table (a second sample with the same time) still mark their hour: it holds
+    the first one, so a recompute is at worst unneeded.
+    """
+    late: set[tuple[str, datetime]] = set()
+    for message in messages:
+        cutoff = message.received_at - LATE_SAMPLE_AFTER
+        times = [row[ROW_TS] for row in message.rows]
+        first, last = min(times), max(times)
+        if first >= cutoff:
+            continue
+        hour = _hour(first)
+        if last < cutoff and last < hour + ONE_HOUR:
+            late.add((message.device_id, hour))
+        else:
+            late.update((message.device_id, _hour(ts)) for ts in times if ts < cutoff)
+    return late
+
+
+def _hour(ts: datetime) -> datetime:
+    return ts.replace(minute=0, second=0, microsecond=0)
+
+
+def _mark_late_hours(conn: Conn, messages: list[TelemetryIn]) -> None:
+    late = late_hours(messages)
     if late:
         conn.execute(
             "INSERT INTO rollup_dirty (device_id, hour)"
