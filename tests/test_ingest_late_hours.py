@@ -2,18 +2,15 @@
 
 from datetime import UTC, datetime, timedelta
 
-from services.ingest.decode import TelemetryIn
+from services.ingest.decode import SampleRow, TelemetryIn
 from services.ingest.writer import late_hours
 
 RECEIVED = datetime(2026, 11, 30, 12, 30, tzinfo=UTC)
 
 
 def message(device_id: str, *times: datetime) -> TelemetryIn:
-    rows = [
-        (device_id, ts, 1, None, None, None, None, None, None, None, None, None, None, None, None)
-        + (RECEIVED, False)
-        for ts in times
-    ]
+    no_reading = (None,) * 11  # mode .. charging
+    rows: list[SampleRow] = [(device_id, ts, 1, None, *no_reading, RECEIVED, False) for ts in times]
     return TelemetryIn(device_id, 1, None, rows, RECEIVED)
 
 
