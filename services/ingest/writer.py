@@ -5,6 +5,10 @@ acknowledges the batch's MQTT messages only after it commits. Everything here is
 idempotent: a batch written twice (a redelivery after a crash) leaves the database as
 written once, because every insert is keyed and every counter only counts rows that the
 database reports as new.
+
+Column arrays go to PostgreSQL in binary (``%b``): psycopg spells a list out in text one
+element at a time in Python, which measured 0.4 µs per integer and 3.3 µs per timestamp
+against about 0.2 µs in binary.
 """
 
 from collections import Counter
@@ -250,7 +254,7 @@ def _lock_devices(conn: Conn, device_ids: list[str]) -> set[str]:
     if not device_ids:
         return set()
     rows = conn.execute(
-        "SELECT id FROM devices WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE", [device_ids]
+        "SELECT id FROM devices WHERE id = ANY(%b::text[]) ORDER BY id FOR UPDATE", [device_ids]
     ).fetchall()
     return {str(row[0]) for row in rows}
 
@@ -288,8 +292,8 @@ def _insert_ledger(
         """
         INSERT INTO telemetry_messages
             (device_id, seq, ts, session, samples, received_at, ts_suspect)
-        SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[],
-                             %s::int2[], %s::timestamptz[], %s::bool[])
+        SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[],
+                             %b::int2[], %b::timestamptz[], %b::bool[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
         [
@@ -380,7 +384,7 @@ def _mark_late_hours(conn: Conn, messages: list[TelemetryIn]) -> None:
     if late:
         conn.execute(
             "INSERT INTO rollup_dirty (device_id, hour)"
-            " SELECT * FROM unnest(%s::text[], %s::timestamptz[]) ON CONFLICT DO NOTHING",
+            " SELECT * FROM unnest(%b::text[], %b::timestamptz[]) ON CONFLICT DO NOTHING",
             [[d for d, _ in late], [h for _, h in late]],
         )
 
@@ -393,8 +397,8 @@ def _insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tu
         """
         INSERT INTO events (device_id, seq, ts, type, session, body, received_at, ts_suspect)
         SELECT device_id, seq, ts, type, session, body::jsonb, received_at, ts_suspect
-        FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[], %s::text[],
-                    %s::text[], %s::timestamptz[], %s::bool[])
+        FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[], %b::text[],
+                    %b::text[], %b::timestamptz[], %b::bool[])
              AS u(device_id, seq, ts, type, session, body, received_at, ts_suspect)
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
@@ -421,9 +425,9 @@ def _insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tu
         """
         INSERT INTO state_reports (device_id, seq, ts, fw, hw, config_version, config_sha256,
                                    config_status, config_reason, received_at, dropped)
-        SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::text[], %s::text[],
-                             %s::int4[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-                             %s::jsonb[])
+        SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[], %b::text[],
+                             %b::int4[], %b::text[], %b::text[], %b::text[], %b::timestamptz[],
+                             %b::jsonb[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
         [
@@ -451,7 +455,7 @@ def _insert_presence(conn: Conn, presences: list[PresenceIn]) -> int:
     rows = conn.execute(
         """
         INSERT INTO presence_log (device_id, online, ts, received_at)
-        SELECT * FROM unnest(%s::text[], %s::bool[], %s::timestamptz[], %s::timestamptz[])
+        SELECT * FROM unnest(%b::text[], %b::bool[], %b::timestamptz[], %b::timestamptz[])
         ON CONFLICT DO NOTHING
         RETURNING id""",
         [
@@ -499,10 +503,10 @@ def _upsert_sessions(conn: Conn, sessions: dict[tuple[str, str], _SessionDelta])
                u.started_at, u.start_seq, u.ended_at, u.duration_s, u.end_reason, u.end_seq,
                u.samples, u.out_samples, u.gel_ok_samples, u.out_samples * %s::real,
                u.first_sample_at, u.last_sample_at, u.start_batt_pct, now()
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::int2[], %s::text[],
-                    %s::int2[], %s::timestamptz[], %s::int8[], %s::timestamptz[], %s::real[],
-                    %s::text[], %s::int8[], %s::int4[], %s::int4[], %s::int4[],
-                    %s::timestamptz[], %s::timestamptz[], %s::int2[])
+        FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int2[], %b::text[],
+                    %b::int2[], %b::timestamptz[], %b::int8[], %b::timestamptz[], %b::real[],
+                    %b::text[], %b::int8[], %b::int4[], %b::int4[], %b::int4[],
+                    %b::timestamptz[], %b::timestamptz[], %b::int2[])
              AS u(device_id, session, user_id, start_mode, start_level, sample_mode,
                   sample_level, started_at, start_seq, ended_at, duration_s, end_reason,
                   end_seq, samples, out_samples, gel_ok_samples, first_sample_at,
@@ -579,7 +583,7 @@ def _record_config_answers(conn: Conn, states: list[StateIn]) -> None:
         """
         UPDATE config_pushes p
         SET answer_status = u.status, answer_reason = u.reason, answered_at = u.ts
-        FROM unnest(%s::text[], %s::int4[], %s::text[], %s::text[], %s::timestamptz[])
+        FROM unnest(%b::text[], %b::int4[], %b::text[], %b::text[], %b::timestamptz[])
              AS u(device_id, version, status, reason, ts)
         WHERE p.device_id = u.device_id AND p.version = u.version
           AND (p.answered_at IS NULL OR p.answered_at <= u.ts)""",
@@ -632,9 +636,9 @@ def _update_devices(conn: Conn, devices: dict[str, _DeviceDelta]) -> None:
             online = CASE WHEN u.presence_at >= d.presence_at OR d.presence_at IS NULL
                           AND u.presence_at IS NOT NULL THEN u.online ELSE d.online END,
             presence_at = GREATEST(d.presence_at, u.presence_at)
-        FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[], %s::int8[], %s::int8[],
-                    %s::int8[], %s::timestamptz[], %s::text[], %s::text[], %s::int4[],
-                    %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bool[])
+        FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],
+                    %b::int8[], %b::timestamptz[], %b::text[], %b::text[], %b::int4[],
+                    %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[])
              AS u(id, received_at, seen, min_seq, max_seq, new_seqs, state_ts, fw, hw,
                   cfg_version, cfg_sha256, cfg_status, cfg_reason, presence_at, online)
         WHERE d.id = u.id""",
