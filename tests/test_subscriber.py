@@ -453,11 +453,6 @@ def test_a_protocol_violation_closes_the_connection_and_it_reconnects(
     assert sub.reconnects == 1
 
 
-@pytest.mark.xfail(
-    raises=IndexError,
-    reason="bug: mqtt5.read_properties raises IndexError, not ProtocolViolation, for a one-byte"
-    " property cut by the end of the packet; it escapes Subscriber.poll",
-)
 def test_a_connack_whose_last_property_lacks_its_value_closes_the_connection(
     broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
 ) -> None:
@@ -622,12 +617,6 @@ def test_an_unanswered_ping_closes_the_connection_and_it_reconnects(
     assert sub.reconnects == 1
 
 
-@pytest.mark.xfail(
-    raises=pytest.fail.Exception,
-    reason="bug: a Server Keep Alive from one CONNACK outlives its connection; on a later"
-    " connection whose CONNACK has none, the client keeps the old value instead of the"
-    " keep alive its own CONNECT declared (MQTT 5 3.2.2.3.14)",
-)
 def test_a_later_connection_without_server_keep_alive_uses_the_connects_own(
     broker: ScriptedBroker,
     new_subscriber: Callable[[int], Subscriber],

@@ -72,6 +72,8 @@ _PROPERTY_TYPES: Final = {
     0x2A: _BYTE,
 }
 
+_FIXED_SIZES: Final = {_BYTE: 1, _TWO: 2, _FOUR: 4}
+
 # Subscription options (3.8.3.1): maximum QoS 1, retained messages not sent.
 QOS_1: Final = 0x01
 RETAIN_DO_NOT_SEND: Final = 0x20
@@ -225,12 +227,11 @@ def read_properties(body: bytes, pos: int) -> tuple[Properties, int]:
         if kind is None:
             raise ProtocolViolation(f"unknown property 0x{identifier:02x}")
         value: int | str | bytes
-        if kind == _BYTE:
-            value, pos = body[pos], pos + 1
-        elif kind == _TWO:
-            value, pos = int.from_bytes(body[pos : pos + 2], "big"), pos + 2
-        elif kind == _FOUR:
-            value, pos = int.from_bytes(body[pos : pos + 4], "big"), pos + 4
+        if kind in _FIXED_SIZES:
+            size = _FIXED_SIZES[kind]
+            if pos + size > end:
+                raise ProtocolViolation("property runs past its block")
+            value, pos = int.from_bytes(body[pos : pos + size], "big"), pos + size
         elif kind == _VARINT:
             read = read_varint(body, pos, end)
             if read is None:

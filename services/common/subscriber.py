@@ -192,6 +192,7 @@ class Subscriber:
         self._in.clear()
         self._out.clear()
         self._connacked = False
+        self._keepalive_s = KEEPALIVE_S  # until this connection's CONNACK says otherwise
         self._ping_sent_at = 0.0
         self._opened_at = self._last_in = now
         self._queue(
