@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import groupby
+from operator import itemgetter
 from typing import Final, TypeVar
 
 from psycopg import errors, sql
@@ -23,6 +25,7 @@ from psycopg.types.json import Jsonb
 from services.common.db import Conn, Storage
 from services.common.protocol import Channel, SessionEnd, SessionStart
 from services.ingest.decode import (
+    GEL_BAND_OHM,
     ROW_BATT_PCT,
     ROW_DEVICE,
     ROW_LEVEL,
@@ -41,7 +44,6 @@ from services.ingest.decode import (
     SampleRow,
     StateIn,
     TelemetryIn,
-    in_gel_band,
 )
 
 # protocol.md: 10 samples a second while output runs, so one sample with ``out`` is 0.1 s.
@@ -58,6 +60,8 @@ INSERT_STAGED: Final = sql.SQL(
     "INSERT INTO samples ({}) SELECT {} FROM samples_in ON CONFLICT DO NOTHING"
     " RETURNING device_id, ts"
 ).format(_COLUMNS, _COLUMNS)
+
+_sample_time: Final = itemgetter(ROW_TS)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -92,6 +96,14 @@ class _DeviceDelta:
         if not suspect and (self.seen is None or ts > self.seen):
             self.seen = ts
 
+    def saw_samples(self, rows: list[SampleRow], received_at: datetime) -> None:
+        self.received_at = max(self.received_at, received_at)
+        plausible = [row[ROW_TS] for row in rows if not row[ROW_SUSPECT]]
+        if plausible:
+            latest = max(plausible)
+            if self.seen is None or latest > self.seen:
+                self.seen = latest
+
     def counted(self, seq: int) -> None:
         self.new_seqs += 1
         self.min_seq = seq if self.min_seq is None else min(self.min_seq, seq)
@@ -113,20 +125,22 @@ class _SessionDelta:
     start: EventIn | None = None
     end: EventIn | None = None
 
-    def add_sample(self, row: SampleRow) -> None:
-        self.samples += 1
-        if row[ROW_OUT]:
-            self.out_samples += 1
-            if in_gel_band(row[ROW_Z_OHM]):
-                self.gel_ok_samples += 1
-        ts = row[ROW_TS]
-        if self.first_sample_at is None or ts < self.first_sample_at:
-            self.first_sample_at = ts
-            self.first_batt_pct = row[ROW_BATT_PCT]
-            self.first_mode = row[ROW_MODE]
-            self.first_level = row[ROW_LEVEL]
-        if self.last_sample_at is None or ts > self.last_sample_at:
-            self.last_sample_at = ts
+    def add_samples(self, rows: list[SampleRow]) -> None:
+        """Count a run of one session's samples (a message's, as a rule)."""
+        self.samples += len(rows)
+        out = [row[ROW_Z_OHM] for row in rows if row[ROW_OUT]]
+        self.out_samples += len(out)
+        low, high = GEL_BAND_OHM
+        self.gel_ok_samples += sum(1 for z in out if z is not None and low <= z <= high)
+        first = min(rows, key=_sample_time)
+        if self.first_sample_at is None or first[ROW_TS] < self.first_sample_at:
+            self.first_sample_at = first[ROW_TS]
+            self.first_batt_pct = first[ROW_BATT_PCT]
+            self.first_mode = first[ROW_MODE]
+            self.first_level = first[ROW_LEVEL]
+        last = max(row[ROW_TS] for row in rows)
+        if self.last_sample_at is None or last > self.last_sample_at:
+            self.last_sample_at = last
 
     def add_event(self, event: EventIn) -> None:
         if isinstance(event.event, SessionStart):
@@ -178,9 +192,7 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
     _count(outcome, Channel.PRESENCE, len(presences), stored_presence)
 
     for item in telemetry.values():
-        delta = devices[item.device_id]
-        for row in item.rows:
-            delta.saw(row[ROW_TS], row[ROW_SUSPECT], item.received_at)
+        devices[item.device_id].saw_samples(item.rows, item.received_at)
     for device_id, seq in new_telemetry:
         devices[device_id].counted(seq)
     for key, event in events.items():
@@ -472,14 +484,14 @@ def _session_deltas(
     rows: list[SampleRow], new_events: list[EventIn]
 ) -> dict[tuple[str, str], _SessionDelta]:
     sessions: dict[tuple[str, str], _SessionDelta] = {}
-    for row in rows:
-        session = row[ROW_SESSION]
+    # A message's rows are adjacent and share device and session: counted a run at a time.
+    for (device_id, session), run in groupby(rows, key=itemgetter(ROW_DEVICE, ROW_SESSION)):
         if session is not None:
-            key = (row[ROW_DEVICE], session)
+            key = (device_id, session)
             delta = sessions.get(key)
             if delta is None:
                 delta = sessions[key] = _SessionDelta()
-            delta.add_sample(row)
+            delta.add_samples(list(run))
     for event in new_events:
         if isinstance(event.event, SessionStart | SessionEnd):
             key = (event.device_id, event.event.session)
