@@ -1,12 +1,14 @@
 """``make bench-ingest-floor``: the CPU per sample of the parts ingest cannot do without.
 
 Issue 3 asks for ingest plus database CPU of at most 12 µs per stored sample. This measures
-the two client-side pieces that every design on the mandated stack pays, in isolation, on the
-benchmark's own message (10 samples, about 2 KB):
+the client-side pieces that every message costs, in isolation, on the benchmark's own
+message (10 samples, about 2 KB):
 
-1. **paho-mqtt 2.x receiving and acknowledging** one QoS 1 PUBLISH with ``manual_ack``: the
-   packets are pre-encoded and fed through a socket pair, so no broker CPU is counted, and
-   the CPU is the reading thread's own (``time.thread_time``);
+1. **receiving and acknowledging** one QoS 1 PUBLISH, after commit, in batches of 500:
+   ingest's own subscriber (``services.common.subscriber``) against a scripted broker on a
+   loopback port, and for comparison paho-mqtt 2.x with ``manual_ack``, which ingest used
+   before. The packets are pre-encoded, so no broker CPU is counted, and the CPU is the
+   reading thread's own (``time.thread_time``);
 2. **decoding and validating** the payload into rows: ingest's own ``decode_inbound`` (the
    msgspec fast path).
 
@@ -14,11 +16,12 @@ The database side of the floor is the raw binary COPY of the same rows, which
 ``make bench-ingest`` prints as its ``copy ceiling`` line (PostgreSQL CPU per row). The last
 line is::
 
-    paho_us_per_sample=N decode_us_per_sample=N client_floor_us_per_sample=N
+    subscriber_us_per_sample=N paho_us_per_sample=N decode_us_per_sample=N
+    client_floor_us_per_sample=N
 
-The socket-pair harness sets two private attributes of ``paho.mqtt.client.Client`` (its socket
-and connection state) so that it reads without a broker; it is a measuring tool, not code the
-services run.
+(one line), where ``client_floor`` is the subscriber's and decoding's. The paho harness sets
+two private attributes of ``paho.mqtt.client.Client`` (its socket and connection state) so
+that it reads without a broker; it is a measuring tool, not code the services run.
 """
 
 import json
@@ -35,13 +38,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.ingest import say
 from bench.mqtt_load import SAMPLE_FIELDS, SAMPLE_SPACING_MS
-from services.common.subscriber import Inbound
+from deploy.stack.ports import LOOPBACK
+from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.ingest.decode import decode_inbound
 
 MESSAGES: Final = 50_000
 SAMPLES: Final = 10
 TOPIC: Final = "galvani/v1/d/bench-00001/telemetry"
 FEED_CHUNK: Final = 100
+BATCH: Final = 500
+# CONNACK (no session, success, no properties) and SUBACK (packet id 1, QoS 1 granted).
+CONNACK: Final = b"\x20\x03\x00\x00\x00"
+SUBACK: Final = b"\x90\x04\x00\x01\x00\x01"
 
 
 def payload(seq: int) -> bytes:
@@ -113,6 +121,62 @@ def paho_us_per_message() -> float:
     return spent / MESSAGES * 1e6
 
 
+def _read_exactly(conn: socket.socket, size: int) -> None:
+    while size > 0:
+        size -= len(conn.recv(min(size, 65_536)))
+
+
+def subscriber_us_per_message() -> float:
+    """ingest's subscriber: read, take a batch, acknowledge it (as after a commit)."""
+    listener = socket.create_server((LOOPBACK, 0))
+    subscriber = Subscriber(
+        SubscriberConfig(
+            host=LOOPBACK,
+            port=listener.getsockname()[1],
+            username="floor",
+            password="floor",  # noqa: S106 (the scripted broker checks nothing)
+            client_id="floor",
+            topic_filters=(TOPIC,),
+            receive_maximum=2 * BATCH,
+            session_expiry_s=3600,
+        )
+    )
+    subscriber.poll(0)  # connects: the kernel completes the handshake from the backlog
+    broker, _ = listener.accept()
+    packets = [publish_packet(i % 65_535 + 1, payload(i)) for i in range(MESSAGES)]
+
+    def play_broker() -> None:
+        broker.recv(65_536)  # CONNECT
+        broker.sendall(CONNACK)
+        broker.recv(65_536)  # SUBSCRIBE
+        broker.sendall(SUBACK)
+        for i in range(0, MESSAGES, FEED_CHUNK):
+            broker.sendall(b"".join(packets[i : i + FEED_CHUNK]))
+
+    def drain() -> None:  # the PUBACKs, 4 bytes each
+        _read_exactly(broker, 4 * MESSAGES)
+
+    feeder = threading.Thread(target=play_broker)
+    feeder.start()
+    while not subscriber.connected:
+        subscriber.poll(0.1)
+    drainer = threading.Thread(target=drain)
+    drainer.start()
+    acked = 0
+    started = time.thread_time()
+    while acked < MESSAGES:
+        subscriber.poll(0.1)
+        if len(subscriber.pending) >= BATCH or acked + len(subscriber.pending) == MESSAGES:
+            acked += subscriber.ack(subscriber.take(BATCH))
+    spent = time.thread_time() - started
+    feeder.join()
+    drainer.join()
+    subscriber.close()
+    broker.close()
+    listener.close()
+    return spent / MESSAGES * 1e6
+
+
 def decode_us_per_message() -> float:
     """ingest's decode and validation of one message into rows."""
     now = datetime.now(UTC)
@@ -127,14 +191,17 @@ def decode_us_per_message() -> float:
 
 
 def main() -> int:
+    subscriber_us = subscriber_us_per_message()
     paho_us = paho_us_per_message()
     decode_us = decode_us_per_message()
+    say(f"subscriber receive+ack: {subscriber_us:.1f} us per message of {SAMPLES} samples")
     say(f"paho receive+ack: {paho_us:.1f} us per message of {SAMPLES} samples")
     say(f"decode+validate: {decode_us:.1f} us per message of {SAMPLES} samples")
     say(
+        f"subscriber_us_per_sample={subscriber_us / SAMPLES:.2f} "
         f"paho_us_per_sample={paho_us / SAMPLES:.1f} "
         f"decode_us_per_sample={decode_us / SAMPLES:.1f} "
-        f"client_floor_us_per_sample={(paho_us + decode_us) / SAMPLES:.1f}"
+        f"client_floor_us_per_sample={(subscriber_us + decode_us) / SAMPLES:.1f}"
     )
     return 0
 
