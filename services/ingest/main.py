@@ -7,6 +7,7 @@ it is committed, so a crash anywhere means redelivery, and redelivery means a du
 database ignores.
 """
 
+import gc
 import logging
 import signal
 import threading
@@ -41,6 +42,7 @@ from services.ingest.writer import BatchOutcome, write_batch
 log = logging.getLogger("galvani.ingest")
 
 CHANNELS: Final = ("telemetry", "events", "state", "presence")
+GC_THRESHOLD: Final = 50_000
 
 
 def topic_filters(group: str) -> tuple[str, ...]:
@@ -204,9 +206,20 @@ class Worker:
                 )
 
 
+def tune_garbage_collector() -> None:
+    """Collect cycles less often: a batch allocates tens of thousands of short-lived tuples
+    and none of them form cycles, and at the default threshold (700 allocations) the
+    collector took about a sixth of decoding's CPU (``make bench-ingest-floor``'s message,
+    decoded in batches of 500: 18.1 against 15.1 µs per message). Objects from start-up are
+    frozen out of its scans."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
+
+
 def main() -> None:
     """Run one worker until SIGTERM or SIGINT."""
     settings = IngestSettings()
+    tune_garbage_collector()
     configure_logging(settings.log_level)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
