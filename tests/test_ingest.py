@@ -4,11 +4,16 @@ import json
 import random
 import secrets
 import time
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from deploy.stack.mosquitto import MosquittoBroker
+from services.common.db import storage_of
+from services.common.subscriber import Inbound
+from services.ingest.decode import decode_inbound
+from services.ingest.writer import write_batch
 from tests.ingest import (
     T0_MS,
     Device,
@@ -441,3 +446,25 @@ def test_a_value_too_long_for_an_index_becomes_a_dead_letter_instead_of_a_retry_
     )
     assert scalar(database_url, "SELECT reason FROM dead_letters") == "unstorable"
     assert ingest_workers.procs["1"].poll() is None
+
+
+def test_a_batch_being_written_does_not_hold_up_rows_that_reference_its_devices(database_url):
+    [device] = provision(database_url, 1)
+    now = datetime.now(UTC)
+    message = Inbound(topic(device.device_id, "telemetry"), telemetry(1, T0_MS), 1, 1, now, 1)
+    with (
+        psycopg.connect(database_url) as ingest,
+        psycopg.connect(database_url) as rules,
+        ingest.transaction(),
+    ):
+        write_batch(ingest, [decode_inbound(message)], storage_of(ingest))
+        # What the rules engine does for an alert, while the batch is not yet committed.
+        rules.execute("SET lock_timeout = '2s'")
+        rules.execute(
+            "INSERT INTO config_pushes (device_id, version, payload, sha256, reason, source,"
+            " issued_at) VALUES (%s, 1, '{}', 'x', 'test', 'rule', now())",
+            [device.device_id],
+        )
+        rules.commit()
+    assert count(database_url, "SELECT count(*) FROM samples") == 10
+    assert count(database_url, "SELECT count(*) FROM config_pushes") == 1

@@ -261,12 +261,16 @@ def _devices_of(
 def _lock_devices(conn: Conn, device_ids: list[str]) -> set[str]:
     # Every batch locks its devices' rows first, in id order, so two ingest workers never
     # deadlock on them and a device's rows (ledger, sessions, derived state) are written by
-    # one transaction at a time. Devices unknown to the database (decommissioned while their
-    # messages sat in the broker) are still stored; only their derived state is skipped.
+    # one transaction at a time. The lock is the one the device update takes anyway (NO KEY
+    # UPDATE): it does not hold up the rules engine or the API inserting alerts or config
+    # pushes that reference the device (their foreign-key checks take KEY SHARE). Devices
+    # unknown to the database (decommissioned while their messages sat in the broker) are
+    # still stored; only their derived state is skipped.
     if not device_ids:
         return set()
     rows = conn.execute(
-        "SELECT id FROM devices WHERE id = ANY(%b::text[]) ORDER BY id FOR UPDATE", [device_ids]
+        "SELECT id FROM devices WHERE id = ANY(%b::text[]) ORDER BY id FOR NO KEY UPDATE",
+        [device_ids],
     ).fetchall()
     return {str(row[0]) for row in rows}
 
