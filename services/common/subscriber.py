@@ -20,7 +20,7 @@ Ingest and rules each run workers of their own share group on it.
 The MQTT client is this module's own (packets in :mod:`services.common.mqtt5`), not paho's:
 paho reads each packet with three or four system calls (its first byte, each length byte, the
 rest) and sends each PUBACK with two more, which ``make bench-ingest-floor`` measured at 4.3
-to 6.9 µs of CPU per stored sample, over a third of issue 3's budget. Here one ``recv`` of
+to 7.1 µs of CPU per stored sample, over a third of issue 3's budget. Here one ``recv`` of
 up to 256 KiB is parsed into every message it holds.
 
 Single-threaded by design: the worker calls :meth:`poll` to run the network and
