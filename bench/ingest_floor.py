@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.ingest import say
 from bench.mqtt_load import SAMPLE_FIELDS, SAMPLE_SPACING_MS
 from deploy.stack.ports import LOOPBACK
+from services.common.mqtt5 import varint
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.ingest.decode import decode_inbound
 
@@ -61,20 +62,11 @@ def payload(seq: int) -> bytes:
     return json.dumps({"v": 1, "seq": seq, "session": "s-1", "samples": samples}).encode()
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def publish_packet(packet_id: int, body: bytes) -> bytes:
     """An MQTT 5 PUBLISH at QoS 1 with no properties."""
     topic = TOPIC.encode()
     rest = struct.pack("!H", len(topic)) + topic + struct.pack("!H", packet_id) + b"\x00" + body
-    return b"\x32" + _varint(len(rest)) + rest
+    return b"\x32" + varint(len(rest)) + rest
 
 
 def paho_us_per_message() -> float:

@@ -33,6 +33,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
+from services.common.mqtt5 import string, varint
+
 KEEPALIVE_S: Final = 600  # activity never stops for long; the broker allows up to 65535
 CONNECT_CONCURRENCY: Final = 100
 # Right after the device password file is re-rendered the broker is still reloading it and
@@ -143,34 +145,20 @@ class LoadResult:
 # --- Encoding ---------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _string(value: str) -> bytes:
-    raw = value.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
 def connect_packet(login: DeviceLogin) -> bytes:
     """CONNECT, MQTT 3.1.1, clean session, client id = username = device id."""
     flags = 0x80 | 0x40 | 0x02  # username, password, clean session
-    variable = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", KEEPALIVE_S)
-    payload = _string(login.device_id) + _string(login.device_id) + _string(login.password)
+    variable = string("MQTT") + bytes([4, flags]) + struct.pack("!H", KEEPALIVE_S)
+    payload = string(login.device_id) + string(login.device_id) + string(login.password)
     body = variable + payload
-    return b"\x10" + _varint(len(body)) + body
+    return b"\x10" + varint(len(body)) + body
 
 
 def publish_packet(topic_field: bytes, packet_id: int, payload: bytes) -> bytes:
     """PUBLISH at QoS 1; ``topic_field`` is the length-prefixed topic."""
     remaining = len(topic_field) + 2 + len(payload)
     return b"".join(
-        (b"\x32", _varint(remaining), topic_field, packet_id.to_bytes(2, "big"), payload)
+        (b"\x32", varint(remaining), topic_field, packet_id.to_bytes(2, "big"), payload)
     )
 
 
@@ -220,7 +208,7 @@ def device_packets(device_id: str, count: int, first_ts_ms: int) -> list[bytes]:
     """``count`` PUBLISH packets of one device: seq 0.., one second of device time apart."""
     session = session_of(device_id)
     template = payload_template(session)
-    topic_field = _string(telemetry_topic(device_id))
+    topic_field = string(telemetry_topic(device_id))
     spacing = SAMPLE_SPACING_MS
     packets = []
     for seq in range(count):
@@ -536,7 +524,7 @@ async def publish_once(
     host: str, port: int, login: DeviceLogin, topic: str, payloads: Sequence[bytes]
 ) -> None:
     """Connect as ``login``, publish ``payloads`` at QoS 1, wait for every PUBACK, disconnect."""
-    topic_field = _string(topic)
+    topic_field = string(topic)
     for _ in range(CONNECT_ATTEMPTS):
         reader, writer = await asyncio.open_connection(host, port)
         try:

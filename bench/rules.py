@@ -69,6 +69,7 @@ from deploy.stack.postgres import new_password
 from deploy.stack.processes import spawn, wait_until
 from services.common.broker_auth import ServiceAccount
 from services.common.migrate import upgrade
+from services.common.mqtt5 import string, varint
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 CONNECT_CONCURRENCY: Final = 100
@@ -94,20 +95,6 @@ CREATE TRIGGER bench_alert_notify AFTER INSERT ON alerts
 
 
 # --- a minimal MQTT 3.1.1 client on asyncio ------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _string(value: str) -> bytes:
-    raw = value.encode()
-    return struct.pack("!H", len(raw)) + raw
 
 
 class Client(asyncio.Protocol):
@@ -173,14 +160,14 @@ class Client(asyncio.Protocol):
         """Write one QoS 1 PUBLISH (PUBACKs are read and ignored)."""
         self._next_id = self._next_id % 65_535 + 1
         assert self.transport is not None
-        self.transport.write(publish_packet(_string(topic), self._next_id, payload))
+        self.transport.write(publish_packet(string(topic), self._next_id, payload))
 
     async def subscribe(self, topic: str) -> None:
         """SUBSCRIBE at QoS 1 and wait for the SUBACK."""
         self._next_id = self._next_id % 65_535 + 1
-        body = struct.pack("!H", self._next_id) + _string(topic) + b"\x01"
+        body = struct.pack("!H", self._next_id) + string(topic) + b"\x01"
         assert self.transport is not None
-        self.transport.write(b"\x82" + _varint(len(body)) + body)
+        self.transport.write(b"\x82" + varint(len(body)) + body)
         code = await asyncio.wait_for(self.suback, 10)
         if code & 0x80:
             raise RuntimeError(f"subscription to {topic} refused")

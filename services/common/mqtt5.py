@@ -148,7 +148,8 @@ def read_varint(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tupl
     return None
 
 
-def _string(value: str | bytes) -> bytes:
+def string(value: str | bytes) -> bytes:
+    """A UTF-8 string or binary data (1.5.4, 1.5.6): two bytes of length, then the bytes."""
     data = value.encode() if isinstance(value, str) else value
     if len(data) > 0xFFFF:
         raise ValueError("string longer than 65,535 bytes")
@@ -174,14 +175,14 @@ def connect(
         "!BIBH", SESSION_EXPIRY_INTERVAL, session_expiry_s, RECEIVE_MAXIMUM, receive_maximum
     )
     body = (
-        _string("MQTT")
+        string("MQTT")
         + bytes((5, flags))
         + struct.pack("!H", keepalive_s)
         + varint(len(properties))
         + properties
-        + _string(client_id)
-        + _string(username)
-        + _string(password.encode())
+        + string(client_id)
+        + string(username)
+        + string(password.encode())
     )
     return _packet(PacketType.CONNECT << 4, body)
 
@@ -189,7 +190,7 @@ def connect(
 def subscribe(packet_id: int, topic_filters: Sequence[str], options: int) -> bytes:
     """SUBSCRIBE (3.8) of every filter with the same options, no properties."""
     body = struct.pack("!H", packet_id) + b"\x00"
-    body += b"".join(_string(topic) + bytes((options,)) for topic in topic_filters)
+    body += b"".join(string(topic) + bytes((options,)) for topic in topic_filters)
     return _packet(PacketType.SUBSCRIBE << 4 | 0x02, body)
 
 
