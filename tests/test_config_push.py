@@ -17,6 +17,7 @@ from services.common.config_push import (
     publish_push,
     record_push,
     table_sha256,
+    unanswered_pushes,
     unpublished_pushes,
 )
 from services.common.mode_tables import DEFAULT_MODES, restricted_table
@@ -167,3 +168,44 @@ def test_an_older_unpublished_table_is_superseded_not_published(
         client.loop_stop()
         client.disconnect()
     assert rows == [(older.version, False, True), (newer.version, True, False)]
+
+
+def test_an_unanswered_table_is_published_again_once_its_device_has_been_back_a_while(
+    database_url: str, key: Any
+) -> None:
+    """A broker killed -9 forgets retained tables it had not saved yet: a device that
+    reconnects and stays silent about its newest table is sent it again, once per reconnect."""
+    [device] = provision(database_url, 1, prefix="again")
+    table = restricted_table(None, version=0, issued_at_ms=_now_ms(), reason="t", lock_all=True)
+    with psycopg.connect(database_url) as conn:
+        push = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+        conn.execute("UPDATE config_pushes SET published_at = now() - interval '10 minutes'")
+
+    def online(ago: str) -> None:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "INSERT INTO presence_log (device_id, online, received_at)"
+                " VALUES (%s, true, now() - %s::interval)",
+                [device.device_id, ago],
+            )
+
+    def due(grace_s: float = 30) -> list[int]:
+        with psycopg.connect(database_url) as conn:
+            return [p.version for p in unanswered_pushes(conn, grace_s)]
+
+    online("20 minutes")  # before the table was published: it was delivered then
+    assert due() == []
+    online("10 seconds")  # back, but not yet given time to answer
+    assert due() == []
+    assert due(grace_s=5) == [push.version]
+    online("1 minute")
+    assert due() == [push.version]
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE config_pushes SET published_at = now()")  # published again
+    assert due() == []
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE config_pushes SET published_at = now() - interval '10 minutes',"
+            " answer_status = 'applied', answered_at = now()"
+        )
+    assert due() == []

@@ -197,6 +197,39 @@ def unpublished_pushes(conn: Conn, limit: int = 100) -> list[Push]:
     return pushes
 
 
+def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push]:
+    """Published tables a device has been back online for ``grace_s`` without answering.
+
+    Mosquitto writes retained messages to disk every ``autosave_interval``: a broker killed
+    -9 (or losing power) after acknowledging a table forgets it, and a device that was
+    offline then never receives it. So each device's newest table, while unanswered, is
+    published again once the device has reconnected after it was last published and has
+    had ``grace_s`` to answer. Publishing resets ``published_at``, so this happens once per
+    reconnect; the device ignores a table it has already seen (same bytes, same fingerprint).
+    """
+    rows = conn.execute(
+        """
+        SELECT p.device_id, p.version, p.payload, p.sha256 FROM config_pushes p
+        JOIN devices d ON d.id = p.device_id
+        WHERE p.published_at IS NOT NULL AND p.answer_status IS NULL
+          AND p.superseded_at IS NULL AND d.decommissioned_at IS NULL
+          AND d.config_desired_version = p.version
+          AND (d.config_reported_version IS NULL OR d.config_reported_version < p.version)
+          AND EXISTS (SELECT 1 FROM presence_log l
+                      WHERE l.device_id = p.device_id AND l.online
+                        AND l.received_at > p.published_at
+                        AND l.received_at < now() - make_interval(secs => %s))
+        ORDER BY p.published_at LIMIT %s
+        """,
+        [grace_s, limit],
+    ).fetchall()
+    pushes = []
+    for device_id, version, payload, sha256 in rows:
+        assert isinstance(payload, dict)  # jsonb objects come back as dicts
+        pushes.append(Push(str(device_id), int(str(version)), payload, str(sha256)))
+    return pushes
+
+
 def _from_ms(value: object) -> datetime:
     if type(value) is not int:
         raise PushError(f"issued_at/expires_at must be epoch milliseconds, not {value!r}")

@@ -25,6 +25,7 @@ from services.common.config_push import (
     PushError,
     connect_publisher,
     publish_push,
+    unanswered_pushes,
     unpublished_pushes,
 )
 from services.common.db import Conn
@@ -227,6 +228,17 @@ class Worker:
             log.exception("cannot list unpublished tables")
             return
         self.publish(pending)
+        grace_s = self.settings.republish_grace_s
+        try:
+            unanswered = self.db.transaction(lambda conn: unanswered_pushes(conn, grace_s))
+        except StoppedWaiting:
+            raise
+        except Exception:  # logged; the next sweep tries again
+            log.exception("cannot list unanswered tables")
+            return
+        if unanswered:
+            log.info("publishing %d unanswered tables again", len(unanswered))
+        self.publish(unanswered)
 
     def trim(self) -> None:
         """Delete one short batch of expired rules state; soon again while there is more."""

@@ -27,6 +27,9 @@ class RulesSettings(ServiceSettings):
     session_expiry_s: int = Field(default=WEEK_S, ge=3600)
     # Offline and unanswered-table checks, retention of the rules' own state, republishing.
     sweep_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    # An unanswered table is published again once its device has been back online this long
+    # (a broker crash can lose a retained table; config_push.unanswered_pushes).
+    republish_grace_s: float = Field(default=30.0, ge=0, le=86_400)
     # The backend's Ed25519 key; created (owner-only) on first run when absent.
     signing_key_dir: Path | None = None
     metrics_host: str = "127.0.0.1"
