@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -41,6 +42,10 @@ class MqttClient:
     password: str | None
     client_id: str = ""
     will: tuple[str, bytes] | None = None
+    # clean_start=False with a session expiry keeps the session (and its subscriptions) in
+    # the broker across connections, as the backend workers' sessions are kept.
+    clean_start: bool = True
+    session_expiry_s: int = 0
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -90,7 +95,15 @@ class MqttClient:
     def connect(self) -> "MqttClient":
         """Connect or raise :class:`ConnectRefused` with the broker's reason."""
         try:
-            self._client.connect(self.host, self.port, keepalive=30, clean_start=True)
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
+            self._client.connect(
+                self.host,
+                self.port,
+                keepalive=30,
+                clean_start=self.clean_start,
+                properties=properties,
+            )
         except OSError as exc:
             raise ConnectRefused(str(exc)) from exc
         self._client.loop_start()

@@ -95,6 +95,27 @@ def test_provisioning_is_refused_with_problem_json(
     assert response.json()["type"].endswith("/" + kind)
 
 
+@pytest.mark.parametrize("device_id", ["galvani-ingest-1", "galvani-x"])
+def test_a_device_id_reserved_for_the_backend_is_refused_with_problem_json(
+    client: TestClient, keys: dict[str, str], device_id: str
+) -> None:
+    refused = client.post(
+        "/v1/devices", json={"device_id": device_id, "model": "m"}, headers=auth(keys["admin"])
+    )
+    assert refused.status_code == 422
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["type"] == "https://galvani.dev/problems/reserved-device-id"
+    assert device_id in problem["detail"]
+    assert "choose an id with another prefix" in problem["detail"]
+    headers = auth(keys["viewer"])
+    assert client.get(f"/v1/devices/{device_id}", headers=headers).status_code == 404
+    ordinary = client.post(
+        "/v1/devices", json={"device_id": "glow-00077", "model": "m"}, headers=auth(keys["admin"])
+    )
+    assert ordinary.status_code == 201, ordinary.text
+
+
 def test_a_device_id_is_provisioned_once_and_the_operator_names_the_brand(
     api: TestClient, keys: dict[str, str]
 ) -> None:

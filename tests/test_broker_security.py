@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from deploy.stack.mosquitto import MAX_PACKET_BYTES, MosquittoBroker
-from services.common.broker_auth import ServiceAccount
+from services.common.broker_auth import DEVICE_PASSWD_FILE, ServiceAccount, hash_password
 from services.common.provisioning import ProvisioningError, provision_device, revoke_device
 from tests.mqtt import ConnectRefused, MqttClient
 
@@ -120,6 +120,91 @@ def test_client_id_is_bound_to_the_username(broker, devices):
     finally:
         victim.close()
         impostor.close()
+
+
+def test_ingest_acks_reach_only_the_device_they_name(broker, devices, service_passwords):
+    device = device_client(broker, "dev-a1", devices["dev-a1"]).connect()
+    ingest = service_client(broker, service_passwords, ServiceAccount.INGEST).connect()
+    try:
+        assert device.subscribe(topic("dev-a1", "ack")) == 1
+        # Granted, as every SUBSCRIBE is; the ACL then withholds dev-b2's acks from dev-a1.
+        device.subscribe(topic("dev-b2", "ack"))
+        assert ingest.publish(topic("dev-b2", "ack"), b"acks-b") in ACCEPTED
+        assert ingest.publish(topic("dev-a1", "ack"), b"acks-a") in ACCEPTED
+        own = device.wait_for(topic("dev-a1", "ack"))
+        assert own is not None
+        assert own.payload == b"acks-a"
+        assert [m.topic for m in device.received] == [topic("dev-a1", "ack")]
+        # Acks are the cloud's word: a device can forge none, for itself or another device.
+        assert device.publish(topic("dev-a1", "ack"), b"{}") == NOT_AUTHORIZED
+        assert device.publish(topic("dev-b2", "ack"), b"{}") == NOT_AUTHORIZED
+    finally:
+        device.close()
+        ingest.close()
+
+
+def test_no_device_credential_takes_over_a_backend_session(
+    broker, db, devices, sync_devices, service_passwords
+):
+    # A database restored from before the constraint could hold a reserved device id; the
+    # broker's password file must still never admit it.
+    db.execute("ALTER TABLE devices DROP CONSTRAINT IF EXISTS devices_id_not_reserved")
+    db.execute(
+        "INSERT INTO devices (id, brand_id, model, credential_hash)"
+        " VALUES ('galvani-ingest-1', 'acme', 'm1', %s)",
+        [hash_password("reserved-pw")],
+    )
+    db.commit()
+    assert sync_devices() == 2
+    passwd = (broker.config.directory / DEVICE_PASSWD_FILE).read_text()
+    assert [line.split(":")[0] for line in passwd.splitlines()] == ["dev-a1", "dev-b2"]
+    device_port, service_port = broker.config.device_port, broker.config.service_port
+    ingest = MqttClient(
+        "127.0.0.1",
+        service_port,
+        str(ServiceAccount.INGEST),
+        service_passwords[ServiceAccount.INGEST],
+        client_id="galvani-ingest-1",
+        clean_start=False,
+        session_expiry_s=300,
+    ).connect()
+    try:
+        assert ingest.subscribe("$share/reserved-ids/galvani/v1/d/+/telemetry") == 1
+        for port in (device_port, service_port):
+            with pytest.raises(ConnectRefused):
+                MqttClient(
+                    "127.0.0.1",
+                    port,
+                    "galvani-ingest-1",
+                    "reserved-pw",
+                    client_id="galvani-ingest-1",
+                ).connect()
+        with pytest.raises(ConnectRefused):
+            MqttClient(
+                "127.0.0.1", service_port, "dev-a1", devices["dev-a1"], client_id="galvani-ingest-1"
+            ).connect()
+        # On the device listener the broker swaps the asked-for id for the username.
+        device = device_client(
+            broker, "dev-a1", devices["dev-a1"], client_id="galvani-ingest-1"
+        ).connect()
+        try:
+            assert device.publish(topic("dev-a1", "telemetry"), b"after") in ACCEPTED
+        finally:
+            device.close()
+        assert not ingest.wait_disconnected(timeout_s=0.5)
+        received = ingest.wait_for(topic("dev-a1", "telemetry"))
+        assert received is not None
+        assert received.payload == b"after"
+    finally:
+        ingest.close()
+        # A clean start discards the session this test kept in the suite's broker.
+        MqttClient(
+            "127.0.0.1",
+            service_port,
+            str(ServiceAccount.INGEST),
+            service_passwords[ServiceAccount.INGEST],
+            client_id="galvani-ingest-1",
+        ).connect().close()
 
 
 def test_last_will_reaches_only_the_devices_own_presence(broker, devices, service_passwords):

@@ -14,6 +14,11 @@ Two listeners, each with its own files:
   topics (ACL patterns on ``%u``);
 * the service listener holds only the backend's service accounts.
 
+Mosquitto keys sessions by client id across listeners, so device ids and the backend's client
+ids must never meet: every backend client id starts with :data:`RESERVED_CLIENT_ID_PREFIX`,
+and no id with that prefix is ever written to the device password file, so none can log in
+on the device listener (where the client id is the username).
+
 The database is the source of truth: ``devices.credential_hash`` holds the Mosquitto
 PBKDF2-SHA512 hash, and the password file is re-rendered from it on every change.
 """
@@ -21,6 +26,7 @@ PBKDF2-SHA512 hash, and the password file is re-rendered from it on every change
 import base64
 import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import signal
@@ -29,8 +35,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Final
 
 from services.common.db import Conn
+
+log = logging.getLogger(__name__)
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default for mosquitto_passwd -H sha512-pbkdf2
 SALT_BYTES = 12
@@ -45,9 +54,21 @@ LOCK_FILE = ".auth.lock"
 
 DEVICE_TOPIC = "galvani/v1/d"
 
+RESERVED_CLIENT_ID_PREFIX: Final = "galvani"
+"""The start of every backend MQTT client id and service account, and of no device id.
+
+Mosquitto keys sessions by client id across listeners. A device whose id were a backend
+worker's client id (``galvani-ingest-1``) would log in on the device listener under that
+client id and take over the worker's persistent session: a clean-start login discards it and
+its shared subscription, and QoS 1 messages the broker had already acknowledged to devices but
+not yet delivered to the worker are lost. Provisioning refuses such ids, the database's
+``devices_id_not_reserved`` constraint refuses them, and the device password file never holds
+one, so the two namespaces stay disjoint at the broker itself.
+"""
+
 # protocol.md "Authorization": publish to its own telemetry/events/state/presence, subscribe
-# only to its own config. The last will is a publish too: a will naming another device's
-# topic is dropped by the broker when it fires.
+# only to its own config and ack. The last will is a publish too: a will naming another
+# device's topic is dropped by the broker when it fires.
 DEVICE_ACL = f"""\
 # Galvani device ACL (generated). %u is the username, which is also the client id.
 pattern write {DEVICE_TOPIC}/%u/telemetry
@@ -55,6 +76,7 @@ pattern write {DEVICE_TOPIC}/%u/events
 pattern write {DEVICE_TOPIC}/%u/state
 pattern write {DEVICE_TOPIC}/%u/presence
 pattern read {DEVICE_TOPIC}/%u/config
+pattern read {DEVICE_TOPIC}/%u/ack
 """
 
 
@@ -72,6 +94,7 @@ SERVICE_ACLS: dict[ServiceAccount, tuple[str, ...]] = {
         f"topic read {DEVICE_TOPIC}/+/events",
         f"topic read {DEVICE_TOPIC}/+/state",
         f"topic read {DEVICE_TOPIC}/+/presence",
+        f"topic write {DEVICE_TOPIC}/+/ack",
     ),
     ServiceAccount.RULES: (
         f"topic read {DEVICE_TOPIC}/+/telemetry",
@@ -86,6 +109,11 @@ SERVICE_ACLS: dict[ServiceAccount, tuple[str, ...]] = {
         f"topic readwrite {DEVICE_TOPIC}/+/config",
     ),
 }
+
+
+def is_reserved_client_id(client_id: str) -> bool:
+    """Whether ``client_id`` is in the backend's namespace, where no device may be."""
+    return client_id.startswith(RESERVED_CLIENT_ID_PREFIX)
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -145,8 +173,26 @@ class BrokerFiles:
         self.write(SERVICE_ACL_FILE, "\n".join(acl) + "\n")
 
     def write_device_files(self, credentials: Iterable[tuple[str, str]]) -> int:
-        """Render the device listener's files from ``(device_id, hash)`` pairs."""
-        lines = [f"{device_id}:{encoded}\n" for device_id, encoded in credentials]
+        """Render the device listener's files from ``(device_id, hash)`` pairs; return how
+        many devices may log in. A reserved id is left out and logged as an error."""
+        lines: list[str] = []
+        reserved: list[str] = []
+        for device_id, encoded in credentials:
+            if is_reserved_client_id(device_id):
+                reserved.append(device_id)
+            else:
+                lines.append(f"{device_id}:{encoded}\n")
+        if reserved:
+            # Left out rather than raised: refusing to render would also keep revoked
+            # devices admitted and new ones out, for the sake of rows that must not log in.
+            log.error(
+                "%d device id(s) start with the reserved prefix %r and were left out of %s,"
+                " so they cannot log in: %s",
+                len(reserved),
+                RESERVED_CLIENT_ID_PREFIX,
+                DEVICE_PASSWD_FILE,
+                ", ".join(reserved[:10]),
+            )
         self.write(DEVICE_PASSWD_FILE, "".join(lines))
         self.write(DEVICE_ACL_FILE, DEVICE_ACL)
         return len(lines)

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 
 from psycopg import errors
 
-from services.common.broker_auth import hash_password, new_device_password
+from services.common.broker_auth import (
+    RESERVED_CLIENT_ID_PREFIX,
+    hash_password,
+    is_reserved_client_id,
+    new_device_password,
+)
 from services.common.db import Conn
 from services.common.errors import GalvaniError
 
@@ -19,6 +24,10 @@ DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
 
 class ProvisioningError(GalvaniError):
     """A device could not be provisioned or revoked; the message says why."""
+
+
+class ReservedDeviceIdError(ProvisioningError):
+    """The device id starts with the prefix of the backend's own MQTT client ids."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,11 @@ def provision_device(
         raise ProvisioningError(
             f"device id {device_id!r} must match {DEVICE_ID_RE.pattern} "
             "(lower-case letters, digits and '-', 3 to 64 characters)"
+        )
+    if is_reserved_client_id(device_id):
+        raise ReservedDeviceIdError(
+            f"device id {device_id!r} starts with {RESERVED_CLIENT_ID_PREFIX!r}, which is "
+            "reserved for the backend's own MQTT clients: choose an id with another prefix"
         )
     password = new_device_password()
     try:

@@ -40,7 +40,12 @@ from services.common.api_keys import Role
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.config_push import record_push
 from services.common.db import AsyncConn, Conn
-from services.common.provisioning import ProvisioningError, provision_device, revoke_device
+from services.common.provisioning import (
+    ProvisioningError,
+    ReservedDeviceIdError,
+    provision_device,
+    revoke_device,
+)
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 MAX_LIMIT = 500
@@ -77,6 +82,8 @@ def provision(
         device = provision_device(
             conn, device_id=body.device_id, brand_id=brand, model=body.model, user_id=body.user
         )
+    except ReservedDeviceIdError as exc:
+        raise ProblemError(422, "reserved-device-id", "Reserved device id", str(exc)) from None
     except ProvisioningError as exc:
         exists = "already exists" in str(exc)
         raise ProblemError(
