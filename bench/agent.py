@@ -79,6 +79,9 @@ def measure_agent(
             f"--public-key={public_key}",
             f"--store={root / 'agent.sqlite3'}",
             "--session=LIFT:5:900",
+            # No backend behind this broker sends stored-acks: delete on PUBACK, as devices did
+            # before them, so the outbox stays as small as a device's in the field.
+            "--delete-on=puback",
         ],
         env={**os.environ, "GALVANI_AGENT_PASSWORD": password},
         stdout=log,
@@ -148,6 +151,7 @@ def run_fleet(
             f"--store={root / f'fleet-{devices}.sqlite3'}",
             f"--status-file={status}",
             "--status-interval=5",
+            "--delete-on=puback",  # as the single agent above: no backend, no stored-acks
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

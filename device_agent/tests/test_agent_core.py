@@ -53,11 +53,21 @@ class Rig:
     ) -> None:
         self.clock = Clock()
         self.key = key
+        self.path = path
+        self.limits = limits or OutboxLimits()
         self.hardware = SimulatedHardware(
             clock=self.clock.seconds, rng=random.Random(7), **hardware
         )
         self.conn = open_database(path)
-        self.store = DeviceStore(self.conn, "dev-0001", limits or OutboxLimits())
+        self.store = DeviceStore(self.conn, "dev-0001", self.limits)
+        self.agent = self.new_agent()
+        self.agent.boot(self.clock.ms)
+
+    def restart(self) -> None:
+        """Power back on after a crash: a new agent on a new connection to the same file."""
+        self.conn.close()
+        self.conn = open_database(self.path)
+        self.store = DeviceStore(self.conn, "dev-0001", self.limits)
         self.agent = self.new_agent()
         self.agent.boot(self.clock.ms)
 
@@ -273,6 +283,51 @@ def test_boot_after_a_crash_closes_the_cut_session(rig: Rig) -> None:
     assert rig.store.open_session() is None
 
 
+class PowerLoss(Exception):
+    """The power failed at this write: it and everything after it never happened."""
+
+
+def lose_power_at(monkeypatch: pytest.MonkeyPatch, store: DeviceStore, step: str) -> None:
+    """Fail ``store``'s write ``step`` (a state key, ``outbox`` for the state message, or
+    ``session_end`` for recording a session's end) as a power loss would."""
+    put, enqueue, record_end = store.put, store.enqueue, store.record_session_end
+
+    def failing_put(key: str, value: object) -> None:
+        if key == step:
+            raise PowerLoss(step)
+        put(key, value)
+
+    def failing_enqueue(channel: str, build: Any, *, now_ms: int) -> int:
+        if step == "outbox" and channel == "state":
+            raise PowerLoss(step)
+        return enqueue(channel, build, now_ms=now_ms)
+
+    def failing_record_end(session_id: str, ended_ms: int, output_s: float) -> None:
+        if step == "session_end":
+            raise PowerLoss(step)
+        record_end(session_id, ended_ms, output_s)
+
+    monkeypatch.setattr(store, "put", failing_put)
+    monkeypatch.setattr(store, "enqueue", failing_enqueue)
+    monkeypatch.setattr(store, "record_session_end", failing_record_end)
+
+
+def test_power_lost_as_a_session_ends_does_not_end_it_twice(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = rig.start(seconds=10)
+    rig.run(5_000)
+    lose_power_at(monkeypatch, rig.store, "session_end")
+    with pytest.raises(PowerLoss):
+        rig.run(10_000)
+    rig.hardware.stop_output()
+
+    rig.restart()
+
+    assert [e["session"] for e in rig.events("session_end")] == [session]
+    assert rig.store.open_session() is None
+
+
 def test_seq_survives_a_restart(rig: Rig) -> None:
     rig.run(3 * HEARTBEAT_INTERVAL_MS)
     before = rig.store.last_seq()
@@ -384,6 +439,55 @@ def test_a_waiting_table_redelivered_is_neither_rejected_nor_lost_in_a_crash(rig
     assert rig.agent.table.version == 7
     answers = [s["config"] for s in rig.states() if "config" in s]
     assert [(a["version"], a["status"]) for a in answers] == [(7, "applied")]
+
+
+def _answers(rig: Rig) -> list[tuple[int, str, str | None]]:
+    return [
+        (s["config"]["version"], s["config"]["status"], s["config"]["reason"])
+        for s in rig.states()
+        if "config" in s
+    ]
+
+
+@pytest.mark.parametrize("step", ["table", "config_seen", "config_answer", "outbox"])
+def test_power_lost_while_applying_a_table_leaves_it_applied_and_answered_exactly_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    raw = rig.signed(version=5)
+    lose_power_at(monkeypatch, rig.store, step)
+    with pytest.raises(PowerLoss):
+        rig.agent.on_config(rig.clock.ms, raw)
+
+    rig.restart()
+    rig.agent.on_config(rig.clock.ms, raw)  # the broker delivers the retained table again
+    rig.agent.on_config(rig.clock.ms, raw)  # and again after the next reconnect
+
+    assert rig.agent.table.version == 5
+    assert _answers(rig) == [(5, "applied", None)]
+    table = rig.store.get("table")
+    answer = rig.store.get("config_answer")
+    assert isinstance(table, dict)
+    assert isinstance(answer, dict)
+    assert (table["version"], answer["version"]) == (5, 5)
+
+
+@pytest.mark.parametrize("step", ["config_answer", "outbox", "config_seen"])
+def test_power_lost_while_rejecting_a_table_leaves_it_rejected_exactly_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    tampered = json.loads(rig.signed(version=4))
+    tampered["modes"]["LIFT"]["i_max_ua"] = 450
+    raw = json.dumps(tampered).encode()
+    lose_power_at(monkeypatch, rig.store, step)
+    with pytest.raises(PowerLoss):
+        rig.agent.on_config(rig.clock.ms, raw)
+
+    rig.restart()
+    rig.agent.on_config(rig.clock.ms, raw)
+    rig.agent.on_config(rig.clock.ms, raw)
+
+    assert rig.agent.table.version == 0
+    assert _answers(rig) == [(4, "rejected", "bad_signature")]
 
 
 def test_the_retained_table_redelivered_on_reconnect_is_not_answered_twice(rig: Rig) -> None:

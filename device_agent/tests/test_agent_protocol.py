@@ -13,7 +13,9 @@ from device_agent.protocol import (
     OUTGOING_CHANNELS,
     Channel,
     ConfigRejected,
+    MalformedAck,
     canonical_json,
+    parse_ack,
     signing_input,
     topic,
     validate_outgoing,
@@ -30,6 +32,7 @@ def _load(channel: Channel) -> dict[str, Any]:
 
 OUTGOING = {channel: _load(channel) for channel in sorted(OUTGOING_CHANNELS)}
 CONFIG = _load(Channel.CONFIG)
+ACK = _load(Channel.ACK)
 VALID = [
     pytest.param(channel, case["payload"], id=f"{channel}/{case['name']}")
     for channel, document in OUTGOING.items()
@@ -208,3 +211,42 @@ def test_table_without_canonical_json_is_malformed(
     with pytest.raises(ConfigRejected) as caught:
         verify_config(signed, _public_bytes(key))
     assert caught.value.reason == "malformed"
+
+
+# -- stored-acks (cloud -> device) ---------------------------------------------------------
+
+
+def test_the_ack_vectors_are_well_formed() -> None:
+    names = [case["name"] for case in ACK["valid"] + ACK["invalid"]]
+    assert ACK["channel"] == "ack"
+    assert len(names) == len(set(names))
+    assert ACK["valid"]
+    assert ACK["invalid"]
+    assert topic("dev-0042", Channel.ACK) == "galvani/v1/d/dev-0042/ack"
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case["name"]) for case in ACK["valid"]])
+def test_valid_ack_vector_is_read_as_its_ranges(case: dict[str, Any]) -> None:
+    raw = json.dumps(case["payload"]).encode()
+
+    assert parse_ack(raw) == [(first, last) for first, last in case["payload"]["seqs"]]
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case["name"]) for case in ACK["invalid"]])
+def test_invalid_ack_vector_is_refused_at_its_reason(case: dict[str, Any]) -> None:
+    with pytest.raises(MalformedAck) as caught:
+        parse_ack(json.dumps(case["payload"]).encode())
+
+    assert caught.value.path == case["reason"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{", b'{"v": 1, "seqs": [[1, 2]]', b"\xff\xfe", b"[" * 100_000, b'{"v": NaN}'],
+    ids=["empty", "truncated", "unclosed", "not_utf8", "nested_deep", "nan"],
+)
+def test_an_ack_that_is_not_json_is_refused_not_raised(raw: bytes) -> None:
+    with pytest.raises(MalformedAck) as caught:
+        parse_ack(raw)
+
+    assert caught.value.path in {"not_json", "v"}

@@ -146,19 +146,19 @@ def test_pending_refuses_a_negative_limit(db: Opener) -> None:
         store.pending(limit=-1)
 
 
-def test_ack_deletes_only_those_rows_and_ignores_unknown_ids(db: Opener) -> None:
+def test_delete_removes_only_those_rows_and_ignores_unknown_ids(db: Opener) -> None:
     store = DeviceStore(db(), DEVICE)
     for size in (100, 200, 300, 400):
         send(store, "telemetry", size)
     ids = [m.id for m in store.pending()]
     assert store.backlog() == (4, 1000)
 
-    store.ack([ids[1], ids[3], ids[3] + 1000])
+    store.delete([ids[1], ids[3], ids[3] + 1000])
 
     assert seqs(store) == [1, 3]
     assert store.backlog() == (2, 400)
-    store.ack(iter([ids[0]]))
-    store.ack([])
+    store.delete(iter([ids[0]]))
+    store.delete([])
     assert seqs(store) == [3]
     assert store.backlog() == (1, 300)
 
@@ -170,7 +170,7 @@ def test_ids_are_never_reused_once_the_outbox_is_emptied(db: Opener) -> None:
     send(store, "events")
     send(store, "events")
     last_id = store.pending()[-1].id
-    store.ack(m.id for m in store.pending())
+    store.delete(m.id for m in store.pending())
     assert store.backlog() == (0, 0)
 
     send(store, "events")
@@ -178,7 +178,7 @@ def test_ids_are_never_reused_once_the_outbox_is_emptied(db: Opener) -> None:
     conn.close()
 
     store = DeviceStore(db(), DEVICE)
-    store.ack(m.id for m in store.pending())
+    store.delete(m.id for m in store.pending())
     send(store, "events")
     assert [m.seq for m in store.pending(after_id=last_id)] == [4]
 
@@ -215,9 +215,97 @@ def test_devices_in_one_database_have_independent_seqs_outboxes_and_limits(db: O
     assert small.backlog() == (2, 200)
     assert large.backlog() == (5, 500)
 
-    small.ack(m.id for m in large.pending())
+    small.delete(m.id for m in large.pending())
     assert seqs(large) == [1, 2, 3, 4, 5]
     assert large.backlog() == (5, 500)
+
+
+def test_delete_stored_removes_exactly_the_seqs_in_the_ranges(db: Opener) -> None:
+    store = DeviceStore(db(), DEVICE)
+    for _ in range(8):
+        send(store, "telemetry")
+    send(store, "events", 50)
+
+    assert store.delete_stored([(2, 3), (5, 5), (9, 1000)]) == 4
+
+    assert seqs(store) == [1, 4, 6, 7, 8]
+    assert store.backlog() == (5, 500)
+    assert store.delete_stored([(2, 3), (9, 9)]) == 0  # acked again: nothing left to delete
+    assert store.delete_stored([]) == 0
+    assert store.backlog() == (5, 500)
+    assert store.dropped() == DropCounts()
+
+
+def test_delete_stored_leaves_other_devices_alone(db: Opener) -> None:
+    conn = db()
+    one, other = DeviceStore(conn, "dev-one"), DeviceStore(conn, "dev-other")
+    for _ in range(3):
+        send(one, "telemetry")
+        send(other, "telemetry")
+
+    assert one.delete_stored([(1, 3)]) == 3
+
+    assert seqs(one) == []
+    assert seqs(other) == [1, 2, 3]
+    assert other.backlog() == (3, 300)
+
+
+def test_delete_stored_is_a_range_scan_of_the_seq_index(db: Opener) -> None:
+    # The fleet runs thousands of outboxes in one database: an ack must cost the rows it
+    # deletes, not a scan of the outbox.
+    conn = db()
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN DELETE FROM outbox WHERE device_id = ? AND seq BETWEEN ? AND ?",
+        (DEVICE, 1, 2),
+    ).fetchall()
+
+    [(*_, detail)] = plan
+    assert "USING COVERING INDEX" in detail or "USING INDEX" in detail
+    assert "seq>? AND seq<?" in detail
+
+
+def test_a_message_given_up_is_counted_and_reported_as_a_drop(db: Opener) -> None:
+    store = DeviceStore(db(), DEVICE)
+    send(store, "telemetry")
+    send(store, "events", 40)
+    send(store, "telemetry")
+    [_, event, _] = store.pending()
+
+    assert store.give_up([event.id]) == [2]
+    assert store.give_up([event.id]) == []  # gone already: not counted twice
+
+    assert seqs(store) == [1, 3]
+    assert store.backlog() == (2, 200)
+    assert store.dropped() == DropCounts(messages=1, events=1, first_seq=2, last_seq=2)
+
+
+def test_a_transaction_keeps_all_of_its_writes_or_none(db: Opener) -> None:
+    conn = db()
+    store = DeviceStore(conn, DEVICE)
+
+    def lose_power(*writes: Callable[[], object]) -> None:
+        with store.transaction():
+            for write in writes:
+                write()
+            raise RuntimeError("power lost")
+
+    with pytest.raises(RuntimeError):
+        lose_power(lambda: store.put("table", {"version": 2}), lambda: send(store, "state"))
+    assert store.get("table") is None
+    assert store.last_seq() == 0
+    assert store.backlog() == (0, 0)
+
+    with store.transaction():
+        store.put("table", {"version": 2})
+        with pytest.raises(RuntimeError):  # a nested part is undone alone
+            lose_power(lambda: store.put("scratch", 1))
+        send(store, "state")
+    conn.close()
+
+    store = DeviceStore(db(), DEVICE)
+    assert store.get("table") == {"version": 2}
+    assert store.get("scratch") is None
+    assert seqs(store) == [1]
 
 
 # -- outbox limits -------------------------------------------------------------------------
@@ -402,7 +490,9 @@ _operation = st.one_of(
         st.integers(min_value=20, max_value=700),
         st.integers(min_value=0, max_value=40_000),
     ),
-    st.just("ack-oldest"),
+    st.just("delete-oldest"),
+    st.just("give-up-oldest"),
+    st.tuples(st.just("stored"), st.integers(min_value=1, max_value=45), st.integers(0, 5)),
 )
 
 
@@ -417,14 +507,24 @@ def test_the_running_backlog_matches_the_outbox_and_stays_within_limits(
     limits = OutboxLimits(max_bytes=1000, max_age_s=60.0)
     store = DeviceStore(db(), f"dev-{next(_counter)}", limits)
     now_ms = T0
-    sent = acked = 0
+    sent = acked = given_up = 0
     for operation in operations:
-        if isinstance(operation, str):
+        if operation == "delete-oldest":
             oldest = store.pending(limit=1)
-            store.ack(m.id for m in oldest)
+            store.delete(m.id for m in oldest)
             acked += len(oldest)
             continue
+        if operation == "give-up-oldest":
+            given_up += len(store.give_up(m.id for m in store.pending(limit=1)))
+            continue
+        if operation[0] == "stored":
+            _, first, width = operation
+            acked += store.delete_stored([(first, first + width)])
+            continue
         channel, size, step_ms = operation
+        assert isinstance(channel, str)
+        assert isinstance(size, int)
+        assert isinstance(step_ms, int)
         now_ms += step_ms
         send(store, channel, size, now_ms)
         sent += 1
@@ -441,6 +541,7 @@ def test_the_running_backlog_matches_the_outbox_and_stays_within_limits(
     dropped = store.dropped()
     assert store.last_seq() == sent
     assert store.backlog()[0] + acked + dropped.messages == sent
+    assert dropped.messages >= given_up
     assert dropped.messages == dropped.telemetry + dropped.events + dropped.state
 
 
@@ -583,6 +684,6 @@ def test_total_backlog_sums_every_device_in_the_database(db: Opener) -> None:
     send(first, "telemetry", 200)
     send(second, "state", 50)
     assert total_backlog(conn) == (3, 350)
-    first.ack(m.id for m in first.pending(limit=1))
+    first.delete(m.id for m in first.pending(limit=1))
     assert total_backlog(conn) == (2, 250)
     assert (first.enqueued, second.enqueued) == (2, 1)

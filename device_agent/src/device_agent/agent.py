@@ -156,14 +156,17 @@ class Agent:
                 last_ms = int(progress.get("ms", last_ms))
                 output_s = float(progress.get("output_s", 0.0))
             duration_s = max(0, (last_ms - cut.started_ms) // 1000)
-            self._event(
-                now_ms,
-                "session_end",
-                session=cut.session_id,
-                duration_s=duration_s,
-                reason="fault",
-            )
-            self.store.record_session_end(cut.session_id, last_ms, output_s)
+            # The end queued and recorded together: apart, a crash between them would end the
+            # same session again at the next boot.
+            with self.store.transaction():
+                self._event(
+                    now_ms,
+                    "session_end",
+                    session=cut.session_id,
+                    duration_s=duration_s,
+                    reason="fault",
+                )
+                self.store.record_session_end(cut.session_id, last_ms, output_s)
         self._event(now_ms, "reboot", reason=reason)
         self.report_state(now_ms)
         self._next_heartbeat_ms = now_ms
@@ -363,8 +366,11 @@ class Agent:
     def _end(self, session: _Session, now_ms: int, reason: str) -> None:
         self._flush(session, now_ms)
         duration_s = (now_ms - session.started_ms) // 1000
-        self._event(now_ms, "session_end", session=session.id, duration_s=duration_s, reason=reason)
-        self.store.record_session_end(session.id, now_ms, session.output_ms / 1000)
+        with self.store.transaction():  # as in boot: a session ends once
+            self._event(
+                now_ms, "session_end", session=session.id, duration_s=duration_s, reason=reason
+            )
+            self.store.record_session_end(session.id, now_ms, session.output_ms / 1000)
         self.store.prune_sessions(now_ms - HISTORY_KEEP_MS)
         self.session = None
         self._next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS
@@ -476,8 +482,11 @@ class Agent:
                 payload, public_key=self.public_key, applied_version=applied, now_ms=now_ms
             )
         except ConfigRejected as rejected:
-            self._reject(now_ms, payload, rejected)
-            self.store.put("config_seen", fingerprint)
+            # One transaction, as in _apply: answered and marked seen together, so a power
+            # loss between the two can neither answer it twice nor leave it unanswered.
+            with self.store.transaction():
+                self._reject(now_ms, payload, rejected)
+                self.store.put("config_seen", fingerprint)
             return
         if self.session is not None:
             # Kept in memory only: after a crash the broker delivers the retained table
@@ -494,19 +503,24 @@ class Agent:
         self._apply(table, fingerprint, now_ms)
 
     def _apply(self, table: ModeTable, fingerprint: str, now_ms: int) -> None:
-        self.table = table
-        self.pending_table = None
-        self._pending_fingerprint = None
-        self.store.put("table", dict(table.payload))
-        self.store.put("config_seen", fingerprint)
-        log.info("%s: applied mode table %d", self.identity.device_id, table.version)
         answer = {
             "version": table.version,
             "sha256": table.sha256,
             "status": "applied",
             "reason": None,
         }
-        self.report_state(now_ms, answer)
+        # The table, the payload seen and the answer queued on state in one transaction. Apart,
+        # a power loss after the table but before the rest would have the redelivered table
+        # rejected as stale_version (it is not newer than itself) while it runs, and one after
+        # config_seen would leave it never answered (the redelivery is skipped as seen).
+        with self.store.transaction():
+            self.store.put("table", dict(table.payload))
+            self.store.put("config_seen", fingerprint)
+            self.report_state(now_ms, answer)
+        self.table = table
+        self.pending_table = None
+        self._pending_fingerprint = None
+        log.info("%s: applied mode table %d", self.identity.device_id, table.version)
 
     def _reject(self, now_ms: int, payload: object, rejected: ConfigRejected) -> None:
         log.warning("%s: rejected mode table: %s", self.identity.device_id, rejected)

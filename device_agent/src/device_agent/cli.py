@@ -22,7 +22,7 @@ from pathlib import Path
 
 from device_agent.agent import Identity
 from device_agent.fleet import read_public_key
-from device_agent.link import BACKOFF_MAX_S, BrokerAddress
+from device_agent.link import BACKOFF_MAX_S, BrokerAddress, DeleteOn
 from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice, power_off
 from device_agent.store import DeviceStore, OutboxLimits, open_database
 
@@ -64,7 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--outbox-max-bytes", type=int, default=OutboxLimits().max_bytes)
     run.add_argument("--outbox-max-age", type=float, default=OutboxLimits().max_age_s)
-    run.add_argument("--backoff-max", type=float, default=BACKOFF_MAX_S, help="seconds")
+    run.add_argument(
+        "--backoff-max",
+        type=float,
+        default=BACKOFF_MAX_S,
+        help="seconds: the longest wait before reconnecting or sending a refused message again",
+    )
+    run.add_argument(
+        "--delete-on",
+        type=DeleteOn,
+        choices=list(DeleteOn),
+        default=DeleteOn.STORED,
+        help="when a message leaves the outbox: the backend's stored-ack (default), or the "
+        "broker's PUBACK for a backend that sends no stored-acks",
+    )
     run.add_argument("--fw", default="1.4.2")
     run.add_argument("--hw", default="B")
     run.add_argument(
@@ -132,6 +145,7 @@ async def _run(args: argparse.Namespace) -> int:
         scenarios=args.scenario,
         backoff_max_s=args.backoff_max,
         batt_pct=args.battery,
+        delete_on=args.delete_on,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

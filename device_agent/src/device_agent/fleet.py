@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from device_agent.agent import Identity
-from device_agent.link import BrokerAddress
+from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
 from device_agent.store import DeviceStore, OutboxLimits, open_database, total_backlog
@@ -67,6 +67,7 @@ class FleetOptions:
     status_file: Path | None = None
     status_interval_s: float = STATUS_INTERVAL_S
     duration_s: float | None = None
+    delete_on: DeleteOn = DeleteOn.STORED
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Fleet:
                 rng=device_rng,
                 habits=habits_for(credentials[device_id].user, device_rng, options.activity),
                 scenarios=scenarios,
+                delete_on=options.delete_on,
             )
             self.devices.append(device)
         log.info("powering on %d devices", len(self.devices))
@@ -216,6 +218,9 @@ class Fleet:
             "lateness_p99_ms": round(p99, 1),
             "in_session": sum(d.agent.session is not None for d in self.devices),
             "delivered": sum(d.link.stats.delivered for d in self.devices),
+            "stored": sum(d.link.stats.stored for d in self.devices),
+            "no_subscribers": sum(d.link.stats.no_subscribers for d in self.devices),
+            "resends": sum(d.link.stats.resends for d in self.devices),
             "refused": sum(d.link.stats.refused for d in self.devices),
             "backlog": total_backlog(self.conn)[0] if self.conn is not None else 0,
             "session_refusals": sum(d.refusals for d in self.devices),
@@ -265,6 +270,14 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         "--status-interval", type=float, default=STATUS_INTERVAL_S, help="seconds between reports"
     )
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument(
+        "--delete-on",
+        type=DeleteOn,
+        choices=list(DeleteOn),
+        default=DeleteOn.STORED,
+        help="when a message leaves an outbox: the backend's stored-ack (default), or the "
+        "broker's PUBACK for a broker with no backend behind it",
+    )
     args = parser.parse_args(argv)
     if args.devices < 1:
         parser.error("--devices must be at least 1")
@@ -282,6 +295,7 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         status_file=args.status_file,
         status_interval_s=args.status_interval,
         duration_s=args.duration,
+        delete_on=args.delete_on,
     )
 
 

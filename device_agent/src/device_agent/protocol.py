@@ -1,4 +1,5 @@
-"""Protocol v1 as the device agent speaks it: topics, config signatures, outgoing self-checks.
+"""Protocol v1 as the device agent speaks it: topics, config signatures, outgoing self-checks
+and the stored-acks it reads.
 
 The agent installs only paho-mqtt and cryptography, so this module has no pydantic and nothing
 from the backend. Both sides are held to one contract by the JSON vectors in
@@ -35,6 +36,7 @@ class Channel(StrEnum):
     STATE = "state"
     PRESENCE = "presence"
     CONFIG = "config"
+    ACK = "ack"  # cloud -> device: the seqs the backend has stored
 
 
 OUTGOING_CHANNELS: Final = frozenset(
@@ -310,3 +312,43 @@ def _state_problems(payload: Mapping[str, object]) -> list[str]:
         if report.get("status") == "rejected" and report.get("reason") is None:
             problems.append("config.reason: a rejected table must name its reason")
     return problems
+
+
+class MalformedAck(ValueError):
+    """A payload on ``ack`` that is not a v1 stored-ack; ``path`` names what is wrong."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+def parse_ack(raw: bytes) -> list[tuple[int, int]]:
+    """The inclusive ``(first, last)`` seq ranges a stored-ack covers, or ``MalformedAck``.
+
+    ``{"v": 1, "seqs": [[first, last], ...]}``; unknown fields are ignored. One bad range
+    makes the whole ack malformed: a device deletes nothing on an ack it cannot fully read.
+    """
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: json gives up on arrays nested thousands deep.
+        raise MalformedAck("not_json", str(exc)[:100]) from None
+    if not isinstance(payload, dict):
+        raise MalformedAck("not_object", "an ack is a JSON object")
+    if (problem := _version(payload.get("v"))) is not None:
+        raise MalformedAck("v", problem)
+    seqs = payload.get("seqs")
+    if not isinstance(seqs, list):
+        raise MalformedAck("seqs", "must be a list of [first, last] ranges")
+    ranges = []
+    for index, pair in enumerate(seqs):
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or _SEQ(pair[0]) is not None
+            or _SEQ(pair[1]) is not None
+            or pair[0] > pair[1]
+        ):
+            raise MalformedAck(f"seqs.{index}", "must be [first, last] seqs with first <= last")
+        ranges.append((pair[0], pair[1]))
+    return ranges

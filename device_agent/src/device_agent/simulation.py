@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Final
 
 from device_agent.agent import SAMPLE_INTERVAL_MS, Agent, Identity, SessionRefused
-from device_agent.link import BACKOFF_MAX_S, BrokerAddress, Link
+from device_agent.link import BACKOFF_MAX_S, BrokerAddress, DeleteOn, Link
 from device_agent.simulator import Scenario, SimulatedHardware
 from device_agent.store import DeviceStore
 
@@ -93,6 +93,7 @@ class SimulatedDevice:
         scenarios: Iterable[str] = (),
         backoff_max_s: float = BACKOFF_MAX_S,
         batt_pct: float | None = None,
+        delete_on: DeleteOn = DeleteOn.STORED,
     ) -> None:
         hardware_scenarios, self.misbehaviours = parse_scenarios(scenarios)
         self.clock_ms = clock_ms
@@ -120,6 +121,7 @@ class SimulatedDevice:
             loop=asyncio.get_running_loop(),
             rng=rng,
             backoff_max_s=backoff_max_s,
+            delete_on=delete_on,
         )
         self.refusals = 0
         self._in_session = False
@@ -152,7 +154,8 @@ class SimulatedDevice:
 
     @property
     def drained(self) -> bool:
-        """Nothing left to deliver, or no connection to deliver it on."""
+        """Nothing left in the outbox (stored, or in the legacy mode delivered), or no
+        connection to deliver it on."""
         return not self.link.connected or self.agent.store.backlog()[0] == 0
 
     def tick(self) -> int:

@@ -1,9 +1,10 @@
 """What a device agent keeps across restarts, in one SQLite database.
 
-The outbox is the only copy of a message until the broker acknowledges it (PUBACK), and the
-``seq`` it carries must never be handed out twice: the backend stores one message per
-``(device_id, seq)``, so a reused seq would make it discard a new message as a duplicate. Both
-therefore live in SQLite and change in the same transaction.
+The outbox is the only copy of a message until the backend says it has stored it (a stored-ack
+on the device's ``ack`` topic; in the legacy mode, the broker's PUBACK), and the ``seq`` it
+carries must never be handed out twice: the backend stores one message per ``(device_id, seq)``,
+so a reused seq would make it discard a new message as a duplicate. Both therefore live in
+SQLite and change in the same transaction.
 
 A device offline for days must not fill its flash, so the outbox is bounded by age and by
 bytes. When it must give something up it drops telemetry first, then state, and events last:
@@ -138,7 +139,7 @@ class OutboxLimits:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A message in the outbox that the broker has not acknowledged yet."""
+    """A message in the outbox: not yet acknowledged as stored by the backend."""
 
     id: int
     seq: int
@@ -188,7 +189,20 @@ class DeviceStore:
         conn.execute("INSERT OR IGNORE INTO devices (device_id) VALUES (?)", (device_id,))
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
+        """Everything written inside commits together, or on an exception not at all. Nests."""
+        if self.conn.in_transaction:
+            # Inside another transaction (the agent answering a mode table wraps enqueue): a
+            # savepoint, so this part can still be undone alone and the outer one decides.
+            self.conn.execute("SAVEPOINT nested")
+            try:
+                yield
+            except BaseException:
+                self.conn.execute("ROLLBACK TO nested")
+                self.conn.execute("RELEASE nested")
+                raise
+            self.conn.execute("RELEASE nested")
+            return
         # IMMEDIATE takes the write lock at BEGIN, so reading last_seq and writing it back
         # cannot interleave with another writer.
         self.conn.execute("BEGIN IMMEDIATE")
@@ -205,7 +219,7 @@ class DeviceStore:
         """Allocate the next seq, store build(seq) in the outbox, enforce the limits."""
         if channel not in DROP_ORDER:
             raise ValueError(f"the outbox carries {', '.join(DROP_ORDER)}, not {channel!r}")
-        with self._transaction():
+        with self.transaction():
             # RETURNING rows are fetched in full, so the statement has finished before COMMIT.
             ((seq, total),) = self.conn.execute(
                 "UPDATE devices SET last_seq = last_seq + 1 WHERE device_id = ? "
@@ -312,7 +326,7 @@ class DeviceStore:
         )
 
     def pending(self, *, after_id: int = 0, limit: int = 100) -> list[Pending]:
-        """Unacknowledged messages with id > after_id, oldest first."""
+        """Messages still in the outbox with id > after_id, oldest first."""
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")  # SQLite: no limit
         rows = self.conn.execute(
@@ -325,12 +339,13 @@ class DeviceStore:
             for row_id, seq, channel, payload in rows
         ]
 
-    def ack(self, ids: Iterable[int]) -> None:
-        """Delete these outbox rows: the broker has them. Unknown ids are ignored."""
+    def delete(self, ids: Iterable[int]) -> None:
+        """Delete these outbox rows (the legacy mode: the broker's PUBACK). Unknown ids are
+        ignored."""
         ids = list(ids)
         if not ids:
             return
-        with self._transaction():
+        with self.transaction():
             sizes = [
                 size
                 for row_id in ids
@@ -340,6 +355,50 @@ class DeviceStore:
                 ).fetchall()
             ]
             self._account(messages=-len(sizes), nbytes=-sum(sizes), dropped=[])
+
+    def delete_stored(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Delete the rows whose seq lies in one of the inclusive ``(first, last)`` ranges the
+        backend acknowledged as stored; how many there were. Unknown seqs are ignored."""
+        ranges = list(ranges)
+        if not ranges:
+            return 0
+        sizes: list[int] = []
+        with self.transaction():
+            for first, last in ranges:
+                # A range scan of the UNIQUE (device_id, seq) index: the cost is the rows
+                # deleted, not the size of the outbox or the width of the range.
+                sizes += [
+                    size
+                    for (size,) in self.conn.execute(
+                        "DELETE FROM outbox WHERE device_id = ? AND seq BETWEEN ? AND ? "
+                        "RETURNING size",
+                        (self.device_id, first, last),
+                    ).fetchall()
+                ]
+            if sizes:
+                self._account(messages=-len(sizes), nbytes=-sum(sizes), dropped=[])
+        return len(sizes)
+
+    def give_up(self, ids: Iterable[int]) -> list[int]:
+        """Drop these rows as undeliverable (the broker refuses them for good) and count them
+        with the outbox's other drops, so ``state`` reports them; the seqs dropped."""
+        ids = list(ids)
+        if not ids:
+            return []
+        with self.transaction():
+            dropped: list[_Dropped] = [
+                row
+                for row_id in ids
+                for row in self.conn.execute(
+                    "DELETE FROM outbox WHERE device_id = ? AND id = ? "
+                    "RETURNING seq, channel, size",
+                    (self.device_id, row_id),
+                ).fetchall()
+            ]
+            self._account(
+                messages=-len(dropped), nbytes=-sum(row[2] for row in dropped), dropped=dropped
+            )
+        return [row[0] for row in dropped]
 
     def backlog(self) -> tuple[int, int]:
         """(messages, payload bytes) waiting in the outbox."""
@@ -376,7 +435,7 @@ class DeviceStore:
 
     def put(self, key: str, value: object) -> None:
         """Store value (JSON) under key, replacing what was there."""
-        # One statement in autocommit mode is its own transaction.
+        # Outside transaction(), one statement in autocommit mode is its own transaction.
         self.conn.execute(
             "INSERT INTO kv (device_id, key, value) VALUES (?, ?, ?) "
             "ON CONFLICT (device_id, key) DO UPDATE SET value = excluded.value",
