@@ -74,6 +74,7 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/v1/devices/{device_id}/events"): READ,
     ("GET", "/v1/devices/{device_id}/config"): READ,
     ("GET", "/v1/devices/{device_id}/telemetry"): READ,
+    ("GET", "/v1/devices/{device_id}/conflicts"): READ,
     ("POST", "/v1/devices/{device_id}/clear"): allow(ADMIN, SUPPORT),
     ("POST", "/v1/brands"): allow(OPERATOR),
     ("POST", "/v1/api-keys"): ADMIN_OR_OPERATOR,

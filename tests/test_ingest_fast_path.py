@@ -25,7 +25,7 @@ DEVICE = "dev-0001"
 
 def full_path(raw: bytes) -> TelemetryIn | None:
     try:
-        return _telemetry(DEVICE, decode(Channel.TELEMETRY, raw), RECEIVED)
+        return _telemetry(DEVICE, decode(Channel.TELEMETRY, raw), RECEIVED, raw)
     except ProtocolError:
         return None
 

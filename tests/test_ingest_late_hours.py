@@ -11,7 +11,7 @@ RECEIVED = datetime(2026, 11, 30, 12, 30, tzinfo=UTC)
 def message(device_id: str, *times: datetime) -> TelemetryIn:
     no_reading = (None,) * 11  # mode .. charging
     rows: list[SampleRow] = [(device_id, ts, 1, None, *no_reading, RECEIVED, False) for ts in times]
-    return TelemetryIn(device_id, 1, None, rows, RECEIVED)
+    return TelemetryIn(device_id, 1, None, rows, RECEIVED, b"")
 
 
 def at(hour: int, minute: int, second: float = 0.0) -> datetime:

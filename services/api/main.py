@@ -15,6 +15,7 @@ from services.api.alerts.endpoints import router as alerts_router
 from services.api.alerts.feed import AlertFeed
 from services.api.alerts.stream import router as alert_stream_router
 from services.api.brands.endpoints import router as brands_router
+from services.api.conflicts.endpoints import router as conflicts_router
 from services.api.dashboard import endpoints as dashboard
 from services.api.database import create_database_engine, create_read_pool
 from services.api.devices.endpoints import router as devices_router
@@ -87,6 +88,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(fleet_router)
     app.include_router(users_router)
     app.include_router(telemetry_router)
+    app.include_router(conflicts_router)
     app.include_router(mode_tables_router)
     app.include_router(rollouts_router)
     dashboard.install(app)

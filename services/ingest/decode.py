@@ -164,6 +164,7 @@ class TelemetryIn:
     session: str | None
     rows: list[SampleRow]
     received_at: datetime
+    payload: bytes  # as received: tells a redelivery from a reused seq, kept with a conflict
 
     @property
     def ts(self) -> datetime:
@@ -186,6 +187,12 @@ class EventIn:
     ts_suspect: bool
     body: str
     received_at: datetime
+    payload: bytes
+
+    @property
+    def seq(self) -> int:
+        """The event's seq."""
+        return self.event.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +204,12 @@ class StateIn:
     ts: datetime
     ts_suspect: bool
     received_at: datetime
+    payload: bytes
+
+    @property
+    def seq(self) -> int:
+        """The report's seq."""
+        return self.state.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,16 +300,17 @@ def _decode(device_id: str, channel: Channel, message: Inbound) -> Decoded:
         fast = _telemetry_fast(device_id, message.payload, received_at)
         if fast is not None:
             return fast
-        return _telemetry(device_id, decode(Channel.TELEMETRY, message.payload), received_at)
+        telemetry = decode(Channel.TELEMETRY, message.payload)
+        return _telemetry(device_id, telemetry, received_at, message.payload)
     if channel is Channel.EVENTS:
         event = decode(Channel.EVENTS, message.payload)
         ts, suspect = device_time(event.ts, received_at)
         body = event.model_dump_json(exclude={"v", "seq", "ts", "type"}, exclude_none=True)
-        return EventIn(device_id, event, ts, suspect, body, received_at)
+        return EventIn(device_id, event, ts, suspect, body, received_at, message.payload)
     if channel is Channel.STATE:
         state = decode(Channel.STATE, message.payload)
         ts, suspect = device_time(state.ts, received_at)
-        return StateIn(device_id, state, ts, suspect, received_at)
+        return StateIn(device_id, state, ts, suspect, received_at, message.payload)
     presence: Presence = decode(Channel.PRESENCE, message.payload)
     if presence.ts is None:
         return PresenceIn(device_id, presence.online, None, False, received_at)
@@ -304,7 +318,9 @@ def _decode(device_id: str, channel: Channel, message: Inbound) -> Decoded:
     return PresenceIn(device_id, presence.online, ts, suspect, received_at)
 
 
-def _telemetry(device_id: str, message: Telemetry, received_at: datetime) -> TelemetryIn:
+def _telemetry(
+    device_id: str, message: Telemetry, received_at: datetime, payload: bytes
+) -> TelemetryIn:
     seq = message.seq
     session = message.session
     rows: list[SampleRow] = []
@@ -331,7 +347,7 @@ def _telemetry(device_id: str, message: Telemetry, received_at: datetime) -> Tel
                 suspect,
             )
         )
-    return TelemetryIn(device_id, seq, session, rows, received_at)
+    return TelemetryIn(device_id, seq, session, rows, received_at, payload)
 
 
 def _telemetry_fast(device_id: str, payload: bytes, received_at: datetime) -> TelemetryIn | None:
@@ -379,7 +395,7 @@ def _telemetry_fast(device_id: str, payload: bytes, received_at: datetime) -> Te
                 ts < past or ts > future,
             )
         )
-    return TelemetryIn(device_id, seq, session, rows, received_at)
+    return TelemetryIn(device_id, seq, session, rows, received_at, payload)
 
 
 def in_gel_band(z_ohm: float | None) -> bool:

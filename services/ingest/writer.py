@@ -9,6 +9,24 @@ database reports as new.
 Column arrays go to PostgreSQL in binary (``%b``): psycopg spells a list out in text one
 element at a time in Python, which measured 0.4 µs per integer and 3.3 µs per timestamp
 against about 0.2 µs in binary.
+
+Conflicts. A device resends a message byte for byte (its outbox keeps the payload), so a
+message whose ``(device_id, seq)`` is stored with another payload is no redelivery: the device
+used the seq twice, as after a factory reset or a lost outbox. The ledgers keep each payload's
+CRC-32 and compare it only for keys that were not new. Such a message (``seq_reused``) and a
+message with a sample whose ``(device_id, ts)`` is stored with other values
+(``sample_conflict``) are each recorded once, whole, in ``message_conflicts``. What each
+channel's reused message still does:
+
+* telemetry: its samples are stored wherever their time is free (samples are keyed by time,
+  so a reset device's new data is kept) and count towards sessions and rollups; its seq is
+  not counted again;
+* events: the ``events`` row keeps the first message; a session start or end still builds
+  its session (keyed by session id, highest seq wins, so applying it again changes nothing);
+* state: the ``state_reports`` row keeps the first message; the device's firmware and its
+  answer to a config push are still taken from it, by device time like any report.
+
+Reused seqs also mark the device (``seq_reused``, ``seq_resets``): see :func:`_mark_reuse`.
 """
 
 from collections import Counter
@@ -17,7 +35,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import groupby
 from operator import itemgetter
-from typing import Final, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
+from zlib import crc32
 
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
@@ -60,11 +79,49 @@ INSERT_STAGED: Final = sql.SQL(
     "INSERT INTO samples ({}) SELECT {} FROM samples_in ON CONFLICT DO NOTHING"
     " RETURNING device_id, ts"
 ).format(_COLUMNS, _COLUMNS)
+# What a sample reads. A staged sample whose time is stored with other readings is a conflict;
+# seq, receipt time and the suspect flag describe the message, not the reading.
+_READINGS: Final = [
+    c for c in SAMPLE_COLUMNS if c not in ("device_id", "ts", "seq", "received_at", "ts_suspect")
+]
+FIND_TAKEN: Final = sql.SQL(
+    "SELECT i.device_id, i.seq, i.ts, s.seq FROM samples_in i"
+    " JOIN samples s ON s.device_id = i.device_id AND s.ts = i.ts"
+    " WHERE ({}) IS DISTINCT FROM ({})"
+).format(
+    sql.SQL(", ").join(sql.Identifier("s", c) for c in _READINGS),
+    sql.SQL(", ").join(sql.Identifier("i", c) for c in _READINGS),
+)
+LEDGERS: Final = {
+    Channel.TELEMETRY: "telemetry_messages",
+    Channel.EVENTS: "events",
+    Channel.STATE: "state_reports",
+}
+
+SEQ_REUSED: Final = "seq_reused"
+SAMPLE_CONFLICT: Final = "sample_conflict"
+# A device reusing seqs after this long without reusing one has reset again (see _mark_reuse).
+SEQ_RESET_QUIET: Final = timedelta(hours=1)
 
 _sample_time: Final = itemgetter(ROW_TS)
 
-K = TypeVar("K")
-V = TypeVar("V")
+
+class _Message(Protocol):
+    """What the ledger and conflict code read of a telemetry, event or state message."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def ts(self) -> datetime: ...
+    @property
+    def received_at(self) -> datetime: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
+M = TypeVar("M", bound=_Message)
 
 
 @dataclass
@@ -76,6 +133,82 @@ class BatchOutcome:
     invalid: Counter[str] = field(default_factory=Counter)
     samples_stored: int = 0
     samples_conflicting: int = 0
+    # Messages whose seq the device had used for another message, by channel.
+    reused: Counter[str] = field(default_factory=Counter)
+    # Rows added to message_conflicts, by reason.
+    conflicts: Counter[str] = field(default_factory=Counter)
+    # Devices on which this batch began a run of reused seqs (a seq reset).
+    seq_resets: list[str] = field(default_factory=list)
+
+    def add(self, other: "BatchOutcome") -> None:
+        """Add ``other``'s counts to these (a batch stored in parts)."""
+        self.stored.update(other.stored)
+        self.duplicates.update(other.duplicates)
+        self.invalid.update(other.invalid)
+        self.samples_stored += other.samples_stored
+        self.samples_conflicting += other.samples_conflicting
+        self.reused.update(other.reused)
+        self.conflicts.update(other.conflicts)
+        self.seq_resets.extend(other.seq_resets)
+
+
+@dataclass
+class _Keyed(Generic[M]):
+    """One channel's messages of a batch by ``(device_id, seq)``: the first of each key, and
+    each other payload sent under a key (a copy of an earlier payload is a duplicate)."""
+
+    first: dict[tuple[str, int], M] = field(default_factory=dict)
+    later: list[M] = field(default_factory=list)
+
+    def add(self, item: M, outcome: BatchOutcome, channel: Channel) -> None:
+        key = (item.device_id, item.seq)
+        earlier = self.first.get(key)
+        if earlier is None:
+            self.first[key] = item
+        elif item.payload == earlier.payload or any(
+            other.payload == item.payload and (other.device_id, other.seq) == key
+            for other in self.later
+        ):
+            outcome.duplicates[channel] += 1  # a publish retried by the device
+        else:
+            self.later.append(item)
+
+    def all(self) -> list[M]:
+        return [*self.first.values(), *self.later]
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """The message a key already holds, as a later message under that key is compared to."""
+
+    crc32: int | None  # None: stored before ledgers kept it
+    ts: datetime
+    received_at: datetime
+
+    def detail(self) -> dict[str, object]:
+        return {
+            "crc32": _hex(self.crc32) if self.crc32 is not None else None,
+            "ts": self.ts.isoformat(),
+            "received_at": self.received_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Conflict:
+    """One row of message_conflicts."""
+
+    device_id: str
+    channel: Channel
+    seq: int
+    ts: datetime
+    reason: str
+    payload: bytes
+    received_at: datetime
+    detail: dict[str, object]
+
+
+# A sample time already taken by other readings, and the seq of the message that took it.
+_Taken = tuple[datetime, int]
 
 
 @dataclass
@@ -153,59 +286,64 @@ class _SessionDelta:
 def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> BatchOutcome:
     """Store a batch; call inside a transaction and acknowledge only after it commits."""
     outcome = BatchOutcome()
-    telemetry: dict[tuple[str, int], TelemetryIn] = {}
-    events: dict[tuple[str, int], EventIn] = {}
-    states: dict[tuple[str, int], StateIn] = {}
+    telemetry: _Keyed[TelemetryIn] = _Keyed()
+    events: _Keyed[EventIn] = _Keyed()
+    states: _Keyed[StateIn] = _Keyed()
     presences: list[PresenceIn] = []
     dead: list[DeadLetter] = []
     for item in batch:
         match item:
             case TelemetryIn():
-                _keep_first(telemetry, (item.device_id, item.seq), item, outcome, Channel.TELEMETRY)
+                telemetry.add(item, outcome, Channel.TELEMETRY)
             case EventIn():
-                _keep_first(events, (item.device_id, item.event.seq), item, outcome, Channel.EVENTS)
+                events.add(item, outcome, Channel.EVENTS)
             case StateIn():
-                _keep_first(states, (item.device_id, item.state.seq), item, outcome, Channel.STATE)
+                states.add(item, outcome, Channel.STATE)
             case PresenceIn():
                 presences.append(item)
             case DeadLetter():
                 dead.append(item)
                 outcome.invalid[item.channel or "unknown"] += 1
 
-    devices = _devices_of(telemetry.values(), events.values(), states.values(), presences)
+    devices = _devices_of(
+        telemetry.first.values(), events.first.values(), states.first.values(), presences
+    )
     known = _lock_devices(conn, sorted(devices))
     if dead:
         _insert_dead_letters(conn, dead)
 
-    new_telemetry = _insert_ledger(conn, telemetry)
-    new_messages = [telemetry[key] for key in new_telemetry]
-    stored_rows = _insert_samples(conn, new_messages, outcome)
+    new_telemetry = _insert_ledger(conn, telemetry.first)
+    reused_telemetry = _sort_out(conn, Channel.TELEMETRY, telemetry, new_telemetry, outcome)
+    new_messages = [m for key, m in telemetry.first.items() if key in new_telemetry]
+    written = new_messages + [m for m, _ in reused_telemetry]
+    stored_rows, taken = _write_samples(conn, written, outcome)
     if storage is not Storage.TIMESCALEDB:
-        _mark_late_hours(conn, new_messages)
-    new_events = _insert_events(conn, events)
-    new_states = _insert_states(conn, states)
+        _mark_late_hours(conn, written)
+    new_events = _insert_events(conn, events.first)
+    reused_events = _sort_out(conn, Channel.EVENTS, events, new_events, outcome)
+    new_states = _insert_states(conn, states.first)
+    reused_states = _sort_out(conn, Channel.STATE, states, new_states, outcome)
     stored_presence = _insert_presence(conn, presences)
+    outcome.stored[Channel.PRESENCE] += stored_presence
+    outcome.duplicates[Channel.PRESENCE] += len(presences) - stored_presence
 
-    _count(outcome, Channel.TELEMETRY, len(telemetry), len(new_telemetry))
-    _count(outcome, Channel.EVENTS, len(events), len(new_events))
-    _count(outcome, Channel.STATE, len(states), len(new_states))
-    _count(outcome, Channel.PRESENCE, len(presences), stored_presence)
-
-    for item in telemetry.values():
+    for item in telemetry.all():
         devices[item.device_id].saw_samples(item.rows, item.received_at)
     for device_id, seq in new_telemetry:
         devices[device_id].counted(seq)
-    for key, event in events.items():
+    for event in events.all():
         devices[event.device_id].saw(event.ts, event.ts_suspect, event.received_at)
-        if key in new_events:
-            devices[event.device_id].counted(key[1])
-    for key, state in states.items():
+    for device_id, seq in new_events:
+        devices[device_id].counted(seq)
+    reported = [states.first[key] for key in new_states] + [s for s, _ in reused_states]
+    for key in new_states:
+        devices[key[0]].counted(key[1])
+    for state in states.all():
+        devices[state.device_id].saw(state.ts, state.ts_suspect, state.received_at)
+    for state in reported:
         delta = devices[state.device_id]
-        delta.saw(state.ts, state.ts_suspect, state.received_at)
-        if key in new_states:
-            delta.counted(key[1])
-            if delta.state is None or (state.ts, key[1]) > (delta.state.ts, delta.state.state.seq):
-                delta.state = state
+        if delta.state is None or (state.ts, state.seq) > (delta.state.ts, delta.state.seq):
+            delta.state = state
     for presence in presences:
         delta = devices[presence.device_id]
         at = presence.received_at if presence.ts is None or presence.ts_suspect else presence.ts
@@ -216,27 +354,199 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
         if delta.presence_at is None or at >= delta.presence_at:
             delta.presence_at, delta.online = at, presence.online
 
-    sessions = _session_deltas(stored_rows, [events[key] for key in new_events])
+    session_events = [events.first[key] for key in new_events] + [e for e, _ in reused_events]
+    sessions = _session_deltas(stored_rows, session_events)
     if sessions:
         _upsert_sessions(conn, sessions)
     answered = [delta.state for delta in devices.values() if delta.state is not None]
     if answered:
         _record_config_answers(conn, answered)
     _update_devices(conn, {d: delta for d, delta in devices.items() if d in known})
+
+    conflicts = [
+        *_telemetry_conflicts(new_messages, reused_telemetry, taken),
+        *(_reuse(Channel.EVENTS, event, held, {}) for event, held in reused_events),
+        *(_reuse(Channel.STATE, state, held, {}) for state, held in reused_states),
+    ]
+    if conflicts:
+        _record_conflicts(conn, conflicts, known, outcome)
     return outcome
 
 
-def _keep_first(seen: dict[K, V], key: K, item: V, outcome: BatchOutcome, channel: Channel) -> None:
-    # Two copies of one message in the same batch (a publish retried by the device).
-    if key in seen:
-        outcome.duplicates[channel] += 1
-    else:
-        seen[key] = item
+def _sort_out(
+    conn: Conn, channel: Channel, keyed: _Keyed[M], new: set[tuple[str, int]], outcome: BatchOutcome
+) -> list[tuple[M, _Held]]:
+    """The messages of ``keyed`` whose seq the device used for another message, each with what
+    its key holds; the others are counted as stored or duplicate.
+
+    Only keys that were not new are looked up (one query), so a batch of new messages pays
+    nothing here beyond the CRC the ledger stores.
+    """
+    outcome.stored[channel] += len(new)
+    old = [key for key in keyed.first if key not in new]
+    held = _held(conn, LEDGERS[channel], old) if old else {}
+    reused: list[tuple[M, _Held]] = []
+    candidates = [keyed.first[key] for key in old] + keyed.later
+    for item in candidates:
+        key = (item.device_id, item.seq)
+        if key in new:  # a later payload under a key this batch stored first
+            first = keyed.first[key]
+            holds: _Held | None = _Held(crc32(first.payload), first.ts, first.received_at)
+        else:
+            holds = held.get(key)
+        # No CRC on record (stored before the ledgers kept one), or the row trimmed by the
+        # retention job since the insert found it: taken as a redelivery.
+        if holds is None or holds.crc32 is None or holds.crc32 == crc32(item.payload):
+            outcome.duplicates[channel] += 1
+        else:
+            reused.append((item, holds))
+    outcome.reused[channel] += len(reused)
+    return reused
 
 
-def _count(outcome: BatchOutcome, channel: Channel, distinct: int, new: int) -> None:
-    outcome.stored[channel] += new
-    outcome.duplicates[channel] += distinct - new
+def _held(conn: Conn, table: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], _Held]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT t.device_id, t.seq, t.payload_crc32, t.ts, t.received_at FROM {} t"
+            " JOIN unnest(%b::text[], %b::int8[]) AS u(device_id, seq)"
+            " ON t.device_id = u.device_id AND t.seq = u.seq"
+        ).format(sql.Identifier(table)),
+        [[k[0] for k in keys], [k[1] for k in keys]],
+    ).fetchall()
+    return {
+        (str(device_id), int(str(seq))): _Held(
+            int(str(crc)) if crc is not None else None, _moment(ts), _moment(received_at)
+        )
+        for device_id, seq, crc, ts, received_at in rows
+    }
+
+
+def _telemetry_conflicts(
+    new: list[TelemetryIn],
+    reused: list[tuple[TelemetryIn, _Held]],
+    taken: dict[int, list[_Taken]],
+) -> list[_Conflict]:
+    """A conflict for each reused message, and for each new one with samples at taken times.
+
+    ``taken`` is by position in ``new`` followed by ``reused``, as written."""
+    conflicts = [
+        _Conflict(
+            m.device_id,
+            Channel.TELEMETRY,
+            m.seq,
+            m.ts,
+            SAMPLE_CONFLICT,
+            m.payload,
+            m.received_at,
+            {"crc32": _hex(crc32(m.payload)), **_samples_detail(m, taken[i])},
+        )
+        for i, m in enumerate(new)
+        if i in taken
+    ]
+    for i, (m, held) in enumerate(reused, start=len(new)):
+        conflicts.append(_reuse(Channel.TELEMETRY, m, held, _samples_detail(m, taken.get(i, []))))
+    return conflicts
+
+
+def _samples_detail(message: TelemetryIn, taken: list[_Taken]) -> dict[str, object]:
+    # Bounded by the message: at most one entry per sample it carries.
+    return {
+        "samples": len(message.rows),
+        "conflicting_samples": [
+            {"ts": ts.isoformat(), "stored_seq": seq} for ts, seq in sorted(taken)
+        ],
+    }
+
+
+def _reuse(channel: Channel, item: M, held: _Held, extra: dict[str, object]) -> _Conflict:
+    return _Conflict(
+        item.device_id,
+        channel,
+        item.seq,
+        item.ts,
+        SEQ_REUSED,
+        item.payload,
+        item.received_at,
+        {"crc32": _hex(crc32(item.payload)), "stored": held.detail(), **extra},
+    )
+
+
+def _hex(crc: int) -> str:
+    return f"{crc:08x}"
+
+
+def _moment(value: object) -> datetime:
+    assert isinstance(value, datetime)  # a timestamptz column
+    return value
+
+
+def _record_conflicts(
+    conn: Conn, conflicts: list[_Conflict], known: set[str], outcome: BatchOutcome
+) -> None:
+    """Insert each conflict once (a redelivered conflicting message or a batch written again
+    adds nothing: the unique index decides) and mark devices that reused seqs."""
+    rows = conn.execute(
+        """
+        INSERT INTO message_conflicts (device_id, channel, seq, ts, reason, payload,
+                                       payload_crc32, received_at, detail)
+        SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::timestamptz[], %b::text[],
+                             %b::bytea[], %b::int8[], %b::timestamptz[], %b::jsonb[])
+        ON CONFLICT DO NOTHING
+        RETURNING device_id, reason, received_at""",
+        [
+            [c.device_id for c in conflicts],
+            [c.channel.value for c in conflicts],
+            [c.seq for c in conflicts],
+            [c.ts for c in conflicts],
+            [c.reason for c in conflicts],
+            [c.payload for c in conflicts],
+            [crc32(c.payload) for c in conflicts],
+            [c.received_at for c in conflicts],
+            [Jsonb(c.detail) for c in conflicts],
+        ],
+    ).fetchall()
+    reuses: dict[str, list[datetime]] = {}
+    for device_id, reason, received_at in rows:
+        outcome.conflicts[str(reason)] += 1
+        if reason == SEQ_REUSED and device_id in known:
+            reuses.setdefault(str(device_id), []).append(_moment(received_at))
+    if reuses:
+        outcome.seq_resets.extend(_mark_reuse(conn, reuses))
+
+
+def _mark_reuse(conn: Conn, reuses: dict[str, list[datetime]]) -> list[str]:
+    """Count each device's newly recorded seq reuses; return the devices whose seq reset.
+
+    A reset device counts up from its first seq again and reuses one seq after another, so a
+    reset shows as a run of reuses: one that follows no reuse for ``SEQ_RESET_QUIET`` begins a
+    run (``seq_resets``, ``seq_reset_at``). Receipt times, not seqs, delimit runs: two workers
+    can commit one device's messages out of order, which would make a seq-based run restart
+    at every swap. A device offline longer than that in the middle of a run counts twice.
+    """
+    ids = sorted(reuses)
+    rows = conn.execute(
+        """
+        UPDATE devices d SET
+            seq_reused = d.seq_reused + u.n,
+            seq_reused_at = GREATEST(d.seq_reused_at, u.last_at),
+            seq_resets = d.seq_resets + u.starts::int,
+            seq_reset_at = CASE WHEN u.starts THEN u.first_at ELSE d.seq_reset_at END
+        FROM (SELECT u.id, u.n, u.first_at, u.last_at,
+                     (o.seq_reused_at IS NULL OR u.first_at > o.seq_reused_at + %s) AS starts
+              FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::timestamptz[])
+                   AS u(id, n, first_at, last_at)
+              JOIN devices o ON o.id = u.id) u
+        WHERE d.id = u.id
+        RETURNING d.id, u.starts""",
+        [
+            SEQ_RESET_QUIET,
+            ids,
+            [len(reuses[i]) for i in ids],
+            [min(reuses[i]) for i in ids],
+            [max(reuses[i]) for i in ids],
+        ],
+    ).fetchall()
+    return sorted(str(device_id) for device_id, starts in rows if starts)
 
 
 def _devices_of(
@@ -307,9 +617,9 @@ def _insert_ledger(
     rows = conn.execute(
         """
         INSERT INTO telemetry_messages
-            (device_id, seq, ts, session, samples, received_at, ts_suspect)
+            (device_id, seq, ts, session, samples, received_at, ts_suspect, payload_crc32)
         SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[],
-                             %b::int2[], %b::timestamptz[], %b::bool[])
+                             %b::int2[], %b::timestamptz[], %b::bool[], %b::int8[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
         [
@@ -320,18 +630,52 @@ def _insert_ledger(
             [len(t.rows) for t in items],
             [t.received_at for t in items],
             [t.ts_suspect for t in items],
+            # zlib's CRC-32: 0.5 µs for a message of 10 samples, against 2.4 µs for an 8-byte
+            # BLAKE2b. It only has to tell a resent payload from a different one.
+            [crc32(t.payload) for t in items],
         ],
     ).fetchall()
     return {(str(device_id), int(str(seq))) for device_id, seq in rows}
 
 
+def _write_samples(
+    conn: Conn, messages: list[TelemetryIn], outcome: BatchOutcome
+) -> tuple[list[SampleRow], dict[int, list[_Taken]]]:
+    """Store the samples of ``messages``; return the rows stored and, by position in
+    ``messages``, the times whose samples were already stored with other readings.
+
+    A batch holding two payloads under one ``(device_id, seq)`` writes them in turns, so
+    the conflicts of each turn name each message by its key alone.
+    """
+    turns: list[tuple[set[tuple[str, int]], list[int]]] = []
+    for i, message in enumerate(messages):
+        key = (message.device_id, message.seq)
+        turn = next((t for t in turns if key not in t[0]), None)
+        if turn is None:
+            turn = (set(), [])
+            turns.append(turn)
+        turn[0].add(key)
+        turn[1].append(i)
+    stored: list[SampleRow] = []
+    taken: dict[int, list[_Taken]] = {}
+    for _, positions in turns:
+        rows, found = _insert_samples(conn, [messages[i] for i in positions], outcome)
+        stored += rows
+        for i in positions:
+            times = found.get((messages[i].device_id, messages[i].seq))
+            if times:
+                taken[i] = times
+    return stored, taken
+
+
 def _insert_samples(
     conn: Conn, messages: list[TelemetryIn], outcome: BatchOutcome
-) -> list[SampleRow]:
-    """COPY the samples of new messages; return the rows that were stored."""
+) -> tuple[list[SampleRow], dict[tuple[str, int], list[_Taken]]]:
+    """COPY the samples of messages with distinct keys; return the rows that were stored and
+    the taken times by message key."""
     rows = [row for message in messages for row in message.rows]
     if not rows:
-        return []
+        return [], {}
     # Fast path: the ledger already filtered out redelivered messages, so these samples are
     # new unless a device sent two messages with overlapping times. COPY into the hypertable
     # inside a savepoint; if the primary key objects, fall back to a keyed insert.
@@ -341,15 +685,17 @@ def _insert_samples(
             for row in rows:
                 copy.write_row(row)
     except errors.UniqueViolation:
-        stored = _insert_samples_keyed(conn, rows)
+        stored, taken = _insert_samples_keyed(conn, rows)
     else:
-        stored = rows
+        stored, taken = rows, {}
     outcome.samples_stored += len(stored)
     outcome.samples_conflicting += len(rows) - len(stored)
-    return stored
+    return stored, taken
 
 
-def _insert_samples_keyed(conn: Conn, rows: list[SampleRow]) -> list[SampleRow]:
+def _insert_samples_keyed(
+    conn: Conn, rows: list[SampleRow]
+) -> tuple[list[SampleRow], dict[tuple[str, int], list[_Taken]]]:
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS samples_in (LIKE samples) ON COMMIT DELETE ROWS")
     with conn.cursor() as cur:
         with cur.copy(COPY_STAGED) as copy:
@@ -358,6 +704,14 @@ def _insert_samples_keyed(conn: Conn, rows: list[SampleRow]) -> list[SampleRow]:
                 copy.write_row(row)
         cur.execute(INSERT_STAGED)
         inserted = {(str(d), ts) for d, ts in cur.fetchall()}
+        # Compared in PostgreSQL, column against column of the same types: a reading sent
+        # again as the same float4 is no conflict, whatever its Python float was.
+        cur.execute(FIND_TAKEN)
+        taken: dict[tuple[str, int], list[_Taken]] = {}
+        for device_id, seq, ts, stored_seq in cur.fetchall():
+            taken.setdefault((str(device_id), int(str(seq))), []).append(
+                (_moment(ts), int(str(stored_seq)))
+            )
         cur.execute("TRUNCATE samples_in")
     stored: list[SampleRow] = []
     for row in rows:
@@ -365,7 +719,7 @@ def _insert_samples_keyed(conn: Conn, rows: list[SampleRow]) -> list[SampleRow]:
         if key in inserted:
             inserted.discard(key)  # the first of two rows with one key is the one stored
             stored.append(row)
-    return stored
+    return stored, taken
 
 
 def late_hours(messages: Iterable[TelemetryIn]) -> set[tuple[str, datetime]]:
@@ -411,11 +765,12 @@ def _insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tu
     items = list(events.values())
     rows = conn.execute(
         """
-        INSERT INTO events (device_id, seq, ts, type, session, body, received_at, ts_suspect)
-        SELECT device_id, seq, ts, type, session, body::jsonb, received_at, ts_suspect
+        INSERT INTO events (device_id, seq, ts, type, session, body, received_at, ts_suspect,
+                            payload_crc32)
+        SELECT device_id, seq, ts, type, session, body::jsonb, received_at, ts_suspect, crc
         FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[], %b::text[],
-                    %b::text[], %b::timestamptz[], %b::bool[])
-             AS u(device_id, seq, ts, type, session, body, received_at, ts_suspect)
+                    %b::text[], %b::timestamptz[], %b::bool[], %b::int8[])
+             AS u(device_id, seq, ts, type, session, body, received_at, ts_suspect, crc)
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
         [
@@ -427,6 +782,7 @@ def _insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tu
             [e.body for e in items],
             [e.received_at for e in items],
             [e.ts_suspect for e in items],
+            [crc32(e.payload) for e in items],
         ],
     ).fetchall()
     return {(str(device_id), int(str(seq))) for device_id, seq in rows}
@@ -440,10 +796,11 @@ def _insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tu
     rows = conn.execute(
         """
         INSERT INTO state_reports (device_id, seq, ts, fw, hw, config_version, config_sha256,
-                                   config_status, config_reason, received_at, dropped)
+                                   config_status, config_reason, received_at, dropped,
+                                   payload_crc32)
         SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[], %b::text[],
                              %b::int4[], %b::text[], %b::text[], %b::text[], %b::timestamptz[],
-                             %b::jsonb[])
+                             %b::jsonb[], %b::int8[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
         [
@@ -458,6 +815,7 @@ def _insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tu
             [c.reason.value if c and c.reason else None for c in configs],
             [s.received_at for s in items],
             [Jsonb(s.state.dropped.model_dump()) if s.state.dropped else None for s in items],
+            [crc32(s.payload) for s in items],
         ],
     ).fetchall()
     return {(str(device_id), int(str(seq))) for device_id, seq in rows}

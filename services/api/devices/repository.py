@@ -13,7 +13,8 @@ SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.onl
        d.config_reported_version,
        (SELECT count(*) FROM alerts a
          WHERE a.device_id = d.id AND a.state <> 'resolved')::integer AS open_alerts,
-       d.provisioned_at, d.decommissioned_at
+       d.provisioned_at, d.decommissioned_at, d.seq_reused, d.seq_reused_at, d.seq_resets,
+       d.seq_reset_at
 FROM devices d
 """
 NAMES: Final = (
@@ -31,6 +32,10 @@ NAMES: Final = (
     "open_alerts",
     "provisioned_at",
     "decommissioned_at",
+    "seq_reused",
+    "seq_reused_at",
+    "seq_resets",
+    "seq_reset_at",
 )
 
 

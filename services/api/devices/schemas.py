@@ -52,6 +52,16 @@ class Device(BaseModel):
     open_alerts: int
     provisioned_at: datetime
     decommissioned_at: datetime | None
+    seq_reused: int = Field(
+        description="messages that came with a seq the device had already used for another "
+        "message (kept in GET /v1/devices/{id}/conflicts)"
+    )
+    seq_reused_at: datetime | None = Field(description="when the latest of them was received")
+    seq_resets: int = Field(
+        description="runs of reused seqs: each is taken as the device's seq counter restarting "
+        "(a factory reset, a lost outbox); a run begins after an hour without a reused seq"
+    )
+    seq_reset_at: datetime | None = Field(description="when the latest run began")
 
 
 class DeviceList(BaseModel):

@@ -1,0 +1,1 @@
+"""A device's conflicting messages: what ingest could not store under a key already taken."""

@@ -1,0 +1,66 @@
+"""``GET /v1/devices/{id}/conflicts``: messages ingest kept aside, with the reason.
+
+Ingest stores each message once by ``(device_id, seq)`` and each sample once by
+``(device_id, ts)``. A second payload under a stored seq (a device whose counter restarted)
+or a sample at a stored time with other readings cannot take the key; it is kept here whole
+instead of being dropped (services/ingest/writer.py).
+"""
+
+import base64
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from services.api.conflicts import repository
+from services.api.conflicts.schemas import Conflict, ConflictList, ConflictReason
+from services.api.deps import ReadConnDep, ReadKey
+from services.api.pagination import decode_int_cursor, encode_cursor
+from services.api.problems import ProblemError, responses
+from services.api.responses import json_response
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+# A payload may be 64 KiB: a page of 100 is at most 6.4 MiB.
+MAX_LIMIT = 100
+
+
+@router.get(
+    "/{device_id}/conflicts", response_model=ConflictList, responses=responses(401, 403, 404, 422)
+)
+async def list_conflicts(
+    device_id: str,
+    conn: ReadConnDep,
+    key: ReadKey,
+    reason: ConflictReason | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
+    """Conflicting messages of the device, newest first, each with its payload."""
+    if not await repository.owns(conn, key.brand, device_id):
+        raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
+    rows = await repository.conflicts(
+        conn,
+        device_id,
+        reason=reason.value if reason else None,
+        before_id=decode_int_cursor("c", cursor) if cursor else None,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    items = [_conflict(row) for row in rows[:limit]]
+    return json_response(
+        ConflictList(
+            items=items, next_cursor=encode_cursor("c", str(items[-1].id)) if more else None
+        )
+    )
+
+
+def _conflict(row: dict[str, Any]) -> Conflict:
+    raw = row.pop("payload")
+    assert isinstance(raw, bytes)  # bytea
+    try:
+        payload, payload_b64 = json.loads(raw), None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        payload, payload_b64 = None, base64.b64encode(raw).decode()
+    return Conflict.model_validate(
+        {**row, "payload": payload, "payload_b64": payload_b64, "payload_size": len(raw)}
+    )
