@@ -144,6 +144,7 @@ def test_connect_asks_for_a_persistent_session_with_credentials(client_id: str) 
         keepalive_s=60,
         session_expiry_s=86_400,
         receive_maximum=300,
+        maximum_packet_size=512 * 1024,
     )
 
     first, body = split_packet(packet)
@@ -155,7 +156,11 @@ def test_connect_asks_for_a_persistent_session_with_credentials(client_id: str) 
     assert fields.byte() == 0xC0
     assert fields.u16() == 60
     properties = fields.properties(PacketTypes.CONNECT)
-    assert properties.json() == {"SessionExpiryInterval": 86_400, "ReceiveMaximum": 300}
+    assert properties.json() == {
+        "SessionExpiryInterval": 86_400,
+        "ReceiveMaximum": 300,
+        "MaximumPacketSize": 512 * 1024,
+    }
     assert fields.string() == client_id.encode()
     assert fields.string() == b"ingest"
     assert fields.string() == "pä$$word".encode()
@@ -190,9 +195,49 @@ def test_puback_is_four_bytes_with_the_packet_id_big_endian() -> None:
     assert mqtt5.puback(0xFFFF) == b"\x40\x02\xff\xff"
 
 
-def test_pingreq_and_disconnect_are_bare_fixed_headers() -> None:
+def test_pingreq_is_a_bare_fixed_header() -> None:
     assert split_packet(mqtt5.PINGREQ) == (0xC0, b"")
-    assert split_packet(mqtt5.DISCONNECT) == (0xE0, b"")
+
+
+def test_disconnect_carries_its_reason_code() -> None:
+    # Normal disconnection may leave out the reason code and property length (3.14.2.1).
+    assert mqtt5.disconnect(mqtt5.NORMAL_DISCONNECTION) == b"\xe0\x00"
+    # Otherwise one byte of reason; a property length left out reads as 0 (3.14.2.2.1).
+    assert mqtt5.disconnect(mqtt5.MALFORMED_PACKET) == b"\xe0\x01\x81"
+    assert mqtt5.disconnect(mqtt5.PROTOCOL_ERROR) == b"\xe0\x01\x82"
+    assert mqtt5.disconnect(mqtt5.IMPLEMENTATION_SPECIFIC_ERROR) == b"\xe0\x01\x83"
+    assert mqtt5.disconnect(mqtt5.PACKET_TOO_LARGE) == b"\xe0\x01\x95"
+    # Read back the way a broker would: its reason, no properties, so no Session Expiry
+    # Interval overriding the CONNECT's (3.14.2.2.2).
+    assert mqtt5.read_disconnect(split_packet(mqtt5.disconnect(0x82))[1]) == (
+        0x82,
+        mqtt5.Properties(),
+    )
+
+
+def test_a_qos_0_publish_is_encoded_without_packet_id_or_properties() -> None:
+    packet = mqtt5.publish("galvani/v1/d/dev-1/ack", b'{"seq":[[1,3]]}')
+
+    assert packet == (
+        b"\x30"  # PUBLISH, DUP 0, QoS 0, RETAIN 0 (3.3.1)
+        + b"\x28"  # remaining length 40
+        + b"\x00\x16galvani/v1/d/dev-1/ack"  # topic name, 22 bytes
+        + b"\x00"  # property length 0, and no packet id before it at QoS 0 (3.3.2.2)
+        + b'{"seq":[[1,3]]}'
+    )
+    first, body = split_packet(packet)
+    assert mqtt5.read_publish(body, 0, len(body), first & 0x0F) == (
+        "galvani/v1/d/dev-1/ack",
+        0,
+        0,
+        b'{"seq":[[1,3]]}',
+    )
+
+
+def test_a_qos_0_publish_of_200_bytes_has_a_two_byte_remaining_length() -> None:
+    packet = mqtt5.publish("a/ack", b"x" * 200)
+    assert packet[:3] == b"\x30\xd0\x01"  # 208 = 0x50 | 0x80, then 1 (1.5.5)
+    assert packet[3:] == b"\x00\x05a/ack\x00" + b"x" * 200
 
 
 # PUBLISH from the broker
@@ -254,36 +299,56 @@ def test_the_dup_and_retain_flags_do_not_change_what_is_read() -> None:
     assert mqtt5.read_publish(body, 0, len(body), dup_retain_qos_1) == ("a/b", 3, 1, b"p")
 
 
+MALFORMED = mqtt5.MALFORMED_PACKET
+PROTOCOL_ERROR = mqtt5.PROTOCOL_ERROR
+
+
 @pytest.mark.parametrize(
-    ("body", "flags", "message"),
+    ("body", "flags", "message", "reason"),
     [
-        pytest.param(publish_body("a/b", b"p", packet_id=1), 0x04, "QoS 2", id="qos-2"),
-        pytest.param(publish_body("a/b", b"p", packet_id=1), 0x06, "QoS 3", id="qos-3"),
-        pytest.param(publish_body("a/b", b"p", packet_id=0), QOS_1_FLAGS, "packet id 0", id="id-0"),
+        pytest.param(
+            publish_body("a/b", b"p", packet_id=1), 0x04, "QoS 2", PROTOCOL_ERROR, id="qos-2"
+        ),
+        pytest.param(publish_body("a/b", b"p", packet_id=1), 0x06, "QoS 3", MALFORMED, id="qos-3"),
+        pytest.param(
+            publish_body("a/b", b"p", packet_id=0),
+            QOS_1_FLAGS,
+            "packet id 0",
+            PROTOCOL_ERROR,
+            id="id-0",
+        ),
         pytest.param(
             publish_body("", b"p", packet_id=1, properties=publish_properties(TopicAlias=1)),
             QOS_1_FLAGS,
             "without a topic name",
+            PROTOCOL_ERROR,
             id="topic-alias",
         ),
-        pytest.param(publish_body(b"a/\xff\xfe", b"p"), QOS_0_FLAGS, "not UTF-8", id="bad-utf8"),
+        pytest.param(
+            publish_body(b"a/\xff\xfe", b"p"), QOS_0_FLAGS, "not UTF-8", MALFORMED, id="bad-utf8"
+        ),
         pytest.param(
             publish_body("a/b", b"", packet_id=1, properties=b"\x05\x01\x01"),
             QOS_1_FLAGS,
             "properties run past",
+            MALFORMED,
             id="properties-past-end",
         ),
         pytest.param(
             publish_body("a/b", b"", properties=b"\x80\x80"),
             QOS_0_FLAGS,
             "properties run past",
+            MALFORMED,
             id="property-length-cut",
         ),
     ],
 )
-def test_a_publish_mqtt_5_does_not_allow_is_refused(body: bytes, flags: int, message: str) -> None:
-    with pytest.raises(ProtocolViolation, match=message):
+def test_a_publish_mqtt_5_does_not_allow_is_refused_with_its_reason(
+    body: bytes, flags: int, message: str, reason: int
+) -> None:
+    with pytest.raises(ProtocolViolation, match=message) as refused:
         mqtt5.read_publish(body, 0, len(body), flags)
+    assert refused.value.reason == reason
 
 
 @pytest.mark.parametrize("flags", [QOS_0_FLAGS, QOS_1_FLAGS])
@@ -368,6 +433,13 @@ def test_a_reason_code_the_standard_does_not_name_keeps_its_number() -> None:
     assert mqtt5.reason_name(0x42) == "reason (0x42)"
 
 
+def test_suback_reason_codes_below_0x80_name_the_qos_granted() -> None:
+    assert mqtt5.suback_reason_name(0x00) == "granted QoS 0 (0x00)"
+    assert mqtt5.suback_reason_name(0x01) == "granted QoS 1 (0x01)"
+    assert mqtt5.suback_reason_name(0x87) == "not authorized (0x87)"
+    assert mqtt5.suback_reason_name(0x9E) == "shared subscriptions not supported (0x9e)"
+
+
 # Property blocks (2.2.2)
 
 
@@ -427,8 +499,9 @@ def test_an_unknown_property_is_refused(identifier: int) -> None:
     ],
 )
 def test_a_property_running_past_its_block_or_packet_is_refused(body: bytes) -> None:
-    with pytest.raises(ProtocolViolation, match="runs past"):
+    with pytest.raises(ProtocolViolation, match="runs past") as refused:
         mqtt5.read_properties(body, 0)
+    assert refused.value.reason == mqtt5.MALFORMED_PACKET  # 2.2.2.2
 
 
 def test_a_property_block_longer_than_its_packet_is_refused() -> None:

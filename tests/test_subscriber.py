@@ -7,15 +7,17 @@ broker's side polls the subscriber, so the two ends take turns in one thread and
 runs in the same order every time. Against a real Mosquitto: test_ingest*.py, test_rules_live.py.
 """
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
+from deploy.stack.mosquitto import MAX_PACKET_BYTES
 from services.common import mqtt5
 from services.common import subscriber as subscriber_module
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
@@ -23,6 +25,7 @@ from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 WAIT_S = 2.0
 POLL_S = 0.05
 TOPIC_FILTER = "$share/g/a/+"
+OTHER_FILTER = "$share/g/b/+"
 
 PINGRESP = b"\xd0\x00"
 SUBACK_GRANTED = b"\x90\x04\x00\x01\x00\x01"  # packet id 1, no properties, QoS 1 granted
@@ -36,7 +39,12 @@ class Packet(NamedTuple):
 
 
 PINGREQ = Packet(0xC0, b"")
-DISCONNECT = Packet(0xE0, b"")
+DISCONNECT = Packet(0xE0, b"")  # reason code 0x00 (normal), left out as 3.14.2.1 allows
+
+
+def disconnect_with(reason: int) -> Packet:
+    """The DISCONNECT a client sends to say why it closes: the reason code, no properties."""
+    return Packet(0xE0, bytes((reason,)))
 
 
 def packet(first: int, body: bytes) -> bytes:
@@ -54,10 +62,18 @@ def publish(topic: str, payload: bytes, mid: int, qos: int = 1) -> bytes:
     return packet(0x30 | qos << 1, utf8(topic) + packet_id + b"\x00" + payload)
 
 
-def connack(reason: int = 0, *, session_present: bool = False, keepalive_s: int = 0) -> bytes:
+def connack(
+    reason: int = 0,
+    *,
+    session_present: bool = False,
+    keepalive_s: int = 0,
+    maximum_packet_size: int = 0,
+) -> bytes:
     properties = Properties(PacketTypes.CONNACK)
     if keepalive_s:
         properties.ServerKeepAlive = keepalive_s
+    if maximum_packet_size:
+        properties.MaximumPacketSize = maximum_packet_size
     return packet(0x20, bytes((int(session_present), reason)) + properties.pack())
 
 
@@ -65,6 +81,11 @@ def disconnect(reason: int, reason_string: str) -> bytes:
     properties = Properties(PacketTypes.DISCONNECT)
     properties.ReasonString = reason_string
     return packet(0xE0, bytes((reason,)) + properties.pack())
+
+
+def suback(*reasons: int) -> bytes:
+    """SUBACK for packet id 1, no properties, one reason code per argument."""
+    return packet(0x90, b"\x00\x01\x00" + bytes(reasons))
 
 
 def puback(mid: int) -> Packet:
@@ -206,12 +227,26 @@ class ScriptedBroker:
         assert peer.read_packet() == connect_packet(sub)
         return peer
 
-    def handshake(self, sub: Subscriber, *, keepalive_s: int = 0) -> Peer:
+    def handshake(
+        self,
+        sub: Subscriber,
+        *,
+        keepalive_s: int = 0,
+        session_present: bool = False,
+        maximum_packet_size: int = 0,
+    ) -> Peer:
         """The next connection through CONNACK, SUBSCRIBE and SUBACK."""
         peer = self.accept_connect(sub)
-        peer.send(connack(keepalive_s=keepalive_s))
-        assert peer.read_packet() == subscribe_packet()
-        peer.send(SUBACK_GRANTED)
+        peer.send(
+            connack(
+                keepalive_s=keepalive_s,
+                session_present=session_present,
+                maximum_packet_size=maximum_packet_size,
+            )
+        )
+        filters = sub.config.topic_filters
+        assert peer.read_packet() == subscribe_packet(filters)
+        peer.send(suback(*[mqtt5.GRANTED_QOS_1] * len(filters)))
         run_until(sub, lambda: sub.connected, "connected after SUBACK")
         return peer
 
@@ -232,13 +267,14 @@ def connect_packet(sub: Subscriber) -> Packet:
             keepalive_s=subscriber_module.KEEPALIVE_S,
             session_expiry_s=config.session_expiry_s,
             receive_maximum=config.receive_maximum,
+            maximum_packet_size=subscriber_module.MAXIMUM_PACKET_SIZE_BYTES,
         )
     )
     return Packet(first, body)
 
 
-def subscribe_packet() -> Packet:
-    return Packet(0x82, b"\x00\x01\x00" + utf8(TOPIC_FILTER) + b"\x21")
+def subscribe_packet(filters: tuple[str, ...] = (TOPIC_FILTER,)) -> Packet:
+    return Packet(0x82, b"\x00\x01\x00" + b"".join(utf8(f) + b"\x21" for f in filters))
 
 
 def split(data: bytes) -> tuple[int, bytes]:
@@ -254,23 +290,43 @@ def broker() -> Iterator[ScriptedBroker]:
     scripted.close()
 
 
+def no_jitter() -> float:
+    """A draw that takes nothing off a reconnect delay, so timings are the backoff's own."""
+    return 0.0
+
+
+class NewSubscriber(Protocol):
+    def __call__(
+        self,
+        receive_maximum: int = 16,
+        *,
+        topic_filters: tuple[str, ...] = (TOPIC_FILTER,),
+        draw: Callable[[], float] = no_jitter,
+    ) -> Subscriber: ...
+
+
 @pytest.fixture
-def new_subscriber(broker: ScriptedBroker) -> Iterator[Callable[[int], Subscriber]]:
+def new_subscriber(broker: ScriptedBroker) -> Iterator[NewSubscriber]:
     """Subscribers of the scripted broker with a given receive maximum, closed at the end."""
     made: list[Subscriber] = []
 
-    def make(receive_maximum: int = 16) -> Subscriber:
+    def make(
+        receive_maximum: int = 16,
+        *,
+        topic_filters: tuple[str, ...] = (TOPIC_FILTER,),
+        draw: Callable[[], float] = no_jitter,
+    ) -> Subscriber:
         config = SubscriberConfig(
             host="127.0.0.1",
             port=broker.port,
             username="u",
             password="p",
             client_id="c",
-            topic_filters=(TOPIC_FILTER,),
+            topic_filters=topic_filters,
             receive_maximum=receive_maximum,
             session_expiry_s=3600,
         )
-        made.append(Subscriber(config))
+        made.append(Subscriber(config, draw=draw))
         return made[-1]
 
     yield make
@@ -286,7 +342,7 @@ def message_of(item: Inbound) -> tuple[str, bytes, int, int]:
 
 
 def test_connect_keeps_the_session_and_carries_the_credentials_then_subscribes(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(7)
     peer = broker.accept(sub)
@@ -307,22 +363,28 @@ def test_connect_keeps_the_session_and_carries_the_credentials_then_subscribes(
     assert sub.reconnects == 0
 
 
-def test_a_refused_subscription_leaves_the_subscriber_unconnected(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+def test_connect_carries_maximum_packet_size(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
-    peer = broker.accept_connect(sub)
-    peer.send(connack())
-    assert peer.read_packet() == subscribe_packet()
+    peer = broker.accept(sub)
 
-    peer.send(b"\x90\x04\x00\x01\x00\x87")  # not authorized
+    sent = peer.read_packet()
 
-    peer.expect_silence(0.3)
-    assert not sub.connected
+    # Protocol name (6 bytes), version, flags and keep alive (4) come before the properties.
+    properties, _ = Properties(PacketTypes.CONNECT).unpack(sent.body[10:])
+    assert properties.MaximumPacketSize == 512 * 1024
+    assert properties.MaximumPacketSize == subscriber_module.MAXIMUM_PACKET_SIZE_BYTES
+    # Whatever the broker took from a device still reaches the worker, with room for the
+    # packet id and properties it gains on the way.
+    assert properties.MaximumPacketSize >= MAX_PACKET_BYTES + 1024
+    # A packet over the limit cannot arrive whole in one read with a few header bytes left
+    # from the read before: the subscriber checks only incomplete packets.
+    assert properties.MaximumPacketSize > subscriber_module.READ_SIZE + 5
 
 
 def test_a_refused_connection_is_closed_and_tried_again_after_a_delay(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     started = time.monotonic()
     sub = new_subscriber(16)
@@ -343,7 +405,7 @@ def test_a_refused_connection_is_closed_and_tried_again_after_a_delay(
 
 def test_a_broker_that_never_answers_the_connect_is_left(
     broker: ScriptedBroker,
-    new_subscriber: Callable[[int], Subscriber],
+    new_subscriber: NewSubscriber,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(subscriber_module, "CONNECT_TIMEOUT_S", 0.3)
@@ -354,11 +416,119 @@ def test_a_broker_that_never_answers_the_connect_is_left(
     broker.accept_connect(sub)
 
 
+# Subscribing
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_suback_refusal_closes_and_reconnects(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, caplog: pytest.LogCaptureFixture
+) -> None:
+    filters = (TOPIC_FILTER, OTHER_FILTER)
+    sub = new_subscriber(16, topic_filters=filters)
+    peer = broker.accept_connect(sub)
+    peer.send(connack())
+    assert peer.read_packet() == subscribe_packet(filters)
+
+    peer.send(suback(mqtt5.GRANTED_QOS_1, 0x87))  # the second filter: not authorized
+
+    assert peer.read_packet() == disconnect_with(mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
+    peer.wait_closed()
+    assert not sub.connected
+    assert sub.stats.subscribe_failures == 1
+    assert errors_logged(caplog) == [
+        f"broker refused or downgraded the subscription to {OTHER_FILTER}: not authorized (0x87)"
+    ]
+    broker.handshake(sub)  # subscribes again, this time granted
+    assert sub.connected
+    assert sub.stats.subscribe_failures == 1
+
+
+def test_qos0_grant_is_a_failed_subscription(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, caplog: pytest.LogCaptureFixture
+) -> None:
+    sub = new_subscriber(16)
+    peer = broker.accept_connect(sub)
+    peer.send(connack())
+    assert peer.read_packet() == subscribe_packet()
+
+    # Granted QoS 0: the broker would deliver at most once and never redeliver what the worker
+    # received but did not store.
+    peer.send(suback(0x00))
+
+    assert peer.read_packet() == disconnect_with(mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
+    peer.wait_closed()
+    assert not sub.connected
+    assert sub.stats.subscribe_failures == 1
+    assert errors_logged(caplog) == [
+        f"broker refused or downgraded the subscription to {TOPIC_FILTER}: granted QoS 0 (0x00)"
+    ]
+    broker.accept_connect(sub)
+
+
+@pytest.mark.parametrize(
+    "reasons",
+    [
+        pytest.param((), id="none"),
+        pytest.param((0x01, 0x01), id="two-for-one-filter"),
+    ],
+)
+def test_suback_with_wrong_count_of_reason_codes_fails(
+    broker: ScriptedBroker,
+    new_subscriber: NewSubscriber,
+    caplog: pytest.LogCaptureFixture,
+    reasons: tuple[int, ...],
+) -> None:
+    sub = new_subscriber(16)
+    peer = broker.accept_connect(sub)
+    peer.send(connack())
+    assert peer.read_packet() == subscribe_packet()
+
+    peer.send(suback(*reasons))
+
+    # One reason code per filter, in order (3.9.3): anything else is a protocol error.
+    assert peer.read_packet() == disconnect_with(mqtt5.PROTOCOL_ERROR)
+    peer.wait_closed()
+    assert not sub.connected
+    assert sub.stats.subscribe_failures == 1
+    [logged] = errors_logged(caplog)
+    assert logged.startswith(
+        f"broker answered the subscription to {TOPIC_FILTER} with {len(reasons)} reason codes"
+    )
+    broker.accept_connect(sub)
+
+
+def test_repeated_subscription_refusals_back_off(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscriber_module, "RECONNECT_MIN_DELAY_S", 0.3)
+    sub = new_subscriber(16)
+    gaps = []
+    peer = broker.accept_connect(sub)
+    for _ in range(3):
+        peer.send(connack())
+        assert peer.read_packet() == subscribe_packet()
+        peer.send(suback(0x87))
+        refused_at = time.monotonic()
+        assert peer.read_packet() == disconnect_with(mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
+        peer.wait_closed()
+        peer = broker.accept_connect(sub)
+        gaps.append(time.monotonic() - refused_at)
+
+    # The connection was accepted each time; the delay grows all the same, from 0.3 s.
+    assert gaps[0] >= 0.3
+    assert gaps[1] >= 0.6
+    assert gaps[2] >= 1.2
+    assert sub.stats.subscribe_failures == 3
+
+
 # Receiving
 
 
 def test_publishes_sent_a_byte_at_a_time_arrive_intact_and_in_order(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
@@ -379,7 +549,7 @@ def test_publishes_sent_a_byte_at_a_time_arrive_intact_and_in_order(
 
 
 def test_publishes_split_at_any_byte_arrive_intact_and_in_order(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
@@ -398,7 +568,7 @@ def test_publishes_split_at_any_byte_arrive_intact_and_in_order(
 
 
 def test_publishes_in_one_write_with_a_connack_and_suback_arrive_in_order(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.accept_connect(sub)
@@ -414,38 +584,55 @@ def test_publishes_in_one_write_with_a_connack_and_suback_arrive_in_order(
 
 
 def test_a_publish_before_the_connack_closes_the_connection(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.accept_connect(sub)
 
     peer.send(publish("a/1", b"early", 1))
 
+    assert peer.read_packet() == disconnect_with(mqtt5.PROTOCOL_ERROR)
     peer.wait_closed()
     assert not sub.pending
 
 
+MALFORMED = mqtt5.MALFORMED_PACKET
+PROTOCOL_ERROR = mqtt5.PROTOCOL_ERROR
+# The header of a PUBLISH one byte longer than the subscriber's Maximum Packet Size.
+OVERSIZED_PUBLISH = b"\x30" + mqtt5.varint(subscriber_module.MAXIMUM_PACKET_SIZE_BYTES - 3)
+
+
 @pytest.mark.parametrize(
-    "violation",
+    ("violation", "reason"),
     [
-        pytest.param(publish("a/1", b"p", 1, qos=2), id="qos-2-publish"),
-        pytest.param(packet(0x32, b"\x00\x00\x00\x01\x03\x23\x00\x01p"), id="topic-alias"),
-        pytest.param(packet(0x32, b"\x00\x03a/1\x00\x00\x00p"), id="packet-id-0"),
-        pytest.param(b"\x30\xff\xff\xff\xff\x01", id="five-byte-remaining-length"),
-        pytest.param(connack(), id="second-connack"),
-        pytest.param(b"\x90\x04\x00\x02\x00\x01", id="suback-for-an-unused-packet-id"),
-        pytest.param(b"\x40\x02\x00\x01", id="puback-to-a-subscriber"),
-        pytest.param(b"\xf0\x00", id="auth-packet"),
+        pytest.param(publish("a/1", b"p", 1, qos=2), PROTOCOL_ERROR, id="qos-2-publish"),
+        pytest.param(packet(0x36, b"\x00\x03a/1\x00\x01\x00p"), MALFORMED, id="qos-3-publish"),
+        pytest.param(
+            packet(0x32, b"\x00\x00\x00\x01\x03\x23\x00\x01p"), PROTOCOL_ERROR, id="topic-alias"
+        ),
+        pytest.param(packet(0x32, b"\x00\x03a/1\x00\x00\x00p"), PROTOCOL_ERROR, id="packet-id-0"),
+        pytest.param(packet(0x30, b"\x00\x03a/\xff\x00p"), MALFORMED, id="topic-not-utf8"),
+        pytest.param(b"\x30\xff\xff\xff\xff\x01", MALFORMED, id="five-byte-remaining-length"),
+        pytest.param(OVERSIZED_PUBLISH, mqtt5.PACKET_TOO_LARGE, id="over-maximum-packet-size"),
+        pytest.param(connack(), PROTOCOL_ERROR, id="second-connack"),
+        pytest.param(
+            b"\x90\x04\x00\x02\x00\x01", PROTOCOL_ERROR, id="suback-for-an-unused-packet-id"
+        ),
+        pytest.param(b"\x40\x02\x00\x01", PROTOCOL_ERROR, id="puback-to-a-subscriber"),
+        pytest.param(b"\xf0\x00", PROTOCOL_ERROR, id="auth-packet"),
     ],
 )
-def test_a_protocol_violation_closes_the_connection_and_it_reconnects(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber], violation: bytes
+def test_a_protocol_violation_closes_with_disconnect_and_its_reason_then_reconnects(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, violation: bytes, reason: int
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
 
     peer.send(publish("a/ok", b"fine", 1) + violation)
 
+    # 4.13.1: a client that finds a malformed packet or a protocol error SHOULD say which in
+    # a DISCONNECT before it closes the connection.
+    assert peer.read_packet() == disconnect_with(reason)
     peer.wait_closed()
     assert not sub.connected
     assert [item.mid for item in sub.take(100)] == [1]
@@ -453,22 +640,37 @@ def test_a_protocol_violation_closes_the_connection_and_it_reconnects(
     assert sub.reconnects == 1
 
 
-def test_a_connack_whose_last_property_lacks_its_value_closes_the_connection(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+@pytest.mark.parametrize(
+    ("bad_connack", "reason"),
+    [
+        pytest.param(
+            packet(0x20, b"\x00\x00\x01\x24"), MALFORMED, id="maximum-qos-without-its-byte"
+        ),
+        pytest.param(
+            packet(0x20, b"\x00\x00\x05\x27\x00\x00\x00\x00"),
+            PROTOCOL_ERROR,
+            id="maximum-packet-size-0",
+        ),
+    ],
+)
+def test_a_bad_connack_closes_the_connection_with_its_reason(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, bad_connack: bytes, reason: int
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.accept_connect(sub)
 
-    peer.send(packet(0x20, b"\x00\x00\x01\x24"))  # Maximum QoS without its byte
+    peer.send(bad_connack)
 
+    assert peer.read_packet() == disconnect_with(reason)
     peer.wait_closed()
+    assert not sub.connected
 
 
 # The window and acknowledgements
 
 
 def test_acks_go_out_in_arrival_order_and_only_for_qos_1(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
@@ -490,7 +692,7 @@ def test_acks_go_out_in_arrival_order_and_only_for_qos_1(
 
 
 def test_the_window_holds_at_most_receive_maximum_messages(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(5)
     peer = broker.handshake(sub)
@@ -517,7 +719,7 @@ def test_the_window_holds_at_most_receive_maximum_messages(
 
 
 def test_messages_taken_but_not_acknowledged_still_count_against_the_window(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(5)
     peer = broker.handshake(sub)
@@ -547,7 +749,7 @@ def test_messages_taken_but_not_acknowledged_still_count_against_the_window(
     ],
 )
 def test_after_the_broker_ends_the_connection_old_messages_are_not_acknowledged(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber], ending: bytes
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, ending: bytes
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
@@ -572,7 +774,7 @@ def test_after_the_broker_ends_the_connection_old_messages_are_not_acknowledged(
 
 
 def test_a_broker_disconnect_closes_the_connection_from_the_client_side(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
@@ -587,7 +789,7 @@ def test_a_broker_disconnect_closes_the_connection_from_the_client_side(
 
 
 def test_an_idle_connection_is_pinged_within_the_server_keep_alive(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub, keepalive_s=1)
@@ -602,7 +804,7 @@ def test_an_idle_connection_is_pinged_within_the_server_keep_alive(
 
 
 def test_an_unanswered_ping_closes_the_connection_and_it_reconnects(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub, keepalive_s=1)
@@ -619,7 +821,7 @@ def test_an_unanswered_ping_closes_the_connection_and_it_reconnects(
 
 def test_a_later_connection_without_server_keep_alive_uses_the_connects_own(
     broker: ScriptedBroker,
-    new_subscriber: Callable[[int], Subscriber],
+    new_subscriber: NewSubscriber,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(subscriber_module, "KEEPALIVE_S", 1)
@@ -637,7 +839,7 @@ def test_a_later_connection_without_server_keep_alive_uses_the_connects_own(
 
 
 def test_close_sends_queued_acks_then_disconnect(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.handshake(sub)
@@ -655,7 +857,7 @@ def test_close_sends_queued_acks_then_disconnect(
 
 
 def test_close_before_the_connack_sends_no_disconnect(
-    broker: ScriptedBroker, new_subscriber: Callable[[int], Subscriber]
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
     peer = broker.accept_connect(sub)
@@ -663,3 +865,150 @@ def test_close_before_the_connack_sends_no_disconnect(
     peer.close_subscriber()
 
     peer.wait_closed()
+
+
+# Reconnecting
+
+
+def test_session_lost_on_reconnect_is_counted(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, caplog: pytest.LogCaptureFixture
+) -> None:
+    sub = new_subscriber(16)
+    first = broker.handshake(sub, session_present=False)  # a fresh worker: expected
+    assert sub.stats.sessions_lost == 0
+    first.send(disconnect(0x8B, "server shutting down"))
+    first.wait_closed()
+
+    resumed = broker.handshake(sub, session_present=True)
+    assert sub.stats.sessions_lost == 0
+    resumed.send(disconnect(0x8B, "server shutting down"))
+    resumed.wait_closed()
+    caplog.clear()
+
+    broker.handshake(sub, session_present=False)  # the broker lost the session and its queue
+
+    assert sub.stats.sessions_lost == 1
+    assert sub.stats.reconnects == 2
+    assert sub.connected
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "the broker had no session for c (Session Present 0 on a reconnection):"
+        " the messages it held for this worker are lost"
+    ]
+
+
+class Draws:
+    """Scripted uniform draws for the reconnect jitter; counts how many were taken."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+        self.taken = 0
+
+    def __call__(self) -> float:
+        self.taken += 1
+        return self.values.pop(0)
+
+
+def test_reconnect_delays_are_jittered(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscriber_module, "RECONNECT_MIN_DELAY_S", 1.0)
+    monkeypatch.setattr(subscriber_module, "RECONNECT_JITTER_FRACTION", 1.0)  # full jitter
+    draws = Draws(0.0, 0.75)
+    sub = new_subscriber(16, draw=draws)
+    peer = broker.handshake(sub)
+
+    # A connection that had been up for a while is lost: even the first reconnect waits.
+    peer.conn.close()
+    lost_at = time.monotonic()
+    peer = broker.accept_connect(sub, timeout_s=3.0)
+    assert time.monotonic() - lost_at >= 1.0  # the draw 0.0 takes nothing off 1 s
+
+    peer.send(connack(0x86))  # then refused: the backoff doubles to 2 s, the draw takes 3/4
+    refused_at = time.monotonic()
+    broker.accept_connect(sub, timeout_s=3.0)
+    assert 0.5 <= time.monotonic() - refused_at < 2.0
+
+    assert draws.taken == 2
+
+
+@pytest.mark.parametrize(
+    ("fraction", "draw", "delay_s"),
+    [(0.5, 0.0, 2.0), (0.5, 0.5, 1.5), (0.5, 0.999, 1.001), (1.0, 0.25, 1.5), (0.0, 0.9, 2.0)],
+)
+def test_jitter_takes_at_most_its_fraction_off_a_delay(
+    monkeypatch: pytest.MonkeyPatch, fraction: float, draw: float, delay_s: float
+) -> None:
+    monkeypatch.setattr(subscriber_module, "RECONNECT_JITTER_FRACTION", fraction)
+    assert subscriber_module.jittered(2.0, draw) == pytest.approx(delay_s)
+
+
+# Publishing (QoS 0)
+
+ACK_TOPIC = "galvani/v1/d/dev-1/ack"
+
+
+def publish_packet(topic: str, payload: bytes) -> Packet:
+    """A QoS 0 PUBLISH as the subscriber sends it: no packet id, no properties."""
+    return Packet(0x30, utf8(topic) + b"\x00" + payload)
+
+
+def test_publish_goes_out_with_the_acks(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
+) -> None:
+    sub = new_subscriber(16)
+    peer = broker.handshake(sub)
+    peer.send(publish("a/1", b"1", 1) + publish("a/2", b"2", 2))
+    run_until(sub, lambda: len(sub.pending) == 2, "two messages pending")
+    batch = sub.take(100)
+
+    sub.publish(ACK_TOPIC, b'{"seq":[[1,2]]}')
+    time.sleep(0.05)
+    with pytest.raises(BlockingIOError):
+        peer.conn.recv(65536)  # queued, not written on its own
+
+    assert sub.ack(batch) == 2
+
+    # Written by ack() itself: nothing polled the subscriber in between.
+    assert [peer.read_packet(timeout_s=0.0) for _ in range(3)] == [
+        publish_packet(ACK_TOPIC, b'{"seq":[[1,2]]}'),
+        puback(1),
+        puback(2),
+    ]
+    assert sub.stats.publishes_dropped == sub.stats.publishes_too_large == 0
+
+
+def test_publish_without_a_connection_is_dropped_and_counted(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
+) -> None:
+    sub = new_subscriber(16)
+    sub.publish(ACK_TOPIC, b"before connecting")
+    assert sub.stats.publishes_dropped == 1
+
+    peer = broker.handshake(sub)
+    sub.publish(ACK_TOPIC, b"connected")
+    assert peer.read_packet() == publish_packet(ACK_TOPIC, b"connected")  # sent by a poll
+    peer.conn.close()
+    run_until(sub, lambda: not sub.connected, "the lost connection noticed")
+    sub.publish(ACK_TOPIC, b"lost")
+
+    assert sub.stats.publishes_dropped == 2
+    again = broker.handshake(sub)
+    again.expect_silence(0.2)  # neither dropped message is sent later
+
+
+def test_a_publish_over_the_brokers_maximum_packet_size_is_not_sent(
+    broker: ScriptedBroker, new_subscriber: NewSubscriber
+) -> None:
+    sub = new_subscriber(16)
+    peer = broker.handshake(sub, maximum_packet_size=64)
+    # Fixed header 2 bytes, topic 2 + 22, property length 1: 27 bytes before the payload.
+    fits, too_large = b"x" * 37, b"x" * 38
+
+    sub.publish(ACK_TOPIC, too_large)
+    sub.publish(ACK_TOPIC, fits)
+
+    assert peer.read_packet() == publish_packet(ACK_TOPIC, fits)
+    peer.expect_silence(0.1)
+    assert sub.stats.publishes_too_large == 1
+    assert sub.connected

@@ -1,9 +1,9 @@
 """The MQTT 5 packets a backend subscriber exchanges with the broker, encoded and decoded.
 
-Only what :mod:`services.common.subscriber` needs: CONNECT, SUBSCRIBE, PUBACK, PINGREQ and
-DISCONNECT out; CONNACK, SUBACK, PUBLISH (QoS 0 and 1), PINGRESP and DISCONNECT in. Pure
-functions over bytes, no sockets. Names and numbers follow the OASIS MQTT 5.0 standard
-(section numbers in the comments).
+Only what :mod:`services.common.subscriber` needs: CONNECT, SUBSCRIBE, PUBLISH (QoS 0),
+PUBACK, PINGREQ and DISCONNECT out; CONNACK, SUBACK, PUBLISH (QoS 0 and 1), PINGRESP and
+DISCONNECT in. Pure functions over bytes, no sockets. Names and numbers follow the OASIS
+MQTT 5.0 standard (section numbers in the comments).
 """
 
 import struct
@@ -12,9 +12,25 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final
 
+# Reason codes (2.4) this client sends in a DISCONNECT (3.14.2.1).
+NORMAL_DISCONNECTION: Final = 0x00
+MALFORMED_PACKET: Final = 0x81
+PROTOCOL_ERROR: Final = 0x82
+IMPLEMENTATION_SPECIFIC_ERROR: Final = 0x83
+PACKET_TOO_LARGE: Final = 0x95
+
 
 class ProtocolViolation(Exception):
-    """The broker sent something MQTT 5 does not allow here; the connection is unusable."""
+    """The broker sent something MQTT 5 does not allow here; the connection is unusable.
+
+    ``reason`` is the code of the DISCONNECT the client sends before it closes (4.13.1):
+    malformed packet for bytes that cannot be read as the packet they claim to be (1.5, 2.2),
+    protocol error for a well-formed packet the standard does not allow at that point.
+    """
+
+    def __init__(self, message: str, reason: int = MALFORMED_PACKET) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PacketType(IntEnum):
@@ -39,6 +55,7 @@ SERVER_KEEP_ALIVE: Final = 0x13
 REASON_STRING: Final = 0x1F
 RECEIVE_MAXIMUM: Final = 0x21
 USER_PROPERTY: Final = 0x26
+MAXIMUM_PACKET_SIZE: Final = 0x27
 
 _BYTE, _TWO, _FOUR, _VARINT, _UTF8, _BINARY, _PAIR = range(7)
 # Every property's wire type, so an unexpected one is skipped rather than misread.
@@ -77,13 +94,15 @@ _FIXED_SIZES: Final = {_BYTE: 1, _TWO: 2, _FOUR: 4}
 # Subscription options (3.8.3.1): maximum QoS 1, retained messages not sent.
 QOS_1: Final = 0x01
 RETAIN_DO_NOT_SEND: Final = 0x20
+# The SUBACK reason code for a subscription granted at QoS 1 (3.9.3).
+GRANTED_QOS_1: Final = 0x01
 
 PINGREQ: Final = b"\xc0\x00"
-# Reason code 0 (normal disconnection) and no properties, so the session expiry the CONNECT
-# asked for stands: the broker keeps the session (3.14.2.1).
-DISCONNECT: Final = b"\xe0\x00"
 _PUBACK_HEADER: Final = b"\x40\x02"
 MAX_REMAINING_LENGTH: Final = 268_435_455
+# The largest packet the standard allows: a fixed header byte, four length bytes, the body.
+# A CONNACK without Maximum Packet Size means the broker takes packets up to this (3.2.2.3.6).
+MAX_PACKET_SIZE: Final = 1 + 4 + MAX_REMAINING_LENGTH
 
 REASONS: Final = {
     0x00: "success",
@@ -117,6 +136,13 @@ REASONS: Final = {
 def reason_name(code: int) -> str:
     """A reason code as the standard names it (2.4), with its number."""
     return f"{REASONS.get(code, 'reason')} (0x{code:02x})"
+
+
+def suback_reason_name(code: int) -> str:
+    """A SUBACK reason code (3.9.3), where 0x00 to 0x02 name the QoS granted."""
+    if code <= 0x02:
+        return f"granted QoS {code} (0x{code:02x})"
+    return reason_name(code)
 
 
 def varint(value: int) -> bytes:
@@ -168,11 +194,18 @@ def connect(
     keepalive_s: int,
     session_expiry_s: int,
     receive_maximum: int,
+    maximum_packet_size: int,
 ) -> bytes:
     """CONNECT (3.1) with clean start off, user name and password, no will."""
     flags = 0x80 | 0x40  # user name, password; clean start (0x02) off
     properties = struct.pack(
-        "!BIBH", SESSION_EXPIRY_INTERVAL, session_expiry_s, RECEIVE_MAXIMUM, receive_maximum
+        "!BIBHBI",
+        SESSION_EXPIRY_INTERVAL,
+        session_expiry_s,
+        RECEIVE_MAXIMUM,
+        receive_maximum,
+        MAXIMUM_PACKET_SIZE,
+        maximum_packet_size,
     )
     body = (
         string("MQTT")
@@ -194,9 +227,27 @@ def subscribe(packet_id: int, topic_filters: Sequence[str], options: int) -> byt
     return _packet(PacketType.SUBSCRIBE << 4 | 0x02, body)
 
 
+def publish(topic: str, payload: bytes) -> bytes:
+    """PUBLISH (3.3) at QoS 0, not retained, not a duplicate: no packet id (3.3.2.2), no
+    properties (a zero property length, 3.3.2.3.1), no topic alias."""
+    return _packet(PacketType.PUBLISH << 4, string(topic) + b"\x00" + payload)
+
+
 def puback(packet_id: int) -> bytes:
     """PUBACK (3.4) with reason code success, which MQTT 5 lets a client leave out."""
     return _PUBACK_HEADER + packet_id.to_bytes(2, "big")
+
+
+def disconnect(reason: int) -> bytes:
+    """DISCONNECT (3.14) with ``reason`` and no properties.
+
+    Without a Session Expiry Interval property the one the CONNECT asked for stands, so the
+    broker keeps the session whatever the reason (3.14.2.2.2). Normal disconnection is sent
+    as a bare fixed header, which the standard reads as reason 0x00 (3.14.2.1).
+    """
+    if reason == NORMAL_DISCONNECTION:
+        return b"\xe0\x00"
+    return bytes((PacketType.DISCONNECT << 4, 1, reason))
 
 
 @dataclass
@@ -308,7 +359,10 @@ def read_publish(
     payload. Its properties are skipped: none of them changes what is stored."""
     qos = (flags >> 1) & 0x03
     if qos > 1:
-        raise ProtocolViolation(f"PUBLISH at QoS {qos} on a subscription granted QoS 1")
+        # Both QoS bits set is a malformed packet (3.3.1.2); QoS 2 is well formed but more
+        # than the subscription was granted (3.8.3.1).
+        reason = MALFORMED_PACKET if qos == 3 else PROTOCOL_ERROR
+        raise ProtocolViolation(f"PUBLISH at QoS {qos} on a subscription granted QoS 1", reason)
     if pos + 2 > end:
         raise ProtocolViolation("PUBLISH shorter than its topic length")
     topic_end = pos + 2 + (buf[pos] << 8 | buf[pos + 1])
@@ -321,14 +375,15 @@ def read_publish(
         packet_id = buf[pos] << 8 | buf[pos + 1]
         pos += 2
         if packet_id == 0:
-            raise ProtocolViolation("PUBLISH at QoS 1 with packet id 0")
+            raise ProtocolViolation("PUBLISH at QoS 1 with packet id 0", PROTOCOL_ERROR)  # 2.2.1
     properties = read_varint(buf, pos, end)
     if properties is None or properties[1] + properties[0] > end:
         raise ProtocolViolation("PUBLISH properties run past the packet")
     pos = properties[1] + properties[0]
     if not topic:
-        # A topic alias; this client never allows one (no Topic Alias Maximum in CONNECT).
-        raise ProtocolViolation("PUBLISH without a topic name")
+        # A topic alias; this client never allows one (no Topic Alias Maximum in CONNECT), so
+        # it is a protocol error either way (3.3.2.3.4).
+        raise ProtocolViolation("PUBLISH without a topic name", PROTOCOL_ERROR)
     try:
         name = topic.decode()
     except UnicodeDecodeError as exc:
