@@ -1,10 +1,22 @@
-"""Stored acks: which seqs a committed batch tells each device about (pure, no servers)."""
+"""Stored acks: which seqs a committed batch tells each device about, and that ingest sends
+them to the device once the batch has committed."""
 
 import json
 from datetime import UTC, datetime
 
 from services.ingest.acks import ack_payload, ack_topic, seq_ranges, stored_acks
 from services.ingest.decode import Inbound, decode_inbound
+from tests.ingest import (
+    T0_MS,
+    IngestWorkers,
+    connect_device,
+    event,
+    provision,
+    scalar,
+    telemetry,
+    topic,
+    wait_until,
+)
 
 RECEIVED = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 RECEIVED_MS = int(RECEIVED.timestamp() * 1000)
@@ -16,7 +28,7 @@ def inbound(device_id: str, channel: str, payload: object) -> Inbound:
     return Inbound(topic, raw, mid=1, qos=1, received_at=RECEIVED, generation=1)
 
 
-def telemetry(seq: int) -> dict[str, object]:
+def one_sample(seq: int) -> dict[str, object]:
     return {"v": 1, "seq": seq, "session": None, "samples": [{"ts": RECEIVED_MS + seq}]}
 
 
@@ -37,13 +49,13 @@ def test_ack_payload_is_the_protocol_shape():
 
 def test_every_channel_with_a_seq_is_acknowledged_per_device():
     messages = [
-        inbound("dev-a", "telemetry", telemetry(1)),
-        inbound("dev-b", "telemetry", telemetry(40)),
+        inbound("dev-a", "telemetry", one_sample(1)),
+        inbound("dev-b", "telemetry", one_sample(40)),
         inbound(
             "dev-a", "events", {"v": 1, "seq": 2, "ts": RECEIVED_MS, "type": "charging", "on": True}
         ),
         inbound("dev-a", "state", {"v": 1, "seq": 3, "ts": RECEIVED_MS, "fw": "1.4.2", "hw": "B"}),
-        inbound("dev-a", "telemetry", telemetry(5)),
+        inbound("dev-a", "telemetry", one_sample(5)),
     ]
     assert acks_of(messages) == {
         ack_topic("dev-a"): {"v": 1, "seqs": [[1, 3], [5, 5]]},
@@ -75,3 +87,45 @@ def test_a_dead_letter_on_a_topic_outside_the_device_tree_is_not_acknowledged():
         "other/topic", b'{"seq": 1}', mid=1, qos=1, received_at=RECEIVED, generation=1
     )
     assert stored_acks([message], [decode_inbound(message)]) == []
+
+
+def test_ingest_acknowledges_each_committed_seq_to_its_device_and_only_after_commit(
+    database_url, broker, sync_devices, ingest_workers: IngestWorkers
+):
+    """A device hears which of its seqs are stored, once they are in the database."""
+    [device, other] = provision(database_url, 2, prefix="ack")
+    sync_devices()
+    ingest_workers.start()
+    client = connect_device(broker.config.device_port, device)
+    watcher = connect_device(broker.config.device_port, other)
+    try:
+        assert client.subscribe(ack_topic(device.device_id)) in (0, 1)
+        assert watcher.subscribe(ack_topic(other.device_id)) in (0, 1)
+        payloads = [
+            (topic(device.device_id, "telemetry"), telemetry(seq, T0_MS + seq * 1000, count=2))
+            for seq in (1, 2, 3)
+        ] + [(topic(device.device_id, "events"), event(4, T0_MS, "charging", on=True))]
+        assert client.publish_many(payloads) == [0, 0, 0, 0]
+        acked: set[int] = set()
+
+        def all_acked() -> bool:
+            for message in client.received:
+                body = json.loads(message.payload)
+                assert body["v"] == 1
+                for first, last in body["seqs"]:
+                    acked.update(range(first, last + 1))
+            return acked >= {1, 2, 3, 4}
+
+        wait_until(all_acked, 15, "acks for seqs 1-4")
+        assert acked == {1, 2, 3, 4}
+        stored = scalar(
+            database_url,
+            "SELECT (SELECT count(*) FROM telemetry_messages WHERE device_id = %(d)s)"
+            " + (SELECT count(*) FROM events WHERE device_id = %(d)s)",
+            {"d": device.device_id},
+        )
+        assert stored == 4
+        assert watcher.wait_for(ack_topic(other.device_id), timeout_s=0.5) is None
+    finally:
+        client.close()
+        watcher.close()

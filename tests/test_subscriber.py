@@ -360,7 +360,7 @@ def test_connect_keeps_the_session_and_carries_the_credentials_then_subscribes(
 
     peer.send(SUBACK_GRANTED)
     run_until(sub, lambda: sub.connected, "connected after SUBACK")
-    assert sub.reconnects == 0
+    assert sub.stats.reconnects == 0
 
 
 def test_connect_carries_maximum_packet_size(
@@ -400,7 +400,7 @@ def test_a_refused_connection_is_closed_and_tried_again_after_a_delay(
     assert again.read_packet() == subscribe_packet()
     again.send(SUBACK_GRANTED)
     run_until(sub, lambda: sub.connected, "connected on the second attempt")
-    assert sub.reconnects == 0  # the first attempt never connected
+    assert sub.stats.reconnects == 0  # the first attempt never connected
 
 
 def test_a_broker_that_never_answers_the_connect_is_left(
@@ -637,7 +637,7 @@ def test_a_protocol_violation_closes_with_disconnect_and_its_reason_then_reconne
     assert not sub.connected
     assert [item.mid for item in sub.take(100)] == [1]
     broker.handshake(sub)
-    assert sub.reconnects == 1
+    assert sub.stats.reconnects == 1
 
 
 @pytest.mark.parametrize(
@@ -759,7 +759,7 @@ def test_after_the_broker_ends_the_connection_old_messages_are_not_acknowledged(
 
     again = broker.handshake(sub)
 
-    assert sub.reconnects == 1
+    assert sub.stats.reconnects == 1
     old = sub.take(100)
     assert [item.mid for item in old] == [1, 2]
     assert sub.ack(old) == 0
@@ -816,7 +816,7 @@ def test_an_unanswered_ping_closes_the_connection_and_it_reconnects(
     assert time.monotonic() - pinged_at >= 0.8
     assert not sub.connected
     broker.handshake(sub)
-    assert sub.reconnects == 1
+    assert sub.stats.reconnects == 1
 
 
 def test_a_later_connection_without_server_keep_alive_uses_the_connects_own(

@@ -179,11 +179,6 @@ class Subscriber:
         self._last_out = 0.0
         self._ping_sent_at = 0.0  # 0 when no PINGREQ is waiting for its PINGRESP
 
-    @property
-    def reconnects(self) -> int:
-        """Connections accepted after the first (``stats.reconnects``)."""
-        return self.stats.reconnects
-
     def poll(self, timeout_s: float) -> None:
         """Run the network for up to ``timeout_s``: read, write, keep alive, reconnect."""
         if self._sock is None and not self._try_connect():

@@ -24,6 +24,7 @@ from services.common.logs import configure_logging
 from services.common.retrying import RetryingDatabase, StoppedWaiting
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 from services.ingest import metrics
+from services.ingest.acks import stored_acks
 from services.ingest.decode import (
     ROW_SUSPECT,
     ROW_TS,
@@ -154,7 +155,7 @@ class Worker:
             )
         )
         self.store = Store(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
-        self._seen_reconnects = 0
+        self._subscriber_counters = metrics.SubscriberCounters()
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then store what is pending and disconnect."""
@@ -182,8 +183,7 @@ class Worker:
         self.subscriber.poll(timeout_s)
         metrics.INFLIGHT.set(self.subscriber.unacked)
         metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
-        metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
-        self._seen_reconnects = self.subscriber.reconnects
+        self._subscriber_counters.update(self.subscriber.stats)
 
     def flush(self, limit: int) -> None:
         """Store and acknowledge the oldest ``limit`` pending messages."""
@@ -192,6 +192,10 @@ class Worker:
         with metrics.COMMIT_SECONDS.time():
             outcome = self.store.write(inbound, decoded)
         committed_at = datetime.now(UTC)
+        if self.settings.stored_acks:
+            # Queued first so that they leave in the same write as the PUBACKs.
+            for topic, payload in stored_acks(inbound, decoded):
+                self.subscriber.publish(topic, payload)
         self.subscriber.ack(inbound)
         observe(outcome, decoded, committed_at)
         for item in decoded:

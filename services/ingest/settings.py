@@ -27,5 +27,9 @@ class IngestSettings(ServiceSettings):
     receive_maximum: int = Field(default=4000, ge=1, le=65_535)
     # How long the broker keeps a stopped worker's session and queued messages.
     session_expiry_s: int = Field(default=WEEK_S, ge=3600)
+    # Tell each device which of its seqs are committed (protocol.md, channel ``ack``): a device
+    # deletes a message from its outbox only then. Off only for fleets whose firmware deletes
+    # on the broker's PUBACK and does not listen (it saves one small publish per device a batch).
+    stored_acks: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65_535)

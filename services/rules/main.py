@@ -126,7 +126,7 @@ class Worker:
             stop=stop,
             on_retry=lambda exc: metrics.DB_RETRIES.labels(type(exc).__name__).inc(),
         )
-        self._seen_reconnects = 0
+        self._subscriber_counters = metrics.SubscriberCounters()
         self._next_sweep = time.monotonic()
         self._next_trim = time.monotonic()
 
@@ -162,8 +162,7 @@ class Worker:
         self.subscriber.poll(timeout_s)
         metrics.INFLIGHT.set(self.subscriber.unacked)
         metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
-        metrics.MQTT_RECONNECTS.inc(self.subscriber.reconnects - self._seen_reconnects)
-        self._seen_reconnects = self.subscriber.reconnects
+        self._subscriber_counters.update(self.subscriber.stats)
 
     def flush(self, limit: int) -> None:
         """Evaluate, commit, acknowledge and act on the oldest ``limit`` pending messages."""
