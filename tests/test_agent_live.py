@@ -1,8 +1,12 @@
 """The device agent (``galvani-agent``, a real process) through a real Mosquitto into ingest
-and TimescaleDB: a broker outage mid-session, and mode tables pushed over ``config``."""
+and TimescaleDB: a broker outage mid-session, mode tables pushed over ``config``, messages
+published before ingest subscribes, the outbox kept until the backend's stored-ack, and the
+agent killed -9 mid-stream."""
 
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,6 +40,7 @@ class AgentProcess:
         self.public_key = tmp_path / "config-public-key"
         self.public_key.write_text(public_key_b64(key))
         self.log = tmp_path / f"{device.device_id}.log"
+        self.store = tmp_path / "agent.sqlite3"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *args: str) -> None:
@@ -51,7 +56,7 @@ class AgentProcess:
                     f"--device-id={self.device.device_id}",
                     f"--port={self.port}",
                     f"--public-key={self.public_key}",
-                    f"--store={self.tmp_path / 'agent.sqlite3'}",
+                    f"--store={self.store}",
                     "--backoff-max=2",
                     "--seed=1",
                     *args,
@@ -67,8 +72,43 @@ class AgentProcess:
             self.process.terminate()
             self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL: no drain, no DISCONNECT; the last will says offline."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def outbox(self, channel: str | None = None) -> list[int]:
+        """Seqs in the agent's outbox now (read beside the running agent; WAL allows it)."""
+        rows = self._query(
+            "SELECT seq FROM outbox WHERE device_id = ? AND channel = coalesce(?, channel)"
+            " ORDER BY seq",
+            [self.device.device_id, channel],
+        )
+        return [seq for (seq,) in rows]
+
+    def last_seq(self) -> int:
+        """The last seq the agent handed out; 0 before its store exists."""
+        rows = self._query(
+            "SELECT last_seq FROM devices WHERE device_id = ?", [self.device.device_id]
+        )
+        return int(rows[0][0]) if rows else 0
+
+    def _query(self, query: str, params: list[object]) -> list[tuple[Any, ...]]:
+        try:
+            # mode=rw: never create the file the agent has not created yet.
+            conn = sqlite3.connect(f"file:{self.store}?mode=rw", uri=True)
+        except sqlite3.OperationalError:
+            return []
+        try:
+            return conn.execute(query, params).fetchall()
+        except sqlite3.OperationalError:  # the agent is still creating its schema
+            return []
+        finally:
+            conn.close()
 
 
 @pytest.fixture
@@ -324,3 +364,177 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
     finally:
         agent.stop()
         cloud.close()
+
+
+def _stored_seqs(url: str, device_id: str) -> list[int]:
+    """Every seq of ``device_id`` in the database, ascending (a repeat would show twice)."""
+    return [
+        row[0]
+        for row in _rows(
+            url,
+            "SELECT seq FROM telemetry_messages WHERE device_id = %s"
+            " UNION ALL SELECT seq FROM events WHERE device_id = %s"
+            " UNION ALL SELECT seq FROM state_reports WHERE device_id = %s ORDER BY 1",
+            [device_id, device_id, device_id],
+        )
+    ]
+
+
+def test_messages_published_before_ingest_subscribes_are_all_stored_once_it_does(
+    database_url: str,
+    own_broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+) -> None:
+    # Issue 18, item 2: a broker restarted before ingest has subscribed again answers every
+    # publish with PUBACK 0x10, No matching subscribers, and drops the message.
+    [device] = provision(database_url, 1, prefix="early")
+    with psycopg.connect(database_url) as conn:
+        sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
+    workers = IngestWorkers(
+        database_url=database_url,
+        mqtt_port=own_broker.config.service_port,
+        password=service_passwords[ServiceAccount.INGEST],
+        log_dir=tmp_path,
+    )
+    agent = AgentProcess(tmp_path, device, own_broker.config.device_port, key)
+    device_id = device.device_id
+    try:
+        agent.start("--session=LIFT:5:12", "--verbose")
+        wait_until(lambda: len(agent.outbox("telemetry")) >= 10, 40, "ten telemetry messages")
+        assert "sending again from seq" in agent.log_text(), "no PUBACK 0x10 was met"
+        queued = agent.outbox()
+        assert queued == list(range(1, len(queued) + 1)), "a message left the outbox unstored"
+        assert _stored_seqs(database_url, device_id) == []
+
+        workers.start("1")
+        wait_until(
+            lambda: set(queued) <= set(_stored_seqs(database_url, device_id)),
+            30,
+            "every queued message stored",
+        )
+        wait_until(lambda: not agent.outbox(), 30, "the outbox emptied by stored-acks")
+        agent.stop()
+        last = agent.last_seq()
+        wait_until(
+            lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "the last messages"
+        )
+        assert _stored_seqs(database_url, device_id) == list(range(1, last + 1))
+        assert _rows(
+            database_url, "SELECT seq_gaps, last_seq FROM devices WHERE id = %s", [device_id]
+        ) == [(0, last)]
+        telemetry = scalar(
+            database_url,
+            "SELECT count(*) FROM telemetry_messages WHERE device_id = %s",
+            [device_id],
+        )
+        assert isinstance(telemetry, int)
+        assert telemetry >= 10
+    finally:
+        agent.stop()
+        workers.close()
+
+
+def test_a_message_the_broker_took_stays_in_the_outbox_until_the_backend_acks_it_as_stored(
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Any,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+) -> None:
+    [device] = provision(database_url, 1, prefix="acked")
+    sync_devices()
+    agent = AgentProcess(tmp_path, device, broker.config.device_port, key)
+    # Stands in for ingest with ingest's account: subscribed, so the broker answers the agent's
+    # publishes with PUBACK 0x00, but it stores nothing and acknowledges only when told to.
+    cloud = MqttClient(
+        "127.0.0.1",
+        broker.config.service_port,
+        ServiceAccount.INGEST.value,
+        service_passwords[ServiceAccount.INGEST],
+    ).connect()
+    ack_topic = topic(device.device_id, "ack")
+
+    def received() -> list[int]:
+        return sorted(json.loads(m.payload)["seq"] for m in cloud.received)
+
+    def ack(*ranges: tuple[int, int]) -> None:
+        payload = json.dumps({"v": 1, "seqs": [list(r) for r in ranges]}).encode()
+        assert cloud.publish(ack_topic, payload) == 0, "the agent is not subscribed to ack"
+
+    try:
+        for channel in ("telemetry", "events", "state"):
+            assert cloud.subscribe(topic(device.device_id, channel)) == 1
+        agent.start()
+        wait_until(lambda: len(received()) >= 3, 30, "the boot's reboot, state and heartbeat")
+        time.sleep(1)  # their PUBACKs are back at the agent well before this
+        seqs = received()
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert agent.outbox() == seqs, "a message left the outbox on its PUBACK"
+
+        ack((1, 2))
+        wait_until(lambda: agent.outbox() == seqs[2:], 10, "seqs 1 and 2 deleted")
+        ack((1, seqs[-1]))
+        wait_until(lambda: agent.outbox() == [], 10, "the rest deleted")
+        assert received() == seqs, "a message sent twice though acknowledged in time"
+    finally:
+        agent.stop()
+        cloud.close()
+
+
+def test_an_agent_killed_mid_stream_resumes_its_outbox_with_no_gap_and_no_repeat(
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Any,
+    ingest_workers: IngestWorkers,
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+) -> None:
+    [device] = provision(database_url, 1, prefix="kill")
+    sync_devices()
+    ingest_workers.start("1")
+    agent = AgentProcess(tmp_path, device, broker.config.device_port, key)
+    device_id = device.device_id
+
+    def stored_samples() -> int:
+        count = scalar(
+            database_url, "SELECT count(*) FROM samples WHERE device_id = %s", [device_id]
+        )
+        assert isinstance(count, int)
+        return count
+
+    try:
+        agent.start("--session=LIFT:5:60")
+        wait_until(lambda: stored_samples() >= 5 * SAMPLE_HZ, 30, "5 s of the session stored")
+        agent.kill()
+        killed_at = agent.last_seq()
+        agent.start()  # the same store: its seq, outbox and the session the kill cut short
+        wait_until(lambda: agent.last_seq() >= killed_at + 3, 20, "the restarted agent's boot")
+        wait_until(lambda: not agent.outbox(), 30, "every message stored and acknowledged")
+        agent.stop()
+        last = agent.last_seq()
+        wait_until(
+            lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "every message stored"
+        )
+    finally:
+        agent.stop()
+
+    assert _stored_seqs(database_url, device_id) == list(range(1, last + 1))
+    assert _rows(
+        database_url, "SELECT seq_gaps, last_seq FROM devices WHERE id = %s", [device_id]
+    ) == [(0, last)]
+    [(count, distinct)] = _rows(
+        database_url,
+        "SELECT count(*), count(DISTINCT ts) FROM samples"
+        " WHERE device_id = %s AND mode IS NOT NULL",
+        [device_id],
+    )
+    assert count == distinct, "a batch of samples stored twice under two seqs"
+    ends = _rows(
+        database_url,
+        "SELECT end_reason FROM sessions WHERE device_id = %s",
+        [device_id],
+    )
+    assert ends == [("fault",)], "the session cut by the kill is ended once, at the next boot"
