@@ -68,6 +68,7 @@ class FleetOptions:
     status_interval_s: float = STATUS_INTERVAL_S
     duration_s: float | None = None
     delete_on: DeleteOn = DeleteOn.STORED
+    faulty_share: float = FAULTY_SHARE
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class Fleet:
         due: list[tuple[float, int]] = []
         for device_id in device_ids:
             device_rng = random.Random(f"{options.seed}/{device_id}")
-            scenarios = [rng.choice(FAULTS)] if rng.random() < FAULTY_SHARE else []
+            scenarios = [rng.choice(FAULTS)] if rng.random() < options.faulty_share else []
             device = SimulatedDevice(
                 Identity(device_id, fw="1.4.2", hw="B"),
                 DeviceStore(conn, device_id, FLEET_OUTBOX),
@@ -278,7 +279,16 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         help="when a message leaves an outbox: the backend's stored-ack (default), or the "
         "broker's PUBACK for a broker with no backend behind it",
     )
+    parser.add_argument(
+        "--faulty-share",
+        type=float,
+        default=FAULTY_SHARE,
+        help=f"share of devices with a hardware fault (default {FAULTY_SHARE}; the fault suite "
+        "raises it so rules push SAFE tables during every run)",
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.faulty_share <= 1:
+        parser.error("--faulty-share must be between 0 and 1")
     if args.devices < 1:
         parser.error("--devices must be at least 1")
     if args.activity <= 0:
@@ -296,6 +306,7 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         status_interval_s=args.status_interval,
         duration_s=args.duration,
         delete_on=args.delete_on,
+        faulty_share=args.faulty_share,
     )
 
 

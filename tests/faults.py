@@ -1,0 +1,380 @@
+"""A whole Galvani stack under faults: its own servers, the backend, a simulated fleet, a ledger.
+
+The stack runs everything as ``make run`` does, but each part on free loopback ports of its
+own, so one part can be killed without touching the rest of the suite: a durable PostgreSQL
+with TimescaleDB, Mosquitto with Galvani's configuration and persistence, two ingest workers,
+one rules worker, and ``galvani-fleet`` with simulated devices that keep each message in
+their outbox until ingest says it is stored.
+
+The ledger is the judge. For every message a device deleted from its outbox (every seq the
+device handed out that is no longer in its outbox and was not given up by the outbox's own
+limits) the database must hold exactly one row, in ``telemetry_messages``, ``events`` or
+``state_reports``. ``make test`` runs short faults (``tests/test_faults.py``); ``make
+bench-faults`` runs the same faults longer, on a larger fleet (``bench/faults.py``).
+"""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import psycopg
+
+from deploy.stack import sim_fleet
+from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
+from deploy.stack.ports import free_port
+from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
+from deploy.stack.processes import service_user
+from services.common.broker_auth import (
+    BrokerFiles,
+    ServiceAccount,
+    active_device_credentials,
+    sync_device_credentials,
+)
+from services.common.migrate import upgrade
+from services.common.signing import load_or_create_key, public_key_b64
+from tests.ingest import REPO_ROOT, IngestWorkers, wait_until
+from tests.rules import RulesWorkers
+
+INGEST_WORKERS: Final = ("1", "2")
+# How long recovery may take before the fault counts as not recovered.
+RECOVERY_TIMEOUT_S: Final = 120.0
+# The backlog is back to normal when it is within this many messages of its level before.
+BACKLOG_SLACK: Final = 5
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """What devices handed out, deleted and what the database holds, at one moment."""
+
+    published: int  # seqs handed out by every device's outbox
+    deleted: int  # of those, deleted from an outbox (stored, by the device's account)
+    stored: int  # of the deleted, rows in the database
+    lost: int  # deleted but not in the database
+    duplicates: int  # rows beyond one per (device, seq)
+    dropped: int  # given up by an outbox's own limits (age, bytes) or refused by the broker
+    outstanding: int  # still in an outbox
+
+
+@dataclass(frozen=True)
+class FaultResult:
+    """One fault and what it cost."""
+
+    fault: str
+    ledger: Ledger
+    recovery_s: float
+    delayed: int  # the most messages held in outboxes beyond the level before the fault
+
+    def line(self) -> str:
+        """The figure line the fault suite prints."""
+        ledger = self.ledger
+        return (
+            f"fault={self.fault} published={ledger.published} stored={ledger.stored} "
+            f"lost={ledger.lost} duplicates={ledger.duplicates} recovery_s={self.recovery_s:.1f} "
+            f"delayed={self.delayed} outstanding={ledger.outstanding} dropped={ledger.dropped}"
+        )
+
+
+def read_ledger(store: Path, database_url: str) -> Ledger:
+    """The ledger now. The fleet's store is read first: whatever a device deleted before that
+    read was acknowledged by ingest after its commit, so the database read after it has it."""
+    with contextmanager_sqlite(store) as conn:
+        devices = conn.execute(
+            "SELECT device_id, last_seq, dropped_telemetry + dropped_events + dropped_state"
+            " FROM devices"
+        ).fetchall()
+        waiting = conn.execute("SELECT device_id, seq FROM outbox").fetchall()
+    handed_out = {str(device_id): int(last_seq) for device_id, last_seq, _ in devices}
+    dropped = sum(int(count) for _, _, count in devices)
+    in_outbox = {(str(d), int(s)) for d, s in waiting}
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
+            " UNION ALL SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
+            " UNION ALL SELECT device_id, seq FROM state_reports WHERE device_id = ANY(%(d)s)",
+            {"d": list(handed_out)},
+        ).fetchall()
+    copies = Counter((str(device_id), int(seq)) for device_id, seq in rows)
+    deleted = stored = 0
+    for device_id, last_seq in handed_out.items():
+        for seq in range(1, last_seq + 1):
+            if (device_id, seq) in in_outbox:
+                continue
+            deleted += 1
+            stored += (device_id, seq) in copies
+    return Ledger(
+        published=sum(handed_out.values()),
+        deleted=deleted,
+        stored=stored,
+        lost=deleted - stored - dropped,
+        duplicates=sum(n - 1 for n in copies.values()),
+        dropped=dropped,
+        outstanding=len(in_outbox),
+    )
+
+
+@contextmanager
+def contextmanager_sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the fleet's store (WAL: it never blocks the fleet)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def outbox_backlog(store: Path) -> int:
+    """Messages waiting in every outbox of the fleet: not yet stored, as far as devices know."""
+    with contextmanager_sqlite(store) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    return int(count)
+
+
+@dataclass
+class FaultStack:
+    """Servers, backend and fleet of one fault run, under ``root``."""
+
+    root: Path
+    devices: int
+    activity: float
+    seed: int = 1
+    faulty_share: float = 0.2
+    postgres: PostgresServer | None = None
+    broker: MosquittoBroker | None = None
+    ingest: IngestWorkers | None = None
+    rules: RulesWorkers | None = None
+    fleet: subprocess.Popen[bytes] | None = None
+    database_url: str = ""
+    results: list[FaultResult] = field(default_factory=list)
+
+    @property
+    def store(self) -> Path:
+        """The fleet's SQLite store: every device's outbox and seq."""
+        return self.root / "fleet" / sim_fleet.STORE_FILE
+
+    def start(self) -> None:
+        """Start everything and wait until the fleet's messages are being stored."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        self.postgres = PostgresServer(
+            require_postgres(),
+            PostgresConfig(
+                data_dir=self.root / "pg" / "data",
+                port=free_port(),
+                password=new_password(),
+                run_as=service_user(),
+                durable=True,  # a crash must lose nothing committed, as in production
+            ),
+            self.root / "postgres.log",
+        )
+        self.postgres.start()
+        self.database_url = self.postgres.config.url()
+        upgrade(self.database_url)
+        passwords = {account: new_password() for account in ServiceAccount}
+        self.broker = MosquittoBroker(
+            BrokerConfig(
+                directory=self.root / "mosquitto",
+                device_port=free_port(),
+                service_port=free_port(),
+                run_as=service_user(),
+            ),
+            passwords,
+        )
+        fleet_dir = self.root / "fleet"
+        key_dir = self.root / "secrets"
+        (fleet_dir).mkdir(parents=True, exist_ok=True)
+        (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(
+            public_key_b64(load_or_create_key(key_dir))
+        )
+        sim_fleet.provision_fleet(self.database_url, fleet_dir, self.devices)
+        self.broker.start([])
+        with psycopg.connect(self.database_url) as conn:
+            sync_device_credentials(conn, BrokerFiles(self.broker.config.directory))
+        self.ingest = IngestWorkers(
+            database_url=self.database_url,
+            mqtt_port=self.broker.config.service_port,
+            password=passwords[ServiceAccount.INGEST],
+            log_dir=self.root,
+            group="ingest",
+        )
+        for worker in INGEST_WORKERS:
+            self.ingest.start(worker)
+        self.rules = RulesWorkers(
+            database_url=self.database_url,
+            mqtt_port=self.broker.config.service_port,
+            password=passwords[ServiceAccount.RULES],
+            log_dir=self.root,
+            group="rules",
+            env_overrides={
+                "GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir),
+                "GALVANI_RULES_SWEEP_INTERVAL_S": "2",
+                "GALVANI_RULES_REPUBLISH_GRACE_S": "5",
+            },
+        )
+        self.rules.start()
+        self.fleet = self._start_fleet(fleet_dir)
+        wait_until(lambda: self.stored_messages() > self.devices, 60, "the fleet's messages")
+
+    def _start_fleet(self, fleet_dir: Path) -> subprocess.Popen[bytes]:
+        assert self.broker is not None
+        log = open(self.root / "fleet.log", "ab")  # noqa: SIM115 - the child holds it
+        try:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "device_agent.fleet",
+                    f"--devices={self.devices}",
+                    f"--credentials={fleet_dir / ('active-' + sim_fleet.CREDENTIALS_FILE)}",
+                    f"--port={self.broker.config.device_port}",
+                    f"--public-key={fleet_dir / sim_fleet.PUBLIC_KEY_FILE}",
+                    f"--store={self.store}",
+                    f"--activity={self.activity}",
+                    f"--seed={self.seed}",
+                    f"--faulty-share={self.faulty_share}",
+                    f"--status-file={fleet_dir / sim_fleet.STATUS_FILE}",
+                    "--status-interval=1",
+                ],
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+
+    def stored_messages(self) -> int:
+        """Telemetry messages in the database (0 while it is down)."""
+        try:
+            with psycopg.connect(self.database_url, connect_timeout=2) as conn:
+                row = conn.execute("SELECT count(*) FROM telemetry_messages").fetchone()
+        except psycopg.OperationalError:
+            return 0
+        return int(row[0]) if row else 0
+
+    def run_fault(self, fault: str, inject: Callable[[], None], settle_s: float) -> FaultResult:
+        """Let the fleet run ``settle_s``, inject the fault (which also restarts what it
+        broke), measure recovery, check the ledger, and return what it cost."""
+        time.sleep(settle_s)
+        before = outbox_backlog(self.store)
+        started = time.monotonic()
+        peak = before
+        inject()
+        # Recovered when the outboxes are back to their level before the fault, and the
+        # database has stored something since the restart (a quiet fleet's backlog may never
+        # have grown at all).
+        stored_at_restart = self.stored_messages()
+        deadline = started + RECOVERY_TIMEOUT_S
+        while True:
+            backlog = outbox_backlog(self.store)
+            peak = max(peak, backlog)
+            if backlog <= before + BACKLOG_SLACK and self.stored_messages() > stored_at_restart:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{fault}: not recovered in {RECOVERY_TIMEOUT_S} s "
+                    f"(backlog {backlog}, before {before})"
+                )
+            time.sleep(0.2)
+        recovery_s = time.monotonic() - started
+        time.sleep(settle_s)
+        result = FaultResult(
+            fault, read_ledger(self.store, self.database_url), recovery_s, peak - before
+        )
+        self.results.append(result)
+        print(result.line(), flush=True)
+        return result
+
+    # -- the faults -------------------------------------------------------------------------
+
+    def kill_broker(self, down_s: float) -> None:
+        """kill -9 Mosquitto, and start it again on the same ports and persistence file."""
+        broker = self.broker
+        assert broker is not None
+        assert broker.child is not None
+        broker.child.stop(signal.SIGKILL)
+        broker.child = None
+        time.sleep(down_s)
+        with psycopg.connect(self.database_url) as conn:
+            broker.start(list(active_device_credentials(conn)))
+
+    def kill_ingest(self, down_s: float, worker: str = "1") -> None:
+        """kill -9 one ingest worker (the other keeps going) and start it again."""
+        assert self.ingest is not None
+        self.ingest.kill(worker)
+        time.sleep(down_s)
+        self.ingest.start(worker)
+
+    def kill_rules(self, down_s: float) -> None:
+        """kill -9 the rules worker and start it again."""
+        assert self.rules is not None
+        self.rules.kill()
+        time.sleep(down_s)
+        self.rules.start()
+
+    def stop_postgres(self, down_s: float) -> None:
+        """Immediate shutdown of PostgreSQL (SIGQUIT: no checkpoint, crash recovery when it
+        starts), ``down_s`` without a database, then start it again."""
+        postgres = self.postgres
+        assert postgres is not None
+        assert postgres.child is not None
+        postgres.child.stop(signal.SIGQUIT)
+        postgres.child = None
+        time.sleep(down_s)
+        postgres.start()
+
+    # -- after the faults -------------------------------------------------------------------
+
+    def unanswered_safe_pushes(self) -> list[tuple[str, int]]:
+        """Each device's newest table from a rule that the device has not answered."""
+        with psycopg.connect(self.database_url) as conn:
+            rows = conn.execute(
+                "SELECT p.device_id, p.version FROM config_pushes p"
+                " JOIN devices d ON d.id = p.device_id"
+                " WHERE p.source = 'rule' AND p.version = d.config_desired_version"
+                "   AND p.answer_status IS NULL"
+            ).fetchall()
+        return [(str(device_id), int(version)) for device_id, version in rows]
+
+    def safe_pushes(self) -> int:
+        """Tables the rules pushed."""
+        with psycopg.connect(self.database_url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM config_pushes WHERE source = 'rule'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def stop(self) -> None:
+        """Stop the fleet, the backend and the servers (each by its pid)."""
+        if self.fleet is not None and self.fleet.poll() is None:
+            self.fleet.send_signal(signal.SIGTERM)
+            try:
+                self.fleet.wait(30)
+            except subprocess.TimeoutExpired:
+                self.fleet.kill()
+                self.fleet.wait(5)
+        for workers in (self.rules, self.ingest):
+            if workers is not None:
+                for worker in list(workers.procs):
+                    workers.stop(worker)
+        if self.broker is not None:
+            self.broker.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def fleet_status(stack: FaultStack) -> dict[str, object]:
+    """The fleet's last status report."""
+    path = stack.root / "fleet" / sim_fleet.STATUS_FILE
+    try:
+        report = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}

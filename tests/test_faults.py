@@ -1,0 +1,77 @@
+"""The fault suite: one part of the stack killed at a time while a simulated fleet publishes.
+
+After each fault the ledger must show, for every message a device deleted from its outbox,
+exactly one stored row: 0 lost, 0 duplicated. Each test prints its figure line
+(``fault=… published=… stored=… lost=0 duplicates=0 recovery_s=…``); docs/architecture.md
+("What Galvani promises") quotes them. The faults run in order on one stack, so each starts
+from the state the previous one left, as faults in production do.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults import FaultStack
+from tests.ingest import wait_until
+
+pytestmark = pytest.mark.slow
+
+DEVICES = 40
+ACTIVITY = 2000.0  # sessions start within minutes; each device's own limits still apply
+SETTLE_S = 4.0
+SERVICE_DOWN_S = 2.0
+POSTGRES_DOWN_S = 20.0
+SAFE_ANSWER_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def stack(stack_root: Path) -> Iterator[FaultStack]:
+    # Under the suite's stack root: the servers run as an unprivileged user, who cannot enter
+    # pytest's own (owner-only) temporary directories.
+    stack = FaultStack(root=stack_root / "faults", devices=DEVICES, activity=ACTIVITY)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def assert_nothing_lost(stack: FaultStack, fault: str) -> None:
+    result = stack.results[-1]
+    assert result.fault == fault
+    ledger = result.ledger
+    assert ledger.deleted > 0, "the fleet published nothing that was stored"
+    assert ledger.dropped == 0, "an outbox gave messages up: the run was too long for its limits"
+    assert (ledger.lost, ledger.duplicates) == (0, 0), result.line()
+
+
+def test_an_ingest_worker_killed_9_loses_and_duplicates_nothing(stack: FaultStack) -> None:
+    stack.run_fault("ingest_kill9", lambda: stack.kill_ingest(SERVICE_DOWN_S), SETTLE_S)
+    assert_nothing_lost(stack, "ingest_kill9")
+
+
+def test_the_rules_worker_killed_9_loses_and_duplicates_nothing(stack: FaultStack) -> None:
+    stack.run_fault("rules_kill9", lambda: stack.kill_rules(SERVICE_DOWN_S), SETTLE_S)
+    assert_nothing_lost(stack, "rules_kill9")
+
+
+def test_the_broker_killed_9_loses_nothing_devices_had_deleted(stack: FaultStack) -> None:
+    stack.run_fault("broker_kill9", lambda: stack.kill_broker(SERVICE_DOWN_S), SETTLE_S)
+    assert_nothing_lost(stack, "broker_kill9")
+
+
+def test_postgres_down_for_20_s_loses_and_duplicates_nothing(stack: FaultStack) -> None:
+    stack.run_fault("postgres_stop", lambda: stack.stop_postgres(POSTGRES_DOWN_S), SETTLE_S)
+    assert_nothing_lost(stack, "postgres_stop")
+
+
+def test_every_safe_table_the_rules_pushed_reaches_its_device(stack: FaultStack) -> None:
+    assert stack.safe_pushes() > 0, (
+        "no rule pushed a table: the fleet's faulty devices did not fault"
+    )
+    wait_until(
+        lambda: not stack.unanswered_safe_pushes(),
+        SAFE_ANSWER_TIMEOUT_S,
+        "every device's newest SAFE table to be answered",
+    )
