@@ -1,8 +1,10 @@
 """Stored acks: which seqs a committed batch tells each device about, and that ingest sends
 them to the device once the batch has committed."""
 
+import itertools
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 from services.ingest.acks import ack_payload, ack_topic, seq_ranges, stored_acks
 from services.ingest.decode import Inbound, decode_inbound
@@ -129,3 +131,24 @@ def test_ingest_acknowledges_each_committed_seq_to_its_device_and_only_after_com
     finally:
         client.close()
         watcher.close()
+
+
+VECTORS = Path(__file__).resolve().parents[1] / "protocol" / "vectors" / "ack.json"
+
+
+def test_what_ingest_sends_covers_each_valid_vector_in_canonical_ranges():
+    """The device side is held to protocol/vectors/ack.json; ingest's encoder is held to the
+    same file: for the seqs each valid vector names, it sends v1 with sorted, merged ranges."""
+    document = json.loads(VECTORS.read_text("utf-8"))
+    assert document["channel"] == "ack"
+    for case in document["valid"]:
+        seqs = {seq for first, last in case["payload"]["seqs"] for seq in range(first, last + 1)}
+        if not seqs:
+            continue  # ingest never sends an empty ack; devices must accept one
+        sent = json.loads(ack_payload(seqs))
+        assert sent["v"] == 1, case["name"]
+        ranges = [tuple(r) for r in sent["seqs"]]
+        assert ranges == sorted(ranges), case["name"]
+        assert all(a <= b for a, b in ranges), case["name"]
+        assert all(b + 1 < c for (_, b), (c, _) in itertools.pairwise(ranges)), case["name"]
+        assert {s for a, b in ranges for s in range(a, b + 1)} == seqs, case["name"]
