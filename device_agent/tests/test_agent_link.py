@@ -434,6 +434,39 @@ def test_delivered_messages_without_a_stored_ack_are_sent_again_with_a_doubling_
     asyncio.run(scenario())
 
 
+def test_a_message_whose_ack_was_lost_is_sent_again_while_acks_for_others_keep_coming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest worker killed between its commit and its publish loses that batch's acks;
+    the backend goes on storing and acking the device's later messages. The unacked one must
+    not wait for the next reconnect (days, for a device that stays online)."""
+    timeout_s = 0.3
+    monkeypatch.setattr(link_module, "ACK_TIMEOUT_S", timeout_s)
+    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", timeout_s)
+
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker()) as device:
+            device.enqueue(1)
+            await device.until(lambda: device.broker.seqs() == [1], "seq 1 delivered")
+            first_sent = device.broker.published[-1].at
+            loop = asyncio.get_running_loop()
+            seq = 1
+            # A streaming device: a message every 50 ms, each acked, seq 1 never.
+            while device.broker.seqs().count(1) < 2:
+                assert loop.time() - first_sent < 6 * timeout_s, "seq 1 was never sent again"
+                device.enqueue(1)
+                seq += 1
+                await device.until(lambda s=seq: s in device.broker.seqs(), f"seq {seq}")
+                device.broker.ack((seq, seq))
+                await asyncio.sleep(0.05)
+            resent_at = [p.at for p in device.broker.published if p.seq == 1][1]
+            assert resent_at - first_sent >= timeout_s * 0.95
+            device.broker.ack((1, 1))
+            await device.until(lambda: 1 not in device.outbox(), "seq 1 deleted")
+
+    asyncio.run(scenario())
+
+
 def test_puback_mode_deletes_on_the_brokers_puback_as_before(tmp_path: Path) -> None:
     broker = ScriptedBroker(lambda seq, seen: NO_MATCHING_SUBSCRIBERS if seq == 2 else SUCCESS)
 

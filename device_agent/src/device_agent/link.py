@@ -144,8 +144,11 @@ class Link:
         self._fed_up_to = 0  # the read cursor: highest outbox id looked at on this connection
         self._sent_up_to = 0  # highest outbox id handed to paho on this connection
         self._looked_at = -1  # store.enqueued when pump last read the outbox
-        self._unstored: set[int] = set()  # seqs delivered on this connection, not yet acked
+        # Seqs delivered on this connection and not yet acked, with the loop.time() of their
+        # PUBACK, oldest delivery first (dicts keep insertion order).
+        self._unstored: dict[int, float] = {}
         self._unstored_since = 0.0  # loop.time() since they have waited with no ack arriving
+        self._last_ack_at = 0.0  # loop.time() of the last stored-ack
         self._ack_timeout_s = ACK_TIMEOUT_S
         self._held: asyncio.TimerHandle | None = None  # no publishing until it fires
         self._resend_from: int | None = None  # the oldest outbox id to send again after it
@@ -179,12 +182,22 @@ class Link:
         if self._client is None:
             return
         self._client.loop_misc()
-        if (
-            self._unstored
-            and self._held is None
-            and self.loop.time() - self._unstored_since >= self._ack_timeout_s
-        ):
+        if self._unstored and self._held is None and self._ack_overdue(self.loop.time()):
             self._resend_unstored()
+
+    def _ack_overdue(self, now: float) -> bool:
+        """Whether delivered messages waited too long for their stored-ack.
+
+        Two ways: no ack at all for the (doubling) timeout, the backend being slow or away; or
+        the oldest delivered message waited ``ACK_TIMEOUT_S`` while acks for others kept
+        arriving, so the backend is storing but its ack for that one was lost (an ingest
+        worker killed between its commit and its publish). Without the second, a device that
+        streams would keep such a message until it next reconnects.
+        """
+        if now - self._unstored_since >= self._ack_timeout_s:
+            return True
+        oldest_delivery = next(iter(self._unstored.values()))
+        return self._last_ack_at > oldest_delivery and now - oldest_delivery >= ACK_TIMEOUT_S
 
     def pump(self, *, force: bool = False) -> None:
         """Hand paho the next outbox messages while the window has room.
@@ -305,9 +318,11 @@ class Link:
         if self.delete_on is DeleteOn.PUBACK:
             self.store.delete([sent.id])
         elif not sent.stored:
+            now = self.loop.time()
             if not self._unstored:
-                self._unstored_since = self.loop.time()
-            self._unstored.add(sent.seq)
+                self._unstored_since = now
+            self._unstored.pop(sent.seq, None)  # sent again: it waits from this delivery
+            self._unstored[sent.seq] = now
 
     def _hold(self, sent: _Sent) -> None:
         """Stop publishing for a backoff, then send again from ``sent`` (and what follows)."""
@@ -374,12 +389,15 @@ class Link:
         self.stats.stored += self.store.delete_stored(ranges)
         # The backend is storing: the wait for the others starts over, at its shortest.
         self._ack_timeout_s = ACK_TIMEOUT_S
-        self._unstored_since = self.loop.time()
+        self._unstored_since = self._last_ack_at = self.loop.time()
         for first, last in ranges:
             if last - first < len(self._unstored):
-                self._unstored.difference_update(range(first, last + 1))
+                for seq in range(first, last + 1):
+                    self._unstored.pop(seq, None)
             elif self._unstored:
-                self._unstored = {seq for seq in self._unstored if not first <= seq <= last}
+                self._unstored = {
+                    seq: at for seq, at in self._unstored.items() if not first <= seq <= last
+                }
             for sent in self._inflight.values():
                 if first <= sent.seq <= last:
                     sent.stored = True
