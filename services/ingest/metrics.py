@@ -9,13 +9,19 @@ from services.common.subscriber import SubscriberStats
 
 MESSAGES: Final = Counter(
     "galvani_ingest_messages_total",
-    "Messages handled, by channel and outcome (stored, duplicate, invalid)",
+    "Messages handled, by channel and outcome (stored, duplicate, seq_reused, invalid)",
     ["channel", "outcome"],
 )
 SAMPLES: Final = Counter(
     "galvani_ingest_samples_total",
     "Telemetry samples, by outcome (stored; conflicting: same device and time as a stored one)",
     ["outcome"],
+)
+CONFLICTS: Final = Counter(
+    "galvani_ingest_conflicts_total",
+    "Messages kept in message_conflicts, by reason (seq_reused: another payload under a stored "
+    "seq; sample_conflict: samples at stored times with other readings)",
+    ["reason"],
 )
 DEAD_LETTERS: Final = Counter(
     "galvani_ingest_dead_letters_total", "Messages stored as dead letters, by reason", ["reason"]
