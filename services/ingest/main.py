@@ -84,11 +84,7 @@ class Store:
             except psycopg.Error as exc:
                 log.exception("message on %s cannot be stored", raw.topic)
                 outcome = self._retrying([unstorable(raw, exc)])
-            total.stored.update(outcome.stored)
-            total.duplicates.update(outcome.duplicates)
-            total.invalid.update(outcome.invalid)
-            total.samples_stored += outcome.samples_stored
-            total.samples_conflicting += outcome.samples_conflicting
+            total.add(outcome)
         return total
 
     def close(self) -> None:
@@ -114,6 +110,10 @@ def observe(outcome: BatchOutcome, decoded: Sequence[Decoded], committed_at: dat
         metrics.MESSAGES.labels(channel, "duplicate").inc(count)
     for channel, count in outcome.invalid.items():
         metrics.MESSAGES.labels(channel, "invalid").inc(count)
+    for channel, count in outcome.reused.items():
+        metrics.MESSAGES.labels(channel, "seq_reused").inc(count)
+    for reason, count in outcome.conflicts.items():
+        metrics.CONFLICTS.labels(reason).inc(count)
     metrics.SAMPLES.labels("stored").inc(outcome.samples_stored)
     if outcome.samples_conflicting:
         metrics.SAMPLES.labels("conflicting").inc(outcome.samples_conflicting)
@@ -198,6 +198,12 @@ class Worker:
                 self.subscriber.publish(topic, payload)
         self.subscriber.ack(inbound)
         observe(outcome, decoded, committed_at)
+        for device_id in outcome.seq_resets:
+            log.warning(
+                "device %s is reusing seqs after an hour without: its seq counter restarted;"
+                " its messages under used seqs are kept in message_conflicts",
+                device_id,
+            )
         for item in decoded:
             if isinstance(item, DeadLetter):
                 log.info(
