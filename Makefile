@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules bench-api check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules bench-api bench-faults check lint typecheck format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
 	@echo "make bench-api    - API p50/p95 at 20 clients on a seeded month of 10,000 devices"
+	@echo "make bench-faults - the fault suite's kills, longer and on 200 devices; both outbox contracts"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +61,11 @@ bench-rules: test-deps venv
 # and the API as `make run` starts it.
 bench-api: test-deps venv
 	$(PY) -m bench.api $(BENCH_ARGS)
+
+# Its own durable PostgreSQL (TimescaleDB), Mosquitto, backend and simulated fleet, once per
+# outbox contract; the same faults as tests/test_faults.py, longer. E.g. BENCH_ARGS="--devices 500".
+bench-faults: test-deps venv
+	$(PY) -m bench.faults $(BENCH_ARGS)
 
 # Its own Mosquitto; no database (the broker acknowledges, nothing stores).
 bench-agent: system-deps venv

@@ -147,6 +147,7 @@ class FaultStack:
     activity: float
     seed: int = 1
     faulty_share: float = 0.2
+    delete_on: str = "stored"  # the devices' outbox contract: "stored" (ack) or "puback"
     postgres: PostgresServer | None = None
     broker: MosquittoBroker | None = None
     ingest: IngestWorkers | None = None
@@ -240,6 +241,7 @@ class FaultStack:
                     f"--activity={self.activity}",
                     f"--seed={self.seed}",
                     f"--faulty-share={self.faulty_share}",
+                    f"--delete-on={self.delete_on}",
                     f"--status-file={fleet_dir / sim_fleet.STATUS_FILE}",
                     "--status-interval=1",
                 ],
@@ -259,7 +261,9 @@ class FaultStack:
             return 0
         return int(row[0]) if row else 0
 
-    def run_fault(self, fault: str, inject: Callable[[], None], settle_s: float) -> FaultResult:
+    def run_fault(
+        self, fault: str, inject: Callable[[], None], settle_s: float, *, label: str = ""
+    ) -> FaultResult:
         """Let the fleet run ``settle_s``, inject the fault (which also restarts what it
         broke), measure recovery, check the ledger, and return what it cost."""
         time.sleep(settle_s)
@@ -289,7 +293,7 @@ class FaultStack:
             fault, read_ledger(self.store, self.database_url), recovery_s, peak - before
         )
         self.results.append(result)
-        print(result.line(), flush=True)
+        print(label + result.line(), flush=True)
         return result
 
     # -- the faults -------------------------------------------------------------------------
