@@ -6,17 +6,22 @@
 #
 # With --with-chromium it also installs Debian's Chromium, which the dashboard's end-to-end
 # tests drive (Playwright's own browser download does not work on a closed network).
+# With --with-promtool it installs promtool, which checks and unit-tests the Prometheus alert
+# rules (deploy/prometheus). `make test` passes only --with-chromium, which therefore implies
+# --with-promtool: both are the suite's tools outside Python.
 #
-# Usage: deploy/install-system-deps.sh [--require-timescaledb] [--with-chromium]
+# Usage: deploy/install-system-deps.sh [--require-timescaledb] [--with-chromium] [--with-promtool]
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 require_timescaledb=0
 with_chromium=0
+with_promtool=0
 for arg in "$@"; do
     case "$arg" in
         --require-timescaledb) require_timescaledb=1 ;;
-        --with-chromium) with_chromium=1 ;;
+        --with-chromium) with_chromium=1; with_promtool=1 ;;
+        --with-promtool) with_promtool=1 ;;
         *) echo "install-system-deps: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -78,6 +83,18 @@ if [ "$with_chromium" -eq 1 ] && ! command -v chromium >/dev/null 2>&1; then
         apt_install chromium
     else
         say "chromium is required for the dashboard's browser tests: apt-get install chromium"
+        exit 1
+    fi
+fi
+
+if [ "$with_promtool" -eq 1 ] && ! command -v promtool >/dev/null 2>&1; then
+    # Debian ships promtool only inside its prometheus package. The package also installs
+    # the Prometheus server and its service; the suite runs promtool alone, never the server.
+    if can_apt; then
+        say "installing prometheus (for promtool, which tests the alert rules)"
+        apt_install prometheus
+    else
+        say "promtool is required for the alert-rule tests: apt-get install prometheus"
         exit 1
     fi
 fi

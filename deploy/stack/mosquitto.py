@@ -4,6 +4,7 @@ import os
 import pwd
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,12 @@ MAX_PACKET_BYTES = 256 * 1024
 MAX_QUEUED_MESSAGES = 1_000_000
 MAX_QUEUED_BYTES = 1024 * 1024 * 1024
 MAX_INFLIGHT = 1000
+# How often Mosquitto publishes its $SYS statistics: its default, stated so that what the
+# broker watch (services/maintenance/broker_watch.py) sees does not rest on a packaged
+# default. A value is published when it changed since the last interval (uptime every time),
+# retained with a 60 s message expiry (src/sys_tree.c in 2.0.11), so the watch sees each
+# change within this interval.
+SYS_INTERVAL_S = 10
 
 
 def find_mosquitto() -> str:
@@ -58,6 +65,9 @@ class BrokerConfig:
     service_port: int
     run_as: str | None = None
     host: str = LOOPBACK
+    # Tests lower these to make the broker drop messages, or report them sooner.
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
+    sys_interval_s: int = SYS_INTERVAL_S
 
 
 def render_config(config: BrokerConfig) -> str:
@@ -78,9 +88,10 @@ log_type notice
 connection_messages true
 max_packet_size {MAX_PACKET_BYTES}
 max_inflight_messages {MAX_INFLIGHT}
-max_queued_messages {MAX_QUEUED_MESSAGES}
+max_queued_messages {config.max_queued_messages}
 max_queued_bytes {MAX_QUEUED_BYTES}
 per_listener_settings true
+sys_interval {config.sys_interval_s}
 
 # Devices: the username is the device id and becomes the client id.
 listener {config.device_port} {config.host}
@@ -89,7 +100,7 @@ use_username_as_clientid true
 password_file {d / DEVICE_PASSWD_FILE}
 acl_file {d / DEVICE_ACL_FILE}
 
-# Backend services only (ingest, rules, api).
+# Backend services only (ingest, rules, api, maintenance).
 listener {config.service_port} {config.host}
 allow_anonymous false
 password_file {d / SERVICE_PASSWD_FILE}
@@ -105,6 +116,7 @@ class MosquittoBroker:
         self.files = BrokerFiles(config.directory)
         self.service_passwords = service_passwords
         self.child: Child | None = None
+        self.started_at: float | None = None  # time.monotonic() of the last start
 
     @property
     def conf_path(self) -> Path:
@@ -124,6 +136,7 @@ class MosquittoBroker:
     def start(self, device_credentials: list[tuple[str, str]]) -> None:
         """Start the broker and wait until both listeners accept connections."""
         self.prepare(device_credentials)
+        self.started_at = time.monotonic()
         self.child = spawn(
             "mosquitto",
             [find_mosquitto(), "-c", str(self.conf_path)],

@@ -86,6 +86,7 @@ class ServiceAccount(StrEnum):
     INGEST = "galvani-ingest"
     RULES = "galvani-rules"
     API = "galvani-api"
+    MAINTENANCE = "galvani-maintenance"
 
 
 SERVICE_ACLS: dict[ServiceAccount, tuple[str, ...]] = {
@@ -108,6 +109,10 @@ SERVICE_ACLS: dict[ServiceAccount, tuple[str, ...]] = {
         f"topic read {DEVICE_TOPIC}/+/presence",
         f"topic readwrite {DEVICE_TOPIC}/+/config",
     ),
+    # The broker watch reads Mosquitto's own statistics and nothing else. A topic starting with
+    # `$` is matched only by an ACL that starts with `$` too (Mosquitto 2.0.11,
+    # src/security_default.c and mosquitto_topic_matches_sub), so `#` would not grant it.
+    ServiceAccount.MAINTENANCE: ("topic read $SYS/broker/#",),
 }
 
 

@@ -6,11 +6,17 @@ import threading
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 
 from services.common.db import connect
 from services.common.errors import DatabaseUnavailable
 from services.common.logs import configure_logging
+from services.maintenance.broker_watch import (
+    BrokerAddress,
+    BrokerCollector,
+    BrokerStats,
+    BrokerWatch,
+)
 from services.maintenance.jobs import run_pass
 from services.maintenance.settings import MaintenanceSettings
 
@@ -22,12 +28,29 @@ ROLLUP_ROWS = Counter("galvani_maintenance_rollup_rows_total", "Rollup rows reco
 DROPPED = Counter("galvani_maintenance_dropped_total", "Chunks or partitions dropped")
 
 
+def start_broker_watch(settings: MaintenanceSettings) -> BrokerWatch | None:
+    """Watch the broker's statistics and serve them with the metrics, when configured."""
+    if settings.mqtt_password is None:
+        return None
+    stats = BrokerStats()
+    REGISTRY.register(BrokerCollector(stats))
+    watch = BrokerWatch(
+        BrokerAddress(
+            settings.mqtt_host,
+            settings.mqtt_port,
+            settings.mqtt_username,
+            settings.mqtt_password.get_secret_value(),
+        ),
+        stats,
+    )
+    watch.start()
+    return watch
+
+
 def main() -> None:
     """Run a pass every ``interval_s`` until SIGTERM or SIGINT."""
     settings = MaintenanceSettings()
     configure_logging(settings.log_level)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -35,6 +58,18 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    watch = start_broker_watch(settings)
+    try:
+        run_passes(settings, stop)
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+def run_passes(settings: MaintenanceSettings, stop: threading.Event) -> None:
+    """Run a pass every ``interval_s`` until ``stop`` is set."""
     lookback = timedelta(seconds=settings.rollup_lookback_s)
     while not stop.is_set():
         with PASS_SECONDS.time():

@@ -1,18 +1,53 @@
 """Maintenance service settings (environment prefix ``GALVANI_MAINTENANCE_``)."""
 
-from pydantic import SecretStr
+from typing import Self
+
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.broker_auth import ServiceAccount
+from services.common.settings import KNOWN_DEFAULT_SECRETS, Environment
 
 
 class MaintenanceSettings(BaseSettings):
-    """Database only: maintenance never talks to the broker."""
+    """The database, and the broker only when ``mqtt_password`` is given: maintenance then
+    watches the broker's own statistics (``$SYS``) and serves them with its metrics.
+
+    The broker fields follow :class:`services.common.settings.ServiceSettings`, except that
+    the password is optional (without it nothing connects to the broker).
+    """
 
     model_config = SettingsConfigDict(env_prefix="GALVANI_MAINTENANCE_", extra="ignore")
 
+    environment: Environment = Environment.DEVELOPMENT
     database_url: SecretStr
     interval_s: float = 60.0
     # Rollups are recomputed for this much recent time on every pass, besides the hours
     # ingest marks dirty when late (buffered) samples arrive.
     rollup_lookback_s: float = 2 * 3600.0
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1884
+    mqtt_username: str = ServiceAccount.MAINTENANCE.value
+    mqtt_password: SecretStr | None = None
     metrics_port: int = 0
     log_level: str = "INFO"
+
+    @property
+    def watches_broker(self) -> bool:
+        """Whether to watch the broker's statistics (a broker password was given)."""
+        return self.mqtt_password is not None
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Self:
+        if self.environment is Environment.DEVELOPMENT:
+            return self
+        if (
+            self.mqtt_password is not None
+            and self.mqtt_password.get_secret_value() in KNOWN_DEFAULT_SECRETS
+        ):
+            raise ValueError("mqtt_password is empty or a well-known default")
+        if any(
+            f":{word}@" in self.database_url.get_secret_value() for word in KNOWN_DEFAULT_SECRETS
+        ):
+            raise ValueError("database_url carries an empty or well-known default password")
+        return self
