@@ -1,5 +1,6 @@
 """`make run`'s runner as a user meets it: start-up contract, reuse, and set-up errors."""
 
+import functools
 import json
 import os
 import signal
@@ -123,6 +124,115 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
     finally:
         code, err = stop(process)
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_run_restarts_a_killed_broker_and_admits_devices_after_the_workers_resubscribe(data_dir):
+    process = start_runner(data_dir, GALVANI_SIM_DEVICES="4", GALVANI_SIM_ACTIVITY="2000")
+    try:
+        info = wait_for_run_json(process, data_dir)
+        url = info["database_url"]
+        wait_until(lambda: stored(url) > 0, 60, "the fleet's first messages")
+        killed = info["pids"]["mosquitto"]
+        broker_log = data_dir / "mosquitto" / "mosquitto.log"
+        log_before = len(broker_log.read_text(errors="replace").splitlines())
+        os.kill(killed, signal.SIGKILL)
+
+        def restarted() -> int | None:
+            pid = json.loads((data_dir / "run.json").read_text())["pids"]["mosquitto"]
+            return pid if pid != killed else None
+
+        wait_until(lambda: restarted() is not None, 30, "a new broker in run.json")
+        assert alive(restarted())
+        wait_until(
+            lambda: len((data_dir / "mosquitto" / "devices.passwd").read_text().splitlines()) == 4,
+            60,
+            "the devices admitted again",
+        )
+        at_admission = stored(url)
+        wait_until(lambda: stored(url) > at_admission, 90, "the fleet's messages after the restart")
+        wait_until(
+            lambda: b"galvani_broker_watch_connected 1.0" in metrics(info, "maintenance"),
+            30,
+            "maintenance watching the new broker",
+        )
+        assert process.poll() is None, "the runner stopped"
+    finally:
+        code, err = stop(process)
+    assert code == 0, err
+
+    # The runner's own account: the broker came back with no device logins, and devices were
+    # admitted only once every ingest and rules worker had said it was subscribed.
+    restart = err[err.index("restarting it with no device logins") :]
+    order = [restart.index(f"{name} is subscribed") for name in ("ingest-1", "ingest-2", "rules-1")]
+    assert restart.index("Mosquitto restarted") < min(order)
+    assert max(order) < restart.index("admitting 4 devices")
+    # The broker's account agrees: on the new broker, every consumer connected before any device.
+    lines = broker_log.read_text(errors="replace").splitlines()[log_before:]
+    connects = [line for line in lines if "New client connected" in line]
+    consumers = [
+        next(i for i, line in enumerate(connects) if f" as {client_id} " in line)
+        for client_id in ("galvani-ingest-1", "galvani-ingest-2", "galvani-rules-1")
+    ]
+    devices = [i for i, line in enumerate(connects) if " as sim-" in line]
+    assert devices, "no device connected to the new broker"
+    assert max(consumers) < min(devices)
+
+
+@pytest.mark.slow
+def test_run_stops_with_one_clear_error_when_the_broker_keeps_dying_at_start(data_dir):
+    process = start_runner(data_dir, GALVANI_SIM_DEVICES="0")
+    try:
+        info = wait_for_run_json(process, data_dir)
+        pids = dict(info["pids"])
+        # Each broker is killed as soon as run.json names it. The third in a row that dies
+        # within 10 s of its start ends the run; the first may have lived longer than that.
+        kills = 0
+        while process.poll() is None and kills < 5:
+            killed = pids["mosquitto"]
+            os.kill(killed, signal.SIGKILL)
+            kills += 1
+            wait_until(
+                functools.partial(broker_replaced, process, data_dir, killed, pids),
+                30,
+                "the runner to restart the broker or stop",
+            )
+    finally:
+        # SIGINT reaches the runner only if it still runs; either way its output is read.
+        code, err = stop(process)
+    assert code == 1, err
+    assert kills in (3, 4)
+    assert "Traceback" not in err
+    assert "galvani: Mosquitto exited 3 times in a row within 10 s of starting" in err
+    assert err.count("restarting it with no device logins") == kills - 1
+    assert not (data_dir / "run.json").exists()
+    for name, pid in pids.items():
+        assert not alive(pid), f"{name} (pid {pid}) still running after the runner stopped"
+
+
+def broker_replaced(process: subprocess.Popen, data_dir: Path, killed: int, pids: dict) -> bool:
+    """Whether run.json names a broker other than ``killed`` (``pids`` takes its pids), or the
+    runner has stopped."""
+    try:
+        current = json.loads((data_dir / "run.json").read_text())["pids"]
+    except (OSError, ValueError):
+        return process.poll() is not None
+    pids.update(current)
+    return current["mosquitto"] != killed
+
+
+def stored(url: str) -> int:
+    """Telemetry messages in the database."""
+    return int(scalar(url, "SELECT count(*) FROM telemetry_messages"))
+
+
+def metrics(info: dict, name: str) -> bytes:
+    """The metrics page of the process ``name`` (empty while it cannot be read)."""
+    try:
+        with urllib.request.urlopen(info["metrics"][name], timeout=2) as response:
+            return response.read()
+    except OSError:
+        return b""
 
 
 def assert_dashboard_signs_in_with_the_demo_key(info: dict) -> None:

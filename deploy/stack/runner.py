@@ -52,6 +52,15 @@ DEFAULT_INGEST_WORKERS = 2
 # A worker that dies is restarted under the same client id (the broker keeps dealing its
 # share of messages to its session), but not in a tight loop.
 RESTART_DELAY_S = 1.0
+# A broker that exits within MIN_UPTIME_S of its start failed to start; after
+# MAX_QUICK_FAILURES of those in a row the stack stops instead of restarting it forever (as the
+# API's server supervisor does).
+MIN_UPTIME_S = 10.0
+MAX_QUICK_FAILURES = 3
+# After the broker dies, each worker's connected gauge must read 0 before the broker starts
+# again; otherwise a gauge the worker has not yet updated would pass for a new subscription.
+DISCONNECT_SEEN_TIMEOUT_S = 10.0
+SUBSCRIBED_POLL_S = 0.1
 PREFERRED_MQTT_PORT = 1883
 PREFERRED_SERVICE_MQTT_PORT = 1884
 PREFERRED_DB_PORT = 5432
@@ -161,6 +170,11 @@ class Stack:
     # Services restarted when they exit, by name: how to start each again.
     restart: dict[str, Callable[[], Child]] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
+    # The broker's consumers (ingest and rules workers) by child name: their service, which
+    # names the gauge (galvani_<service>_connected) that says they are subscribed.
+    consumers: dict[str, str] = field(default_factory=dict)
+    # What run.json says, once written; rewritten when a restart changes a pid.
+    info: dict[str, object] = field(default_factory=dict)
 
     @property
     def run_json(self) -> Path:
@@ -301,6 +315,145 @@ def admit_devices(stack: Stack, database_url: str) -> None:
     log.info("admitting %d devices", admitted)
 
 
+def admit_devices_once_subscribed(stack: Stack, database_url: str, stop: threading.Event) -> bool:
+    """Wait until every ingest and rules worker reports it is subscribed, then admit devices.
+
+    The second half of the broker's start-up, at ``make run``'s start and after a restart: the
+    broker was started with no device logins (see :func:`start_broker`). A worker that exits
+    meanwhile is restarted; the broker exiting raises :class:`BrokerExited`. Returns False,
+    admitting no one, when ``stop`` is set first.
+    """
+    waiting = dict(stack.consumers)
+    log.info("devices wait until %s have subscribed", ", ".join(waiting))
+    reported = time.monotonic()
+    while True:
+        for name, service in list(waiting.items()):
+            if _worker_connected(stack.metrics[name], service):
+                log.info("%s is subscribed", name)
+                del waiting[name]
+        if not waiting:
+            break
+        _check_broker(stack)
+        _restart_exited_services(stack)
+        if time.monotonic() - reported > SERVICE_READY_TIMEOUT_S:
+            reported = time.monotonic()
+            log.warning(
+                "%s not subscribed yet; devices are kept out until they are (see their logs)",
+                ", ".join(waiting),
+            )
+        if stop.wait(SUBSCRIBED_POLL_S):
+            return False
+    admit_devices(stack, database_url)
+    return True
+
+
+class BrokerExited(ChildExited):
+    """Mosquitto exited while the stack was waiting on it."""
+
+
+def _check_broker(stack: Stack) -> None:
+    broker = stack.broker
+    if broker is not None and broker.child is not None and not broker.child.alive():
+        raise BrokerExited(f"Mosquitto exited (status {broker.child.process.returncode})")
+
+
+@dataclass
+class QuickFailures:
+    """Exits soon after a start, in a row; a child that keeps failing is not started forever."""
+
+    what: str
+    count: int = 0
+
+    def record(self, lived_s: float, log_tail: str) -> None:
+        """Count an exit after ``lived_s``; raise :class:`ChildExited` when too many in a row."""
+        self.count = self.count + 1 if lived_s < MIN_UPTIME_S else 0
+        if self.count >= MAX_QUICK_FAILURES:
+            raise ChildExited(
+                f"{self.what} exited {self.count} times in a row within {MIN_UPTIME_S:.0f} s of"
+                f" starting: not restarting it; its log ends with:\n{log_tail}"
+            )
+
+
+def restart_broker(
+    stack: Stack, database_url: str, stop: threading.Event, failures: QuickFailures
+) -> None:
+    """Start Mosquitto again after it exited, on the same ports and persistence directory.
+
+    The same procedure as at start-up: no device logins until every ingest and rules worker
+    has subscribed again. Mosquitto 2.0 restores sessions from its persistence file but not
+    their shared subscriptions (docs/architecture.md, "Broker restarts"), so a device admitted
+    earlier would publish to no subscriber. An API provisioning call inside this window renders
+    every device at once; those devices then get PUBACK 0x10 "no matching subscribers", keep
+    their messages and send them again (protocol.md), so it costs a retry, not data.
+    """
+    broker = stack.broker
+    assert broker is not None
+    while True:
+        child = broker.child
+        assert child is not None
+        assert broker.started_at is not None
+        lived_s = time.monotonic() - broker.started_at
+        failures.record(lived_s, _broker_log_tail(broker))
+        log.warning(
+            "Mosquitto exited (status %s) after %.1f s; restarting it with no device logins",
+            child.process.poll(),
+            lived_s,
+        )
+        broker.stop()
+        _wait_consumers_disconnected(stack)
+        if failures.count:
+            time.sleep(RESTART_DELAY_S)
+        try:
+            broker.start([])
+        except ChildExited as exc:
+            log.warning("%s", exc)
+            continue
+        assert broker.child is not None
+        log.info(
+            "Mosquitto restarted (pid %d) on ports %d (devices) and %d (services)",
+            broker.child.pid,
+            broker.config.device_port,
+            broker.config.service_port,
+        )
+        _rewrite_run_json(stack)
+        try:
+            admit_devices_once_subscribed(stack, database_url, stop)
+        except BrokerExited:
+            continue
+        return
+
+
+def _wait_consumers_disconnected(stack: Stack) -> None:
+    """Wait (briefly) until no worker still reports the connection to the dead broker."""
+    deadline = time.monotonic() + DISCONNECT_SEEN_TIMEOUT_S
+    while True:
+        stale = [
+            name
+            for name, service in stack.consumers.items()
+            if _worker_connected(stack.metrics[name], service)
+        ]
+        if not stale:
+            return
+        if time.monotonic() > deadline:
+            log.warning(
+                "%s still report a connection to the broker that exited; going on",
+                ", ".join(stale),
+            )
+            return
+        time.sleep(SUBSCRIBED_POLL_S)
+
+
+def _broker_log_tail(broker: MosquittoBroker, lines: int = 5) -> str:
+    # Mosquitto writes its own log to a file (log_dest in mosquitto.conf); stdout holds only
+    # what it prints before reading its configuration.
+    path = broker.config.directory / "mosquitto.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return f"({path})\n" + "\n".join(text.strip().splitlines()[-lines:])
+
+
 def service_env(prefix: str, **values: str | int) -> dict[str, str]:
     """The process environment plus ``GALVANI_<PREFIX>_<KEY>`` settings."""
     env = dict(os.environ)
@@ -332,12 +485,21 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
         cwd=REPO_ROOT,
     )
     stack.services.append(api)
+    maintenance_metrics_port = free_port()
+    stack.metrics["maintenance"] = f"http://{LOOPBACK}:{maintenance_metrics_port}/metrics"
     stack.services.append(
         spawn(
             "maintenance",
             [sys.executable, "-m", "services.maintenance.main"],
             logs / "maintenance.log",
-            env=service_env("MAINTENANCE", database_url=database_url),
+            # With the broker's password it also watches the broker's statistics ($SYS).
+            env=service_env(
+                "MAINTENANCE",
+                database_url=database_url,
+                mqtt_port=service_port,
+                mqtt_password=secrets.get(f"mqtt-{ServiceAccount.MAINTENANCE}"),
+                metrics_port=maintenance_metrics_port,
+            ),
             cwd=REPO_ROOT,
         )
     )
@@ -349,6 +511,7 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
         child = start_worker()
         stack.services.append(child)
         stack.restart[child.name] = start_worker
+        stack.consumers[child.name] = service
         wait_until(
             functools.partial(_worker_connected, stack.metrics[child.name], service),
             child=child,
@@ -457,6 +620,22 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _pids(stack: Stack) -> dict[str, int]:
+    pids = {child.name: child.pid for child in stack.services}
+    if stack.postgres and stack.postgres.child:
+        pids["postgres"] = stack.postgres.child.pid
+    if stack.broker and stack.broker.child:
+        pids["mosquitto"] = stack.broker.child.pid
+    return pids
+
+
+def _rewrite_run_json(stack: Stack) -> None:
+    """Rewrite run.json with the current pids after a restart (once it has been written)."""
+    if stack.info:
+        stack.info["pids"] = _pids(stack)
+        write_run_json(stack, stack.info)
+
+
 def write_run_json(stack: Stack, info: dict[str, object]) -> None:
     """Write run.json atomically, owner-only (it holds the operator key)."""
     tmp = stack.run_json.with_suffix(".tmp")
@@ -490,7 +669,8 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 demo_admin_key = None
             device_port, service_port = start_broker(stack, database_url, secrets)
             api_url = start_services(stack, database_url, service_port, secrets)
-            admit_devices(stack, database_url)
+            if not admit_devices_once_subscribed(stack, database_url, stop):
+                return
             if options.sim_devices:
                 start_fleet(stack, fleet_dir, device_port)
             info: dict[str, object] = {
@@ -508,52 +688,50 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 "data_dir": str(options.data_dir),
                 "logs": str(options.data_dir / "logs"),
                 "metrics": stack.metrics,
-                "pids": {c.name: c.pid for c in stack.services}
-                | (
-                    {"postgres": stack.postgres.child.pid}
-                    if stack.postgres and stack.postgres.child
-                    else {}
-                )
-                | (
-                    {"mosquitto": stack.broker.child.pid}
-                    if stack.broker and stack.broker.child
-                    else {}
-                ),
+                "pids": _pids(stack),
             }
+            stack.info = info
             write_run_json(stack, info)
             print_ready(info, stack.run_json)
-            _supervise(stack, stop)
+            _supervise(stack, database_url, stop)
         finally:
             stack.stop()
 
 
-def _supervise(stack: Stack, stop: threading.Event) -> None:
-    servers: list[Child] = []
-    for server in (stack.broker, stack.postgres):
-        if server is not None and server.child is not None:
-            servers.append(server.child)
+def _supervise(stack: Stack, database_url: str, stop: threading.Event) -> None:
+    broker_failures = QuickFailures("Mosquitto")
     while not stop.wait(0.5):
-        for index, child in enumerate(stack.services):
-            if child.alive():
-                continue
-            start = stack.restart.get(child.name)
-            if start is None:
-                raise ChildExited(
-                    f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"
-                    f"{child.log_tail()}"
-                )
-            log.warning(
-                "%s exited (status %s); restarting it", child.name, child.process.returncode
+        _restart_exited_services(stack)
+        broker = stack.broker
+        if broker is not None and broker.child is not None and not broker.child.alive():
+            restart_broker(stack, database_url, stop, broker_failures)
+        postgres = stack.postgres.child if stack.postgres else None
+        if postgres is not None and not postgres.alive():
+            raise ChildExited(
+                f"{postgres.name} exited unexpectedly; its log ({postgres.log_path}) ends with:\n"
+                f"{postgres.log_tail()}"
             )
-            child.stop()
-            time.sleep(RESTART_DELAY_S)
-            stack.services[index] = start()
-        for child in servers:
-            if not child.alive():
-                raise ChildExited(
-                    f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"
-                    f"{child.log_tail()}"
-                )
+
+
+def _restart_exited_services(stack: Stack) -> None:
+    """Restart each restartable service that exited; any other exit stops the stack."""
+    restarted = False
+    for index, child in enumerate(stack.services):
+        if child.alive():
+            continue
+        start = stack.restart.get(child.name)
+        if start is None:
+            raise ChildExited(
+                f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"
+                f"{child.log_tail()}"
+            )
+        log.warning("%s exited (status %s); restarting it", child.name, child.process.returncode)
+        child.stop()
+        time.sleep(RESTART_DELAY_S)
+        stack.services[index] = start()
+        restarted = True
+    if restarted:
+        _rewrite_run_json(stack)
 
 
 def print_ready(info: dict[str, object], run_json: Path) -> None:
