@@ -18,7 +18,7 @@ help:
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
 	@echo "make bench-api    - API p50/p95 at 20 clients on a seeded month of 10,000 devices"
-	@echo "make bench-faults - the fault suite's kills, longer and on 200 devices; both outbox contracts"
+	@echo "make bench-faults - the fault suite's faults, longer, on 200 devices; both outbox contracts"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ run: system-deps venv
 	$(PY) -m deploy.run
 
 test-deps:
-	@deploy/install-system-deps.sh --require-timescaledb --with-chromium
+	@deploy/install-system-deps.sh --require-timescaledb --with-chromium --with-promtool
 
 # The suite needs TimescaleDB (it tests the hypertable path and the plain path).
 test: test-deps venv

@@ -1,9 +1,10 @@
 """``make bench-faults``: the fault suite's faults, longer and on a larger fleet.
 
 Each contract gets a stack of its own (durable PostgreSQL with TimescaleDB, Mosquitto, two
-ingest workers, one rules worker, ``galvani-fleet``; see ``tests/faults.py``), and the four
+ingest workers, one rules worker, ``galvani-fleet``; see ``tests/faults.py``), and the five
 faults run in order on it: an ingest worker killed -9, the rules worker killed -9, the broker
-killed -9, PostgreSQL down for ``--postgres-down`` seconds. After each, the ledger compares
+killed -9, the broker killed -9 while ingest is stopped and ``--queued`` messages wait in
+it, PostgreSQL down for ``--postgres-down`` seconds. After each, the ledger compares
 every seq the devices deleted from their outboxes with the database. One line per fault:
 
     contract=stored fault=broker_kill9 published=… stored=… lost=0 duplicates=0 recovery_s=…
@@ -17,7 +18,7 @@ import argparse
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.faults import FaultResult, FaultStack
@@ -43,6 +44,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--postgres-down", type=float, default=20.0, help="seconds (20)")
     parser.add_argument(
+        "--queued",
+        type=int,
+        default=1000,
+        help="messages published while ingest is stopped, before the broker is killed (1000)",
+    )
+    parser.add_argument(
         "--contract",
         choices=(*CONTRACTS, "both"),
         default="both",
@@ -61,17 +68,25 @@ def run_contract(args: argparse.Namespace, contract: str, root: Path) -> list[Fa
         seed=args.seed,
         delete_on=contract,
     )
-    faults = (
-        ("ingest_kill9", lambda: stack.kill_ingest(args.service_down)),
-        ("rules_kill9", lambda: stack.kill_rules(args.service_down)),
-        ("broker_kill9", lambda: stack.kill_broker(args.service_down)),
-        ("postgres_stop", lambda: stack.stop_postgres(args.postgres_down)),
-    )
+    down = args.service_down
+    faults: list[tuple[str, Callable[[], None], Callable[[], None] | None]] = [
+        ("ingest_kill9", lambda: stack.kill_ingest(down), None),
+        ("rules_kill9", lambda: stack.kill_rules(down), None),
+        ("broker_kill9", lambda: stack.kill_broker(down), None),
+        (
+            "broker_kill9_ingest_stopped",
+            lambda: stack.kill_broker_then_start_ingest(down),
+            lambda: stack.stop_ingest_until_published(args.queued),
+        ),
+        ("postgres_stop", lambda: stack.stop_postgres(args.postgres_down), None),
+    ]
     print(f"contract={contract}: starting {args.devices} devices", flush=True)
     try:
         stack.start()
-        for name, inject in faults:
-            stack.run_fault(name, inject, args.settle, label=f"contract={contract} ")
+        for name, inject, prepare in faults:
+            stack.run_fault(
+                name, inject, args.settle, prepare=prepare, label=f"contract={contract} "
+            )
         unanswered = stack.unanswered_safe_pushes()
         print(
             f"contract={contract} safe_pushes={stack.safe_pushes()} "

@@ -262,14 +262,23 @@ class FaultStack:
         return int(row[0]) if row else 0
 
     def run_fault(
-        self, fault: str, inject: Callable[[], None], settle_s: float, *, label: str = ""
+        self,
+        fault: str,
+        inject: Callable[[], None],
+        settle_s: float,
+        *,
+        prepare: Callable[[], None] | None = None,
+        label: str = "",
     ) -> FaultResult:
-        """Let the fleet run ``settle_s``, inject the fault (which also restarts what it
-        broke), measure recovery, check the ledger, and return what it cost."""
+        """Let the fleet run ``settle_s``, ``prepare`` the scene (not timed), inject the fault
+        (which also restarts what it broke), measure recovery from the injection, check the
+        ledger, and return what it cost."""
         time.sleep(settle_s)
         before = outbox_backlog(self.store)
+        if prepare is not None:
+            prepare()
         started = time.monotonic()
-        peak = before
+        peak = outbox_backlog(self.store)
         inject()
         # Recovered when the outboxes are back to their level before the fault, and the
         # database has stored something since the restart (a quiet fleet's backlog may never
@@ -315,6 +324,26 @@ class FaultStack:
         self.ingest.kill(worker)
         time.sleep(down_s)
         self.ingest.start(worker)
+
+    def stop_ingest_until_published(self, messages: int) -> None:
+        """Stop every ingest worker (their sessions stay, so the broker queues for them) and
+        wait until the fleet has published ``messages`` more."""
+        assert self.ingest is not None
+        for worker in INGEST_WORKERS:
+            self.ingest.stop(worker)
+        published = read_ledger(self.store, self.database_url).published
+        wait_until(
+            lambda: read_ledger(self.store, self.database_url).published >= published + messages,
+            60,
+            f"{messages} messages published while ingest is stopped",
+        )
+
+    def kill_broker_then_start_ingest(self, down_s: float) -> None:
+        """kill -9 the broker, start it again, then the ingest workers stopped before."""
+        self.kill_broker(down_s)
+        assert self.ingest is not None
+        for worker in INGEST_WORKERS:
+            self.ingest.start(worker)
 
     def kill_rules(self, down_s: float) -> None:
         """kill -9 the rules worker and start it again."""

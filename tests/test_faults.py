@@ -22,6 +22,7 @@ ACTIVITY = 2000.0  # sessions start within minutes; each device's own limits sti
 SETTLE_S = 4.0
 SERVICE_DOWN_S = 2.0
 POSTGRES_DOWN_S = 20.0
+QUEUED_MESSAGES = 100
 SAFE_ANSWER_TIMEOUT_S = 120.0
 
 
@@ -59,6 +60,20 @@ def test_the_rules_worker_killed_9_loses_and_duplicates_nothing(stack: FaultStac
 def test_the_broker_killed_9_loses_nothing_devices_had_deleted(stack: FaultStack) -> None:
     stack.run_fault("broker_kill9", lambda: stack.kill_broker(SERVICE_DOWN_S), SETTLE_S)
     assert_nothing_lost(stack, "broker_kill9")
+
+
+def test_messages_queued_for_a_stopped_ingest_survive_a_broker_kill9(stack: FaultStack) -> None:
+    """Issue 18 item 3: ingest stopped, 100 messages published, the broker killed -9 well within
+    its 30 s autosave and started again, ingest started again: all 100 stored. The broker held
+    them in memory only; the devices still had them and sent them again."""
+    stack.run_fault(
+        "broker_kill9_ingest_stopped",
+        lambda: stack.kill_broker_then_start_ingest(SERVICE_DOWN_S),
+        SETTLE_S,
+        prepare=lambda: stack.stop_ingest_until_published(QUEUED_MESSAGES),
+    )
+    assert_nothing_lost(stack, "broker_kill9_ingest_stopped")
+    assert stack.results[-1].delayed >= QUEUED_MESSAGES // 2
 
 
 def test_postgres_down_for_20_s_loses_and_duplicates_nothing(stack: FaultStack) -> None:
