@@ -10,7 +10,9 @@ One run, everything on this machine and all of it started (and stopped, by pid) 
    end with a probe message before the clock starts;
 4. a load generator (bench/mqtt_load.py) with one MQTT connection per device publishing
    pre-built v1 telemetry (10 samples a message) at QoS 1 for ``--seconds``; only
-   PUBACKed messages count as sent;
+   PUBACKed messages count as sent. Each connection subscribes to its device's ``ack``
+   topic, as a real device does, so the broker delivers the stored acks ingest publishes
+   after every commit (``--no-acks``: no subscription, and the broker discards them);
 5. when every sent sample is stored: ``ingest_samples_per_s`` = stored samples / (first
    publish to last commit), and the CPU of the ingest workers and of every PostgreSQL
    process over the same window per stored sample;
@@ -21,7 +23,8 @@ The last line is the result::
 
     ingest_samples_per_s=N copy_samples_per_s=N ratio=R cpu_us_per_sample=N lost=0 duplicates=0
 
-and the exit status is non-zero when a sample was lost or stored twice.
+and the exit status is non-zero when a sample was lost or stored twice. The line before it
+counts the stored acks heard and the stored seqs they covered by the end of the run.
 
 The stored count is followed through the workers' ``galvani_ingest_samples_total`` counter
 (incremented after each commit), not ``SELECT count(*)``: counting millions of rows four
@@ -51,9 +54,11 @@ from typing import Any, Final
 import psycopg
 
 from bench.mqtt_load import (
+    ACK_GRACE_S,
     SAMPLE_FIELDS,
     SAMPLE_SPACING_MS,
     SAMPLES_PER_MESSAGE,
+    AckResult,
     DeviceLogin,
     LoadPlan,
     LoadResult,
@@ -94,6 +99,8 @@ LOADGEN_READY_TIMEOUT_S: Final = 300.0
 # After publishing stops: give up waiting for the last samples when the stored count has
 # not moved for this long.
 SETTLE_TIMEOUT_S: Final = 30.0
+# Beyond ACK_GRACE_S, how long the load processes may take to count the acks they heard.
+ACK_COUNT_TIMEOUT_S: Final = 10.0
 COPY_TRANSACTION_ROWS: Final = 10_000
 
 STORED_SAMPLES: Final = 'galvani_ingest_samples_total{outcome="stored"}'
@@ -368,6 +375,7 @@ class Measurement:
     stored_by_metrics: int
     first_publish: float
     publish_end: float
+    acks: list[AckResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -396,6 +404,7 @@ class Run:
         self.shared = SharedState.create(self.ctx, args.loadgen_procs)
         self.ready: Any = self.ctx.Queue()
         self.results: Any = self.ctx.Queue()
+        self.acks: Any = self.ctx.Queue()
         self.processes: list[Any] = []
 
     def snapshot(self) -> CpuSnapshot:
@@ -424,7 +433,8 @@ class Run:
             f"load: {args.devices} devices over {args.loadgen_procs} process(es), window "
             f"{args.window}, {per_device} pre-built messages a device "
             f"({per_device * args.devices * SAMPLES_PER_MESSAGE:,} samples), backlog "
-            f"{args.backlog:,} messages, offered at most {args.max_rate:,} samples/s"
+            f"{args.backlog:,} messages, offered at most {args.max_rate:,} samples/s, "
+            + ("not subscribed to acks" if args.no_acks else "each device subscribed to its acks")
         )
         for index, devices in enumerate(split(self.logins, args.loadgen_procs)):
             plan = LoadPlan(
@@ -438,10 +448,11 @@ class Run:
                 seconds=args.seconds,
                 max_msgs_per_s=max_msgs_per_s,
                 backlog_msgs=args.backlog,
+                hear_acks=not args.no_acks,
             )
             process = self.ctx.Process(
                 target=load_process,
-                args=(index, plan, self.shared, self.ready, self.results),
+                args=(index, plan, self.shared, self.ready, self.results, self.acks),
                 name=f"bench-load-{index}",
             )
             process.start()
@@ -458,6 +469,17 @@ class Run:
             if error is not None:
                 raise SystemExit(f"bench-ingest: load process {index} failed: {error}")
             waiting.discard(index)
+
+    def collect_acks(self) -> list[AckResult]:
+        """Each load process's count of the acks it heard, once it has stopped waiting."""
+        acks: list[AckResult] = []
+        deadline = time.monotonic() + ACK_GRACE_S + ACK_COUNT_TIMEOUT_S
+        while len(acks) < len(self.processes) and time.monotonic() < deadline:
+            try:
+                acks.append(self.acks.get(timeout=POLL_S))
+            except queue.Empty:
+                continue
+        return acks
 
     def stop_load(self) -> None:
         """Stop the load processes (they exit on their own once done; abort otherwise)."""
@@ -482,7 +504,7 @@ class Run:
         last_change = start_at
         results: list[LoadResult] = []
         expected: int | None = None
-        progress = Progress(start_at)
+        progress = Progress(start_at, hear_acks=not self.args.no_acks)
         while True:
             time.sleep(POLL_S)
             now = time.monotonic()
@@ -500,7 +522,7 @@ class Run:
             self.shared.stored_msgs.value = stored // SAMPLES_PER_MESSAGE
             sent = sum(self.shared.sent)
             acked = sum(self.shared.acked)
-            progress.maybe_print(now, sent, acked, stored)
+            progress.maybe_print(now, sent, acked, stored, sum(self.shared.heard))
             while expected is None:
                 try:
                     results.append(self.results.get_nowait())
@@ -517,6 +539,9 @@ class Run:
                 continue
             if stored >= expected or now - last_change > SETTLE_TIMEOUT_S:
                 break
+        # The load processes wait for the acks of the last commits from here.
+        self.shared.all_stored_at.value = last_change
+        acks = self.collect_acks()
         first_publish = min(
             (r.first_publish for r in results if r.first_publish is not None), default=start_at
         )
@@ -530,7 +555,12 @@ class Run:
             stored_by_metrics=stored,
             first_publish=first_publish,
             publish_end=max((r.last_ack or start_at for r in results), default=start_at),
+            acks=acks,
         )
+        if len(acks) < len(self.processes):
+            measurement.warnings.append(
+                f"{len(self.processes) - len(acks)} load process(es) did not count their acks"
+            )
         if stored < expected:
             measurement.warnings.append(
                 f"stored count stuck at {stored:,} of {expected:,} for {SETTLE_TIMEOUT_S:.0f} s"
@@ -544,25 +574,29 @@ class Run:
 
 
 class Progress:
-    """A line every ``PROGRESS_EVERY_S``: publish, acknowledgement and storage rates."""
+    """A line every ``PROGRESS_EVERY_S``: publish, acknowledgement, storage and ack rates."""
 
-    def __init__(self, start: float):
+    def __init__(self, start: float, *, hear_acks: bool):
         self.start = start
+        self.hear_acks = hear_acks
         self.next = start + PROGRESS_EVERY_S
-        self.last = (start, 0, 0, 0)
+        self.last = (start, 0, 0, 0, 0)
 
-    def maybe_print(self, now: float, sent: int, acked: int, stored: int) -> None:
+    def maybe_print(self, now: float, sent: int, acked: int, stored: int, heard: int) -> None:
         if now < self.next:
             return
-        then, sent0, acked0, stored0 = self.last
+        then, sent0, acked0, stored0, heard0 = self.last
         span = now - then
-        say(
+        line = (
             f"[{now - self.start:5.1f} s] published {(sent - sent0) / span:8,.0f} msg/s  "
             f"acked {(acked - acked0) / span:8,.0f} msg/s  "
             f"stored {(stored - stored0) / span:9,.0f} samples/s  "
             f"unstored {acked - stored // SAMPLES_PER_MESSAGE:7,} msgs"
         )
-        self.last = (now, sent, acked, stored)
+        if self.hear_acks:
+            line += f"  stored acks heard {(heard - heard0) / span:8,.0f}/s"
+        say(line)
+        self.last = (now, sent, acked, stored, heard)
         self.next += PROGRESS_EVERY_S
 
 
@@ -719,7 +753,8 @@ def report(
     window = m.last_stored.at - m.first_publish
     cpu = m.last_stored.minus(m.start)
     ingest_cpu = sum(cpu.ingest)
-    loadgen_cpu = sum(r.cpu_publishing_s for r in m.results)
+    # Publishing, then hearing the acks of the last commits.
+    loadgen_cpu = sum(r.cpu_publishing_s for r in m.results) + sum(a.cpu_s for a in m.acks)
     stored = check.stored
     ingest_rate = stored / window if window > 0 else 0.0
     copy_rate = ceiling.rows / ceiling.seconds if ceiling.seconds > 0 else 0.0
@@ -775,14 +810,41 @@ def report(
         )
     if check.ledger != check.ledger_expected:
         say(f"warning: ledger holds {check.ledger:,} messages, {check.ledger_expected:,} acked")
+    ack_errors = report_acks(args, m.acks, check)
     ratio = ingest_rate / copy_rate if copy_rate else 0.0
     say(
         f"ingest_samples_per_s={ingest_rate:.0f} copy_samples_per_s={copy_rate:.0f} "
         f"ratio={ratio:.2f} cpu_us_per_sample={per_sample:.1f} "
         f"lost={check.lost} duplicates={check.duplicates}"
     )
-    failed = check.lost or check.duplicates or check.ledger != check.ledger_expected
+    failed = check.lost or check.duplicates or check.ledger != check.ledger_expected or ack_errors
     return 1 if failed else 0
+
+
+def report_acks(args: argparse.Namespace, acks: Sequence[AckResult], check: Check) -> bool:
+    """The stored-ack line; True when a load process heard a malformed or impossible ack.
+
+    A stored seq no ack named is reported but does not fail the run: acks are QoS 0, at most
+    once by contract (protocol.md), and a device resends what was not acknowledged.
+    """
+    if args.no_acks:
+        say("acks: not subscribed (--no-acks), the broker discarded them")
+        return False
+    messages = sum(a.messages for a in acks)
+    covered = sum(a.covered for a in acks)
+    stored_seqs = check.ledger_expected  # PUBACKed messages, each stored when lost=0
+    line = f"acks: {messages:,} messages covering {covered:,} of {stored_seqs:,} stored seqs"
+    if covered == stored_seqs:
+        wait_s = max((a.wait_s for a in acks), default=0.0)
+        line += f", the last heard {wait_s:.1f} s after the last PUBACK"
+    else:
+        short = sum(a.devices_short for a in acks)
+        line += f"; {stored_seqs - covered:,} never acknowledged, on {short:,} devices"
+    say(line)
+    errors = [f"load process {a.index}: {a.error}" for a in acks if a.error]
+    for error in errors:
+        say(f"warning: {error}")
+    return bool(errors)
 
 
 # --- Main -------------------------------------------------------------------------------
@@ -825,6 +887,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=DEFAULT_DEVICE_TIME_AGO_MIN,
         help="minutes before now that device time starts at (120)",
+    )
+    parser.add_argument(
+        "--no-acks",
+        action="store_true",
+        help="devices do not subscribe to their ack topic, so the broker discards the stored "
+        "acks ingest still publishes (GALVANI_INGEST_STORED_ACKS=false turns those off)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the data and logs directory")
     args = parser.parse_args(argv)

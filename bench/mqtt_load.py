@@ -10,7 +10,13 @@ paho costs tens of microseconds per publish; this client costs a few:
   no coroutine per connection, and PUBACKs are parsed straight out of ``data_received``;
 * each connection keeps at most ``window`` publishes unacknowledged, and packet ids are
   ``1..65535`` in order, so the broker's in-order PUBACKs (MQTT 3.1.1, 4.6) are checked by
-  comparing each one with the id expected next.
+  comparing each one with the id expected next;
+* like a real device, each connection subscribes to its own ``ack`` topic (protocol.md), so
+  the broker delivers the stored acks ingest publishes after every commit, as in production.
+  An ack's seq ranges are read by slicing ingest's compact form, not by a JSON parser, and
+  marked in a byte per pre-built message, which says at the end whether every acknowledged
+  seq was heard of. ``LoadPlan.hear_acks`` off leaves the subscription out: the broker then
+  discards the acks and the benchmark leaves out their delivery.
 
 Offered load adapts to what ingest stores: the benchmark's main process publishes the stored
 count, and a process never lets its share of "sent but not yet stored" exceed ``backlog``
@@ -33,7 +39,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
-from services.common.mqtt5 import string, varint
+from services.common.mqtt5 import ProtocolViolation, read_varint, string, varint
 
 KEEPALIVE_S: Final = 600  # activity never stops for long; the broker allows up to 65535
 CONNECT_CONCURRENCY: Final = 100
@@ -46,11 +52,24 @@ TICK_S: Final = 0.01
 DRAIN_TIMEOUT_S: Final = 60.0
 MAX_PACKET_ID: Final = 65_535
 
+# After the last commit, how long to wait for the acks not heard of yet. Ingest queues a
+# batch's acks before its PUBACKs and sends both in one write, so they are on their way by the
+# time the benchmark sees the commit in the workers' counters.
+ACK_GRACE_S: Final = 2.0
+
 CONNACK: Final = 0x20
+PUBLISH_QOS0: Final = 0x30  # not retained, not a duplicate (MQTT 3.1.1, 3.3.1)
 PUBACK: Final = 0x40
+SUBACK: Final = 0x90
 PINGRESP: Final = 0xD0
 DISCONNECT: Final = b"\xe0\x00"
 CONNACK_REFUSED_RETRYABLE: Final = frozenset({4, 5})  # bad credentials / not authorised
+# The SUBSCRIBE is acknowledged before the first PUBLISH, so its id is free again by then.
+SUBSCRIBE_ID_BYTES: Final = b"\x00\x01"
+SUBACK_FAILURE: Final = 0x80
+# services/ingest/acks.py ``ack_payload``: {"v":1,"seqs":[[first,last],...]}, no spaces.
+ACK_PREFIX: Final = b'{"v":1,"seqs":[['
+ACK_SUFFIX: Final = b"]]}"
 
 TOPIC_PREFIX: Final = "galvani/v1/d"
 SAMPLES_PER_MESSAGE: Final = 10
@@ -100,21 +119,25 @@ class LoadPlan:
     seconds: float
     max_msgs_per_s: float
     backlog_msgs: int
+    hear_acks: bool = True  # subscribe to each device's ack topic, as a real device does
 
 
 @dataclass
 class SharedState:
     """Counters shared with the benchmark's main process (``RawValue``/``RawArray``).
 
-    Single writers only: the main process writes ``start_at``, ``abort`` and
-    ``stored_msgs``; load process ``i`` writes ``sent[i]`` and ``acked[i]``.
+    Single writers only: the main process writes ``start_at``, ``abort``, ``stored_msgs``
+    and ``all_stored_at``; load process ``i`` writes ``sent[i]``, ``acked[i]`` and
+    ``heard[i]``.
     """
 
     start_at: Any  # c_double: time.monotonic() to start publishing at; 0 until known
     abort: Any  # c_int: non-zero stops publishing at once
     stored_msgs: Any  # c_int64: telemetry messages the ingest workers have committed
+    all_stored_at: Any  # c_double: time.monotonic() the last commit was seen; 0 until then
     sent: Any  # c_int64 array, one per load process
     acked: Any  # c_int64 array, one per load process
+    heard: Any  # c_int64 array, one per load process: ack messages received
 
     @classmethod
     def create(cls, ctx: Any, processes: int) -> "SharedState":
@@ -123,8 +146,10 @@ class SharedState:
             start_at=ctx.RawValue(ctypes.c_double, 0.0),
             abort=ctx.RawValue(ctypes.c_int, 0),
             stored_msgs=ctx.RawValue(ctypes.c_int64, 0),
+            all_stored_at=ctx.RawValue(ctypes.c_double, 0.0),
             sent=ctx.RawArray(ctypes.c_int64, processes),
             acked=ctx.RawArray(ctypes.c_int64, processes),
+            heard=ctx.RawArray(ctypes.c_int64, processes),
         )
 
 
@@ -140,6 +165,21 @@ class LoadResult:
     cpu_publishing_s: float = 0.0  # this process's CPU from first publish to drained
     exhausted_devices: int = 0  # devices that ran out of pre-built messages
     error: str | None = None
+
+
+@dataclass
+class AckResult:
+    """The stored acks one load process heard, sent once the last commit has been seen."""
+
+    index: int
+    subscribed: bool
+    messages: int = 0  # ack PUBLISHes received
+    covered: int = 0  # PUBACKed seqs that an ack named
+    acknowledged: int = 0  # PUBACKed seqs: every one of them is stored when lost=0
+    devices_short: int = 0  # devices with a PUBACKed seq that no ack named
+    wait_s: float = 0.0  # from the last PUBACK to the last ack (or giving up)
+    cpu_s: float = 0.0  # this process's CPU over ``wait_s``
+    error: str | None = None  # a malformed ack, or one naming a seq never published
 
 
 # --- Encoding ---------------------------------------------------------------------------
@@ -162,6 +202,12 @@ def publish_packet(topic_field: bytes, packet_id: int, payload: bytes) -> bytes:
     )
 
 
+def subscribe_packet(device_id: str) -> bytes:
+    """SUBSCRIBE (MQTT 3.1.1, 3.8) to the device's own ack topic at QoS 0, as ingest sends it."""
+    body = SUBSCRIBE_ID_BYTES + string(ack_topic(device_id)) + b"\x00"
+    return b"\x82" + varint(len(body)) + body
+
+
 def packet_id(index: int) -> int:
     """The packet id of a connection's ``index``-th publish (0-based): 1..65535, wrapping."""
     return index % MAX_PACKET_ID + 1
@@ -170,6 +216,32 @@ def packet_id(index: int) -> int:
 def telemetry_topic(device_id: str) -> str:
     """The device's own telemetry topic."""
     return f"{TOPIC_PREFIX}/{device_id}/telemetry"
+
+
+def ack_topic(device_id: str) -> str:
+    """The topic on which the device hears which of its seqs are stored."""
+    return f"{TOPIC_PREFIX}/{device_id}/ack"
+
+
+def ack_json_ranges(payload: bytes) -> list[bytes] | None:
+    """An ack not in ingest's compact form, read by ``json``: its ranges as ``b"first,last"``,
+    or None when it is not an ack."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    seqs = body.get("seqs") if isinstance(body, dict) else None
+    if not isinstance(seqs, list):
+        return None
+    ranges = []
+    for bounds in seqs:
+        if not (isinstance(bounds, list) and len(bounds) == 2):
+            return None
+        first, last = bounds
+        if type(first) is not int or type(last) is not int:
+            return None
+        ranges.append(b"%d,%d" % (first, last))
+    return ranges
 
 
 def session_of(device_id: str) -> str:
@@ -226,7 +298,8 @@ def device_packets(device_id: str, count: int, first_ts_ms: int) -> list[bytes]:
 
 
 class DeviceConnection(asyncio.Protocol):
-    """One device's connection: publishes handed to it by the generator, PUBACKs counted."""
+    """One device's connection: publishes handed to it by the generator, PUBACKs counted,
+    stored acks marked."""
 
     def __init__(self, generator: "LoadGenerator", device_id: str, packets: list[bytes]):
         self.generator = generator
@@ -238,7 +311,12 @@ class DeviceConnection(asyncio.Protocol):
         self.exhausted = False
         self.closing = False
         self.transport: asyncio.Transport | None = None
-        self.connack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[int] = loop.create_future()
+        self.suback: asyncio.Future[int] = loop.create_future()
+        self.ack_topic_field = string(ack_topic(device_id))
+        # One byte per pre-built message, set to 1 when an ack names its seq.
+        self.ack_marks = bytearray(len(packets))
         self._buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -249,28 +327,45 @@ class DeviceConnection(asyncio.Protocol):
         size = len(buf)
         pos = 0
         acks = 0
-        # Only CONNACK, PUBACK and PINGRESP can arrive, all shorter than 128 bytes, so the
-        # remaining length is always one byte.
         while pos + 2 <= size:
             kind = buf[pos]
-            end = pos + 2 + buf[pos + 1]
+            start = pos + 2
+            end = start + buf[pos + 1]
             if buf[pos + 1] & 0x80:
-                self._protocol_error(f"unexpected packet 0x{kind:02x} of 128+ bytes")
-                return
+                # CONNACK, PUBACK, SUBACK and PINGRESP are shorter than 128 bytes; an ack
+                # PUBLISH naming many ranges may not be.
+                try:
+                    found = read_varint(buf, pos + 1, size)
+                except ProtocolViolation as exc:
+                    self._protocol_error(f"packet 0x{kind:02x}: {exc}")
+                    return
+                if found is None:
+                    break
+                length, start = found
+                end = start + length
             if end > size:
                 break
             if kind == PUBACK:
-                got = (buf[pos + 2] << 8) | buf[pos + 3]
+                got = (buf[start] << 8) | buf[start + 1]
                 if got != packet_id(self.acked + acks):
                     self._protocol_error(f"PUBACK {got}, expected {packet_id(self.acked + acks)}")
                     return
                 acks += 1
+            elif kind == PUBLISH_QOS0:
+                if not self._mark_ack(buf, start, end):
+                    return
             elif kind == CONNACK:
                 if not self.connack.done():
-                    code = buf[pos + 3]
+                    code = buf[start + 1]
                     if code:
                         self.closing = True  # the broker closes a refused connection
                     self.connack.set_result(code)
+            elif kind == SUBACK:
+                if end - start != 3 or buf[start : start + 2] != SUBSCRIBE_ID_BYTES:
+                    self._protocol_error(f"unexpected SUBACK {buf[pos:end]!r}")
+                    return
+                if not self.suback.done():
+                    self.suback.set_result(buf[start + 2])
             elif kind != PINGRESP:
                 self._protocol_error(f"unexpected packet 0x{kind:02x}")
                 return
@@ -279,6 +374,48 @@ class DeviceConnection(asyncio.Protocol):
         if acks:
             self.acked += acks
             self.generator.on_acked(self, acks)
+
+    # Called for every ack PUBLISH (one per device and committed batch; in bench-ingest about
+    # one per five telemetry messages): keep this path short.
+    # Ingest's compact form is read by slicing and int(), without copying the payload or
+    # building a JSON object: less than half of what ``json.loads`` alone costs. Other
+    # spellings (spaces, more fields) go through json.
+    def _mark_ack(self, buf: bytes, start: int, end: int) -> bool:
+        """Mark the seqs a stored ack names; False (after failing the run) when it is wrong."""
+        topic_field = self.ack_topic_field
+        if not buf.startswith(topic_field, start):
+            self._protocol_error(f"PUBLISH on a topic not subscribed to: {buf[start:end]!r}")
+            return False
+        start += len(topic_field)
+        ranges: list[bytes] | None
+        if buf.startswith(ACK_PREFIX, start) and buf.endswith(ACK_SUFFIX, start, end):
+            ranges = buf[start + len(ACK_PREFIX) : end - len(ACK_SUFFIX)].split(b"],[")
+        else:
+            ranges = ack_json_ranges(buf[start:end])
+        marks = self.ack_marks
+        sent = self.sent
+        try:
+            for bounds in ranges or ():
+                head, _, tail = bounds.partition(b",")
+                first, last = int(head), int(tail)
+                if not 0 <= first <= last < sent:
+                    self._protocol_error(f"ack of seqs {first}..{last}; {sent} published")
+                    return False
+                if first == last:
+                    marks[first] = 1
+                else:
+                    marks[first : last + 1] = b"\x01" * (last - first + 1)
+        except ValueError:
+            ranges = None
+        if ranges is None:
+            self._protocol_error(f"not an ack: {buf[start:end]!r}")
+            return False
+        self.generator.acks_heard += 1
+        return True
+
+    def acks_covered(self) -> int:
+        """How many of the PUBACKed seqs (0..acked-1) an ack has named."""
+        return self.ack_marks.count(1, 0, self.acked)
 
     def _protocol_error(self, what: str) -> None:
         self.generator.fail(f"{self.device_id}: {what}")
@@ -323,6 +460,7 @@ class LoadGenerator:
         self.sent = 0
         self.acked = 0
         self.exhausted = 0
+        self.acks_heard = 0
         self.first_publish: float | None = None
         self.last_ack: float | None = None
         self.error: str | None = None
@@ -383,6 +521,8 @@ class LoadGenerator:
             transport.write(connect_packet(login))
             code = await asyncio.wait_for(conn.connack, CONNECT_TIMEOUT_S)
             if code == 0:
+                if self.plan.hear_acks:
+                    await self._subscribe(conn)
                 return conn
             conn.close()
             if code not in CONNACK_REFUSED_RETRYABLE:
@@ -390,9 +530,17 @@ class LoadGenerator:
             await asyncio.sleep(CONNECT_RETRY_S)
         raise LoadError(f"broker refused {login.device_id} (CONNACK return code {code})")
 
+    async def _subscribe(self, conn: DeviceConnection) -> None:
+        assert conn.transport is not None
+        conn.transport.write(subscribe_packet(conn.device_id))
+        granted = await asyncio.wait_for(conn.suback, CONNECT_TIMEOUT_S)
+        if granted == SUBACK_FAILURE:
+            raise LoadError(f"broker refused {conn.device_id} its ack subscription")
+
     def _publish_shared(self) -> None:
         self.shared.sent[self.index] = self.sent
         self.shared.acked[self.index] = self.acked
+        self.shared.heard[self.index] = self.acks_heard
 
     async def wait_for_start(self) -> bool:
         """Wait for the main process's start time; False when it aborted instead."""
@@ -438,6 +586,45 @@ class LoadGenerator:
             await asyncio.sleep(TICK_S)
         self._publish_shared()
 
+    async def hear_last_acks(self) -> AckResult:
+        """Wait for the acks of the last commits, then count what the acks covered.
+
+        Waits until every PUBACKed seq has been named by an ack, or ``ACK_GRACE_S`` after
+        the main process saw the last commit (acks are QoS 0: one lost is not resent), or an
+        abort.
+        """
+        if not self.plan.hear_acks:
+            return AckResult(self.index, subscribed=False)
+        shared = self.shared
+        cpu_start, start = time.process_time(), time.monotonic()
+        checked = -1
+        while not shared.abort.value and not self.error:
+            if self.acks_heard != checked:
+                checked = self.acks_heard
+                if all(conn.acks_covered() == conn.acked for conn in self.connections):
+                    break
+            stored_at = shared.all_stored_at.value
+            if stored_at and time.monotonic() > stored_at + ACK_GRACE_S:
+                break
+            self._publish_shared()
+            await asyncio.sleep(TICK_S)
+        cpu_s, wait_s = time.process_time() - cpu_start, time.monotonic() - start
+        self._publish_shared()
+        covered = [conn.acks_covered() for conn in self.connections]
+        return AckResult(
+            index=self.index,
+            subscribed=True,
+            messages=self.acks_heard,
+            covered=sum(covered),
+            acknowledged=sum(conn.acked for conn in self.connections),
+            devices_short=sum(
+                n < conn.acked for n, conn in zip(covered, self.connections, strict=True)
+            ),
+            wait_s=wait_s,
+            cpu_s=cpu_s,
+            error=self.error,
+        )
+
     async def close_all(self) -> None:
         """DISCONNECT every connection and give the writes a moment to leave."""
         for conn in self.connections:
@@ -469,8 +656,11 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 async def _run_load(
-    generator: LoadGenerator, ready: "multiprocessing.queues.Queue[tuple[int, str | None]]"
-) -> LoadResult:
+    generator: LoadGenerator,
+    ready: "multiprocessing.queues.Queue[tuple[int, str | None]]",
+    results: "multiprocessing.queues.Queue[LoadResult]",
+    acks: "multiprocessing.queues.Queue[AckResult]",
+) -> None:
     try:
         await generator.connect_all()
     except (OSError, LoadError, TimeoutError) as exc:
@@ -479,12 +669,15 @@ async def _run_load(
     ready.put((generator.index, None))
     try:
         if not await generator.wait_for_start():
-            return generator.result(0.0)
+            results.put(generator.result(0.0))
+            return
         # CPU from the start signal to the last PUBACK: payload building and connecting,
         # which are far from cheap, happen before and do not count.
         cpu_start = time.process_time()
         await generator.publish()
-        return generator.result(time.process_time() - cpu_start)
+        results.put(generator.result(time.process_time() - cpu_start))
+        # The connections stay open: the acks of the last batches are still on their way.
+        acks.put(await generator.hear_last_acks())
     finally:
         await generator.close_all()
 
@@ -495,16 +688,20 @@ def load_process(
     shared: SharedState,
     ready: "multiprocessing.queues.Queue[tuple[int, str | None]]",
     results: "multiprocessing.queues.Queue[LoadResult]",
+    acks: "multiprocessing.queues.Queue[AckResult]",
 ) -> None:
-    """Entry point of one load-generator process (multiprocessing target)."""
+    """Entry point of one load-generator process (multiprocessing target).
+
+    Puts one LoadResult on ``results`` once its publishes are acknowledged, then one
+    AckResult on ``acks`` once the main process has seen the last commit.
+    """
     # Ctrl-C reaches the whole process group; the main process decides when this one stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     generator = LoadGenerator(index, plan, shared)
     try:
-        result = run_event_loop(_run_load(generator, ready))
+        run_event_loop(_run_load(generator, ready, results, acks))
     except (OSError, LoadError, TimeoutError, AssertionError) as exc:
-        result = LoadResult(index=index, error=repr(exc))
-    results.put(result)
+        results.put(LoadResult(index=index, error=repr(exc)))
 
 
 def messages_per_device(seconds: float, max_msgs_per_s: float, devices: int, window: int) -> int:
