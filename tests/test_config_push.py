@@ -22,6 +22,7 @@ from services.common.config_push import (
 )
 from services.common.mode_tables import DEFAULT_MODES, restricted_table
 from services.common.signing import load_or_create_key
+from services.rules.sweeps import sweep
 from tests.ingest import IngestWorkers, provision, scalar, wait_until
 from tests.test_agent_live import AgentProcess
 
@@ -171,41 +172,77 @@ def test_an_older_unpublished_table_is_superseded_not_published(
 
 
 def test_an_unanswered_table_is_published_again_once_its_device_has_been_back_a_while(
-    database_url: str, key: Any
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    key: Any,
 ) -> None:
     """A broker killed -9 forgets retained tables it had not saved yet: a device that
-    reconnects and stays silent about its newest table is sent it again, once per reconnect."""
+    reconnects and stays silent about its newest table is sent it again, once per reconnect,
+    while config_unacked still measures from the first publication."""
     [device] = provision(database_url, 1, prefix="again")
     table = restricted_table(None, version=0, issued_at_ms=_now_ms(), reason="t", lock_all=True)
     with psycopg.connect(database_url) as conn:
         push = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
-        conn.execute("UPDATE config_pushes SET published_at = now() - interval '10 minutes'")
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="again-test", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set(ServiceAccount.RULES.value, service_passwords[ServiceAccount.RULES])
+    client.connect("127.0.0.1", broker.config.service_port)
+    client.loop_start()
 
-    def online(ago: str) -> None:
+    def presence(online: bool, ago: str) -> None:
         with psycopg.connect(database_url) as conn:
             conn.execute(
                 "INSERT INTO presence_log (device_id, online, received_at)"
-                " VALUES (%s, true, now() - %s::interval)",
-                [device.device_id, ago],
+                " VALUES (%s, %s, now() - %s::interval)",
+                [device.device_id, online, ago],
             )
 
     def due(grace_s: float = 30) -> list[int]:
         with psycopg.connect(database_url) as conn:
             return [p.version for p in unanswered_pushes(conn, grace_s)]
 
-    online("20 minutes")  # before the table was published: it was delivered then
-    assert due() == []
-    online("10 seconds")  # back, but not yet given time to answer
-    assert due() == []
-    assert due(grace_s=5) == [push.version]
-    online("1 minute")
-    assert due() == [push.version]
-    with psycopg.connect(database_url) as conn:
-        conn.execute("UPDATE config_pushes SET published_at = now()")  # published again
-    assert due() == []
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "UPDATE config_pushes SET published_at = now() - interval '10 minutes',"
-            " answer_status = 'applied', answered_at = now()"
-        )
-    assert due() == []
+    def publications() -> tuple[object, ...]:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT now() - published_at > interval '29 hours', republished_at IS NOT NULL"
+                " FROM config_pushes WHERE version = %s",
+                [push.version],
+            ).fetchone()
+        assert row is not None
+        return tuple(row)
+
+    try:
+        with psycopg.connect(database_url) as conn:
+            assert publish_push(conn, client, push) is Published.PUBLISHED
+            conn.execute("UPDATE config_pushes SET published_at = now() - interval '30 hours'")
+        assert publications() == (True, False)
+        presence(False, "31 hours")  # offline before the table was published
+        presence(True, "25 hours")  # back 5 h after it, online since: 25 h online
+        assert due() == [push.version]
+        presence(True, "10 seconds")  # a reconnect not yet given time to answer
+        assert due() == [push.version]  # judged by the earliest reconnect since publication
+        with psycopg.connect(database_url) as conn:
+            assert publish_push(conn, client, push) is Published.PUBLISHED
+        assert publications() == (True, True)  # the first publication is kept
+        assert due() == []  # published again after the last reconnect
+        presence(True, "0 seconds")
+        assert due(grace_s=0) == [push.version]  # the next reconnect: once more
+
+        with psycopg.connect(database_url) as conn:
+            outcome = sweep(conn, key)
+            rows = conn.execute(
+                "SELECT explanation->'observed' FROM alerts WHERE rule = 'config_unacked'"
+            ).fetchall()
+        assert outcome is not None
+        [(observed,)] = rows
+        assert observed["version"] == push.version
+        assert observed["online_hours"] >= 24.9  # from the first publication, not the last
+
+        with psycopg.connect(database_url) as conn:
+            conn.execute("UPDATE config_pushes SET answer_status = 'applied', answered_at = now()")
+        assert due(grace_s=0) == []
+    finally:
+        client.loop_stop()
+        client.disconnect()

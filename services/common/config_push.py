@@ -176,8 +176,13 @@ def publish_push(conn: Conn, client: paho.Client, push: Push) -> Published:
     info.wait_for_publish(PUBLISH_TIMEOUT_S)
     if not info.is_published():
         raise PushError(f"the broker did not acknowledge table {push.version} for {push.device_id}")
+    # The first publication stays in published_at (config_unacked measures from it); a later
+    # one, by unanswered_pushes, goes to republished_at. Both right-hand sides read the row
+    # as it was before this UPDATE.
     conn.execute(
-        "UPDATE config_pushes SET published_at = now() WHERE device_id = %s AND version = %s",
+        "UPDATE config_pushes SET published_at = coalesce(published_at, now()),"
+        " republished_at = CASE WHEN published_at IS NULL THEN NULL ELSE now() END"
+        " WHERE device_id = %s AND version = %s",
         [push.device_id, push.version],
     )
     return Published.PUBLISHED
@@ -204,8 +209,9 @@ def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push
     -9 (or losing power) after acknowledging a table forgets it, and a device that was
     offline then never receives it. So each device's newest table, while unanswered, is
     published again once the device has reconnected after it was last published and has
-    had ``grace_s`` to answer. Publishing resets ``published_at``, so this happens once per
+    had ``grace_s`` to answer. Publishing sets ``republished_at``, so this happens once per
     reconnect; the device ignores a table it has already seen (same bytes, same fingerprint).
+    ``published_at`` keeps the first publication, from which ``config_unacked`` measures.
     """
     rows = conn.execute(
         """
@@ -217,9 +223,9 @@ def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push
           AND (d.config_reported_version IS NULL OR d.config_reported_version < p.version)
           AND EXISTS (SELECT 1 FROM presence_log l
                       WHERE l.device_id = p.device_id AND l.online
-                        AND l.received_at > p.published_at
+                        AND l.received_at > coalesce(p.republished_at, p.published_at)
                         AND l.received_at < now() - make_interval(secs => %s))
-        ORDER BY p.published_at LIMIT %s
+        ORDER BY coalesce(p.republished_at, p.published_at) LIMIT %s
         """,
         [grace_s, limit],
     ).fetchall()
