@@ -80,6 +80,9 @@ def test_a_dead_letter_with_a_readable_seq_is_acknowledged_so_it_is_not_resent_f
         inbound("dev-a", "telemetry", b"{not json"),
         inbound("dev-a", "telemetry", {"v": 1, "seq": True, "samples": []}),
         inbound("dev-a", "telemetry", [1, 2]),
+        inbound("dev-a", "telemetry", {"v": 1, "seq": 2**63, "samples": []}),
+        inbound("dev-a", "presence", {"v": 1, "seq": 14, "online": "yes"}),
+        inbound("dev-a", "config", {"v": 1, "seq": 15}),
     ]
     assert acks_of(messages) == {ack_topic("dev-a"): {"v": 1, "seqs": [[12, 13]]}}
 

@@ -19,10 +19,12 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from services.common.protocol.models import INT64_MAX
 from services.common.subscriber import Inbound
 from services.ingest.decode import DeadLetter, Decoded, EventIn, StateIn, TelemetryIn
 
 ACK_CHANNEL: Final = "ack"
+OUTBOX_CHANNELS: Final = frozenset({"telemetry", "events", "state"})
 _TOPIC_PREFIX: Final = "galvani/v1/d/"
 
 
@@ -78,15 +80,16 @@ def stored_acks(inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> list[
 
 
 def _dead_letter_seq(letter: DeadLetter, payload: bytes) -> tuple[str, int] | None:
-    """The device and seq of a dead letter, when its topic named a device and its payload
-    (the whole one, not the stored prefix) is a JSON object with an integer seq."""
-    if letter.device_id is None:
+    """The device and seq of a dead letter, when its topic named a device's outbox channel
+    (presence is never in an outbox) and its payload is a JSON object with a seq the
+    protocol allows (a device refuses a whole ack naming one out of range)."""
+    if letter.device_id is None or letter.channel not in OUTBOX_CHANNELS:
         return None
     try:
         body = json.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     seq = body.get("seq") if isinstance(body, dict) else None
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= INT64_MAX:
         return None
     return letter.device_id, seq

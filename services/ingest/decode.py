@@ -39,8 +39,6 @@ from services.common.subscriber import Inbound
 # flagged, with the receipt time beside it.
 TS_PAST_LIMIT: Final = timedelta(days=30)
 TS_FUTURE_LIMIT: Final = timedelta(minutes=5)
-# Dead letters keep the start of the payload: enough to debug, bounded in size.
-DEAD_LETTER_PAYLOAD_BYTES: Final = 4096
 # safety.md: skin impedance with gel is 1-20 kOhm in every default mode table.
 GEL_BAND_OHM: Final = (1_000.0, 20_000.0)
 
@@ -274,12 +272,15 @@ def dead_letter(
     device_id: str | None = None,
     channel: str | None = None,
 ) -> DeadLetter:
-    """A dead letter for ``message``: the start of its payload, its size and why."""
+    """A dead letter for ``message``: its payload, its size and why."""
     return DeadLetter(
         topic=message.topic,
         device_id=device_id,
         channel=channel if channel is not None else _channel_of(message.topic),
-        payload=message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
+        # Whole: ingest acknowledges a dead letter to its device (acks.py), which then deletes
+        # its own copy, so this row is the only one left. The broker bounds it
+        # (max_packet_size, 256 KiB).
+        payload=message.payload,
         payload_size=len(message.payload),
         reason=reason,
         detail=detail,
