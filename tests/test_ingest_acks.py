@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
+
 from services.ingest.acks import ack_payload, ack_topic, seq_ranges, stored_acks
 from services.ingest.decode import Inbound, decode_inbound
 from tests.ingest import (
@@ -110,7 +112,12 @@ def test_ingest_acknowledges_each_committed_seq_to_its_device_and_only_after_com
             (topic(device.device_id, "telemetry"), telemetry(seq, T0_MS + seq * 1000, count=2))
             for seq in (1, 2, 3)
         ] + [(topic(device.device_id, "events"), event(4, T0_MS, "charging", on=True))]
-        assert client.publish_many(payloads) == [0, 0, 0, 0]
+        # Hold the device's row as a concurrent transaction would: ingest's batch waits for
+        # the lock (it takes FOR NO KEY UPDATE), so nothing can be committed, nor acked, yet.
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("SELECT 1 FROM devices WHERE id = %s FOR UPDATE", [device.device_id])
+            assert client.publish_many(payloads) == [0, 0, 0, 0]
+            assert client.wait_for(ack_topic(device.device_id), timeout_s=1.5) is None
         acked: set[int] = set()
 
         def all_acked() -> bool:
