@@ -79,6 +79,17 @@ def test_dropped_count_is_a_counter_and_a_broker_restart_forgets_it() -> None:
     assert sample(exported(stats), "galvani_broker_messages_dropped_total") == 0
 
 
+def test_a_new_connection_forgets_what_the_watch_knew() -> None:
+    """The broker may have restarted while the watch was away, and a restarted broker
+    publishes its dropped count only when it changes: the old count must not stand for it."""
+    stats = BrokerStats()
+    stats.update(UPTIME_TOPIC, b"500 seconds")
+    stats.update(DROPPED_TOPIC, b"12")
+    stats.forget()
+    assert sample(exported(stats), "galvani_broker_messages_dropped_total") is None
+    assert stats.value(UPTIME_TOPIC) is None
+
+
 def test_a_malformed_statistic_is_ignored() -> None:
     stats = BrokerStats()
     stats.update(DROPPED_TOPIC, b"5")

@@ -140,6 +140,12 @@ class BrokerStats:
         with self._lock:
             self._connected = connected
 
+    def forget(self) -> None:
+        """Drop every value kept: on a new connection they may describe a broker that has
+        since restarted (its uptime going back is noticed only while connected)."""
+        with self._lock:
+            self._values.clear()
+
     def update(self, topic: str, payload: bytes) -> None:
         """Keep the value ``payload`` carries for ``topic``; a malformed one is logged."""
         value = parse_value(payload)
@@ -273,6 +279,7 @@ class BrokerWatch:
             # paho tries again after its backoff; a wrong password stays wrong, and says so.
             log.warning("the broker refused the watch's connection: %s", reason)
             return
+        self.stats.forget()
         client.subscribe([(topic, 0) for topic in TOPICS])
 
     def _on_subscribe(
