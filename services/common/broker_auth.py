@@ -54,7 +54,7 @@ LOCK_FILE = ".auth.lock"
 
 DEVICE_TOPIC = "galvani/v1/d"
 
-RESERVED_CLIENT_ID_PREFIX: Final = "galvani"
+RESERVED_CLIENT_ID_PREFIX: Final = "galvani-"
 """The start of every backend MQTT client id and service account, and of no device id.
 
 Mosquitto keys sessions by client id across listeners. A device whose id were a backend

@@ -1,4 +1,4 @@
-"""No device id may start with ``galvani``: that prefix is the backend's MQTT client ids.
+"""No device id may start with ``galvani-``: that prefix is the backend's MQTT client ids.
 
 Mosquitto keys sessions by client id across listeners, and the device listener makes a
 device's client id its username. A device provisioned as ``galvani-ingest-1`` would therefore
@@ -32,20 +32,20 @@ def upgrade() -> None:
     # carry a device's history, and only an operator can decide what becomes of it.
     reserved = (
         op.get_bind()
-        .execute(text("SELECT id FROM devices WHERE id LIKE 'galvani%' ORDER BY id"))
+        .execute(text("SELECT id FROM devices WHERE id LIKE 'galvani-%' ORDER BY id"))
         .scalars()
         .all()
     )
     if reserved:
         shown = ", ".join(reserved[:SHOWN_IDS]) + (", ..." if len(reserved) > SHOWN_IDS else "")
         raise RuntimeError(
-            f"{len(reserved)} device(s) have ids starting with 'galvani' ({shown}), a prefix now "
+            f"{len(reserved)} device(s) have ids starting with 'galvani-' ({shown}), a prefix now "
             "reserved for the backend's MQTT client ids: a device logging in under one takes "
             "over a backend worker's broker session. Delete these devices or move their rows "
             "to new ids, then run the migration again."
         )
     op.execute(
-        text(f"ALTER TABLE devices ADD CONSTRAINT {CONSTRAINT} CHECK (id NOT LIKE 'galvani%')")
+        text(f"ALTER TABLE devices ADD CONSTRAINT {CONSTRAINT} CHECK (id NOT LIKE 'galvani-%')")
     )
 
 
