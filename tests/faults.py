@@ -56,10 +56,12 @@ class Ledger:
     """What devices handed out, deleted and what the database holds, at one moment."""
 
     published: int  # seqs handed out by every device's outbox
-    deleted: int  # of those, deleted from an outbox (stored, by the device's account)
-    stored: int  # of the deleted, rows in the database
-    lost: int  # deleted but not in the database
-    duplicates: int  # rows beyond one per (device, seq)
+    deleted: int  # of those, no longer in an outbox (acknowledged as stored, or dropped)
+    stored: int  # of the deleted, in the database
+    lost: int  # deleted but not in the database (includes dropped ones: see ``dropped``)
+    duplicates: int  # rows beyond one per (device, seq), across the ledgers
+    miscounted: int  # devices whose seq_count is not their number of stored seqs
+    conflicts: int  # rows in message_conflicts (a resend is the same bytes: expect none)
     dropped: int  # given up by an outbox's own limits (age, bytes) or refused by the broker
     outstanding: int  # still in an outbox
 
@@ -79,30 +81,50 @@ class FaultResult:
         return (
             f"fault={self.fault} published={ledger.published} stored={ledger.stored} "
             f"lost={ledger.lost} duplicates={ledger.duplicates} recovery_s={self.recovery_s:.1f} "
-            f"delayed={self.delayed} outstanding={ledger.outstanding} dropped={ledger.dropped}"
+            f"delayed={self.delayed} outstanding={ledger.outstanding} dropped={ledger.dropped} "
+            f"miscounted={ledger.miscounted} conflicts={ledger.conflicts}"
         )
 
 
-def read_ledger(store: Path, database_url: str) -> Ledger:
-    """The ledger now. The fleet's store is read first: whatever a device deleted before that
-    read was acknowledged by ingest after its commit, so the database read after it has it."""
-    with contextmanager_sqlite(store) as conn:
+def read_outboxes(store: Path) -> tuple[dict[str, int], int, set[tuple[str, int]]]:
+    """Each device's last seq handed out, the messages its outbox dropped, and the
+    ``(device, seq)`` still waiting, all from one read transaction of the fleet's store."""
+    with open_store_read_only(store) as conn:
+        conn.execute("BEGIN")
         devices = conn.execute(
             "SELECT device_id, last_seq, dropped_telemetry + dropped_events + dropped_state"
             " FROM devices"
         ).fetchall()
         waiting = conn.execute("SELECT device_id, seq FROM outbox").fetchall()
+        conn.execute("COMMIT")
     handed_out = {str(device_id): int(last_seq) for device_id, last_seq, _ in devices}
     dropped = sum(int(count) for _, _, count in devices)
-    in_outbox = {(str(d), int(s)) for d, s in waiting}
+    return handed_out, dropped, {(str(d), int(s)) for d, s in waiting}
+
+
+def read_ledger(store: Path, database_url: str) -> Ledger:
+    """The ledger now. The fleet's store is read first: whatever a device deleted before that
+    read was acknowledged by ingest after its commit, so the database read after it has it."""
+    handed_out, dropped, in_outbox = read_outboxes(store)
+    devices = list(handed_out)
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
             "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
             " UNION ALL SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
             " UNION ALL SELECT device_id, seq FROM state_reports WHERE device_id = ANY(%(d)s)",
-            {"d": list(handed_out)},
+            {"d": devices},
         ).fetchall()
+        counted = dict(
+            conn.execute(
+                "SELECT id, seq_count FROM devices WHERE id = ANY(%s)", [devices]
+            ).fetchall()
+        )
+        row = conn.execute(
+            "SELECT count(*) FROM message_conflicts WHERE device_id = ANY(%s)", [devices]
+        ).fetchone()
+        conflicts = int(row[0]) if row else 0
     copies = Counter((str(device_id), int(seq)) for device_id, seq in rows)
+    per_device = Counter(device_id for device_id, _ in copies)
     deleted = stored = 0
     for device_id, last_seq in handed_out.items():
         for seq in range(1, last_seq + 1):
@@ -114,17 +136,36 @@ def read_ledger(store: Path, database_url: str) -> Ledger:
         published=sum(handed_out.values()),
         deleted=deleted,
         stored=stored,
-        lost=deleted - stored - dropped,
+        lost=deleted - stored,
         duplicates=sum(n - 1 for n in copies.values()),
+        # A message stored or counted twice shows here, though each ledger's key stops a
+        # second row: seq_count is derived state, counting each new seq once.
+        miscounted=sum(
+            int(str(counted.get(device_id) or 0)) != per_device[device_id] for device_id in devices
+        ),
+        conflicts=conflicts,
         dropped=dropped,
         outstanding=len(in_outbox),
     )
 
 
+def stored_seqs(database_url: str, wanted: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which of ``wanted`` the database holds."""
+    devices = sorted({device_id for device_id, _ in wanted})
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
+            " UNION SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
+            " UNION SELECT device_id, seq FROM state_reports WHERE device_id = ANY(%(d)s)",
+            {"d": devices},
+        ).fetchall()
+    return {(str(d), int(s)) for d, s in rows} & wanted
+
+
 @contextmanager
-def contextmanager_sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+def open_store_read_only(path: Path) -> Iterator[sqlite3.Connection]:
     """A read-only connection to the fleet's store (WAL: it never blocks the fleet)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, isolation_level=None)
     try:
         yield conn
     finally:
@@ -133,7 +174,7 @@ def contextmanager_sqlite(path: Path) -> Iterator[sqlite3.Connection]:
 
 def outbox_backlog(store: Path) -> int:
     """Messages waiting in every outbox of the fleet: not yet stored, as far as devices know."""
-    with contextmanager_sqlite(store) as conn:
+    with open_store_read_only(store) as conn:
         (count,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
     return int(count)
 
@@ -155,6 +196,9 @@ class FaultStack:
     fleet: subprocess.Popen[bytes] | None = None
     database_url: str = ""
     results: list[FaultResult] = field(default_factory=list)
+    # Every (device, seq) waiting in an outbox when a fault struck: each must be stored in
+    # the end, however the fault treated it (nothing may wait forever for a resend).
+    held: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def store(self) -> Path:
@@ -278,7 +322,9 @@ class FaultStack:
         if prepare is not None:
             prepare()
         started = time.monotonic()
-        peak = outbox_backlog(self.store)
+        waiting = read_outboxes(self.store)[2]
+        self.held |= waiting
+        peak = len(waiting)
         inject()
         # Recovered when the outboxes are back to their level before the fault, and the
         # database has stored something since the restart (a quiet fleet's backlog may never
@@ -365,16 +411,17 @@ class FaultStack:
 
     # -- after the faults -------------------------------------------------------------------
 
-    def unanswered_safe_pushes(self) -> list[tuple[str, int]]:
-        """Each device's newest table from a rule that the device has not answered."""
+    def unapplied_safe_pushes(self) -> list[tuple[str, int, str | None]]:
+        """Each device's newest table from a rule, unless the device applied it: ``(device,
+        version, answer)`` (a rejection counts as not applied)."""
         with psycopg.connect(self.database_url) as conn:
             rows = conn.execute(
-                "SELECT p.device_id, p.version FROM config_pushes p"
+                "SELECT p.device_id, p.version, p.answer_status FROM config_pushes p"
                 " JOIN devices d ON d.id = p.device_id"
                 " WHERE p.source = 'rule' AND p.version = d.config_desired_version"
-                "   AND p.answer_status IS NULL"
+                "   AND p.answer_status IS DISTINCT FROM 'applied'"
             ).fetchall()
-        return [(str(device_id), int(version)) for device_id, version in rows]
+        return [(str(d), int(v), None if a is None else str(a)) for d, v, a in rows]
 
     def safe_pushes(self) -> int:
         """Tables the rules pushed."""
