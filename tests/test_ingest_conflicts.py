@@ -1,13 +1,17 @@
 """Conflicting redelivery and seq resets, through the writer on the real database.
 
-A device resends a message byte for byte, so a second payload under a stored
-``(device_id, seq)`` is a reused seq, and a sample at a stored ``(device_id, ts)`` with other
-readings is a conflicting sample. Neither may be dropped with only a metric: both are kept in
-``message_conflicts``, and a device whose seq restarted still has its new samples stored.
+A second message under a stored ``(device_id, seq)`` that says something else is a reused seq
+(one that says the same, however serialized, is a redelivery), and a sample at a stored
+``(device_id, ts)`` with other readings is a conflicting sample. Neither may be dropped with
+only a metric: both are kept in ``message_conflicts``, and a device whose seq restarted still
+has its new samples stored.
 The sample paths are run on both storages (hypertable and plain partitions).
 """
 
 import json
+import re
+from array import array
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -110,6 +114,162 @@ def test_a_message_matching_a_row_stored_before_crcs_were_kept_is_a_redelivery(u
     assert conflicts(url) == []
 
 
+CHANNELS = ("telemetry", "events", "state")
+
+
+def message(channel: str, seq: int) -> bytes:
+    """A message with something to reserialize: nested objects, and for telemetry and events
+    floats with and without a fraction."""
+    at = T0_MS + seq * 10_000
+    if channel == "telemetry":
+        return telemetry(seq, at)  # i_set_ua 300.0, v_v 6.1, …
+    if channel == "events":
+        detail = {"i_ua": 1500.0, "limit_ua": 1200.5, "phase": "B"}
+        return event(seq, at, "fault", code="overcurrent", detail=detail)
+    config = {"version": 3, "sha256": "ab" * 32, "status": "applied"}
+    dropped = {"messages": 4, "telemetry": 3, "events": 1, "state": 0, "first_seq": 10}
+    return state(seq, at, config=config, dropped=dropped)
+
+
+def _reordered(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _reordered(value[key]) for key in reversed(value)}
+    if isinstance(value, list):
+        return [_reordered(item) for item in value]
+    return value
+
+
+def _without_fractions(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _without_fractions(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_fractions(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _with_unknown_fields(value: dict) -> dict:
+    extra = {**value, "build": {"id": "r7", "n": 2}}
+    if "samples" in value:
+        extra["samples"] = [{**s, "rssi": -71} for s in value["samples"]]
+    return extra
+
+
+def _float32_digits(payload: bytes) -> bytes:
+    # How firmware holding float32 readings prints them with printf's %.9g: 6.1 is 6.0999999.
+    def digits(match: re.Match[bytes]) -> bytes:
+        return format(array("f", [float(match[0])])[0], ".9g").encode()
+
+    return re.sub(rb"-?\d+\.\d+", digits, payload)
+
+
+RESERIALIZED: dict[str, Callable[[bytes], bytes]] = {
+    "key_order": lambda p: json.dumps(_reordered(json.loads(p))).encode(),
+    "whitespace": lambda p: json.dumps(json.loads(p), indent=2, separators=(",", " : ")).encode(),
+    "unknown_field": lambda p: json.dumps(_with_unknown_fields(json.loads(p))).encode(),
+    "1.0_as_1": lambda p: json.dumps(_without_fractions(json.loads(p))).encode(),
+    "float32_digits": _float32_digits,
+}
+# State carries no float (its numbers are strict integers). An event's floats sit in its
+# free-form detail, stored as sent, where other digits are another number.
+REDELIVERIES = [
+    pytest.param(channel, how, id=f"{channel}-{how}")
+    for channel in CHANNELS
+    for how in RESERIALIZED
+    if not (how == "1.0_as_1" and channel == "state")
+    and not (how == "float32_digits" and channel != "telemetry")
+]
+
+
+@pytest.mark.parametrize(("channel", "how"), REDELIVERIES)
+def test_a_redelivery_serialized_differently_is_not_a_conflict(storage_url, channel, how):
+    url = storage_url
+    original = message(channel, 1)
+    resent = RESERIALIZED[how](original)
+    assert resent != original
+    write(url, (channel, original))
+
+    again = write(url, (channel, resent))
+    pair = [(channel, message(channel, 2)), (channel, RESERIALIZED[how](message(channel, 2)))]
+    in_one_batch = write(url, *pair)
+    pair_again = write(url, *pair)
+
+    assert +again.duplicates == {channel: 1}
+    assert +again.reused == {}
+    assert (+in_one_batch.stored, +in_one_batch.duplicates) == ({channel: 1}, {channel: 1})
+    assert +in_one_batch.reused == {}
+    assert +pair_again.duplicates == {channel: 2}
+    assert conflicts(url) == []
+    assert rows(url, "SELECT seq_reused, seq_resets, seq_count, seq_gaps FROM devices") == [
+        (0, 0, 2, 0)
+    ]
+    assert one(url, "SELECT count(*) FROM samples") == (20 if channel == "telemetry" else 0)
+
+
+def _changed(channel: str, payload: bytes, change: str) -> bytes:
+    body = json.loads(payload)
+    match change:
+        case "one_reading":
+            body["samples"][4]["i_ua"] = 301.75
+        case "fewer_samples":  # each one stored as sent, but not the message stored
+            body["samples"] = body["samples"][:5]
+        case "detail":
+            body["detail"]["phase"] = "C"
+        case "dropped":
+            body["dropped"]["messages"] = 5
+    return json.dumps(_reordered(body)).encode()
+
+
+@pytest.mark.parametrize(
+    ("channel", "change"),
+    [
+        ("telemetry", "one_reading"),
+        ("telemetry", "fewer_samples"),
+        ("events", "detail"),
+        ("state", "dropped"),
+    ],
+)
+def test_a_reused_seq_is_a_conflict_however_little_differs(url, channel, change):
+    original = message(channel, 1)
+    write(url, (channel, original))
+
+    outcome = write(url, (channel, _changed(channel, original, change)))
+
+    assert +outcome.reused == {channel: 1}
+    assert +outcome.conflicts == {"seq_reused": 1}
+    assert rows(url, "SELECT seq_reused, seq_resets FROM devices") == [(1, 1)]
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_a_reused_seq_resent_serialized_differently_is_recorded_once(url, channel):
+    change = {"telemetry": "one_reading", "events": "detail", "state": "dropped"}[channel]
+    original = message(channel, 1)
+    reused = _changed(channel, original, change)
+    write(url, (channel, original))
+    write(url, (channel, reused))
+
+    again = write(url, (channel, RESERIALIZED["whitespace"](reused)))
+
+    assert +again.duplicates == {channel: 1}
+    assert +again.reused == {}
+    assert len(conflicts(url)) == 1
+    assert rows(url, "SELECT seq_reused, seq_resets FROM devices") == [(1, 1)]
+
+
+def test_a_message_with_conflicting_samples_resent_serialized_differently_is_a_redelivery(url):
+    write(url, ("telemetry", telemetry(1, T0_MS, i_ua=300.0)))
+    overlapping = telemetry(2, T0_MS + 700, i_ua=450.5)  # its first three times are taken
+    write(url, ("telemetry", overlapping))
+
+    again = write(url, ("telemetry", RESERIALIZED["key_order"](overlapping)))
+
+    assert +again.duplicates == {"telemetry": 1}
+    assert +again.reused == {}
+    assert [c[2] for c in conflicts(url)] == ["sample_conflict"]
+    assert rows(url, "SELECT seq_reused, seq_resets FROM devices") == [(0, 0)]
+
+
 def test_reused_seq_with_new_payload_is_recorded_as_conflict(storage_url):
     url = storage_url
     hour = 3_600_000
@@ -151,6 +311,8 @@ def test_reused_seq_with_new_payload_is_recorded_as_conflict(storage_url):
 
     again = write(url, ("telemetry", reused), ("events", charging), ("state", upgraded))
     assert +again.conflicts == {}, "a conflicting message redelivered is recorded once"
+    assert +again.duplicates == {"telemetry": 1, "events": 1, "state": 1}
+    assert +again.reused == {}
     assert len(conflicts(url)) == 3
     assert one(url, "SELECT count(*) FROM samples") == 20
 

@@ -10,13 +10,16 @@ Column arrays go to PostgreSQL in binary (``%b``): psycopg spells a list out in 
 element at a time in Python, which measured 0.4 µs per integer and 3.3 µs per timestamp
 against about 0.2 µs in binary.
 
-Conflicts. A device resends a message byte for byte (its outbox keeps the payload), so a
-message whose ``(device_id, seq)`` is stored with another payload is no redelivery: the device
-used the seq twice, as after a factory reset or a lost outbox. The ledgers keep each payload's
-CRC-32 and compare it only for keys that were not new. Such a message (``seq_reused``) and a
-message with a sample whose ``(device_id, ts)`` is stored with other values
-(``sample_conflict``) are each recorded once, whole, in ``message_conflicts``. What each
-channel's reused message still does:
+Conflicts. A message whose ``(device_id, seq)`` is stored and which says something else is no
+redelivery: the device used the seq twice, as after a factory reset or a lost outbox. The
+ledgers keep each payload's CRC-32 and compare it only for keys that were not new; Galvani's
+agent resends a payload byte for byte, so the same CRC is a redelivery. Another CRC is not yet
+a reused seq: the protocol keys a message by ``(device_id, seq)`` alone, and other firmware may
+serialize a message anew when it resends it (key order, spacing, ``1`` for ``1.0``, a field
+this backend ignores), so on that rare path what the message says is compared with what the
+key holds (see :func:`_said_before`). Such a message (``seq_reused``) and a message with a
+sample whose ``(device_id, ts)`` is stored with other values (``sample_conflict``) are each
+recorded once, whole, in ``message_conflicts``. What each channel's reused message still does:
 
 * telemetry: its samples are stored wherever their time is free (samples are keyed by time,
   so a reset device's new data is kept) and count towards sessions and rollups; its seq is
@@ -29,8 +32,10 @@ channel's reused message still does:
 Reused seqs also mark the device (``seq_reused``, ``seq_resets``): see :func:`_mark_reuse`.
 """
 
+import json
+from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import groupby
@@ -42,7 +47,8 @@ from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
 from services.common.db import Conn, Storage
-from services.common.protocol import Channel, SessionEnd, SessionStart
+from services.common.protocol import TOPIC_PREFIX, Channel, SessionEnd, SessionStart
+from services.common.subscriber import Inbound
 from services.ingest.decode import (
     GEL_BAND_OHM,
     ROW_BATT_PCT,
@@ -63,6 +69,7 @@ from services.ingest.decode import (
     SampleRow,
     StateIn,
     TelemetryIn,
+    decode_inbound,
 )
 
 # protocol.md: 10 samples a second while output runs, so one sample with ``out`` is 0.1 s.
@@ -91,6 +98,26 @@ FIND_TAKEN: Final = sql.SQL(
 ).format(
     sql.SQL(", ").join(sql.Identifier("s", c) for c in _READINGS),
     sql.SQL(", ").join(sql.Identifier("i", c) for c in _READINGS),
+)
+# The stored readings at given sample times, to compare a message with what its key holds.
+FIND_STORED: Final = sql.SQL(
+    "SELECT s.device_id, s.ts, {} FROM samples s"
+    " JOIN unnest(%b::text[], %b::timestamptz[]) AS u(device_id, ts)"
+    " ON s.device_id = u.device_id AND s.ts = u.ts"
+    # Constant bounds let the planner skip chunks and partitions no time can be in.
+    " WHERE s.ts BETWEEN %s AND %s"
+).format(sql.SQL(", ").join(sql.Identifier("s", c) for c in _READINGS))
+_readings_of: Final = itemgetter(*(SAMPLE_COLUMNS.index(c) for c in _READINGS))
+# What a state report says, as state_reports stores it.
+STATE_FIELDS: Final = (
+    "ts",
+    "fw",
+    "hw",
+    "config_version",
+    "config_sha256",
+    "config_status",
+    "config_reason",
+    "dropped",
 )
 LEDGERS: Final = {
     Channel.TELEMETRY: "telemetry_messages",
@@ -155,7 +182,7 @@ class BatchOutcome:
 @dataclass
 class _Keyed(Generic[M]):
     """One channel's messages of a batch by ``(device_id, seq)``: the first of each key, and
-    each other payload sent under a key (a copy of an earlier payload is a duplicate)."""
+    each other message sent under a key (a copy of an earlier one is a duplicate)."""
 
     first: dict[tuple[str, int], M] = field(default_factory=dict)
     later: list[M] = field(default_factory=list)
@@ -165,16 +192,22 @@ class _Keyed(Generic[M]):
         earlier = self.first.get(key)
         if earlier is None:
             self.first[key] = item
-        elif item.payload == earlier.payload or any(
-            other.payload == item.payload and (other.device_id, other.seq) == key
-            for other in self.later
-        ):
+        elif _repeats(item, [earlier, *(o for o in self.later if (o.device_id, o.seq) == key)]):
             outcome.duplicates[channel] += 1  # a publish retried by the device
         else:
             self.later.append(item)
 
     def all(self) -> list[M]:
         return [*self.first.values(), *self.later]
+
+
+def _repeats(item: M, earlier: list[M]) -> bool:
+    """Whether ``item`` says what one of ``earlier`` says: the same bytes, or the same content
+    serialized anew (compared only when the bytes differ, which is rare)."""
+    if any(other.payload == item.payload for other in earlier):
+        return True
+    content = _content(item)
+    return any(_content(other) == content for other in earlier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,16 +346,18 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
         _insert_dead_letters(conn, dead)
 
     new_telemetry = _insert_ledger(conn, telemetry.first)
-    reused_telemetry = _sort_out(conn, Channel.TELEMETRY, telemetry, new_telemetry, outcome)
+    reused_telemetry = _sort_out(
+        conn, Channel.TELEMETRY, telemetry, new_telemetry, outcome, _telemetry_as_held
+    )
     new_messages = [m for key, m in telemetry.first.items() if key in new_telemetry]
     written = new_messages + [m for m, _ in reused_telemetry]
     stored_rows, taken = _write_samples(conn, written, outcome)
     if storage is not Storage.TIMESCALEDB:
         _mark_late_hours(conn, written)
     new_events = _insert_events(conn, events.first)
-    reused_events = _sort_out(conn, Channel.EVENTS, events, new_events, outcome)
+    reused_events = _sort_out(conn, Channel.EVENTS, events, new_events, outcome, _events_as_held)
     new_states = _insert_states(conn, states.first)
-    reused_states = _sort_out(conn, Channel.STATE, states, new_states, outcome)
+    reused_states = _sort_out(conn, Channel.STATE, states, new_states, outcome, _states_as_held)
     stored_presence = _insert_presence(conn, presences)
     outcome.stored[Channel.PRESENCE] += stored_presence
     outcome.duplicates[Channel.PRESENCE] += len(presences) - stored_presence
@@ -374,22 +409,27 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
 
 
 def _sort_out(
-    conn: Conn, channel: Channel, keyed: _Keyed[M], new: set[tuple[str, int]], outcome: BatchOutcome
+    conn: Conn,
+    channel: Channel,
+    keyed: _Keyed[M],
+    new: set[tuple[str, int]],
+    outcome: BatchOutcome,
+    as_held: Callable[[Conn, list[M]], list[bool]],
 ) -> list[tuple[M, _Held]]:
     """The messages of ``keyed`` whose seq the device used for another message, each with what
     its key holds; the others are counted as stored or duplicate.
 
     Only keys that were not new are looked up (one query), so a batch of new messages pays
-    nothing here beyond the CRC the ledger stores.
+    nothing here beyond the CRC the ledger stores; only a message with another CRC than its
+    key's is compared by content (``as_held``, then :func:`_recorded`).
     """
     outcome.stored[channel] += len(new)
     old = [key for key in keyed.first if key not in new]
     held = _held(conn, LEDGERS[channel], old) if old else {}
-    reused: list[tuple[M, _Held]] = []
-    candidates = [keyed.first[key] for key in old] + keyed.later
-    for item in candidates:
+    differing: list[tuple[M, _Held]] = []
+    for item in [keyed.first[key] for key in old] + keyed.later:
         key = (item.device_id, item.seq)
-        if key in new:  # a later payload under a key this batch stored first
+        if key in new:  # a later message under a key this batch stored first
             first = keyed.first[key]
             holds: _Held | None = _Held(crc32(first.payload), first.ts, first.received_at)
         else:
@@ -399,26 +439,177 @@ def _sort_out(
         if holds is None or holds.crc32 is None or holds.crc32 == crc32(item.payload):
             outcome.duplicates[channel] += 1
         else:
-            reused.append((item, holds))
+            differing.append((item, holds))
+    # A later message under a key this batch stored first was compared by content on arrival
+    # (_Keyed.add); the others are compared with what the database holds under their key.
+    checked = [i for i, (item, _) in enumerate(differing) if (item.device_id, item.seq) not in new]
+    said = _said_before(conn, channel, [differing[i][0] for i in checked], as_held)
+    resent = {i for i, same in zip(checked, said, strict=True) if same}
+    outcome.duplicates[channel] += len(resent)
+    reused = [pair for i, pair in enumerate(differing) if i not in resent]
     outcome.reused[channel] += len(reused)
     return reused
 
 
-def _held(conn: Conn, table: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], _Held]:
+def _by_key(
+    conn: Conn, table: str, columns: Sequence[str], keys: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], tuple[object, ...]]:
+    """``columns`` of ``table``'s rows under ``keys`` (``(device_id, seq)``)."""
+    wanted = list(keys)
     rows = conn.execute(
         sql.SQL(
-            "SELECT t.device_id, t.seq, t.payload_crc32, t.ts, t.received_at FROM {} t"
+            "SELECT t.device_id, t.seq, {} FROM {} t"
             " JOIN unnest(%b::text[], %b::int8[]) AS u(device_id, seq)"
             " ON t.device_id = u.device_id AND t.seq = u.seq"
-        ).format(sql.Identifier(table)),
-        [[k[0] for k in keys], [k[1] for k in keys]],
+        ).format(
+            sql.SQL(", ").join(sql.Identifier("t", c) for c in columns), sql.Identifier(table)
+        ),
+        [[k[0] for k in wanted], [k[1] for k in wanted]],
     ).fetchall()
+    return {(str(row[0]), int(str(row[1]))): tuple(row[2:]) for row in rows}
+
+
+def _held(conn: Conn, table: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], _Held]:
     return {
-        (str(device_id), int(str(seq))): _Held(
-            int(str(crc)) if crc is not None else None, _moment(ts), _moment(received_at)
-        )
-        for device_id, seq, crc, ts, received_at in rows
+        key: _Held(int(str(crc)) if crc is not None else None, _moment(ts), _moment(received_at))
+        for key, (crc, ts, received_at) in _by_key(
+            conn, table, ("payload_crc32", "ts", "received_at"), keys
+        ).items()
     }
+
+
+def _said_before(
+    conn: Conn, channel: Channel, items: list[M], as_held: Callable[[Conn, list[M]], list[bool]]
+) -> list[bool]:
+    """Whether each of ``items``, a message with another CRC than its stored key's, says what
+    was stored under that key: what the key's rows hold (``as_held``), or a message recorded
+    whole in ``message_conflicts`` under it (a conflicting message resent)."""
+    if not items:
+        return []
+    said = as_held(conn, items)
+    others = [i for i, same in enumerate(said) if not same]
+    if others:
+        recorded = _recorded(conn, channel, [items[i] for i in others])
+        for i, same in zip(others, recorded, strict=True):
+            said[i] = same
+    return said
+
+
+def _content(item: _Message) -> object:
+    """What a message says, in the form the database stores it, to tell a message serialized
+    anew from another: a sample's readings rounded as their ``real`` columns hold them, an
+    event's body parsed (keys in any order, numbers by value, as ``jsonb`` compares them), a
+    state report's stored fields. Receipt time, the suspect flag and the seq are not content.
+    """
+    if isinstance(item, TelemetryIn):
+        samples = {row[ROW_TS]: _as_stored(_readings_of(row)) for row in item.rows}
+        return (item.ts, len(item.rows), item.session, samples)
+    if isinstance(item, EventIn):
+        return (item.ts, item.event.type, json.loads(item.body))
+    if isinstance(item, StateIn):  # as _insert_states stores it, in STATE_FIELDS order
+        state, config, dropped = item.state, item.state.config, item.state.dropped
+        return (
+            item.ts,
+            state.fw,
+            state.hw,
+            config.version if config else None,
+            config.sha256 if config else None,
+            config.status.value if config else None,
+            config.reason.value if config and config.reason else None,
+            dropped.model_dump() if dropped else None,
+        )
+    raise TypeError(f"no content for {type(item).__name__}")
+
+
+def _as_stored(readings: Sequence[object]) -> tuple[object, ...]:
+    # A float goes into a real column as psycopg's binary dumper sends it, a C cast to single
+    # precision, which array("f") also does (without struct's overflow error); so 6.1 and
+    # 6.0999999 are one reading, as PostgreSQL's comparison of the stored columns has them.
+    return tuple(array("f", [v])[0] if isinstance(v, float) else v for v in readings)
+
+
+def _telemetry_as_held(conn: Conn, items: list[TelemetryIn]) -> list[bool]:
+    """Whether each message says what its key holds: the ledger's first sample time, sample
+    count and session, and every sample stored at its time with its readings (by whichever
+    message stored it: a sample is keyed by its time, and readings are what it says)."""
+    keys = {(m.device_id, m.seq) for m in items}
+    ledger = _by_key(conn, "telemetry_messages", ("ts", "samples", "session"), keys)
+    times = sorted({(m.device_id, row[ROW_TS]) for m in items for row in m.rows})
+    found = conn.execute(
+        FIND_STORED,
+        [
+            [d for d, _ in times],
+            [t for _, t in times],
+            min(t for _, t in times),
+            max(t for _, t in times),
+        ],
+    ).fetchall()
+    stored = {(str(row[0]), row[1]): _as_stored(row[2:]) for row in found}
+    return [
+        ledger.get((m.device_id, m.seq)) == (m.ts, len(m.rows), m.session)
+        and all(
+            stored.get((m.device_id, row[ROW_TS])) == _as_stored(_readings_of(row))
+            for row in m.rows
+        )
+        for m in items
+    ]
+
+
+def _events_as_held(conn: Conn, items: list[EventIn]) -> list[bool]:
+    """Whether each event says what the ``events`` row under its key holds."""
+    held = _by_key(conn, "events", ("ts", "type", "body"), {(e.device_id, e.seq) for e in items})
+    # psycopg reads the jsonb body with json.loads, as _content reads the new one.
+    return [held.get((e.device_id, e.seq)) == _content(e) for e in items]
+
+
+def _states_as_held(conn: Conn, items: list[StateIn]) -> list[bool]:
+    """Whether each state report says what the ``state_reports`` row under its key holds."""
+    held = _by_key(conn, "state_reports", STATE_FIELDS, {(s.device_id, s.seq) for s in items})
+    # psycopg reads the jsonb dropped counts with json.loads: the dict that was stored.
+    return [held.get((s.device_id, s.seq)) == _content(s) for s in items]
+
+
+def _recorded(conn: Conn, channel: Channel, items: list[M]) -> list[bool]:
+    """Whether each of ``items`` says what a message recorded in ``message_conflicts`` under
+    its key says. Such a message did everything it does (its samples, session or state) in
+    the transaction that recorded it, so its copy is a duplicate like any redelivery."""
+    wanted = sorted({(m.device_id, m.seq, m.ts) for m in items})
+    rows = conn.execute(
+        "SELECT c.device_id, c.seq, c.payload_crc32, c.payload, c.received_at"
+        " FROM message_conflicts c"
+        " JOIN unnest(%b::text[], %b::int8[], %b::timestamptz[]) AS u(device_id, seq, ts)"
+        # Content equal means time equal, so only records at the message's time are read.
+        " ON c.device_id = u.device_id AND c.seq = u.seq AND c.ts = u.ts"
+        " WHERE c.channel = %s",
+        [[w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted], channel.value],
+    ).fetchall()
+    recorded: dict[tuple[str, int], list[tuple[int, bytes, datetime]]] = {}
+    for device_id, seq, crc, payload, received_at in rows:
+        assert isinstance(payload, bytes)  # a bytea column
+        recorded.setdefault((str(device_id), int(str(seq))), []).append(
+            (int(str(crc)), payload, _moment(received_at))
+        )
+    said: list[bool] = []
+    for item in items:
+        entries = recorded.get((item.device_id, item.seq), [])
+        crc = crc32(item.payload)
+        said.append(
+            any(entry_crc == crc for entry_crc, _, _ in entries)
+            or any(
+                _decoded_content(item.device_id, channel, payload, received_at) == _content(item)
+                for _, payload, received_at in entries
+            )
+        )
+    return said
+
+
+def _decoded_content(device_id: str, channel: Channel, payload: bytes, at: datetime) -> object:
+    """The content of a payload recorded whole, decoded as ingest decoded it on arrival."""
+    topic = f"{TOPIC_PREFIX}{device_id}/{channel.value}"
+    decoded = decode_inbound(Inbound(topic, payload, 0, 1, at, 0))
+    if isinstance(decoded, TelemetryIn | EventIn | StateIn):
+        return _content(decoded)
+    return None  # no longer v1 as this ingest reads it: says nothing a message can repeat
 
 
 def _telemetry_conflicts(
