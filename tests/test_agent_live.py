@@ -5,6 +5,7 @@ agent killed -9 mid-stream."""
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -80,6 +81,11 @@ class AgentProcess:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def delivered(self) -> set[int]:
+        """Seqs whose PUBACK 0x00 the agent has received (logged with ``--verbose``)."""
+        pattern = rf"{re.escape(self.device.device_id)}: seq (\d+) delivered$"
+        return {int(seq) for seq in re.findall(pattern, self.log_text(), re.MULTILINE)}
 
     def outbox(self, channel: str | None = None) -> list[int]:
         """Seqs in the agent's outbox now (read beside the running agent; WAL allows it)."""
@@ -467,10 +473,10 @@ def test_a_message_the_broker_took_stays_in_the_outbox_until_the_backend_acks_it
     try:
         for channel in ("telemetry", "events", "state"):
             assert cloud.subscribe(topic(device.device_id, channel)) == 1
-        agent.start()
+        agent.start("--verbose")  # logs each PUBACK it receives
         wait_until(lambda: len(received()) >= 3, 30, "the boot's reboot, state and heartbeat")
-        time.sleep(1)  # their PUBACKs are back at the agent well before this
         seqs = received()
+        wait_until(lambda: set(seqs) <= agent.delivered(), 30, "their PUBACKs at the agent")
         assert seqs == list(range(1, len(seqs) + 1))
         assert agent.outbox() == seqs, "a message left the outbox on its PUBACK"
 

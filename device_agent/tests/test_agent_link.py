@@ -7,7 +7,6 @@ exactly what each publish meets. Against a real Mosquitto and ingest: tests/test
 
 import asyncio
 import contextlib
-import itertools
 import json
 import random
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +29,7 @@ TICK_S = 0.01
 # PUBACK reason codes (MQTT 5.0 section 3.4.2.1).
 SUCCESS = 0x00
 NO_MATCHING_SUBSCRIBERS = 0x10
+NOT_AUTHORIZED = 0x87
 
 # (seq, how often the broker has seen it before) -> the PUBACK reason code for this copy.
 Pubacks = Callable[[int, int], int]
@@ -71,6 +71,7 @@ class ScriptedBroker:
     """The broker's side of the device's connections; ``pubacks`` chooses each PUBACK."""
 
     pubacks: Pubacks = lambda seq, seen: SUCCESS
+    refuse: frozenset[str] = frozenset()  # filters the SUBACK refuses (0x87, not authorized)
     published: list[Publish] = field(default_factory=list)
     subscriptions: list[list[tuple[str, int]]] = field(default_factory=list)
     connects: int = 0
@@ -123,7 +124,9 @@ class ScriptedBroker:
                 elif kind == 8:  # SUBSCRIBE
                     filters = self._filters(body)
                     self.subscriptions.append(filters)
-                    granted = bytes(qos for _, qos in filters)
+                    granted = bytes(
+                        NOT_AUTHORIZED if name in self.refuse else qos for name, qos in filters
+                    )
                     writer.write(_packet(0x90, body[:2] + b"\x00" + granted))
                 elif kind == 3:  # PUBLISH
                     self._on_publish(first, body, loop.time(), writer)
@@ -164,11 +167,50 @@ class ScriptedBroker:
             writer.write(_packet(0x40, packet_id + bytes((reason,))))
 
 
+class FakeClock:
+    """The link's clock for its stored-ack timeouts: time moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Device:
     link: Link
     store: DeviceStore
     broker: ScriptedBroker
+    clock: FakeClock
+    ticks: int = 0  # how often the link has been serviced
+
+    async def at(self, now: float) -> None:
+        """Move the link's clock to ``now`` and let it be serviced at that time."""
+        self.clock.now = now
+        ticks = self.ticks
+        await self.until(lambda: self.ticks >= ticks + 2, "the link serviced")
+
+    async def marker(self) -> int:
+        """Enqueue a message and wait until the broker has it: the link writes its packets in
+        order, so the broker has by then everything the link sent before it. Its seq."""
+        self.enqueue()
+        seq = self.store.last_seq()
+        await self.until(lambda: seq in self.broker.seqs(), f"marker seq {seq} published")
+        return seq
+
+    async def stream_to(self, now: float, step_s: float = 20.0) -> None:
+        """Advance the clock to ``now`` as a device that streams does: a message every
+        ``step_s``, each acknowledged as stored, so the backend is plainly answering."""
+        while self.clock.now < now:
+            await self.at(min(now, self.clock.now + step_s))
+            seq = await self.marker()
+            self.broker.ack((seq, seq))
+            await self.until(lambda s=seq: s not in self.outbox(), f"marker seq {seq} stored")
+
+    def sent(self, seq: int) -> int:
+        """How often the broker has received ``seq``."""
+        return self.broker.seqs().count(seq)
 
     def enqueue(self, count: int = 1, channel: str = "telemetry") -> None:
         for _ in range(count):
@@ -190,19 +232,26 @@ class Device:
 
 @pytest.fixture(autouse=True)
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoffs in tens of milliseconds; no stored-ack timeout unless a test sets one."""
+    """Backoffs in tens of milliseconds (the stored-ack timeouts run on a fake clock)."""
     monkeypatch.setattr(link_module, "BACKOFF_MIN_S", 0.02)
     monkeypatch.setattr(link_module, "RETRY_BACKOFF_MIN_S", 0.05)
     monkeypatch.setattr(link_module, "RETRY_BACKOFF_MAX_S", 0.1)
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_S", 3600.0)
 
 
 @contextlib.asynccontextmanager
 async def connected(
-    tmp_path: Path, broker: ScriptedBroker, delete_on: DeleteOn = DeleteOn.STORED
+    tmp_path: Path,
+    broker: ScriptedBroker,
+    delete_on: DeleteOn = DeleteOn.STORED,
+    clock: FakeClock | None = None,
 ) -> AsyncIterator[Device]:
-    """A link on the running loop, connected to ``broker``, serviced every few milliseconds."""
+    """A link on the running loop, connected to ``broker``, serviced every few milliseconds.
+
+    Its stored-ack timeouts run on ``clock`` (a new one by default): they fire only when the
+    test moves it, however slowly the machine runs the loop.
+    """
     loop = asyncio.get_running_loop()
+    clock = clock or FakeClock()
     port = await broker.start()
     conn = open_database(tmp_path / "agent.sqlite3")
     store = DeviceStore(conn, DEVICE)
@@ -214,17 +263,19 @@ async def connected(
         loop=loop,
         rng=random.Random(1),
         delete_on=delete_on,
+        clock=clock,
     )
+    device = Device(link, store, broker, clock)
 
     async def service() -> None:
         while True:
             link.pump()
             link.service()
+            device.ticks += 1
             await asyncio.sleep(TICK_S)
 
     ticker = asyncio.create_task(service())
     link.start()
-    device = Device(link, store, broker)
     try:
         await device.until(lambda: link.connected, "the link to connect")
         yield device
@@ -398,71 +449,334 @@ def test_a_refusal_that_may_clear_is_sent_again_a_few_times_then_given_up(
     asyncio.run(scenario())
 
 
-def test_delivered_messages_without_a_stored_ack_are_sent_again_with_a_doubling_wait(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    timeout_s = 0.15
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_S", timeout_s)
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", 4 * timeout_s)
+@pytest.fixture
+def ack_timeouts(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The stored-ack timeouts as shipped (30 s doubling to 480 s), on a fake clock."""
+    monkeypatch.setattr(link_module, "ACK_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", 480.0)
+    return FakeClock()
 
-    def tries(broker: ScriptedBroker, seq: int) -> list[float]:
-        return [p.at for p in broker.published if p.seq == seq]
+
+def test_with_no_stored_ack_at_all_only_the_oldest_message_is_sent_again_with_a_doubling_wait(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    """The backend silent (ingest or PostgreSQL down): one probe, not the whole outbox."""
 
     async def scenario() -> None:
-        async with connected(tmp_path, ScriptedBroker()) as device:
-            device.enqueue(2)
-            await device.until(lambda: len(tries(device.broker, 1)) == 5, "four resends", 10)
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(3)
+            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
 
-            sent = tries(device.broker, 1)
-            waits = [later - earlier for earlier, later in itertools.pairwise(sent)]
-            # 0.15, 0.3, 0.6, then the cap (0.6) again, not 1.2.
-            for wait, floor in zip(waits, [1, 2, 4, 4], strict=True):
-                assert wait >= floor * timeout_s * 0.95
-            assert waits[3] < 7 * timeout_s
-            assert device.broker.seqs()[:4] == [1, 2, 1, 2]  # from the oldest, in order
-            assert device.link.stats.resends == 4
+            due = 0.0
+            for probes, wait in enumerate((30, 60, 120, 240, 480, 480), start=1):
+                due += wait
+                await device.at(due - 0.001)
+                await device.marker()
+                assert device.sent(1) == probes, f"seq 1 sent again before {due} s"
+                await device.at(due)
+                await device.marker()
+                assert device.sent(1) == 1 + probes, f"seq 1 not sent again at {due} s"
+            assert [seq for seq in device.broker.seqs() if seq <= 3] == [1, 2, 3] + [1] * 6
+            assert device.link.stats.resends == 6
 
-            # A stored-ack starts the wait over at its shortest for what is left.
+            # An ack: the backend is back. The wait starts over at its shortest, and the next
+            # probe is the oldest message still unacknowledged.
             device.broker.ack((1, 1))
-            await device.until(lambda: device.outbox() == [2], "seq 1 deleted")
-            acked_at = asyncio.get_running_loop().time()
-            before = len(tries(device.broker, 2))
-            await device.until(lambda: len(tries(device.broker, 2)) > before, "seq 2 again")
-            assert tries(device.broker, 2)[-1] - acked_at < 3 * timeout_s
-            assert 1 not in device.broker.seqs()[-1:]
+            await device.until(lambda: 1 not in device.outbox(), "seq 1 deleted")
+            await device.at(due + 30 - 0.001)
+            await device.marker()
+            assert device.sent(2) == 1
+            await device.at(due + 30)
+            await device.marker()
+            assert device.sent(2) == 2
+            assert device.sent(3) == 1
 
     asyncio.run(scenario())
 
 
-def test_a_message_whose_ack_was_lost_is_sent_again_while_acks_for_others_keep_coming(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_acks_resuming_after_a_silence_bring_no_copies_of_what_the_backend_works_through(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    """Ingest back after an outage drains the broker's queue in order: its first acks name
+    the oldest messages, and the younger ones are on their way, not lost."""
+
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(5)
+            await device.until(lambda: device.link.stats.delivered == 5, "five PUBACKs")
+            await device.at(30)
+            await device.until(lambda: device.sent(1) == 2, "the probe")
+
+            await device.at(40)
+            device.broker.ack((1, 1))
+            await device.until(lambda: device.outbox() == [2, 3, 4, 5], "seq 1 deleted")
+            await device.at(60 - 0.001)
+            marker = await device.marker()
+
+            assert device.broker.seqs() == [1, 2, 3, 4, 5, 1, marker]
+            device.broker.ack((2, marker))
+            await device.until(lambda: device.outbox() == [], "the rest deleted")
+
+    asyncio.run(scenario())
+
+
+def test_a_message_whose_ack_was_lost_is_sent_again_alone_with_its_own_doubling_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ack_timeouts: FakeClock
 ) -> None:
     """An ingest worker killed between its commit and its publish loses that batch's acks;
     the backend goes on storing and acking the device's later messages. The unacked one must
-    not wait for the next reconnect (days, for a device that stays online)."""
-    timeout_s = 0.3
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_S", timeout_s)
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", timeout_s)
+    not wait for the next reconnect (days, for a device that stays online), nor be copied
+    every 30 s while, say, a lagging worker still holds it."""
+    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", 120.0)
+
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(3)
+            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
+            device.broker.ack((2, 3))
+            await device.until(lambda: device.outbox() == [1], "seqs 2 and 3 deleted")
+
+            # 30 s, then 60, 120, and the cap, 120, again.
+            for copies, due in enumerate((30, 90, 210, 330), start=1):
+                await device.stream_to(due - 0.001)
+                assert device.sent(1) == copies, f"seq 1 sent again before {due} s"
+                await device.stream_to(due)
+                assert device.sent(1) == 1 + copies, f"seq 1 not sent again at {due} s"
+
+            device.broker.ack((1, 1))
+            await device.until(lambda: device.outbox() == [], "seq 1 deleted")
+            assert device.link.stats.resends == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_ack_sends_again_only_the_overdue_messages_not_the_outbox(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(3)
+            await device.until(lambda: device.link.stats.delivered == 3, "seqs 1-3 delivered")
+            device.broker.ack((3, 3))  # 1 and 2 passed over: their acks look lost
+            await device.until(lambda: device.outbox() == [1, 2], "seq 3 deleted")
+            await device.at(10)
+            device.enqueue(3)
+            await device.until(lambda: device.link.stats.delivered == 6, "seqs 4-6 delivered")
+            device.broker.ack((6, 6))  # now 4 and 5 too, but they were delivered at 10 s
+            await device.until(lambda: device.outbox() == [1, 2, 4, 5], "seq 6 deleted")
+
+            await device.at(30 - 0.001)
+            before = await device.marker()
+            await device.at(30)
+            after = await device.marker()
+            seqs = device.broker.seqs()
+            assert seqs[seqs.index(before) + 1 :] == [1, 2, after]
+
+            device.broker.ack((before, after))  # the backend answering: no probe at 40 s
+            await device.until(lambda: device.outbox() == [1, 2, 4, 5], "markers deleted")
+            await device.at(40 - 0.001)
+            before = await device.marker()
+            await device.at(40)
+            after = await device.marker()
+            seqs = device.broker.seqs()
+            assert seqs[seqs.index(before) + 1 :] == [4, 5, after]
+            assert device.link.stats.resends == 4
+
+    asyncio.run(scenario())
+
+
+def test_acks_out_of_order_by_moments_after_an_outage_bring_no_copies(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    """After an outage every message's wait is long over; two ingest workers of the share
+    group draining their queues side by side ack out of order by moments. A message passed
+    over gets its full wait from then, so only a worker behind by more than that is copied."""
+
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(4)
+            await device.until(lambda: device.link.stats.delivered == 4, "four PUBACKs")
+            await device.at(30)
+            await device.at(90)
+            await device.until(lambda: device.sent(1) == 3, "the probes at 30 and 90 s")
+
+            await device.at(100)
+            device.broker.ack((4, 4))  # one worker is first to come back
+            await device.until(lambda: device.outbox() == [1, 2, 3], "seq 4 deleted")
+            await device.at(129.999)
+            marker = await device.marker()
+            assert device.broker.seqs() == [1, 2, 3, 4, 1, 1, marker]
+            device.broker.ack((1, 3), (marker, marker))  # and the other
+            await device.until(lambda: device.outbox() == [], "every seq deleted")
+
+            # A worker behind by the full wait: its messages are copied.
+            await device.at(130)
+            device.enqueue(3)
+            first = marker + 1
+            await device.until(lambda: device.link.stats.delivered == 10, "three more")
+            device.broker.ack((first + 2, first + 2))
+            await device.until(lambda: len(device.outbox()) == 2, "the last one deleted")
+            await device.at(160 - 0.001)
+            before = await device.marker()
+            await device.at(160)
+            after = await device.marker()
+            seqs = device.broker.seqs()
+            assert seqs[seqs.index(first + 2) + 1 :] == [before, first, first + 1, after]
+
+    asyncio.run(scenario())
+
+
+def test_more_overdue_messages_than_the_window_holds_are_each_sent_again_once(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    lost = link_module.PUBLISH_WINDOW + 5
+
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(lost + 1)
+            await device.until(lambda: device.link.stats.delivered == lost + 1, "delivered")
+            device.broker.ack((lost + 1, lost + 1))
+            await device.until(lambda: len(device.outbox()) == lost, "the last one deleted")
+
+            await device.at(30)
+            await device.until(
+                lambda: all(device.sent(seq) == 2 for seq in range(1, lost + 1)), "every copy"
+            )
+            await device.marker()
+            assert [device.sent(seq) for seq in range(1, lost + 1)] == [2] * lost
+            assert device.link.stats.resends == lost
+
+    asyncio.run(scenario())
+
+
+def test_a_copy_the_broker_refuses_is_sent_again_on_its_own_timer(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    # The first copy of seq 1 meets no subscriber; it is neither lost nor sent in a loop.
+    broker = ScriptedBroker(
+        lambda seq, seen: NO_MATCHING_SUBSCRIBERS if seq == 1 and seen == 1 else SUCCESS
+    )
+
+    async def scenario() -> None:
+        async with connected(tmp_path, broker, clock=ack_timeouts) as device:
+            device.enqueue(2)
+            await device.until(lambda: device.link.stats.delivered == 2, "two PUBACKs")
+            device.broker.ack((2, 2))
+            await device.until(lambda: device.outbox() == [1], "seq 2 deleted")
+
+            await device.stream_to(30)
+            assert broker.seqs(NO_MATCHING_SUBSCRIBERS) == [1]
+            await device.stream_to(90 - 0.001)
+            assert device.sent(1) == 2
+            await device.stream_to(90)
+            assert device.sent(1) == 3
+            assert broker.seqs(SUCCESS).count(1) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_message_dropped_from_the_outbox_while_unacked_is_not_sent_again(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            device.enqueue(3)
+            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
+            device.broker.ack((3, 3))
+            await device.until(lambda: device.outbox() == [1, 2], "seq 3 deleted")
+            [first, _] = device.store.pending()
+            device.store.give_up([first.id])  # as the outbox's byte limit would
+
+            await device.at(30)
+            marker = await device.marker()
+            assert device.broker.seqs()[3:] == [2, marker]
+
+    asyncio.run(scenario())
+
+
+def test_delivered_messages_the_outbox_dropped_are_forgotten_while_no_ack_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks that never arrive must not make the link keep every delivery of a long
+    connection: what the outbox has dropped is forgotten each time the count doubles."""
+    monkeypatch.setattr(link_module, "PRUNE_MIN", 4)
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker()) as device:
-            device.enqueue(1)
-            await device.until(lambda: device.broker.seqs() == [1], "seq 1 delivered")
-            first_sent = device.broker.published[-1].at
-            loop = asyncio.get_running_loop()
-            seq = 1
-            # A streaming device: a message every 50 ms, each acked, seq 1 never.
-            while device.broker.seqs().count(1) < 2:
-                assert loop.time() - first_sent < 6 * timeout_s, "seq 1 was never sent again"
-                device.enqueue(1)
-                seq += 1
-                await device.until(lambda s=seq: s in device.broker.seqs(), f"seq {seq}")
-                device.broker.ack((seq, seq))
-                await asyncio.sleep(0.05)
-            resent_at = [p.at for p in device.broker.published if p.seq == 1][1]
-            assert resent_at - first_sent >= timeout_s * 0.95
+            device.enqueue(4)
+            await device.until(lambda: device.link.stats.delivered == 4, "four PUBACKs")
+            assert device.link.awaiting_ack == 4
+            device.store.give_up(m.id for m in device.store.pending() if m.seq <= 3)
+            device.enqueue(3)
+            await device.until(lambda: device.link.stats.delivered == 7, "seven PUBACKs")
+            assert device.link.awaiting_ack == 7
+            device.enqueue(1)  # the eighth: twice the count at the last check
+            await device.until(lambda: device.link.stats.delivered == 8, "eight PUBACKs")
+
+            assert device.link.awaiting_ack == 5
+            assert device.outbox() == [4, 5, 6, 7, 8]
+
+    asyncio.run(scenario())
+
+
+def test_after_a_refusal_what_was_delivered_meanwhile_is_not_sent_again(tmp_path: Path) -> None:
+    # Seq 1's first try meets a full quota; seqs 2 and 3, in flight beside it, are taken.
+    broker = ScriptedBroker(lambda seq, seen: 0x97 if seq == 1 and seen == 0 else SUCCESS)
+
+    async def scenario() -> None:
+        async with connected(tmp_path, broker) as device:
+            device.enqueue(3)
+            await device.until(lambda: broker.seqs(SUCCESS).count(1) == 1, "seq 1 taken")
+            marker = await device.marker()
+
+            assert broker.seqs() == [1, 2, 3, 1, marker]
+            assert device.outbox() == [1, 2, 3, marker]  # delivered, waiting for stored-acks
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_subscription_is_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing ACL line for ``ack``: no stored-ack will ever come, and the outbox fills."""
+    broker = ScriptedBroker(refuse=frozenset({ACK_TOPIC}))
+
+    async def scenario() -> None:
+        async with connected(tmp_path, broker) as device:
+            await device.until(lambda: device.link.stats.subscribe_refused == 1, "the SUBACK")
+            device.broker.hang_up()
+            await device.until(lambda: device.link.stats.subscribe_refused == 2, "again")
+
+    with caplog.at_level("ERROR", logger="galvani.agent.link"):
+        asyncio.run(scenario())
+    refusals = [r for r in caplog.records if ACK_TOPIC in r.getMessage()]
+    assert len(refusals) == 2
+    assert all(r.levelname == "ERROR" for r in refusals)
+    assert not any(f"d/{DEVICE}/config" in r.getMessage() for r in caplog.records)
+
+
+def test_a_link_whose_delivered_messages_wait_past_the_longest_ack_timeout_says_so(
+    tmp_path: Path, ack_timeouts: FakeClock
+) -> None:
+    """Mosquitto 2.0 grants a filter its ACL forbids and then delivers nothing: the SUBACK
+    looks fine, and only the missing acks show it."""
+
+    async def scenario() -> None:
+        async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
+            assert not device.link.acks_overdue
+            device.enqueue(2)
+            await device.until(lambda: device.link.stats.delivered == 2, "two PUBACKs")
+            await device.at(480)
+            assert not device.link.acks_overdue
+            await device.at(480.001)
+            assert device.link.acks_overdue
+
             device.broker.ack((1, 1))
-            await device.until(lambda: 1 not in device.outbox(), "seq 1 deleted")
+            await device.until(lambda: device.outbox() == [2], "seq 1 deleted")
+            assert device.link.acks_overdue  # seq 2 still waits from its first delivery
+            device.broker.ack((2, 2))
+            await device.until(lambda: device.outbox() == [], "seq 2 deleted")
+            assert not device.link.acks_overdue
 
     asyncio.run(scenario())
 

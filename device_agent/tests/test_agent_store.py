@@ -23,6 +23,8 @@ from device_agent.store import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device_agent import store as store_module
+
 T0 = 1_763_805_600_000
 DEVICE = "dev-0001"
 
@@ -144,6 +146,28 @@ def test_pending_refuses_a_negative_limit(db: Opener) -> None:
     send(store, "events")
     with pytest.raises(ValueError, match="limit"):
         store.pending(limit=-1)
+
+
+def test_pending_by_id_reads_those_rows_of_this_device_only_oldest_first(
+    db: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_IDS_PER_QUERY", 2)  # several queries, one answer
+    conn = db()
+    store, other = DeviceStore(conn, DEVICE), DeviceStore(conn, "dev-0002")
+    for channel in ["telemetry", "state", "events", "telemetry", "events"]:
+        send(store, channel)
+    send(other, "events")
+    ids = [m.id for m in store.pending()]
+    [other_id] = [m.id for m in other.pending()]
+    store.delete([ids[3]])
+
+    found = store.pending_by_id(iter([ids[4], ids[1], ids[3], other_id, ids[1], ids[0]]))
+
+    assert found == [m for m in store.pending() if m.id in {ids[0], ids[1], ids[4]}]
+    assert [(m.seq, m.retain) for m in found] == [(1, False), (2, True), (5, False)]
+    assert store.pending_by_id([]) == []
+    assert store.kept([*ids, other_id]) == {ids[0], ids[1], ids[2], ids[4]}
+    assert store.kept([]) == set()
 
 
 def test_delete_removes_only_those_rows_and_ignores_unknown_ids(db: Opener) -> None:

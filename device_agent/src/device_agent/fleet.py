@@ -223,6 +223,11 @@ class Fleet:
             "no_subscribers": sum(d.link.stats.no_subscribers for d in self.devices),
             "resends": sum(d.link.stats.resends for d in self.devices),
             "refused": sum(d.link.stats.refused for d in self.devices),
+            "subscribe_refused": sum(d.link.stats.subscribe_refused for d in self.devices),
+            # Devices whose delivered messages have waited past the longest stored-ack timeout:
+            # the backend away, or acks not reaching them (a SUBACK can grant a filter the ACL
+            # then delivers nothing on).
+            "acks_overdue": sum(d.link.acks_overdue for d in self.devices),
             "backlog": total_backlog(self.conn)[0] if self.conn is not None else 0,
             "session_refusals": sum(d.refusals for d in self.devices),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),

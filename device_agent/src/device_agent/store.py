@@ -33,6 +33,8 @@ SCHEMA_VERSION = 1
 RETAINED_CHANNEL = "state"
 # The order in which the outbox gives messages up when it is over its byte limit.
 DROP_ORDER = ("telemetry", "state", "events")
+# Well under SQLite's limit on bound parameters (999 before 3.32).
+_IDS_PER_QUERY = 500
 
 _Dropped = tuple[int, str, int]  # (seq, channel, payload bytes)
 
@@ -169,6 +171,10 @@ class SessionRecord:
     started_ms: int
     ended_ms: int | None
     output_s: float
+
+
+def _pending(row_id: int, seq: int, channel: str, payload: bytes) -> Pending:
+    return Pending(row_id, seq, channel, bytes(payload), channel == RETAINED_CHANNEL)
 
 
 class DeviceStore:
@@ -334,10 +340,38 @@ class DeviceStore:
             "WHERE device_id = ? AND id > ? ORDER BY id LIMIT ?",
             (self.device_id, after_id, limit),
         ).fetchall()
-        return [
-            Pending(row_id, seq, channel, bytes(payload), channel == RETAINED_CHANNEL)
-            for row_id, seq, channel, payload in rows
-        ]
+        return [_pending(*row) for row in rows]
+
+    def pending_by_id(self, ids: Iterable[int]) -> list[Pending]:
+        """The messages with these outbox ids that are still in the outbox, oldest first
+        (the link sends a few delivered ones again by id)."""
+        ids = sorted(set(ids))
+        found: list[Pending] = []
+        for at in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[at : at + _IDS_PER_QUERY]
+            rows = self.conn.execute(
+                "SELECT id, seq, channel, payload FROM outbox "  # noqa: S608 (placeholders only)
+                f"WHERE device_id = ? AND id IN ({', '.join('?' * len(chunk))}) ORDER BY id",
+                (self.device_id, *chunk),
+            ).fetchall()
+            found += [_pending(*row) for row in rows]
+        return found
+
+    def kept(self, ids: Iterable[int]) -> set[int]:
+        """Which of these outbox ids are still in the outbox."""
+        ids = sorted(set(ids))
+        found: set[int] = set()
+        for at in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[at : at + _IDS_PER_QUERY]
+            found.update(
+                row_id
+                for (row_id,) in self.conn.execute(
+                    "SELECT id FROM outbox "  # noqa: S608 (placeholders only)
+                    f"WHERE device_id = ? AND id IN ({', '.join('?' * len(chunk))})",
+                    (self.device_id, *chunk),
+                )
+            )
+        return found
 
     def delete(self, ids: Iterable[int]) -> None:
         """Delete these outbox rows (the legacy mode: the broker's PUBACK). Unknown ids are
