@@ -61,6 +61,7 @@ class Ledger:
     lost: int  # deleted but not in the database (includes dropped ones: see ``dropped``)
     duplicates: int  # rows beyond one per (device, seq), across the ledgers
     miscounted: int  # devices whose seq_count is not their number of stored seqs
+    miscounts: tuple[tuple[str, int, int], ...]  # (device, seq_count, stored seqs), a few
     conflicts: int  # rows in message_conflicts (a resend is the same bytes: expect none)
     dropped: int  # given up by an outbox's own limits (age, bytes) or refused by the broker
     outstanding: int  # still in an outbox
@@ -108,6 +109,9 @@ def read_ledger(store: Path, database_url: str) -> Ledger:
     handed_out, dropped, in_outbox = read_outboxes(store)
     devices = list(handed_out)
     with psycopg.connect(database_url) as conn:
+        # One snapshot for every statement below: ingest commits meanwhile, and under READ
+        # COMMITTED the counters could be read after a batch the rows were read before.
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         rows = conn.execute(
             "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
             " UNION ALL SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
@@ -125,6 +129,13 @@ def read_ledger(store: Path, database_url: str) -> Ledger:
         conflicts = int(row[0]) if row else 0
     copies = Counter((str(device_id), int(seq)) for device_id, seq in rows)
     per_device = Counter(device_id for device_id, _ in copies)
+    # A message stored or counted twice shows here, though each ledger's key stops a second
+    # row: seq_count is derived state, counting each new seq once.
+    miscounts = [
+        (device_id, int(str(counted.get(device_id) or 0)), per_device[device_id])
+        for device_id in devices
+        if int(str(counted.get(device_id) or 0)) != per_device[device_id]
+    ]
     deleted = stored = 0
     for device_id, last_seq in handed_out.items():
         for seq in range(1, last_seq + 1):
@@ -138,11 +149,8 @@ def read_ledger(store: Path, database_url: str) -> Ledger:
         stored=stored,
         lost=deleted - stored,
         duplicates=sum(n - 1 for n in copies.values()),
-        # A message stored or counted twice shows here, though each ledger's key stops a
-        # second row: seq_count is derived state, counting each new seq once.
-        miscounted=sum(
-            int(str(counted.get(device_id) or 0)) != per_device[device_id] for device_id in devices
-        ),
+        miscounted=len(miscounts),
+        miscounts=tuple(miscounts[:5]),
         conflicts=conflicts,
         dropped=dropped,
         outstanding=len(in_outbox),

@@ -46,7 +46,7 @@ def assert_nothing_lost(stack: FaultStack, fault: str) -> None:
     assert ledger.deleted > 0, "the fleet published nothing that was stored"
     assert ledger.dropped == 0, "an outbox gave messages up: the run was too long for its limits"
     assert (ledger.lost, ledger.duplicates) == (0, 0), result.line()
-    assert (ledger.miscounted, ledger.conflicts) == (0, 0), result.line()
+    assert (ledger.miscounted, ledger.conflicts) == (0, 0), (result.line(), ledger.miscounts)
 
 
 def test_an_ingest_worker_killed_9_loses_and_duplicates_nothing(stack: FaultStack) -> None:
