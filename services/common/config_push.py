@@ -195,11 +195,7 @@ def unpublished_pushes(conn: Conn, limit: int = 100) -> list[Push]:
         " WHERE published_at IS NULL AND superseded_at IS NULL ORDER BY id LIMIT %s",
         [limit],
     ).fetchall()
-    pushes = []
-    for device_id, version, payload, sha256 in rows:
-        assert isinstance(payload, dict)  # jsonb objects come back as dicts
-        pushes.append(Push(str(device_id), int(str(version)), payload, str(sha256)))
-    return pushes
+    return _pushes(rows)
 
 
 def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push]:
@@ -229,6 +225,11 @@ def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push
         """,
         [grace_s, limit],
     ).fetchall()
+    return _pushes(rows)
+
+
+def _pushes(rows: list[tuple[Any, ...]]) -> list[Push]:
+    """Pushes from ``(device_id, version, payload, sha256)`` rows."""
     pushes = []
     for device_id, version, payload, sha256 in rows:
         assert isinstance(payload, dict)  # jsonb objects come back as dicts

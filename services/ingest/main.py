@@ -155,7 +155,6 @@ class Worker:
             )
         )
         self.store = Store(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
-        self._subscriber_counters = metrics.SubscriberCounters()
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then store what is pending and disconnect."""
@@ -183,7 +182,7 @@ class Worker:
         self.subscriber.poll(timeout_s)
         metrics.INFLIGHT.set(self.subscriber.unacked)
         metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
-        self._subscriber_counters.update(self.subscriber.stats)
+        metrics.MQTT.update(self.subscriber.stats)
 
     def flush(self, limit: int) -> None:
         """Store and acknowledge the oldest ``limit`` pending messages."""

@@ -1,11 +1,10 @@
 """Prometheus metrics of an ingest worker (no per-device labels: fleets are large)."""
 
-import dataclasses
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common.subscriber import SubscriberStats
+from services.common.subscriber_metrics import SubscriberMetrics
 
 MESSAGES: Final = Counter(
     "galvani_ingest_messages_total",
@@ -47,49 +46,9 @@ INFLIGHT: Final = Gauge(
 CONNECTED: Final = Gauge(
     "galvani_ingest_connected", "1 while the worker is connected to the broker and subscribed"
 )
-MQTT_RECONNECTS: Final = Counter(
-    "galvani_ingest_mqtt_reconnects_total", "Reconnections to the broker after the first"
-)
-MQTT_SUBSCRIBE_FAILURES: Final = Counter(
-    "galvani_ingest_mqtt_subscribe_failures_total",
-    "Connections closed because the broker refused a subscription, granted it QoS 0, or "
-    "answered with other than one reason code per filter",
-)
-MQTT_SESSIONS_LOST: Final = Counter(
-    "galvani_ingest_mqtt_sessions_lost_total",
-    "Reconnections on which the broker had lost the worker's session and what it queued",
-)
-MQTT_PUBLISHES_DROPPED: Final = Counter(
-    "galvani_ingest_mqtt_publishes_dropped_total",
-    "QoS 0 publishes (stored acks) not sent, by reason (disconnected; too_large: over the "
-    "broker's Maximum Packet Size)",
-    ["reason"],
-)
 DB_RETRIES: Final = Counter(
     "galvani_ingest_db_retries_total",
     "Batches retried because the database failed, by error",
     ["error"],
 )
-
-
-class SubscriberCounters:
-    """Adds what the worker's Subscriber counted since the last update to the counters above."""
-
-    def __init__(self) -> None:
-        self._seen = SubscriberStats()
-
-    def update(self, stats: SubscriberStats) -> None:
-        """Count the increase of ``stats`` since the previous call."""
-        seen = self._seen
-        if stats == seen:
-            return
-        MQTT_RECONNECTS.inc(stats.reconnects - seen.reconnects)
-        MQTT_SUBSCRIBE_FAILURES.inc(stats.subscribe_failures - seen.subscribe_failures)
-        MQTT_SESSIONS_LOST.inc(stats.sessions_lost - seen.sessions_lost)
-        MQTT_PUBLISHES_DROPPED.labels("disconnected").inc(
-            stats.publishes_dropped - seen.publishes_dropped
-        )
-        MQTT_PUBLISHES_DROPPED.labels("too_large").inc(
-            stats.publishes_too_large - seen.publishes_too_large
-        )
-        self._seen = dataclasses.replace(stats)
+MQTT: Final = SubscriberMetrics("ingest", publishes=True)

@@ -126,7 +126,6 @@ class Worker:
             stop=stop,
             on_retry=lambda exc: metrics.DB_RETRIES.labels(type(exc).__name__).inc(),
         )
-        self._subscriber_counters = metrics.SubscriberCounters()
         self._next_sweep = time.monotonic()
         self._next_trim = time.monotonic()
 
@@ -162,7 +161,7 @@ class Worker:
         self.subscriber.poll(timeout_s)
         metrics.INFLIGHT.set(self.subscriber.unacked)
         metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
-        self._subscriber_counters.update(self.subscriber.stats)
+        metrics.MQTT.update(self.subscriber.stats)
 
     def flush(self, limit: int) -> None:
         """Evaluate, commit, acknowledge and act on the oldest ``limit`` pending messages."""

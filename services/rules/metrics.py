@@ -1,11 +1,10 @@
 """Prometheus metrics of a rules worker (no per-device labels: fleets are large)."""
 
-import dataclasses
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common.subscriber import SubscriberStats
+from services.common.subscriber_metrics import SubscriberMetrics
 
 MESSAGES: Final = Counter(
     "galvani_rules_messages_total",
@@ -56,42 +55,10 @@ INFLIGHT: Final = Gauge(
 CONNECTED: Final = Gauge(
     "galvani_rules_connected", "1 while the worker is connected to the broker and subscribed"
 )
-MQTT_RECONNECTS: Final = Counter(
-    "galvani_rules_mqtt_reconnects_total", "Reconnections to the broker after the first"
-)
-MQTT_SUBSCRIBE_FAILURES: Final = Counter(
-    "galvani_rules_mqtt_subscribe_failures_total",
-    "Connections closed because the broker refused a subscription, granted it QoS 0, or "
-    "answered with other than one reason code per filter",
-)
-MQTT_SESSIONS_LOST: Final = Counter(
-    "galvani_rules_mqtt_sessions_lost_total",
-    "Reconnections on which the broker had lost the worker's session and what it queued",
-)
 DB_RETRIES: Final = Counter(
     "galvani_rules_db_retries_total", "Batches retried because the database failed", ["error"]
 )
 SWEEPS: Final = Counter(
     "galvani_rules_sweeps_total", "Periodic checks run (offline, config_unacked, retention)"
 )
-
-
-class SubscriberCounters:
-    """Adds what the worker's Subscriber counted since the last update to the counters above.
-
-    Rules workers publish through their own client (services.common.config_push), not the
-    Subscriber, so its publish counts stay zero here.
-    """
-
-    def __init__(self) -> None:
-        self._seen = SubscriberStats()
-
-    def update(self, stats: SubscriberStats) -> None:
-        """Count the increase of ``stats`` since the previous call."""
-        seen = self._seen
-        if stats == seen:
-            return
-        MQTT_RECONNECTS.inc(stats.reconnects - seen.reconnects)
-        MQTT_SUBSCRIBE_FAILURES.inc(stats.subscribe_failures - seen.subscribe_failures)
-        MQTT_SESSIONS_LOST.inc(stats.sessions_lost - seen.sessions_lost)
-        self._seen = dataclasses.replace(stats)
+MQTT: Final = SubscriberMetrics("rules", publishes=False)
