@@ -3,7 +3,7 @@
 Ingest stores each message once by ``(device_id, seq)`` and each sample once by
 ``(device_id, ts)``. A second payload under a stored seq (a device whose counter restarted)
 or a sample at a stored time with other readings cannot take the key; it is kept here whole
-instead of being dropped (services/ingest/writer.py).
+instead of being dropped (services/ingest/redelivery.py and conflicts.py).
 """
 
 import base64

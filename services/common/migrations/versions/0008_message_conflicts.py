@@ -18,7 +18,7 @@ neither may vanish behind a metric.
   ingest stores messages of devices the database no longer knows.
 * ``devices``: ``seq_reused`` / ``seq_reused_at`` count messages that reused a seq and the
   latest one's receipt; ``seq_resets`` / ``seq_reset_at`` count runs of them (a run starts
-  with a reuse after an hour without one, see ``services/ingest/writer.py``).
+  with a reuse after an hour without one, see ``services/ingest/conflicts.py``).
 * ``galvani_drop_old_messages`` trims conflicts with the ledger: both are kept as long as raw
   samples.
 
