@@ -18,7 +18,10 @@ from device_agent.link import BrokerAddress, DeleteOn, Link
 from device_agent.store import DeviceStore, DropCounts, open_database
 from paho.mqtt.properties import VariableByteIntegers
 
+from device_agent import connection as connection_module
 from device_agent import link as link_module
+from device_agent import puback as puback_module
+from device_agent import unstored as unstored_module
 
 DEVICE = "dev-0001"
 ACK_TOPIC = f"galvani/v1/d/{DEVICE}/ack"
@@ -233,9 +236,9 @@ class Device:
 @pytest.fixture(autouse=True)
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     """Backoffs in tens of milliseconds (the stored-ack timeouts run on a fake clock)."""
-    monkeypatch.setattr(link_module, "BACKOFF_MIN_S", 0.02)
-    monkeypatch.setattr(link_module, "RETRY_BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(link_module, "RETRY_BACKOFF_MAX_S", 0.1)
+    monkeypatch.setattr(connection_module, "BACKOFF_MIN_S", 0.02)
+    monkeypatch.setattr(puback_module, "RETRY_BACKOFF_MIN_S", 0.05)
+    monkeypatch.setattr(puback_module, "RETRY_BACKOFF_MAX_S", 0.1)
 
 
 @contextlib.asynccontextmanager
@@ -385,13 +388,13 @@ def test_no_matching_subscribers_keeps_the_message_and_sends_it_again_after_a_ba
             # Each round starts again from the oldest message not taken, in seq order.
             assert broker.seqs() == [1, 2, 3] * 3
             tries = [p.at for p in broker.published if p.seq == 1]
-            assert tries[1] - tries[0] >= 0.5 * link_module.RETRY_BACKOFF_MIN_S
+            assert tries[1] - tries[0] >= 0.5 * puback_module.RETRY_BACKOFF_MIN_S
 
     asyncio.run(scenario())
 
 
 def test_quota_exceeded_is_sent_again_until_the_broker_takes_it(tmp_path: Path) -> None:
-    refusals = link_module.REFUSED_RETRIES + 2  # more than a refusal that may not clear gets
+    refusals = puback_module.REFUSED_RETRIES + 2  # more than a refusal that may not clear gets
     broker = ScriptedBroker(lambda seq, seen: 0x97 if seq == 2 and seen < refusals else SUCCESS)
 
     async def scenario() -> None:
@@ -440,7 +443,7 @@ def test_a_refusal_that_may_clear_is_sent_again_a_few_times_then_given_up(
             await device.until(lambda: device.link.stats.refused == 1, "seq 2 given up")
             await device.until(lambda: set(broker.seqs(SUCCESS)) == {1, 3}, "seqs 1 and 3 taken")
 
-            assert broker.seqs().count(2) == 1 + link_module.REFUSED_RETRIES
+            assert broker.seqs().count(2) == 1 + puback_module.REFUSED_RETRIES
             assert device.outbox() == [1, 3]
             assert device.store.dropped() == DropCounts(
                 messages=1, events=1, first_seq=2, last_seq=2
@@ -452,8 +455,8 @@ def test_a_refusal_that_may_clear_is_sent_again_a_few_times_then_given_up(
 @pytest.fixture
 def ack_timeouts(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The stored-ack timeouts as shipped (30 s doubling to 480 s), on a fake clock."""
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_S", 30.0)
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", 480.0)
+    monkeypatch.setattr(unstored_module, "ACK_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(unstored_module, "ACK_TIMEOUT_MAX_S", 480.0)
     return FakeClock()
 
 
@@ -527,7 +530,7 @@ def test_a_message_whose_ack_was_lost_is_sent_again_alone_with_its_own_doubling_
     the backend goes on storing and acking the device's later messages. The unacked one must
     not wait for the next reconnect (days, for a device that stays online), nor be copied
     every 30 s while, say, a lagging worker still holds it."""
-    monkeypatch.setattr(link_module, "ACK_TIMEOUT_MAX_S", 120.0)
+    monkeypatch.setattr(unstored_module, "ACK_TIMEOUT_MAX_S", 120.0)
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
@@ -699,7 +702,7 @@ def test_delivered_messages_the_outbox_dropped_are_forgotten_while_no_ack_comes(
 ) -> None:
     """Acks that never arrive must not make the link keep every delivery of a long
     connection: what the outbox has dropped is forgotten each time the count doubles."""
-    monkeypatch.setattr(link_module, "PRUNE_MIN", 4)
+    monkeypatch.setattr(unstored_module, "PRUNE_MIN", 4)
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker()) as device:

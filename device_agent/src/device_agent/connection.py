@@ -1,0 +1,275 @@
+"""One device's MQTT 5 connection, run on an asyncio loop without a thread of its own.
+
+paho-mqtt's client is driven through its external-loop hooks (``on_socket_open`` and
+friends, as in paho's ``loop_asyncio`` example), so one process can hold thousands of
+devices' connections without a thread each.
+
+:class:`Connection` keeps the connection up until it is stopped: each attempt uses a fresh paho
+client with a clean start, and a lost or refused connection is tried again after a backoff with
+full jitter. On every connection it subscribes to its filters (a filter the SUBACK refuses is
+logged and counted) and says it is online on the retained ``presence`` topic, whose last will
+says it is not. What travels over the connection is its owner's business, the
+:class:`~device_agent.link.Link`'s: the connection hands it the paho client once connected,
+the PUBACKs and the messages, and tells it when a connection's state is to be forgotten.
+"""
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from device_agent.protocol import PROTOCOL_VERSION, Channel, topic
+
+# The link's logger, so that a filter on galvani.agent.link sees all of the link.
+log = logging.getLogger("galvani.agent.link")
+
+KEEPALIVE_S: Final = 60
+CONNECT_TIMEOUT_S: Final = 5.0
+BACKOFF_MIN_S: Final = 1.0
+BACKOFF_MAX_S: Final = 60.0
+
+# paho's callbacks (CallbackAPIVersion.VERSION2) for a PUBACK and for a message.
+OnPublish = Callable[[mqtt.Client, Any, int, ReasonCode, Properties | None], None]
+OnMessage = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how a device connects. Username and client id are the device id."""
+
+    host: str
+    port: int
+    password: str
+    ca_file: str | None = None  # TLS (production's 8883) when set
+
+
+class ConnectionCounters(Protocol):
+    """The counters a connection keeps (the link's :class:`~device_agent.link.LinkStats`)."""
+
+    connects: int
+    disconnects: int
+    subscribe_refused: int
+
+
+class Connection:
+    """One device's connection to the broker, kept up until :meth:`stop`."""
+
+    def __init__(
+        self,
+        device_id: str,
+        address: BrokerAddress,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        rng: random.Random,
+        backoff_max_s: float,
+        subscriptions: Mapping[str, str],
+        max_inflight: int,
+        stats: ConnectionCounters,
+        on_connected: Callable[[], None],
+        on_forget: Callable[[], None],
+        on_publish: OnPublish,
+        on_message: OnMessage,
+    ) -> None:
+        """``subscriptions`` maps each filter (subscribed at QoS 1) to what its refusal costs,
+        for the log. ``on_connected`` runs once a connection is up, subscribed and online;
+        ``on_forget`` whenever what only meant something on a connection is to be forgotten
+        (it ended, or a new attempt starts)."""
+        self.device_id = device_id
+        self.address = address
+        self.loop = loop
+        self.rng = rng
+        self.backoff_max_s = backoff_max_s
+        self.subscriptions = subscriptions
+        self.max_inflight = max_inflight
+        self.stats = stats
+        self.on_connected = on_connected
+        self.on_forget = on_forget
+        self.on_publish = on_publish
+        self.on_message = on_message
+        self.connected = False
+        self.client: mqtt.Client | None = None  # from the attempt on, until it is dropped
+        self._attempt = 0
+        self._retry: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
+        self._presence_topic = topic(device_id, Channel.PRESENCE)
+
+    def start(self) -> None:
+        """Connect now (and keep reconnecting until :meth:`stop`)."""
+        self._stopping = False
+        self._connect()
+
+    def stop(self) -> None:
+        """Say offline, disconnect, and stop reconnecting."""
+        self._stopping = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        client = self.client
+        if client is not None and self.connected:
+            client.publish(self._presence_topic, _presence(False), qos=1, retain=True)
+            client.disconnect()
+        elif client is not None:
+            self._drop_client()
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self._stopping:
+            return
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.username_pw_set(self.device_id, self.address.password)
+        if self.address.ca_file is not None:
+            client.tls_set(ca_certs=self.address.ca_file)
+        client.will_set(self._presence_topic, _presence(False, with_ts=False), qos=1, retain=True)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self.on_publish
+        client.on_message = self.on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        self.client = client
+        self._forget_connection()
+        try:
+            # A blocking TCP connect; on loopback or a LAN it returns in microseconds.
+            client.connect(
+                self.address.host,
+                self.address.port,
+                keepalive=KEEPALIVE_S,
+                clean_start=True,
+            )
+        except (TimeoutError, OSError) as exc:
+            log.debug("%s: connect failed: %s", self.device_id, exc)
+            self._drop_client()
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopping or self._retry is not None:
+            return
+        # Full jitter: a fleet that lost its broker together does not return together.
+        ceiling = min(self.backoff_max_s, BACKOFF_MIN_S * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 30)
+        self._retry = self.loop.call_later(self.rng.uniform(0, ceiling), self._connect)
+
+    def _drop_client(self) -> None:
+        client = self.client
+        self.client = None
+        self._forget_connection()
+        if client is not None:
+            sock = client.socket()
+            if sock is not None:
+                self._forget_socket(sock)
+            client.on_socket_close = None
+            client.on_disconnect = None
+            client.disconnect()  # closes the socket if paho still holds one
+
+    def _forget_connection(self) -> None:
+        self.connected = False
+        self._subscribing.clear()
+        self.on_forget()
+
+    # -- paho callbacks ------------------------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("%s: broker refused the connection: %s", self.device_id, reason)
+            return  # paho closes the socket; on_disconnect schedules the retry
+        self.connected = True
+        self._attempt = 0
+        self.stats.connects += 1
+        # Subscribed before anything is published on this connection: the broker handles a
+        # client's packets in order, so no ack for this connection's messages is missed.
+        filters = list(self.subscriptions)
+        _, mid = client.subscribe([(name, 1) for name in filters])
+        if mid is not None:
+            self._subscribing[mid] = filters
+        client.publish(self._presence_topic, _presence(True), qos=1, retain=True)
+        self.on_connected()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if client is not self.client:
+            return
+        if self.connected:
+            self.stats.disconnects += 1
+            log.info("%s: disconnected (%s)", self.device_id, reason)
+        self.client = None
+        self._forget_connection()
+        self._schedule_reconnect()
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if client is not self.client:
+            return
+        filters = self._subscribing.pop(mid, [])
+        for name, reason in zip(filters, reasons, strict=False):
+            if not reason.is_failure:
+                continue
+            self.stats.subscribe_refused += 1
+            log.error(
+                "%s: the broker refused the subscription to %s (%s): %s",
+                self.device_id,
+                name,
+                reason,
+                self.subscriptions[name],
+            )
+
+    # -- the event loop's side of paho's socket --------------------------------------------
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self.loop.add_reader(sock, client.loop_read)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._forget_socket(sock)
+
+    def _forget_socket(self, sock: Any) -> None:
+        self.loop.remove_reader(sock)
+        self.loop.remove_writer(sock)
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self.loop.add_writer(sock, client.loop_write)
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self.loop.remove_writer(sock)
+
+
+def _presence(online: bool, *, with_ts: bool = True) -> bytes:
+    payload: dict[str, object] = {"v": PROTOCOL_VERSION, "online": online}
+    if with_ts:
+        payload["ts"] = int(time.time() * 1000)
+    return json.dumps(payload, separators=(",", ":")).encode()
