@@ -1,0 +1,1 @@
+"""Ingest: every device message into PostgreSQL/TimescaleDB once, acknowledged after commit."""

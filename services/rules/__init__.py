@@ -1,0 +1,1 @@
+"""Rules: the safety catalogue evaluated on the device stream, alerts and SAFE mode tables."""
