@@ -112,12 +112,7 @@ def read_ledger(store: Path, database_url: str) -> Ledger:
         # One snapshot for every statement below: ingest commits meanwhile, and under READ
         # COMMITTED the counters could be read after a batch the rows were read before.
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        rows = conn.execute(
-            "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
-            " UNION ALL SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
-            " UNION ALL SELECT device_id, seq FROM state_reports WHERE device_id = ANY(%(d)s)",
-            {"d": devices},
-        ).fetchall()
+        rows = _ledger_rows(conn, devices)
         counted = dict(
             conn.execute(
                 "SELECT id, seq_count FROM devices WHERE id = ANY(%s)", [devices]
@@ -161,13 +156,21 @@ def stored_seqs(database_url: str, wanted: set[tuple[str, int]]) -> set[tuple[st
     """Which of ``wanted`` the database holds."""
     devices = sorted({device_id for device_id, _ in wanted})
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
-            " UNION SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
-            " UNION SELECT device_id, seq FROM state_reports WHERE device_id = ANY(%(d)s)",
-            {"d": devices},
-        ).fetchall()
+        rows = _ledger_rows(conn, devices)
     return {(str(d), int(s)) for d, s in rows} & wanted
+
+
+def _ledger_rows(
+    conn: psycopg.Connection[tuple[object, ...]], devices: list[str]
+) -> list[tuple[object, ...]]:
+    """Every stored ``(device_id, seq)`` of ``devices``, one row per ledger row (a seq stored
+    in two ledgers comes twice)."""
+    return conn.execute(
+        "SELECT device_id, seq FROM telemetry_messages WHERE device_id = ANY(%(d)s)"
+        " UNION ALL SELECT device_id, seq FROM events WHERE device_id = ANY(%(d)s)"
+        " UNION ALL SELECT device_id, seq FROM state_reports WHERE device_id = ANY(%(d)s)",
+        {"d": devices},
+    ).fetchall()
 
 
 @contextmanager

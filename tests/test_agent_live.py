@@ -141,6 +141,28 @@ def own_broker(
     server.stop()
 
 
+def _device_on_own_broker(
+    prefix: str,
+    database_url: str,
+    own_broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+) -> tuple[Device, IngestWorkers, AgentProcess]:
+    """One device admitted to ``own_broker``, ingest workers for it (not started yet), and
+    its agent (not started yet)."""
+    [device] = provision(database_url, 1, prefix=prefix)
+    with psycopg.connect(database_url) as conn:
+        sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
+    workers = IngestWorkers(
+        database_url=database_url,
+        mqtt_port=own_broker.config.service_port,
+        password=service_passwords[ServiceAccount.INGEST],
+        log_dir=tmp_path,
+    )
+    return device, workers, AgentProcess(tmp_path, device, own_broker.config.device_port, key)
+
+
 def _rows(url: str, query: str, params: list[object]) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchall()
@@ -153,16 +175,9 @@ def test_broker_down_for_60_s_mid_session_loses_and_repeats_nothing(
     tmp_path: Path,
     key: Ed25519PrivateKey,
 ) -> None:
-    [device] = provision(database_url, 1, prefix="live")
-    with psycopg.connect(database_url) as conn:
-        sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
-    workers = IngestWorkers(
-        database_url=database_url,
-        mqtt_port=own_broker.config.service_port,
-        password=service_passwords[ServiceAccount.INGEST],
-        log_dir=tmp_path,
+    device, workers, agent = _device_on_own_broker(
+        "live", database_url, own_broker, service_passwords, tmp_path, key
     )
-    agent = AgentProcess(tmp_path, device, own_broker.config.device_port, key)
     try:
         workers.start("1")
         agent.start("--session=LIFT:5:100")
@@ -395,16 +410,9 @@ def test_messages_published_before_ingest_subscribes_are_all_stored_once_it_does
 ) -> None:
     # Issue 18, item 2: a broker restarted before ingest has subscribed again answers every
     # publish with PUBACK 0x10, No matching subscribers, and drops the message.
-    [device] = provision(database_url, 1, prefix="early")
-    with psycopg.connect(database_url) as conn:
-        sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
-    workers = IngestWorkers(
-        database_url=database_url,
-        mqtt_port=own_broker.config.service_port,
-        password=service_passwords[ServiceAccount.INGEST],
-        log_dir=tmp_path,
+    device, workers, agent = _device_on_own_broker(
+        "early", database_url, own_broker, service_passwords, tmp_path, key
     )
-    agent = AgentProcess(tmp_path, device, own_broker.config.device_port, key)
     device_id = device.device_id
     try:
         agent.start("--session=LIFT:5:12", "--verbose")
