@@ -2,7 +2,7 @@
 // New and changed alerts arrive on the shared stream and are placed without a reload.
 
 import { ApiError, get, post, query } from "./api.js";
-import { can, onAlert } from "./app.js";
+import { can, onAlert } from "./session.js";
 import { announce, clear, errorBox, h, severityBadge, when } from "./dom.js";
 
 function hashParams() {

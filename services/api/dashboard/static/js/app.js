@@ -1,5 +1,5 @@
 // The dashboard shell: sign-in, navigation, the route table, and one alert stream shared by
-// the pages (each page that shows alerts subscribes to it while it is open).
+// the pages through session.js (each page that shows alerts subscribes while it is open).
 
 import { apiKey, get, setApiKey, streamAlerts } from "./api.js";
 import { clear, errorBox, h } from "./dom.js";
@@ -8,35 +8,20 @@ import { devicePage, devicesPage } from "./devices.js";
 import { modeTablesPage } from "./tables.js";
 import { overviewPage } from "./overview.js";
 import { rolloutsPage } from "./rollouts.js";
+import { publishAlert, session } from "./session.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const who = document.getElementById("who");
 const signOutButton = document.getElementById("sign-out");
 
-const listeners = new Set();
 let streamControl = null;
 let page = null; // { leave() } of the page on screen
-
-export const session = { me: null, streamState: "connecting" };
-
-export function can(action) {
-  const role = session.me && session.me.role;
-  if (action === "alerts") return role === "admin" || role === "support";
-  if (action === "clear") return role === "admin" || role === "support";
-  if (action === "tables") return role === "admin";
-  return false;
-}
-
-export function onAlert(listener) {
-  listeners.add(listener);
-  return () => listeners.delete(listener);
-}
 
 function startStream() {
   streamControl = new AbortController();
   streamAlerts(
-    (alert) => listeners.forEach((listener) => listener(alert)),
+    publishAlert,
     streamControl.signal,
     (state) => {
       session.streamState = state;

@@ -2,7 +2,7 @@
 // recent sessions on a timeline, and charts over a chosen range (bucketed telemetry).
 
 import { get, post, query } from "./api.js";
-import { can } from "./app.js";
+import { can } from "./session.js";
 import { chart, columns } from "./charts.js";
 import { announce, clear, errorBox, h, when } from "./dom.js";
 

@@ -1,7 +1,7 @@
 // Fleet overview: devices online, sessions today, open alerts by severity and rule; live.
 
 import { get } from "./api.js";
-import { onAlert } from "./app.js";
+import { onAlert } from "./session.js";
 import { clear, h, severityBadge } from "./dom.js";
 
 function card(label, value, id) {

@@ -2,7 +2,7 @@
 // abort. Progress comes from the devices' answers; the page refreshes it every 5 s.
 
 import { ApiError, get, post } from "./api.js";
-import { can } from "./app.js";
+import { can } from "./session.js";
 import { announce, clear, errorBox, h, when } from "./dom.js";
 
 const STATES = ["applied", "rejected", "pending", "offline", "superseded"];

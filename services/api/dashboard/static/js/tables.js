@@ -2,7 +2,7 @@
 // envelope error next to its field (the API's 422 names the field and the limit).
 
 import { ApiError, get, post } from "./api.js";
-import { can } from "./app.js";
+import { can } from "./session.js";
 import { announce, clear, errorBox, h, when } from "./dom.js";
 
 const MODES = ["LIFT", "TIGHTEN", "INFUSE", "SAFE"];
