@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules bench-api bench-faults check lint typecheck format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
-	@echo "make check  - ruff and mypy (strict)"
+	@echo "make check  - ruff, mypy (strict) and the import-cycle check"
 	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
 	@echo "make bench-ingest-floor - CPU per sample of paho receive+ack and of decoding (no servers)"
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
@@ -71,7 +71,11 @@ bench-faults: test-deps venv
 bench-agent: system-deps venv
 	$(PY) -m bench.agent $(BENCH_ARGS)
 
-check: venv lint typecheck
+check: venv lint typecheck imports
+
+# No import cycle among the Python modules nor the dashboard's ES modules (tools/import_graph.py).
+imports: venv
+	$(PY) -m tools.import_graph
 
 lint: venv
 	$(VENV)/bin/ruff check .
