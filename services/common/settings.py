@@ -2,9 +2,9 @@
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Annotated, ClassVar, Self
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -12,6 +12,13 @@ DEFAULT_DATA_DIR = REPO_ROOT / ".galvani"
 
 # Values that must never reach a running system outside development.
 KNOWN_DEFAULT_SECRETS = frozenset({"", "changeme", "password", "postgres", "secret", "galvani"})
+
+WEEK_S = 7 * 24 * 3600
+
+# The types of the worker settings whose defaults each service sets for itself.
+WorkerName = Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")]
+FlushIntervalS = Annotated[float, Field(gt=0, le=5)]
+ReceiveMaximum = Annotated[int, Field(ge=1, le=65_535)]
 
 
 class Environment(StrEnum):
@@ -49,3 +56,35 @@ class ServiceSettings(BaseSettings):
         ):
             raise ValueError("database_url carries an empty or well-known default password")
         return self
+
+
+class WorkerSettings(ServiceSettings):
+    """What every broker-fed worker has (services.common.worker); ingest and rules subclass it
+    with their prefix, their ``service`` name and their own batch sizes and share group.
+
+    Each subclass declares ``mqtt_username``, ``share_group``, ``batch_max_messages``,
+    ``flush_interval_s`` and ``receive_maximum`` with the defaults its work calls for.
+    """
+
+    # ``ingest`` or ``rules``: the middle of client ids and metric names.
+    service: ClassVar[str]
+
+    # The MQTT client id is galvani-<service>-<worker_id>: a restarted worker must reuse it to
+    # pick up the session (and the messages) the broker kept for it.
+    worker_id: WorkerName = "1"
+    share_group: WorkerName
+    # A batch is handled when it holds this many messages or its oldest is this old.
+    batch_max_messages: int
+    flush_interval_s: FlushIntervalS
+    # Unacknowledged messages the worker holds at most (sent as MQTT 5 Receive Maximum, and
+    # enforced by the worker too): the bound on its memory. Below batch_max_messages, batches
+    # are flushed by age only.
+    receive_maximum: ReceiveMaximum
+    # How long the broker keeps a stopped worker's session and queued messages.
+    session_expiry_s: int = Field(default=WEEK_S, ge=3600)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65_535)
+
+    def client_id(self) -> str:
+        """This worker's MQTT client id, ``galvani-<service>-<worker_id>``."""
+        return f"galvani-{self.service}-{self.worker_id}"

@@ -1,28 +1,25 @@
 """An ingest worker: ``python -m services.ingest.main``.
 
-The loop: run the network until a batch is full or its oldest message is
-``flush_interval_s`` old; decode it; store it in one transaction (retrying with capped
-backoff while the database is away); acknowledge it; repeat. Nothing is acknowledged before
-it is committed, so a crash anywhere means redelivery, and redelivery means a duplicate the
-database ignores.
+What ingest does with each batch the shared worker loop (services.common.worker) hands it:
+decode it; store it in one transaction (split message by message when the database refuses
+the data, so that only the bad one becomes a dead letter); queue the stored acks; acknowledge
+it. Nothing is acknowledged before it is committed, so a crash anywhere means redelivery, and
+redelivery means a duplicate the database ignores.
 """
 
 import gc
 import logging
-import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Final
 
 import psycopg
-from prometheus_client import start_http_server
 
 from services.common.db import Conn, Storage, storage_of
-from services.common.logs import configure_logging
-from services.common.retrying import RetryingDatabase, StoppedWaiting
-from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
+from services.common.protocol.topics import shared_filters
+from services.common.subscriber import Inbound
+from services.common.worker import WorkerLoop, serve
 from services.ingest import metrics
 from services.ingest.acks import stored_acks
 from services.ingest.decode import (
@@ -42,58 +39,10 @@ from services.ingest.writer import BatchOutcome, write_batch
 
 log = logging.getLogger("galvani.ingest")
 
-CHANNELS: Final = ("telemetry", "events", "state", "presence")
 GC_THRESHOLD: Final = 50_000
 
-
-def topic_filters(group: str) -> tuple[str, ...]:
-    """The shared-subscription filters of one worker group, one per device channel."""
-    return tuple(f"$share/{group}/galvani/v1/d/+/{channel}" for channel in CHANNELS)
-
-
-class Store:
-    """The worker's database, through which each batch is written in one transaction."""
-
-    def __init__(self, url: str, *, wait: Callable[[float], None], stop: threading.Event):
-        self._storage = Storage.PLAIN
-        self.db = RetryingDatabase(
-            url, wait=wait, stop=stop, on_retry=_count_retry, on_connect=self._learn_storage
-        )
-
-    def _learn_storage(self, conn: Conn) -> None:
-        self._storage = storage_of(conn)
-
-    def write(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
-        """Store one batch, waiting out database failures; raise StoppedWaiting if asked to stop."""
-        try:
-            return self._retrying(decoded)
-        except psycopg.Error as exc:  # a bad message: split, so only it is dead-lettered
-            log.warning(
-                "batch of %d refused (%s); storing its messages one by one", len(decoded), exc
-            )
-            return self._one_by_one(inbound, decoded)
-
-    def _retrying(self, decoded: Sequence[Decoded]) -> BatchOutcome:
-        return self.db.transaction(lambda conn: write_batch(conn, decoded, self._storage))
-
-    def _one_by_one(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
-        total = BatchOutcome()
-        for raw, item in zip(inbound, decoded, strict=True):
-            try:
-                outcome = self._retrying([item])
-            except psycopg.Error as exc:
-                log.exception("message on %s cannot be stored", raw.topic)
-                outcome = self._retrying([unstorable(raw, exc)])
-            total.add(outcome)
-        return total
-
-    def close(self) -> None:
-        """Close the connection (it is reopened on the next write)."""
-        self.db.close()
-
-
-def _count_retry(exc: Exception) -> None:
-    metrics.DB_RETRIES.labels(type(exc).__name__).inc()
+# The filters of one share group; the name older callers import.
+topic_filters = shared_filters
 
 
 def unstorable(message: Inbound, exc: Exception) -> DeadLetter:
@@ -137,59 +86,50 @@ def _device_time(item: TelemetryIn | EventIn | StateIn | PresenceIn) -> datetime
 
 
 class Worker:
-    """Batches from the subscriber into the store, acknowledged after commit."""
+    """Batches from the worker loop into the database, acknowledged after commit."""
 
     def __init__(self, settings: IngestSettings, stop: threading.Event):
         self.settings = settings
-        self.stop = stop
-        self.subscriber = Subscriber(
-            SubscriberConfig(
-                host=settings.mqtt_host,
-                port=settings.mqtt_port,
-                username=settings.mqtt_username,
-                password=settings.mqtt_password.get_secret_value(),
-                client_id=f"galvani-ingest-{settings.worker_id}",
-                topic_filters=topic_filters(settings.share_group),
-                receive_maximum=settings.receive_maximum,
-                session_expiry_s=settings.session_expiry_s,
-            )
-        )
-        self.store = Store(settings.database_url.get_secret_value(), wait=self.wait, stop=stop)
+        self._storage = Storage.PLAIN
+        self.loop = WorkerLoop(settings, metrics.WORKER, stop, on_connect=self._learn_storage)
+        self.subscriber = self.loop.subscriber
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then store what is pending and disconnect."""
-        interval = self.settings.flush_interval_s
-        limit = self.settings.batch_max_messages
+        self.loop.run(self.flush)
+
+    def _learn_storage(self, conn: Conn) -> None:
+        self._storage = storage_of(conn)
+
+    def write(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
+        """Store one batch, waiting out database failures; raise StoppedWaiting if asked to stop."""
         try:
-            while not self.stop.is_set():
-                age = self.subscriber.oldest_age_s()
-                if len(self.subscriber.pending) >= limit or (
-                    self.subscriber.pending and age >= interval
-                ):
-                    self.flush(limit)
-                else:
-                    self.wait(interval - age if self.subscriber.pending else interval)
-            while self.subscriber.pending:
-                self.flush(limit)
-        except StoppedWaiting:
-            log.warning("stopping with %d messages unacknowledged", self.subscriber.unacked)
-        finally:
-            self.subscriber.close()
-            self.store.close()
+            return self._retrying(decoded)
+        except psycopg.Error as exc:  # a bad message: split, so only it is dead-lettered
+            log.warning(
+                "batch of %d refused (%s); storing its messages one by one", len(decoded), exc
+            )
+            return self._one_by_one(inbound, decoded)
 
-    def wait(self, timeout_s: float) -> None:
-        """Run the network for ``timeout_s`` (also while the store waits for the database)."""
-        self.subscriber.poll(timeout_s)
-        metrics.INFLIGHT.set(self.subscriber.unacked)
-        metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
-        metrics.MQTT.update(self.subscriber.stats)
+    def _retrying(self, decoded: Sequence[Decoded]) -> BatchOutcome:
+        return self.loop.db.transaction(lambda conn: write_batch(conn, decoded, self._storage))
 
-    def flush(self, limit: int) -> None:
-        """Store and acknowledge the oldest ``limit`` pending messages."""
-        inbound = self.subscriber.take(limit)
+    def _one_by_one(self, inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> BatchOutcome:
+        total = BatchOutcome()
+        for raw, item in zip(inbound, decoded, strict=True):
+            try:
+                outcome = self._retrying([item])
+            except psycopg.Error as exc:
+                log.exception("message on %s cannot be stored", raw.topic)
+                outcome = self._retrying([unstorable(raw, exc)])
+            total.add(outcome)
+        return total
+
+    def flush(self, inbound: list[Inbound]) -> None:
+        """Store and acknowledge one batch, oldest message first."""
         decoded = [decode_inbound(message) for message in inbound]
         with metrics.COMMIT_SECONDS.time():
-            outcome = self.store.write(inbound, decoded)
+            outcome = self.write(inbound, decoded)
         committed_at = datetime.now(UTC)
         if self.settings.stored_acks:
             # Queued first so that they leave in the same write as the PUBACKs.
@@ -229,19 +169,7 @@ def main() -> None:
     """Run one worker until SIGTERM or SIGINT."""
     settings = IngestSettings()
     tune_garbage_collector()
-    configure_logging(settings.log_level)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("ingest worker %s starting", settings.worker_id)
-    Worker(settings, stop).run()
-    log.info("ingest worker %s stopped", settings.worker_id)
+    serve(settings, lambda stop: Worker(settings, stop).run())
 
 
 if __name__ == "__main__":

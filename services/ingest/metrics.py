@@ -2,9 +2,9 @@
 
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
-from services.common.subscriber_metrics import SubscriberMetrics
+from services.common.worker_metrics import WorkerMetrics
 
 MESSAGES: Final = Counter(
     "galvani_ingest_messages_total",
@@ -40,15 +40,5 @@ LAG_SECONDS: Final = Histogram(
     "Device time of a message to the commit that stored it",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
 )
-INFLIGHT: Final = Gauge(
-    "galvani_ingest_inflight_messages", "Messages received from the broker and not yet acknowledged"
-)
-CONNECTED: Final = Gauge(
-    "galvani_ingest_connected", "1 while the worker is connected to the broker and subscribed"
-)
-DB_RETRIES: Final = Counter(
-    "galvani_ingest_db_retries_total",
-    "Batches retried because the database failed, by error",
-    ["error"],
-)
-MQTT: Final = SubscriberMetrics("ingest", publishes=True)
+# Held messages, connection, database retries and MQTT session counters, as every worker.
+WORKER: Final = WorkerMetrics("ingest", publishes=True)

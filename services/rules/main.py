@@ -1,23 +1,21 @@
 """A rules worker: ``python -m services.rules.main``.
 
-The loop mirrors ingest's: run the network until a batch is due (``flush_interval_s``, a few
-milliseconds: alerts are latency-bound), evaluate it in one transaction, acknowledge it, then
-publish the mode tables the transaction recorded. Nothing is acknowledged before its
+What rules does with each batch the shared worker loop (services.common.worker) hands it,
+due after ``flush_interval_s`` (a few milliseconds: alerts are latency-bound): evaluate it in
+one transaction, acknowledge it, then publish the mode tables the transaction recorded.
+Between batches, on timers of their own, it sweeps and trims. Nothing is acknowledged before its
 evaluation commits, so a crash means redelivery, and redelivery changes nothing (occurrences
 are keyed); a table recorded but not published is published by the next sweep.
 """
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from prometheus_client import start_http_server
 
 from services.common.config_push import (
     Published,
@@ -29,13 +27,14 @@ from services.common.config_push import (
     unpublished_pushes,
 )
 from services.common.db import Conn
-from services.common.logs import configure_logging
 from services.common.protocol import ProtocolError, decode, parse_topic
 from services.common.protocol.enums import Channel
+from services.common.protocol.limits import DEVICE_TIME_MAX_MS
 from services.common.protocol.models import Telemetry
-from services.common.retrying import RetryingDatabase, StoppedWaiting
+from services.common.retrying import StoppedWaiting
 from services.common.signing import load_or_create_key
-from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
+from services.common.subscriber import Inbound
+from services.common.worker import WorkerLoop, serve
 from services.rules import metrics
 from services.rules.alerts import Outcome
 from services.rules.engine import Received, evaluate
@@ -44,18 +43,10 @@ from services.rules.sweeps import TRIM_BATCH, sweep, trim
 
 log = logging.getLogger("galvani.rules")
 
-CHANNELS: Final = ("telemetry", "events", "state", "presence")
 # Trimming runs between batches, a short batch at a time, so it never holds up evaluation for
 # long: at most TRIM_BATCH rows per table per pass, every TRIM_INTERVAL_S (sooner while busy).
 TRIM_INTERVAL_S: Final = 5.0
 TRIM_BUSY_INTERVAL_S: Final = 0.2
-# Device time past this cannot anchor a 7-day window in Python's datetime (ends at 9999).
-MAX_DEVICE_TIME_MS: Final = int(datetime(9999, 12, 1, tzinfo=UTC).timestamp() * 1000)
-
-
-def topic_filters(group: str) -> tuple[str, ...]:
-    """The shared-subscription filters of one worker group, one per device channel."""
-    return tuple(f"$share/{group}/galvani/v1/d/+/{channel}" for channel in CHANNELS)
 
 
 def to_received(message: Inbound) -> Received | None:
@@ -69,7 +60,8 @@ def to_received(message: Inbound) -> Received | None:
         metrics.MESSAGES.labels("unknown", "invalid").inc()
         log.debug("skipping invalid message on %s: %s", message.topic, exc)
         return None
-    if latest_ms(decoded) > MAX_DEVICE_TIME_MS:
+    # Past DEVICE_TIME_MAX_MS a time cannot anchor a 7-day window in Python's datetime.
+    if latest_ms(decoded) > DEVICE_TIME_MAX_MS:
         metrics.MESSAGES.labels(channel.value, "invalid").inc()
         log.debug("skipping a message on %s: ts past what windows can hold", message.topic)
         return None
@@ -92,7 +84,7 @@ class Publisher:
     """
 
     def __init__(self, settings: RulesSettings) -> None:
-        self.client = connect_publisher(settings, f"galvani-rules-{settings.worker_id}-publisher")
+        self.client = connect_publisher(settings, f"{settings.client_id()}-publisher")
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""
@@ -101,71 +93,34 @@ class Publisher:
 
 
 class Worker:
-    """Batches from the subscriber through the engine, acknowledged after commit."""
+    """Batches from the worker loop through the engine, acknowledged after commit."""
 
     def __init__(self, settings: RulesSettings, stop: threading.Event, key: Ed25519PrivateKey):
         self.settings = settings
-        self.stop = stop
         self.key = key
-        self.subscriber = Subscriber(
-            SubscriberConfig(
-                host=settings.mqtt_host,
-                port=settings.mqtt_port,
-                username=settings.mqtt_username,
-                password=settings.mqtt_password.get_secret_value(),
-                client_id=f"galvani-rules-{settings.worker_id}",
-                topic_filters=topic_filters(settings.share_group),
-                receive_maximum=settings.receive_maximum,
-                session_expiry_s=settings.session_expiry_s,
-            )
-        )
+        self.loop = WorkerLoop(settings, metrics.WORKER, stop)
+        self.subscriber = self.loop.subscriber
+        self.db = self.loop.db
         self.publisher = Publisher(settings)
-        self.db = RetryingDatabase(
-            settings.database_url.get_secret_value(),
-            wait=self.wait,
-            stop=stop,
-            on_retry=lambda exc: metrics.DB_RETRIES.labels(type(exc).__name__).inc(),
-        )
         self._next_sweep = time.monotonic()
         self._next_trim = time.monotonic()
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then evaluate what is pending and disconnect."""
-        interval = self.settings.flush_interval_s
-        limit = self.settings.batch_max_messages
-        try:
-            while not self.stop.is_set():
-                # On its own timer, so a backlog cannot starve it (it republishes lost pushes).
-                if time.monotonic() >= self._next_sweep:
-                    self.sweep()
-                if time.monotonic() >= self._next_trim:
-                    self.trim()
-                age = self.subscriber.oldest_age_s()
-                if len(self.subscriber.pending) >= limit or (
-                    self.subscriber.pending and age >= interval
-                ):
-                    self.flush(limit)
-                else:
-                    self.wait(interval - age if self.subscriber.pending else interval)
-            while self.subscriber.pending:
-                self.flush(limit)
-        except StoppedWaiting:
-            log.warning("stopping with %d messages unacknowledged", self.subscriber.unacked)
-        finally:
-            self.subscriber.close()
-            self.publisher.close()
-            self.db.close()
+        self.loop.run(self.flush, between=self.between, close=self._close_publisher)
 
-    def wait(self, timeout_s: float) -> None:
-        """Run the network for ``timeout_s`` (also while waiting for the database)."""
-        self.subscriber.poll(timeout_s)
-        metrics.INFLIGHT.set(self.subscriber.unacked)
-        metrics.CONNECTED.set(1 if self.subscriber.connected else 0)
-        metrics.MQTT.update(self.subscriber.stats)
+    def between(self) -> None:
+        """Sweep and trim when their timers say (it republishes lost pushes)."""
+        if time.monotonic() >= self._next_sweep:
+            self.sweep()
+        if time.monotonic() >= self._next_trim:
+            self.trim()
 
-    def flush(self, limit: int) -> None:
-        """Evaluate, commit, acknowledge and act on the oldest ``limit`` pending messages."""
-        inbound = self.subscriber.take(limit)
+    def _close_publisher(self) -> None:
+        self.publisher.close()  # looked up now: _publish_one may have replaced it
+
+    def flush(self, inbound: list[Inbound]) -> None:
+        """Evaluate, commit, acknowledge and act on one batch, oldest message first."""
         received = [r for r in map(to_received, inbound) if r is not None]
         started = time.perf_counter()
         outcome = self._evaluate(received)
@@ -284,20 +239,12 @@ class Worker:
 def main() -> None:
     """Run one worker until SIGTERM or SIGINT."""
     settings = RulesSettings()
-    configure_logging(settings.log_level)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    key = load_or_create_key(settings.key_dir())
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+    def run(stop: threading.Event) -> None:
+        key = load_or_create_key(settings.key_dir())
+        Worker(settings, stop, key).run()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("rules worker %s starting", settings.worker_id)
-    Worker(settings, stop, key).run()
-    log.info("rules worker %s stopped", settings.worker_id)
+    serve(settings, run)
 
 
 if __name__ == "__main__":

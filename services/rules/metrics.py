@@ -2,9 +2,9 @@
 
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
-from services.common.subscriber_metrics import SubscriberMetrics
+from services.common.worker_metrics import WorkerMetrics
 
 MESSAGES: Final = Counter(
     "galvani_rules_messages_total",
@@ -49,16 +49,8 @@ ROLLOUTS_PAUSED: Final = Counter(
     "galvani_rules_rollouts_paused_total",
     "Canary rollouts paused because the canary's critical-alert rate tripped the guard",
 )
-INFLIGHT: Final = Gauge(
-    "galvani_rules_inflight_messages", "Messages received from the broker and not yet acknowledged"
-)
-CONNECTED: Final = Gauge(
-    "galvani_rules_connected", "1 while the worker is connected to the broker and subscribed"
-)
-DB_RETRIES: Final = Counter(
-    "galvani_rules_db_retries_total", "Batches retried because the database failed", ["error"]
-)
 SWEEPS: Final = Counter(
     "galvani_rules_sweeps_total", "Periodic checks run (offline, config_unacked, retention)"
 )
-MQTT: Final = SubscriberMetrics("rules", publishes=False)
+# Held messages, connection, database retries and MQTT session counters, as every worker.
+WORKER: Final = WorkerMetrics("rules", publishes=False)
