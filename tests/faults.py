@@ -24,15 +24,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import psycopg
 
 from deploy.stack import sim_fleet
-from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
-from deploy.stack.ports import free_port
-from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
-from deploy.stack.processes import service_user
+from deploy.stack.mosquitto import MosquittoBroker, local_broker
+from deploy.stack.postgres import PostgresServer, local_server, new_password
 from services.common.broker_auth import (
     BrokerFiles,
     ServiceAccount,
@@ -43,6 +41,8 @@ from services.common.migrate import upgrade
 from services.common.signing import load_or_create_key, public_key_b64
 from tests.ingest import REPO_ROOT, IngestWorkers, wait_until
 from tests.rules import RulesWorkers
+
+Workers = TypeVar("Workers", IngestWorkers, RulesWorkers)
 
 INGEST_WORKERS: Final = ("1", "2")
 # How long recovery may take before the fault counts as not recovered.
@@ -220,30 +220,13 @@ class FaultStack:
         """Start everything and wait until the fleet's messages are being stored."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        self.postgres = PostgresServer(
-            require_postgres(),
-            PostgresConfig(
-                data_dir=self.root / "pg" / "data",
-                port=free_port(),
-                password=new_password(),
-                run_as=service_user(),
-                durable=True,  # a crash must lose nothing committed, as in production
-            ),
-            self.root / "postgres.log",
-        )
+        # Durable: a crash must lose nothing committed, as in production.
+        self.postgres = local_server(self.root, durable=True)
         self.postgres.start()
         self.database_url = self.postgres.config.url()
         upgrade(self.database_url)
         passwords = {account: new_password() for account in ServiceAccount}
-        self.broker = MosquittoBroker(
-            BrokerConfig(
-                directory=self.root / "mosquitto",
-                device_port=free_port(),
-                service_port=free_port(),
-                run_as=service_user(),
-            ),
-            passwords,
-        )
+        self.broker = local_broker(self.root / "mosquitto", passwords)
         fleet_dir = self.root / "fleet"
         key_dir = self.root / "secrets"
         (fleet_dir).mkdir(parents=True, exist_ok=True)
@@ -254,21 +237,24 @@ class FaultStack:
         self.broker.start([])
         with psycopg.connect(self.database_url) as conn:
             sync_device_credentials(conn, BrokerFiles(self.broker.config.directory))
-        self.ingest = IngestWorkers(
-            database_url=self.database_url,
-            mqtt_port=self.broker.config.service_port,
-            password=passwords[ServiceAccount.INGEST],
-            log_dir=self.root,
-            group="ingest",
-        )
+
+        def workers(kind: type[Workers], account: ServiceAccount, **extra: object) -> Workers:
+            assert self.broker is not None
+            return kind(
+                database_url=self.database_url,
+                mqtt_port=self.broker.config.service_port,
+                password=passwords[account],
+                log_dir=self.root,
+                group=kind.service,
+                **extra,
+            )
+
+        self.ingest = workers(IngestWorkers, ServiceAccount.INGEST)
         for worker in INGEST_WORKERS:
             self.ingest.start(worker)
-        self.rules = RulesWorkers(
-            database_url=self.database_url,
-            mqtt_port=self.broker.config.service_port,
-            password=passwords[ServiceAccount.RULES],
-            log_dir=self.root,
-            group="rules",
+        self.rules = workers(
+            RulesWorkers,
+            ServiceAccount.RULES,
             env_overrides={
                 "GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir),
                 "GALVANI_RULES_SWEEP_INTERVAL_S": "2",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.stack.errors import SetupError
-from deploy.stack.ports import LOOPBACK
-from deploy.stack.processes import Child, chown_to, spawn, wait_until
+from deploy.stack.ports import LOOPBACK, distinct_free_ports
+from deploy.stack.processes import Child, chown_to, service_user, spawn, wait_until
 from services.common.broker_auth import (
     DEVICE_ACL_FILE,
     DEVICE_PASSWD_FILE,
@@ -165,3 +165,16 @@ class MosquittoBroker:
         if self.child is not None:
             self.child.stop()
             self.child = None
+
+
+def local_broker(directory: Path, service_passwords: dict[ServiceAccount, str]) -> MosquittoBroker:
+    """A broker configured under ``directory`` on two free loopback ports, run as the service
+    user (for the suites and benchmarks; ``make run`` prefers 1883 and 1884)."""
+    device_port, service_port = distinct_free_ports(2)
+    config = BrokerConfig(
+        directory=directory,
+        device_port=device_port,
+        service_port=service_port,
+        run_as=service_user(),
+    )
+    return MosquittoBroker(config, service_passwords)

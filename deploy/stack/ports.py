@@ -26,6 +26,16 @@ def free_port(host: str = LOOPBACK) -> int:
         return port
 
 
+def distinct_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` different free ports (the kernel may offer one twice in a row)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def choose_port(preferred: int, *, required: int | None, what: str, env_var: str) -> int:
     """The port to listen on for ``what``.
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 
 from deploy.stack.errors import SetupError
-from deploy.stack.ports import LOOPBACK
-from deploy.stack.processes import Child, chown_to, spawn, wait_until
+from deploy.stack.ports import LOOPBACK, free_port
+from deploy.stack.processes import Child, chown_to, service_user, spawn, wait_until
 
 START_TIMEOUT_S = 60.0
 SUPERUSER = "galvani"
@@ -233,6 +233,30 @@ class PostgresServer:
         if self.child is not None:
             self.child.stop(signal.SIGINT)
             self.child = None
+
+
+def local_server(
+    root: Path,
+    *,
+    durable: bool,
+    install: PostgresInstall | None = None,
+    password: str | None = None,
+    log_name: str = "postgres.log",
+    server_class: type[PostgresServer] = PostgresServer,
+) -> PostgresServer:
+    """A cluster under ``root/pg/data`` on a free loopback port, run as the service user.
+
+    For the suites and benchmarks, which start their own; ``make run`` chooses its port and
+    keeps its password instead.
+    """
+    config = PostgresConfig(
+        data_dir=root / "pg" / "data",
+        port=free_port(),
+        password=password or new_password(),
+        run_as=service_user(),
+        durable=durable,
+    )
+    return server_class(install or require_postgres(), config, root / log_name)
 
 
 def new_password() -> str:

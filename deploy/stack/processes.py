@@ -5,6 +5,8 @@ import pwd
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +136,27 @@ def wait_until(check: Callable[[], bool], *, child: Child, timeout_s: float, wha
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.25)
+
+
+def service_env(prefix: str, **values: str | int) -> dict[str, str]:
+    """The process environment plus ``GALVANI_<PREFIX>_<KEY>`` settings."""
+    env = dict(os.environ)
+    env.update({f"GALVANI_{prefix}_{key.upper()}": str(value) for key, value in values.items()})
+    return env
+
+
+def http_get(url: str, timeout_s: float = 2.0) -> bytes | None:
+    """The body of ``url``'s answer (a loopback endpoint), or None when it does not answer 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback
+            return bytes(response.read()) if response.status == 200 else None
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 (a readiness or health endpoint)."""
+    return http_get(url) is not None
 
 
 class ChildExited(RuntimeError):

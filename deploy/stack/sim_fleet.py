@@ -10,10 +10,15 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
+from deploy.stack.ports import LOOPBACK
+from deploy.stack.processes import Child, spawn, wait_until
+from deploy.stack.state import Stack
 from services.common.db import connect
 from services.common.provisioning import provision_device
+from services.common.settings import REPO_ROOT
 
 log = logging.getLogger("galvani.run")
 
@@ -25,6 +30,7 @@ CREDENTIALS_FILE = "credentials.json"
 PUBLIC_KEY_FILE = "config-public-key"
 STORE_FILE = "devices.sqlite3"
 STATUS_FILE = "status.json"
+READY_TIMEOUT_S = 60.0
 _NUMBER = re.compile(rf"^{DEVICE_PREFIX}(\d+)$")
 
 
@@ -90,3 +96,51 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def start_fleet(stack: Stack, fleet_dir: Path, device_port: int) -> None:
+    """Start the fleet process (restarted like a worker if it exits) and wait until every
+    device is connected."""
+    options = stack.options
+    status = fleet_dir / STATUS_FILE
+    status.unlink(missing_ok=True)
+
+    def start() -> Child:
+        return spawn(
+            "fleet",
+            [
+                sys.executable,
+                "-m",
+                "device_agent.fleet",
+                f"--devices={options.sim_devices}",
+                f"--credentials={fleet_dir / ('active-' + CREDENTIALS_FILE)}",
+                f"--host={LOOPBACK}",
+                f"--port={device_port}",
+                f"--public-key={fleet_dir / PUBLIC_KEY_FILE}",
+                f"--store={fleet_dir / STORE_FILE}",
+                f"--activity={options.sim_activity}",
+                f"--status-file={status}",
+            ],
+            options.data_dir / "logs" / "fleet.log",
+            env=dict(os.environ),
+            cwd=REPO_ROOT,
+        )
+
+    child = start()
+    stack.services.append(child)
+    stack.restart[child.name] = start
+    log.info("starting %d simulated devices", options.sim_devices)
+    wait_until(
+        lambda: _fleet_connected(status, options.sim_devices),
+        child=child,
+        timeout_s=READY_TIMEOUT_S,
+        what="the simulated fleet",
+    )
+
+
+def _fleet_connected(status: Path, devices: int) -> bool:
+    try:
+        report = json.loads(status.read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(report.get("connected", 0) >= devices)

@@ -1,0 +1,154 @@
+"""The backend's processes under ``make run``: the API, maintenance, and the ingest and rules
+workers, each started with its ``GALVANI_<SERVICE>_*`` settings and restarted when it exits."""
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from deploy.stack.options import Secrets
+from deploy.stack.ports import LOOPBACK, choose_port, free_port
+from deploy.stack.processes import (
+    Child,
+    ChildExited,
+    http_get,
+    http_ok,
+    service_env,
+    spawn,
+    wait_until,
+)
+from deploy.stack.state import Stack
+from services.common.broker_auth import ServiceAccount
+from services.common.settings import REPO_ROOT
+
+log = logging.getLogger("galvani.run")
+
+# A worker that dies is restarted under the same client id (the broker keeps dealing its
+# share of messages to its session), but not in a tight loop.
+RESTART_DELAY_S = 1.0
+PREFERRED_API_PORT = 8000
+SERVICE_READY_TIMEOUT_S = 60.0
+
+
+def start_services(stack: Stack, database_url: str, service_port: int, secrets: Secrets) -> str:
+    """Start the API and the maintenance loop; return the API's URL once it is ready."""
+    options = stack.options
+    logs = options.data_dir / "logs"
+    api_port = choose_port(
+        PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
+    )
+    assert stack.broker is not None
+    api = spawn(
+        "api",
+        [sys.executable, "-m", "services.api.main"],
+        logs / "api.log",
+        env=service_env(
+            "API",
+            database_url=database_url,
+            mqtt_port=service_port,
+            mqtt_password=secrets.get(f"mqtt-{ServiceAccount.API}"),
+            data_dir=str(options.data_dir),
+            port=api_port,
+            device_mqtt_port=stack.broker.config.device_port,
+        ),
+        cwd=REPO_ROOT,
+    )
+    stack.services.append(api)
+    maintenance_metrics_port = free_port()
+    stack.metrics["maintenance"] = f"http://{LOOPBACK}:{maintenance_metrics_port}/metrics"
+    stack.services.append(
+        spawn(
+            "maintenance",
+            [sys.executable, "-m", "services.maintenance.main"],
+            logs / "maintenance.log",
+            # With the broker's password it also watches the broker's statistics ($SYS).
+            env=service_env(
+                "MAINTENANCE",
+                database_url=database_url,
+                mqtt_port=service_port,
+                mqtt_password=secrets.get(f"mqtt-{ServiceAccount.MAINTENANCE}"),
+                metrics_port=maintenance_metrics_port,
+            ),
+            cwd=REPO_ROOT,
+        )
+    )
+    # Both consumers subscribe before any device is admitted (see broker_lifecycle).
+    workers = [("ingest", str(n)) for n in range(1, options.ingest_workers + 1)]
+    workers.append(("rules", "1"))
+    for service, worker in workers:
+        start_worker = _worker_starter(stack, service, database_url, service_port, secrets, worker)
+        child = start_worker()
+        stack.services.append(child)
+        stack.restart[child.name] = start_worker
+        stack.consumers[child.name] = service
+        wait_until(
+            functools.partial(worker_connected, stack.metrics[child.name], service),
+            child=child,
+            timeout_s=SERVICE_READY_TIMEOUT_S,
+            what=f"{service} worker {worker}",
+        )
+    api_url = f"http://{LOOPBACK}:{api_port}"
+    wait_until(
+        lambda: http_ok(f"{api_url}/readyz"),
+        child=api,
+        timeout_s=SERVICE_READY_TIMEOUT_S,
+        what="the API",
+    )
+    return api_url
+
+
+def _worker_starter(
+    stack: Stack, service: str, database_url: str, service_port: int, secrets: Secrets, worker: str
+) -> Callable[[], Child]:
+    """How to (re)start worker ``worker`` of ``service`` (ingest or rules) under one name."""
+    name = f"{service}-{worker}"
+    metrics_port = free_port()
+    stack.metrics[name] = f"http://{LOOPBACK}:{metrics_port}/metrics"
+    account = ServiceAccount.INGEST if service == "ingest" else ServiceAccount.RULES
+
+    def start() -> Child:
+        return spawn(
+            name,
+            [sys.executable, "-m", f"services.{service}.main"],
+            stack.options.data_dir / "logs" / f"{name}.log",
+            env=service_env(
+                service.upper(),
+                database_url=database_url,
+                mqtt_port=service_port,
+                mqtt_password=secrets.get(f"mqtt-{account}"),
+                data_dir=str(stack.options.data_dir),
+                worker_id=worker,
+                metrics_port=metrics_port,
+            ),
+            cwd=REPO_ROOT,
+        )
+
+    return start
+
+
+def worker_connected(metrics_url: str, service: str) -> bool:
+    """Whether a worker's metrics say it holds its subscriptions (set on the broker's SUBACK)."""
+    body = http_get(metrics_url)
+    return body is not None and f"galvani_{service}_connected 1.0".encode() in body
+
+
+def restart_exited_services(stack: Stack) -> None:
+    """Restart each restartable service that exited; any other exit stops the stack."""
+    restarted = False
+    for index, child in enumerate(stack.services):
+        if child.alive():
+            continue
+        start = stack.restart.get(child.name)
+        if start is None:
+            raise ChildExited(
+                f"{child.name} exited unexpectedly; its log ({child.log_path}) ends with:\n"
+                f"{child.log_tail()}"
+            )
+        log.warning("%s exited (status %s); restarting it", child.name, child.process.returncode)
+        child.stop()
+        time.sleep(RESTART_DELAY_S)
+        stack.services[index] = start()
+        restarted = True
+    if restarted:
+        stack.rewrite_run_json()
