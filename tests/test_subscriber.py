@@ -18,8 +18,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from deploy.stack.mosquitto import MAX_PACKET_BYTES
+from services.common import broker_session as session_module
 from services.common import mqtt5
-from services.common import subscriber as subscriber_module
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
 
 WAIT_S = 2.0
@@ -264,10 +264,10 @@ def connect_packet(sub: Subscriber) -> Packet:
             config.client_id,
             config.username,
             config.password,
-            keepalive_s=subscriber_module.KEEPALIVE_S,
+            keepalive_s=session_module.KEEPALIVE_S,
             session_expiry_s=config.session_expiry_s,
             receive_maximum=config.receive_maximum,
-            maximum_packet_size=subscriber_module.MAXIMUM_PACKET_SIZE_BYTES,
+            maximum_packet_size=session_module.MAXIMUM_PACKET_SIZE_BYTES,
         )
     )
     return Packet(first, body)
@@ -374,13 +374,13 @@ def test_connect_carries_maximum_packet_size(
     # Protocol name (6 bytes), version, flags and keep alive (4) come before the properties.
     properties, _ = Properties(PacketTypes.CONNECT).unpack(sent.body[10:])
     assert properties.MaximumPacketSize == 512 * 1024
-    assert properties.MaximumPacketSize == subscriber_module.MAXIMUM_PACKET_SIZE_BYTES
+    assert properties.MaximumPacketSize == session_module.MAXIMUM_PACKET_SIZE_BYTES
     # Whatever the broker took from a device still reaches the worker, with room for the
     # packet id and properties it gains on the way.
     assert properties.MaximumPacketSize >= MAX_PACKET_BYTES + 1024
     # A packet over the limit cannot arrive whole in one read with a few header bytes left
     # from the read before: the subscriber checks only incomplete packets.
-    assert properties.MaximumPacketSize > subscriber_module.READ_SIZE + 5
+    assert properties.MaximumPacketSize > session_module.READ_SIZE + 5
 
 
 def test_a_refused_connection_is_closed_and_tried_again_after_a_delay(
@@ -395,7 +395,7 @@ def test_a_refused_connection_is_closed_and_tried_again_after_a_delay(
     peer.wait_closed()
     assert not sub.connected
     again = broker.accept_connect(sub)
-    assert time.monotonic() - started >= subscriber_module.RECONNECT_MIN_DELAY_S
+    assert time.monotonic() - started >= session_module.RECONNECT_MIN_DELAY_S
     again.send(connack())
     assert again.read_packet() == subscribe_packet()
     again.send(SUBACK_GRANTED)
@@ -408,7 +408,7 @@ def test_a_broker_that_never_answers_the_connect_is_left(
     new_subscriber: NewSubscriber,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(subscriber_module, "CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(session_module, "CONNECT_TIMEOUT_S", 0.3)
     sub = new_subscriber(16)
     peer = broker.accept_connect(sub)
 
@@ -503,7 +503,7 @@ def test_suback_with_wrong_count_of_reason_codes_fails(
 def test_repeated_subscription_refusals_back_off(
     broker: ScriptedBroker, new_subscriber: NewSubscriber, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(subscriber_module, "RECONNECT_MIN_DELAY_S", 0.3)
+    monkeypatch.setattr(session_module, "RECONNECT_MIN_DELAY_S", 0.3)
     sub = new_subscriber(16)
     gaps = []
     peer = broker.accept_connect(sub)
@@ -599,7 +599,7 @@ def test_a_publish_before_the_connack_closes_the_connection(
 MALFORMED = mqtt5.MALFORMED_PACKET
 PROTOCOL_ERROR = mqtt5.PROTOCOL_ERROR
 # The header of a PUBLISH one byte longer than the subscriber's Maximum Packet Size.
-OVERSIZED_PUBLISH = b"\x30" + mqtt5.varint(subscriber_module.MAXIMUM_PACKET_SIZE_BYTES - 3)
+OVERSIZED_PUBLISH = b"\x30" + mqtt5.varint(session_module.MAXIMUM_PACKET_SIZE_BYTES - 3)
 
 
 @pytest.mark.parametrize(
@@ -824,7 +824,7 @@ def test_a_later_connection_without_server_keep_alive_uses_the_connects_own(
     new_subscriber: NewSubscriber,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(subscriber_module, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(session_module, "KEEPALIVE_S", 1)
     sub = new_subscriber(16)
     first = broker.handshake(sub, keepalive_s=30)
     first.send(disconnect(0x8B, "server shutting down"))
@@ -912,8 +912,8 @@ class Draws:
 def test_reconnect_delays_are_jittered(
     broker: ScriptedBroker, new_subscriber: NewSubscriber, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(subscriber_module, "RECONNECT_MIN_DELAY_S", 1.0)
-    monkeypatch.setattr(subscriber_module, "RECONNECT_JITTER_FRACTION", 1.0)  # full jitter
+    monkeypatch.setattr(session_module, "RECONNECT_MIN_DELAY_S", 1.0)
+    monkeypatch.setattr(session_module, "RECONNECT_JITTER_FRACTION", 1.0)  # full jitter
     draws = Draws(0.0, 0.75)
     sub = new_subscriber(16, draw=draws)
     peer = broker.handshake(sub)
@@ -939,8 +939,8 @@ def test_reconnect_delays_are_jittered(
 def test_jitter_takes_at_most_its_fraction_off_a_delay(
     monkeypatch: pytest.MonkeyPatch, fraction: float, draw: float, delay_s: float
 ) -> None:
-    monkeypatch.setattr(subscriber_module, "RECONNECT_JITTER_FRACTION", fraction)
-    assert subscriber_module.jittered(2.0, draw) == pytest.approx(delay_s)
+    monkeypatch.setattr(session_module, "RECONNECT_JITTER_FRACTION", fraction)
+    assert session_module.jittered(2.0, draw) == pytest.approx(delay_s)
 
 
 # Publishing (QoS 0)
