@@ -9,19 +9,14 @@ here once and recorded in ``galvani_meta``:
   ``galvani_drop_old_samples``, run by the maintenance service);
 * ``plain``: declarative range partitions by day and a ``time_bucket`` of our own with
   TimescaleDB's meaning, so every query is the same.
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-22
 """
 
-from alembic import context, op
-from sqlalchemy import text
+from alembic import context
+
+from services.common.migrations.ddl import execute, scalar
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 DEVICE_ID_CHECK = "~ '^[a-z0-9][a-z0-9-]{2,63}$'"
 BRAND_ID_CHECK = "~ '^[a-z0-9][a-z0-9-]{1,63}$'"
@@ -49,14 +44,6 @@ PLAIN_PARTITIONS_BACK_DAYS = 35
 PLAIN_PARTITIONS_AHEAD_DAYS = 7
 
 
-def _x(sql: str) -> None:
-    op.execute(text(sql))
-
-
-def _scalar(sql: str) -> object:
-    return op.get_bind().execute(text(sql)).scalar()
-
-
 def _choose_storage() -> str:
     requested = (
         context.config.attributes.get("storage")
@@ -67,19 +54,19 @@ def _choose_storage() -> str:
         raise ValueError(f"storage must be 'auto' or 'plain', not {requested!r}")
     if requested == "plain":
         return "plain"
-    available = _scalar("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
-    preloaded = "timescaledb" in str(_scalar("SHOW shared_preload_libraries"))
+    available = scalar("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
+    preloaded = "timescaledb" in str(scalar("SHOW shared_preload_libraries"))
     if not (available and preloaded):
         return "plain"
-    _x("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    license_ = str(_scalar("SHOW timescaledb.license"))
+    execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    license_ = str(scalar("SHOW timescaledb.license"))
     return "timescaledb" if license_ == "timescale" else "timescaledb-apache"
 
 
 def upgrade() -> None:
     storage = _choose_storage()
-    _x("CREATE TABLE galvani_meta (key text PRIMARY KEY, value text NOT NULL)")
-    _x(f"INSERT INTO galvani_meta (key, value) VALUES ('storage', '{storage}')")
+    execute("CREATE TABLE galvani_meta (key text PRIMARY KEY, value text NOT NULL)")
+    execute(f"INSERT INTO galvani_meta (key, value) VALUES ('storage', '{storage}')")
     _tenancy()
     _devices()
     _samples(storage)
@@ -91,7 +78,7 @@ def upgrade() -> None:
 
 
 def _tenancy() -> None:
-    _x(f"""
+    execute(f"""
     CREATE TABLE brands (
         id text PRIMARY KEY CHECK (id {BRAND_ID_CHECK}),
         name text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
@@ -99,7 +86,7 @@ def _tenancy() -> None:
     )""")
     # Keys are 256-bit random tokens: a SHA-256 digest is enough to store them safely (a slow
     # password hash protects low-entropy secrets, which these are not) and keeps lookups O(1).
-    _x("""
+    execute("""
     CREATE TABLE api_keys (
         id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
         brand_id text REFERENCES brands(id),
@@ -112,7 +99,7 @@ def _tenancy() -> None:
         revoked_at timestamptz,
         CHECK ((role = 'operator') = (brand_id IS NULL))
     )""")
-    _x(f"""
+    execute(f"""
     CREATE TABLE users (
         brand_id text NOT NULL REFERENCES brands(id),
         id text NOT NULL CHECK (length(id) BETWEEN 1 AND 128),
@@ -127,7 +114,7 @@ def _tenancy() -> None:
 
 def _devices() -> None:
     # Device ids are global: they name MQTT topics and broker accounts.
-    _x(f"""
+    execute(f"""
     CREATE TABLE devices (
         id text PRIMARY KEY CHECK (id {DEVICE_ID_CHECK}),
         brand_id text NOT NULL REFERENCES brands(id),
@@ -154,8 +141,10 @@ def _devices() -> None:
         seq_gaps bigint NOT NULL DEFAULT 0 CHECK (seq_gaps >= 0),
         FOREIGN KEY (brand_id, user_id) REFERENCES users (brand_id, id)
     )""")
-    _x("CREATE INDEX devices_brand_idx ON devices (brand_id, id)")
-    _x("CREATE INDEX devices_user_idx ON devices (brand_id, user_id) WHERE user_id IS NOT NULL")
+    execute("CREATE INDEX devices_brand_idx ON devices (brand_id, id)")
+    execute(
+        "CREATE INDEX devices_user_idx ON devices (brand_id, user_id) WHERE user_id IS NOT NULL"
+    )
 
 
 def _samples(storage: str) -> None:
@@ -182,22 +171,22 @@ def _samples(storage: str) -> None:
         ts_suspect boolean NOT NULL DEFAULT false,
         PRIMARY KEY (device_id, ts)"""
     if storage == "plain":
-        _x(f"CREATE TABLE samples ({columns}) PARTITION BY RANGE (ts)")
-        _x("CREATE TABLE samples_default PARTITION OF samples DEFAULT")
+        execute(f"CREATE TABLE samples ({columns}) PARTITION BY RANGE (ts)")
+        execute("CREATE TABLE samples_default PARTITION OF samples DEFAULT")
         _plain_functions()
-        _x(
+        execute(
             "SELECT galvani_ensure_partitions("
             f"current_date - {PLAIN_PARTITIONS_BACK_DAYS}, "
             f"current_date + {PLAIN_PARTITIONS_AHEAD_DAYS})"
         )
     else:
-        _x(f"CREATE TABLE samples ({columns})")
-        _x("SELECT create_hypertable('samples', by_range('ts', INTERVAL '1 day'))")
+        execute(f"CREATE TABLE samples ({columns})")
+        execute("SELECT create_hypertable('samples', by_range('ts', INTERVAL '1 day'))")
     if storage == "timescaledb":
         _licensed_timescale()
     else:
         _rollup_tables(storage)
-    _x(f"""
+    execute(f"""
     INSERT INTO galvani_meta (key, value) VALUES
         ('raw_retention_days', '{RAW_RETENTION_DAYS}'),
         ('rollups_refreshed_to', '1970-01-01T00:00:00Z')""")
@@ -206,14 +195,14 @@ def _samples(storage: str) -> None:
 def _plain_functions() -> None:
     # TimescaleDB buckets timestamptz on an origin of Monday 2000-01-03 UTC; date_bin with that
     # origin gives the same buckets for the fixed-width intervals the API uses.
-    _x("""
+    execute("""
     CREATE FUNCTION time_bucket(bucket_width interval, ts timestamptz) RETURNS timestamptz
     LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
     AS $$ SELECT date_bin(bucket_width, ts, TIMESTAMPTZ '2000-01-03 00:00:00+00') $$""")
     # Daily partitions. Rows with times outside the created range land in samples_default;
     # creating a partition later moves its rows out of the default first (PostgreSQL refuses
     # to attach a partition whose range the default partition already holds rows for).
-    _x("""
+    execute("""
     CREATE FUNCTION galvani_ensure_partitions(from_day date, to_day date) RETURNS integer
     LANGUAGE plpgsql AS $$
     DECLARE
@@ -245,7 +234,7 @@ def _plain_functions() -> None:
 
 def _rollup_tables(storage: str) -> None:
     for table in ROLLUPS:
-        _x(f"""
+        execute(f"""
         CREATE TABLE {table} (
             device_id text NOT NULL,
             bucket timestamptz NOT NULL,
@@ -254,13 +243,14 @@ def _rollup_tables(storage: str) -> None:
         )""")
     # Devices buffer while offline and ingest marks the hours that late samples touched, so
     # the refresh recomputes exactly those besides the recent window.
-    _x("""
+    execute("""
     CREATE TABLE rollup_dirty (
         device_id text NOT NULL,
         hour timestamptz NOT NULL,
         PRIMARY KEY (device_id, hour)
     )""")
-    _x(f"""
+    refill_minutes, refill_hours = (_refill(table, width) for table, width in ROLLUPS.items())
+    execute(f"""
     CREATE FUNCTION galvani_refresh_rollups(from_ts timestamptz, to_ts timestamptz)
     RETURNS integer LANGUAGE plpgsql AS $$
     DECLARE
@@ -283,22 +273,10 @@ def _rollup_tables(storage: str) -> None:
               AND r.bucket >= d.hour AND r.bucket < d.hour + INTERVAL '1 hour';
         DELETE FROM samples_1h r USING _refresh d
             WHERE r.device_id = d.device_id AND r.bucket = d.hour;
-        INSERT INTO samples_1m
-            SELECT s.device_id, time_bucket(INTERVAL '1 minute', s.ts) AS bucket,
-                   {ROLLUP_SELECT}
-            FROM samples s JOIN (SELECT DISTINCT device_id, hour FROM _refresh) d
-              ON s.device_id = d.device_id
-             AND s.ts >= d.hour AND s.ts < d.hour + INTERVAL '1 hour'
-            GROUP BY 1, 2;
+        {refill_minutes}
         GET DIAGNOSTICS n = ROW_COUNT;
         rows := rows + n;
-        INSERT INTO samples_1h
-            SELECT s.device_id, time_bucket(INTERVAL '1 hour', s.ts) AS bucket,
-                   {ROLLUP_SELECT}
-            FROM samples s JOIN (SELECT DISTINCT device_id, hour FROM _refresh) d
-              ON s.device_id = d.device_id
-             AND s.ts >= d.hour AND s.ts < d.hour + INTERVAL '1 hour'
-            GROUP BY 1, 2;
+        {refill_hours}
         GET DIAGNOSTICS n = ROW_COUNT;
         RETURN rows + n;
     END $$""")
@@ -319,7 +297,7 @@ def _rollup_tables(storage: str) -> None:
     else:
         drop_body = """
         SELECT count(*) INTO dropped FROM drop_chunks('samples', older_than => older_than);"""
-    _x(f"""
+    execute(f"""
     CREATE FUNCTION galvani_drop_old_samples(older_than timestamptz) RETURNS integer
     LANGUAGE plpgsql AS $$
     DECLARE
@@ -332,7 +310,7 @@ def _rollup_tables(storage: str) -> None:
     if storage == "timescaledb-apache":
         # Debian's Apache-only build schedules a job-history retention job that needs the
         # Timescale license and so fails forever; stop scheduling it (superuser only).
-        _x("""
+        execute("""
         DO $$ BEGIN
             UPDATE _timescaledb_config.bgw_job SET scheduled = false
             WHERE proc_name = 'policy_job_stat_history_retention';
@@ -340,19 +318,30 @@ def _rollup_tables(storage: str) -> None:
         END $$""")
 
 
+def _refill(table: str, width: str) -> str:
+    """The refresh's statement that recomputes one rollup for the hours listed in _refresh."""
+    return f"""INSERT INTO {table}
+            SELECT s.device_id, time_bucket(INTERVAL '{width}', s.ts) AS bucket,
+                   {ROLLUP_SELECT}
+            FROM samples s JOIN (SELECT DISTINCT device_id, hour FROM _refresh) d
+              ON s.device_id = d.device_id
+             AND s.ts >= d.hour AND s.ts < d.hour + INTERVAL '1 hour'
+            GROUP BY 1, 2;"""
+
+
 def _licensed_timescale() -> None:
-    _x("""
+    execute("""
     ALTER TABLE samples SET (timescaledb.compress,
         timescaledb.compress_segmentby = 'device_id', timescaledb.compress_orderby = 'ts')""")
-    _x("SELECT add_compression_policy('samples', INTERVAL '7 days')")
-    _x(f"SELECT add_retention_policy('samples', INTERVAL '{RAW_RETENTION_DAYS} days')")
+    execute("SELECT add_compression_policy('samples', INTERVAL '7 days')")
+    execute(f"SELECT add_retention_policy('samples', INTERVAL '{RAW_RETENTION_DAYS} days')")
     for table, width in ROLLUPS.items():
-        _x(f"""
+        execute(f"""
         CREATE MATERIALIZED VIEW {table} WITH (timescaledb.continuous) AS
         SELECT device_id, time_bucket(INTERVAL '{width}', ts) AS bucket,
                {ROLLUP_SELECT}
         FROM samples GROUP BY device_id, bucket WITH NO DATA""")
-        _x(f"""
+        execute(f"""
         SELECT add_continuous_aggregate_policy('{table}',
             start_offset => INTERVAL '7 days', end_offset => INTERVAL '{width}',
             schedule_interval => INTERVAL '{width}')""")
@@ -361,7 +350,7 @@ def _licensed_timescale() -> None:
 def _messages() -> None:
     # Events are few (a handful per session): a regular table, so (device_id, seq) can be
     # the primary key (a hypertable's unique keys must include its time column).
-    _x("""
+    execute("""
     CREATE TABLE events (
         device_id text NOT NULL,
         seq bigint NOT NULL,
@@ -373,9 +362,9 @@ def _messages() -> None:
         ts_suspect boolean NOT NULL DEFAULT false,
         PRIMARY KEY (device_id, seq)
     )""")
-    _x("CREATE INDEX events_device_ts_idx ON events (device_id, ts DESC)")
-    _x("CREATE INDEX events_type_ts_idx ON events (type, ts DESC)")
-    _x("""
+    execute("CREATE INDEX events_device_ts_idx ON events (device_id, ts DESC)")
+    execute("CREATE INDEX events_type_ts_idx ON events (type, ts DESC)")
+    execute("""
     CREATE TABLE state_reports (
         device_id text NOT NULL,
         seq bigint NOT NULL,
@@ -390,7 +379,7 @@ def _messages() -> None:
         PRIMARY KEY (device_id, seq)
     )""")
     # Presence has no seq (the broker publishes the last will), so it is a log, not a key.
-    _x("""
+    execute("""
     CREATE TABLE presence_log (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         device_id text NOT NULL,
@@ -398,11 +387,11 @@ def _messages() -> None:
         ts timestamptz,
         received_at timestamptz NOT NULL
     )""")
-    _x("CREATE INDEX presence_log_device_idx ON presence_log (device_id, received_at DESC)")
+    execute("CREATE INDEX presence_log_device_idx ON presence_log (device_id, received_at DESC)")
 
 
 def _sessions() -> None:
-    _x("""
+    execute("""
     CREATE TABLE sessions (
         device_id text NOT NULL,
         session text NOT NULL,
@@ -422,15 +411,15 @@ def _sessions() -> None:
         updated_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (device_id, session)
     )""")
-    _x("CREATE INDEX sessions_device_started_idx ON sessions (device_id, started_at DESC)")
-    _x(
+    execute("CREATE INDEX sessions_device_started_idx ON sessions (device_id, started_at DESC)")
+    execute(
         "CREATE INDEX sessions_user_started_idx ON sessions (brand_id, user_id, started_at)"
         " WHERE user_id IS NOT NULL"
     )
 
 
 def _alerts() -> None:
-    _x(f"""
+    execute(f"""
     CREATE TABLE alerts (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         brand_id text NOT NULL REFERENCES brands(id),
@@ -455,12 +444,12 @@ def _alerts() -> None:
     )""")
     # At most one unresolved alert per (device, rule): the database decides, so concurrent
     # rule workers cannot both open one (INSERT ... ON CONFLICT against this index).
-    _x(
+    execute(
         "CREATE UNIQUE INDEX alerts_one_open_idx ON alerts (device_id, rule)"
         " WHERE state <> 'resolved'"
     )
-    _x("CREATE INDEX alerts_brand_idx ON alerts (brand_id, state, last_seen DESC)")
-    _x("""
+    execute("CREATE INDEX alerts_brand_idx ON alerts (brand_id, state, last_seen DESC)")
+    execute("""
     CREATE TABLE alert_transitions (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         alert_id bigint NOT NULL REFERENCES alerts(id),
@@ -470,11 +459,11 @@ def _alerts() -> None:
         at timestamptz NOT NULL DEFAULT now(),
         note text
     )""")
-    _x("CREATE INDEX alert_transitions_alert_idx ON alert_transitions (alert_id, at)")
+    execute("CREATE INDEX alert_transitions_alert_idx ON alert_transitions (alert_id, at)")
 
 
 def _mode_tables() -> None:
-    _x("""
+    execute("""
     CREATE TABLE mode_tables (
         id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
         brand_id text NOT NULL REFERENCES brands(id),
@@ -483,10 +472,10 @@ def _mode_tables() -> None:
         created_at timestamptz NOT NULL DEFAULT now(),
         created_by text NOT NULL
     )""")
-    _x("CREATE INDEX mode_tables_brand_idx ON mode_tables (brand_id, created_at DESC)")
+    execute("CREATE INDEX mode_tables_brand_idx ON mode_tables (brand_id, created_at DESC)")
     # Every table pushed to a device: the signed payload as published and the device's answer.
     # Versions strictly increase per device (protocol.md), which the key enforces.
-    _x("""
+    execute("""
     CREATE TABLE config_pushes (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         device_id text NOT NULL REFERENCES devices(id),
@@ -508,7 +497,7 @@ def _mode_tables() -> None:
 
 
 def _dead_letters() -> None:
-    _x("""
+    execute("""
     CREATE TABLE dead_letters (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         topic text NOT NULL,
@@ -520,8 +509,8 @@ def _dead_letters() -> None:
         detail text NOT NULL,
         received_at timestamptz NOT NULL
     )""")
-    _x("CREATE INDEX dead_letters_received_idx ON dead_letters (received_at DESC)")
-    _x("CREATE INDEX dead_letters_device_idx ON dead_letters (device_id, received_at DESC)")
+    execute("CREATE INDEX dead_letters_received_idx ON dead_letters (received_at DESC)")
+    execute("CREATE INDEX dead_letters_device_idx ON dead_letters (device_id, received_at DESC)")
 
 
 def downgrade() -> None:

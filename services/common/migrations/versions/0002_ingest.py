@@ -11,27 +11,16 @@
 * ``sessions`` gains the counters ingest maintains and the seqs of the start and end
   events, so a session converges to the same row whatever order its messages arrive in.
 * ``presence_log``: a device's own presence messages carry ``ts`` and are stored once.
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-22
 """
 
-from alembic import op
-from sqlalchemy import text
+from services.common.migrations.ddl import execute
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
-
-
-def _x(sql: str) -> None:
-    op.execute(text(sql))
 
 
 def upgrade() -> None:
-    _x("""
+    execute("""
     CREATE TABLE telemetry_messages (
         device_id text NOT NULL,
         seq bigint NOT NULL,
@@ -42,26 +31,26 @@ def upgrade() -> None:
         ts_suspect boolean NOT NULL DEFAULT false,
         PRIMARY KEY (device_id, seq)
     )""")
-    _x(
+    execute(
         "CREATE INDEX telemetry_messages_received_idx"
         " ON telemetry_messages USING brin (received_at)"
     )
-    _x("DROP INDEX IF EXISTS samples_ts_idx")
-    _x("CREATE INDEX samples_ts_brin ON samples USING brin (ts)")
-    _x("""
+    execute("DROP INDEX IF EXISTS samples_ts_idx")
+    execute("CREATE INDEX samples_ts_brin ON samples USING brin (ts)")
+    execute("""
     ALTER TABLE sessions
         ADD COLUMN start_seq bigint,
         ADD COLUMN end_seq bigint,
         ADD COLUMN out_samples integer NOT NULL DEFAULT 0,
         ADD COLUMN first_sample_at timestamptz,
         ADD COLUMN last_sample_at timestamptz""")
-    _x(
+    execute(
         "CREATE UNIQUE INDEX presence_log_once_idx ON presence_log (device_id, ts, online)"
         " WHERE ts IS NOT NULL"
     )
     # The ledger only has to outlive redeliveries (a device's offline buffer is bounded by
     # age), so it is trimmed with the raw samples.
-    _x("""
+    execute("""
     CREATE OR REPLACE FUNCTION galvani_drop_old_messages(older_than timestamptz)
     RETURNS integer LANGUAGE sql AS $$
         WITH gone AS (DELETE FROM telemetry_messages WHERE received_at < older_than RETURNING 1)
@@ -70,12 +59,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    _x("DROP FUNCTION galvani_drop_old_messages(timestamptz)")
-    _x("DROP INDEX presence_log_once_idx")
-    _x("""
+    execute("DROP FUNCTION galvani_drop_old_messages(timestamptz)")
+    execute("DROP INDEX presence_log_once_idx")
+    execute("""
     ALTER TABLE sessions
         DROP COLUMN start_seq, DROP COLUMN end_seq, DROP COLUMN out_samples,
         DROP COLUMN first_sample_at, DROP COLUMN last_sample_at""")
-    _x("DROP INDEX samples_ts_brin")
-    _x("CREATE INDEX samples_ts_idx ON samples (ts DESC)")
-    _x("DROP TABLE telemetry_messages")
+    execute("DROP INDEX samples_ts_brin")
+    execute("CREATE INDEX samples_ts_idx ON samples (ts DESC)")
+    execute("DROP TABLE telemetry_messages")

@@ -15,27 +15,16 @@ windows need itself, keyed so that a redelivered or duplicated message changes n
 * ``brand_rule_thresholds``: a brand's overrides of the catalogue's defaults;
 * ``config_pushes.superseded_at``: a recorded table that was never published because a newer
   one was recorded for the device first (publishing it would roll the retained table back).
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-11-30
 """
 
-from alembic import op
-from sqlalchemy import text
+from services.common.migrations.ddl import execute
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
-
-
-def _x(sql: str) -> None:
-    op.execute(text(sql))
 
 
 def upgrade() -> None:
-    _x("""
+    execute("""
     CREATE TABLE rule_samples (
         device_id text NOT NULL,
         ts timestamptz NOT NULL,
@@ -53,9 +42,9 @@ def upgrade() -> None:
         received_at timestamptz NOT NULL,
         PRIMARY KEY (device_id, ts)
     )""")
-    _x("CREATE INDEX rule_samples_session_idx ON rule_samples (device_id, session, ts)")
-    _x("CREATE INDEX rule_samples_received_idx ON rule_samples USING brin (received_at)")
-    _x("""
+    execute("CREATE INDEX rule_samples_session_idx ON rule_samples (device_id, session, ts)")
+    execute("CREATE INDEX rule_samples_received_idx ON rule_samples USING brin (received_at)")
+    execute("""
     CREATE TABLE rule_sessions (
         device_id text NOT NULL,
         session text NOT NULL,
@@ -69,12 +58,14 @@ def upgrade() -> None:
         end_reason text,
         PRIMARY KEY (device_id, session)
     )""")
-    _x(
+    execute(
         "CREATE INDEX rule_sessions_user_started_idx"
         " ON rule_sessions (brand_id, user_key, started_at)"
     )
-    _x("CREATE INDEX rule_sessions_user_ended_idx ON rule_sessions (brand_id, user_key, ended_at)")
-    _x("""
+    execute(
+        "CREATE INDEX rule_sessions_user_ended_idx ON rule_sessions (brand_id, user_key, ended_at)"
+    )
+    execute("""
     CREATE TABLE rule_reboots (
         device_id text NOT NULL,
         seq bigint NOT NULL,
@@ -82,8 +73,8 @@ def upgrade() -> None:
         reason text NOT NULL,
         PRIMARY KEY (device_id, seq)
     )""")
-    _x("CREATE INDEX rule_reboots_device_ts_idx ON rule_reboots (device_id, ts)")
-    _x("""
+    execute("CREATE INDEX rule_reboots_device_ts_idx ON rule_reboots (device_id, ts)")
+    execute("""
     CREATE TABLE alert_triggers (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         -- Set in the transaction that inserts the row: a keyed occurrence is claimed first
@@ -101,13 +92,13 @@ def upgrade() -> None:
     )""")
     # Keyed occurrences are unique: the database, not a check-then-insert, makes a replayed
     # session start or fault event count once, whichever worker sees it.
-    _x(
+    execute(
         "CREATE UNIQUE INDEX alert_triggers_key_idx ON alert_triggers (device_id, rule, key)"
         " WHERE key IS NOT NULL"
     )
-    _x("CREATE INDEX alert_triggers_runs_idx ON alert_triggers (device_id, rule, started_at)")
-    _x("CREATE INDEX alert_triggers_alert_idx ON alert_triggers (alert_id)")
-    _x("""
+    execute("CREATE INDEX alert_triggers_runs_idx ON alert_triggers (device_id, rule, started_at)")
+    execute("CREATE INDEX alert_triggers_alert_idx ON alert_triggers (alert_id)")
+    execute("""
     CREATE TABLE brand_rule_thresholds (
         brand_id text NOT NULL REFERENCES brands(id),
         rule text NOT NULL,
@@ -116,11 +107,11 @@ def upgrade() -> None:
         updated_by text NOT NULL,
         PRIMARY KEY (brand_id, rule)
     )""")
-    _x("ALTER TABLE config_pushes ADD COLUMN superseded_at timestamptz")
+    execute("ALTER TABLE config_pushes ADD COLUMN superseded_at timestamptz")
 
 
 def downgrade() -> None:
-    _x("ALTER TABLE config_pushes DROP COLUMN superseded_at")
+    execute("ALTER TABLE config_pushes DROP COLUMN superseded_at")
     for table in (
         "brand_rule_thresholds",
         "alert_triggers",
@@ -128,4 +119,4 @@ def downgrade() -> None:
         "rule_sessions",
         "rule_samples",
     ):
-        _x(f"DROP TABLE {table}")
+        execute(f"DROP TABLE {table}")

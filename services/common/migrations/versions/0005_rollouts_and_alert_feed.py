@@ -11,27 +11,16 @@
   stream client that reconnects with ``Last-Event-ID`` gets the alerts changed since. After
   each change, ``pg_notify('galvani_alerts', …)`` tells listening API processes which alert
   changed; PostgreSQL delivers it when the transaction commits, and not at all on rollback.
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-30
 """
 
-from alembic import op
-from sqlalchemy import text
+from services.common.migrations.ddl import execute
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
-
-
-def _x(sql: str) -> None:
-    op.execute(text(sql))
 
 
 def upgrade() -> None:
-    _x("""
+    execute("""
     CREATE TABLE rollouts (
         id uuid PRIMARY KEY,
         brand_id text NOT NULL REFERENCES brands(id),
@@ -49,9 +38,9 @@ def upgrade() -> None:
         fleet_started_at timestamptz,
         CHECK ((status = 'paused') = (paused_from IS NOT NULL))
     )""")
-    _x("CREATE INDEX rollouts_brand_idx ON rollouts (brand_id, created_at DESC, id DESC)")
-    _x("CREATE INDEX rollouts_canary_idx ON rollouts (status) WHERE status = 'canary'")
-    _x("""
+    execute("CREATE INDEX rollouts_brand_idx ON rollouts (brand_id, created_at DESC, id DESC)")
+    execute("CREATE INDEX rollouts_canary_idx ON rollouts (status) WHERE status = 'canary'")
+    execute("""
     CREATE TABLE rollout_devices (
         rollout_id uuid NOT NULL REFERENCES rollouts(id),
         device_id text NOT NULL REFERENCES devices(id),
@@ -60,40 +49,40 @@ def upgrade() -> None:
         PRIMARY KEY (rollout_id, device_id),
         FOREIGN KEY (device_id, version) REFERENCES config_pushes (device_id, version)
     )""")
-    _x("CREATE INDEX rollout_devices_device_idx ON rollout_devices (device_id)")
+    execute("CREATE INDEX rollout_devices_device_idx ON rollout_devices (device_id)")
 
-    _x("CREATE SEQUENCE alert_changes")
-    _x("ALTER TABLE alerts ADD COLUMN change_seq bigint")
-    _x("UPDATE alerts SET change_seq = nextval('alert_changes')")
-    _x("ALTER TABLE alerts ALTER COLUMN change_seq SET NOT NULL")
-    _x("CREATE INDEX alerts_change_idx ON alerts (brand_id, change_seq)")
-    _x("""
+    execute("CREATE SEQUENCE alert_changes")
+    execute("ALTER TABLE alerts ADD COLUMN change_seq bigint")
+    execute("UPDATE alerts SET change_seq = nextval('alert_changes')")
+    execute("ALTER TABLE alerts ALTER COLUMN change_seq SET NOT NULL")
+    execute("CREATE INDEX alerts_change_idx ON alerts (brand_id, change_seq)")
+    execute("""
     CREATE FUNCTION galvani_alert_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         NEW.change_seq := nextval('alert_changes');
         RETURN NEW;
     END $$""")
-    _x("""
+    execute("""
     CREATE TRIGGER alerts_change_seq BEFORE INSERT OR UPDATE ON alerts
         FOR EACH ROW EXECUTE FUNCTION galvani_alert_changed()""")
-    _x("""
+    execute("""
     CREATE FUNCTION galvani_alert_notify() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         PERFORM pg_notify('galvani_alerts', json_build_object(
             'id', NEW.id, 'brand', NEW.brand_id, 'seq', NEW.change_seq)::text);
         RETURN NULL;
     END $$""")
-    _x("""
+    execute("""
     CREATE TRIGGER alerts_notify AFTER INSERT OR UPDATE ON alerts
         FOR EACH ROW EXECUTE FUNCTION galvani_alert_notify()""")
 
 
 def downgrade() -> None:
-    _x("DROP TRIGGER alerts_notify ON alerts")
-    _x("DROP FUNCTION galvani_alert_notify()")
-    _x("DROP TRIGGER alerts_change_seq ON alerts")
-    _x("DROP FUNCTION galvani_alert_changed()")
-    _x("ALTER TABLE alerts DROP COLUMN change_seq")
-    _x("DROP SEQUENCE alert_changes")
-    _x("DROP TABLE rollout_devices")
-    _x("DROP TABLE rollouts")
+    execute("DROP TRIGGER alerts_notify ON alerts")
+    execute("DROP FUNCTION galvani_alert_notify()")
+    execute("DROP TRIGGER alerts_change_seq ON alerts")
+    execute("DROP FUNCTION galvani_alert_changed()")
+    execute("ALTER TABLE alerts DROP COLUMN change_seq")
+    execute("DROP SEQUENCE alert_changes")
+    execute("DROP TABLE rollout_devices")
+    execute("DROP TABLE rollouts")

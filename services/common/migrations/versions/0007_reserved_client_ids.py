@@ -8,19 +8,12 @@ makes the database refuse them too, whoever inserts the row.
 
 The prefix is written out here rather than imported: a migration must mean the same thing
 whatever the code around it later becomes.
-
-Revision ID: 0007
-Revises: 0006
-Create Date: 2026-12-03
 """
 
-from alembic import op
-from sqlalchemy import text
+from services.common.migrations.ddl import column, execute
 
 revision = "0007"
 down_revision = "0006"
-branch_labels = None
-depends_on = None
 
 CONSTRAINT = "devices_id_not_reserved"
 SHOWN_IDS = 10
@@ -30,12 +23,7 @@ def upgrade() -> None:
     # ADD CONSTRAINT would also fail on such rows, but with PostgreSQL's "is violated by some
     # row", which names neither the rows nor what to do. Nothing is deleted here: the rows
     # carry a device's history, and only an operator can decide what becomes of it.
-    reserved = (
-        op.get_bind()
-        .execute(text("SELECT id FROM devices WHERE id LIKE 'galvani-%' ORDER BY id"))
-        .scalars()
-        .all()
-    )
+    reserved = column("SELECT id FROM devices WHERE id LIKE 'galvani-%' ORDER BY id")
     if reserved:
         shown = ", ".join(reserved[:SHOWN_IDS]) + (", ..." if len(reserved) > SHOWN_IDS else "")
         raise RuntimeError(
@@ -44,10 +32,8 @@ def upgrade() -> None:
             "over a backend worker's broker session. Delete these devices or move their rows "
             "to new ids, then run the migration again."
         )
-    op.execute(
-        text(f"ALTER TABLE devices ADD CONSTRAINT {CONSTRAINT} CHECK (id NOT LIKE 'galvani-%')")
-    )
+    execute(f"ALTER TABLE devices ADD CONSTRAINT {CONSTRAINT} CHECK (id NOT LIKE 'galvani-%')")
 
 
 def downgrade() -> None:
-    op.execute(text(f"ALTER TABLE devices DROP CONSTRAINT {CONSTRAINT}"))
+    execute(f"ALTER TABLE devices DROP CONSTRAINT {CONSTRAINT}")

@@ -21,32 +21,21 @@ neither may vanish behind a metric.
   with a reuse after an hour without one, see ``services/ingest/conflicts.py``).
 * ``galvani_drop_old_messages`` trims conflicts with the ledger: both are kept as long as raw
   samples.
-
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-12-05
 """
 
-from alembic import op
-from sqlalchemy import text
+from services.common.migrations.ddl import execute
 
 revision = "0008"
 down_revision = "0007"
-branch_labels = None
-depends_on = None
 
 LEDGERS = ("telemetry_messages", "events", "state_reports")
-
-
-def _x(sql: str) -> None:
-    op.execute(text(sql))
 
 
 def upgrade() -> None:
     # Nullable without a default: PostgreSQL changes the catalogue only, not the rows.
     for table in LEDGERS:
-        _x(f"ALTER TABLE {table} ADD COLUMN payload_crc32 bigint")
-    _x("""
+        execute(f"ALTER TABLE {table} ADD COLUMN payload_crc32 bigint")
+    execute("""
     CREATE TABLE message_conflicts (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         device_id text NOT NULL,
@@ -59,20 +48,20 @@ def upgrade() -> None:
         received_at timestamptz NOT NULL,
         detail jsonb NOT NULL
     )""")
-    _x(
+    execute(
         "CREATE UNIQUE INDEX message_conflicts_once_idx"
         " ON message_conflicts (device_id, channel, seq, payload_crc32)"
     )
-    _x("CREATE INDEX message_conflicts_device_idx ON message_conflicts (device_id, id DESC)")
-    _x("CREATE INDEX message_conflicts_received_idx ON message_conflicts (received_at)")
+    execute("CREATE INDEX message_conflicts_device_idx ON message_conflicts (device_id, id DESC)")
+    execute("CREATE INDEX message_conflicts_received_idx ON message_conflicts (received_at)")
     # Constant defaults: PostgreSQL 11+ records them in the catalogue instead of rewriting.
-    _x("""
+    execute("""
     ALTER TABLE devices
         ADD COLUMN seq_reused bigint NOT NULL DEFAULT 0 CHECK (seq_reused >= 0),
         ADD COLUMN seq_reused_at timestamptz,
         ADD COLUMN seq_resets integer NOT NULL DEFAULT 0 CHECK (seq_resets >= 0),
         ADD COLUMN seq_reset_at timestamptz""")
-    _x("""
+    execute("""
     CREATE OR REPLACE FUNCTION galvani_drop_old_messages(older_than timestamptz)
     RETURNS integer LANGUAGE sql AS $$
         WITH gone AS (DELETE FROM telemetry_messages WHERE received_at < older_than RETURNING 1),
@@ -83,16 +72,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    _x("""
+    execute("""
     CREATE OR REPLACE FUNCTION galvani_drop_old_messages(older_than timestamptz)
     RETURNS integer LANGUAGE sql AS $$
         WITH gone AS (DELETE FROM telemetry_messages WHERE received_at < older_than RETURNING 1)
         SELECT count(*)::integer FROM gone
     $$""")
-    _x("""
+    execute("""
     ALTER TABLE devices
         DROP COLUMN seq_reused, DROP COLUMN seq_reused_at,
         DROP COLUMN seq_resets, DROP COLUMN seq_reset_at""")
-    _x("DROP TABLE message_conflicts")
+    execute("DROP TABLE message_conflicts")
     for table in LEDGERS:
-        _x(f"ALTER TABLE {table} DROP COLUMN payload_crc32")
+        execute(f"ALTER TABLE {table} DROP COLUMN payload_crc32")

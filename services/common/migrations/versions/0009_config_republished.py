@@ -5,24 +5,17 @@ a while (a broker killed -9 can forget a retained table it had not saved). ``pub
 stays the first publication, which the ``config_unacked`` alert measures the device's online
 time from and the push history shows; ``republished_at`` is the latest publication, which the
 next republish is judged against.
-
-Revision ID: 0009
-Revises: 0008
-Create Date: 2026-12-05
 """
 
-from alembic import op
-from sqlalchemy import text
+from services.common.migrations.ddl import execute
 
 revision = "0009"
 down_revision = "0008"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
-    op.execute(text("ALTER TABLE config_pushes ADD COLUMN republished_at timestamptz"))
+    execute("ALTER TABLE config_pushes ADD COLUMN republished_at timestamptz")
 
 
 def downgrade() -> None:
-    op.execute(text("ALTER TABLE config_pushes DROP COLUMN republished_at"))
+    execute("ALTER TABLE config_pushes DROP COLUMN republished_at")

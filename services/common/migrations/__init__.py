@@ -1,0 +1,1 @@
+"""The database schema's Alembic migrations (``versions/``) and what they share (``ddl``)."""
