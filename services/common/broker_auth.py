@@ -38,6 +38,13 @@ from pathlib import Path
 from typing import Final
 
 from services.common.db import Conn
+from services.common.protocol.topics import (
+    ACK_CHANNEL,
+    CONFIG_CHANNEL,
+    DEVICE_CHANNELS,
+    acl_pattern,
+    every_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,6 @@ SERVICE_PASSWD_FILE = "services.passwd"  # noqa: S105 - a file name
 SERVICE_ACL_FILE = "services.acl"
 PID_FILE = "mosquitto.pid"
 LOCK_FILE = ".auth.lock"
-
-DEVICE_TOPIC = "galvani/v1/d"
 
 RESERVED_CLIENT_ID_PREFIX: Final = "galvani-"
 """The start of every backend MQTT client id and service account, and of no device id.
@@ -69,15 +74,13 @@ one, so the two namespaces stay disjoint at the broker itself.
 # protocol.md "Authorization": publish to its own telemetry/events/state/presence, subscribe
 # only to its own config and ack. The last will is a publish too: a will naming another
 # device's topic is dropped by the broker when it fires.
-DEVICE_ACL = f"""\
-# Galvani device ACL (generated). %u is the username, which is also the client id.
-pattern write {DEVICE_TOPIC}/%u/telemetry
-pattern write {DEVICE_TOPIC}/%u/events
-pattern write {DEVICE_TOPIC}/%u/state
-pattern write {DEVICE_TOPIC}/%u/presence
-pattern read {DEVICE_TOPIC}/%u/config
-pattern read {DEVICE_TOPIC}/%u/ack
-"""
+DEVICE_ACL = "".join(
+    [
+        "# Galvani device ACL (generated). %u is the username, which is also the client id.\n",
+        *(f"pattern write {acl_pattern(channel)}\n" for channel in DEVICE_CHANNELS),
+        *(f"pattern read {acl_pattern(channel)}\n" for channel in (CONFIG_CHANNEL, ACK_CHANNEL)),
+    ]
+)
 
 
 class ServiceAccount(StrEnum):
@@ -89,25 +92,23 @@ class ServiceAccount(StrEnum):
     MAINTENANCE = "galvani-maintenance"
 
 
+def _topic_acl(access: str, channels: Iterable[str]) -> tuple[str, ...]:
+    """Mosquitto ``topic`` lines granting ``access`` to ``channels`` of every device."""
+    return tuple(f"topic {access} {every_device(channel)}" for channel in channels)
+
+
 SERVICE_ACLS: dict[ServiceAccount, tuple[str, ...]] = {
     ServiceAccount.INGEST: (
-        f"topic read {DEVICE_TOPIC}/+/telemetry",
-        f"topic read {DEVICE_TOPIC}/+/events",
-        f"topic read {DEVICE_TOPIC}/+/state",
-        f"topic read {DEVICE_TOPIC}/+/presence",
-        f"topic write {DEVICE_TOPIC}/+/ack",
+        *_topic_acl("read", DEVICE_CHANNELS),
+        *_topic_acl("write", [ACK_CHANNEL]),
     ),
     ServiceAccount.RULES: (
-        f"topic read {DEVICE_TOPIC}/+/telemetry",
-        f"topic read {DEVICE_TOPIC}/+/events",
-        f"topic read {DEVICE_TOPIC}/+/state",
-        f"topic read {DEVICE_TOPIC}/+/presence",
-        f"topic readwrite {DEVICE_TOPIC}/+/config",
+        *_topic_acl("read", DEVICE_CHANNELS),
+        *_topic_acl("readwrite", [CONFIG_CHANNEL]),
     ),
     ServiceAccount.API: (
-        f"topic read {DEVICE_TOPIC}/+/state",
-        f"topic read {DEVICE_TOPIC}/+/presence",
-        f"topic readwrite {DEVICE_TOPIC}/+/config",
+        *_topic_acl("read", ["state", "presence"]),
+        *_topic_acl("readwrite", [CONFIG_CHANNEL]),
     ),
     # The broker watch reads Mosquitto's own statistics and nothing else. A topic starting with
     # `$` is matched only by an ACL that starts with `$` too (Mosquitto 2.0.11,

@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 from services.common.db import Conn
 from services.common.errors import GalvaniError
 from services.common.mode_tables import EnvelopeProblem, envelope_problems
-from services.common.protocol import canonical_json
+from services.common.protocol import CONFIG_CHANNEL, canonical_json, device_topic
 from services.common.settings import ServiceSettings
 from services.common.signing import sign_table
 
@@ -58,7 +58,7 @@ class Push:
     @property
     def topic(self) -> str:
         """The device's config topic."""
-        return f"galvani/v1/d/{self.device_id}/config"
+        return device_topic(self.device_id, CONFIG_CHANNEL)
 
 
 def table_sha256(payload: Mapping[str, Any]) -> str:

@@ -19,19 +19,16 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from services.common.protocol.codec import TOPIC_PREFIX
-from services.common.protocol.enums import Channel
-from services.common.protocol.models import INT64_MAX
+from services.common.protocol import ACK_CHANNEL, INT64_MAX, Channel, device_topic
 from services.common.subscriber import Inbound
 from services.ingest.decode import DeadLetter, Decoded, EventIn, StateIn, TelemetryIn
 
-ACK_CHANNEL: Final = "ack"
 OUTBOX_CHANNELS: Final = frozenset({Channel.TELEMETRY, Channel.EVENTS, Channel.STATE})
 
 
 def ack_topic(device_id: str) -> str:
     """The topic on which ``device_id`` hears which of its seqs are stored."""
-    return f"{TOPIC_PREFIX}{device_id}/{ACK_CHANNEL}"
+    return device_topic(device_id, ACK_CHANNEL)
 
 
 def stored_seqs(inbound: Sequence[Inbound], decoded: Sequence[Decoded]) -> dict[str, list[int]]:

@@ -5,6 +5,7 @@ the broker's ACL binds to the device's credentials; a payload never names its de
 """
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final, Literal
@@ -22,6 +23,12 @@ from services.common.protocol import (
     decode,
     parse_topic,
 )
+from services.common.protocol.limits import (
+    CLOCK_FUTURE_LIMIT,
+    CLOCK_PAST_LIMIT,
+    DEVICE_TIME_MAX,
+    DEVICE_TIME_MAX_MS,
+)
 from services.common.protocol.models import (
     CURRENT_UA_MAX,
     CURRENT_UA_MIN,
@@ -35,17 +42,10 @@ from services.common.protocol.models import (
 )
 from services.common.subscriber import Inbound
 
-# protocol.md: device time outside [received - 30 days, received + 5 minutes] is kept but
-# flagged, with the receipt time beside it.
-TS_PAST_LIMIT: Final = timedelta(days=30)
-TS_FUTURE_LIMIT: Final = timedelta(minutes=5)
 # safety.md: skin impedance with gel is 1-20 kOhm in every default mode table.
 GEL_BAND_OHM: Final = (1_000.0, 20_000.0)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-# Python's datetime ends at year 9999; PostgreSQL's later. A device clock that far out is
-# not a clock, so such a message is refused rather than stored with an invented time.
-_MAX_EPOCH_MS: Final = int((datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH).total_seconds()) * 1000
 
 
 # The telemetry fast path's view of the v1 models (services/common/protocol/models.py):
@@ -57,7 +57,7 @@ _Temperature = Annotated[float, msgspec.Meta(ge=TEMP_C_MIN, le=TEMP_C_MAX)]
 
 
 class _FastSample(msgspec.Struct, forbid_unknown_fields=True):
-    ts: Annotated[int, msgspec.Meta(ge=0, le=_MAX_EPOCH_MS)]
+    ts: Annotated[int, msgspec.Meta(ge=0, le=DEVICE_TIME_MAX_MS)]
     mode: Literal["LIFT", "TIGHTEN", "INFUSE", "SAFE"] | None = None
     level: Annotated[int, msgspec.Meta(ge=0, le=10)] | None = None
     out: bool | None = None
@@ -176,16 +176,22 @@ class TelemetryIn:
 
 
 @dataclass(frozen=True, slots=True)
-class EventIn:
-    """One lifecycle event."""
+class _Stamped:
+    """What ingest keeps beside a one-time message with a seq: whose, when, and its bytes."""
 
     device_id: str
-    event: Event
     ts: datetime
     ts_suspect: bool
-    body: str
     received_at: datetime
-    payload: bytes
+    payload: bytes  # as received: tells a redelivery from a reused seq, kept with a conflict
+
+
+@dataclass(frozen=True, slots=True)
+class EventIn(_Stamped):
+    """One lifecycle event; ``body`` is its own fields as JSON, as ``events.body`` stores them."""
+
+    event: Event
+    body: str
 
     @property
     def seq(self) -> int:
@@ -194,15 +200,10 @@ class EventIn:
 
 
 @dataclass(frozen=True, slots=True)
-class StateIn:
+class StateIn(_Stamped):
     """A state report: firmware and the answer to the last mode table."""
 
-    device_id: str
     state: State
-    ts: datetime
-    ts_suspect: bool
-    received_at: datetime
-    payload: bytes
 
     @property
     def seq(self) -> int:
@@ -240,11 +241,17 @@ Decoded = TelemetryIn | EventIn | StateIn | PresenceIn | DeadLetter
 
 def device_time(epoch_ms: int, received_at: datetime) -> tuple[datetime, bool]:
     """The device's time as a datetime and whether it is implausible next to the receipt."""
-    if epoch_ms > _MAX_EPOCH_MS:
-        raise ProtocolError("invalid", f"ts {epoch_ms} is past the year 9999", path="ts")
+    _refuse_past_max(epoch_ms)
     ts = _EPOCH + timedelta(milliseconds=epoch_ms)
-    suspect = ts < received_at - TS_PAST_LIMIT or ts > received_at + TS_FUTURE_LIMIT
+    suspect = ts < received_at - CLOCK_PAST_LIMIT or ts > received_at + CLOCK_FUTURE_LIMIT
     return ts, suspect
+
+
+def _refuse_past_max(epoch_ms: int) -> None:
+    if epoch_ms > DEVICE_TIME_MAX_MS:
+        raise ProtocolError(
+            "invalid", f"ts {epoch_ms} is past {DEVICE_TIME_MAX:%Y-%m-%d}", path="ts"
+        )
 
 
 def decode_inbound(message: Inbound) -> Decoded:
@@ -307,11 +314,11 @@ def _decode(device_id: str, channel: Channel, message: Inbound) -> Decoded:
         event = decode(Channel.EVENTS, message.payload)
         ts, suspect = device_time(event.ts, received_at)
         body = event.model_dump_json(exclude={"v", "seq", "ts", "type"}, exclude_none=True)
-        return EventIn(device_id, event, ts, suspect, body, received_at, message.payload)
+        return EventIn(device_id, ts, suspect, received_at, message.payload, event, body)
     if channel is Channel.STATE:
         state = decode(Channel.STATE, message.payload)
         ts, suspect = device_time(state.ts, received_at)
-        return StateIn(device_id, state, ts, suspect, received_at, message.payload)
+        return StateIn(device_id, ts, suspect, received_at, message.payload, state)
     presence: Presence = decode(Channel.PRESENCE, message.payload)
     if presence.ts is None:
         return PresenceIn(device_id, presence.online, None, False, received_at)
@@ -322,33 +329,12 @@ def _decode(device_id: str, channel: Channel, message: Inbound) -> Decoded:
 def _telemetry(
     device_id: str, message: Telemetry, received_at: datetime, payload: bytes
 ) -> TelemetryIn:
-    seq = message.seq
-    session = message.session
-    rows: list[SampleRow] = []
-    for s in message.samples:
-        ts, suspect = device_time(s.ts, received_at)
-        rows.append(
-            (
-                device_id,
-                ts,
-                seq,
-                session,
-                s.mode.value if s.mode is not None else None,
-                s.level,
-                s.out,
-                s.i_ua,
-                s.i_set_ua,
-                s.v_v,
-                s.z_ohm,
-                s.t_elec_c,
-                s.t_batt_c,
-                s.batt_pct,
-                s.charging,
-                received_at,
-                suspect,
-            )
-        )
-    return TelemetryIn(device_id, seq, session, rows, received_at, payload)
+    """The rows of a message the full path validated, built as the fast path builds them."""
+    for sample in message.samples:
+        _refuse_past_max(sample.ts)
+    samples = [_FastSample(**sample.model_dump(mode="json")) for sample in message.samples]
+    rows = _sample_rows(device_id, message.seq, message.session, samples, received_at)
+    return TelemetryIn(device_id, message.seq, message.session, rows, received_at, payload)
 
 
 def _telemetry_fast(device_id: str, payload: bytes, received_at: datetime) -> TelemetryIn | None:
@@ -369,11 +355,22 @@ def _telemetry_fast(device_id: str, payload: bytes, received_at: datetime) -> Te
     session = message.session
     if session is not None and not (session.isascii() and session.isprintable()):
         return None  # no U+0000 (PostgreSQL text cannot hold it) and no lone surrogates
-    seq = message.seq
-    past = received_at - TS_PAST_LIMIT
-    future = received_at + TS_FUTURE_LIMIT
+    rows = _sample_rows(device_id, message.seq, session, message.samples, received_at)
+    return TelemetryIn(device_id, message.seq, session, rows, received_at, payload)
+
+
+def _sample_rows(
+    device_id: str,
+    seq: int,
+    session: str | None,
+    samples: Iterable[_FastSample],
+    received_at: datetime,
+) -> list[SampleRow]:
+    """One row per sample, its device time flagged as :func:`device_time` flags it."""
+    past = received_at - CLOCK_PAST_LIMIT
+    future = received_at + CLOCK_FUTURE_LIMIT
     rows: list[SampleRow] = []
-    for s in message.samples:
+    for s in samples:
         ts = _EPOCH + timedelta(0, 0, 0, s.ts)  # positional milliseconds: a quarter faster
         rows.append(
             (
@@ -396,7 +393,7 @@ def _telemetry_fast(device_id: str, payload: bytes, received_at: datetime) -> Te
                 ts < past or ts > future,
             )
         )
-    return TelemetryIn(device_id, seq, session, rows, received_at, payload)
+    return rows
 
 
 def in_gel_band(z_ohm: float | None) -> bool:

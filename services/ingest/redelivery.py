@@ -25,7 +25,7 @@ from zlib import crc32
 from psycopg import sql
 
 from services.common.db import Conn
-from services.common.protocol import TOPIC_PREFIX, Channel
+from services.common.protocol import Channel, device_topic
 from services.common.subscriber import Inbound
 from services.ingest.batch import BatchOutcome, M, Message, moment
 from services.ingest.decode import (
@@ -302,8 +302,7 @@ def _recorded(conn: Conn, channel: Channel, items: list[M]) -> list[bool]:
 
 def _decoded_content(device_id: str, channel: Channel, payload: bytes, at: datetime) -> object:
     """The content of a payload recorded whole, decoded as ingest decoded it on arrival."""
-    topic = f"{TOPIC_PREFIX}{device_id}/{channel.value}"
-    decoded = decode_inbound(Inbound(topic, payload, 0, 1, at, 0))
+    decoded = decode_inbound(Inbound(device_topic(device_id, channel), payload, 0, 1, at, 0))
     if isinstance(decoded, TelemetryIn | EventIn | StateIn):
         return _content(decoded)
     return None  # no longer v1 as this ingest reads it: says nothing a message can repeat

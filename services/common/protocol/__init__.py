@@ -5,14 +5,10 @@ JSON vectors in ``protocol/vectors``.
 """
 
 from services.common.protocol.codec import (
-    DEVICE_ID_PATTERN,
     MAX_JSON_DEPTH,
     MAX_PAYLOAD_BYTES,
-    TOPIC_PREFIX,
-    ProtocolError,
     canonical_json,
     decode,
-    parse_topic,
     signing_input,
 )
 from services.common.protocol.enums import (
@@ -27,6 +23,7 @@ from services.common.protocol.enums import (
     ReportKind,
     Waveform,
 )
+from services.common.protocol.errors import ProtocolError
 from services.common.protocol.models import (
     BATT_PCT_MAX,
     BATT_PCT_MIN,
@@ -58,12 +55,24 @@ from services.common.protocol.models import (
     Telemetry,
     UserReport,
 )
+from services.common.protocol.topics import (
+    ACK_CHANNEL,
+    CONFIG_CHANNEL,
+    DEVICE_CHANNELS,
+    DEVICE_ID_PATTERN,
+    TOPIC_PREFIX,
+    device_topic,
+    parse_topic,
+)
 
 __all__ = [
+    "ACK_CHANNEL",
     "BATT_PCT_MAX",
     "BATT_PCT_MIN",
+    "CONFIG_CHANNEL",
     "CURRENT_UA_MAX",
     "CURRENT_UA_MIN",
+    "DEVICE_CHANNELS",
     "DEVICE_ID_PATTERN",
     "IMPEDANCE_OHM_MIN",
     "INT64_MAX",
@@ -106,6 +115,7 @@ __all__ = [
     "Waveform",
     "canonical_json",
     "decode",
+    "device_topic",
     "parse_topic",
     "signing_input",
 ]

@@ -1,4 +1,5 @@
-"""Topics and payload bytes: where untrusted input becomes a v1 model or a ProtocolError."""
+"""Payload bytes: where untrusted input becomes a v1 model or a ProtocolError (topics are
+read by :mod:`services.common.protocol.topics`)."""
 
 import json
 import re
@@ -8,26 +9,12 @@ from typing import Any, Final, Literal, NoReturn, overload
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import from_json
 
-from services.common.errors import GalvaniError
 from services.common.protocol.enums import Channel, EventType
+from services.common.protocol.errors import ProtocolError
 from services.common.protocol.models import ConfigTable, Event, Message, Presence, State, Telemetry
 
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_JSON_DEPTH: Final = 32  # v1 payloads nest 4 deep; the rest of the room is for `detail`
-TOPIC_PREFIX: Final = "galvani/v1/d/"
-# Never / + # % or spaces: they would break the broker's pattern ACLs.
-DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{2,63}$"
-
-
-class ProtocolError(GalvaniError):
-    """A topic or payload that breaks protocol v1; ``reason`` is a stable short code."""
-
-    def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.path = path
-
 
 _ADAPTERS: Final[dict[Channel, TypeAdapter[Any]]] = {
     Channel.TELEMETRY: TypeAdapter(Telemetry),
@@ -36,7 +23,6 @@ _ADAPTERS: Final[dict[Channel, TypeAdapter[Any]]] = {
     Channel.PRESENCE: TypeAdapter(Presence),
     Channel.CONFIG: TypeAdapter(ConfigTable),
 }
-_DEVICE_ID: Final = re.compile(DEVICE_ID_PATTERN)
 _EVENT_TAGS: Final = frozenset(EventType)
 _JSON_KINDS: Final[dict[type, str]] = {
     list: "array",
@@ -55,21 +41,6 @@ _JSON_STRING: Final = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NAN_OR_INFINITY: Final = re.compile(rb"NaN|Infinity")
 # An escape for U+0000 is a backslash run of odd length followed by u0000.
 _NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def parse_topic(topic: str) -> tuple[str, Channel]:
-    """Split ``galvani/v1/d/{device_id}/{channel}`` into the device id and channel."""
-    if not topic.startswith(TOPIC_PREFIX):
-        raise ProtocolError("bad_topic", f"topic does not start with {TOPIC_PREFIX!r}")
-    device_id, slash, channel = topic[len(TOPIC_PREFIX) :].partition("/")
-    if not slash or _DEVICE_ID.fullmatch(device_id) is None:
-        raise ProtocolError("bad_topic", "topic does not name a valid device id")
-    if "/" in channel:
-        raise ProtocolError("bad_topic", "topic has levels after the channel")
-    try:
-        return device_id, Channel(channel)
-    except ValueError:
-        raise ProtocolError("unknown_channel", "topic names no protocol v1 channel") from None
 
 
 @overload

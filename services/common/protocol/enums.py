@@ -14,6 +14,8 @@ class Channel(StrEnum):
 
 
 class Mode(StrEnum):
+    """What a session runs: the three treatment modes, and SAFE, the one fault rules leave open."""
+
     LIFT = "LIFT"
     TIGHTEN = "TIGHTEN"
     INFUSE = "INFUSE"
@@ -21,11 +23,15 @@ class Mode(StrEnum):
 
 
 class Waveform(StrEnum):
+    """The output shape of a mode: alternating monophasic pulses, or direct current."""
+
     MONO_ALT = "mono_alt"
     DC = "dc"
 
 
 class EventType(StrEnum):
+    """The ``type`` tag of an ``events`` payload."""
+
     SESSION_START = "session_start"
     SESSION_END = "session_end"
     FAULT = "fault"
@@ -35,6 +41,8 @@ class EventType(StrEnum):
 
 
 class EndReason(StrEnum):
+    """Why a session ended (``session_end.reason``)."""
+
     COMPLETED = "completed"
     USER_STOPPED = "user_stopped"
     AUTO_SHUTOFF = "auto_shutoff"
@@ -44,6 +52,8 @@ class EndReason(StrEnum):
 
 
 class FaultCode(StrEnum):
+    """What the firmware cut output for (``fault.code``)."""
+
     OVERCURRENT = "overcurrent"
     DC_OFFSET = "dc_offset"
     SHORT_CIRCUIT = "short_circuit"
@@ -55,6 +65,8 @@ class FaultCode(StrEnum):
 
 
 class RebootReason(StrEnum):
+    """Why the device restarted (``reboot.reason``); watchdog, brownout and panic are unexpected."""
+
     POWER_ON = "power_on"
     WATCHDOG = "watchdog"
     BROWNOUT = "brownout"
@@ -63,6 +75,8 @@ class RebootReason(StrEnum):
 
 
 class ReportKind(StrEnum):
+    """What a user reported about a session (``user_report.kind``)."""
+
     REDNESS = "redness"
     BURN = "burn"
     DISCOMFORT = "discomfort"
@@ -70,11 +84,15 @@ class ReportKind(StrEnum):
 
 
 class ConfigStatus(StrEnum):
+    """What a device did with the last mode table (``state.config.status``)."""
+
     APPLIED = "applied"
     REJECTED = "rejected"
 
 
 class RejectionReason(StrEnum):
+    """Why a device refused a mode table (``state.config.reason``)."""
+
     BAD_SIGNATURE = "bad_signature"
     STALE_VERSION = "stale_version"
     OUTSIDE_ENVELOPE = "outside_envelope"
