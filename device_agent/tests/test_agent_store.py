@@ -23,7 +23,7 @@ from device_agent.store import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_agent import store as store_module
+from device_agent import outbox as outbox_module
 
 T0 = 1_763_805_600_000
 DEVICE = "dev-0001"
@@ -151,7 +151,7 @@ def test_pending_refuses_a_negative_limit(db: Opener) -> None:
 def test_pending_by_id_reads_those_rows_of_this_device_only_oldest_first(
     db: Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_IDS_PER_QUERY", 2)  # several queries, one answer
+    monkeypatch.setattr(outbox_module, "_IDS_PER_QUERY", 2)  # several queries, one answer
     conn = db()
     store, other = DeviceStore(conn, DEVICE), DeviceStore(conn, "dev-0002")
     for channel in ["telemetry", "state", "events", "telemetry", "events"]:
