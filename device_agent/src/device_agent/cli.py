@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from device_agent.agent import Identity
-from device_agent.fleet import read_public_key
-from device_agent.link import BACKOFF_MAX_S, BrokerAddress, DeleteOn
+from device_agent.arguments import add_shared_arguments, read_public_key
+from device_agent.link import BACKOFF_MAX_S, BrokerAddress
 from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice, power_off
 from device_agent.store import DeviceStore, OutboxLimits, open_database
 
@@ -49,19 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the agent")
     run.add_argument("--device-id", required=True)
-    run.add_argument("--host", default="127.0.0.1")
-    run.add_argument("--port", type=int, default=1883)
+    add_shared_arguments(run, store_help="SQLite file: outbox, seq, applied table")
     run.add_argument("--password-file", type=Path, help=f"else ${PASSWORD_ENV}")
     run.add_argument("--ca-file", help="CA bundle: connect with TLS")
-    run.add_argument(
-        "--public-key",
-        type=Path,
-        required=True,
-        help="the backend's config-signing public key (raw Ed25519, base64)",
-    )
-    run.add_argument(
-        "--store", type=Path, required=True, help="SQLite file: outbox, seq, applied table"
-    )
     run.add_argument("--outbox-max-bytes", type=int, default=OutboxLimits().max_bytes)
     run.add_argument("--outbox-max-age", type=float, default=OutboxLimits().max_age_s)
     run.add_argument(
@@ -69,14 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=BACKOFF_MAX_S,
         help="seconds: the longest wait before reconnecting or sending a refused message again",
-    )
-    run.add_argument(
-        "--delete-on",
-        type=DeleteOn,
-        choices=list(DeleteOn),
-        default=DeleteOn.STORED,
-        help="when a message leaves the outbox: the backend's stored-ack (default), or the "
-        "broker's PUBACK for a backend that sends no stored-acks",
     )
     run.add_argument("--fw", default="1.4.2")
     run.add_argument("--hw", default="B")
@@ -101,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the simulated device misbehave (repeatable)",
     )
     run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--verbose", action="store_true")
     return parser
 

@@ -10,7 +10,6 @@ shows sessions within minutes instead of days.
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import heapq
 import json
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from device_agent.agent import Identity
+from device_agent.arguments import add_shared_arguments, read_public_key
 from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
@@ -104,17 +104,6 @@ def load_credentials(path: Path) -> dict[str, Credential]:
         else:
             raise problem
     return credentials
-
-
-def read_public_key(path: Path) -> bytes:
-    """The backend's raw 32-byte Ed25519 public key, stored base64."""
-    try:
-        key = base64.b64decode(path.read_text("ascii").strip(), validate=True)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"cannot read the config public key {path}: {exc}") from None
-    if len(key) != 32:
-        raise SystemExit(f"{path} does not hold a raw 32-byte Ed25519 public key (base64)")
-    return key
 
 
 def habits_for(user: str | None, rng: random.Random, activity: float) -> Habits:
@@ -256,17 +245,7 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
     parser.add_argument(
         "--credentials", type=Path, required=True, help="JSON file: device id -> password"
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=1883)
-    parser.add_argument(
-        "--public-key",
-        type=Path,
-        required=True,
-        help="the backend's config-signing public key (raw Ed25519, base64)",
-    )
-    parser.add_argument(
-        "--store", type=Path, required=True, help="SQLite file for every device's outbox and seq"
-    )
+    add_shared_arguments(parser, store_help="SQLite file for every device's outbox and seq")
     parser.add_argument(
         "--activity", type=float, default=1.0, help="multiply every session rate (1 = realistic)"
     )
@@ -274,15 +253,6 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
     parser.add_argument("--status-file", type=Path, help="write the status JSON here")
     parser.add_argument(
         "--status-interval", type=float, default=STATUS_INTERVAL_S, help="seconds between reports"
-    )
-    parser.add_argument("--duration", type=float, help="stop after this many seconds")
-    parser.add_argument(
-        "--delete-on",
-        type=DeleteOn,
-        choices=list(DeleteOn),
-        default=DeleteOn.STORED,
-        help="when a message leaves an outbox: the backend's stored-ack (default), or the "
-        "broker's PUBACK for a broker with no backend behind it",
     )
     parser.add_argument(
         "--faulty-share",

@@ -1,0 +1,42 @@
+"""The command-line options ``galvani-agent`` and ``galvani-fleet`` share, declared once."""
+
+import argparse
+import base64
+from pathlib import Path
+
+from device_agent.link import DeleteOn
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) -> None:
+    """The broker, the backend's key, the store file, when a message leaves the outbox, and
+    how long to run."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        required=True,
+        help="the backend's config-signing public key (raw Ed25519, base64)",
+    )
+    parser.add_argument("--store", type=Path, required=True, help=store_help)
+    parser.add_argument(
+        "--delete-on",
+        type=DeleteOn,
+        choices=list(DeleteOn),
+        default=DeleteOn.STORED,
+        help="when a message leaves the outbox: the backend's stored-ack (default), or the "
+        "broker's PUBACK for a backend that sends no stored-acks (or a broker with none "
+        "behind it)",
+    )
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+
+
+def read_public_key(path: Path) -> bytes:
+    """The backend's raw 32-byte Ed25519 public key, stored base64."""
+    try:
+        key = base64.b64decode(path.read_text("ascii").strip(), validate=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot read the config public key {path}: {exc}") from None
+    if len(key) != 32:
+        raise SystemExit(f"{path} does not hold a raw 32-byte Ed25519 public key (base64)")
+    return key
