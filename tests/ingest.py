@@ -15,10 +15,12 @@ from pathlib import Path
 import psycopg
 
 from deploy.stack.ports import free_port
+from services.common.protocol.topics import device_topic
 from services.common.provisioning import provision_device
 from tests.mqtt import MqttClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+VECTORS_DIR = REPO_ROOT / "protocol" / "vectors"
 T0_MS = int(time.time() * 1000) - 3_600_000
 _groups = itertools.count(1)
 
@@ -186,28 +188,24 @@ def provision(url: str, count: int, *, prefix: str = "dev", brand: str = "acme")
     return [Device(d.device_id, d.password) for d in devices]
 
 
-def topic(device_id: str, channel: str) -> str:
-    return f"galvani/v1/d/{device_id}/{channel}"
+# A device's topic, built as the backend builds it (services.common.protocol.topics).
+topic = device_topic
+
+
+def _spec_sample() -> dict[str, object]:
+    cases = json.loads((VECTORS_DIR / "telemetry.json").read_text("utf-8"))["valid"]
+    payload = next(case["payload"] for case in cases if case["name"] == "spec_example")
+    return {key: value for key, value in payload["samples"][0].items() if key != "ts"}
+
+
+# One 10 Hz sample during output, with gel: protocol.md's example, as the protocol vectors pin
+# it, without its ``ts`` (bench/mqtt_load.py publishes the same).
+SPEC_SAMPLE = _spec_sample()
 
 
 def sample(ts_ms: int, **fields: object) -> dict[str, object]:
     """One 10 Hz sample during output, with gel (override any field)."""
-    base: dict[str, object] = {
-        "ts": ts_ms,
-        "mode": "LIFT",
-        "level": 3,
-        "out": True,
-        "i_ua": 301.5,
-        "i_set_ua": 300.0,
-        "v_v": 6.1,
-        "z_ohm": 8200,
-        "t_elec_c": 33.1,
-        "t_batt_c": 31.0,
-        "batt_pct": 78,
-        "charging": False,
-    }
-    base.update(fields)
-    return base
+    return {"ts": ts_ms, **SPEC_SAMPLE, **fields}
 
 
 def telemetry(

@@ -2,7 +2,7 @@
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,13 +60,14 @@ class ServiceSettings(BaseSettings):
 
 class WorkerSettings(ServiceSettings):
     """What every broker-fed worker has (services.common.worker); ingest and rules subclass it
-    with their prefix, their ``service`` name and their own batch sizes and share group.
+    with their prefix and ``service`` name.
 
-    Each subclass declares ``mqtt_username``, ``share_group``, ``batch_max_messages``,
-    ``flush_interval_s`` and ``receive_maximum`` with the defaults its work calls for.
+    The broker account defaults to ``galvani-<service>`` and the share group to ``<service>``;
+    each subclass declares ``batch_max_messages``, ``flush_interval_s`` and
+    ``receive_maximum`` with the defaults its work calls for.
     """
 
-    # ``ingest`` or ``rules``: the middle of client ids and metric names.
+    # ``ingest`` or ``rules``: the middle of client ids, account names and metric names.
     service: ClassVar[str]
 
     # The MQTT client id is galvani-<service>-<worker_id>: a restarted worker must reuse it to
@@ -84,6 +85,14 @@ class WorkerSettings(ServiceSettings):
     session_expiry_s: int = Field(default=WEEK_S, ge=3600)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65_535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data.setdefault("mqtt_username", f"galvani-{cls.service}")
+            data.setdefault("share_group", cls.service)
+        return data
 
     def client_id(self) -> str:
         """This worker's MQTT client id, ``galvani-<service>-<worker_id>``."""

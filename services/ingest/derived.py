@@ -14,8 +14,11 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Final
 
+from psycopg import sql
+
 from services.common.db import Conn
 from services.common.protocol import SessionEnd, SessionStart
+from services.common.protocol.limits import SAMPLE_PERIOD_S
 from services.ingest.decode import (
     GEL_BAND_OHM,
     ROW_BATT_PCT,
@@ -34,10 +37,126 @@ from services.ingest.decode import (
     TelemetryIn,
 )
 
-# protocol.md: 10 samples a second while output runs, so one sample with ``out`` is 0.1 s.
-SAMPLE_PERIOD_S: Final = 0.1
-
 _sample_time: Final = itemgetter(ROW_TS)
+
+# When a batch's value replaces the stored one: redelivered or out-of-order messages must not
+# roll a row back, so the start and end with the highest seq win, and state and presence with
+# the newest device time (a config answer only from a report that carries one).
+_START_WINS: Final = (
+    "excluded.start_seq > s.start_seq OR s.start_seq IS NULL AND excluded.start_seq IS NOT NULL"
+)
+_END_WINS: Final = (
+    "excluded.end_seq > s.end_seq OR s.end_seq IS NULL AND excluded.end_seq IS NOT NULL"
+)
+_STATE_WINS: Final = "u.state_ts >= d.state_ts OR d.state_ts IS NULL AND u.state_ts IS NOT NULL"
+_CONFIG_WINS: Final = (
+    "(u.state_ts >= d.state_ts OR d.state_ts IS NULL) AND u.cfg_version IS NOT NULL"
+)
+_PRESENCE_WINS: Final = (
+    "u.presence_at >= d.presence_at OR d.presence_at IS NULL AND u.presence_at IS NOT NULL"
+)
+
+
+def _if_newer(when: str, **columns: tuple[str, str]) -> sql.SQL:
+    """SET items ``column = CASE WHEN when THEN new ELSE old END``, one per
+    ``column=(new, old)``."""
+    return sql.SQL(
+        ",\n".join(
+            f"{column} = CASE WHEN {when} THEN {new} ELSE {old} END"
+            for column, (new, old) in columns.items()
+        )
+    )
+
+
+_UPSERT_SESSIONS: Final = sql.SQL(
+    """
+    INSERT INTO sessions AS s (
+        device_id, session, brand_id, user_id, mode, level, started_at, start_seq,
+        ended_at, duration_s, end_reason, end_seq, samples, out_samples, gel_ok_samples,
+        output_s, first_sample_at, last_sample_at, start_batt_pct, updated_at)
+    SELECT u.device_id, u.session, d.brand_id, COALESCE(u.user_id, d.user_id),
+           COALESCE(u.start_mode, u.sample_mode), COALESCE(u.start_level, u.sample_level),
+           u.started_at, u.start_seq, u.ended_at, u.duration_s, u.end_reason, u.end_seq,
+           u.samples, u.out_samples, u.gel_ok_samples, u.out_samples * %s::real,
+           u.first_sample_at, u.last_sample_at, u.start_batt_pct, now()
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int2[], %b::text[],
+                %b::int2[], %b::timestamptz[], %b::int8[], %b::timestamptz[], %b::real[],
+                %b::text[], %b::int8[], %b::int4[], %b::int4[], %b::int4[],
+                %b::timestamptz[], %b::timestamptz[], %b::int2[])
+         AS u(device_id, session, user_id, start_mode, start_level, sample_mode,
+              sample_level, started_at, start_seq, ended_at, duration_s, end_reason,
+              end_seq, samples, out_samples, gel_ok_samples, first_sample_at,
+              last_sample_at, start_batt_pct)
+    JOIN devices d ON d.id = u.device_id
+    ORDER BY u.device_id, u.session
+    ON CONFLICT (device_id, session) DO UPDATE SET
+        -- The start and end with the highest seq win, whatever order they arrive in.
+        {start_wins},
+        start_seq = GREATEST(s.start_seq, excluded.start_seq),
+        {end_wins},
+        end_seq = GREATEST(s.end_seq, excluded.end_seq),
+        samples = s.samples + excluded.samples,
+        out_samples = s.out_samples + excluded.out_samples,
+        gel_ok_samples = s.gel_ok_samples + excluded.gel_ok_samples,
+        output_s = (s.out_samples + excluded.out_samples) * %s::real,
+        start_batt_pct = CASE WHEN excluded.first_sample_at < s.first_sample_at
+                              OR s.first_sample_at IS NULL
+                              THEN COALESCE(excluded.start_batt_pct, s.start_batt_pct)
+                              ELSE s.start_batt_pct END,
+        first_sample_at = LEAST(s.first_sample_at, excluded.first_sample_at),
+        last_sample_at = GREATEST(s.last_sample_at, excluded.last_sample_at),
+        updated_at = now()"""
+).format(
+    start_wins=_if_newer(
+        _START_WINS,
+        user_id=("excluded.user_id", "s.user_id"),
+        mode=("excluded.mode", "COALESCE(s.mode, excluded.mode)"),
+        level=("excluded.level", "COALESCE(s.level, excluded.level)"),
+        started_at=("excluded.started_at", "s.started_at"),
+    ),
+    end_wins=_if_newer(
+        _END_WINS,
+        ended_at=("excluded.ended_at", "s.ended_at"),
+        duration_s=("excluded.duration_s", "s.duration_s"),
+        end_reason=("excluded.end_reason", "s.end_reason"),
+    ),
+)
+
+
+_UPDATE_DEVICES: Final = sql.SQL(
+    """
+    UPDATE devices d SET
+        last_received_at = GREATEST(d.last_received_at, u.received_at),
+        last_seen = GREATEST(d.last_seen, u.seen),
+        first_seq = LEAST(d.first_seq, u.min_seq),
+        last_seq = GREATEST(d.last_seq, u.max_seq),
+        seq_count = d.seq_count + u.new_seqs,
+        seq_gaps = GREATEST(0, COALESCE(
+            GREATEST(d.last_seq, u.max_seq) - LEAST(d.first_seq, u.min_seq) + 1
+            - (d.seq_count + u.new_seqs), 0)),
+        -- "Latest" is the newest device time, not the last message received.
+        {state_wins},
+        {config_wins},
+        state_ts = GREATEST(d.state_ts, u.state_ts),
+        {presence_wins},
+        presence_at = GREATEST(d.presence_at, u.presence_at)
+    FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],
+                %b::int8[], %b::timestamptz[], %b::text[], %b::text[], %b::int4[],
+                %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[])
+         AS u(id, received_at, seen, min_seq, max_seq, new_seqs, state_ts, fw, hw,
+              cfg_version, cfg_sha256, cfg_status, cfg_reason, presence_at, online)
+    WHERE d.id = u.id"""
+).format(
+    state_wins=_if_newer(_STATE_WINS, fw=("u.fw", "d.fw"), hw=("u.hw", "d.hw")),
+    config_wins=_if_newer(
+        _CONFIG_WINS,
+        config_reported_version=("u.cfg_version", "d.config_reported_version"),
+        config_reported_sha256=("u.cfg_sha256", "d.config_reported_sha256"),
+        config_reported_status=("u.cfg_status", "d.config_reported_status"),
+        config_reported_reason=("u.cfg_reason", "d.config_reported_reason"),
+    ),
+    presence_wins=_if_newer(_PRESENCE_WINS, online=("u.online", "d.online")),
+)
 
 
 @dataclass
@@ -159,62 +278,7 @@ def upsert_sessions(conn: Conn, sessions: dict[tuple[str, str], SessionDelta]) -
     starts = [d.start.event if d.start else None for d in deltas]
     ends = [d.end.event if d.end else None for d in deltas]
     conn.execute(
-        """
-        INSERT INTO sessions AS s (
-            device_id, session, brand_id, user_id, mode, level, started_at, start_seq,
-            ended_at, duration_s, end_reason, end_seq, samples, out_samples, gel_ok_samples,
-            output_s, first_sample_at, last_sample_at, start_batt_pct, updated_at)
-        SELECT u.device_id, u.session, d.brand_id, COALESCE(u.user_id, d.user_id),
-               COALESCE(u.start_mode, u.sample_mode), COALESCE(u.start_level, u.sample_level),
-               u.started_at, u.start_seq, u.ended_at, u.duration_s, u.end_reason, u.end_seq,
-               u.samples, u.out_samples, u.gel_ok_samples, u.out_samples * %s::real,
-               u.first_sample_at, u.last_sample_at, u.start_batt_pct, now()
-        FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int2[], %b::text[],
-                    %b::int2[], %b::timestamptz[], %b::int8[], %b::timestamptz[], %b::real[],
-                    %b::text[], %b::int8[], %b::int4[], %b::int4[], %b::int4[],
-                    %b::timestamptz[], %b::timestamptz[], %b::int2[])
-             AS u(device_id, session, user_id, start_mode, start_level, sample_mode,
-                  sample_level, started_at, start_seq, ended_at, duration_s, end_reason,
-                  end_seq, samples, out_samples, gel_ok_samples, first_sample_at,
-                  last_sample_at, start_batt_pct)
-        JOIN devices d ON d.id = u.device_id
-        ORDER BY u.device_id, u.session
-        ON CONFLICT (device_id, session) DO UPDATE SET
-            -- The start and end with the highest seq win, whatever order they arrive in.
-            user_id = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
-                           AND excluded.start_seq IS NOT NULL
-                           THEN excluded.user_id ELSE s.user_id END,
-            mode = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
-                        AND excluded.start_seq IS NOT NULL THEN excluded.mode
-                        ELSE COALESCE(s.mode, excluded.mode) END,
-            level = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
-                         AND excluded.start_seq IS NOT NULL THEN excluded.level
-                         ELSE COALESCE(s.level, excluded.level) END,
-            started_at = CASE WHEN excluded.start_seq > s.start_seq OR s.start_seq IS NULL
-                              AND excluded.start_seq IS NOT NULL THEN excluded.started_at
-                              ELSE s.started_at END,
-            start_seq = GREATEST(s.start_seq, excluded.start_seq),
-            ended_at = CASE WHEN excluded.end_seq > s.end_seq OR s.end_seq IS NULL
-                            AND excluded.end_seq IS NOT NULL THEN excluded.ended_at
-                            ELSE s.ended_at END,
-            duration_s = CASE WHEN excluded.end_seq > s.end_seq OR s.end_seq IS NULL
-                              AND excluded.end_seq IS NOT NULL THEN excluded.duration_s
-                              ELSE s.duration_s END,
-            end_reason = CASE WHEN excluded.end_seq > s.end_seq OR s.end_seq IS NULL
-                              AND excluded.end_seq IS NOT NULL THEN excluded.end_reason
-                              ELSE s.end_reason END,
-            end_seq = GREATEST(s.end_seq, excluded.end_seq),
-            samples = s.samples + excluded.samples,
-            out_samples = s.out_samples + excluded.out_samples,
-            gel_ok_samples = s.gel_ok_samples + excluded.gel_ok_samples,
-            output_s = (s.out_samples + excluded.out_samples) * %s::real,
-            start_batt_pct = CASE WHEN excluded.first_sample_at < s.first_sample_at
-                                  OR s.first_sample_at IS NULL
-                                  THEN COALESCE(excluded.start_batt_pct, s.start_batt_pct)
-                                  ELSE s.start_batt_pct END,
-            first_sample_at = LEAST(s.first_sample_at, excluded.first_sample_at),
-            last_sample_at = GREATEST(s.last_sample_at, excluded.last_sample_at),
-            updated_at = now()""",
+        _UPSERT_SESSIONS,
         [
             SAMPLE_PERIOD_S,
             [k[0] for k in keys],
@@ -273,43 +337,7 @@ def update_devices(conn: Conn, devices: dict[str, DeviceDelta]) -> None:
     states = [d.state for d in deltas]
     configs = [s.state.config if s else None for s in states]
     conn.execute(
-        """
-        UPDATE devices d SET
-            last_received_at = GREATEST(d.last_received_at, u.received_at),
-            last_seen = GREATEST(d.last_seen, u.seen),
-            first_seq = LEAST(d.first_seq, u.min_seq),
-            last_seq = GREATEST(d.last_seq, u.max_seq),
-            seq_count = d.seq_count + u.new_seqs,
-            seq_gaps = GREATEST(0, COALESCE(
-                GREATEST(d.last_seq, u.max_seq) - LEAST(d.first_seq, u.min_seq) + 1
-                - (d.seq_count + u.new_seqs), 0)),
-            -- "Latest" is the newest device time, not the last message received.
-            fw = CASE WHEN u.state_ts >= d.state_ts OR d.state_ts IS NULL AND u.state_ts
-                      IS NOT NULL THEN u.fw ELSE d.fw END,
-            hw = CASE WHEN u.state_ts >= d.state_ts OR d.state_ts IS NULL AND u.state_ts
-                      IS NOT NULL THEN u.hw ELSE d.hw END,
-            config_reported_version = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
-                AND u.cfg_version IS NOT NULL THEN u.cfg_version
-                ELSE d.config_reported_version END,
-            config_reported_sha256 = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
-                AND u.cfg_version IS NOT NULL THEN u.cfg_sha256
-                ELSE d.config_reported_sha256 END,
-            config_reported_status = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
-                AND u.cfg_version IS NOT NULL THEN u.cfg_status
-                ELSE d.config_reported_status END,
-            config_reported_reason = CASE WHEN (u.state_ts >= d.state_ts OR d.state_ts IS NULL)
-                AND u.cfg_version IS NOT NULL THEN u.cfg_reason
-                ELSE d.config_reported_reason END,
-            state_ts = GREATEST(d.state_ts, u.state_ts),
-            online = CASE WHEN u.presence_at >= d.presence_at OR d.presence_at IS NULL
-                          AND u.presence_at IS NOT NULL THEN u.online ELSE d.online END,
-            presence_at = GREATEST(d.presence_at, u.presence_at)
-        FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],
-                    %b::int8[], %b::timestamptz[], %b::text[], %b::text[], %b::int4[],
-                    %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[])
-             AS u(id, received_at, seen, min_seq, max_seq, new_seqs, state_ts, fw, hw,
-                  cfg_version, cfg_sha256, cfg_status, cfg_reason, presence_at, online)
-        WHERE d.id = u.id""",
+        _UPDATE_DEVICES,
         [
             ids,
             [d.received_at for d in deltas],

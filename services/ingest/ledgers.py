@@ -7,12 +7,22 @@ is how the writer tells new messages from the rest, and stores the payload's CRC
 letters are copied as they come.
 """
 
+from typing import LiteralString
 from zlib import crc32
 
 from psycopg.types.json import Jsonb
 
 from services.common.db import Conn
 from services.ingest.decode import DeadLetter, EventIn, PresenceIn, StateIn, TelemetryIn
+
+
+def _new_keys(
+    conn: Conn, insert: LiteralString, columns: list[list[object]]
+) -> set[tuple[str, int]]:
+    """Run a keyed ``INSERT … ON CONFLICT DO NOTHING RETURNING device_id, seq`` of one row per
+    element of ``columns``' lists; the keys that were new."""
+    rows = conn.execute(insert, columns).fetchall()
+    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
 
 
 def insert_telemetry(
@@ -22,7 +32,8 @@ def insert_telemetry(
     if not telemetry:
         return set()
     items = list(telemetry.values())
-    rows = conn.execute(
+    return _new_keys(
+        conn,
         """
         INSERT INTO telemetry_messages
             (device_id, seq, ts, session, samples, received_at, ts_suspect, payload_crc32)
@@ -42,8 +53,7 @@ def insert_telemetry(
             # BLAKE2b. It only has to tell a resent payload from a different one.
             [crc32(t.payload) for t in items],
         ],
-    ).fetchall()
-    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+    )
 
 
 def insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tuple[str, int]]:
@@ -51,7 +61,8 @@ def insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tup
     if not events:
         return set()
     items = list(events.values())
-    rows = conn.execute(
+    return _new_keys(
+        conn,
         """
         INSERT INTO events (device_id, seq, ts, type, session, body, received_at, ts_suspect,
                             payload_crc32)
@@ -72,8 +83,7 @@ def insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tup
             [e.ts_suspect for e in items],
             [crc32(e.payload) for e in items],
         ],
-    ).fetchall()
-    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+    )
 
 
 def insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tuple[str, int]]:
@@ -82,7 +92,8 @@ def insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tup
         return set()
     items = list(states.values())
     configs = [s.state.config for s in items]
-    rows = conn.execute(
+    return _new_keys(
+        conn,
         """
         INSERT INTO state_reports (device_id, seq, ts, fw, hw, config_version, config_sha256,
                                    config_status, config_reason, received_at, dropped,
@@ -106,8 +117,7 @@ def insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tup
             [Jsonb(s.state.dropped.model_dump()) if s.state.dropped else None for s in items],
             [crc32(s.payload) for s in items],
         ],
-    ).fetchall()
-    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+    )
 
 
 def insert_presence(conn: Conn, presences: list[PresenceIn]) -> int:

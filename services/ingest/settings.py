@@ -5,7 +5,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import FlushIntervalS, ReceiveMaximum, WorkerName, WorkerSettings
+from services.common.settings import FlushIntervalS, ReceiveMaximum, WorkerSettings
 
 
 class IngestSettings(WorkerSettings):
@@ -14,8 +14,6 @@ class IngestSettings(WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="GALVANI_INGEST_", extra="ignore")
     service: ClassVar[str] = "ingest"
 
-    mqtt_username: str = "galvani-ingest"
-    share_group: WorkerName = "ingest"
     # Throughput-bound: large batches, each one COPY.
     batch_max_messages: int = Field(default=1000, ge=1, le=20_000)
     flush_interval_s: FlushIntervalS = 0.1

@@ -6,7 +6,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import FlushIntervalS, ReceiveMaximum, WorkerName, WorkerSettings
+from services.common.settings import FlushIntervalS, ReceiveMaximum, WorkerSettings
 
 
 class RulesSettings(WorkerSettings):
@@ -15,8 +15,6 @@ class RulesSettings(WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="GALVANI_RULES_", extra="ignore")
     service: ClassVar[str] = "rules"
 
-    mqtt_username: str = "galvani-rules"
-    share_group: WorkerName = "rules"
     # Alerts are latency-bound, not throughput-bound: small batches, flushed within 5 ms.
     batch_max_messages: int = Field(default=200, ge=1, le=5000)
     flush_interval_s: FlushIntervalS = 0.005
