@@ -28,6 +28,18 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+def refuse_default_secrets(
+    environment: Environment, database_url: SecretStr, mqtt_password: SecretStr | None
+) -> None:
+    """Raise ValueError outside development if a secret is empty or a well-known default."""
+    if environment is Environment.DEVELOPMENT:
+        return
+    if mqtt_password is not None and mqtt_password.get_secret_value() in KNOWN_DEFAULT_SECRETS:
+        raise ValueError("mqtt_password is empty or a well-known default")
+    if any(f":{word}@" in database_url.get_secret_value() for word in KNOWN_DEFAULT_SECRETS):
+        raise ValueError("database_url carries an empty or well-known default password")
+
+
 class ServiceSettings(BaseSettings):
     """Connection settings every service has (database, broker, data directory).
 
@@ -47,14 +59,7 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Self:
-        if self.environment is Environment.DEVELOPMENT:
-            return self
-        if self.mqtt_password.get_secret_value() in KNOWN_DEFAULT_SECRETS:
-            raise ValueError("mqtt_password is empty or a well-known default")
-        if any(
-            f":{word}@" in self.database_url.get_secret_value() for word in KNOWN_DEFAULT_SECRETS
-        ):
-            raise ValueError("database_url carries an empty or well-known default password")
+        refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
         return self
 
 

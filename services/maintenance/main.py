@@ -1,16 +1,15 @@
 """The maintenance loop: ``python -m services.maintenance.main``."""
 
 import logging
-import signal
 import threading
 from datetime import UTC, datetime, timedelta
-from types import FrameType
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 
 from services.common.db import connect
 from services.common.errors import DatabaseUnavailable
 from services.common.logs import configure_logging
+from services.common.worker import stop_on_signals
 from services.maintenance.broker_watch import (
     BrokerAddress,
     BrokerCollector,
@@ -51,13 +50,7 @@ def main() -> None:
     """Run a pass every ``interval_s`` until SIGTERM or SIGINT."""
     settings = MaintenanceSettings()
     configure_logging(settings.log_level)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     watch = start_broker_watch(settings)

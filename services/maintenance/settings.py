@@ -6,7 +6,7 @@ from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.broker_auth import ServiceAccount
-from services.common.settings import KNOWN_DEFAULT_SECRETS, Environment
+from services.common.settings import Environment, refuse_default_secrets
 
 
 class MaintenanceSettings(BaseSettings):
@@ -39,15 +39,5 @@ class MaintenanceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Self:
-        if self.environment is Environment.DEVELOPMENT:
-            return self
-        if (
-            self.mqtt_password is not None
-            and self.mqtt_password.get_secret_value() in KNOWN_DEFAULT_SECRETS
-        ):
-            raise ValueError("mqtt_password is empty or a well-known default")
-        if any(
-            f":{word}@" in self.database_url.get_secret_value() for word in KNOWN_DEFAULT_SECRETS
-        ):
-            raise ValueError("database_url carries an empty or well-known default password")
+        refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
         return self
