@@ -30,7 +30,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bench.ingest import process_cpu_s, say, start_broker
+from bench.harness import process_cpu_s, say, start_broker
 from deploy.stack.mosquitto import MosquittoBroker
 from services.common.broker_auth import ServiceAccount, hash_password, new_device_password
 from services.common.signing import public_key_b64

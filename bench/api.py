@@ -26,32 +26,36 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import psycopg
 from alembic.script import ScriptDirectory
 
 from bench.api_seed import BRAND, RIVAL, SeedParams, device_id, make_plan, seed
+from bench.harness import (
+    REPO_ROOT,
+    postgres_cpu_s,
+    process_cpu_s,
+    require_timescaledb,
+    run_main,
+    say,
+    workspace,
+)
 from bench.http_load import Check, percentile, run_load
-from bench.ingest import postgres_cpu_s, process_cpu_s, say
 from deploy.stack.ports import LOOPBACK, free_port, listeners
-from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
-from deploy.stack.processes import Child, child_pids, service_user, spawn, wait_until
+from deploy.stack.postgres import PostgresServer, local_server, new_password
+from deploy.stack.processes import Child, child_pids, http_ok, service_env, spawn, wait_until
 from services.common import api_keys
 from services.common.migrate import alembic_config, upgrade
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 CACHE_ROOT: Final = REPO_ROOT / ".galvani" / "bench-api"
 # Bumped whenever what the seed writes changes, so an old cache is not taken for a new one.
 SEED_FORMAT: Final = 2
@@ -108,19 +112,14 @@ def _server(directory: Path, *, seeding: bool) -> PostgresServer:
         fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(new_password())
-    config = PostgresConfig(
-        data_dir=directory / "pg" / "data",
-        port=free_port(),
-        password=password_file.read_text().strip(),
-        run_as=service_user(),
+    return local_server(
+        directory,
         durable=not seeding,
+        install=require_timescaledb("bench-api"),
+        password=password_file.read_text().strip(),
+        log_name="postgres-seed.log" if seeding else "postgres.log",
+        server_class=SeedingPostgres if seeding else PostgresServer,
     )
-    install = require_postgres()
-    if not install.has_timescaledb:
-        raise SystemExit("bench-api: TimescaleDB is not installed; run it as `make bench-api`")
-    cls = SeedingPostgres if seeding else PostgresServer
-    log = directory / ("postgres-seed.log" if seeding else "postgres.log")
-    return cls(install, config, log)
 
 
 def seeded_cluster(params: SeedParams, reseed: bool, processes: int) -> tuple[Path, dict[str, Any]]:
@@ -166,38 +165,28 @@ def seeded_cluster(params: SeedParams, reseed: bool, processes: int) -> tuple[Pa
 def start_api(url: str, workers: int, root: Path, stack: contextlib.ExitStack) -> tuple[Child, int]:
     """The API process on a free loopback port, as ``make run`` starts it."""
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "GALVANI_API_DATABASE_URL": url,
-            "GALVANI_API_PORT": str(port),
-            "GALVANI_API_DATA_DIR": str(root),
-            "GALVANI_API_MQTT_PASSWORD": new_password(),
-            "GALVANI_API_LOG_LEVEL": "WARNING",
-            # One key drives all the load: its rate limit (50/s by default) is not measured.
-            "GALVANI_API_RATE_LIMIT_PER_S": "1000000",
-            "GALVANI_API_RATE_LIMIT_BURST": "1000000",
-            "GALVANI_API_WORKERS": str(workers),
-        }
+    env = service_env(
+        "API",
+        database_url=url,
+        port=port,
+        data_dir=str(root),
+        mqtt_password=new_password(),
+        log_level="WARNING",
+        # One key drives all the load: its rate limit (50/s by default) is not measured.
+        rate_limit_per_s=1_000_000,
+        rate_limit_burst=1_000_000,
+        workers=workers,
     )
     argv = [sys.executable, "-m", "services.api.main"]
     api = spawn("api", argv, root / "api.log", env=env, cwd=REPO_ROOT)
     stack.callback(api.stop)
     wait_until(
-        lambda: _http_ok(f"http://{LOOPBACK}:{port}/healthz") and listeners(port) == workers,
+        lambda: http_ok(f"http://{LOOPBACK}:{port}/healthz") and listeners(port) == workers,
         child=api,
         timeout_s=API_READY_TIMEOUT_S,
         what="the API",
     )
     return api, port
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _get(port: int, path: str, key: str) -> tuple[int, Any]:
@@ -312,23 +301,6 @@ def check_isolation(port: int, key: str) -> None:
             raise SystemExit(f"bench-api: {path} answered {status} to another brand's key")
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    """A directory for the API's log and signing key."""
-    root = Path(tempfile.mkdtemp(prefix="galvani-bench-api-"))
-    try:
-        yield root
-    finally:
-        if keep:
-            say(f"the API's log is kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench-api", description=__doc__.split("\n")[0])
     seed_group = parser.add_argument_group("the data set (the cache is keyed by these)")
@@ -374,7 +346,10 @@ def run(args: argparse.Namespace) -> int:
         f"{info['devices']:,} devices, ending {info['end']} "
         f"(rollups refreshed to {info['refreshed_to']}), database {info['database_size']}"
     )
-    with workspace(args.keep) as root, contextlib.ExitStack() as stack:
+    with (
+        workspace("galvani-bench-api-", args.keep, "the API's log is kept in {}") as root,
+        contextlib.ExitStack() as stack,
+    ):
         server = _server(directory, seeding=False)
         stack.callback(server.stop)
         server.start()
@@ -458,13 +433,9 @@ def _self_cpu() -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``make bench-api``; returns the exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        say("bench-api: interrupted; everything it started has been stopped")
-        return 130
+    return run_main("bench-api", lambda: run(args))
 
 
 if __name__ == "__main__":

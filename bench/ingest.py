@@ -34,25 +34,30 @@ database is counted once, at the end, and must agree.
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import queue
-import shutil
-import signal
 import struct
 import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import psycopg
 
+from bench.harness import (
+    ServiceWorker,
+    postgres_cpu_s,
+    process_cpu_s,
+    provision,
+    run_main,
+    say,
+    start_broker,
+    start_postgres,
+    start_workers,
+    workspace,
+)
 from bench.mqtt_load import (
     ACK_GRACE_S,
     SAMPLE_FIELDS,
@@ -60,28 +65,24 @@ from bench.mqtt_load import (
     SAMPLES_PER_MESSAGE,
     AckResult,
     DeviceLogin,
+    LoadError,
     LoadPlan,
+    LoadProcesses,
     LoadResult,
-    SharedState,
-    load_process,
     messages_per_device,
     publish_once,
     run_event_loop,
     split,
 )
-from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
-from deploy.stack.ports import LOOPBACK, free_port
-from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
-from deploy.stack.processes import Child, child_pids, service_user, spawn, wait_until
-from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
+from deploy.stack.mosquitto import MosquittoBroker
+from deploy.stack.ports import LOOPBACK, distinct_free_ports
+from deploy.stack.postgres import PostgresServer, new_password
+from services.common.broker_auth import ServiceAccount
 from services.common.migrate import upgrade
-from services.common.provisioning import provision_device
+from services.common.protocol.topics import device_topic
 from services.ingest.decode import SAMPLE_COLUMNS, SAMPLE_TYPES, SampleRow
 from services.ingest.writer import COPY_SAMPLES
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[1]
-BRAND: Final = "bench"
-DEVICE_MODEL: Final = "bench-1"
 # Device time starts two hours back by default (inside protocol.md's plausible window of 30
 # days back to 5 minutes ahead) and advances one second per message, so times are unique per
 # device. Two hours back makes every sample "late" (older than an hour on arrival), which on
@@ -93,9 +94,7 @@ TS_FUTURE_LIMIT_S: Final = 300
 
 POLL_S: Final = 0.25
 PROGRESS_EVERY_S: Final = 10.0
-WORKER_READY_TIMEOUT_S: Final = 30.0
 PROBE_TIMEOUT_S: Final = 30.0
-LOADGEN_READY_TIMEOUT_S: Final = 300.0
 # After publishing stops: give up waiting for the last samples when the stored count has
 # not moved for this long.
 SETTLE_TIMEOUT_S: Final = 30.0
@@ -109,46 +108,9 @@ BATCHES: Final = "galvani_ingest_batch_messages_count"
 BATCHED_MESSAGES: Final = "galvani_ingest_batch_messages_sum"
 COMMIT_SECONDS: Final = "galvani_ingest_commit_seconds_sum"
 INFLIGHT: Final = "galvani_ingest_inflight_messages"
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
-
-
-def say(line: str) -> None:
-    """One line of the report, flushed at once (make pipes stdout)."""
-    print(line, flush=True)
 
 
 # --- CPU accounting ---------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as stat:
-        text = stat.read()
-    # The command name is in parentheses and may contain spaces: split after the last ')'.
-    return text[text.rindex(")") + 2 :].split()
-
-
-def process_cpu_s(pid: int, *, reaped_children: bool = False) -> float:
-    """utime + stime of ``pid`` (all its threads), plus its reaped children's when asked."""
-    fields = _stat_fields(pid)  # fields[0] is field 3 of proc(5): utime is 14, stime 15
-    ticks = int(fields[11]) + int(fields[12])
-    if reaped_children:
-        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return ticks / CLOCK_TICKS
-
-
-def postgres_cpu_s(postmaster: int) -> float:
-    """CPU of a whole PostgreSQL cluster: the postmaster and every process it started.
-
-    Backends, autovacuum and TimescaleDB workers come and go. A live child's CPU is read
-    from its own stat; a child that exited has been reaped by the postmaster, which adds
-    its CPU to the postmaster's cutime/cstime. So live children + the postmaster's own and
-    reaped time covers every process the cluster ran, whenever it started or ended.
-    """
-    total = process_cpu_s(postmaster, reaped_children=True)
-    for pid in child_pids(postmaster):
-        with contextlib.suppress(OSError, ValueError):  # exited since the listing
-            total += process_cpu_s(pid)
-    return total
 
 
 @dataclass(frozen=True)
@@ -175,147 +137,8 @@ class CpuSnapshot:
 # --- The stack --------------------------------------------------------------------------
 
 
-def distinct_free_ports(count: int) -> list[int]:
-    """``count`` different free loopback ports (the kernel may offer one twice in a row)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
-@dataclass
-class IngestWorker:
-    """One ingest worker process and its metrics endpoint."""
-
-    name: str
-    child: Child
-    metrics_port: int
-
-    def metrics(self) -> dict[str, float]:
-        """The worker's Prometheus samples by series name (labels included)."""
-        url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                values[series] = float(value)
-        return values
-
-    def metric(self, series: str) -> float:
-        """One series of the worker's metrics, 0 when it has not been touched yet."""
-        return self.metrics().get(series, 0.0)
-
-    def log_text(self) -> str:
-        """Everything the worker logged."""
-        return self.child.log_path.read_text(errors="replace")
-
-    def connected(self) -> bool:
-        """Whether the worker has connected to the broker (logged at INFO)."""
-        return "connected to" in self.log_text()
-
-
-def start_postgres(root: Path, stack: contextlib.ExitStack) -> PostgresServer:
-    """A durable (production-settings) cluster with TimescaleDB preloaded, or a clear error."""
-    install = require_postgres()
-    if not install.has_timescaledb:
-        raise SystemExit(
-            "bench-ingest: TimescaleDB is not installed for this PostgreSQL; run it through "
-            "`make bench-ingest`, which installs it"
-        )
-    config = PostgresConfig(
-        data_dir=root / "pg" / "data",
-        port=free_port(),
-        password=new_password(),
-        run_as=service_user(),
-        durable=True,
-    )
-    server = PostgresServer(install, config, root / "postgres.log")
-    stack.callback(server.stop)  # registered first: stopped even if start() is interrupted
-    server.start()
-    return server
-
-
-def start_broker(
-    root: Path, passwords: dict[ServiceAccount, str], stack: contextlib.ExitStack
-) -> MosquittoBroker:
-    """Mosquitto with Galvani's generated configuration and no devices yet."""
-    device_port, service_port = distinct_free_ports(2)
-    broker = MosquittoBroker(
-        BrokerConfig(
-            directory=root / "mosquitto",
-            device_port=device_port,
-            service_port=service_port,
-            run_as=service_user(),
-        ),
-        passwords,
-    )
-    stack.callback(broker.stop)
-    broker.start([])
-    return broker
-
-
-def provision(url: str, count: int, broker: MosquittoBroker) -> list[DeviceLogin]:
-    """``count`` devices of one brand in one transaction, then the broker's credentials."""
-    with psycopg.connect(url) as conn:
-        conn.execute("INSERT INTO brands (id, name) VALUES (%s, %s)", [BRAND, "Benchmark"])
-        devices = [
-            provision_device(conn, device_id=f"bench-{i:05d}", brand_id=BRAND, model=DEVICE_MODEL)
-            for i in range(count)
-        ]
-        conn.commit()
-        sync_device_credentials(conn, BrokerFiles(broker.config.directory))
-    return [DeviceLogin(d.device_id, d.password) for d in devices]
-
-
-def start_workers(
-    count: int,
-    root: Path,
-    url: str,
-    broker: MosquittoBroker,
-    password: str,
-    stack: contextlib.ExitStack,
-) -> list[IngestWorker]:
-    """Start the ingest workers and wait until each has connected to the broker."""
-    workers: list[IngestWorker] = []
-    for number, metrics_port in enumerate(distinct_free_ports(count), start=1):
-        env = dict(os.environ)
-        env.update(
-            {
-                "GALVANI_INGEST_DATABASE_URL": url,
-                "GALVANI_INGEST_MQTT_PORT": str(broker.config.service_port),
-                "GALVANI_INGEST_MQTT_PASSWORD": password,
-                "GALVANI_INGEST_WORKER_ID": str(number),
-                "GALVANI_INGEST_METRICS_PORT": str(metrics_port),
-                # INFO: the "connected to" line is how start-up is followed. Nothing is
-                # logged per message at INFO unless a message is dead-lettered.
-                "GALVANI_INGEST_LOG_LEVEL": "INFO",
-            }
-        )
-        child = spawn(
-            f"ingest-{number}",
-            [sys.executable, "-m", "services.ingest.main"],
-            root / f"ingest-{number}.log",
-            env=env,
-            cwd=REPO_ROOT,
-        )
-        stack.callback(child.stop)
-        workers.append(IngestWorker(child.name, child, metrics_port))
-    for worker in workers:
-        wait_until(
-            worker.connected,
-            child=worker.child,
-            timeout_s=WORKER_READY_TIMEOUT_S,
-            what=worker.name,
-        )
-    return workers
-
-
 def probe_workers(
-    workers: Sequence[IngestWorker], broker: MosquittoBroker, login: DeviceLogin
+    workers: Sequence[ServiceWorker], broker: MosquittoBroker, login: DeviceLogin
 ) -> None:
     """Publish presence messages until every worker has stored one.
 
@@ -323,7 +146,7 @@ def probe_workers(
     to a shared subscription nobody holds yet is acknowledged by the broker and dropped.
     A message stored by each worker proves the whole path is up before the clock starts.
     """
-    topic = f"galvani/v1/d/{login.device_id}/presence"
+    topic = device_topic(login.device_id, "presence")
     deadline = time.monotonic() + PROBE_TIMEOUT_S
     ts_ms = int(time.time() * 1000)
     while True:
@@ -393,19 +216,15 @@ class Run:
         logins: list[DeviceLogin],
         broker: MosquittoBroker,
         postgres: PostgresServer,
-        workers: list[IngestWorker],
+        workers: list[ServiceWorker],
     ):
         self.args = args
         self.logins = logins
         self.broker = broker
         self.postgres = postgres
         self.workers = workers
-        self.ctx = multiprocessing.get_context("spawn")
-        self.shared = SharedState.create(self.ctx, args.loadgen_procs)
-        self.ready: Any = self.ctx.Queue()
-        self.results: Any = self.ctx.Queue()
-        self.acks: Any = self.ctx.Queue()
-        self.processes: list[Any] = []
+        self.load = LoadProcesses(args.loadgen_procs)
+        self.shared = self.load.shared
 
     def snapshot(self) -> CpuSnapshot:
         """Cumulative CPU of the workers, the cluster, the broker and this process."""
@@ -436,8 +255,8 @@ class Run:
             f"{args.backlog:,} messages, offered at most {args.max_rate:,} samples/s, "
             + ("not subscribed to acks" if args.no_acks else "each device subscribed to its acks")
         )
-        for index, devices in enumerate(split(self.logins, args.loadgen_procs)):
-            plan = LoadPlan(
+        plans = [
+            LoadPlan(
                 host=LOOPBACK,
                 port=self.broker.config.device_port,
                 devices=devices,
@@ -450,45 +269,16 @@ class Run:
                 backlog_msgs=args.backlog,
                 hear_acks=not args.no_acks,
             )
-            process = self.ctx.Process(
-                target=load_process,
-                args=(index, plan, self.shared, self.ready, self.results, self.acks),
-                name=f"bench-load-{index}",
-            )
-            process.start()
-            self.processes.append(process)
-        waiting = set(range(args.loadgen_procs))
-        deadline = time.monotonic() + LOADGEN_READY_TIMEOUT_S
-        while waiting:
-            try:
-                index, error = self.ready.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() > deadline or not all(p.is_alive() for p in self.processes):
-                    raise SystemExit("bench-ingest: the load generator did not get ready") from None
-                continue
-            if error is not None:
-                raise SystemExit(f"bench-ingest: load process {index} failed: {error}")
-            waiting.discard(index)
-
-    def collect_acks(self) -> list[AckResult]:
-        """Each load process's count of the acks it heard, once it has stopped waiting."""
-        acks: list[AckResult] = []
-        deadline = time.monotonic() + ACK_GRACE_S + ACK_COUNT_TIMEOUT_S
-        while len(acks) < len(self.processes) and time.monotonic() < deadline:
-            try:
-                acks.append(self.acks.get(timeout=POLL_S))
-            except queue.Empty:
-                continue
-        return acks
+            for devices in split(self.logins, args.loadgen_procs)
+        ]
+        try:
+            self.load.start(plans)
+        except LoadError as exc:
+            raise SystemExit(f"bench-ingest: {exc}") from None
 
     def stop_load(self) -> None:
         """Stop the load processes (they exit on their own once done; abort otherwise)."""
-        self.shared.abort.value = 1
-        for process in self.processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
+        self.load.stop()
 
     def measure(self) -> Measurement:
         """Publish for ``--seconds`` and follow the stored count until it stops growing."""
@@ -525,23 +315,23 @@ class Run:
             progress.maybe_print(now, sent, acked, stored, sum(self.shared.heard))
             while expected is None:
                 try:
-                    results.append(self.results.get_nowait())
+                    results.append(self.load.results.get_nowait())
                 except queue.Empty:
                     break
-                if len(results) == len(self.processes):
+                if len(results) == len(self.load.processes):
                     expected = sum(sum(r.acked.values()) for r in results) * SAMPLES_PER_MESSAGE
                     errors = [f"load process {r.index}: {r.error}" for r in results if r.error]
                     if errors:
                         raise SystemExit("bench-ingest: " + "; ".join(errors))
             if expected is None:
-                if now > publish_end + 120 and not any(p.is_alive() for p in self.processes):
+                if now > publish_end + 120 and not self.load.any_alive():
                     raise SystemExit("bench-ingest: the load processes exited without a result")
                 continue
             if stored >= expected or now - last_change > SETTLE_TIMEOUT_S:
                 break
         # The load processes wait for the acks of the last commits from here.
         self.shared.all_stored_at.value = last_change
-        acks = self.collect_acks()
+        acks = self.load.collect_acks(ACK_GRACE_S + ACK_COUNT_TIMEOUT_S)
         first_publish = min(
             (r.first_publish for r in results if r.first_publish is not None), default=start_at
         )
@@ -557,9 +347,9 @@ class Run:
             publish_end=max((r.last_ack or start_at for r in results), default=start_at),
             acks=acks,
         )
-        if len(acks) < len(self.processes):
+        if len(acks) < len(self.load.processes):
             measurement.warnings.append(
-                f"{len(self.processes) - len(acks)} load process(es) did not count their acks"
+                f"{len(self.load.processes) - len(acks)} load process(es) did not count their acks"
             )
         if stored < expected:
             measurement.warnings.append(
@@ -731,7 +521,7 @@ def copy_ceiling(url: str, postmaster: int) -> Ceiling:
 # --- Report -----------------------------------------------------------------------------
 
 
-def log_problems(workers: Sequence[IngestWorker]) -> list[str]:
+def log_problems(workers: Sequence[ServiceWorker]) -> list[str]:
     """Warning and error lines (and tracebacks) the ingest workers logged."""
     lines: list[str] = []
     for worker in workers:
@@ -746,7 +536,7 @@ def report(
     measurement: Measurement,
     check: Check,
     ceiling: Ceiling,
-    workers: Sequence[IngestWorker],
+    workers: Sequence[ServiceWorker],
 ) -> int:
     """Print the figures; the last line is the machine-readable result. Returns exit status."""
     m = measurement
@@ -911,28 +701,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    """A directory the servers (running as an unprivileged user when root) can enter."""
-    root = Path(tempfile.mkdtemp(prefix="galvani-bench-"))
-    os.chmod(root, 0o755)  # noqa: S103 - servers run as another user under root
-    try:
-        yield root
-    finally:
-        if keep:
-            say(f"data and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     """Start everything, measure, stop everything (in reverse order, by pid)."""
-    with workspace(args.keep) as root, contextlib.ExitStack() as stack:
-        postgres = start_postgres(root, stack)
+    with (
+        workspace("galvani-bench-", args.keep, "data and logs kept in {}") as root,
+        contextlib.ExitStack() as stack,
+    ):
+        postgres = start_postgres(root, stack, "bench-ingest")
         url = postgres.config.url()
         upgrade(url)
         with psycopg.connect(url) as conn:
@@ -950,7 +725,15 @@ def run(args: argparse.Namespace) -> int:
             f"{len(logins)} devices provisioned"
         )
         workers = start_workers(
-            args.workers, root, url, broker, passwords[ServiceAccount.INGEST], stack
+            "ingest",
+            distinct_free_ports(args.workers),
+            root,
+            url,
+            broker,
+            passwords[ServiceAccount.INGEST],
+            stack,
+            # "connected to" is how start-up is followed; probe_workers waits for the rest.
+            ready="connected to",
         )
         probe_workers(workers, broker, logins[0])
         say(f"{len(workers)} ingest workers up and storing")
@@ -968,13 +751,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``make bench-ingest``; returns the exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        say("bench-ingest: interrupted; everything it started has been stopped")
-        return 130
+    return run_main("bench-ingest", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Final
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.ingest import say
+from bench.harness import say
 from bench.mqtt_load import SAMPLE_FIELDS, SAMPLE_SPACING_MS
 from deploy.stack.ports import LOOPBACK
 from services.common.mqtt5 import varint

@@ -30,16 +30,20 @@ import asyncio
 import ctypes
 import json
 import math
+import multiprocessing
 import multiprocessing.queues
+import queue
 import signal
 import struct
 import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 from services.common.mqtt5 import ProtocolViolation, read_varint, string, varint
+from services.common.protocol.topics import ACK_CHANNEL, device_topic
 
 KEEPALIVE_S: Final = 600  # activity never stops for long; the broker allows up to 65535
 CONNECT_CONCURRENCY: Final = 100
@@ -49,6 +53,8 @@ CONNECT_ATTEMPTS: Final = 40
 CONNECT_RETRY_S: Final = 0.25
 CONNECT_TIMEOUT_S: Final = 10.0
 TICK_S: Final = 0.01
+LOADGEN_READY_TIMEOUT_S: Final = 300.0
+POLL_S: Final = 0.25
 DRAIN_TIMEOUT_S: Final = 60.0
 MAX_PACKET_ID: Final = 65_535
 
@@ -71,24 +77,22 @@ SUBACK_FAILURE: Final = 0x80
 ACK_PREFIX: Final = b'{"v":1,"seqs":[['
 ACK_SUFFIX: Final = b"]]}"
 
-TOPIC_PREFIX: Final = "galvani/v1/d"
 SAMPLES_PER_MESSAGE: Final = 10
 SAMPLE_SPACING_MS: Final = 100
 MESSAGE_SPACING_MS: Final = 1000
-# One 10 Hz sample during output, with gel: tests/ingest.py ``sample()`` without ``ts``.
-SAMPLE_FIELDS: Final[dict[str, object]] = {
-    "mode": "LIFT",
-    "level": 3,
-    "out": True,
-    "i_ua": 301.5,
-    "i_set_ua": 300.0,
-    "v_v": 6.1,
-    "z_ohm": 8200,
-    "t_elec_c": 33.1,
-    "t_batt_c": 31.0,
-    "batt_pct": 78,
-    "charging": False,
-}
+# One 10 Hz sample during output, with gel: protocol.md's example, pinned by the protocol
+# vectors, without its ``ts`` (tests/ingest.py ``sample()`` builds the same).
+SPEC_EXAMPLE: Final = "spec_example"
+VECTORS_DIR: Final = Path(__file__).resolve().parents[1] / "protocol" / "vectors"
+
+
+def _vector_sample_fields(name: str) -> dict[str, object]:
+    cases = json.loads((VECTORS_DIR / "telemetry.json").read_text("utf-8"))["valid"]
+    payload = next(case["payload"] for case in cases if case["name"] == name)
+    return {key: value for key, value in payload["samples"][0].items() if key != "ts"}
+
+
+SAMPLE_FIELDS: Final = _vector_sample_fields(SPEC_EXAMPLE)
 
 T = TypeVar("T")
 
@@ -215,12 +219,12 @@ def packet_id(index: int) -> int:
 
 def telemetry_topic(device_id: str) -> str:
     """The device's own telemetry topic."""
-    return f"{TOPIC_PREFIX}/{device_id}/telemetry"
+    return device_topic(device_id, "telemetry")
 
 
 def ack_topic(device_id: str) -> str:
     """The topic on which the device hears which of its seqs are stored."""
-    return f"{TOPIC_PREFIX}/{device_id}/ack"
+    return device_topic(device_id, ACK_CHANNEL)
 
 
 def ack_json_ranges(payload: bytes) -> list[bytes] | None:
@@ -712,6 +716,65 @@ def messages_per_device(seconds: float, max_msgs_per_s: float, devices: int, win
 def split(devices: Sequence[DeviceLogin], parts: int) -> list[tuple[DeviceLogin, ...]]:
     """Deal devices round-robin into ``parts`` groups."""
     return [tuple(devices[i::parts]) for i in range(parts)]
+
+
+class LoadProcesses:
+    """The load-generator processes, seen from the benchmark's main process."""
+
+    def __init__(self, count: int):
+        self.ctx = multiprocessing.get_context("spawn")
+        self.shared = SharedState.create(self.ctx, count)
+        self.ready: Any = self.ctx.Queue()
+        self.results: Any = self.ctx.Queue()
+        self.acks: Any = self.ctx.Queue()
+        self.processes: list[Any] = []
+
+    def start(self, plans: Sequence[LoadPlan]) -> None:
+        """Start one process per plan; return when all have built payloads and connected."""
+        for index, plan in enumerate(plans):
+            process = self.ctx.Process(
+                target=load_process,
+                args=(index, plan, self.shared, self.ready, self.results, self.acks),
+                name=f"bench-load-{index}",
+            )
+            process.start()
+            self.processes.append(process)
+        waiting = set(range(len(plans)))
+        deadline = time.monotonic() + LOADGEN_READY_TIMEOUT_S
+        while waiting:
+            try:
+                index, error = self.ready.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline or not all(p.is_alive() for p in self.processes):
+                    raise LoadError("the load generator did not get ready") from None
+                continue
+            if error is not None:
+                raise LoadError(f"load process {index} failed: {error}")
+            waiting.discard(index)
+
+    def any_alive(self) -> bool:
+        """Whether a load process is still running."""
+        return any(p.is_alive() for p in self.processes)
+
+    def collect_acks(self, timeout_s: float) -> list[AckResult]:
+        """Each process's count of the acks it heard, once it has stopped waiting for them."""
+        acks: list[AckResult] = []
+        deadline = time.monotonic() + timeout_s
+        while len(acks) < len(self.processes) and time.monotonic() < deadline:
+            try:
+                acks.append(self.acks.get(timeout=POLL_S))
+            except queue.Empty:
+                continue
+        return acks
+
+    def stop(self) -> None:
+        """Stop the processes (they exit on their own once done; abort otherwise)."""
+        self.shared.abort.value = 1
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
 
 
 # --- One-off publishing (the readiness probe) -------------------------------------------

@@ -34,15 +34,13 @@ The last two lines are the result::
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import multiprocessing
-import os
 import resource
-import shutil
 import statistics
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,33 +50,33 @@ from typing import Any, Final
 
 import psycopg
 
-from bench.ingest import (
-    IngestWorker,
-    distinct_free_ports,
+from bench.harness import (
+    ServiceWorker,
     postgres_cpu_s,
     process_cpu_s,
     provision,
+    run_main,
     say,
     start_broker,
     start_postgres,
+    start_workers,
+    workspace,
 )
 from bench.mqtt_load import DeviceLogin, connect_packet, publish_packet
-from deploy.stack.mosquitto import MosquittoBroker
-from deploy.stack.ports import LOOPBACK
+from deploy.stack.ports import LOOPBACK, distinct_free_ports
 from deploy.stack.postgres import new_password
-from deploy.stack.processes import spawn, wait_until
 from services.common.broker_auth import ServiceAccount
 from services.common.migrate import upgrade
 from services.common.mqtt5 import string, varint
+from services.common.protocol.topics import CONFIG_CHANNEL, device_topic
+from tests.rules import normal
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 CONNECT_CONCURRENCY: Final = 100
 CONNECT_ATTEMPTS: Final = 40
 CONNECT_RETRY_S: Final = 0.25
 TICK_S: Final = 0.005
 HEARTBEAT_PERIOD_S: Final = 60.0
 SESSION_PERIOD_S: Final = 1.0
-WORKER_READY_TIMEOUT_S: Final = 30.0
 RESULT_TIMEOUT_S: Final = 10.0
 TRIGGERS: Final = ("overcurrent", "session_overrun", "no_gel", "battery_overtemp")
 PUSHING: Final = frozenset({"overcurrent", "session_overrun", "battery_overtemp"})
@@ -216,22 +214,8 @@ def telemetry(seq: int, session: str | None, samples: list[dict[str, Any]]) -> b
 
 
 def sample(ts: int, **fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "ts": ts,
-        "mode": "LIFT",
-        "level": 5,
-        "out": True,
-        "i_ua": 301.0,
-        "i_set_ua": 300.0,
-        "v_v": 2.4,
-        "z_ohm": 7800.0,
-        "t_elec_c": 33.0,
-        "t_batt_c": 30.0,
-        "batt_pct": 80,
-        "charging": False,
-    }
-    base.update(fields)
-    return base
+    """A LIFT sample well inside every threshold (tests/rules.py ``normal``), at ``ts``."""
+    return {"ts": ts, **normal(**{"i_ua": 301.0, "z_ohm": 7800.0, **fields})}
 
 
 def idle_sample(ts: int) -> dict[str, Any]:
@@ -275,7 +259,7 @@ async def _background(plan: Background, ready: Any, stop: Any, sent: Any) -> Non
             client, login = heartbeat[i], plan.heartbeat[i]
             seqs[id(client)] += 1
             client.publish(
-                f"galvani/v1/d/{login.device_id}/telemetry",
+                device_topic(login.device_id, "telemetry"),
                 telemetry(seqs[id(client)], None, [idle_sample(ts)]),
             )
             done_h += 1
@@ -285,7 +269,7 @@ async def _background(plan: Background, ready: Any, stop: Any, sent: Any) -> Non
             seqs[id(client)] += 1
             samples = [sample(ts - 900 + 100 * k) for k in range(10)]
             client.publish(
-                f"galvani/v1/d/{login.device_id}/telemetry",
+                device_topic(login.device_id, "telemetry"),
                 telemetry(seqs[id(client)], f"bg-{i}", samples),
             )
             done_s += 1
@@ -323,50 +307,6 @@ class Listener:
                     self.by_device.setdefault(note.payload, time.monotonic())
 
 
-def start_worker(
-    service: str,
-    number: int,
-    root: Path,
-    url: str,
-    broker: MosquittoBroker,
-    password: str,
-    key_dir: Path,
-    metrics_port: int,
-    stack: contextlib.ExitStack,
-) -> IngestWorker:
-    prefix = f"GALVANI_{service.upper()}_"
-    env = dict(os.environ)
-    env.update(
-        {
-            prefix + "DATABASE_URL": url,
-            prefix + "MQTT_PORT": str(broker.config.service_port),
-            prefix + "MQTT_PASSWORD": password,
-            prefix + "WORKER_ID": str(number),
-            prefix + "METRICS_PORT": str(metrics_port),
-            prefix + "LOG_LEVEL": "INFO",
-            prefix + "DATA_DIR": str(root),
-        }
-    )
-    if service == "rules":
-        env[prefix + "SIGNING_KEY_DIR"] = str(key_dir)
-    child = spawn(
-        f"{service}-{number}",
-        [sys.executable, "-m", f"services.{service}.main"],
-        root / f"{service}-{number}.log",
-        env=env,
-        cwd=REPO_ROOT,
-    )
-    stack.callback(child.stop)
-    worker = IngestWorker(child.name, child, metrics_port)
-    wait_until(
-        lambda: "subscribed to" in worker.log_text(),
-        child=child,
-        timeout_s=WORKER_READY_TIMEOUT_S,
-        what=child.name,
-    )
-    return worker
-
-
 async def precondition(injection: Injection, start_ms: int) -> None:
     """What a device did before its triggering message (a session start, dry samples)."""
     client, device = injection.client, injection.login.device_id
@@ -374,7 +314,7 @@ async def precondition(injection: Injection, start_ms: int) -> None:
     if injection.trigger == "session_overrun":
         injection.seq += 1
         client.publish(
-            f"galvani/v1/d/{device}/events",
+            device_topic(device, "events"),
             event(
                 injection.seq,
                 start_ms - 1_235_000,
@@ -387,7 +327,7 @@ async def precondition(injection: Injection, start_ms: int) -> None:
     elif injection.trigger == "no_gel":
         injection.seq += 1
         client.publish(
-            f"galvani/v1/d/{device}/events",
+            device_topic(device, "events"),
             event(
                 injection.seq,
                 start_ms - 60_000,
@@ -402,7 +342,7 @@ async def precondition(injection: Injection, start_ms: int) -> None:
             first = start_ms - 50_000 + m * 1000
             samples = [sample(first + 100 * k, z_ohm=60_000.0) for k in range(10)]
             client.publish(
-                f"galvani/v1/d/{device}/telemetry", telemetry(injection.seq, "inj", samples)
+                device_topic(device, "telemetry"), telemetry(injection.seq, "inj", samples)
             )
 
 
@@ -430,7 +370,7 @@ async def inject(
     host: str, port: int, injections: list[Injection], interval_s: float, listener: Listener
 ) -> None:
     by_topic: dict[str, Injection] = {
-        f"galvani/v1/d/{i.login.device_id}/config": i for i in injections
+        device_topic(i.login.device_id, CONFIG_CHANNEL): i for i in injections
     }
 
     def on_message(topic: str, payload: bytes, at: float) -> None:
@@ -442,14 +382,14 @@ async def inject(
     start_ms = now_ms()
     for injection, client in zip(injections, clients, strict=True):
         injection.client = client
-        await client.subscribe(f"galvani/v1/d/{injection.login.device_id}/config")
+        await client.subscribe(device_topic(injection.login.device_id, CONFIG_CHANNEL))
         await precondition(injection, start_ms)
     await asyncio.sleep(3)  # let the preconditions be evaluated before the clock starts
     for injection in injections:
         payload = trigger_payload(injection)
         assert injection.client is not None
         injection.published = time.monotonic()
-        injection.client.publish(f"galvani/v1/d/{injection.login.device_id}/telemetry", payload)
+        injection.client.publish(device_topic(injection.login.device_id, "telemetry"), payload)
         await asyncio.sleep(interval_s)
     deadline = time.monotonic() + RESULT_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -475,20 +415,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    root = Path(tempfile.mkdtemp(prefix="galvani-bench-rules-"))
-    os.chmod(root, 0o755)  # noqa: S103 - the servers run as another user and must enter it
-    try:
-        with contextlib.ExitStack() as stack:
-            return _run(args, root, stack)
-    finally:
-        if args.keep:
-            say(f"data kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return run_main("bench-rules", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    with (
+        workspace("galvani-bench-rules-", args.keep, "data kept in {}") as root,
+        contextlib.ExitStack() as stack,
+    ):
+        return _run(args, root, stack)
 
 
 def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
-    server = start_postgres(root, stack)
+    server = start_postgres(root, stack, "bench-rules")
     url = server.create_database("galvani_bench")
     upgrade(url)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -500,36 +439,23 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
     heartbeat = logins[: args.heartbeat_devices]
     session = logins[args.heartbeat_devices : args.heartbeat_devices + args.session_devices]
     injected = logins[args.heartbeat_devices + args.session_devices :]
-    key_dir = root / "secrets"
     ports = distinct_free_ports(args.rules_workers + args.ingest_workers)
-    rules = [
-        start_worker(
-            "rules",
-            n,
-            root,
-            url,
-            broker,
-            passwords[ServiceAccount.RULES],
-            key_dir,
-            ports.pop(),
-            stack,
-        )
-        for n in range(1, args.rules_workers + 1)
-    ]
-    ingest = [
-        start_worker(
-            "ingest",
-            n,
-            root,
-            url,
-            broker,
-            passwords[ServiceAccount.INGEST],
-            key_dir,
-            ports.pop(),
-            stack,
-        )
-        for n in range(1, args.ingest_workers + 1)
-    ]
+    start = functools.partial(
+        start_workers,
+        root=root,
+        url=url,
+        broker=broker,
+        stack=stack,
+        ready="subscribed to",
+        data_dir=str(root),
+    )
+    rules = start(
+        "rules",
+        ports[: args.rules_workers],
+        password=passwords[ServiceAccount.RULES],
+        signing_key_dir=str(root / "secrets"),
+    )
+    ingest = start("ingest", ports[args.rules_workers :], password=passwords[ServiceAccount.INGEST])
     say(
         f"devices: {len(heartbeat)} heartbeat (1 msg/min), {len(session)} in session "
         f"(1 msg of 10 samples/s), {len(injected)} injected; "
@@ -547,7 +473,13 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
         ),
     )
     loader.start()
-    stack.callback(lambda: (stop.set(), loader.join(30), loader.kill()))
+
+    def stop_loader() -> None:
+        stop.set()
+        loader.join(30)
+        loader.kill()
+
+    stack.callback(stop_loader)
     if not ready.wait(300):
         raise SystemExit("bench-rules: the background devices did not connect")
     say(f"background connected; warming up {args.warmup:g} s")
@@ -619,7 +551,7 @@ class Cpu:
 
 
 def _cpu(
-    rules: Sequence[IngestWorker], ingest: Sequence[IngestWorker], postmaster: int, broker: int
+    rules: Sequence[ServiceWorker], ingest: Sequence[ServiceWorker], postmaster: int, broker: int
 ) -> Cpu:
     seconds = {
         "rules": sum(process_cpu_s(w.child.pid) for w in rules),

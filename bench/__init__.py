@@ -1,0 +1,1 @@
+"""The benchmarks (``make bench-*``); ``bench.harness`` is what they share."""
