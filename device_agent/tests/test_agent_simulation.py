@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_rig import Clock
 from device_agent.agent import Identity
 from device_agent.link import BrokerAddress
 from device_agent.modes import DEFAULT_MODES
@@ -24,16 +25,7 @@ from device_agent.simulation import (
 )
 from device_agent.store import DeviceStore, open_database
 
-T0 = 1_763_805_600_000
 MINUTE_MS = 60_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.ms = T0
-
-    def __call__(self) -> int:
-        return self.ms
 
 
 def simulate(

@@ -48,6 +48,14 @@ class Rig:
         self.hw.start_output(output)
 
 
+def settled_session() -> Rig:
+    """A rig five seconds into a LIFT session on gel: the soft start is over."""
+    rig = Rig()
+    rig.session()
+    rig.run(5.0)
+    return rig
+
+
 def streaks_s(readings: list[Reading], condition: Callable[[Reading], bool]) -> list[float]:
     """How long each run of consecutive readings meeting ``condition`` lasted (first to last)."""
     streaks, count = [], 0
@@ -92,9 +100,7 @@ def test_with_gel_ten_minutes_of_output_stay_in_the_gel_band_at_setpoint(seed: i
 
 
 def test_output_off_delivers_no_current_and_no_voltage() -> None:
-    rig = Rig()
-    rig.session()
-    rig.run(5.0)
+    rig = settled_session()
     rig.hw.stop_output()
     readings = rig.run(1.0)
     assert all(not r.output_on and r.i_ua == 0.0 and r.v_v == 0.0 for r in readings)
@@ -186,9 +192,7 @@ def test_a_dry_contact_reads_in_the_no_gel_band_and_cannot_reach_setpoint(
 
 
 def test_lifting_off_opens_the_circuit_and_regained_contact_restores_current() -> None:
-    rig = Rig()
-    rig.session()
-    rig.run(5.0)
+    rig = settled_session()
     rig.hw.lift_off()
     lifted = rig.run(3.0)
     assert all(r.output_on and r.z_ohm == OPEN_CIRCUIT_OHM for r in lifted)
