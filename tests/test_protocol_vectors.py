@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from services.common.mode_tables import DEFAULT_MODES, ENVELOPE, envelope_problems
 from services.common.protocol import (
     MAX_JSON_DEPTH,
     MAX_PAYLOAD_BYTES,
@@ -33,8 +34,20 @@ from services.common.protocol import (
     Telemetry,
     canonical_json,
     decode,
-    parse_topic,
     signing_input,
+)
+from services.common.protocol.models import ModeSpec
+from services.common.protocol.topics import (
+    ACK_CHANNEL,
+    CONFIG_CHANNEL,
+    DEVICE_CHANNELS,
+    DEVICE_TOPIC_ROOT,
+    acl_pattern,
+    device_prefix,
+    device_topic,
+    every_device,
+    parse_topic,
+    shared_filters,
 )
 
 VECTORS = Path(__file__).resolve().parents[1] / "protocol" / "vectors"
@@ -43,12 +56,18 @@ REASONS = {"too_large", "not_utf8", "bad_json", "too_deep", "not_object", "inval
 MODEL_NAMES = {model.__name__ for model in get_args(Message)}
 
 
-def _load(channel: Channel) -> dict[str, Any]:
-    document: dict[str, Any] = json.loads((VECTORS / f"{channel}.json").read_text("utf-8"))
+def _load(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((VECTORS / f"{name}.json").read_text("utf-8"))
     return document
 
 
+def _named(cases: list[dict[str, Any]]) -> list[Any]:
+    return [pytest.param(case, id=case["name"]) for case in cases]
+
+
 DOCUMENTS = {channel: _load(channel) for channel in Channel}
+TOPICS = _load("topics")
+MODE_TABLES = _load("mode_tables")
 VALID = [
     pytest.param(channel, case["payload"], id=f"{channel}/{case['name']}")
     for channel, document in DOCUMENTS.items()
@@ -268,49 +287,67 @@ def test_unknown_channel_is_unknown_channel() -> None:
     assert _reason("firmware", b'{"v":1}') == "unknown_channel"
 
 
-@pytest.mark.parametrize("channel", list(Channel))
-def test_topic_of_each_channel_parses(channel: Channel) -> None:
-    assert parse_topic(f"galvani/v1/d/dev-0042/{channel}") == ("dev-0042", channel)
+def test_topic_vectors_are_the_layout_topics_py_spells() -> None:
+    channels: dict[str, set[str]] = {}
+    for case in TOPICS["valid"]:
+        channels.setdefault(case["direction"], set()).add(case["channel"])
+    names = [case["name"] for case in TOPICS["valid"] + TOPICS["invalid"]]
+
+    assert len(names) == len(set(names))
+    assert TOPICS["root"] == DEVICE_TOPIC_ROOT
+    assert channels == {
+        "device_to_cloud": set(DEVICE_CHANNELS),
+        "cloud_to_device": {CONFIG_CHANNEL, ACK_CHANNEL},
+    }
+    assert device_prefix("dev-0042") == f"{DEVICE_TOPIC_ROOT}/dev-0042"
+    assert every_device("state") == f"{DEVICE_TOPIC_ROOT}/+/state"
+    assert acl_pattern("config") == f"{DEVICE_TOPIC_ROOT}/%u/config"
+    assert shared_filters("g", ("ack",)) == (f"$share/g/{DEVICE_TOPIC_ROOT}/+/ack",)
 
 
-@pytest.mark.parametrize("device_id", ["abc", "0a-", "a" * 64, "9" * 10])
-def test_topic_accepts_device_ids_of_the_pattern(device_id: str) -> None:
-    assert parse_topic(f"galvani/v1/d/{device_id}/state") == (device_id, Channel.STATE)
+@pytest.mark.parametrize("case", _named(TOPICS["valid"]))
+def test_topic_vector_is_built_and_parsed_back(case: dict[str, Any]) -> None:
+    assert device_topic(case["device_id"], case["channel"]) == case["topic"]
+    if case["channel"] == ACK_CHANNEL:
+        # Ingest publishes acks and reads none, so no decoder takes the ack channel.
+        with pytest.raises(ProtocolError, match="unknown_channel"):
+            parse_topic(case["topic"])
+    else:
+        assert parse_topic(case["topic"]) == (case["device_id"], Channel(case["channel"]))
 
 
-@pytest.mark.parametrize(
-    "topic",
-    [
-        "galvani/v1/d/dev+1/telemetry",
-        "galvani/v1/d/dev#1/telemetry",
-        "galvani/v1/d/+/telemetry",
-        "galvani/v1/d/dev%1/telemetry",
-        "galvani/v1/d/dev/1/telemetry",
-        "galvani/v1/d/Dev-001/telemetry",
-        "galvani/v1/d/dev 001/telemetry",
-        "galvani/v1/d/ab/telemetry",
-        "galvani/v1/d/" + "a" * 65 + "/telemetry",
-        "galvani/v1/d/-dev/telemetry",
-        "galvani/v1/d//telemetry",
-        "galvani/v1/d/dev-001",
-        "galvani/v1/d/dev-001/telemetry/extra",
-        "galvani/v2/d/dev-001/telemetry",
-        "/galvani/v1/d/dev-001/telemetry",
-        "other/v1/d/dev-001/telemetry",
-        "",
-    ],
-)
-def test_topic_outside_the_contract_is_bad_topic(topic: str) -> None:
+@pytest.mark.parametrize("case", _named(TOPICS["invalid"]))
+def test_topic_vector_outside_the_contract_is_refused_with_its_reason(
+    case: dict[str, Any],
+) -> None:
     with pytest.raises(ProtocolError) as caught:
-        parse_topic(topic)
-    assert caught.value.reason == "bad_topic"
+        parse_topic(case["topic"])
+    assert caught.value.reason == case["reason"]
 
 
-@pytest.mark.parametrize("channel", ["firmware", "", "TELEMETRY", "config2"])
-def test_topic_with_an_unknown_channel_is_unknown_channel(channel: str) -> None:
-    with pytest.raises(ProtocolError) as caught:
-        parse_topic(f"galvani/v1/d/dev-001/{channel}")
-    assert caught.value.reason == "unknown_channel"
+@pytest.mark.parametrize("mode", list(MODE_TABLES["factory"]["modes"]))
+def test_default_modes_are_the_factory_tables_field_by_field(mode: str) -> None:
+    expected = MODE_TABLES["factory"]["modes"][mode]
+    ours = DEFAULT_MODES[mode]
+
+    assert list(ours) == list(expected)  # the wire's field order, as the API shows it
+    assert {name: ours[name] for name in expected if ours[name] != expected[name]} == {}
+    assert ModeSpec.model_validate_json(json.dumps(ours)).model_dump(mode="json") == expected
+    assert list(DEFAULT_MODES) == list(MODE_TABLES["factory"]["modes"])
+
+
+def test_envelope_is_the_vectors_in_its_order() -> None:
+    assert list(ENVELOPE) == [
+        (limit["field"], limit.get("min"), limit.get("max")) for limit in MODE_TABLES["envelope"]
+    ]
+
+
+@pytest.mark.parametrize("case", _named(MODE_TABLES["envelope_cases"]))
+def test_envelope_vector_finds_exactly_its_problems(case: dict[str, Any]) -> None:
+    modes = {mode: {**spec, **case["modes"].get(mode, {})} for mode, spec in DEFAULT_MODES.items()}
+
+    found = sorted((problem.path, problem.limit) for problem in envelope_problems(modes))
+    assert found == sorted((problem["path"], problem["limit"]) for problem in case["problems"])
 
 
 def test_canonical_json_sorts_keys_drops_whitespace_and_keeps_utf8() -> None:

@@ -39,43 +39,31 @@ class EnvelopeProblem:
     message: str
 
 
-def _spec(
-    waveform: str,
-    target: int,
-    maximum: int,
-    freq: int,
-    pulse: int,
-    v_max: int,
-    default_s: int,
-    cap_s: int,
-    cooldown_s: int,
-    per_24h: int,
-    per_7d: int,
-) -> dict[str, Any]:
-    return {
-        "waveform": waveform,
-        "i_target_ua": target,
-        "i_max_ua": maximum,
-        "freq_hz": freq,
-        "pulse_ms": pulse,
-        "v_max_v": v_max,
-        "z_ok_ohm": [1000, 20000],
-        "session_default_s": default_s,
-        "session_cap_s": cap_s,
-        "cooldown_s": cooldown_s,
-        "max_sessions_24h": per_24h,
-        "max_sessions_7d": per_7d,
-        "min_batt_pct": 20,
-        "t_elec_max_c": 41,
-    }
-
-
-# safety.md, "Default mode tables".
+# safety.md, "Default mode tables", laid out as it prints them: a field a line, a mode a
+# column. protocol/vectors/mode_tables.json holds these and the device's copy to the same values.
+_FACTORY_COLUMNS: Final[dict[str, tuple[Any, ...]]] = {
+    "waveform": ("mono_alt", "mono_alt", "dc", "mono_alt"),
+    "i_target_ua": (300, 200, 100, 100),
+    "i_max_ua": (400, 300, 200, 150),
+    "freq_hz": (10, 50, 0, 10),
+    "pulse_ms": (40, 5, 0, 40),
+    "v_max_v": (15, 15, 15, 10),
+    "z_ok_ohm": ((1000, 20000),) * 4,
+    "session_default_s": (300, 300, 300, 180),
+    "session_cap_s": (1200, 1200, 600, 300),
+    "cooldown_s": (1800, 1800, 14400, 1800),
+    "max_sessions_24h": (2, 2, 1, 1),
+    "max_sessions_7d": (7, 7, 5, 3),
+    "min_batt_pct": (20,) * 4,
+    "t_elec_max_c": (41,) * 4,
+}
+# Each spec as it is on the wire (z_ok_ohm a list, as JSON and jsonb give it back).
 DEFAULT_MODES: Final[Mapping[str, Mapping[str, Any]]] = {
-    "LIFT": _spec("mono_alt", 300, 400, 10, 40, 15, 300, 1200, 1800, 2, 7),
-    "TIGHTEN": _spec("mono_alt", 200, 300, 50, 5, 15, 300, 1200, 1800, 2, 7),
-    "INFUSE": _spec("dc", 100, 200, 0, 0, 15, 300, 600, 14400, 1, 5),
-    "SAFE": _spec("mono_alt", 100, 150, 10, 40, 10, 180, 300, 1800, 1, 3),
+    mode: {
+        name: list(values[column]) if name == "z_ok_ohm" else values[column]
+        for name, values in _FACTORY_COLUMNS.items()
+    }
+    for column, mode in enumerate(ALL_MODES)
 }
 
 

@@ -59,43 +59,16 @@ class ModeTable:
         return self.modes.get(mode)
 
 
-def _spec(
-    waveform: str,
-    target: int,
-    maximum: int,
-    freq: int,
-    pulse: int,
-    v_max: int,
-    default_s: int,
-    cap_s: int,
-    cooldown_s: int,
-    per_24h: int,
-    per_7d: int,
-) -> ModeSpec:
-    return ModeSpec(
-        waveform=waveform,
-        i_target_ua=target,
-        i_max_ua=maximum,
-        freq_hz=freq,
-        pulse_ms=pulse,
-        v_max_v=v_max,
-        z_ok_ohm=(1000, 20000),
-        session_default_s=default_s,
-        session_cap_s=cap_s,
-        cooldown_s=cooldown_s,
-        max_sessions_24h=per_24h,
-        max_sessions_7d=per_7d,
-        min_batt_pct=20,
-        t_elec_max_c=41,
-    )
-
-
-# safety.md, "Default mode tables".
+# safety.md, "Default mode tables": one row a mode, in ModeSpec's field order (waveform,
+# i_target_ua, i_max_ua, freq_hz, pulse_ms, v_max_v, z_ok_ohm, session_default_s,
+# session_cap_s, cooldown_s, max_sessions_24h, max_sessions_7d, min_batt_pct, t_elec_max_c).
+# protocol/vectors/mode_tables.json holds these and the backend's copy to the same values.
+_GEL_OHM: Final = (1000, 20000)  # skin with conductive gel
 DEFAULT_MODES: Final[Mapping[str, ModeSpec]] = {
-    "LIFT": _spec("mono_alt", 300, 400, 10, 40, 15, 300, 1200, 1800, 2, 7),
-    "TIGHTEN": _spec("mono_alt", 200, 300, 50, 5, 15, 300, 1200, 1800, 2, 7),
-    "INFUSE": _spec("dc", 100, 200, 0, 0, 15, 300, 600, 14400, 1, 5),
-    "SAFE": _spec("mono_alt", 100, 150, 10, 40, 10, 180, 300, 1800, 1, 3),
+    "LIFT": ModeSpec("mono_alt", 300, 400, 10, 40, 15, _GEL_OHM, 300, 1200, 1800, 2, 7, 20, 41),
+    "TIGHTEN": ModeSpec("mono_alt", 200, 300, 50, 5, 15, _GEL_OHM, 300, 1200, 1800, 2, 7, 20, 41),
+    "INFUSE": ModeSpec("dc", 100, 200, 0, 0, 15, _GEL_OHM, 300, 600, 14400, 1, 5, 20, 41),
+    "SAFE": ModeSpec("mono_alt", 100, 150, 10, 40, 10, _GEL_OHM, 180, 300, 1800, 1, 3, 20, 41),
 }
 
 
@@ -120,17 +93,17 @@ def factory_table() -> ModeTable:
     return _table(payload)
 
 
-# safety.md, "Safety envelope (home devices)": (field, lowest allowed, highest allowed).
-ENVELOPE: Final[tuple[tuple[str, int | None, int | None], ...]] = (
-    ("i_max_ua", None, 500),
-    ("v_max_v", None, 30),
-    ("session_cap_s", None, 1200),
-    ("t_elec_max_c", None, 41),
-    ("min_batt_pct", 15, None),
-    ("max_sessions_24h", None, 3),
-    ("max_sessions_7d", None, 10),
-    ("cooldown_s", 0, None),
-)
+# safety.md, "Safety envelope (home devices)": field -> (lowest allowed, highest allowed).
+ENVELOPE: Final[Mapping[str, tuple[int | None, int | None]]] = {
+    "i_max_ua": (None, 500),
+    "v_max_v": (None, 30),
+    "session_cap_s": (None, 1200),
+    "t_elec_max_c": (None, 41),
+    "min_batt_pct": (15, None),
+    "max_sessions_24h": (None, 3),
+    "max_sessions_7d": (None, 10),
+    "cooldown_s": (0, None),
+}
 
 
 def check_table(
@@ -159,7 +132,7 @@ def envelope_problems(table: ModeTable) -> list[str]:
     """Every way ``table`` leaves the firmware's envelope, as ``"modes.M.field: why"``."""
     problems = []
     for mode, spec in table.modes.items():
-        for name, low, high in ENVELOPE:
+        for name, (low, high) in ENVELOPE.items():
             value = getattr(spec, name)
             if high is not None and value > high:
                 problems.append(f"modes.{mode}.{name}: {value} is above the limit {high}")
