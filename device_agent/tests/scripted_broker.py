@@ -215,6 +215,17 @@ class Device:
                 channel, lambda seq: json.dumps({"v": 1, "seq": seq}).encode(), now_ms=T0
             )
 
+    async def deliver(self, count: int) -> None:
+        """Enqueue ``count`` messages and wait for the broker's PUBACKs of them all."""
+        delivered = self.link.stats.delivered + count
+        self.enqueue(count)
+        await self.until(lambda: self.link.stats.delivered == delivered, f"{count} PUBACKs")
+
+    async def acked(self, *ranges: tuple[int, int], leaving: list[int]) -> None:
+        """Send a stored-ack for ``ranges`` and wait until the outbox holds only ``leaving``."""
+        self.broker.ack(*ranges)
+        await self.until(lambda: self.outbox() == leaving, f"the outbox down to {leaving}")
+
     def outbox(self) -> list[int]:
         return [m.seq for m in self.store.pending(limit=1000)]
 

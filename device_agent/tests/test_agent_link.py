@@ -29,15 +29,13 @@ def test_a_delivered_message_stays_in_the_outbox_until_a_stored_ack_covers_it(
 ) -> None:
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker()) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
+            await device.deliver(3)
             assert device.outbox() == [1, 2, 3]  # the broker has them; the backend may not
 
-            device.broker.ack((1, 2))
-            await device.until(lambda: device.outbox() == [3], "seqs 1 and 2 deleted")
+            await device.acked((1, 2), leaving=[3])
             assert device.store.backlog()[0] == 1
-            device.broker.ack((3, 3), (1, 2))  # and 1..2 acknowledged again: nothing more
-            await device.until(lambda: device.outbox() == [], "seq 3 deleted")
+            # and 1..2 acknowledged again: nothing more
+            await device.acked((3, 3), (1, 2), leaving=[])
 
             assert device.link.stats.stored == 3
             assert device.broker.seqs() == [1, 2, 3]  # sent once each
@@ -65,10 +63,8 @@ def test_a_new_connection_sends_every_unstored_message_again_from_the_oldest(
 ) -> None:
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker()) as device:
-            device.enqueue(4)
-            await device.until(lambda: device.link.stats.delivered == 4, "four PUBACKs")
-            device.broker.ack((2, 2))
-            await device.until(lambda: device.outbox() == [1, 3, 4], "seq 2 deleted")
+            await device.deliver(4)
+            await device.acked((2, 2), leaving=[1, 3, 4])
 
             device.broker.hang_up()  # say the broker crashed with 1, 3 and 4 in memory
             await device.until(lambda: device.broker.seqs()[4:] == [1, 3, 4], "a resend")
@@ -91,12 +87,10 @@ def test_a_malformed_ack_deletes_nothing_and_the_link_carries_on(tmp_path: Path)
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker()) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
+            await device.deliver(3)
             for payload in malformed:
                 device.broker.send(ACK_TOPIC, payload)
-            device.broker.ack((2, 2))  # a good ack after them is still read
-            await device.until(lambda: device.outbox() == [1, 3], "seq 2 deleted")
+            await device.acked((2, 2), leaving=[1, 3])  # a good ack after them is still read
 
             assert device.link.stats.malformed_acks == len(malformed)
             assert device.link.connected
@@ -113,8 +107,7 @@ def test_no_matching_subscribers_keeps_the_message_and_sends_it_again_after_a_ba
 
     async def scenario() -> None:
         async with connected(tmp_path, broker) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "every seq taken")
+            await device.deliver(3)
 
             assert device.outbox() == [1, 2, 3]  # delivered, not yet stored
             assert device.link.stats.no_subscribers == 6

@@ -30,8 +30,7 @@ def test_with_no_stored_ack_at_all_only_the_oldest_message_is_sent_again_with_a_
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
+            await device.deliver(3)
 
             due = 0.0
             for probes, wait in enumerate((30, 60, 120, 240, 480, 480), start=1):
@@ -68,20 +67,17 @@ def test_acks_resuming_after_a_silence_bring_no_copies_of_what_the_backend_works
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
-            device.enqueue(5)
-            await device.until(lambda: device.link.stats.delivered == 5, "five PUBACKs")
+            await device.deliver(5)
             await device.at(30)
             await device.until(lambda: device.sent(1) == 2, "the probe")
 
             await device.at(40)
-            device.broker.ack((1, 1))
-            await device.until(lambda: device.outbox() == [2, 3, 4, 5], "seq 1 deleted")
+            await device.acked((1, 1), leaving=[2, 3, 4, 5])
             await device.at(60 - 0.001)
             marker = await device.marker()
 
             assert device.broker.seqs() == [1, 2, 3, 4, 5, 1, marker]
-            device.broker.ack((2, marker))
-            await device.until(lambda: device.outbox() == [], "the rest deleted")
+            await device.acked((2, marker), leaving=[])
 
     asyncio.run(scenario())
 
@@ -97,10 +93,8 @@ def test_a_message_whose_ack_was_lost_is_sent_again_alone_with_its_own_doubling_
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
-            device.broker.ack((2, 3))
-            await device.until(lambda: device.outbox() == [1], "seqs 2 and 3 deleted")
+            await device.deliver(3)
+            await device.acked((2, 3), leaving=[1])
 
             # 30 s, then 60, 120, and the cap, 120, again.
             for copies, due in enumerate((30, 90, 210, 330), start=1):
@@ -109,8 +103,7 @@ def test_a_message_whose_ack_was_lost_is_sent_again_alone_with_its_own_doubling_
                 await device.stream_to(due)
                 assert device.sent(1) == 1 + copies, f"seq 1 not sent again at {due} s"
 
-            device.broker.ack((1, 1))
-            await device.until(lambda: device.outbox() == [], "seq 1 deleted")
+            await device.acked((1, 1), leaving=[])
             assert device.link.stats.resends == 4
 
     asyncio.run(scenario())
@@ -121,15 +114,12 @@ def test_a_lost_ack_sends_again_only_the_overdue_messages_not_the_outbox(
 ) -> None:
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "seqs 1-3 delivered")
-            device.broker.ack((3, 3))  # 1 and 2 passed over: their acks look lost
-            await device.until(lambda: device.outbox() == [1, 2], "seq 3 deleted")
+            await device.deliver(3)
+            await device.acked((3, 3), leaving=[1, 2])  # 1 and 2 passed over: their acks look lost
             await device.at(10)
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 6, "seqs 4-6 delivered")
-            device.broker.ack((6, 6))  # now 4 and 5 too, but they were delivered at 10 s
-            await device.until(lambda: device.outbox() == [1, 2, 4, 5], "seq 6 deleted")
+            await device.deliver(3)
+            # now 4 and 5 too, but they were delivered at 10 s
+            await device.acked((6, 6), leaving=[1, 2, 4, 5])
 
             await device.at(30 - 0.001)
             before = await device.marker()
@@ -138,8 +128,8 @@ def test_a_lost_ack_sends_again_only_the_overdue_messages_not_the_outbox(
             seqs = device.broker.seqs()
             assert seqs[seqs.index(before) + 1 :] == [1, 2, after]
 
-            device.broker.ack((before, after))  # the backend answering: no probe at 40 s
-            await device.until(lambda: device.outbox() == [1, 2, 4, 5], "markers deleted")
+            # the backend answering: no probe at 40 s
+            await device.acked((before, after), leaving=[1, 2, 4, 5])
             await device.at(40 - 0.001)
             before = await device.marker()
             await device.at(40)
@@ -160,20 +150,17 @@ def test_acks_out_of_order_by_moments_after_an_outage_bring_no_copies(
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
-            device.enqueue(4)
-            await device.until(lambda: device.link.stats.delivered == 4, "four PUBACKs")
+            await device.deliver(4)
             await device.at(30)
             await device.at(90)
             await device.until(lambda: device.sent(1) == 3, "the probes at 30 and 90 s")
 
             await device.at(100)
-            device.broker.ack((4, 4))  # one worker is first to come back
-            await device.until(lambda: device.outbox() == [1, 2, 3], "seq 4 deleted")
+            await device.acked((4, 4), leaving=[1, 2, 3])  # one worker is first to come back
             await device.at(129.999)
             marker = await device.marker()
             assert device.broker.seqs() == [1, 2, 3, 4, 1, 1, marker]
-            device.broker.ack((1, 3), (marker, marker))  # and the other
-            await device.until(lambda: device.outbox() == [], "every seq deleted")
+            await device.acked((1, 3), (marker, marker), leaving=[])  # and the other
 
             # A worker behind by the full wait: its messages are copied.
             await device.at(130)
@@ -225,10 +212,8 @@ def test_a_copy_the_broker_refuses_is_sent_again_on_its_own_timer(
 
     async def scenario() -> None:
         async with connected(tmp_path, broker, clock=ack_timeouts) as device:
-            device.enqueue(2)
-            await device.until(lambda: device.link.stats.delivered == 2, "two PUBACKs")
-            device.broker.ack((2, 2))
-            await device.until(lambda: device.outbox() == [1], "seq 2 deleted")
+            await device.deliver(2)
+            await device.acked((2, 2), leaving=[1])
 
             await device.stream_to(30)
             assert broker.seqs(NO_MATCHING_SUBSCRIBERS) == [1]
@@ -246,10 +231,8 @@ def test_a_message_dropped_from_the_outbox_while_unacked_is_not_sent_again(
 ) -> None:
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
-            device.enqueue(3)
-            await device.until(lambda: device.link.stats.delivered == 3, "three PUBACKs")
-            device.broker.ack((3, 3))
-            await device.until(lambda: device.outbox() == [1, 2], "seq 3 deleted")
+            await device.deliver(3)
+            await device.acked((3, 3), leaving=[1, 2])
             [first, _] = device.store.pending()
             device.store.give_up([first.id])  # as the outbox's byte limit would
 
@@ -269,8 +252,7 @@ def test_delivered_messages_the_outbox_dropped_are_forgotten_while_no_ack_comes(
 
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker()) as device:
-            device.enqueue(4)
-            await device.until(lambda: device.link.stats.delivered == 4, "four PUBACKs")
+            await device.deliver(4)
             assert device.link.awaiting_ack == 4
             device.store.give_up(m.id for m in device.store.pending() if m.seq <= 3)
             device.enqueue(3)
@@ -294,18 +276,15 @@ def test_a_link_whose_delivered_messages_wait_past_the_longest_ack_timeout_says_
     async def scenario() -> None:
         async with connected(tmp_path, ScriptedBroker(), clock=ack_timeouts) as device:
             assert not device.link.acks_overdue
-            device.enqueue(2)
-            await device.until(lambda: device.link.stats.delivered == 2, "two PUBACKs")
+            await device.deliver(2)
             await device.at(480)
             assert not device.link.acks_overdue
             await device.at(480.001)
             assert device.link.acks_overdue
 
-            device.broker.ack((1, 1))
-            await device.until(lambda: device.outbox() == [2], "seq 1 deleted")
+            await device.acked((1, 1), leaving=[2])
             assert device.link.acks_overdue  # seq 2 still waits from its first delivery
-            device.broker.ack((2, 2))
-            await device.until(lambda: device.outbox() == [], "seq 2 deleted")
+            await device.acked((2, 2), leaving=[])
             assert not device.link.acks_overdue
 
     asyncio.run(scenario())

@@ -7,11 +7,7 @@ import json
 from collections.abc import Callable
 
 import pytest
-from device_agent.store import (
-    DeviceStore,
-    DropCounts,
-    OutboxLimits,
-)
+from device_agent.store import DeviceStore, DropCounts, OutboxLimits
 from store_helpers import DEVICE, T0, Opener, send, seqs
 
 from device_agent import outbox as outbox_module

@@ -7,12 +7,7 @@ import itertools
 import logging
 
 import pytest
-from device_agent.store import (
-    DROP_ORDER,
-    DeviceStore,
-    DropCounts,
-    OutboxLimits,
-)
+from device_agent.store import DROP_ORDER, DeviceStore, DropCounts, OutboxLimits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_helpers import DEVICE, T0, Opener, send, seqs

@@ -8,12 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from device_agent.store import (
-    DeviceStore,
-    SessionRecord,
-    open_database,
-    total_backlog,
-)
+from device_agent.store import DeviceStore, SessionRecord, open_database, total_backlog
 from store_helpers import DEVICE, T0, Opener, send
 
 # -- small state ---------------------------------------------------------------------------
