@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -329,17 +329,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = SeedParams(
-        devices=args.devices,
-        active_devices=args.active_devices,
-        sessions_min=args.sessions_min,
-        sessions_max=args.sessions_max,
-        days=args.days,
-        rival_devices=args.rival_devices,
-        open_alerts=args.open_alerts,
-        resolved_alerts=args.resolved_alerts,
-        seed=args.seed,
-    )
+    # The seed group's options are SeedParams' fields, one for one.
+    params = SeedParams(**{f.name: getattr(args, f.name) for f in fields(SeedParams)})
     directory, info = seeded_cluster(params, args.reseed, args.seed_processes)
     say(
         f"data: {info['samples']:,} samples, {info['sessions']:,} sessions, "

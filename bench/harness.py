@@ -25,9 +25,16 @@ import psycopg
 from bench.mqtt_load import DeviceLogin
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
 from deploy.stack.ports import LOOPBACK
-from deploy.stack.postgres import PostgresInstall, PostgresServer, local_server, require_postgres
+from deploy.stack.postgres import (
+    PostgresInstall,
+    PostgresServer,
+    local_server,
+    new_password,
+    require_postgres,
+)
 from deploy.stack.processes import Child, child_pids, service_env, spawn, wait_until
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
+from services.common.migrate import upgrade
 from services.common.provisioning import provision_device
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
@@ -155,49 +162,66 @@ class ServiceWorker:
         return text in self.log_text()
 
 
-def start_workers(
-    service: str,
-    metrics_ports: Sequence[int],
-    root: Path,
-    url: str,
-    broker: MosquittoBroker,
-    password: str,
-    stack: contextlib.ExitStack,
-    *,
-    ready: str,
-    **settings: str | int,
-) -> list[ServiceWorker]:
-    """Start one ``service`` worker per metrics port, as ``make run`` does, and wait until
-    each has logged ``ready`` (at INFO, which logs nothing per message)."""
-    workers: list[ServiceWorker] = []
-    for number, metrics_port in enumerate(metrics_ports, start=1):
-        env = service_env(
-            service.upper(),
-            database_url=url,
-            mqtt_port=broker.config.service_port,
-            mqtt_password=password,
-            worker_id=number,
-            metrics_port=metrics_port,
-            log_level="INFO",
-            **settings,
-        )
-        child = spawn(
-            f"{service}-{number}",
-            [sys.executable, "-m", f"services.{service}.main"],
-            root / f"{service}-{number}.log",
-            env=env,
-            cwd=REPO_ROOT,
-        )
-        stack.callback(child.stop)
-        workers.append(ServiceWorker(child.name, child, metrics_port))
-    for worker in workers:
-        wait_until(
-            functools.partial(worker.logged, ready),
-            child=worker.child,
-            timeout_s=WORKER_READY_TIMEOUT_S,
-            what=worker.name,
-        )
-    return workers
+@dataclass
+class BenchStack:
+    """The servers of one benchmark run and its provisioned devices."""
+
+    root: Path
+    cleanup: contextlib.ExitStack  # stops everything started here, in reverse order
+    postgres: PostgresServer
+    url: str
+    broker: MosquittoBroker
+    passwords: dict[ServiceAccount, str]
+    logins: list[DeviceLogin]
+
+    def start_workers(
+        self, service: str, metrics_ports: Sequence[int], *, ready: str, **settings: str | int
+    ) -> list[ServiceWorker]:
+        """Start one ``service`` worker per metrics port, as ``make run`` does, and wait until
+        each has logged ``ready`` (at INFO, which logs nothing per message)."""
+        workers: list[ServiceWorker] = []
+        for number, metrics_port in enumerate(metrics_ports, start=1):
+            env = service_env(
+                service.upper(),
+                database_url=self.url,
+                mqtt_port=self.broker.config.service_port,
+                mqtt_password=self.passwords[ServiceAccount(f"galvani-{service}")],
+                worker_id=number,
+                metrics_port=metrics_port,
+                log_level="INFO",
+                **settings,
+            )
+            child = spawn(
+                f"{service}-{number}",
+                [sys.executable, "-m", f"services.{service}.main"],
+                self.root / f"{service}-{number}.log",
+                env=env,
+                cwd=REPO_ROOT,
+            )
+            self.cleanup.callback(child.stop)
+            workers.append(ServiceWorker(child.name, child, metrics_port))
+        for worker in workers:
+            wait_until(
+                functools.partial(worker.logged, ready),
+                child=worker.child,
+                timeout_s=WORKER_READY_TIMEOUT_S,
+                what=worker.name,
+            )
+        return workers
+
+
+def start_stack(
+    root: Path, cleanup: contextlib.ExitStack, bench: str, devices: int, *, database: str = ""
+) -> BenchStack:
+    """A migrated durable cluster (``database`` in it, else the default one), a broker and
+    ``devices`` provisioned devices of one brand."""
+    postgres = start_postgres(root, cleanup, bench)
+    url = postgres.create_database(database) if database else postgres.config.url()
+    upgrade(url)
+    passwords = {account: new_password() for account in ServiceAccount}
+    broker = start_broker(root, passwords, cleanup)
+    logins = provision(url, devices, broker)
+    return BenchStack(root, cleanup, postgres, url, broker, passwords, logins)
 
 
 # --- The run ----------------------------------------------------------------------------

@@ -50,12 +50,9 @@ from bench.harness import (
     ServiceWorker,
     postgres_cpu_s,
     process_cpu_s,
-    provision,
     run_main,
     say,
-    start_broker,
-    start_postgres,
-    start_workers,
+    start_stack,
     workspace,
 )
 from bench.mqtt_load import (
@@ -76,9 +73,8 @@ from bench.mqtt_load import (
 )
 from deploy.stack.mosquitto import MosquittoBroker
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
-from deploy.stack.postgres import PostgresServer, new_password
-from services.common.broker_auth import ServiceAccount
-from services.common.migrate import upgrade
+from deploy.stack.postgres import PostgresServer
+from services.common.protocol.limits import CLOCK_FUTURE_LIMIT, CLOCK_PAST_LIMIT
 from services.common.protocol.topics import device_topic
 from services.ingest.decode import SAMPLE_COLUMNS, SAMPLE_TYPES, SampleRow
 from services.ingest.writer import COPY_SAMPLES
@@ -89,8 +85,10 @@ from services.ingest.writer import COPY_SAMPLES
 # plain PostgreSQL and TimescaleDB's Apache build also marks its hour for a rollup refresh;
 # --device-time-ago 20 measures live data instead.
 DEFAULT_DEVICE_TIME_AGO_MIN: Final = 120
-# protocol.md: device time more than 5 minutes ahead of receipt is flagged suspect.
-TS_FUTURE_LIMIT_S: Final = 300
+# protocol.md: device time more than 5 minutes ahead of receipt is flagged suspect, and
+# more than 30 days behind.
+TS_FUTURE_LIMIT_S: Final = CLOCK_FUTURE_LIMIT.total_seconds()
+TS_PAST_LIMIT_MIN: Final = CLOCK_PAST_LIMIT.total_seconds() / 60
 
 POLL_S: Final = 0.25
 PROGRESS_EVERY_S: Final = 10.0
@@ -690,7 +688,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--seconds, --devices, --workers, --loadgen-procs and --window must be > 0")
     if args.loadgen_procs > args.devices:
         parser.error("--loadgen-procs cannot exceed --devices")
-    if not 0 < args.device_time_ago < 30 * 24 * 60:
+    if not 0 < args.device_time_ago < TS_PAST_LIMIT_MIN:
         parser.error("--device-time-ago must be within protocol.md's 30 days")
     # A device's last pre-built message must not be ahead of receipt, even if sent at once.
     if pre_built_messages(args) > args.device_time_ago * 60 + TS_FUTURE_LIMIT_S:
@@ -707,9 +705,8 @@ def run(args: argparse.Namespace) -> int:
         workspace("galvani-bench-", args.keep, "data and logs kept in {}") as root,
         contextlib.ExitStack() as stack,
     ):
-        postgres = start_postgres(root, stack, "bench-ingest")
-        url = postgres.config.url()
-        upgrade(url)
+        bench = start_stack(root, stack, "bench-ingest", args.devices)
+        postgres, url, broker, logins = bench.postgres, bench.url, bench.broker, bench.logins
         with psycopg.connect(url) as conn:
             storage = conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'")
             storage_row = storage.fetchone()
@@ -717,23 +714,13 @@ def run(args: argparse.Namespace) -> int:
             f"postgres {postgres.install.source} on port {postgres.config.port}, "
             f"storage {storage_row[0] if storage_row else '?'}, durable"
         )
-        passwords = {account: new_password() for account in ServiceAccount}
-        broker = start_broker(root, passwords, stack)
-        logins = provision(url, args.devices, broker)
         say(
             f"mosquitto on ports {broker.config.device_port}/{broker.config.service_port}, "
             f"{len(logins)} devices provisioned"
         )
-        workers = start_workers(
-            "ingest",
-            distinct_free_ports(args.workers),
-            root,
-            url,
-            broker,
-            passwords[ServiceAccount.INGEST],
-            stack,
-            # "connected to" is how start-up is followed; probe_workers waits for the rest.
-            ready="connected to",
+        # "connected to" is how start-up is followed; probe_workers waits for the rest.
+        workers = bench.start_workers(
+            "ingest", distinct_free_ports(args.workers), ready="connected to"
         )
         probe_workers(workers, broker, logins[0])
         say(f"{len(workers)} ingest workers up and storing")

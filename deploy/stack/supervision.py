@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from deploy.stack.options import Secrets
 from deploy.stack.ports import LOOPBACK, choose_port, free_port
@@ -31,53 +32,64 @@ PREFERRED_API_PORT = 8000
 SERVICE_READY_TIMEOUT_S = 60.0
 
 
+@dataclass(frozen=True)
+class _Connection:
+    """Where every service finds the database and the broker's service listener."""
+
+    database_url: str
+    service_port: int
+    secrets: Secrets
+
+    def spawn(
+        self, stack: Stack, name: str, account: ServiceAccount, **settings: str | int
+    ) -> Child:
+        """Start the service of ``account`` (``python -m services.<service>.main``) as ``name``
+        with its ``GALVANI_<SERVICE>_*`` settings, logging to ``logs/<name>.log``."""
+        service = account.removeprefix("galvani-")
+        return spawn(
+            name,
+            [sys.executable, "-m", f"services.{service}.main"],
+            stack.options.data_dir / "logs" / f"{name}.log",
+            env=service_env(
+                service.upper(),
+                database_url=self.database_url,
+                mqtt_port=self.service_port,
+                mqtt_password=self.secrets.get(f"mqtt-{account}"),
+                **settings,
+            ),
+            cwd=REPO_ROOT,
+        )
+
+
 def start_services(stack: Stack, database_url: str, service_port: int, secrets: Secrets) -> str:
     """Start the API and the maintenance loop; return the API's URL once it is ready."""
     options = stack.options
-    logs = options.data_dir / "logs"
     api_port = choose_port(
         PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
     )
     assert stack.broker is not None
-    api = spawn(
+    connection = _Connection(database_url, service_port, secrets)
+    api = connection.spawn(
+        stack,
         "api",
-        [sys.executable, "-m", "services.api.main"],
-        logs / "api.log",
-        env=service_env(
-            "API",
-            database_url=database_url,
-            mqtt_port=service_port,
-            mqtt_password=secrets.get(f"mqtt-{ServiceAccount.API}"),
-            data_dir=str(options.data_dir),
-            port=api_port,
-            device_mqtt_port=stack.broker.config.device_port,
-        ),
-        cwd=REPO_ROOT,
+        ServiceAccount.API,
+        data_dir=str(options.data_dir),
+        port=api_port,
+        device_mqtt_port=stack.broker.config.device_port,
     )
     stack.services.append(api)
     maintenance_metrics_port = free_port()
     stack.metrics["maintenance"] = f"http://{LOOPBACK}:{maintenance_metrics_port}/metrics"
-    stack.services.append(
-        spawn(
-            "maintenance",
-            [sys.executable, "-m", "services.maintenance.main"],
-            logs / "maintenance.log",
-            # With the broker's password it also watches the broker's statistics ($SYS).
-            env=service_env(
-                "MAINTENANCE",
-                database_url=database_url,
-                mqtt_port=service_port,
-                mqtt_password=secrets.get(f"mqtt-{ServiceAccount.MAINTENANCE}"),
-                metrics_port=maintenance_metrics_port,
-            ),
-            cwd=REPO_ROOT,
-        )
+    # With the broker's password it also watches the broker's statistics ($SYS).
+    maintenance = connection.spawn(
+        stack, "maintenance", ServiceAccount.MAINTENANCE, metrics_port=maintenance_metrics_port
     )
+    stack.services.append(maintenance)
     # Both consumers subscribe before any device is admitted (see broker_lifecycle).
     workers = [("ingest", str(n)) for n in range(1, options.ingest_workers + 1)]
     workers.append(("rules", "1"))
     for service, worker in workers:
-        start_worker = _worker_starter(stack, service, database_url, service_port, secrets, worker)
+        start_worker = _worker_starter(stack, connection, service, worker)
         child = start_worker()
         stack.services.append(child)
         stack.restart[child.name] = start_worker
@@ -99,7 +111,7 @@ def start_services(stack: Stack, database_url: str, service_port: int, secrets: 
 
 
 def _worker_starter(
-    stack: Stack, service: str, database_url: str, service_port: int, secrets: Secrets, worker: str
+    stack: Stack, connection: _Connection, service: str, worker: str
 ) -> Callable[[], Child]:
     """How to (re)start worker ``worker`` of ``service`` (ingest or rules) under one name."""
     name = f"{service}-{worker}"
@@ -108,20 +120,13 @@ def _worker_starter(
     account = ServiceAccount.INGEST if service == "ingest" else ServiceAccount.RULES
 
     def start() -> Child:
-        return spawn(
+        return connection.spawn(
+            stack,
             name,
-            [sys.executable, "-m", f"services.{service}.main"],
-            stack.options.data_dir / "logs" / f"{name}.log",
-            env=service_env(
-                service.upper(),
-                database_url=database_url,
-                mqtt_port=service_port,
-                mqtt_password=secrets.get(f"mqtt-{account}"),
-                data_dir=str(stack.options.data_dir),
-                worker_id=worker,
-                metrics_port=metrics_port,
-            ),
-            cwd=REPO_ROOT,
+            account,
+            data_dir=str(stack.options.data_dir),
+            worker_id=worker,
+            metrics_port=metrics_port,
         )
 
     return start
