@@ -7,16 +7,13 @@ import pytest
 
 from deploy.stack.mosquitto import MAX_PACKET_BYTES, MosquittoBroker
 from services.common.broker_auth import DEVICE_PASSWD_FILE, ServiceAccount, hash_password
+from services.common.protocol.topics import DEVICE_CHANNELS
+from services.common.protocol.topics import device_topic as topic
 from services.common.provisioning import ProvisioningError, provision_device, revoke_device
 from tests.mqtt import ConnectRefused, MqttClient
 
 NOT_AUTHORIZED = 0x87
 ACCEPTED = {0x00, 0x10}  # success, or "no matching subscribers"
-DEVICE_CHANNELS = ("telemetry", "events", "state", "presence")
-
-
-def topic(device_id: str, channel: str) -> str:
-    return f"galvani/v1/d/{device_id}/{channel}"
 
 
 @pytest.fixture
@@ -44,6 +41,14 @@ def device_client(broker: MosquittoBroker, device_id: str, password: str, **kw) 
         client_id=kw.pop("client_id", device_id),
         **kw,
     )
+
+
+def assert_received_only(client: MqttClient, on: str, payload: bytes) -> None:
+    """``client`` receives ``payload`` on topic ``on``, and has received nothing elsewhere."""
+    own = client.wait_for(on)
+    assert own is not None
+    assert own.payload == payload
+    assert [m.topic for m in client.received] == [on]
 
 
 def service_client(broker: MosquittoBroker, passwords, account=ServiceAccount.RULES) -> MqttClient:
@@ -98,10 +103,7 @@ def test_wildcard_subscription_delivers_nothing_of_another_device(
         assert other.publish(topic("dev-b2", "telemetry"), b"secret") in ACCEPTED
         assert cloud.publish(topic("dev-b2", "config"), b"table-b") in ACCEPTED
         assert cloud.publish(topic("dev-a1", "config"), b"table-a") in ACCEPTED
-        own = spy.wait_for(topic("dev-a1", "config"))
-        assert own is not None
-        assert own.payload == b"table-a"
-        assert [m.topic for m in spy.received] == [topic("dev-a1", "config")]
+        assert_received_only(spy, topic("dev-a1", "config"), b"table-a")
     finally:
         for client in (spy, other, cloud):
             client.close()
@@ -131,10 +133,7 @@ def test_ingest_acks_reach_only_the_device_they_name(broker, devices, service_pa
         device.subscribe(topic("dev-b2", "ack"))
         assert ingest.publish(topic("dev-b2", "ack"), b"acks-b") in ACCEPTED
         assert ingest.publish(topic("dev-a1", "ack"), b"acks-a") in ACCEPTED
-        own = device.wait_for(topic("dev-a1", "ack"))
-        assert own is not None
-        assert own.payload == b"acks-a"
-        assert [m.topic for m in device.received] == [topic("dev-a1", "ack")]
+        assert_received_only(device, topic("dev-a1", "ack"), b"acks-a")
         # Acks are the cloud's word: a device can forge none, for itself or another device.
         assert device.publish(topic("dev-a1", "ack"), b"{}") == NOT_AUTHORIZED
         assert device.publish(topic("dev-b2", "ack"), b"{}") == NOT_AUTHORIZED

@@ -3,11 +3,11 @@ them to the device once the batch has committed."""
 
 import itertools
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 
+from services.common.protocol import device_topic
 from services.ingest.acks import ack_payload, ack_topic, seq_ranges, stored_acks
 from services.ingest.decode import Inbound, decode_inbound
 from tests.ingest import (
@@ -21,15 +21,12 @@ from tests.ingest import (
     topic,
     wait_until,
 )
-
-RECEIVED = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-RECEIVED_MS = int(RECEIVED.timestamp() * 1000)
+from tests.test_ingest_decode import RECEIVED_MS, inbound
 
 
-def inbound(device_id: str, channel: str, payload: object) -> Inbound:
-    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    topic = f"galvani/v1/d/{device_id}/{channel}"
-    return Inbound(topic, raw, mid=1, qos=1, received_at=RECEIVED, generation=1)
+def sent(device_id: str, channel: str, payload: object) -> Inbound:
+    """What ingest receives when ``device_id`` publishes ``payload`` on ``channel``."""
+    return inbound(device_topic(device_id, channel), payload)
 
 
 def one_sample(seq: int) -> dict[str, object]:
@@ -53,13 +50,13 @@ def test_ack_payload_is_the_protocol_shape():
 
 def test_every_channel_with_a_seq_is_acknowledged_per_device():
     messages = [
-        inbound("dev-a", "telemetry", one_sample(1)),
-        inbound("dev-b", "telemetry", one_sample(40)),
-        inbound(
+        sent("dev-a", "telemetry", one_sample(1)),
+        sent("dev-b", "telemetry", one_sample(40)),
+        sent(
             "dev-a", "events", {"v": 1, "seq": 2, "ts": RECEIVED_MS, "type": "charging", "on": True}
         ),
-        inbound("dev-a", "state", {"v": 1, "seq": 3, "ts": RECEIVED_MS, "fw": "1.4.2", "hw": "B"}),
-        inbound("dev-a", "telemetry", one_sample(5)),
+        sent("dev-a", "state", {"v": 1, "seq": 3, "ts": RECEIVED_MS, "fw": "1.4.2", "hw": "B"}),
+        sent("dev-a", "telemetry", one_sample(5)),
     ]
     assert acks_of(messages) == {
         ack_topic("dev-a"): {"v": 1, "seqs": [[1, 3], [5, 5]]},
@@ -69,7 +66,7 @@ def test_every_channel_with_a_seq_is_acknowledged_per_device():
 
 
 def test_presence_is_never_acknowledged():
-    messages = [inbound("dev-a", "presence", {"v": 1, "online": True, "ts": RECEIVED_MS})]
+    messages = [sent("dev-a", "presence", {"v": 1, "online": True, "ts": RECEIVED_MS})]
     assert acks_of(messages) == {}
 
 
@@ -77,22 +74,20 @@ def test_a_dead_letter_with_a_readable_seq_is_acknowledged_so_it_is_not_resent_f
     bad_sample = {"v": 1, "seq": 12, "samples": [{"ts": RECEIVED_MS, "level": 99}]}
     too_big = {"v": 1, "seq": 13, "samples": [], "pad": "x" * 70_000}
     messages = [
-        inbound("dev-a", "telemetry", bad_sample),
-        inbound("dev-a", "telemetry", too_big),
-        inbound("dev-a", "telemetry", b"{not json"),
-        inbound("dev-a", "telemetry", {"v": 1, "seq": True, "samples": []}),
-        inbound("dev-a", "telemetry", [1, 2]),
-        inbound("dev-a", "telemetry", {"v": 1, "seq": 2**63, "samples": []}),
-        inbound("dev-a", "presence", {"v": 1, "seq": 14, "online": "yes"}),
-        inbound("dev-a", "config", {"v": 1, "seq": 15}),
+        sent("dev-a", "telemetry", bad_sample),
+        sent("dev-a", "telemetry", too_big),
+        sent("dev-a", "telemetry", b"{not json"),
+        sent("dev-a", "telemetry", {"v": 1, "seq": True, "samples": []}),
+        sent("dev-a", "telemetry", [1, 2]),
+        sent("dev-a", "telemetry", {"v": 1, "seq": 2**63, "samples": []}),
+        sent("dev-a", "presence", {"v": 1, "seq": 14, "online": "yes"}),
+        sent("dev-a", "config", {"v": 1, "seq": 15}),
     ]
     assert acks_of(messages) == {ack_topic("dev-a"): {"v": 1, "seqs": [[12, 13]]}}
 
 
 def test_a_dead_letter_on_a_topic_outside_the_device_tree_is_not_acknowledged():
-    message = Inbound(
-        "other/topic", b'{"seq": 1}', mid=1, qos=1, received_at=RECEIVED, generation=1
-    )
+    message = inbound("other/topic", b'{"seq": 1}')
     assert stored_acks([message], [decode_inbound(message)]) == []
 
 

@@ -3,6 +3,10 @@
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from services.common.protocol import ProtocolError
+from services.common.protocol.limits import DEVICE_TIME_MAX_MS
 from services.ingest.decode import (
     ROW_SUSPECT,
     DeadLetter,
@@ -31,6 +35,22 @@ def test_device_time_is_flagged_outside_thirty_days_back_and_five_minutes_ahead(
     assert device_time(RECEIVED_MS + 300_000, RECEIVED)[1] is False
     assert device_time(RECEIVED_MS + 300_001, RECEIVED)[1] is True
     assert device_time(0, RECEIVED) == (datetime(1970, 1, 1, tzinfo=UTC), True)
+
+
+def test_device_time_ends_on_9999_12_01_on_both_telemetry_paths():
+    latest_ms = int(datetime(9999, 12, 1, tzinfo=UTC).timestamp() * 1000)
+    assert latest_ms == DEVICE_TIME_MAX_MS
+    assert device_time(latest_ms, RECEIVED) == (datetime(9999, 12, 1, tzinfo=UTC), True)
+    with pytest.raises(ProtocolError, match="past 9999-12-01"):
+        device_time(latest_ms + 1, RECEIVED)
+    # An unknown field sends a message down the full path; the fast path takes the others.
+    for extra in ({}, {"note": "full path"}):
+        for ts, kind in ((latest_ms, TelemetryIn), (latest_ms + 1, DeadLetter)):
+            sample = {"ts": ts, **extra}
+            decoded = decode_inbound(
+                inbound("galvani/v1/d/dev-001/telemetry", {"v": 1, "seq": 1, "samples": [sample]})
+            )
+            assert isinstance(decoded, kind), (ts, extra)
 
 
 def test_telemetry_becomes_one_row_per_sample_with_the_topics_device_id():
