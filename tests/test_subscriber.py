@@ -419,6 +419,23 @@ def test_a_broker_that_never_answers_the_connect_is_left(
 # Subscribing
 
 
+def refused_subscription(
+    broker: ScriptedBroker, sub: Subscriber, answer: bytes, disconnect_reason: int
+) -> None:
+    """Connect ``sub``, answer its SUBSCRIBE with ``answer`` and check that it leaves with a
+    DISCONNECT of ``disconnect_reason``, one subscribe failure counted."""
+    peer = broker.accept_connect(sub)
+    peer.send(connack())
+    assert peer.read_packet() == subscribe_packet(sub.config.topic_filters)
+
+    peer.send(answer)
+
+    assert peer.read_packet() == disconnect_with(disconnect_reason)
+    peer.wait_closed()
+    assert not sub.connected
+    assert sub.stats.subscribe_failures == 1
+
+
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -428,16 +445,11 @@ def test_suback_refusal_closes_and_reconnects(
 ) -> None:
     filters = (TOPIC_FILTER, OTHER_FILTER)
     sub = new_subscriber(16, topic_filters=filters)
-    peer = broker.accept_connect(sub)
-    peer.send(connack())
-    assert peer.read_packet() == subscribe_packet(filters)
 
-    peer.send(suback(mqtt5.GRANTED_QOS_1, 0x87))  # the second filter: not authorized
+    # The second filter: not authorized.
+    answer = suback(mqtt5.GRANTED_QOS_1, 0x87)
+    refused_subscription(broker, sub, answer, mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
 
-    assert peer.read_packet() == disconnect_with(mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
-    peer.wait_closed()
-    assert not sub.connected
-    assert sub.stats.subscribe_failures == 1
     assert errors_logged(caplog) == [
         f"broker refused or downgraded the subscription to {OTHER_FILTER}: not authorized (0x87)"
     ]
@@ -450,18 +462,11 @@ def test_qos0_grant_is_a_failed_subscription(
     broker: ScriptedBroker, new_subscriber: NewSubscriber, caplog: pytest.LogCaptureFixture
 ) -> None:
     sub = new_subscriber(16)
-    peer = broker.accept_connect(sub)
-    peer.send(connack())
-    assert peer.read_packet() == subscribe_packet()
 
     # Granted QoS 0: the broker would deliver at most once and never redeliver what the worker
     # received but did not store.
-    peer.send(suback(0x00))
+    refused_subscription(broker, sub, suback(0x00), mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
 
-    assert peer.read_packet() == disconnect_with(mqtt5.IMPLEMENTATION_SPECIFIC_ERROR)
-    peer.wait_closed()
-    assert not sub.connected
-    assert sub.stats.subscribe_failures == 1
     assert errors_logged(caplog) == [
         f"broker refused or downgraded the subscription to {TOPIC_FILTER}: granted QoS 0 (0x00)"
     ]
@@ -482,17 +487,10 @@ def test_suback_with_wrong_count_of_reason_codes_fails(
     reasons: tuple[int, ...],
 ) -> None:
     sub = new_subscriber(16)
-    peer = broker.accept_connect(sub)
-    peer.send(connack())
-    assert peer.read_packet() == subscribe_packet()
-
-    peer.send(suback(*reasons))
 
     # One reason code per filter, in order (3.9.3): anything else is a protocol error.
-    assert peer.read_packet() == disconnect_with(mqtt5.PROTOCOL_ERROR)
-    peer.wait_closed()
-    assert not sub.connected
-    assert sub.stats.subscribe_failures == 1
+    refused_subscription(broker, sub, suback(*reasons), mqtt5.PROTOCOL_ERROR)
+
     [logged] = errors_logged(caplog)
     assert logged.startswith(
         f"broker answered the subscription to {TOPIC_FILTER} with {len(reasons)} reason codes"
@@ -838,14 +836,19 @@ def test_a_later_connection_without_server_keep_alive_uses_the_connects_own(
 # Closing
 
 
+def two_messages_taken(broker: ScriptedBroker, sub: Subscriber) -> tuple[Peer, list[Inbound]]:
+    """Connect ``sub``, deliver it messages 1 and 2 at QoS 1 and take them, unacknowledged."""
+    peer = broker.handshake(sub)
+    peer.send(publish("a/1", b"1", 1) + publish("a/2", b"2", 2))
+    run_until(sub, lambda: len(sub.pending) == 2, "two messages pending")
+    return peer, sub.take(100)
+
+
 def test_close_sends_queued_acks_then_disconnect(
     broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
-    peer = broker.handshake(sub)
-    peer.send(publish("a/1", b"1", 1) + publish("a/2", b"2", 2))
-    run_until(sub, lambda: len(sub.pending) == 2, "two messages pending")
-    taken = sub.take(100)
+    peer, taken = two_messages_taken(broker, sub)
     sub.ack(taken)
 
     peer.close_subscriber()
@@ -957,10 +960,7 @@ def test_publish_goes_out_with_the_acks(
     broker: ScriptedBroker, new_subscriber: NewSubscriber
 ) -> None:
     sub = new_subscriber(16)
-    peer = broker.handshake(sub)
-    peer.send(publish("a/1", b"1", 1) + publish("a/2", b"2", 2))
-    run_until(sub, lambda: len(sub.pending) == 2, "two messages pending")
-    batch = sub.take(100)
+    peer, batch = two_messages_taken(broker, sub)
 
     sub.publish(ACK_TOPIC, b'{"seq":[[1,2]]}')
     time.sleep(0.05)
