@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +196,19 @@ class Device:
         await self.until(lambda: seq in self.broker.seqs(), f"marker seq {seq} published")
         return seq
 
+    async def around(self, due: float) -> tuple[int, int]:
+        """Markers just before ``due`` and at it, their seqs: what the broker received between
+        them is what the link sent at ``due``."""
+        await self.at(due - 0.001)
+        before = await self.marker()
+        await self.at(due)
+        return before, await self.marker()
+
+    def since(self, seq: int) -> list[int]:
+        """The seqs the broker received after (the first copy of) ``seq``, in order."""
+        seqs = self.broker.seqs()
+        return seqs[seqs.index(seq) + 1 :]
+
     async def stream_to(self, now: float, step_s: float = 20.0) -> None:
         """Advance the clock to ``now`` as a device that streams does: a message every
         ``step_s``, each acknowledged as stored, so the backend is plainly answering."""
@@ -285,3 +298,19 @@ async def connected(
         await asyncio.sleep(0.05)  # the DISCONNECT goes out
         await broker.close()
         conn.close()
+
+
+def run_linked(
+    scenario: Callable[[Device], Awaitable[None]],
+    tmp_path: Path,
+    broker: ScriptedBroker,
+    delete_on: DeleteOn = DeleteOn.STORED,
+    clock: FakeClock | None = None,
+) -> None:
+    """Run ``scenario`` on a new loop with a device :func:`connected` to ``broker``."""
+
+    async def main() -> None:
+        async with connected(tmp_path, broker, delete_on, clock) as device:
+            await scenario(device)
+
+    asyncio.run(main())
