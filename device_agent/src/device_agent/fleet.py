@@ -268,21 +268,13 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         parser.error("--devices must be at least 1")
     if args.activity <= 0:
         parser.error("--activity must be positive")
-    return FleetOptions(
-        devices=args.devices,
-        credentials=args.credentials,
-        host=args.host,
-        port=args.port,
-        public_key=read_public_key(args.public_key),
-        store=args.store,
-        activity=args.activity,
-        seed=args.seed,
-        status_file=args.status_file,
-        status_interval_s=args.status_interval,
-        duration_s=args.duration,
-        delete_on=args.delete_on,
-        faulty_share=args.faulty_share,
-    )
+    # The options are the parsed arguments, but for the key (read from its file) and the two
+    # durations, whose fields carry their unit in the name.
+    values = vars(args)
+    values["public_key"] = read_public_key(args.public_key)
+    values["status_interval_s"] = values.pop("status_interval")
+    values["duration_s"] = values.pop("duration")
+    return FleetOptions(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
