@@ -101,7 +101,6 @@ class Link:
     ) -> None:
         """``clock`` (seconds, monotonic; the loop's time by default) times the stored-acks."""
         self.device_id = device_id
-        self.address = address
         self.store = store
         self.on_config = on_config
         self.loop = loop
