@@ -15,12 +15,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg.rows import args_row, class_row
 from psycopg.types.json import Jsonb
 
 from services.common.config_push import Push, PushError, record_push
 from services.common.db import Conn
 from services.common.mode_tables import ALL_MODES, restricted_table
-from services.rules import metrics
+from services.rules import explain, metrics
 from services.rules.catalogue import BY_ID, SEVERITY_RANK, Action, Severity
 from services.rules.conditions import MAX_GAP
 from services.rules.context import DeviceContext, user_devices
@@ -34,12 +35,11 @@ ALL_LOCKS: Final = frozenset(ALL_MODES)
 
 @dataclass(frozen=True)
 class Finding:
-    """One occurrence of a rule on a device, with everything its explanation needs."""
+    """One occurrence of a rule on a device, with everything its explanation needs; its
+    severity and action are the catalogue's (the rule's minor grade if ``minor``)."""
 
     rule: str
     device_id: str
-    severity: Severity
-    action: Action
     started_at: datetime
     ended_at: datetime
     threshold: Mapping[str, Any]
@@ -49,6 +49,17 @@ class Finding:
     key: str | None = None
     session: str | None = None
     user_key: str | None = None
+    minor: bool = False
+
+    @property
+    def severity(self) -> Severity:
+        """The catalogue's severity for this occurrence."""
+        return BY_ID[self.rule].grade(self.minor).severity
+
+    @property
+    def action(self) -> Action:
+        """The catalogue's action for this occurrence."""
+        return BY_ID[self.rule].grade(self.minor).action
 
 
 @dataclass
@@ -91,39 +102,43 @@ def apply_finding(
     claimed: int | None = None
     if finding.key is not None:
         # Claim the key first: of two workers (or a replay) only one gets the row.
-        claim = conn.execute(
-            "INSERT INTO alert_triggers (device_id, rule, variant, key, started_at, ended_at,"
-            " observed) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (device_id, rule, key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
-            [
-                finding.device_id,
-                finding.rule,
-                finding.variant,
-                finding.key,
-                finding.started_at,
-                finding.ended_at,
-                Jsonb({**finding.observed, "session": finding.session}),
-            ],
-        ).fetchone()
-        if claim is None:
+        claimed = (
+            conn.cursor(row_factory=args_row(_int))
+            .execute(
+                "INSERT INTO alert_triggers (device_id, rule, variant, key, started_at, ended_at,"
+                " observed) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (device_id, rule, key) WHERE key IS NOT NULL DO NOTHING RETURNING id",
+                [
+                    finding.device_id,
+                    finding.rule,
+                    finding.variant,
+                    finding.key,
+                    finding.started_at,
+                    finding.ended_at,
+                    Jsonb({**finding.observed, "session": finding.session}),
+                ],
+            )
+            .fetchone()
+        )
+        if claimed is None:
             return
-        claimed = int(str(claim[0]))
     elif _merge_run(conn, finding):
         return
     action_text, pushes = _act(conn, key, context, finding)
-    explanation = {
-        "rule": finding.rule,
-        "rule_version": BY_ID[finding.rule].version,
-        "variant": finding.variant or None,
-        "threshold": dict(finding.threshold),
-        "observed": dict(finding.observed),
-        "window": {"from": _iso(finding.started_at), "to": _iso(finding.ended_at)},
-        "session": finding.session,
-        "action": action_text,
-        "text": f"{finding.text.rstrip('.')}; {action_text}.",
-    }
-    row = conn.execute(
-        """
+    explanation = explain.explanation(
+        finding.rule,
+        finding.variant,
+        finding.threshold,
+        finding.observed,
+        (finding.started_at, finding.ended_at),
+        finding.session,
+        finding.text,
+        action_text,
+    )
+    row = (
+        conn.cursor(row_factory=args_row(_upserted))
+        .execute(
+            """
         INSERT INTO alerts AS a (brand_id, device_id, rule, rule_version, severity,
                                  first_seen, last_seen, explanation)
         VALUES (%(brand)s, %(device)s, %(rule)s, %(version)s, %(severity)s,
@@ -143,20 +158,22 @@ def apply_finding(
             updated_at = now()
         RETURNING id, xmax = 0
         """,
-        {
-            "brand": context.brand_id,
-            "device": finding.device_id,
-            "rule": finding.rule,
-            "version": BY_ID[finding.rule].version,
-            "severity": finding.severity.value,
-            "start": finding.started_at,
-            "end": finding.ended_at,
-            "explanation": Jsonb(explanation),
-            "ranks": list(SEVERITY_RANK),
-        },
-    ).fetchone()
+            {
+                "brand": context.brand_id,
+                "device": finding.device_id,
+                "rule": finding.rule,
+                "version": BY_ID[finding.rule].version,
+                "severity": finding.severity.value,
+                "start": finding.started_at,
+                "end": finding.ended_at,
+                "explanation": Jsonb(explanation),
+                "ranks": list(SEVERITY_RANK),
+            },
+        )
+        .fetchone()
+    )
     assert row is not None
-    alert_id, created = int(str(row[0])), bool(row[1])
+    alert_id, created = row
     if created:
         conn.execute(
             "INSERT INTO alert_transitions (alert_id, from_state, to_state, actor, note)"
@@ -187,29 +204,33 @@ def apply_finding(
 
 def _merge_run(conn: Conn, finding: Finding) -> bool:
     """Fold a run into a stored occurrence it touches; True if there was one."""
-    rows = conn.execute(
-        "SELECT id, alert_id, started_at, ended_at FROM alert_triggers"
-        " WHERE device_id = %s AND rule = %s AND variant = %s AND key IS NULL"
-        " AND started_at <= %s AND ended_at >= %s ORDER BY id",
-        [
-            finding.device_id,
-            finding.rule,
-            finding.variant,
-            finding.ended_at + MAX_GAP,
-            finding.started_at - MAX_GAP,
-        ],
-    ).fetchall()
+    rows = (
+        conn.cursor(row_factory=class_row(_Trigger))
+        .execute(
+            "SELECT id, alert_id, started_at, ended_at FROM alert_triggers"
+            " WHERE device_id = %s AND rule = %s AND variant = %s AND key IS NULL"
+            " AND started_at <= %s AND ended_at >= %s ORDER BY id",
+            [
+                finding.device_id,
+                finding.rule,
+                finding.variant,
+                finding.ended_at + MAX_GAP,
+                finding.started_at - MAX_GAP,
+            ],
+        )
+        .fetchall()
+    )
     if not rows:
         return False
-    keep, alert_id = rows[0][0], rows[0][1]
-    start = min([finding.started_at, *(row[2] for row in rows)])  # type: ignore[type-var]
-    end = max([finding.ended_at, *(row[3] for row in rows)])  # type: ignore[type-var]
+    keep, alert_id = rows[0].id, rows[0].alert_id
+    start = min([finding.started_at, *(row.started_at for row in rows)])
+    end = max([finding.ended_at, *(row.ended_at for row in rows)])
     conn.execute(
         "UPDATE alert_triggers SET started_at = %s, ended_at = %s WHERE id = %s",
         [start, end, keep],
     )
     # Two partial runs counted before the samples joining them arrived are one occurrence.
-    merged = [row[0] for row in rows[1:] if row[1] == alert_id]
+    merged = [row.id for row in rows[1:] if row.alert_id == alert_id]
     if merged:
         conn.execute("DELETE FROM alert_triggers WHERE id = ANY(%s)", [merged])
         conn.execute(
@@ -325,13 +346,35 @@ def resolve(conn: Conn, alert_id: int, resolution: str) -> bool:
 
 def open_alerts(conn: Conn, device_id: str, rule: str) -> list[tuple[int, datetime]]:
     """Unresolved alerts of ``rule`` on a device, with the end of their latest occurrence."""
-    rows = conn.execute(
-        "SELECT a.id, max(t.ended_at) FROM alerts a JOIN alert_triggers t ON t.alert_id = a.id"
-        " WHERE a.device_id = %s AND a.rule = %s AND a.state <> 'resolved' GROUP BY a.id",
-        [device_id, rule],
-    ).fetchall()
-    return [(int(str(row[0])), row[1]) for row in rows]  # type: ignore[misc]
+    return (
+        conn.cursor(row_factory=args_row(_id_and_time))
+        .execute(
+            "SELECT a.id, max(t.ended_at) FROM alerts a"
+            " JOIN alert_triggers t ON t.alert_id = a.id"
+            " WHERE a.device_id = %s AND a.rule = %s AND a.state <> 'resolved' GROUP BY a.id",
+            [device_id, rule],
+        )
+        .fetchall()
+    )
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+# Row shapes of the statements above: psycopg builds each row with these, so the columns are
+# typed where they are read.
+def _int(value: int) -> int:
+    return value
+
+
+def _upserted(alert_id: int, created: bool) -> tuple[int, bool]:
+    return alert_id, created
+
+
+def _id_and_time(alert_id: int, moment: datetime) -> tuple[int, datetime]:
+    return alert_id, moment
+
+
+@dataclass(frozen=True)
+class _Trigger:
+    id: int
+    alert_id: int | None
+    started_at: datetime
+    ended_at: datetime

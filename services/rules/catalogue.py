@@ -1,4 +1,8 @@
-"""The rule catalogue of ``safety.md``: ids, versions, severities, actions and thresholds.
+"""The rule catalogue of ``safety.md``: ids, versions, severities, actions, wording, thresholds.
+
+A rule's severity and action (and those of its minor variant, where it has one) and the
+sentence an occurrence explains itself with are stated here once; the checks in
+``services/rules/engine/checks.py`` only decide whether a rule fired and with what figures.
 
 Each threshold is a :class:`Param` with its default, which way is tighter, and the loosest
 value a brand may set (the envelope's figure where the envelope has one, else the default:
@@ -29,6 +33,18 @@ class Action(StrEnum):
     PUSH_SAFE = "push_safe"
     LOCK_DEVICE = "lock_device"
     LOCK_USER_DEVICES = "lock_user_devices"
+
+
+@dataclass(frozen=True)
+class Grade:
+    """How an occurrence is raised: its severity and what the rule does besides alerting."""
+
+    severity: Severity
+    action: Action
+
+
+# The grade of a rule's minor variant (an electrode only warm, redness, a minor fault code).
+MINOR: Final = Grade(Severity.WARNING, Action.ALERT)
 
 
 class Tighter(StrEnum):
@@ -64,9 +80,27 @@ class Rule:
     severity: Severity
     action: Action
     summary: str
+    # The sentence of an occurrence: a str.format template over the fields its check gives
+    # (``services/rules/explain.py`` renders it); ``says_for`` words a variant differently.
+    says: str
     params: tuple[Param, ...] = field(default_factory=tuple)
     # Rules whose condition can clear resolve their own alerts (actor galvani-rules).
     self_resolving: bool = False
+    # The grade of the rule's minor variant, for rules whose check can find one.
+    minor: Grade | None = None
+    says_for: Mapping[str, str] = field(default_factory=dict)
+
+    def grade(self, minor: bool = False) -> Grade:
+        """The severity and action of an occurrence (of the minor variant if ``minor``)."""
+        if minor:
+            if self.minor is None:
+                raise ValueError(f"rule {self.id} has no minor variant")
+            return self.minor
+        return Grade(self.severity, self.action)
+
+    def template(self, variant: str = "") -> str:
+        """The sentence template of an occurrence of ``variant``."""
+        return self.says_for.get(variant, self.says)
 
     def param(self, name: str) -> Param:
         """The threshold called ``name``."""
@@ -97,6 +131,7 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "more than max_sessions_24h sessions by one user in a rolling 24 h",
+        "This is the {nth} session in 24 hours; the limit is {limit:g} a day.",
         (_p("max_sessions", None, LO, 3, "sessions"),),
     ),
     Rule(
@@ -105,6 +140,7 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "more than 5 sessions (7 in the intro stage) or 120 output-minutes in a rolling 7 days",
+        "The user reached {reasons}.",
         (
             _p("max_sessions", 5, LO, 10, "sessions"),
             _p("max_sessions_intro", 7, LO, 10, "sessions"),
@@ -117,6 +153,8 @@ RULES: Final[tuple[Rule, ...]] = (
         INFO,
         Action.ALERT,
         "a session starts within cooldown_s of the end of a session that lasted over 5 minutes",
+        "A session started {gap} after a {previous} session ended; the {mode} cooldown is"
+        " {cooldown}.",
         (_p("long_session_s", 300, LO, 300, "s"),),
     ),
     Rule(
@@ -125,6 +163,7 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "output still on 30 s past the mode's session_cap_s",
+        "The device ran {past_cap} past its {cap} limit for {mode}.",
         (_p("grace_s", 30, LO, 30, "s"),),
     ),
     Rule(
@@ -133,6 +172,8 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "impedance 20-200 kOhm with output on for more than 10 s in total in one session",
+        "The electrodes read {z_low_kohm:g} to 200 kΩ, dry skin with no gel, for {total} of"
+        " this session (limit {limit}).",
         (_p("z_low_ohm", 20_000, LO, 20_000, "Ohm"), _p("total_s", 10, LO, 10, "s")),
     ),
     Rule(
@@ -141,6 +182,7 @@ RULES: Final[tuple[Rule, ...]] = (
         INFO,
         Action.ALERT,
         "impedance above 200 kOhm, or current below 10 % of setpoint, with output on for > 2 s",
+        "The device lost skin contact with output on{for_duration}.",
         (
             _p("z_ohm", 200_000, LO, 200_000, "Ohm"),
             _p("current_fraction", 0.1, HI, 0.1, "of setpoint", tightest=1.0),
@@ -154,6 +196,8 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "impedance below 300 Ohm with output on for more than 1 s",
+        "The electrodes read {low_z:.0f} Ω, a short circuit,{for_duration}"
+        " (limit: below {z_below_ohm:.0f} Ω for over 1 s).",
         # Tightest: the low end of the gel band; above it a short circuit is contact.
         (_p("z_ohm", 300, HI, 300, "Ohm", tightest=1000), _p("duration_s", 1, LO, 1, "s")),
     ),
@@ -163,6 +207,8 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "current above 1.2 x i_max_ua for more than 200 ms, or any sample above 1000 uA",
+        # above_limit: empty when the mode the run ran in is not in the device's table.
+        "The output current reached {peak_i:.0f} µA{for_duration}{above_limit}.",
         (
             _p("factor", 1.2, LO, 1.2, "x i_max_ua"),
             _p("duration_ms", 200, LO, 200, "ms"),
@@ -175,6 +221,8 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "current off setpoint by more than 20 % for more than 2 s while impedance is in range",
+        "The output current drifted from its setpoint{for_duration} by more than"
+        " {off_setpoint_fraction:.0%}.",
         (_p("fraction", 0.2, LO, 0.2, "of setpoint"), _p("duration_s", 2, LO, 2, "s")),
     ),
     Rule(
@@ -183,11 +231,14 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "electrode above 41 C (critical), or above 39 C for more than 60 s (warning)",
+        "The electrode reached {peak_t_elec:.1f} °C{for_duration}, above the"
+        " {t_elec_above_c:g} °C limit.",
         (
             _p("critical_c", 41, LO, 41, "C"),
             _p("warning_c", 39, LO, 41, "C"),
             _p("warning_s", 60, LO, 60, "s"),
         ),
+        minor=MINOR,
     ),
     Rule(
         "battery_overtemp",
@@ -195,7 +246,13 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.LOCK_DEVICE,
         "battery above 60 C, or rising faster than 1 C/s",
+        "The battery reached {peak_t_batt:.1f} °C{for_duration}, above the {t_batt_above_c:g}"
+        " °C limit.",
         (_p("max_c", 60, LO, 60, "C"), _p("rise_c_per_s", 1.0, LO, 1.0, "C/s")),
+        says_for={
+            "rising": "The battery warmed {rise_c_per_s:.1f} °C per second (to {t_batt_c:.1f}"
+            " °C), faster than the {limit:g} °C/s limit."
+        },
     ),
     Rule(
         "output_while_charging",
@@ -203,6 +260,7 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.LOCK_DEVICE,
         "any sample with output on while charging",
+        "The device delivered output while charging{for_duration}.",
     ),
     Rule(
         "low_battery_start",
@@ -210,6 +268,8 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "a session starts below the mode's min_batt_pct",
+        "A {mode} session started with the battery at {batt_pct} %, below the {minimum:g} %"
+        " minimum.",
         (_p("min_batt_pct", None, HI, 15, "%", tightest=100),),
     ),
     Rule(
@@ -218,6 +278,7 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "3 or more unexpected reboots (watchdog, brownout, panic) in 10 minutes",
+        "The device rebooted unexpectedly {count} times in {window} ({reasons}).",
         # Tightest window: a day, as long as the rules keep reboots.
         (_p("count", 3, LO, 3, "reboots"), _p("window_s", 600, HI, 600, "s", tightest=86_400)),
     ),
@@ -227,6 +288,7 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.LOCK_USER_DEVICES,
         "a session starts for a user flagged with a contraindication",
+        "A {mode} session started for a user flagged with {flags}, who must not use the device.",
     ),
     Rule(
         "adverse_report",
@@ -234,6 +296,9 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.LOCK_DEVICE,
         "a user_report of burn (critical, lock the device) or redness (warning)",
+        "The user reported a burn after using the device.",
+        minor=MINOR,
+        says_for={"redness": "The user reported redness after using the device."},
     ),
     Rule(
         "device_fault",
@@ -241,6 +306,8 @@ RULES: Final[tuple[Rule, ...]] = (
         C,
         Action.PUSH_SAFE,
         "any fault event; critical codes push SAFE",
+        "The device reported a {code} fault.",
+        minor=MINOR,
     ),
     Rule(
         "config_unacked",
@@ -248,6 +315,7 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "a pushed mode table not answered within 24 h of the device being online",
+        "The device has not answered mode table v{version} after {online_h:.0f} hours online.",
         (_p("online_hours", 24, LO, 24, "h"),),
         self_resolving=True,
     ),
@@ -257,6 +325,7 @@ RULES: Final[tuple[Rule, ...]] = (
         W,
         Action.ALERT,
         "a device rejected a pushed mode table",
+        "The device rejected mode table v{version} ({reason}).",
     ),
     Rule(
         "offline",
@@ -264,6 +333,7 @@ RULES: Final[tuple[Rule, ...]] = (
         INFO,
         Action.ALERT,
         "a device with a session in the last 7 days offline for more than 72 h",
+        "The device has been offline for {offline_for}, after a session in the last {days} days.",
         # Tightest: 8 days, as long as the rules keep sessions.
         (_p("hours", 72, LO, 72, "h"), _p("recent_days", 7, HI, 7, "days", tightest=8)),
         self_resolving=True,

@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 from enum import IntFlag
 from typing import Any, Final
 
-from services.rules.catalogue import Action, Severity, Thresholds
+from services.rules.catalogue import Thresholds
 
-# Protocol v1 samples at 10 Hz during a session; a gap of more than 2.5 periods is a break.
-SAMPLE_PERIOD_S: Final = 0.1
+# Protocol v1 samples at 10 Hz (limits.SAMPLE_PERIOD_S); a gap of more than 2.5 periods is a
+# break.
 MAX_GAP_S: Final = 0.25
 MAX_GAP: Final = timedelta(seconds=MAX_GAP_S)
 # The battery's rate of rise is measured over 1 to 2 s (samples further apart do not say how
@@ -102,66 +102,41 @@ def sample_mask(
 
 @dataclass(frozen=True)
 class RunCheck:
-    """A rule (or one variant of it) that fires on a run of samples meeting ``bit``."""
+    """A rule (or one variant of it) that fires on a run of samples meeting ``bit``; its
+    severity and action are the catalogue's (the minor grade if ``minor``)."""
 
     rule: str
     variant: str
     bit: Bit
-    severity: Severity
-    action: Action
     # More than this many seconds from first to last sample; None: any single sample.
     duration_s: float | None
+    minor: bool = False
 
 
 def run_checks(thresholds: Thresholds) -> tuple[RunCheck, ...]:
     """The run-based rule variants under ``thresholds``."""
     t = thresholds
-    crit, warn, info = Severity.CRITICAL, Severity.WARNING, Severity.INFO
     return (
         RunCheck(
             "overcurrent",
             "sustained",
             Bit.OVERCURRENT,
-            crit,
-            Action.PUSH_SAFE,
             t.value("overcurrent", "duration_ms") / 1000,
         ),
-        RunCheck("overcurrent", "absolute", Bit.OVERCURRENT_ABS, crit, Action.PUSH_SAFE, None),
-        RunCheck(
-            "short_circuit",
-            "",
-            Bit.SHORT,
-            crit,
-            Action.PUSH_SAFE,
-            t.value("short_circuit", "duration_s"),
-        ),
-        RunCheck(
-            "no_contact",
-            "",
-            Bit.NO_CONTACT,
-            info,
-            Action.ALERT,
-            t.value("no_contact", "duration_s"),
-        ),
-        RunCheck(
-            "regulation_drift",
-            "",
-            Bit.DRIFT,
-            warn,
-            Action.ALERT,
-            t.value("regulation_drift", "duration_s"),
-        ),
-        RunCheck("electrode_overtemp", "critical", Bit.ELEC_CRIT, crit, Action.PUSH_SAFE, None),
+        RunCheck("overcurrent", "absolute", Bit.OVERCURRENT_ABS, None),
+        RunCheck("short_circuit", "", Bit.SHORT, t.value("short_circuit", "duration_s")),
+        RunCheck("no_contact", "", Bit.NO_CONTACT, t.value("no_contact", "duration_s")),
+        RunCheck("regulation_drift", "", Bit.DRIFT, t.value("regulation_drift", "duration_s")),
+        RunCheck("electrode_overtemp", "critical", Bit.ELEC_CRIT, None),
         RunCheck(
             "electrode_overtemp",
             "warning",
             Bit.ELEC_WARN,
-            warn,
-            Action.ALERT,
             t.value("electrode_overtemp", "warning_s"),
+            minor=True,
         ),
-        RunCheck("battery_overtemp", "hot", Bit.BATT_HOT, crit, Action.LOCK_DEVICE, None),
-        RunCheck("output_while_charging", "", Bit.CHARGING_OUT, crit, Action.LOCK_DEVICE, None),
+        RunCheck("battery_overtemp", "hot", Bit.BATT_HOT, None),
+        RunCheck("output_while_charging", "", Bit.CHARGING_OUT, None),
     )
 
 

@@ -122,14 +122,11 @@ def load_contexts(conn: Conn, device_ids: Iterable[str]) -> dict[str, DeviceCont
             device_id=str(device_id),
             brand_id=str(brand_id),
             user_id=str(user_id) if user_id is not None else None,
-            user=UserInfo(
-                stage=str(stage) if stage is not None else "intro",
-                contraindications=tuple(contra or ()),  # type: ignore[arg-type]
-            ),
+            user=_user_info(stage, contra),
             table=table,
             modes=modes,
             desired_locked=frozenset(str(mode) for mode in locked),
-            desired_version=int(str(desired_version)) if desired_version is not None else None,
+            desired_version=desired_version if isinstance(desired_version, int) else None,
             thresholds=thresholds_of(per_rule),
             open_no_contact=bool(open_no_contact),
         )
@@ -144,7 +141,17 @@ def load_user(conn: Conn, brand_id: str, user_id: str) -> UserInfo:
     ).fetchone()
     if row is None:
         return UserInfo()
-    return UserInfo(str(row[0]), tuple(row[1] or ()))  # type: ignore[arg-type]
+    return _user_info(*row)
+
+
+def _user_info(stage: object, contraindications: object) -> UserInfo:
+    """A user's row (``users.stage``, ``users.contraindications text[]``); a device without a
+    known user reads as NULLs: the intro stage, no flags."""
+    flags = contraindications if isinstance(contraindications, list) else []
+    return UserInfo(
+        stage=str(stage) if stage is not None else "intro",
+        contraindications=tuple(str(flag) for flag in flags),
+    )
 
 
 def user_devices(conn: Conn, brand_id: str, user_key: str) -> list[str]:

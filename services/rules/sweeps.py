@@ -13,14 +13,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg.rows import args_row
 
 from services.common.db import Conn
 from services.common.rollouts import guard_canaries
 from services.rules import metrics
-from services.rules.alerts import Finding, Outcome, apply_finding
-from services.rules.catalogue import Action, Severity
+from services.rules.alerts import Outcome, apply_finding
 from services.rules.context import load_contexts
-from services.rules.timeutil import minutes_text
+from services.rules.engine import checks
 
 # Late messages are accepted for an hour; samples are kept twice that (by receipt).
 SAMPLES_KEPT: Final = timedelta(hours=2)
@@ -44,59 +44,35 @@ def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Ou
 def _offline(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome) -> None:
     # Thresholds are per brand (and can only be tightened), so every silent device with a
     # session on record is a candidate, judged with its brand's values.
-    rows = conn.execute(
-        "SELECT d.id, greatest(d.presence_at, d.last_seen) AS silent_since,"
-        " (SELECT max(s.started_at) FROM rule_sessions s WHERE s.device_id = d.id)"
-        " FROM devices d"
-        " WHERE NOT d.online AND d.decommissioned_at IS NULL"
-        " AND greatest(d.presence_at, d.last_seen) IS NOT NULL",
-    ).fetchall()
-    candidates = [(str(r[0]), r[1], r[2]) for r in rows if r[2] is not None]
+    rows = (
+        conn.cursor(row_factory=args_row(_silence))
+        .execute(
+            "SELECT d.id, greatest(d.presence_at, d.last_seen) AS silent_since,"
+            " (SELECT max(s.started_at) FROM rule_sessions s WHERE s.device_id = d.id)"
+            " FROM devices d"
+            " WHERE NOT d.online AND d.decommissioned_at IS NULL"
+            " AND greatest(d.presence_at, d.last_seen) IS NOT NULL",
+        )
+        .fetchall()
+    )
+    candidates = [row for row in rows if row[2] is not None]
     contexts = load_contexts(conn, [c[0] for c in candidates])
     for device_id, silent_since, last_session in candidates:
         context = contexts.get(device_id)
-        if context is None:
+        if context is None or last_session is None:
             continue
-        assert isinstance(silent_since, datetime)
-        assert isinstance(last_session, datetime)
-        t = context.thresholds
-        hours = t.value("offline", "hours")
-        recent = timedelta(days=t.value("offline", "recent_days"))
-        offline_for = now - silent_since
-        if offline_for <= timedelta(hours=hours) or last_session < now - recent:
-            continue
-        apply_finding(
-            conn,
-            key,
-            context,
-            Finding(
-                rule="offline",
-                device_id=device_id,
-                severity=Severity.INFO,
-                action=Action.ALERT,
-                started_at=silent_since,
-                ended_at=now,
-                threshold={"offline_hours": hours, "recent_session_days": recent.days},
-                observed={
-                    "offline_hours": round(offline_for.total_seconds() / 3600, 1),
-                    "last_session": last_session.isoformat(),
-                },
-                text=(
-                    f"The device has been offline for "
-                    f"{minutes_text(offline_for.total_seconds())}, after a session in the "
-                    f"last {recent.days} days."
-                ),
-                key=f"offline:{silent_since.isoformat()}",
-            ),
-            outcome,
-        )
+        finding = checks.offline(context, silent_since, last_session, now)
+        if finding is not None:
+            apply_finding(conn, key, context, finding, outcome)
 
 
 def _unacked(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome) -> None:
     # Only each device's newest push can still be answered; online time is summed from the
     # presence log since the push was published.
-    rows = conn.execute(
-        """
+    rows = (
+        conn.cursor(row_factory=args_row(_unanswered))
+        .execute(
+            """
         SELECT p.device_id, p.version, p.published_at,
             (SELECT coalesce(sum(extract(epoch FROM
                         least(coalesce(x.next_at, %(now)s), %(now)s)
@@ -104,7 +80,8 @@ def _unacked(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome
              FROM (SELECT l.received_at AS at, l.online,
                           lead(l.received_at) OVER (ORDER BY l.received_at, l.id) AS next_at
                    FROM presence_log l WHERE l.device_id = p.device_id) x
-             WHERE x.online AND coalesce(x.next_at, %(now)s) > p.published_at) AS online_s
+             WHERE x.online AND coalesce(x.next_at, %(now)s) > p.published_at)::float8
+                AS online_s
         FROM config_pushes p JOIN devices d ON d.id = p.device_id
         WHERE p.published_at IS NOT NULL AND p.answer_status IS NULL
           AND d.decommissioned_at IS NULL
@@ -112,39 +89,31 @@ def _unacked(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome
                            WHERE q.device_id = p.device_id)
           AND (d.config_reported_version IS NULL OR d.config_reported_version < p.version)
         """,
-        {"now": now},
-    ).fetchall()
-    contexts = load_contexts(conn, [str(r[0]) for r in rows])
+            {"now": now},
+        )
+        .fetchall()
+    )
+    contexts = load_contexts(conn, [row[0] for row in rows])
     for device_id, version, published_at, online_s in rows:
-        context = contexts.get(str(device_id))
+        context = contexts.get(device_id)
         if context is None:
             continue
-        hours = context.thresholds.value("config_unacked", "online_hours")
-        online_h = float(str(online_s)) / 3600
-        if online_h <= hours:
-            continue
-        assert isinstance(published_at, datetime)
-        apply_finding(
-            conn,
-            key,
-            context,
-            Finding(
-                rule="config_unacked",
-                device_id=str(device_id),
-                severity=Severity.WARNING,
-                action=Action.ALERT,
-                started_at=published_at,
-                ended_at=now,
-                threshold={"online_hours": hours},
-                observed={"version": version, "online_hours": round(online_h, 1)},
-                text=(
-                    f"The device has not answered mode table v{version} after "
-                    f"{online_h:.0f} hours online."
-                ),
-                key=f"v{version}",
-            ),
-            outcome,
-        )
+        finding = checks.config_unacked(context, version, published_at, online_s, now)
+        if finding is not None:
+            apply_finding(conn, key, context, finding, outcome)
+
+
+# Row shapes of the statements above (psycopg builds each row with them).
+def _silence(
+    device_id: str, silent_since: datetime, last_session: datetime | None
+) -> tuple[str, datetime, datetime | None]:
+    return device_id, silent_since, last_session
+
+
+def _unanswered(
+    device_id: str, version: int, published_at: datetime, online_s: float
+) -> tuple[str, int, datetime, float]:
+    return device_id, version, published_at, online_s
 
 
 def trim(conn: Conn, now: datetime | None = None) -> int:

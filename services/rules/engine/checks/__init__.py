@@ -1,0 +1,57 @@
+"""The checks: pure functions from what the rules know to findings (no I/O).
+
+One function per rule, or per way a rule can fire: ``samples`` (runs of a condition, the
+battery's rate of rise, a session's samples), ``sessions`` (usage windows, cooldown,
+contraindications), ``events`` (reboots, reports, faults, table answers, silence). A check
+decides whether its rule fired and with what figures; the rule's severity, action and sentence
+are the catalogue's (``services/rules/catalogue.py``; a finding's ``minor`` picks the rule's
+minor grade, :func:`services.rules.explain.say` renders the sentence). The callers in
+``engine/samples.py``, ``engine/events.py`` and ``sweeps.py`` read the data through SQL and
+raise what the checks return.
+"""
+
+from services.rules.engine.checks.events import (
+    CRITICAL_FAULTS,
+    UNEXPECTED_REBOOTS,
+    adverse_report,
+    config_rejected,
+    config_unacked,
+    device_fault,
+    offline,
+    reboot_loops,
+)
+from services.rules.engine.checks.samples import (
+    battery_rising,
+    low_battery_start,
+    no_gel,
+    run_finding,
+    run_findings,
+    session_overrun,
+)
+from services.rules.engine.checks.sessions import (
+    contraindicated_use,
+    cooldown,
+    overuse_7d,
+    overuse_24h,
+)
+
+__all__ = [
+    "CRITICAL_FAULTS",
+    "UNEXPECTED_REBOOTS",
+    "adverse_report",
+    "battery_rising",
+    "config_rejected",
+    "config_unacked",
+    "contraindicated_use",
+    "cooldown",
+    "device_fault",
+    "low_battery_start",
+    "no_gel",
+    "offline",
+    "overuse_7d",
+    "overuse_24h",
+    "reboot_loops",
+    "run_finding",
+    "run_findings",
+    "session_overrun",
+]
