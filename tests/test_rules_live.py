@@ -5,18 +5,42 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from deploy.stack.mosquitto import MosquittoBroker
 from services.common.protocol import signing_input
 from services.common.signing import load_or_create_key, public_key_b64
-from tests.ingest import IngestWorkers, connect_device, provision, scalar, topic, wait_until
+from tests.ingest import (
+    Device,
+    IngestWorkers,
+    connect_device,
+    provision,
+    scalar,
+    topic,
+    wait_until,
+)
 from tests.rules import RulesWorkers, Stream, run
 from tests.test_agent_live import AgentProcess
+
+Provisioned = Callable[[int, str], list[Device]]
+
+
+@pytest.fixture
+def provisioned(database_url: str, sync_devices: Any) -> Provisioned:
+    """Provision ``count`` devices named ``prefix-…`` and give the broker their credentials."""
+
+    def provision_and_sync(count: int, prefix: str) -> list[Device]:
+        devices = provision(database_url, count, prefix=prefix)
+        sync_devices()
+        return devices
+
+    return provision_and_sync
 
 
 def _overcurrent(seq: int, ts_ms: int, session: str = "s-1") -> bytes:
@@ -50,12 +74,11 @@ def test_the_signing_key_is_created_owner_only_on_first_run(
 def test_an_overcurrent_raises_an_alert_and_the_signed_safe_table_reaches_the_device(
     database_url: str,
     broker: MosquittoBroker,
-    sync_devices: Any,
+    provisioned: Provisioned,
     rules_workers: RulesWorkers,
     key_dir: Path,
 ) -> None:
-    [device] = provision(database_url, 1, prefix="live")
-    sync_devices()
+    [device] = provisioned(1, "live")
     rules_workers.start()
     public = Ed25519PublicKey.from_public_bytes(
         base64.b64decode(public_key_b64(load_or_create_key(key_dir)))
@@ -98,14 +121,13 @@ def test_an_overcurrent_raises_an_alert_and_the_signed_safe_table_reaches_the_de
 def test_a_real_agent_with_an_overcurrent_fault_is_switched_to_safe_mode_and_answers(
     database_url: str,
     broker: MosquittoBroker,
-    sync_devices: Any,
+    provisioned: Provisioned,
     ingest_workers: IngestWorkers,
     rules_workers: RulesWorkers,
     key_dir: Path,
     tmp_path: Path,
 ) -> None:
-    [device] = provision(database_url, 1, prefix="agent")
-    sync_devices()
+    [device] = provisioned(1, "agent")
     ingest_workers.start("1")
     rules_workers.start()
     agent = AgentProcess(tmp_path, device, broker.config.device_port, load_or_create_key(key_dir))
@@ -136,10 +158,12 @@ def test_a_real_agent_with_an_overcurrent_fault_is_switched_to_safe_mode_and_ans
 
 
 def test_killing_the_rules_worker_mid_stream_misses_and_duplicates_no_alert(
-    database_url: str, broker: MosquittoBroker, sync_devices: Any, rules_workers: RulesWorkers
+    database_url: str,
+    broker: MosquittoBroker,
+    provisioned: Provisioned,
+    rules_workers: RulesWorkers,
 ) -> None:
-    devices = provision(database_url, 20, prefix="kill")
-    sync_devices()
+    devices = provisioned(20, "kill")
     rules_workers.start()
     per_device = 25
     now = int(time.time() * 1000)
@@ -195,10 +219,12 @@ def test_killing_the_rules_worker_mid_stream_misses_and_duplicates_no_alert(
 
 
 def test_two_workers_find_runs_whose_messages_were_dealt_to_different_workers(
-    database_url: str, broker: MosquittoBroker, sync_devices: Any, rules_workers: RulesWorkers
+    database_url: str,
+    broker: MosquittoBroker,
+    provisioned: Provisioned,
+    rules_workers: RulesWorkers,
 ) -> None:
-    devices = provision(database_url, 10, prefix="pair")
-    sync_devices()
+    devices = provisioned(10, "pair")
     rules_workers.start("1")
     rules_workers.start("2")
     start = int(time.time() * 1000)
@@ -254,13 +280,12 @@ def test_two_workers_find_runs_whose_messages_were_dealt_to_different_workers(
 def test_a_table_recorded_but_never_published_reaches_the_device_after_a_restart(
     database_url: str,
     broker: MosquittoBroker,
-    sync_devices: Any,
+    provisioned: Provisioned,
     rules_workers: RulesWorkers,
     key_dir: Path,
 ) -> None:
     """The worker died between its commit and the publish: the table is in the database only."""
-    [device] = provision(database_url, 1, prefix="lost")
-    sync_devices()
+    [device] = provisioned(1, "lost")
     stream = Stream(device.device_id)
     stream.event("fault", int(time.time() * 1000), code="short_circuit")
     run(database_url, load_or_create_key(key_dir), stream.messages)  # records, publishes nothing
@@ -278,10 +303,12 @@ def test_a_table_recorded_but_never_published_reaches_the_device_after_a_restart
 
 
 def test_a_message_the_engine_cannot_store_is_skipped_and_the_stream_goes_on(
-    database_url: str, broker: MosquittoBroker, sync_devices: Any, rules_workers: RulesWorkers
+    database_url: str,
+    broker: MosquittoBroker,
+    provisioned: Provisioned,
+    rules_workers: RulesWorkers,
 ) -> None:
-    [device] = provision(database_url, 1, prefix="poison")
-    sync_devices()
+    [device] = provisioned(1, "poison")
     rules_workers.start()
     now = int(time.time() * 1000)
     # A session id too long for a B-tree index entry (PostgreSQL: about 2,700 bytes):

@@ -165,14 +165,19 @@ def _record_published_push(url: str, device_id: str, version: int, published: da
         )
 
 
+def _unanswered_push(url: str, offline_hours: int) -> None:
+    """Table v2 published 30 h ago and not answered; the device offline from an hour before
+    the push until ``offline_hours`` after it, then online."""
+    published = NOW - timedelta(hours=30)
+    _record_published_push(url, DEV, 2, published)
+    _set_presence(url, DEV, online=False, since=published - timedelta(hours=1))
+    _set_presence(url, DEV, online=True, since=published + timedelta(hours=offline_hours))
+
+
 def test_config_unacked_fires_after_24_hours_online_and_resolves_when_answered(
     database_url: str, key: Any, device: Stream
 ) -> None:
-    published = NOW - timedelta(hours=30)
-    _record_published_push(database_url, DEV, 2, published)
-    # Offline for the first 5 h after the push, then online: 25 h online in all.
-    _set_presence(database_url, DEV, online=False, since=published - timedelta(hours=1))
-    _set_presence(database_url, DEV, online=True, since=published + timedelta(hours=5))
+    _unanswered_push(database_url, offline_hours=5)  # 25 h online in all
     _sweep(database_url, key)
     [alert] = alerts(database_url, "config_unacked")
     assert alert.explanation["observed"] == {"version": 2, "online_hours": 25.0}
@@ -185,10 +190,7 @@ def test_config_unacked_fires_after_24_hours_online_and_resolves_when_answered(
 def test_config_unacked_near_miss_23_hours_online(
     database_url: str, key: Any, device: Stream
 ) -> None:
-    published = NOW - timedelta(hours=30)
-    _record_published_push(database_url, DEV, 2, published)
-    _set_presence(database_url, DEV, online=False, since=published - timedelta(hours=1))
-    _set_presence(database_url, DEV, online=True, since=published + timedelta(hours=7))
+    _unanswered_push(database_url, offline_hours=7)  # 23 h online
     _sweep(database_url, key)
     assert alerts(database_url, "config_unacked") == []
 
