@@ -11,10 +11,13 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import psycopg
 
+from deploy.stack.mosquitto import MosquittoBroker
 from deploy.stack.ports import free_port
+from services.common.broker_auth import ServiceAccount
 from services.common.protocol.topics import device_topic
 from services.common.provisioning import provision_device
 from tests.mqtt import MqttClient
@@ -55,6 +58,25 @@ class ServiceWorkers:
     env_overrides: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def on_broker(
+        cls,
+        database_url: str,
+        broker: MosquittoBroker,
+        passwords: dict[ServiceAccount, str],
+        log_dir: Path,
+        **env_overrides: str,
+    ) -> Self:
+        """Workers for ``database_url`` on ``broker``'s service listener, under the service's
+        own broker account."""
+        return cls(
+            database_url=database_url,
+            mqtt_port=broker.config.service_port,
+            password=passwords[ServiceAccount(f"galvani-{cls.service}")],
+            log_dir=log_dir,
+            env_overrides=env_overrides,
+        )
 
     def client_id(self, worker: str) -> str:
         return f"galvani-{self.service}-{self.group}-{worker}"

@@ -120,15 +120,13 @@ def test_database_outage_holds_bounded_messages_and_drains_after(
     devices = provision(url, 20)
     with psycopg.connect(url) as conn:
         sync_device_credentials(conn, BrokerFiles(broker.config.directory))
-    workers = IngestWorkers(
-        database_url=url,
-        mqtt_port=broker.config.service_port,
-        password=service_passwords[ServiceAccount.INGEST],
-        log_dir=tmp_path,
-        env_overrides={
-            "GALVANI_INGEST_RECEIVE_MAXIMUM": str(RECEIVE_MAXIMUM),
-            "GALVANI_INGEST_BATCH_MAX_MESSAGES": "200",
-        },
+    workers = IngestWorkers.on_broker(
+        url,
+        broker,
+        service_passwords,
+        tmp_path,
+        GALVANI_INGEST_RECEIVE_MAXIMUM=str(RECEIVE_MAXIMUM),
+        GALVANI_INGEST_BATCH_MAX_MESSAGES="200",
     )
     try:
         worker = workers.start()
