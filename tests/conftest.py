@@ -10,11 +10,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
@@ -25,8 +26,9 @@ from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
+from tests.agent import AgentProcess
 from tests.api import issue_keys
-from tests.ingest import IngestWorkers
+from tests.ingest import IngestWorkers, provision
 from tests.rules import RulesWorkers
 
 TEMPLATE_DB = "galvani_template"
@@ -161,6 +163,27 @@ def sync_devices(broker: MosquittoBroker, database_url: str):  # type: ignore[no
             return sync_device_credentials(conn, BrokerFiles(broker.config.directory))
 
     return sync
+
+
+@pytest.fixture
+def new_agent(
+    database_url: str, broker: MosquittoBroker, sync_devices: Callable[[], int], tmp_path: Path
+) -> Iterator[Callable[[str, Ed25519PrivateKey], AgentProcess]]:
+    """Make one new device (ids starting with a prefix) admitted to this test's broker and
+    give its agent process, not started yet; every agent made is stopped after the test."""
+    agents: list[AgentProcess] = []
+
+    def make(prefix: str, key: Ed25519PrivateKey) -> AgentProcess:
+        [device] = provision(database_url, 1, prefix=prefix)
+        sync_devices()
+        home = tmp_path / device.device_id  # its own store, key and log
+        home.mkdir()
+        agents.append(AgentProcess(home, device, broker.config.device_port, key))
+        return agents[-1]
+
+    yield make
+    for agent in agents:
+        agent.stop()
 
 
 @pytest.fixture

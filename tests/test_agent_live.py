@@ -4,15 +4,9 @@ published before ingest subscribes, the outbox kept until the backend's stored-a
 agent killed -9 mid-stream."""
 
 import json
-import os
-import re
-import signal
-import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,101 +14,15 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
-from deploy.stack.ports import free_port
-from deploy.stack.processes import service_user
+from deploy.stack.mosquitto import MosquittoBroker, local_broker
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
-from services.common.signing import public_key_b64, sign_table
-from tests.ingest import REPO_ROOT, Device, IngestWorkers, provision, scalar, topic, wait_until
+from services.common.signing import sign_table
+from tests.agent import AgentProcess
+from tests.ingest import Device, IngestWorkers, provision, scalar, topic, wait_until
 from tests.mqtt import MqttClient
 
 SAMPLE_HZ = 10
-
-
-class AgentProcess:
-    """``galvani-agent run --simulate`` as a subprocess with its own store and key."""
-
-    def __init__(self, tmp_path: Path, device: Device, port: int, key: Ed25519PrivateKey) -> None:
-        self.tmp_path = tmp_path
-        self.device = device
-        self.port = port
-        self.public_key = tmp_path / "config-public-key"
-        self.public_key.write_text(public_key_b64(key))
-        self.log = tmp_path / f"{device.device_id}.log"
-        self.store = tmp_path / "agent.sqlite3"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *args: str) -> None:
-        env = {**os.environ, "GALVANI_AGENT_PASSWORD": self.device.password}
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "device_agent.cli",
-                    "run",
-                    "--simulate",
-                    f"--device-id={self.device.device_id}",
-                    f"--port={self.port}",
-                    f"--public-key={self.public_key}",
-                    f"--store={self.store}",
-                    "--backoff-max=2",
-                    "--seed=1",
-                    *args,
-                ],
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no DISCONNECT; the last will says offline."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def delivered(self) -> set[int]:
-        """Seqs whose PUBACK 0x00 the agent has received (logged with ``--verbose``)."""
-        pattern = rf"{re.escape(self.device.device_id)}: seq (\d+) delivered$"
-        return {int(seq) for seq in re.findall(pattern, self.log_text(), re.MULTILINE)}
-
-    def outbox(self, channel: str | None = None) -> list[int]:
-        """Seqs in the agent's outbox now (read beside the running agent; WAL allows it)."""
-        rows = self._query(
-            "SELECT seq FROM outbox WHERE device_id = ? AND channel = coalesce(?, channel)"
-            " ORDER BY seq",
-            [self.device.device_id, channel],
-        )
-        return [seq for (seq,) in rows]
-
-    def last_seq(self) -> int:
-        """The last seq the agent handed out; 0 before its store exists."""
-        rows = self._query(
-            "SELECT last_seq FROM devices WHERE device_id = ?", [self.device.device_id]
-        )
-        return int(rows[0][0]) if rows else 0
-
-    def _query(self, query: str, params: list[object]) -> list[tuple[Any, ...]]:
-        try:
-            # mode=rw: never create the file the agent has not created yet.
-            conn = sqlite3.connect(f"file:{self.store}?mode=rw", uri=True)
-        except sqlite3.OperationalError:
-            return []
-        try:
-            return conn.execute(query, params).fetchall()
-        except sqlite3.OperationalError:  # the agent is still creating its schema
-            return []
-        finally:
-            conn.close()
+NewAgent = Callable[[str, Ed25519PrivateKey], AgentProcess]
 
 
 @pytest.fixture
@@ -123,35 +31,45 @@ def key() -> Ed25519PrivateKey:
 
 
 @pytest.fixture
+def service_client(
+    broker: MosquittoBroker, service_passwords: dict[ServiceAccount, str]
+) -> Iterator[Callable[[ServiceAccount], MqttClient]]:
+    """Connect test clients to this test's broker as one of the backend's accounts."""
+    clients: list[MqttClient] = []
+
+    def connect(account: ServiceAccount) -> MqttClient:
+        port, password = broker.config.service_port, service_passwords[account]
+        clients.append(MqttClient("127.0.0.1", port, account.value, password).connect())
+        return clients[-1]
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
 def own_broker(
     stack_root: Path, service_passwords: dict[ServiceAccount, str]
 ) -> Iterator[MosquittoBroker]:
     """A broker this test may stop and restart (same ports, same persistence)."""
-    server = MosquittoBroker(
-        BrokerConfig(
-            directory=Path(tempfile.mkdtemp(prefix="own-broker-", dir=stack_root)),
-            device_port=free_port(),
-            service_port=free_port(),
-            run_as=service_user(),
-        ),
-        service_passwords,
-    )
+    directory = Path(tempfile.mkdtemp(prefix="own-broker-", dir=stack_root))
+    server = local_broker(directory, service_passwords)
     server.start([])
     yield server
     server.stop()
 
 
-def _device_on_own_broker(
-    prefix: str,
+@pytest.fixture
+def own_device(
     database_url: str,
     own_broker: MosquittoBroker,
     service_passwords: dict[ServiceAccount, str],
     tmp_path: Path,
     key: Ed25519PrivateKey,
-) -> tuple[Device, IngestWorkers, AgentProcess]:
-    """One device admitted to ``own_broker``, ingest workers for it (not started yet), and
-    its agent (not started yet)."""
-    [device] = provision(database_url, 1, prefix=prefix)
+) -> Iterator[tuple[Device, IngestWorkers, AgentProcess]]:
+    """One device admitted to ``own_broker``, ingest workers for it and its agent (neither
+    started yet; both stopped after the test)."""
+    [device] = provision(database_url, 1, prefix="own")
     with psycopg.connect(database_url) as conn:
         sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
     workers = IngestWorkers(
@@ -160,7 +78,10 @@ def _device_on_own_broker(
         password=service_passwords[ServiceAccount.INGEST],
         log_dir=tmp_path,
     )
-    return device, workers, AgentProcess(tmp_path, device, own_broker.config.device_port, key)
+    agent = AgentProcess(tmp_path, device, own_broker.config.device_port, key)
+    yield device, workers, agent
+    agent.stop()
+    workers.close()
 
 
 def _rows(url: str, query: str, params: list[object]) -> list[tuple[Any, ...]]:
@@ -168,94 +89,94 @@ def _rows(url: str, query: str, params: list[object]) -> list[tuple[Any, ...]]:
         return conn.execute(query, params).fetchall()
 
 
+def _stored_seqs(url: str, device_id: str) -> list[int]:
+    """Every seq of ``device_id`` in the database, ascending (a repeat would show twice)."""
+    return [
+        row[0]
+        for row in _rows(
+            url,
+            "SELECT seq FROM telemetry_messages WHERE device_id = %s"
+            " UNION ALL SELECT seq FROM events WHERE device_id = %s"
+            " UNION ALL SELECT seq FROM state_reports WHERE device_id = %s ORDER BY 1",
+            [device_id, device_id, device_id],
+        )
+    ]
+
+
+def _assert_seqs_1_to(url: str, device_id: str, last: int | None = None) -> None:
+    """Seqs 1..last (by default, as many as are stored) stored once each, and the device's
+    counters agree: no gap, no repeat."""
+    seqs = _stored_seqs(url, device_id)
+    last = len(seqs) if last is None else last
+    assert seqs == list(range(1, last + 1)), "a gap or a repeat in seq"
+    assert _rows(url, "SELECT seq_gaps, last_seq FROM devices WHERE id = %s", [device_id]) == [
+        (0, last)
+    ]
+
+
+def _stored_samples(url: str, device_id: str) -> int:
+    count = scalar(url, "SELECT count(*) FROM samples WHERE device_id = %s", [device_id])
+    assert isinstance(count, int)
+    return count
+
+
+def _has_event(url: str, device_id: str, event_type: str) -> bool:
+    query = "SELECT count(*) FROM events WHERE device_id = %s AND type = %s"
+    return bool(scalar(url, query, [device_id, event_type]))
+
+
 def test_broker_down_for_60_s_mid_session_loses_and_repeats_nothing(
     database_url: str,
     own_broker: MosquittoBroker,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
-    key: Ed25519PrivateKey,
+    own_device: tuple[Device, IngestWorkers, AgentProcess],
 ) -> None:
-    device, workers, agent = _device_on_own_broker(
-        "live", database_url, own_broker, service_passwords, tmp_path, key
+    device, workers, agent = own_device
+    workers.start("1")
+    agent.start("--session=LIFT:5:100")
+    device_id = device.device_id
+    wait_until(
+        lambda: _stored_samples(database_url, device_id) >= 10 * SAMPLE_HZ,
+        30,
+        "10 s of the session stored",
     )
-    try:
-        workers.start("1")
-        agent.start("--session=LIFT:5:100")
-        device_id = device.device_id
-
-        def stored_samples() -> int:
-            return int(
-                str(
-                    scalar(
-                        database_url,
-                        "SELECT count(*) FROM samples WHERE device_id = %s",
-                        [device_id],
-                    )
-                )
-            )
-
-        wait_until(lambda: stored_samples() >= 10 * SAMPLE_HZ, 30, "10 s of the session stored")
-        own_broker.stop()
-        time.sleep(60)
-        # As `make run` does: devices are admitted only once ingest has subscribed again,
-        # since Mosquitto 2.0 does not restore shared subscriptions from persistence.
-        own_broker.start([])
-        wait_until(
-            lambda: workers.metric("1", "galvani_ingest_connected") == 1.0,
-            30,
-            "ingest to subscribe again",
-        )
-        with psycopg.connect(database_url) as conn:
-            sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
-        wait_until(
-            lambda: bool(
-                scalar(
-                    database_url,
-                    "SELECT count(*) FROM events WHERE device_id = %s AND type = 'session_end'",
-                    [device_id],
-                )
-            ),
-            120,
-            "the session's end stored",
-        )
-        agent.stop()
-        [(start_ts, end_ts, duration_s, reason)] = _rows(
-            database_url,
-            "SELECT started_at, ended_at, duration_s, end_reason FROM sessions"
-            " WHERE device_id = %s",
-            [device_id],
-        )
-        assert (duration_s, reason) == (100, "completed")
-        in_session = _rows(
-            database_url,
-            "SELECT count(*), count(DISTINCT ts), count(*) FILTER (WHERE out), min(ts), max(ts)"
-            " FROM samples WHERE device_id = %s AND mode IS NOT NULL",
-            [device_id],
-        )[0]
-        count, distinct, with_output, first, last = in_session
-        # 100 s at 10 Hz with output on, then the sample that shows it off.
-        assert (count, distinct, with_output) == (1001, 1001, 1000)
-        assert (last - first).total_seconds() == pytest.approx(100.0)
-        assert start_ts <= first
-        assert last <= end_ts
-        seqs = [
-            row[0]
-            for row in _rows(
-                database_url,
-                "SELECT seq FROM telemetry_messages WHERE device_id = %s"
-                " UNION ALL SELECT seq FROM events WHERE device_id = %s"
-                " UNION ALL SELECT seq FROM state_reports WHERE device_id = %s ORDER BY 1",
-                [device_id, device_id, device_id],
-            )
-        ]
-        assert seqs == list(range(1, len(seqs) + 1)), "a gap or a repeat in seq"
-        assert _rows(
-            database_url, "SELECT seq_gaps, last_seq FROM devices WHERE id = %s", [device_id]
-        ) == [(0, len(seqs))]
-        assert "disconnected" in agent.log_text()
-    finally:
-        agent.stop()
-        workers.close()
+    own_broker.stop()
+    time.sleep(60)
+    # As `make run` does: devices are admitted only once ingest has subscribed again,
+    # since Mosquitto 2.0 does not restore shared subscriptions from persistence.
+    own_broker.start([])
+    wait_until(
+        lambda: workers.metric("1", "galvani_ingest_connected") == 1.0,
+        30,
+        "ingest to subscribe again",
+    )
+    with psycopg.connect(database_url) as conn:
+        sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
+    wait_until(
+        lambda: _has_event(database_url, device_id, "session_end"),
+        120,
+        "the session's end stored",
+    )
+    agent.stop()
+    [(start_ts, end_ts, duration_s, reason)] = _rows(
+        database_url,
+        "SELECT started_at, ended_at, duration_s, end_reason FROM sessions WHERE device_id = %s",
+        [device_id],
+    )
+    assert (duration_s, reason) == (100, "completed")
+    in_session = _rows(
+        database_url,
+        "SELECT count(*), count(DISTINCT ts), count(*) FILTER (WHERE out), min(ts), max(ts)"
+        " FROM samples WHERE device_id = %s AND mode IS NOT NULL",
+        [device_id],
+    )[0]
+    count, distinct, with_output, first, last = in_session
+    # 100 s at 10 Hz with output on, then the sample that shows it off.
+    assert (count, distinct, with_output) == (1001, 1001, 1000)
+    assert (last - first).total_seconds() == pytest.approx(100.0)
+    assert start_ts <= first
+    assert last <= end_ts
+    _assert_seqs_1_to(database_url, device_id)
+    assert "disconnected" in agent.log_text()
 
 
 def _table(version: int, **changes: Any) -> dict[str, Any]:
@@ -290,23 +211,15 @@ def _table(version: int, **changes: Any) -> dict[str, Any]:
 
 def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_state(
     database_url: str,
-    broker: MosquittoBroker,
-    sync_devices: Any,
     ingest_workers: IngestWorkers,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
+    new_agent: NewAgent,
+    service_client: Callable[[ServiceAccount], MqttClient],
     key: Ed25519PrivateKey,
 ) -> None:
-    [device] = provision(database_url, 1, prefix="cfg")
-    sync_devices()
+    agent = new_agent("cfg", key)
+    device = agent.device
     ingest_workers.start("1")
-    agent = AgentProcess(tmp_path, device, broker.config.device_port, key)
-    cloud = MqttClient(
-        "127.0.0.1",
-        broker.config.service_port,
-        ServiceAccount.RULES.value,
-        service_passwords[ServiceAccount.RULES],
-    ).connect()
+    cloud = service_client(ServiceAccount.RULES)
     config_topic = topic(device.device_id, "config")
 
     def push(table: dict[str, Any]) -> None:
@@ -321,154 +234,100 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
         )
         return rows[0] if rows else None
 
-    try:
-        agent.start("--session=LIFT:5:20")
-        wait_until(
-            lambda: bool(
-                scalar(
-                    database_url,
-                    "SELECT count(*) FROM events WHERE device_id = %s AND type = 'session_start'",
-                    [device.device_id],
-                )
+    agent.start("--session=LIFT:5:20")
+    wait_until(
+        lambda: _has_event(database_url, device.device_id, "session_start"),
+        30,
+        "the session to start",
+    )
+    cases = [
+        (
+            11,
+            {**sign_table(_table(11), key), "reason": "tampered after signing"},
+            "bad_signature",
+        ),
+        (12, sign_table(_table(12, expires_at=int(time.time() * 1000) - 1000), key), "expired"),
+        (
+            13,
+            sign_table(
+                _table(13, modes={"LIFT": {**_table(1)["modes"]["LIFT"], "i_max_ua": 900}}), key
             ),
-            30,
-            "the session to start",
-        )
-        cases = [
-            (
-                11,
-                {**sign_table(_table(11), key), "reason": "tampered after signing"},
-                "bad_signature",
-            ),
-            (12, sign_table(_table(12, expires_at=int(time.time() * 1000) - 1000), key), "expired"),
-            (
-                13,
-                sign_table(
-                    _table(13, modes={"LIFT": {**_table(1)["modes"]["LIFT"], "i_max_ua": 900}}), key
-                ),
-                "outside_envelope",
-            ),
-        ]
-        for version, table, reason in cases:
-            push(table)
-            wait_until(lambda v=version: answer(v) is not None, 20, f"an answer to table {version}")
-            assert answer(version)[:2] == ("rejected", reason)
-        push(sign_table(_table(20), key))  # valid, but a session is running
-        wait_until(
-            lambda: bool(
-                scalar(
-                    database_url,
-                    "SELECT count(*) FROM events WHERE device_id = %s AND type = 'session_end'",
-                    [device.device_id],
-                )
-            ),
-            40,
-            "the session to end",
-        )
-        wait_until(lambda: answer(20) is not None, 20, "the answer to table 20")
-        status, reason, _ = answer(20)
-        assert (status, reason) == ("applied", None)
-        [(ended_seq,)] = _rows(
-            database_url,
-            "SELECT seq FROM events WHERE device_id = %s AND type = 'session_end'",
-            [device.device_id],
-        )
-        [(applied_seq,)] = _rows(
-            database_url,
-            "SELECT seq FROM state_reports WHERE device_id = %s AND config_version = 20",
-            [device.device_id],
-        )
-        assert applied_seq > ended_seq, "applied while the session ran"
-        push(sign_table(_table(19), key))  # older than the applied one
-        wait_until(lambda: answer(19) is not None, 20, "the answer to table 19")
-        assert answer(19)[:2] == ("rejected", "stale_version")
-    finally:
-        agent.stop()
-        cloud.close()
-
-
-def _stored_seqs(url: str, device_id: str) -> list[int]:
-    """Every seq of ``device_id`` in the database, ascending (a repeat would show twice)."""
-    return [
-        row[0]
-        for row in _rows(
-            url,
-            "SELECT seq FROM telemetry_messages WHERE device_id = %s"
-            " UNION ALL SELECT seq FROM events WHERE device_id = %s"
-            " UNION ALL SELECT seq FROM state_reports WHERE device_id = %s ORDER BY 1",
-            [device_id, device_id, device_id],
-        )
+            "outside_envelope",
+        ),
     ]
+    for version, table, reason in cases:
+        push(table)
+        wait_until(lambda v=version: answer(v) is not None, 20, f"an answer to table {version}")
+        assert answer(version)[:2] == ("rejected", reason)
+    push(sign_table(_table(20), key))  # valid, but a session is running
+    wait_until(
+        lambda: _has_event(database_url, device.device_id, "session_end"),
+        40,
+        "the session to end",
+    )
+    wait_until(lambda: answer(20) is not None, 20, "the answer to table 20")
+    status, reason, _ = answer(20)
+    assert (status, reason) == ("applied", None)
+    [(ended_seq,)] = _rows(
+        database_url,
+        "SELECT seq FROM events WHERE device_id = %s AND type = 'session_end'",
+        [device.device_id],
+    )
+    [(applied_seq,)] = _rows(
+        database_url,
+        "SELECT seq FROM state_reports WHERE device_id = %s AND config_version = 20",
+        [device.device_id],
+    )
+    assert applied_seq > ended_seq, "applied while the session ran"
+    push(sign_table(_table(19), key))  # older than the applied one
+    wait_until(lambda: answer(19) is not None, 20, "the answer to table 19")
+    assert answer(19)[:2] == ("rejected", "stale_version")
 
 
 def test_messages_published_before_ingest_subscribes_are_all_stored_once_it_does(
-    database_url: str,
-    own_broker: MosquittoBroker,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
-    key: Ed25519PrivateKey,
+    database_url: str, own_device: tuple[Device, IngestWorkers, AgentProcess]
 ) -> None:
     # Issue 18, item 2: a broker restarted before ingest has subscribed again answers every
     # publish with PUBACK 0x10, No matching subscribers, and drops the message.
-    device, workers, agent = _device_on_own_broker(
-        "early", database_url, own_broker, service_passwords, tmp_path, key
-    )
+    device, workers, agent = own_device
     device_id = device.device_id
-    try:
-        agent.start("--session=LIFT:5:12", "--verbose")
-        wait_until(lambda: len(agent.outbox("telemetry")) >= 10, 40, "ten telemetry messages")
-        assert "sending again from seq" in agent.log_text(), "no PUBACK 0x10 was met"
-        queued = agent.outbox()
-        assert queued == list(range(1, len(queued) + 1)), "a message left the outbox unstored"
-        assert _stored_seqs(database_url, device_id) == []
+    agent.start("--session=LIFT:5:12", "--verbose")
+    wait_until(lambda: len(agent.outbox("telemetry")) >= 10, 40, "ten telemetry messages")
+    assert "sending again from seq" in agent.log_text(), "no PUBACK 0x10 was met"
+    queued = agent.outbox()
+    assert queued == list(range(1, len(queued) + 1)), "a message left the outbox unstored"
+    assert _stored_seqs(database_url, device_id) == []
 
-        workers.start("1")
-        wait_until(
-            lambda: set(queued) <= set(_stored_seqs(database_url, device_id)),
-            30,
-            "every queued message stored",
-        )
-        wait_until(lambda: not agent.outbox(), 30, "the outbox emptied by stored-acks")
-        agent.stop()
-        last = agent.last_seq()
-        wait_until(
-            lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "the last messages"
-        )
-        assert _stored_seqs(database_url, device_id) == list(range(1, last + 1))
-        assert _rows(
-            database_url, "SELECT seq_gaps, last_seq FROM devices WHERE id = %s", [device_id]
-        ) == [(0, last)]
-        telemetry = scalar(
-            database_url,
-            "SELECT count(*) FROM telemetry_messages WHERE device_id = %s",
-            [device_id],
-        )
-        assert isinstance(telemetry, int)
-        assert telemetry >= 10
-    finally:
-        agent.stop()
-        workers.close()
+    workers.start("1")
+    wait_until(
+        lambda: set(queued) <= set(_stored_seqs(database_url, device_id)),
+        30,
+        "every queued message stored",
+    )
+    wait_until(lambda: not agent.outbox(), 30, "the outbox emptied by stored-acks")
+    agent.stop()
+    last = agent.last_seq()
+    wait_until(lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "the last messages")
+    _assert_seqs_1_to(database_url, device_id, last)
+    telemetry = scalar(
+        database_url,
+        "SELECT count(*) FROM telemetry_messages WHERE device_id = %s",
+        [device_id],
+    )
+    assert isinstance(telemetry, int)
+    assert telemetry >= 10
 
 
 def test_a_message_the_broker_took_stays_in_the_outbox_until_the_backend_acks_it_as_stored(
-    database_url: str,
-    broker: MosquittoBroker,
-    sync_devices: Any,
-    service_passwords: dict[ServiceAccount, str],
-    tmp_path: Path,
+    new_agent: NewAgent,
+    service_client: Callable[[ServiceAccount], MqttClient],
     key: Ed25519PrivateKey,
 ) -> None:
-    [device] = provision(database_url, 1, prefix="acked")
-    sync_devices()
-    agent = AgentProcess(tmp_path, device, broker.config.device_port, key)
+    agent = new_agent("acked", key)
+    device = agent.device
     # Stands in for ingest with ingest's account: subscribed, so the broker answers the agent's
     # publishes with PUBACK 0x00, but it stores nothing and acknowledges only when told to.
-    cloud = MqttClient(
-        "127.0.0.1",
-        broker.config.service_port,
-        ServiceAccount.INGEST.value,
-        service_passwords[ServiceAccount.INGEST],
-    ).connect()
+    cloud = service_client(ServiceAccount.INGEST)
     ack_topic = topic(device.device_id, "ack")
 
     def received() -> list[int]:
@@ -478,67 +337,46 @@ def test_a_message_the_broker_took_stays_in_the_outbox_until_the_backend_acks_it
         payload = json.dumps({"v": 1, "seqs": [list(r) for r in ranges]}).encode()
         assert cloud.publish(ack_topic, payload) == 0, "the agent is not subscribed to ack"
 
-    try:
-        for channel in ("telemetry", "events", "state"):
-            assert cloud.subscribe(topic(device.device_id, channel)) == 1
-        agent.start("--verbose")  # logs each PUBACK it receives
-        wait_until(lambda: len(received()) >= 3, 30, "the boot's reboot, state and heartbeat")
-        seqs = received()
-        wait_until(lambda: set(seqs) <= agent.delivered(), 30, "their PUBACKs at the agent")
-        assert seqs == list(range(1, len(seqs) + 1))
-        assert agent.outbox() == seqs, "a message left the outbox on its PUBACK"
+    for channel in ("telemetry", "events", "state"):
+        assert cloud.subscribe(topic(device.device_id, channel)) == 1
+    agent.start("--verbose")  # logs each PUBACK it receives
+    wait_until(lambda: len(received()) >= 3, 30, "the boot's reboot, state and heartbeat")
+    seqs = received()
+    wait_until(lambda: set(seqs) <= agent.delivered(), 30, "their PUBACKs at the agent")
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert agent.outbox() == seqs, "a message left the outbox on its PUBACK"
 
-        ack((1, 2))
-        wait_until(lambda: agent.outbox() == seqs[2:], 10, "seqs 1 and 2 deleted")
-        ack((1, seqs[-1]))
-        wait_until(lambda: agent.outbox() == [], 10, "the rest deleted")
-        assert received() == seqs, "a message sent twice though acknowledged in time"
-    finally:
-        agent.stop()
-        cloud.close()
+    ack((1, 2))
+    wait_until(lambda: agent.outbox() == seqs[2:], 10, "seqs 1 and 2 deleted")
+    ack((1, seqs[-1]))
+    wait_until(lambda: agent.outbox() == [], 10, "the rest deleted")
+    assert received() == seqs, "a message sent twice though acknowledged in time"
 
 
 def test_an_agent_killed_mid_stream_resumes_its_outbox_with_no_gap_and_no_repeat(
-    database_url: str,
-    broker: MosquittoBroker,
-    sync_devices: Any,
-    ingest_workers: IngestWorkers,
-    tmp_path: Path,
-    key: Ed25519PrivateKey,
+    database_url: str, ingest_workers: IngestWorkers, new_agent: NewAgent, key: Ed25519PrivateKey
 ) -> None:
-    [device] = provision(database_url, 1, prefix="kill")
-    sync_devices()
+    agent = new_agent("kill", key)
     ingest_workers.start("1")
-    agent = AgentProcess(tmp_path, device, broker.config.device_port, key)
-    device_id = device.device_id
+    device_id = agent.device.device_id
+    agent.start("--session=LIFT:5:60")
+    wait_until(
+        lambda: _stored_samples(database_url, device_id) >= 5 * SAMPLE_HZ,
+        30,
+        "5 s of the session stored",
+    )
+    agent.kill()
+    killed_at = agent.last_seq()
+    agent.start()  # the same store: its seq, outbox and the session the kill cut short
+    wait_until(lambda: agent.last_seq() >= killed_at + 3, 20, "the restarted agent's boot")
+    wait_until(lambda: not agent.outbox(), 30, "every message stored and acknowledged")
+    agent.stop()
+    last = agent.last_seq()
+    wait_until(
+        lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "every message stored"
+    )
 
-    def stored_samples() -> int:
-        count = scalar(
-            database_url, "SELECT count(*) FROM samples WHERE device_id = %s", [device_id]
-        )
-        assert isinstance(count, int)
-        return count
-
-    try:
-        agent.start("--session=LIFT:5:60")
-        wait_until(lambda: stored_samples() >= 5 * SAMPLE_HZ, 30, "5 s of the session stored")
-        agent.kill()
-        killed_at = agent.last_seq()
-        agent.start()  # the same store: its seq, outbox and the session the kill cut short
-        wait_until(lambda: agent.last_seq() >= killed_at + 3, 20, "the restarted agent's boot")
-        wait_until(lambda: not agent.outbox(), 30, "every message stored and acknowledged")
-        agent.stop()
-        last = agent.last_seq()
-        wait_until(
-            lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "every message stored"
-        )
-    finally:
-        agent.stop()
-
-    assert _stored_seqs(database_url, device_id) == list(range(1, last + 1))
-    assert _rows(
-        database_url, "SELECT seq_gaps, last_seq FROM devices WHERE id = %s", [device_id]
-    ) == [(0, last)]
+    _assert_seqs_1_to(database_url, device_id, last)
     [(count, distinct)] = _rows(
         database_url,
         "SELECT count(*), count(DISTINCT ts) FROM samples"

@@ -16,10 +16,10 @@ from deploy.stack.mosquitto import MosquittoBroker
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.signing import load_or_create_key
+from tests.agent import AgentProcess
 from tests.api import serving
 from tests.ingest import Device, IngestWorkers
 from tests.rules import RulesWorkers
-from tests.test_agent_live import AgentProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
