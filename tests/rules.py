@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg.rows import args_row, class_row
 
 from services.common.protocol import decode
 from services.common.protocol.enums import Channel
@@ -205,22 +206,24 @@ class AlertRow:
 
 def alerts(url: str, rule: str | None = None) -> list[AlertRow]:
     """Every alert (of ``rule``), oldest first."""
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
+    with psycopg.connect(url, row_factory=class_row(AlertRow)) as conn:
+        return conn.execute(
             "SELECT device_id, rule, severity, count, state, explanation FROM alerts"
             " WHERE %s::text IS NULL OR rule = %s ORDER BY id",
             [rule, rule],
         ).fetchall()
-    return [AlertRow(*row) for row in rows]  # type: ignore[arg-type]
 
 
 def pushes(url: str, device_id: str) -> list[dict[str, Any]]:
     """Tables recorded for a device, oldest first."""
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
+    with psycopg.connect(url, row_factory=args_row(_payload)) as conn:
+        return conn.execute(
             "SELECT payload FROM config_pushes WHERE device_id = %s ORDER BY version", [device_id]
         ).fetchall()
-    return [row[0] for row in rows]  # type: ignore[misc]
+
+
+def _payload(payload: dict[str, Any]) -> dict[str, Any]:
+    return payload
 
 
 @dataclass
