@@ -96,8 +96,8 @@ def test_no_endpoint_takes_a_connection_from_both_pools(client: TestClient) -> N
         )
         for context in contexts
     }
-    reading = {route for route, calls in uses.items() if deps._read_scope in calls}
-    writing = {route for route, calls in uses.items() if deps._request_scope in calls}
+    reading = {route for route, calls in uses.items() if deps.read_unit in calls}
+    writing = {route for route, calls in uses.items() if deps.write_unit in calls}
     assert "['GET'] /v1/devices/{device_id}/telemetry" in reading
     assert "['POST'] /v1/mode-tables" in writing
     assert reading & writing == set()

@@ -1,22 +1,19 @@
-"""The API's database access: an engine for the requests that write, a pool for the reads.
+"""The API's two ways to the database, created per app in the lifespan, never at import.
 
-Both are created per app, in the lifespan, never at import.
-
-* **Writes** (and the reads that serve them) run on the thread pool in a SQLModel session that
-  owns the request's transaction (``deps.SessionDep``); repositories that use psycopg directly
-  take the session's own connection (``deps.ConnDep``), so an ORM write and a raw query in one
-  request share one transaction.
-* **Reads** that dashboards poll (device details and lists, telemetry, the alert list, the
-  fleet summary) run on the event loop with psycopg's ``AsyncConnection``
-  (``deps.ReadConnDep``). A request that never leaves the event loop costs a fraction of the
-  CPU of one that is handed to a worker thread and back, and it does not wait for the GIL
-  behind other threads (``bench/README.md``, ``make bench-api``). These connections are in
-  autocommit with ``default_transaction_read_only``: each statement sees a committed
-  snapshot, and PostgreSQL refuses any write made through them.
+* The **read-write unit**: a SQLModel session on an engine (``create_database_engine``), on
+  the thread pool; the shared sync services (provisioning, ``record_push``) and statements the
+  ORM does not express run on the session's own psycopg connection
+  (:func:`psycopg_connection`), so an ORM write and a signed push share one transaction.
+* The **read-only unit**: a psycopg ``AsyncConnection`` from the read pool
+  (``create_read_pool``), on the event loop, for the reads dashboards poll. A request that
+  never leaves the event loop costs a fraction of the CPU of one handed to a worker thread and
+  back, and does not wait for the GIL behind other threads (``bench/README.md``,
+  ``make bench-api``). These connections are in autocommit with
+  ``default_transaction_read_only``: each statement sees a committed snapshot, and PostgreSQL
+  refuses any write made through them.
 """
 
-from typing import cast
-
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
@@ -65,11 +62,11 @@ def create_read_pool(
     )
 
 
-def raw_connection(session: Session) -> Conn:
-    """The psycopg connection under ``session``, inside the session's transaction."""
-    return raw_connection_of(session.connection())
-
-
-def raw_connection_of(connection: Connection) -> Conn:
-    """The psycopg connection under a SQLAlchemy ``connection``."""
-    return cast(Conn, connection.connection.driver_connection)
+def psycopg_connection(source: Session | Connection) -> Conn:
+    """The psycopg connection under a session (inside its transaction) or a SQLAlchemy
+    connection: the one accessor, so no caller casts the driver's connection."""
+    connection = source.connection() if isinstance(source, Session) else source
+    driver = connection.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection):
+        raise TypeError(f"the engine's driver is not psycopg 3: {type(driver).__name__}")
+    return driver

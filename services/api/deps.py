@@ -1,19 +1,22 @@
-"""Request dependencies: the caller's key, and what the request reads and writes with.
+"""Request dependencies: the caller's key, the request's unit of work, and the repositories
+built on it.
 
-Two scopes, each checking the key on the connection it gives the endpoint:
+Each request has one unit of work, owned by a dependency that checks the key on it and
+commits at the boundary (or rolls back); endpoints reach the database only through
+repositories built from it (``...Repo`` aliases below). Two kinds, chosen by what the endpoint
+does, never both in one endpoint (that would hold a connection of each pool):
 
-* the **session** scope (``SessionDep``, ``ConnDep``, ``CurrentKey``): a SQLModel session that
-  owns the request's transaction, on the thread pool, for endpoints that write and the sync
-  services they call;
-* the **read** scope (``ReadConnDep``, ``ReadKey``): an async connection from the read pool
+* the **read-write unit** (:func:`write_unit`): a SQLModel session on the thread pool, for
+  endpoints that write and the sync services they call;
+* the **read-only unit** (:func:`read_unit`): an async connection of the read pool
   (autocommit, read-only), on the event loop, for the endpoints dashboards poll.
 """
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,16 +24,30 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from services.api.database import raw_connection
+from services.api.alerts.repository import AlertReadRepository, AlertRepository
+from services.api.brands.repository import BrandReadRepository, BrandRepository, KeyRow
+from services.api.brands.schemas import BRAND_ID_PATTERN
+from services.api.conflicts.repository import ConflictReadRepository
+from services.api.database import psycopg_connection
+from services.api.devices.repository import DeviceReadRepository, DeviceRepository
+from services.api.fleet.repository import FleetReadRepository, FleetRepository
+from services.api.mode_tables.repository import ModeTableRepository
 from services.api.problems import ProblemError
+from services.api.publisher import ConfigPublisher
 from services.api.rate_limit import RateLimiter, retry_after_header
-from services.common.api_keys import Role, digest
+from services.api.repository import ReadRepository, Repository
+from services.api.rollouts.repository import RolloutRepository
+from services.api.rules.repository import RuleRepository
+from services.api.telemetry.repository import TelemetryReadRepository
+from services.api.users.repository import UserRepository
+from services.common.api_keys import Role
+from services.common.config_push import Push
 from services.common.db import AsyncConn, Conn
 
-BRAND_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,63}$"  # a brand's id, as POST /v1/brands takes it
 BRAND_ID_RE = re.compile(BRAND_ID_PATTERN)
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gvk_...`")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 @dataclass(frozen=True)
@@ -60,44 +77,24 @@ class ApiKey:
         return f"api-key:{self.id}"
 
 
-def _unauthorized(detail: str) -> ProblemError:
-    return ProblemError(
-        401,
-        "unauthorized",
-        "Unauthorized",
-        detail,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
-_KEY_QUERY = (
-    "SELECT id, role, brand_id, name FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
-)
-
-
 def _secret(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None:
         raise _unauthorized("send an API key as `Authorization: Bearer <key>`")
     return credentials.credentials
 
 
-def _authenticate(request: Request, conn: Conn, secret: str) -> ApiKey:
-    return _admit(request, conn.execute(_KEY_QUERY, [digest(secret)]).fetchone())
+def _unauthorized(detail: str) -> ProblemError:
+    return ProblemError(
+        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
-async def _authenticate_async(request: Request, conn: AsyncConn, secret: str) -> ApiKey:
-    cursor = await conn.execute(_KEY_QUERY, [digest(secret)])
-    return _admit(request, await cursor.fetchone())
-
-
-def _admit(request: Request, row: tuple[object, ...] | None) -> ApiKey:
+def _admit(request: Request, row: KeyRow | None) -> ApiKey:
     """The key of ``row`` (``None``: unknown or revoked), within its rate limit."""
     if row is None:
         raise _unauthorized("the API key is unknown or has been revoked")
-    key_id, role, brand_id, name = row
-    assert isinstance(key_id, uuid.UUID)
     limiter: RateLimiter = request.app.state.rate_limiter
-    wait_s = limiter.take(key_id)
+    wait_s = limiter.take(row.id)
     if wait_s > 0:
         raise ProblemError(
             429,
@@ -106,25 +103,26 @@ def _admit(request: Request, row: tuple[object, ...] | None) -> ApiKey:
             f"this key is over its rate limit; retry in {wait_s:.1f} s",
             headers={"Retry-After": retry_after_header(wait_s)},
         )
-    return ApiKey(
-        key_id, Role(str(role)), str(brand_id) if brand_id is not None else None, str(name)
-    )
+    return ApiKey(row.id, Role(row.role), row.brand_id, row.name)
 
 
 @dataclass(frozen=True)
-class RequestScope:
-    """What an authenticated request works with: its session (which owns the transaction),
-    the psycopg connection inside it, and the caller's key."""
+class WriteUnit:
+    """The read-write unit: the request's session (which owns the transaction) and the key."""
 
     session: Session
-    conn: Conn
     key: ApiKey
 
 
-def _request_scope(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Iterator[RequestScope]:
+@dataclass(frozen=True)
+class ReadUnit:
+    """The read-only unit: a connection of the read pool and the caller's key."""
+
+    conn: AsyncConn
+    key: ApiKey
+
+
+def write_unit(request: Request, credentials: _Credentials) -> Iterator[WriteUnit]:
     """One session per request, committed if the endpoint returns and rolled back if it raises;
     the key is checked inside it.
 
@@ -140,87 +138,97 @@ def _request_scope(
     request.state.after_commit = after
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
-            conn = raw_connection(session)
-            yield RequestScope(session, conn, _authenticate(request, conn, secret))
+            key = _admit(request, BrandRepository(session).active_key(secret))
+            yield WriteUnit(session, key)
         for callback in after:
             with session.begin():
-                callback(raw_connection(session))
+                callback(psycopg_connection(session))
 
 
-# scope="function": the transaction commits before the response is sent, so a client never
-# sees a success that then fails to commit (the default "request" scope ends after sending).
-_ScopeDep = Annotated[RequestScope, Depends(_request_scope, scope="function")]
-
-
-# The accessors are async: they do no I/O, and FastAPI runs async dependencies on the event
-# loop instead of sending each to the thread pool.
-async def _session_of(scope: _ScopeDep) -> Session:
-    return scope.session
-
-
-async def _connection_of(scope: _ScopeDep) -> Conn:
-    return scope.conn
-
-
-async def _key_of(scope: _ScopeDep) -> ApiKey:
-    return scope.key
-
-
-SessionDep = Annotated[Session, Depends(_session_of)]
-# The psycopg connection inside the request's session: bulk reads and the shared services
-# (provisioning, signing pushes) run in the same transaction as the ORM's writes.
-ConnDep = Annotated[Conn, Depends(_connection_of)]
-CurrentKey = Annotated[ApiKey, Depends(_key_of)]
-
-
-@dataclass(frozen=True)
-class ReadScope:
-    """What a read endpoint works with: a connection of the read pool and the caller's key."""
-
-    conn: AsyncConn
-    key: ApiKey
-
-
-async def _read_scope(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> AsyncIterator[ReadScope]:
+async def read_unit(request: Request, credentials: _Credentials) -> AsyncIterator[ReadUnit]:
     """A read pool connection for the request, returned to the pool before the response is
-    sent. Each statement on it is its own read-only transaction."""
+    sent. Each statement on it is its own read-only transaction: nothing to commit."""
     secret = _secret(credentials)
     pool: AsyncConnectionPool[AsyncConn] = request.app.state.read_pool
     async with pool.connection() as conn:
-        yield ReadScope(conn, await _authenticate_async(request, conn, secret))
+        yield ReadUnit(conn, _admit(request, await BrandReadRepository(conn).active_key(secret)))
 
 
-_ReadScopeDep = Annotated[ReadScope, Depends(_read_scope, scope="function")]
+# scope="function": the unit ends before the response is sent, so a client never sees a
+# success that then fails to commit (the default "request" scope ends after sending).
+_WriteUnitDep = Annotated[WriteUnit, Depends(write_unit, scope="function")]
+_ReadUnitDep = Annotated[ReadUnit, Depends(read_unit, scope="function")]
+
+R = TypeVar("R", bound=Repository)
+RR = TypeVar("RR", bound=ReadRepository)
 
 
-async def _read_connection_of(scope: _ReadScopeDep) -> AsyncConn:
-    return scope.conn
+# The builders are async: they do no I/O, and FastAPI runs async dependencies on the event
+# loop instead of sending each to the thread pool.
+def _on_write_unit(repository: Callable[[Session], R]) -> Any:
+    async def build(unit: _WriteUnitDep) -> R:
+        return repository(unit.session)
+
+    return Depends(build)
 
 
-async def _read_key_of(scope: _ReadScopeDep) -> ApiKey:
-    return scope.key
+def _on_read_unit(repository: Callable[[AsyncConn], RR]) -> Any:
+    async def build(unit: _ReadUnitDep) -> RR:
+        return repository(unit.conn)
+
+    return Depends(build)
 
 
-# For ``async def`` endpoints that only read: never mixed with the session scope's
-# dependencies in one endpoint (that would hold a connection of each pool).
-ReadConnDep = Annotated[AsyncConn, Depends(_read_connection_of)]
-ReadKey = Annotated[ApiKey, Depends(_read_key_of)]
+async def _write_key(unit: _WriteUnitDep) -> ApiKey:
+    return unit.key
 
 
-def after_commit(request: Request, callback: "Callable[[Conn], None]") -> None:
+async def _read_key(unit: _ReadUnitDep) -> ApiKey:
+    return unit.key
+
+
+CurrentKey = Annotated[ApiKey, Depends(_write_key)]
+ReadKey = Annotated[ApiKey, Depends(_read_key)]
+
+AlertRepo = Annotated[AlertRepository, _on_write_unit(AlertRepository)]
+BrandRepo = Annotated[BrandRepository, _on_write_unit(BrandRepository)]
+DeviceRepo = Annotated[DeviceRepository, _on_write_unit(DeviceRepository)]
+FleetRepo = Annotated[FleetRepository, _on_write_unit(FleetRepository)]
+ModeTableRepo = Annotated[ModeTableRepository, _on_write_unit(ModeTableRepository)]
+RolloutRepo = Annotated[RolloutRepository, _on_write_unit(RolloutRepository)]
+RuleRepo = Annotated[RuleRepository, _on_write_unit(RuleRepository)]
+UserRepo = Annotated[UserRepository, _on_write_unit(UserRepository)]
+
+AlertReadRepo = Annotated[AlertReadRepository, _on_read_unit(AlertReadRepository)]
+ConflictReadRepo = Annotated[ConflictReadRepository, _on_read_unit(ConflictReadRepository)]
+DeviceReadRepo = Annotated[DeviceReadRepository, _on_read_unit(DeviceReadRepository)]
+FleetReadRepo = Annotated[FleetReadRepository, _on_read_unit(FleetReadRepository)]
+TelemetryReadRepo = Annotated[TelemetryReadRepository, _on_read_unit(TelemetryReadRepository)]
+
+
+def after_commit(request: Request, callback: Callable[[Conn], None]) -> None:
     """Run ``callback`` once the request's transaction has committed."""
     request.state.after_commit.append(callback)
 
 
-def brand_scope(conn: Conn, key: ApiKey, requested: str | None) -> str:
+def publish_after_commit(request: Request, pushes: Sequence[Push]) -> None:
+    """Hand ``pushes`` (recorded in the request's transaction) to the publisher once it has
+    committed: a device must never receive a table that was then rolled back."""
+    publisher: ConfigPublisher = request.app.state.config_publisher
+
+    def publish(_: Conn) -> None:
+        publisher.submit(pushes)
+
+    if pushes:
+        after_commit(request, publish)
+
+
+def brand_scope(repository: Repository, key: ApiKey, requested: str | None) -> str:
     """The brand a request acts on: the key's own, or for the operator the one it names (which
     must exist: 404 otherwise, as for a brand key naming another brand)."""
     if key.brand_id is not None:
         if requested is not None and requested != key.brand_id:
-            raise ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
+            raise _no_brand(requested)
         return key.brand_id
     if requested is None:
         raise ProblemError(
@@ -230,12 +238,13 @@ def brand_scope(conn: Conn, key: ApiKey, requested: str | None) -> str:
             "brand: an operator key must name the brand it acts on",
         )
     known = BRAND_ID_RE.match(requested) is not None
-    if (
-        not known
-        or conn.execute("SELECT 1 FROM brands WHERE id = %s", [requested]).fetchone() is None
-    ):
-        raise ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
+    if not known or not BrandRepository(repository.session).exists(requested):
+        raise _no_brand(requested)
     return requested
+
+
+def _no_brand(requested: str | None) -> ProblemError:
+    return ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
 
 
 def require(key: ApiKey, *roles: Role) -> None:

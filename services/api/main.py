@@ -70,7 +70,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await read_pool.close()
             engine.dispose()
 
-    app = FastAPI(
+    app = problems.App(
         title="Galvani API",
         version="1.0.0",
         description="Fleet backend for connected microcurrent personal-care devices.",

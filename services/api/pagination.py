@@ -1,17 +1,15 @@
 """Opaque cursors for keyset pagination: ``<kind>:<part>[\\x1f<part>...]``, base64url; and the
-keyset query of the API's SQLModel resources (newest first by creation time)."""
+page a list endpoint answers with (its repository reads one row more than the page)."""
 
 import base64
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Final, TypeVar
 
-from sqlmodel import Session, col, select
-
-from services.api.models import ModeTableRow, RolloutRow
 from services.api.problems import ProblemError
 
-Row = TypeVar("Row", ModeTableRow, RolloutRow)
+T = TypeVar("T")
 
 SEPARATOR: Final = "\x1f"
 
@@ -57,27 +55,17 @@ def decode_time_cursor(kind: str, cursor: str) -> tuple[datetime, uuid.UUID]:
         raise invalid_cursor() from None
 
 
-def newest_first(
-    session: Session,
-    model: type[Row],
-    brand_id: str,
-    *,
-    after: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-) -> list[Row]:
-    """A brand's rows of ``model``, newest first, continuing after ``after`` (created_at, id)."""
-    query = select(model).where(model.brand_id == brand_id)
-    if after is not None:
-        created_at, row_id = after
-        query = query.where(
-            (col(model.created_at) < created_at)
-            | ((col(model.created_at) == created_at) & (col(model.id) < row_id))
-        )
-    query = query.order_by(col(model.created_at).desc(), col(model.id).desc())
-    return list(session.exec(query.limit(limit)).all())
+def page(rows: list[T], limit: int, cursor: Callable[[T], str]) -> tuple[list[T], str | None]:
+    """The first ``limit`` of ``rows`` (read as ``limit + 1``, to know whether more follow)
+    and the cursor of the next page: ``cursor`` of the last row kept, or None at the end."""
+    if len(rows) <= limit:
+        return rows, None
+    kept = rows[:limit]
+    return kept, cursor(kept[-1])
 
 
 def invalid_cursor() -> ProblemError:
+    """The 422 for a cursor this API did not hand out."""
     return ProblemError(
         422,
         "invalid-cursor",

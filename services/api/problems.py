@@ -103,20 +103,66 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+class App(FastAPI):
+    """A FastAPI app whose OpenAPI document says what :func:`install` makes true."""
+
+    def openapi(self) -> dict[str, Any]:
+        """The document, with :func:`document_problems` applied once."""
+        if self.openapi_schema is None:
+            self.openapi_schema = document_problems(super().openapi())
+        return self.openapi_schema
+
+
+# What a violated constraint means to the client, by the error's class (its SQLSTATE) and the
+# constraint's name: (status, problem type, title). Callers give the sentence.
+CONSTRAINTS: Final[dict[tuple[type[psycopg.IntegrityError], str], tuple[int, str, str]]] = {
+    (psycopg.errors.UniqueViolation, "brands_pkey"): (409, "brand-exists", "Brand exists"),
+    (psycopg.errors.UniqueViolation, "devices_pkey"): (
+        409,
+        "device-exists",
+        "Device not provisioned",
+    ),
+    (psycopg.errors.ForeignKeyViolation, "devices_brand_id_fkey"): (
+        422,
+        "invalid-device",
+        "Device not provisioned",
+    ),
+    (psycopg.errors.ForeignKeyViolation, "users_brand_id_fkey"): (
+        422,
+        "invalid-device",
+        "Device not provisioned",
+    ),
+}
+
+
+def constraint_problem(exc: BaseException | None, detail: str) -> ProblemError | None:
+    """The problem a violated constraint of :data:`CONSTRAINTS` means (``exc`` is psycopg's
+    error, or one raised while handling it); None for anything else."""
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):
+        exc = exc.orig
+    if not isinstance(exc, psycopg.IntegrityError):
+        return None
+    meaning = CONSTRAINTS.get((type(exc), exc.diag.constraint_name or ""))
+    if meaning is None:
+        return None
+    status, kind, title = meaning
+    return ProblemError(status, kind, title, detail)
+
+
+def _answer(error: ProblemError) -> JSONResponse:
+    return problem_response(error.problem, error.headers)
+
+
+def _invalid_request(detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    return _answer(ProblemError(422, "invalid-request", "Invalid request", detail, errors=errors))
+
+
 def install(app: FastAPI) -> None:
-    """Render every error of ``app`` as problem+json, and say so in its OpenAPI document."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = document_problems(generate())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    """Render every error of ``app`` as problem+json (:class:`App` documents it so)."""
 
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
-        return problem_response(exc.problem, exc.headers)
+        return _answer(exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -125,53 +171,33 @@ def install(app: FastAPI) -> None:
             for error in exc.errors()
         ]
         first = errors[0] if errors else {"field": "request", "message": "invalid"}
-        return problem_response(
-            Problem(
-                type=TYPE_BASE + "invalid-request",
-                title="Invalid request",
-                status=422,
-                detail=f"{first['field']}: {first['message']}",
-                errors=errors,
-            )
-        )
+        return _invalid_request(f"{first['field']}: {first['message']}", errors)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return problem_response(
-            Problem(
-                type=TYPE_BASE + kind,
-                title=str(exc.detail) if exc.status_code != 404 else "Not found",
-                status=exc.status_code,
-                detail=str(exc.detail),
-            ),
-            dict(exc.headers) if exc.headers else None,
-        )
+        title = str(exc.detail) if exc.status_code != 404 else "Not found"
+        headers = dict(exc.headers) if exc.headers else None
+        return _answer(ProblemError(exc.status_code, kind, title, str(exc.detail), headers=headers))
 
     async def on_database(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
-        return problem_response(
-            Problem(
-                type=TYPE_BASE + "database-unavailable",
-                title="Database unavailable",
-                status=503,
-                detail="the database cannot be reached just now; retry shortly",
-            ),
-            {"Retry-After": "1"},
+        detail = "the database cannot be reached just now; retry shortly"
+        return _answer(
+            ProblemError(
+                503,
+                "database-unavailable",
+                "Database unavailable",
+                detail,
+                headers={"Retry-After": "1"},
+            )
         )
 
     async def on_data(request: Request, exc: Exception) -> JSONResponse:
         # Values the request carried that PostgreSQL cannot hold (a NUL byte in a string, a
         # number out of its column's range): the request is at fault; the transaction was
-        # rolled back by the request's session.
-        return problem_response(
-            Problem(
-                type=TYPE_BASE + "invalid-request",
-                title="Invalid request",
-                status=422,
-                detail=f"a value cannot be stored or compared: {str(exc).splitlines()[0]}",
-            )
-        )
+        # rolled back by the request's unit of work.
+        return _invalid_request(f"a value cannot be stored or compared: {str(exc).splitlines()[0]}")
 
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(psycopg.DataError, on_data)

@@ -11,15 +11,15 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from typing import Final, cast
+from typing import Final
 
 import paho.mqtt.client as paho
 from prometheus_client import Counter
 from sqlalchemy import Engine
 
+from services.api.database import psycopg_connection
 from services.api.settings import ApiSettings
 from services.common.config_push import Push, PushError, connect_publisher, publish_push
-from services.common.db import Conn
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ class ConfigPublisher:
                 continue
             try:
                 with self._engine.begin() as connection:
-                    conn = cast(Conn, connection.connection.driver_connection)
-                    outcome = publish_push(conn, client, push)
+                    outcome = publish_push(psycopg_connection(connection), client, push)
             except (PushError, RuntimeError, ValueError) as exc:
                 # paho would resend the unacknowledged (maybe stale) message on reconnect.
                 self._disconnect()

@@ -1,30 +1,28 @@
 """``/v1/alerts``: list and filter, details with the explanation, acknowledge, resolve."""
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
 
-from services.api.alerts import repository, service
-from services.api.alerts.schemas import (
-    AlertAction,
-    AlertDetail,
-    AlertList,
-    AlertState,
-    Severity,
-    Transition,
-)
-from services.api.deps import ConnDep, CurrentKey, ReadConnDep, ReadKey, require
-from services.api.pagination import decode_int_cursor, encode_cursor
+from services.api.alerts import service
+from services.api.alerts.repository import AlertRepository
+from services.api.alerts.schemas import AlertAction, AlertDetail, AlertList, AlertState, Severity
+from services.api.deps import AlertReadRepo, AlertRepo, ApiKey, CurrentKey, ReadKey, require
+from services.api.pagination import decode_int_cursor, encode_cursor, page
 from services.api.problems import responses
 from services.api.responses import json_response, rows_response
 from services.common.api_keys import Role
 
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
+ActionBody = Annotated[AlertAction | None, Body()]
+# (alerts, brand, alert id, actor, note): a step of the lifecycle in alerts/service.py.
+Step = Callable[[AlertRepository, str, int, str, str | None], None]
 
 
 @router.get("", response_model=AlertList, responses=responses(401, 403, 422))
 async def list_alerts(
-    conn: ReadConnDep,
+    alerts: AlertReadRepo,
     key: ReadKey,
     device: Annotated[str | None, Query(max_length=64)] = None,
     rule: Annotated[str | None, Query(max_length=64)] = None,
@@ -34,8 +32,7 @@ async def list_alerts(
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """The brand's alerts, newest first."""
-    rows = await repository.list_alerts(
-        conn,
+    rows = await alerts.page(
         key.brand,
         device=device,
         rule=rule,
@@ -44,53 +41,40 @@ async def list_alerts(
         before_id=decode_int_cursor("a", cursor) if cursor else None,
         limit=limit + 1,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
+    items, next_cursor = page(rows, limit, lambda row: encode_cursor("a", str(row["id"])))
     # The rows are the Alert model's columns as stored (the schema tests hold them to it).
-    return rows_response(
-        {"items": rows, "next_cursor": encode_cursor("a", str(rows[-1]["id"])) if more else None}
-    )
+    return rows_response({"items": items, "next_cursor": next_cursor})
 
 
 @router.get("/{alert_id}", response_model=AlertDetail, responses=responses(401, 403, 404))
-def get_alert(alert_id: int, conn: ConnDep, key: CurrentKey) -> Response:
+def get_alert(alert_id: int, alerts: AlertRepo, key: CurrentKey) -> Response:
     """One alert with its explanation and every transition (who and when)."""
-    alert = service.require_alert(conn, key.brand, alert_id)
-    return json_response(
-        AlertDetail.model_validate(
-            {
-                **alert,
-                "transitions": [
-                    Transition.model_validate(t) for t in repository.transitions(conn, alert_id)
-                ],
-            }
-        )
-    )
+    alert = service.require_alert(alerts, key.brand, alert_id)
+    transitions = alerts.transitions(alert_id)
+    return json_response(AlertDetail.model_validate({**dict(alert), "transitions": transitions}))
+
+
+def _take(
+    step: Step, alert_id: int, alerts: AlertRepository, key: ApiKey, action: AlertAction | None
+) -> Response:
+    require(key, Role.ADMIN, Role.SUPPORT)
+    step(alerts, key.brand, alert_id, key.actor, action.note if action else None)
+    return get_alert(alert_id, alerts, key)
 
 
 @router.post("/{alert_id}/ack", response_model=AlertDetail, responses=responses(401, 403, 404, 409))
 def acknowledge(
-    alert_id: int,
-    conn: ConnDep,
-    key: CurrentKey,
-    action: Annotated[AlertAction | None, Body()] = None,
+    alert_id: int, alerts: AlertRepo, key: CurrentKey, action: ActionBody = None
 ) -> Response:
     """Acknowledge: a person is on it."""
-    require(key, Role.ADMIN, Role.SUPPORT)
-    service.acknowledge(conn, key.brand, alert_id, key.actor, action.note if action else None)
-    return get_alert(alert_id, conn, key)
+    return _take(service.acknowledge, alert_id, alerts, key, action)
 
 
 @router.post(
     "/{alert_id}/resolve", response_model=AlertDetail, responses=responses(401, 403, 404, 409)
 )
 def resolve(
-    alert_id: int,
-    conn: ConnDep,
-    key: CurrentKey,
-    action: Annotated[AlertAction | None, Body()] = None,
+    alert_id: int, alerts: AlertRepo, key: CurrentKey, action: ActionBody = None
 ) -> Response:
     """Resolve: the matter is closed (a repeat opens a new alert)."""
-    require(key, Role.ADMIN, Role.SUPPORT)
-    service.resolve(conn, key.brand, alert_id, key.actor, action.note if action else None)
-    return get_alert(alert_id, conn, key)
+    return _take(service.resolve, alert_id, alerts, key, action)

@@ -8,19 +8,18 @@ line every :data:`HEARTBEAT_S` seconds keeps proxies from closing an idle stream
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Engine
-from starlette.concurrency import run_in_threadpool
+from psycopg_pool import AsyncConnectionPool
 
 from services.api.alerts import repository
 from services.api.alerts.feed import AlertFeed
-from services.api.alerts.schemas import Alert
-from services.api.database import raw_connection_of
-from services.api.deps import CurrentKey
+from services.api.alerts.repository import AlertReadRepository, ChangedAlert
+from services.api.deps import ReadKey
 from services.api.problems import responses
+from services.common.db import AsyncConn
 
 HEARTBEAT_S: Final = 15.0
 RETRY_MS: Final = 3000
@@ -28,53 +27,52 @@ RETRY_MS: Final = 3000
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
 
 
-def _read(
-    engine: Engine, brand_id: str, ids: list[int] | None, after: int | None
+async def _read(
+    pool: AsyncConnectionPool[AsyncConn], brand_id: str, ids: list[int] | None, after: int | None
 ) -> list[tuple[int, str]]:
     """(change number, event) for the alerts with ``ids``, or for every alert changed after
-    ``after``, in change order, read a page of :data:`repository.MAX_CHANGES` at a time."""
-    rows: list[tuple[int, dict[str, Any]]] = []
-    with engine.connect() as connection:
-        conn = raw_connection_of(connection)
+    ``after``, in change order, read a page of :data:`repository.MAX_CHANGES` at a time.
+    A connection is taken per read, never held while the stream waits."""
+    rows: list[ChangedAlert] = []
+    async with pool.connection() as conn:
+        alerts = AlertReadRepository(conn)
         if ids is not None:
             for start in range(0, len(ids), repository.MAX_CHANGES):
-                chunk = ids[start : start + repository.MAX_CHANGES]
-                rows += repository.changed(conn, brand_id, ids=chunk)
-            rows.sort(key=lambda row: row[0])
+                rows += await alerts.changed(
+                    brand_id, ids=ids[start : start + repository.MAX_CHANGES]
+                )
+            rows.sort(key=lambda alert: alert.change_seq)
         else:
-            while page := repository.changed(conn, brand_id, after_seq=after):
+            while page := await alerts.changed(brand_id, after_seq=after):
                 rows += page
                 if len(page) < repository.MAX_CHANGES:
                     break
-                after = page[-1][0]
-        connection.rollback()
-    return [(seq, _event(seq, alert)) for seq, alert in rows]
+                after = page[-1].change_seq
+    return [(alert.change_seq, _event(alert)) for alert in rows]
 
 
-def _newest(engine: Engine, brand_id: str) -> int:
-    with engine.connect() as connection:
-        newest = repository.newest_change(raw_connection_of(connection), brand_id)
-        connection.rollback()
-    return newest
+async def _newest(pool: AsyncConnectionPool[AsyncConn], brand_id: str) -> int:
+    async with pool.connection() as conn:
+        return await AlertReadRepository(conn).newest_change(brand_id)
 
 
-def _event(seq: int, alert: dict[str, Any]) -> str:
-    body = Alert.model_validate(alert).model_dump_json()
-    return f"id: {seq}\nevent: alert\ndata: {body}\n\n"
+def _event(alert: ChangedAlert) -> str:
+    body = alert.model_dump_json(exclude={"change_seq"})
+    return f"id: {alert.change_seq}\nevent: alert\ndata: {body}\n\n"
 
 
 async def _events(request: Request, brand_id: str, last_event_id: int | None) -> AsyncIterator[str]:
-    engine: Engine = request.app.state.engine
+    pool: AsyncConnectionPool[AsyncConn] = request.app.state.read_pool
     feed: AlertFeed = request.app.state.alert_feed
     subscription = feed.subscribe(brand_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
         if last_event_id is None:
-            last = await run_in_threadpool(_newest, engine, brand_id)
+            last = await _newest(pool, brand_id)
             replay = []
         else:
             last = last_event_id
-            replay = await run_in_threadpool(_read, engine, brand_id, None, last)
+            replay = await _read(pool, brand_id, None, last)
         while True:
             for seq, event in replay:
                 last = max(last, seq)
@@ -89,9 +87,7 @@ async def _events(request: Request, brand_id: str, last_event_id: int | None) ->
             ids, lost = subscription.take()
             # After the feed lost its connection, notifications may be missing: read by
             # change number instead of by id.
-            replay = await run_in_threadpool(
-                _read, engine, brand_id, None if lost else ids, last if lost else None
-            )
+            replay = await _read(pool, brand_id, None if lost else ids, last if lost else None)
     finally:
         feed.unsubscribe(subscription)
 
@@ -110,7 +106,7 @@ async def _events(request: Request, brand_id: str, last_event_id: int | None) ->
 )
 async def stream_alerts(
     request: Request,
-    key: CurrentKey,
+    key: ReadKey,
     last_event_id: Annotated[str | None, Header(max_length=20, pattern=r"^[0-9]+$")] = None,
 ) -> StreamingResponse:
     """New and changed alerts of the brand as Server-Sent Events."""

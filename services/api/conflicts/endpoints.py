@@ -12,10 +12,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from services.api.conflicts import repository
 from services.api.conflicts.schemas import Conflict, ConflictList, ConflictReason
-from services.api.deps import ReadConnDep, ReadKey
-from services.api.pagination import decode_int_cursor, encode_cursor
+from services.api.deps import ConflictReadRepo, ReadKey
+from services.api.pagination import decode_int_cursor, encode_cursor, page
 from services.api.problems import ProblemError, responses
 from services.api.responses import json_response
 
@@ -29,28 +28,22 @@ MAX_LIMIT = 100
 )
 async def list_conflicts(
     device_id: str,
-    conn: ReadConnDep,
+    conflicts: ConflictReadRepo,
     key: ReadKey,
     reason: ConflictReason | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """Conflicting messages of the device, newest first, each with its payload."""
-    if not await repository.owns(conn, key.brand, device_id):
+    if not await conflicts.owns_device(key.brand, device_id):
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
-    rows = await repository.conflicts(
-        conn,
-        device_id,
-        reason=reason.value if reason else None,
-        before_id=decode_int_cursor("c", cursor) if cursor else None,
-        limit=limit + 1,
+    before_id = decode_int_cursor("c", cursor) if cursor else None
+    rows = await conflicts.page(
+        device_id, reason=reason.value if reason else None, before_id=before_id, limit=limit + 1
     )
-    more = len(rows) > limit
-    items = [_conflict(row) for row in rows[:limit]]
+    kept, next_cursor = page(rows, limit, lambda row: encode_cursor("c", str(row["id"])))
     return json_response(
-        ConflictList(
-            items=items, next_cursor=encode_cursor("c", str(items[-1].id)) if more else None
-        )
+        ConflictList(items=[_conflict(row) for row in kept], next_cursor=next_cursor)
     )
 
 

@@ -6,40 +6,20 @@ from typing import Annotated
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import APIRouter, Body, Query, Request, Response, status
 
-from services.api.deps import (
-    ConnDep,
-    CurrentKey,
-    ReadConnDep,
-    ReadKey,
-    after_commit,
-    brand_scope,
-    require,
-)
-from services.api.devices import repository
-from services.api.devices.schemas import (
-    Device,
-    DeviceClear,
-    DeviceConfig,
-    DeviceCreate,
-    DeviceList,
-    Event,
-    EventList,
-    MqttCredentials,
-    ProvisionedDevice,
-    PushRecord,
-    Session,
-    SessionList,
-)
-from services.api.pagination import decode_cursor, decode_int_cursor, encode_cursor
-from services.api.problems import ProblemError, responses
-from services.api.publisher import ConfigPublisher
+from services.api import deps
+from services.api.deps import CurrentKey, DeviceReadRepo, DeviceRepo, ReadKey, require
+from services.api.devices import schemas
+from services.api.devices.repository import DeviceReadRepository, DeviceRepository
+from services.api.pagination import decode_cursor, decode_int_cursor, encode_cursor, page
+from services.api.problems import ProblemError, constraint_problem, responses
 from services.api.responses import json_response
 from services.api.settings import ApiSettings
 from services.common import rollouts
 from services.common.api_keys import Role
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.config_push import record_push
-from services.common.db import AsyncConn, Conn
+from services.common.db import Conn
+from services.common.protocol.topics import device_prefix
 from services.common.provisioning import (
     ProvisioningError,
     ReservedDeviceIdError,
@@ -49,7 +29,6 @@ from services.common.provisioning import (
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 MAX_LIMIT = 500
-TOPIC_PREFIX = "galvani/v1/d"
 
 
 def _sync_broker(request: Request) -> None:
@@ -59,7 +38,7 @@ def _sync_broker(request: Request) -> None:
     def sync(conn: Conn) -> None:
         sync_device_credentials(conn, files)
 
-    after_commit(request, sync)
+    deps.after_commit(request, sync)
 
 
 def _not_found(device_id: str) -> ProblemError:
@@ -68,48 +47,43 @@ def _not_found(device_id: str) -> ProblemError:
 
 @router.post(
     "",
-    response_model=ProvisionedDevice,
+    response_model=schemas.ProvisionedDevice,
     status_code=status.HTTP_201_CREATED,
     responses=responses(401, 403, 404, 409, 422),
 )
 def provision(
-    body: DeviceCreate, request: Request, conn: ConnDep, key: CurrentKey
-) -> ProvisionedDevice:
+    body: schemas.DeviceCreate, request: Request, devices: DeviceRepo, key: CurrentKey
+) -> schemas.ProvisionedDevice:
     """Create a device and its broker credentials; it can connect as soon as this returns."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    brand = brand_scope(conn, key, body.brand)
+    brand = deps.brand_scope(devices, key, body.brand)
     try:
         device = provision_device(
-            conn, device_id=body.device_id, brand_id=brand, model=body.model, user_id=body.user
-        )
+            devices.conn, device_id=body.device_id, brand_id=brand, model=body.model,
+            user_id=body.user,
+        )  # fmt: skip
     except ReservedDeviceIdError as exc:
         raise ProblemError(422, "reserved-device-id", "Reserved device id", str(exc)) from None
     except ProvisioningError as exc:
-        exists = "already exists" in str(exc)
-        raise ProblemError(
-            409 if exists else 422,
-            "device-exists" if exists else "invalid-device",
-            "Device not provisioned",
-            str(exc),
-        ) from None
+        # Provisioning raises while handling the constraint's error: that says which it was.
+        invalid = ProblemError(422, "invalid-device", "Device not provisioned", str(exc))
+        raise constraint_problem(exc.__context__, str(exc)) or invalid from None
     _sync_broker(request)
     settings: ApiSettings = request.app.state.settings
-    return ProvisionedDevice(
-        device_id=device.device_id,
-        mqtt=MqttCredentials(
-            host=settings.device_mqtt_host,
-            port=settings.device_mqtt_port,
-            username=device.device_id,
-            password=device.password,
-            client_id=device.device_id,
-            topic_prefix=f"{TOPIC_PREFIX}/{device.device_id}",
-        ),
+    credentials = schemas.MqttCredentials(
+        host=settings.device_mqtt_host,
+        port=settings.device_mqtt_port,
+        username=device.device_id,
+        password=device.password,
+        client_id=device.device_id,
+        topic_prefix=device_prefix(device.device_id),
     )
+    return schemas.ProvisionedDevice(device_id=device.device_id, mqtt=credentials)
 
 
-@router.get("", response_model=DeviceList, responses=responses(401, 403, 422))
+@router.get("", response_model=schemas.DeviceList, responses=responses(401, 403, 422))
 async def list_devices(
-    conn: ReadConnDep,
+    devices: DeviceReadRepo,
     key: ReadKey,
     online: bool | None = None,
     alerting: bool | None = None,
@@ -119,33 +93,22 @@ async def list_devices(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """The brand's active devices, in id order."""
-    rows = await repository.list_devices(
-        conn,
-        key.brand,
-        online=online,
-        alerting=alerting,
-        fw=fw,
-        model=model,
-        after_id=decode_cursor("d", cursor, 1)[0] if cursor else None,
+    after_id = decode_cursor("d", cursor, 1)[0] if cursor else None
+    rows = await devices.page(
+        key.brand, online=online, alerting=alerting, fw=fw, model=model, after_id=after_id,
         limit=limit + 1,
-    )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response(
-        DeviceList(
-            items=[Device.model_validate(row) for row in rows],
-            next_cursor=encode_cursor("d", rows[-1]["device_id"]) if more else None,
-        )
-    )
+    )  # fmt: skip
+    items, next_cursor = page(rows, limit, lambda device: encode_cursor("d", device.device_id))
+    return json_response(schemas.DeviceList(items=items, next_cursor=next_cursor))
 
 
-@router.get("/{device_id}", response_model=Device, responses=responses(401, 403, 404))
-async def get_device(device_id: str, conn: ReadConnDep, key: ReadKey) -> Response:
+@router.get("/{device_id}", response_model=schemas.Device, responses=responses(401, 403, 404))
+async def get_device(device_id: str, devices: DeviceReadRepo, key: ReadKey) -> Response:
     """Presence, firmware, config versions, open alerts, last seq and gaps."""
-    row = await repository.get_device(conn, key.brand, device_id)
-    if row is None:
+    device = await devices.get(key.brand, device_id)
+    if device is None:
         raise _not_found(device_id)
-    return json_response(Device.model_validate(row))
+    return json_response(device)
 
 
 @router.delete(
@@ -154,156 +117,130 @@ async def get_device(device_id: str, conn: ReadConnDep, key: ReadKey) -> Respons
     response_class=Response,
     responses=responses(401, 403, 404),
 )
-def decommission(device_id: str, request: Request, conn: ConnDep, key: CurrentKey) -> Response:
+def decommission(
+    device_id: str, request: Request, devices: DeviceRepo, key: CurrentKey
+) -> Response:
     """Revoke the device's credentials; the broker disconnects it at once."""
     require(key, Role.ADMIN)
-    if not repository.exists(conn, key.brand, device_id):
+    if not devices.owns_device(key.brand, device_id):
         raise _not_found(device_id)
-    revoke_device(conn, device_id)
+    revoke_device(devices.conn, device_id)
     _sync_broker(request)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-async def _require_device(conn: AsyncConn, brand: str, device_id: str) -> None:
-    if await repository.get_device(conn, brand, device_id) is None:
+async def _require_device(devices: DeviceReadRepository, brand: str, device_id: str) -> None:
+    if not await devices.owns_device(brand, device_id):
         raise _not_found(device_id)
 
 
 @router.get(
-    "/{device_id}/sessions", response_model=SessionList, responses=responses(401, 403, 404, 422)
+    "/{device_id}/sessions",
+    response_model=schemas.SessionList,
+    responses=responses(401, 403, 404, 422),
 )
 async def list_sessions(
     device_id: str,
-    conn: ReadConnDep,
+    devices: DeviceReadRepo,
     key: ReadKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
 ) -> Response:
     """Sessions with mode, level, duration, end reason and contact quality, newest first."""
-    await _require_device(conn, key.brand, device_id)
+    await _require_device(devices, key.brand, device_id)
     before = decode_cursor("s", cursor, 2) if cursor else None
-    rows = await repository.sessions(
-        conn, device_id, before=(before[0], before[1]) if before else None, limit=limit + 1
+    rows = await devices.sessions(
+        device_id, before=(before[0], before[1]) if before else None, limit=limit + 1
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = None
-    if more:
-        last = rows[-1]
-        started = last["started_at"].isoformat() if last["started_at"] else "-infinity"
-        next_cursor = encode_cursor("s", started, last["session"])
-    return json_response(
-        SessionList(items=[Session.model_validate(r) for r in rows], next_cursor=next_cursor)
-    )
+
+    def after(session: schemas.Session) -> str:
+        started = session.started_at.isoformat() if session.started_at else "-infinity"
+        return encode_cursor("s", started, session.session)
+
+    items, next_cursor = page(rows, limit, after)
+    return json_response(schemas.SessionList(items=items, next_cursor=next_cursor))
 
 
 @router.get(
-    "/{device_id}/events", response_model=EventList, responses=responses(401, 403, 404, 422)
+    "/{device_id}/events",
+    response_model=schemas.EventList,
+    responses=responses(401, 403, 404, 422),
 )
 async def list_events(
     device_id: str,
-    conn: ReadConnDep,
+    devices: DeviceReadRepo,
     key: ReadKey,
     type: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """Events, newest first."""
-    await _require_device(conn, key.brand, device_id)
-    rows = await repository.events(
-        conn,
-        device_id,
-        before_seq=decode_int_cursor("e", cursor) if cursor else None,
-        type_=type,
-        limit=limit + 1,
-    )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = encode_cursor("e", str(rows[-1]["seq"])) if more else None
-    return json_response(
-        EventList(items=[Event.model_validate(r) for r in rows], next_cursor=next_cursor)
-    )
+    await _require_device(devices, key.brand, device_id)
+    before_seq = decode_int_cursor("e", cursor) if cursor else None
+    rows = await devices.events(device_id, before_seq=before_seq, type_=type, limit=limit + 1)
+    items, next_cursor = page(rows, limit, lambda event: encode_cursor("e", str(event.seq)))
+    return json_response(schemas.EventList(items=items, next_cursor=next_cursor))
 
 
-@router.get("/{device_id}/config", response_model=DeviceConfig, responses=responses(401, 403, 404))
-def device_config(device_id: str, conn: ConnDep, key: CurrentKey) -> Response:
-    """Desired vs reported mode table, drift, and every push with the device's answer."""
-    row = conn.execute(
-        "SELECT d.config_desired_version, p.payload, p.sha256, d.config_reported_version,"
-        " d.config_reported_status, d.config_reported_reason, d.config_reported_sha256"
-        " FROM devices d LEFT JOIN config_pushes p"
-        "   ON p.device_id = d.id AND p.version = d.config_desired_version"
-        " WHERE d.id = %s AND d.brand_id = %s",
-        [device_id, key.brand],
-    ).fetchone()
-    if row is None:
+def _config(devices: DeviceRepository, brand: str, device_id: str) -> Response:
+    state = devices.config(brand, device_id)
+    if state is None:
         raise _not_found(device_id)
-    desired_version, desired, desired_sha, version, status_, reason, sha = row
-    history = conn.execute(
-        "SELECT version, source, reason, sha256, issued_at, expires_at, published_at,"
-        " superseded_at, answer_status, answer_reason, answered_at"
-        " FROM config_pushes WHERE device_id = %s ORDER BY version DESC LIMIT 100",
-        [device_id],
-    ).fetchall()
-    names = (
-        "version",
-        "source",
-        "reason",
-        "sha256",
-        "issued_at",
-        "expires_at",
-        "published_at",
-        "superseded_at",
-        "answer_status",
-        "answer_reason",
-        "answered_at",
-    )
+    desired_version = state.desired_version
     drift = desired_version is not None and not (
-        version == desired_version and status_ == "applied" and sha == desired_sha
+        state.reported_version == desired_version
+        and state.reported_status == "applied"
+        and state.reported_sha256 == state.desired_sha256
     )
     return json_response(
-        DeviceConfig(
+        schemas.DeviceConfig(
             desired_version=desired_version,
-            desired=desired if isinstance(desired, dict) else None,
-            reported_version=version,
-            reported_status=status_,
-            reported_reason=reason,
-            reported_sha256=sha,
+            desired=state.desired if isinstance(state.desired, dict) else None,
+            reported_version=state.reported_version,
+            reported_status=state.reported_status,
+            reported_reason=state.reported_reason,
+            reported_sha256=state.reported_sha256,
             drift=drift,
-            history=[PushRecord.model_validate(dict(zip(names, h, strict=True))) for h in history],
+            history=devices.pushes(device_id),
         )
     )
 
 
+@router.get(
+    "/{device_id}/config", response_model=schemas.DeviceConfig, responses=responses(401, 403, 404)
+)
+def device_config(device_id: str, devices: DeviceRepo, key: CurrentKey) -> Response:
+    """Desired vs reported mode table, drift, and every push with the device's answer."""
+    return _config(devices, key.brand, device_id)
+
+
 @router.post(
     "/{device_id}/clear",
-    response_model=DeviceConfig,
+    response_model=schemas.DeviceConfig,
     responses=responses(401, 403, 404, 409, 422),
 )
 def clear_device(
     device_id: str,
     request: Request,
-    conn: ConnDep,
+    devices: DeviceRepo,
     key: CurrentKey,
-    action: Annotated[DeviceClear | None, Body()] = None,
+    action: Annotated[schemas.DeviceClear | None, Body()] = None,
 ) -> Response:
     """Lift a rule's restriction (SAFE only, or every mode locked) once support has checked
     the device: it gets the last table it applied of the brand's choosing (or the factory
     table) as a new version. Later rollouts no longer carry the rule's locks to it."""
     require(key, Role.ADMIN, Role.SUPPORT)
-    if not repository.exists(conn, key.brand, device_id):
+    locked = devices.lock(key.brand, device_id)
+    if locked is None:
         raise _not_found(device_id)
-    row = conn.execute(
-        "SELECT decommissioned_at FROM devices WHERE id = %s FOR UPDATE", [device_id]
-    ).fetchone()
-    if row is not None and row[0] is not None:
+    if locked.decommissioned_at is not None:
         raise ProblemError(
             409,
             "decommissioned",
             "Device decommissioned",
             f"device {device_id!r} is decommissioned: no table can be pushed to it",
         )
-    restore = rollouts.clearance(conn, device_id)
+    restore = rollouts.clearance(devices.conn, device_id)
     if restore is None:
         raise ProblemError(
             409, "not-restricted", "Not restricted", f"no rule restricts device {device_id!r}"
@@ -318,7 +255,7 @@ def clear_device(
     )
     signing_key: Ed25519PrivateKey = request.app.state.signing_key
     push = record_push(
-        conn,
+        devices.conn,
         signing_key,
         device_id=device_id,
         table=table,
@@ -326,10 +263,5 @@ def clear_device(
         source_ref=key.actor,
         mode_table_id=restore.mode_table_id,
     )
-    publisher: ConfigPublisher = request.app.state.config_publisher
-
-    def publish(_: Conn) -> None:
-        publisher.submit([push])
-
-    after_commit(request, publish)
-    return device_config(device_id, conn, key)
+    deps.publish_after_commit(request, [push])
+    return _config(devices, key.brand, device_id)

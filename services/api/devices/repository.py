@@ -1,11 +1,19 @@
-"""Device queries, always scoped by brand. Never commits: the request owns the transaction.
+"""Devices of a brand: their state, sessions, events and mode-table pushes. Never commits: the
+request's unit of work owns the transaction.
 
-The reads run on the read pool (async); :func:`exists` serves the endpoints that write.
+The reads dashboards poll run on the read-only unit (:class:`DeviceReadRepository`); the
+endpoints that write, and the config view they answer with, on the read-write unit
+(:class:`DeviceRepository`). Rows come back as the API's schemas (``class_row``).
 """
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
-from services.common.db import AsyncConn, Conn
+from psycopg.rows import class_row
+
+from services.api.devices.schemas import Device, Event, PushRecord, Session
+from services.api.repository import ReadRepository, Repository
 
 SELECT: Final = """
 SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.online,
@@ -17,70 +25,109 @@ SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.onl
        d.seq_reset_at
 FROM devices d
 """
-NAMES: Final = (
-    "device_id",
-    "brand",
-    "model",
-    "user",
-    "online",
-    "last_seen",
-    "fw",
-    "last_seq",
-    "seq_gaps",
-    "config_desired_version",
-    "config_reported_version",
-    "open_alerts",
-    "provisioned_at",
-    "decommissioned_at",
-    "seq_reused",
-    "seq_reused_at",
-    "seq_resets",
-    "seq_reset_at",
-)
+LIST: Final = """
+WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL
+  AND (%(online)s::boolean IS NULL OR d.online = %(online)s)
+  AND (%(fw)s::text IS NULL OR d.fw = %(fw)s)
+  AND (%(model)s::text IS NULL OR d.model = %(model)s)
+  AND (%(after)s::text IS NULL OR d.id > %(after)s)
+  AND (%(alerting)s::boolean IS NULL OR %(alerting)s = EXISTS (
+        SELECT 1 FROM alerts a WHERE a.device_id = d.id AND a.state <> 'resolved'))
+ORDER BY d.id LIMIT %(limit)s
+"""
+SESSIONS: Final = """
+SELECT session, user_id AS user, mode, level, started_at, ended_at, duration_s, end_reason,
+       output_s, samples,
+       CASE WHEN out_samples > 0 THEN gel_ok_samples::real / out_samples END AS gel_ok_share
+FROM sessions WHERE device_id = %(device)s
+  AND (%(ts)s::timestamptz IS NULL
+       OR (coalesce(started_at, '-infinity'), session) < (%(ts)s::timestamptz, %(session)s))
+ORDER BY coalesce(started_at, '-infinity') DESC, session DESC LIMIT %(limit)s
+"""
+EVENTS: Final = """
+SELECT seq, ts, type, session, body, received_at, ts_suspect FROM events
+WHERE device_id = %(device)s AND (%(type)s::text IS NULL OR type = %(type)s)
+  AND (%(before)s::bigint IS NULL OR seq < %(before)s)
+ORDER BY seq DESC LIMIT %(limit)s
+"""
+CONFIG: Final = """
+SELECT d.config_desired_version AS desired_version, p.payload AS desired,
+       p.sha256 AS desired_sha256, d.config_reported_version AS reported_version,
+       d.config_reported_status AS reported_status,
+       d.config_reported_reason AS reported_reason,
+       d.config_reported_sha256 AS reported_sha256
+FROM devices d LEFT JOIN config_pushes p
+  ON p.device_id = d.id AND p.version = d.config_desired_version
+WHERE d.id = %s AND d.brand_id = %s
+"""
+HISTORY: Final = """
+SELECT version, source, reason, sha256, issued_at, expires_at, published_at, superseded_at,
+       answer_status, answer_reason, answered_at
+FROM config_pushes WHERE device_id = %s ORDER BY version DESC LIMIT 100
+"""
 
 
-def exists(conn: Conn, brand_id: str, device_id: str) -> bool:
-    """Whether the brand has the device (decommissioned or not)."""
-    row = conn.execute(
-        "SELECT 1 FROM devices WHERE id = %s AND brand_id = %s", [device_id, brand_id]
-    ).fetchone()
-    return row is not None
+@dataclass(frozen=True)
+class ConfigState:
+    """The table the backend wants a device to run and the one the device reports."""
+
+    desired_version: int | None
+    desired: Any  # the signed table (jsonb) as published, when there is one
+    desired_sha256: str | None
+    reported_version: int | None
+    reported_status: str | None
+    reported_reason: str | None
+    reported_sha256: str | None
 
 
-async def get_device(conn: AsyncConn, brand_id: str, device_id: str) -> dict[str, Any] | None:
-    """The brand's device, or None (another brand's device is None too)."""
-    cursor = await conn.execute(
-        SELECT + " WHERE d.id = %s AND d.brand_id = %s", [device_id, brand_id]
-    )
-    row = await cursor.fetchone()
-    return dict(zip(NAMES, row, strict=True)) if row is not None else None
+@dataclass(frozen=True)
+class Decommissioning:
+    """When a device was decommissioned (None: it is active)."""
+
+    decommissioned_at: datetime | None
 
 
-async def list_devices(
-    conn: AsyncConn,
-    brand_id: str,
-    *,
-    online: bool | None,
-    alerting: bool | None,
-    fw: str | None,
-    model: str | None,
-    after_id: str | None,
-    limit: int,
-) -> list[dict[str, Any]]:
-    """The brand's active devices in id order, after ``after_id``."""
-    cursor = await conn.execute(
-        SELECT  # noqa: S608 - constant text, every value is a parameter
-        + """
-        WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL
-          AND (%(online)s::boolean IS NULL OR d.online = %(online)s)
-          AND (%(fw)s::text IS NULL OR d.fw = %(fw)s)
-          AND (%(model)s::text IS NULL OR d.model = %(model)s)
-          AND (%(after)s::text IS NULL OR d.id > %(after)s)
-          AND (%(alerting)s::boolean IS NULL OR %(alerting)s = EXISTS (
-                SELECT 1 FROM alerts a WHERE a.device_id = d.id AND a.state <> 'resolved'))
-        ORDER BY d.id LIMIT %(limit)s
-        """,
-        {
+class DeviceRepository(Repository):
+    """Devices on the read-write unit."""
+
+    def lock(self, brand_id: str, device_id: str) -> Decommissioning | None:
+        """Lock the brand's device against concurrent changes; None when it has no such device."""
+        return self.one(
+            "SELECT decommissioned_at FROM devices WHERE id = %s AND brand_id = %s FOR UPDATE",
+            [device_id, brand_id],
+            class_row(Decommissioning),
+        )
+
+    def config(self, brand_id: str, device_id: str) -> ConfigState | None:
+        """The device's desired and reported tables; None when the brand has no such device."""
+        return self.one(CONFIG, [device_id, brand_id], class_row(ConfigState))
+
+    def pushes(self, device_id: str) -> list[PushRecord]:
+        """The 100 latest tables pushed to the device, newest first, with its answers."""
+        return self.all(HISTORY, [device_id], class_row(PushRecord))
+
+
+class DeviceReadRepository(ReadRepository):
+    """Devices on the read-only unit."""
+
+    async def get(self, brand_id: str, device_id: str) -> Device | None:
+        """The brand's device, or None (another brand's device is None too)."""
+        query = SELECT + " WHERE d.id = %s AND d.brand_id = %s"
+        return await self.one(query, [device_id, brand_id], class_row(Device))
+
+    async def page(
+        self,
+        brand_id: str,
+        *,
+        online: bool | None,
+        alerting: bool | None,
+        fw: str | None,
+        model: str | None,
+        after_id: str | None,
+        limit: int,
+    ) -> list[Device]:
+        """The brand's active devices in id order, after ``after_id``."""
+        params = {
             "brand": brand_id,
             "online": online,
             "fw": fw,
@@ -88,56 +135,20 @@ async def list_devices(
             "after": after_id,
             "alerting": alerting,
             "limit": limit,
-        },
-    )
-    return [dict(zip(NAMES, row, strict=True)) for row in await cursor.fetchall()]
+        }
+        return await self.all(SELECT + LIST, params, class_row(Device))
 
+    async def sessions(
+        self, device_id: str, *, before: tuple[str, str] | None, limit: int
+    ) -> list[Session]:
+        """A device's sessions, newest start first (keyset: started_at, session)."""
+        ts, session = before if before else (None, None)
+        params = {"device": device_id, "ts": ts, "session": session, "limit": limit}
+        return await self.all(SESSIONS, params, class_row(Session))
 
-async def sessions(
-    conn: AsyncConn, device_id: str, *, before: tuple[str, str] | None, limit: int
-) -> list[dict[str, Any]]:
-    """A device's sessions, newest start first (keyset: started_at, session)."""
-    cursor = await conn.execute(
-        "SELECT session, user_id, mode, level, started_at, ended_at, duration_s, end_reason,"
-        " output_s, samples,"
-        " CASE WHEN out_samples > 0 THEN gel_ok_samples::real / out_samples END"
-        " FROM sessions WHERE device_id = %(device)s"
-        " AND (%(ts)s::timestamptz IS NULL OR (coalesce(started_at, '-infinity'), session)"
-        "      < (%(ts)s::timestamptz, %(session)s))"
-        " ORDER BY coalesce(started_at, '-infinity') DESC, session DESC LIMIT %(limit)s",
-        {
-            "device": device_id,
-            "ts": before[0] if before else None,
-            "session": before[1] if before else None,
-            "limit": limit,
-        },
-    )
-    names = (
-        "session",
-        "user",
-        "mode",
-        "level",
-        "started_at",
-        "ended_at",
-        "duration_s",
-        "end_reason",
-        "output_s",
-        "samples",
-        "gel_ok_share",
-    )
-    return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
-
-
-async def events(
-    conn: AsyncConn, device_id: str, *, before_seq: int | None, type_: str | None, limit: int
-) -> list[dict[str, Any]]:
-    """A device's events, newest seq first."""
-    cursor = await conn.execute(
-        "SELECT seq, ts, type, session, body, received_at, ts_suspect FROM events"
-        " WHERE device_id = %(device)s AND (%(type)s::text IS NULL OR type = %(type)s)"
-        " AND (%(before)s::bigint IS NULL OR seq < %(before)s)"
-        " ORDER BY seq DESC LIMIT %(limit)s",
-        {"device": device_id, "type": type_, "before": before_seq, "limit": limit},
-    )
-    names = ("seq", "ts", "type", "session", "body", "received_at", "ts_suspect")
-    return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+    async def events(
+        self, device_id: str, *, before_seq: int | None, type_: str | None, limit: int
+    ) -> list[Event]:
+        """A device's events, newest seq first."""
+        params = {"device": device_id, "type": type_, "before": before_seq, "limit": limit}
+        return await self.all(EVENTS, params, class_row(Event))

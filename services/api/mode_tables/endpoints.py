@@ -5,8 +5,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from services.api.deps import ConnDep, CurrentKey, SessionDep, brand_scope, require
-from services.api.mode_tables import repository, service
+from services.api.deps import CurrentKey, ModeTableRepo, brand_scope, require
+from services.api.mode_tables import service
 from services.api.mode_tables.schemas import (
     Envelope,
     EnvelopeLimit,
@@ -14,8 +14,7 @@ from services.api.mode_tables.schemas import (
     ModeTableCreate,
     ModeTableList,
 )
-from services.api.models import ModeTableRow
-from services.api.pagination import decode_time_cursor, encode_time_cursor, newest_first
+from services.api.pagination import decode_time_cursor, encode_time_cursor, page
 from services.api.problems import ProblemError, responses
 from services.api.responses import json_response
 from services.common.api_keys import Role
@@ -31,32 +30,29 @@ MAX_LIMIT = 200
     status_code=status.HTTP_201_CREATED,
     responses=responses(401, 403, 404, 422),
 )
-def create_mode_table(
-    body: ModeTableCreate, session: SessionDep, conn: ConnDep, key: CurrentKey
-) -> ModeTable:
+def create_mode_table(body: ModeTableCreate, tables: ModeTableRepo, key: CurrentKey) -> ModeTable:
     """Store a table for the brand. A table outside the envelope is refused: the 422 lists
     each field (``modes.LIFT.i_max_ua``), its limit and the value given."""
     require(key, Role.ADMIN, Role.OPERATOR)
-    brand = brand_scope(conn, key, body.brand)
-    return service.to_schema(service.create(session, brand, body, key.actor))
+    brand = brand_scope(tables, key, body.brand)
+    return service.to_schema(service.create(tables, brand, body, key.actor))
 
 
 @router.get("", response_model=ModeTableList, responses=responses(401, 403, 422))
 def list_mode_tables(
-    session: SessionDep,
+    tables: ModeTableRepo,
     key: CurrentKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """The brand's tables, newest first."""
     after = decode_time_cursor("mode-tables", cursor) if cursor is not None else None
-    rows = newest_first(session, ModeTableRow, key.brand, after=after, limit=limit + 1)
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_time_cursor("mode-tables", rows[-1].created_at, rows[-1].id)
+    rows = tables.page(key.brand, after=after, limit=limit + 1)
+    kept, next_cursor = page(
+        rows, limit, lambda row: encode_time_cursor("mode-tables", row.created_at, row.id)
+    )
     return json_response(
-        ModeTableList(items=[service.to_schema(row) for row in rows], next_cursor=next_cursor)
+        ModeTableList(items=[service.to_schema(row) for row in kept], next_cursor=next_cursor)
     )
 
 
@@ -72,9 +68,9 @@ def envelope(key: CurrentKey) -> Envelope:
 
 
 @router.get("/{table_id}", response_model=ModeTable, responses=responses(401, 403, 404, 422))
-def get_mode_table(table_id: uuid.UUID, session: SessionDep, key: CurrentKey) -> ModeTable:
+def get_mode_table(table_id: uuid.UUID, tables: ModeTableRepo, key: CurrentKey) -> ModeTable:
     """One table of the brand."""
-    row = repository.get(session, key.brand, table_id)
+    row = tables.get(key.brand, table_id)
     if row is None:
         raise ProblemError(404, "not-found", "Not found", f"there is no mode table {table_id}")
     return service.to_schema(row)

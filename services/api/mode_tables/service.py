@@ -2,9 +2,7 @@
 
 from typing import Any
 
-from sqlmodel import Session
-
-from services.api.mode_tables import repository
+from services.api.mode_tables.repository import ModeTableRepository
 from services.api.mode_tables.schemas import ModeTable, ModeTableCreate
 from services.api.models import ModeTableRow
 from services.api.problems import ProblemError
@@ -34,15 +32,15 @@ def body_of(table: ModeTableCreate) -> dict[str, Any]:
     }
 
 
-def create(session: Session, brand_id: str, table: ModeTableCreate, actor: str) -> ModeTableRow:
+def create(
+    tables: ModeTableRepository, brand_id: str, table: ModeTableCreate, actor: str
+) -> ModeTableRow:
     """Check ``table`` against the envelope and store it for ``brand_id``."""
     body = body_of(table)
     problems = envelope_problems(body["modes"])
     if problems:
         raise outside_envelope(problems)
-    return repository.add(
-        session, ModeTableRow(brand_id=brand_id, name=table.name, body=body, created_by=actor)
-    )
+    return tables.add(ModeTableRow(brand_id=brand_id, name=table.name, body=body, created_by=actor))
 
 
 def to_schema(row: ModeTableRow) -> ModeTable:

@@ -2,13 +2,11 @@
 
 from fastapi import APIRouter
 
-from services.api.deps import ConnDep, CurrentKey, require
+from services.api.deps import CurrentKey, RuleRepo, require
 from services.api.problems import ProblemError, responses
 from services.api.rules.schemas import RuleList, RuleOut, RulePatch, Threshold
 from services.common.api_keys import Role
-from services.common.db import Conn
 from services.rules.catalogue import BY_ID, RULES, Rule, ThresholdError, Thresholds
-from services.rules.context import load_thresholds, save_overrides
 
 router = APIRouter(prefix="/v1/rules", tags=["rules"])
 
@@ -37,32 +35,28 @@ def _out(rule: Rule, thresholds: Thresholds) -> RuleOut:
     )
 
 
-def _brand_thresholds(conn: Conn, brand: str) -> Thresholds:
-    return load_thresholds(conn, [brand])[brand]
-
-
 @router.get("", response_model=RuleList, responses=responses(401, 403))
-def list_rules(conn: ConnDep, key: CurrentKey) -> RuleList:
+def list_rules(rules: RuleRepo, key: CurrentKey) -> RuleList:
     """Every rule, with the thresholds that apply to the caller's brand."""
-    thresholds = _brand_thresholds(conn, key.brand)
+    thresholds = rules.thresholds(key.brand)
     return RuleList(items=[_out(rule, thresholds) for rule in RULES])
 
 
 @router.patch("/{rule_id}", response_model=RuleOut, responses=responses(401, 403, 404, 422))
-def patch_rule(rule_id: str, patch: RulePatch, conn: ConnDep, key: CurrentKey) -> RuleOut:
+def patch_rule(rule_id: str, patch: RulePatch, rules: RuleRepo, key: CurrentKey) -> RuleOut:
     """Tighten (or return to default) a rule's thresholds for the caller's brand."""
     require(key, Role.ADMIN)
     rule = BY_ID.get(rule_id)
     if rule is None:
         raise ProblemError(404, "not-found", "Not found", f"there is no rule {rule_id!r}")
-    current = dict(_brand_thresholds(conn, key.brand).overrides.get(rule_id, {}))
+    current = dict(rules.thresholds(key.brand).overrides.get(rule_id, {}))
     for name, value in patch.thresholds.items():
         if value is None:
             current.pop(name, None)
         else:
             current[name] = value
     try:
-        save_overrides(conn, key.brand, rule_id, current, key.actor)
+        rules.save_overrides(key.brand, rule_id, current, key.actor)
     except ThresholdError as exc:
         kind = "threshold-outside-envelope" if exc.limit is not None else "unknown-threshold"
         raise ProblemError(
@@ -74,4 +68,4 @@ def patch_rule(rule_id: str, patch: RulePatch, conn: ConnDep, key: CurrentKey) -
                 {"field": f"thresholds.{exc.param}", "message": exc.message, "limit": exc.limit}
             ],
         ) from None
-    return _out(rule, _brand_thresholds(conn, key.brand))
+    return _out(rule, rules.thresholds(key.brand))

@@ -11,10 +11,9 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from services.api.deps import ReadConnDep, ReadKey
+from services.api.deps import ReadKey, TelemetryReadRepo
 from services.api.problems import ProblemError, responses
 from services.api.responses import rows_response
-from services.api.telemetry import repository
 
 router = APIRouter(prefix="/v1/devices", tags=["telemetry"])
 
@@ -77,7 +76,7 @@ def too_many(detail: str) -> ProblemError:
 )
 async def telemetry(
     device_id: str,
-    conn: ReadConnDep,
+    samples: TelemetryReadRepo,
     key: ReadKey,
     from_: Annotated[str, Query(alias="from", max_length=40)],
     to: Annotated[str, Query(max_length=40)],
@@ -99,17 +98,16 @@ async def telemetry(
             f"fields: {', '.join(unknown) or 'none'} not available; choose from "
             + ", ".join(allowed),
         )
-    owned, refreshed_to = await repository.owned_refreshed_to(conn, key.brand, device_id)
+    owned, refreshed_to = await samples.owned_refreshed_to(key.brand, device_id)
     if not owned:
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
     if bucket is None:
-        rows = await repository.raw_samples(conn, device_id, start, end, chosen, MAX_POINTS + 1)
-        if len(rows) > MAX_POINTS:
+        points = await samples.raw_samples(device_id, start, end, chosen, MAX_POINTS + 1)
+        if len(points) > MAX_POINTS:
             raise too_many(
                 f"more than {MAX_POINTS} samples between from and to: narrow the range or "
                 "ask for a bucket (e.g. bucket=1m)"
             )
-        points = [dict(zip(("ts", *chosen), row, strict=True)) for row in rows]
     else:
         width = parse_bucket(bucket)
         count = (end - start) / width
@@ -119,7 +117,7 @@ async def telemetry(
                 f"{int(count)} buckets of {bucket} between from and to: use a bucket of at "
                 f"least {smallest:.0f} s or a shorter range"
             )
-        rows = await repository.buckets(conn, device_id, start, end, width, chosen, refreshed_to)
+        rows = await samples.buckets(device_id, start, end, width, chosen, refreshed_to)
         points = []
         for row in rows:
             point: dict[str, Any] = {"ts": row[0], "n": row[1]}

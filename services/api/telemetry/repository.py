@@ -14,44 +14,18 @@ Widths that are multiples of a rollup's are read raw: combining rollup means nee
 bucket's count of non-null values per field, which the rollups do not keep.
 """
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from services.common.db import AsyncConn
+from psycopg.rows import class_row, dict_row, tuple_row
+
+from services.api.repository import ReadRepository
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Rollup table by its bucket width. Hour and minute boundaries are the same whether counted
 # from the Unix epoch or from time_bucket's origin (Monday 2000-01-03 00:00 UTC).
 ROLLUPS: Final = {timedelta(minutes=1): "samples_1m", timedelta(hours=1): "samples_1h"}
-
-
-async def owned_refreshed_to(
-    conn: AsyncConn, brand_id: str, device_id: str
-) -> tuple[bool, datetime | None]:
-    """Whether the brand owns the device, and how far the rollups are complete (one query)."""
-    cursor = await conn.execute(
-        "SELECT (SELECT value FROM galvani_meta WHERE key = 'rollups_refreshed_to')"
-        " FROM devices WHERE id = %s AND brand_id = %s",
-        [device_id, brand_id],
-    )
-    row = await cursor.fetchone()
-    if row is None:
-        return False, None
-    value = row[0]
-    return True, datetime.fromisoformat(str(value)) if value is not None else None
-
-
-async def raw_samples(
-    conn: AsyncConn, device_id: str, start: datetime, end: datetime, fields: list[str], limit: int
-) -> list[tuple[Any, ...]]:
-    """``(ts, *fields)`` of each sample in ``[start, end)``, in time order, at most ``limit``."""
-    columns = ", ".join(fields)  # the endpoint checks every name against a fixed list
-    cursor = await conn.execute(
-        f"SELECT ts, {columns} FROM samples"  # noqa: S608 - names checked against a list
-        " WHERE device_id = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
-        [device_id, start, end, limit],
-    )
-    return await cursor.fetchall()
 
 
 def _floor(moment: datetime, width: timedelta) -> datetime:
@@ -73,36 +47,73 @@ def _raw_buckets(fields: list[str], lo: str, hi: str) -> str:
     )
 
 
-async def buckets(
-    conn: AsyncConn,
-    device_id: str,
-    start: datetime,
-    end: datetime,
-    width: timedelta,
-    fields: list[str],
-    refreshed_to: datetime | None,
-) -> list[tuple[Any, ...]]:
-    """``(bucket, n, min, avg, max per field...)`` per bucket with samples, in time order."""
-    table = ROLLUPS.get(width)
-    lo = _ceil(start, width)
-    cut = min(_floor(end, width), _floor(refreshed_to, width)) if refreshed_to else lo
-    if table is None or cut <= lo:
-        cursor = await conn.execute(
-            _raw_buckets(fields, "start", "end") + " ORDER BY b",
-            {"width": width, "device": device_id, "start": start, "end": end},
+@dataclass(frozen=True)
+class _Rollups:
+    refreshed_to: str | None  # galvani_meta holds text: an ISO 8601 time
+
+
+class TelemetryReadRepository(ReadRepository):
+    """Samples and rollups on the read-only unit."""
+
+    async def owned_refreshed_to(
+        self, brand_id: str, device_id: str
+    ) -> tuple[bool, datetime | None]:
+        """Whether the brand owns the device, and how far the rollups are complete (one
+        query)."""
+        row = await self.one(
+            "SELECT (SELECT value FROM galvani_meta WHERE key = 'rollups_refreshed_to')"
+            " AS refreshed_to FROM devices WHERE id = %s AND brand_id = %s",
+            [device_id, brand_id],
+            class_row(_Rollups),
         )
-        return await cursor.fetchall()
-    rolled = ", ".join(f"{f}_min, {f}_avg, {f}_max" for f in fields)
-    parts = [
-        f"SELECT bucket, n, {rolled} FROM {table}"  # noqa: S608 - names from fixed lists
-        " WHERE device_id = %(device)s AND bucket >= %(lo)s AND bucket < %(cut)s"
-    ]
-    params: dict[str, Any] = {"width": width, "device": device_id, "lo": lo, "cut": cut}
-    if start < lo:  # the partial first bucket
-        parts.append(_raw_buckets(fields, "start", "lo"))
-        params["start"] = start
-    if cut < end:  # what the rollups do not hold yet
-        parts.append(_raw_buckets(fields, "cut", "end"))
-        params["end"] = end
-    cursor = await conn.execute(" UNION ALL ".join(parts) + " ORDER BY 1", params)
-    return await cursor.fetchall()
+        if row is None:
+            return False, None
+        refreshed = row.refreshed_to
+        return True, datetime.fromisoformat(refreshed) if refreshed is not None else None
+
+    async def raw_samples(
+        self, device_id: str, start: datetime, end: datetime, fields: list[str], limit: int
+    ) -> list[dict[str, Any]]:
+        """``{ts, *fields}`` of each sample in ``[start, end)``, in time order, at most
+        ``limit``."""
+        columns = ", ".join(fields)  # the endpoint checks every name against a fixed list
+        return await self.all(
+            f"SELECT ts, {columns} FROM samples"  # noqa: S608 - names checked against a list
+            " WHERE device_id = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
+            [device_id, start, end, limit],
+            dict_row,
+        )
+
+    async def buckets(
+        self,
+        device_id: str,
+        start: datetime,
+        end: datetime,
+        width: timedelta,
+        fields: list[str],
+        refreshed_to: datetime | None,
+    ) -> list[tuple[Any, ...]]:
+        """``(bucket, n, min, avg, max per field...)`` per bucket with samples, in time
+        order."""
+        table = ROLLUPS.get(width)
+        lo = _ceil(start, width)
+        cut = min(_floor(end, width), _floor(refreshed_to, width)) if refreshed_to else lo
+        if table is None or cut <= lo:
+            return await self.all(
+                _raw_buckets(fields, "start", "end") + " ORDER BY b",
+                {"width": width, "device": device_id, "start": start, "end": end},
+                tuple_row,
+            )
+        rolled = ", ".join(f"{f}_min, {f}_avg, {f}_max" for f in fields)
+        parts = [
+            f"SELECT bucket, n, {rolled} FROM {table}"  # noqa: S608 - names from fixed lists
+            " WHERE device_id = %(device)s AND bucket >= %(lo)s AND bucket < %(cut)s"
+        ]
+        params: dict[str, Any] = {"width": width, "device": device_id, "lo": lo, "cut": cut}
+        if start < lo:  # the partial first bucket
+            parts.append(_raw_buckets(fields, "start", "lo"))
+            params["start"] = start
+        if cut < end:  # what the rollups do not hold yet
+            parts.append(_raw_buckets(fields, "cut", "end"))
+            params["end"] = end
+        return await self.all(" UNION ALL ".join(parts) + " ORDER BY 1", params, tuple_row)
