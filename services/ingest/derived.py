@@ -50,20 +50,26 @@ _END_WINS: Final = (
 )
 _STATE_WINS: Final = "u.state_ts >= d.state_ts OR d.state_ts IS NULL AND u.state_ts IS NOT NULL"
 _CONFIG_WINS: Final = (
-    "(u.state_ts >= d.state_ts OR d.state_ts IS NULL) AND u.cfg_version IS NOT NULL"
+    "(u.state_ts >= d.state_ts OR d.state_ts IS NULL) AND u.config_reported_version IS NOT NULL"
+)
+_CONFIG_COLUMNS: Final = (
+    "config_reported_version",
+    "config_reported_sha256",
+    "config_reported_status",
+    "config_reported_reason",
 )
 _PRESENCE_WINS: Final = (
     "u.presence_at >= d.presence_at OR d.presence_at IS NULL AND u.presence_at IS NOT NULL"
 )
 
 
-def _if_newer(when: str, **columns: tuple[str, str]) -> sql.SQL:
-    """SET items ``column = CASE WHEN when THEN new ELSE old END``, one per
-    ``column=(new, old)``."""
+def _if_newer(when: str, new: str, old: str, *columns: str) -> sql.SQL:
+    """SET items ``column = CASE WHEN when THEN new ELSE old END``, one per column; ``{c}``
+    in ``new`` and ``old`` stands for the column's name."""
     return sql.SQL(
         ",\n".join(
-            f"{column} = CASE WHEN {when} THEN {new} ELSE {old} END"
-            for column, (new, old) in columns.items()
+            f"{c} = CASE WHEN {when} THEN {new.format(c=c)} ELSE {old.format(c=c)} END"
+            for c in columns
         )
     )
 
@@ -92,6 +98,7 @@ _UPSERT_SESSIONS: Final = sql.SQL(
     ON CONFLICT (device_id, session) DO UPDATE SET
         -- The start and end with the highest seq win, whatever order they arrive in.
         {start_wins},
+        {start_wins_when_given},
         start_seq = GREATEST(s.start_seq, excluded.start_seq),
         {end_wins},
         end_seq = GREATEST(s.end_seq, excluded.end_seq),
@@ -107,19 +114,11 @@ _UPSERT_SESSIONS: Final = sql.SQL(
         last_sample_at = GREATEST(s.last_sample_at, excluded.last_sample_at),
         updated_at = now()"""
 ).format(
-    start_wins=_if_newer(
-        _START_WINS,
-        user_id=("excluded.user_id", "s.user_id"),
-        mode=("excluded.mode", "COALESCE(s.mode, excluded.mode)"),
-        level=("excluded.level", "COALESCE(s.level, excluded.level)"),
-        started_at=("excluded.started_at", "s.started_at"),
+    start_wins=_if_newer(_START_WINS, "excluded.{c}", "s.{c}", "user_id", "started_at"),
+    start_wins_when_given=_if_newer(
+        _START_WINS, "excluded.{c}", "COALESCE(s.{c}, excluded.{c})", "mode", "level"
     ),
-    end_wins=_if_newer(
-        _END_WINS,
-        ended_at=("excluded.ended_at", "s.ended_at"),
-        duration_s=("excluded.duration_s", "s.duration_s"),
-        end_reason=("excluded.end_reason", "s.end_reason"),
-    ),
+    end_wins=_if_newer(_END_WINS, "excluded.{c}", "s.{c}", "ended_at", "duration_s", "end_reason"),
 )
 
 
@@ -144,18 +143,13 @@ _UPDATE_DEVICES: Final = sql.SQL(
                 %b::int8[], %b::timestamptz[], %b::text[], %b::text[], %b::int4[],
                 %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[])
          AS u(id, received_at, seen, min_seq, max_seq, new_seqs, state_ts, fw, hw,
-              cfg_version, cfg_sha256, cfg_status, cfg_reason, presence_at, online)
+              config_reported_version, config_reported_sha256, config_reported_status,
+              config_reported_reason, presence_at, online)
     WHERE d.id = u.id"""
 ).format(
-    state_wins=_if_newer(_STATE_WINS, fw=("u.fw", "d.fw"), hw=("u.hw", "d.hw")),
-    config_wins=_if_newer(
-        _CONFIG_WINS,
-        config_reported_version=("u.cfg_version", "d.config_reported_version"),
-        config_reported_sha256=("u.cfg_sha256", "d.config_reported_sha256"),
-        config_reported_status=("u.cfg_status", "d.config_reported_status"),
-        config_reported_reason=("u.cfg_reason", "d.config_reported_reason"),
-    ),
-    presence_wins=_if_newer(_PRESENCE_WINS, online=("u.online", "d.online")),
+    state_wins=_if_newer(_STATE_WINS, "u.{c}", "d.{c}", "fw", "hw"),
+    config_wins=_if_newer(_CONFIG_WINS, "u.{c}", "d.{c}", *_CONFIG_COLUMNS),
+    presence_wins=_if_newer(_PRESENCE_WINS, "u.{c}", "d.{c}", "online"),
 )
 
 
