@@ -167,23 +167,25 @@ def sync_devices(broker: MosquittoBroker, database_url: str):  # type: ignore[no
 
 @pytest.fixture
 def new_agent(
-    database_url: str, broker: MosquittoBroker, sync_devices: Callable[[], int], tmp_path: Path
-) -> Iterator[Callable[[str, Ed25519PrivateKey], AgentProcess]]:
+    request: pytest.FixtureRequest,
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Callable[[], int],
+    tmp_path: Path,
+) -> Callable[[str, Ed25519PrivateKey], AgentProcess]:
     """Make one new device (ids starting with a prefix) admitted to this test's broker and
     give its agent process, not started yet; every agent made is stopped after the test."""
-    agents: list[AgentProcess] = []
 
     def make(prefix: str, key: Ed25519PrivateKey) -> AgentProcess:
         [device] = provision(database_url, 1, prefix=prefix)
         sync_devices()
         home = tmp_path / device.device_id  # its own store, key and log
         home.mkdir()
-        agents.append(AgentProcess(home, device, broker.config.device_port, key))
-        return agents[-1]
+        agent = AgentProcess(home, device, broker.config.device_port, key)
+        request.addfinalizer(agent.stop)
+        return agent
 
-    yield make
-    for agent in agents:
-        agent.stop()
+    return make
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from tests.mqtt import MqttClient
 
 SAMPLE_HZ = 10
 NewAgent = Callable[[str, Ed25519PrivateKey], AgentProcess]
+ServiceClient = Callable[[ServiceAccount], MqttClient]
 
 
 @pytest.fixture
@@ -32,19 +33,20 @@ def key() -> Ed25519PrivateKey:
 
 @pytest.fixture
 def service_client(
-    broker: MosquittoBroker, service_passwords: dict[ServiceAccount, str]
-) -> Iterator[Callable[[ServiceAccount], MqttClient]]:
-    """Connect test clients to this test's broker as one of the backend's accounts."""
-    clients: list[MqttClient] = []
+    request: pytest.FixtureRequest,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+) -> ServiceClient:
+    """Connect a test client to this test's broker as one of the backend's accounts (closed
+    after the test)."""
 
     def connect(account: ServiceAccount) -> MqttClient:
         port, password = broker.config.service_port, service_passwords[account]
-        clients.append(MqttClient("127.0.0.1", port, account.value, password).connect())
-        return clients[-1]
+        client = MqttClient("127.0.0.1", port, account.value, password).connect()
+        request.addfinalizer(client.close)
+        return client
 
-    yield connect
-    for client in clients:
-        client.close()
+    return connect
 
 
 @pytest.fixture
@@ -213,7 +215,7 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
     database_url: str,
     ingest_workers: IngestWorkers,
     new_agent: NewAgent,
-    service_client: Callable[[ServiceAccount], MqttClient],
+    service_client: ServiceClient,
     key: Ed25519PrivateKey,
 ) -> None:
     agent = new_agent("cfg", key)
@@ -320,7 +322,7 @@ def test_messages_published_before_ingest_subscribes_are_all_stored_once_it_does
 
 def test_a_message_the_broker_took_stays_in_the_outbox_until_the_backend_acks_it_as_stored(
     new_agent: NewAgent,
-    service_client: Callable[[ServiceAccount], MqttClient],
+    service_client: ServiceClient,
     key: Ed25519PrivateKey,
 ) -> None:
     agent = new_agent("acked", key)
