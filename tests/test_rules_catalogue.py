@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from services.common.signing import load_or_create_key
+from services.rules.engine import Received
 from tests.rules import DAY, HOUR, MINUTE, SECOND, T0, Stream, alerts, pushes, run, setup_brand
 
 DEV = "dev-0001"
@@ -115,28 +116,6 @@ def test_cooldown_fires_when_a_session_starts_inside_the_cooldown(
     [alert] = alerts(database_url, "cooldown")
     assert alert.severity == "info"
     assert alert.explanation["observed"]["gap_s"] == 1799
-
-
-def test_cooldown_is_found_when_the_earlier_sessions_end_arrives_last(
-    database_url: str, key: Any, device: Stream
-) -> None:
-    device.start("s0", T0)
-    end = device.end("s0", T0 + 600 * SECOND, 600)
-    device.start("s1", T0 + 700 * SECOND)
-    device.messages.remove(end)
-    run(database_url, key, [*device.messages, end])
-    assert fired(database_url, "cooldown") == 1
-
-
-def test_cooldown_is_found_when_the_earlier_sessions_start_arrives_last(
-    database_url: str, key: Any, device: Stream
-) -> None:
-    start = device.start("s0", T0)
-    device.end("s0", T0 + 600 * SECOND, 600)
-    device.start("s1", T0 + 700 * SECOND)
-    device.messages.remove(start)
-    run(database_url, key, [*device.messages, start])
-    assert fired(database_url, "cooldown") == 1
 
 
 def test_an_end_before_its_start_counts_for_the_user_the_start_names(
@@ -310,16 +289,6 @@ def test_low_battery_start_fires_below_the_modes_minimum(
     run(database_url, key, device.messages)
     [alert] = alerts(database_url, "low_battery_start")
     assert alert.explanation["observed"] == {"batt_pct": 19}
-
-
-def test_low_battery_start_is_judged_when_the_start_event_arrives_after_the_samples(
-    database_url: str, key: Any, device: Stream
-) -> None:
-    start = device.start("s0", T0)
-    device.samples("s0", T0 + 100, 10, batt_pct=12)
-    device.messages.remove(start)
-    run(database_url, key, [*device.messages, start])
-    assert fired(database_url, "low_battery_start") == 1
 
 
 def test_reboot_loop_fires_on_three_unexpected_reboots_in_10_minutes(
@@ -590,3 +559,47 @@ def test_critical_sample_conditions_push_their_action(
     assert alert.severity == "critical"
     assert locked(database_url) == modes
     assert alert.explanation["text"].endswith(f"; {action}.")
+
+
+# --- a message that arrives last is judged with what arrived before it ---------------------
+
+
+def _cooldown_stream(d: Stream) -> tuple[Received, Received]:
+    """A 600 s session, then a start 100 s after its end: its start and its end."""
+    start = d.start("s0", T0)
+    end = d.end("s0", T0 + 600 * SECOND, 600)
+    d.start("s1", T0 + 700 * SECOND)
+    return start, end
+
+
+def _low_battery_stream(d: Stream) -> Received:
+    """A start, then samples at 12 % right after it: the start."""
+    start = d.start("s0", T0)
+    d.samples("s0", T0 + 100, 10, batt_pct=12)
+    return start
+
+
+LATE: dict[str, tuple[str, Callable[[Stream], Received]]] = {
+    "cooldown_is_found_when_the_earlier_sessions_end_arrives_last": (
+        "cooldown",
+        lambda d: _cooldown_stream(d)[1],
+    ),
+    "cooldown_is_found_when_the_earlier_sessions_start_arrives_last": (
+        "cooldown",
+        lambda d: _cooldown_stream(d)[0],
+    ),
+    "low_battery_start_is_judged_when_the_start_event_arrives_after_the_samples": (
+        "low_battery_start",
+        _low_battery_stream,
+    ),
+}
+
+
+@pytest.mark.parametrize(("rule", "send"), LATE.values(), ids=LATE.keys())
+def test_a_message_that_arrives_last_is_judged_with_the_rest(
+    database_url: str, key: Any, device: Stream, rule: str, send: Callable[[Stream], Received]
+) -> None:
+    last = send(device)
+    device.messages.remove(last)
+    run(database_url, key, [*device.messages, last])
+    assert fired(database_url, rule) == 1

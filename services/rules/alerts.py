@@ -25,6 +25,7 @@ from services.rules import explain, metrics
 from services.rules.catalogue import BY_ID, SEVERITY_RANK, Action, Severity
 from services.rules.conditions import MAX_GAP
 from services.rules.context import DeviceContext, user_devices
+from services.rules.timeutil import from_ms
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,22 @@ class Finding:
     def action(self) -> Action:
         """The catalogue's action for this occurrence."""
         return BY_ID[self.rule].grade(self.minor).action
+
+
+def event_finding(
+    device_id: str,
+    ts_ms: int,
+    rule: str,
+    key: str,
+    threshold: Mapping[str, Any],
+    observed: Mapping[str, Any],
+    text: str,
+    **more: Any,
+) -> Finding:
+    """An occurrence at one moment of device time (an event's ``ts``), keyed by the event;
+    ``more`` sets the finding's other fields (variant, minor, session, user_key)."""
+    ts = from_ms(ts_ms)
+    return Finding(rule, device_id, ts, ts, threshold, observed, text, key=key, **more)
 
 
 @dataclass

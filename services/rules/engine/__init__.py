@@ -36,8 +36,6 @@ from services.rules.context import load_contexts
 from services.rules.engine import events, samples, store
 from services.rules.engine.batch import Batch
 
-__all__ = ["Batch", "DeviceMessage", "Received", "evaluate"]
-
 log = logging.getLogger(__name__)
 
 DeviceMessage = Telemetry | Event | State | Presence

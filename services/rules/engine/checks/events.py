@@ -6,11 +6,10 @@ from typing import Final
 
 from services.common.protocol.enums import FaultCode, RebootReason, ReportKind
 from services.common.protocol.models import Fault, State, UserReport
-from services.rules.alerts import Finding
+from services.rules.alerts import Finding, event_finding
 from services.rules.context import DeviceContext
 from services.rules.engine.store import RebootRow
 from services.rules.explain import minutes_text, say
-from services.rules.timeutil import from_ms
 
 UNEXPECTED_REBOOTS: Final = frozenset(
     {RebootReason.WATCHDOG, RebootReason.BROWNOUT, RebootReason.PANIC}
@@ -67,35 +66,31 @@ def adverse_report(context: DeviceContext, event: UserReport) -> Finding | None:
     """adverse_report: the user reported a burn, or (minor) redness."""
     if event.kind not in ADVERSE_KINDS:
         return None
-    ts = from_ms(event.ts)
-    return Finding(
-        rule="adverse_report",
+    return event_finding(
+        context.device_id,
+        event.ts,
+        "adverse_report",
+        f"report:{event.seq}",
+        {"kinds": [kind.value for kind in ADVERSE_KINDS]},
+        {"kind": event.kind.value, "note": event.note},
+        say("adverse_report", event.kind.value),
         variant=event.kind.value,
         minor=event.kind is not ReportKind.BURN,
-        device_id=context.device_id,
-        started_at=ts,
-        ended_at=ts,
-        threshold={"kinds": [kind.value for kind in ADVERSE_KINDS]},
-        observed={"kind": event.kind.value, "note": event.note},
-        text=say("adverse_report", event.kind.value),
-        key=f"report:{event.seq}",
     )
 
 
 def device_fault(context: DeviceContext, event: Fault) -> Finding:
     """device_fault: any fault; a code outside :data:`CRITICAL_FAULTS` is minor."""
-    ts = from_ms(event.ts)
-    return Finding(
-        rule="device_fault",
+    return event_finding(
+        context.device_id,
+        event.ts,
+        "device_fault",
+        f"fault:{event.seq}",
+        {"critical_codes": sorted(c.value for c in CRITICAL_FAULTS)},
+        {"code": event.code.value, "detail": event.detail},
+        say("device_fault", code=event.code.value.replace("_", " ")),
         variant=event.code.value,
         minor=event.code not in CRITICAL_FAULTS,
-        device_id=context.device_id,
-        started_at=ts,
-        ended_at=ts,
-        threshold={"critical_codes": sorted(c.value for c in CRITICAL_FAULTS)},
-        observed={"code": event.code.value, "detail": event.detail},
-        text=say("device_fault", code=event.code.value.replace("_", " ")),
-        key=f"fault:{event.seq}",
     )
 
 
@@ -104,20 +99,15 @@ def config_rejected(context: DeviceContext, state: State) -> Finding | None:
     config = state.config
     if config is None or config.reason is None or config.status.value != "rejected":
         return None
-    ts = from_ms(state.ts)
-    return Finding(
-        rule="config_rejected",
-        device_id=context.device_id,
-        started_at=ts,
-        ended_at=ts,
-        threshold={},
-        observed={"version": config.version, "reason": config.reason.value},
-        text=say(
-            "config_rejected",
-            version=config.version,
-            reason=config.reason.value.replace("_", " "),
-        ),
-        key=f"v{config.version}",
+    reason = config.reason.value
+    return event_finding(
+        context.device_id,
+        state.ts,
+        "config_rejected",
+        f"v{config.version}",
+        {},
+        {"version": config.version, "reason": reason},
+        say("config_rejected", version=config.version, reason=reason.replace("_", " ")),
     )
 
 

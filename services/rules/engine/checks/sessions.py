@@ -4,14 +4,15 @@ Each occurrence is keyed by the start it judges, so a start judged again (its wi
 when a late message arrived) counts once.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
 from services.common.protocol.models import SessionStart
-from services.rules.alerts import Finding
+from services.rules.alerts import Finding, event_finding
 from services.rules.context import DeviceContext, UserInfo
 from services.rules.engine.store import EndedRow, StartRow
 from services.rules.explain import minutes_text, ordinal, say, week_reasons
-from services.rules.timeutil import from_ms
 
 
 def contraindicated_use(
@@ -20,20 +21,15 @@ def contraindicated_use(
     """contraindicated_use: a session started for a user flagged with a contraindication."""
     if not user.contraindications:
         return None
-    started = from_ms(event.ts)
-    return Finding(
-        rule="contraindicated_use",
-        device_id=context.device_id,
-        started_at=started,
-        ended_at=started,
-        threshold={"contraindications": list(user.contraindications)},
-        observed={"user": event.user or context.user_id, "mode": event.mode.value},
-        text=say(
-            "contraindicated_use",
-            mode=event.mode.value,
-            flags=", ".join(user.contraindications),
-        ),
-        key=event.session,
+    flags, mode = user.contraindications, event.mode.value
+    return event_finding(
+        context.device_id,
+        event.ts,
+        "contraindicated_use",
+        event.session,
+        {"contraindications": list(flags)},
+        {"user": event.user or context.user_id, "mode": mode},
+        say("contraindicated_use", mode=mode, flags=", ".join(flags)),
         session=event.session,
         user_key=user_key,
     )
@@ -48,17 +44,14 @@ def overuse_24h(
     limit = override if override is not None else spec["max_sessions_24h"] if spec else None
     if limit is None or len(day) <= limit:
         return None
-    return Finding(
-        rule="overuse_24h",
-        device_id=start.device_id,
-        started_at=day[0].started_at,
-        ended_at=start.started_at,
-        threshold={"max_sessions_24h": limit},
-        observed={"sessions": len(day), "sessions_in_window": [s.session for s in day]},
-        text=say("overuse_24h", nth=ordinal(len(day)), limit=limit),
-        key=start.session,
-        session=start.session,
-        user_key=user_key,
+    return _at_start(
+        "overuse_24h",
+        start,
+        day[0].started_at,
+        user_key,
+        {"max_sessions_24h": limit},
+        {"sessions": len(day), "sessions_in_window": [s.session for s in day]},
+        say("overuse_24h", nth=ordinal(len(day)), limit=limit),
     )
 
 
@@ -73,17 +66,14 @@ def overuse_7d(
     reasons = week_reasons(len(week), limit, minutes, max_minutes)
     if not reasons:
         return None
-    return Finding(
-        rule="overuse_7d",
-        device_id=start.device_id,
-        started_at=week[0].started_at,
-        ended_at=start.started_at,
-        threshold={"max_sessions_7d": limit, "max_output_min": max_minutes, "intro": intro},
-        observed={"sessions": len(week), "output_min": round(minutes, 1)},
-        text=say("overuse_7d", reasons=" and ".join(reasons)),
-        key=start.session,
-        session=start.session,
-        user_key=user_key,
+    return _at_start(
+        "overuse_7d",
+        start,
+        week[0].started_at,
+        user_key,
+        {"max_sessions_7d": limit, "max_output_min": max_minutes, "intro": intro},
+        {"sessions": len(week), "output_min": round(minutes, 1)},
+        say("overuse_7d", reasons=" and ".join(reasons)),
     )
 
 
@@ -99,26 +89,47 @@ def cooldown(
         gap = (start.started_at - previous.ended_at).total_seconds()
         if gap >= limit:
             continue
-        return Finding(
-            rule="cooldown",
-            device_id=start.device_id,
-            started_at=previous.ended_at,
-            ended_at=start.started_at,
-            threshold={"cooldown_s": limit, "long_session_s": long_s},
-            observed={
+        return _at_start(
+            "cooldown",
+            start,
+            previous.ended_at,
+            user_key,
+            {"cooldown_s": limit, "long_session_s": long_s},
+            {
                 "gap_s": round(gap),
                 "previous_session": previous.session,
                 "previous_duration_s": previous.duration_s,
             },
-            text=say(
+            say(
                 "cooldown",
                 gap=minutes_text(gap),
                 previous=minutes_text(previous.duration_s),
                 mode=previous.mode,
                 cooldown=minutes_text(limit),
             ),
-            key=start.session,
-            session=start.session,
-            user_key=user_key,
         )
     return None
+
+
+def _at_start(
+    rule: str,
+    start: StartRow,
+    since: datetime,
+    user_key: str,
+    threshold: Mapping[str, Any],
+    observed: Mapping[str, Any],
+    text: str,
+) -> Finding:
+    """An occurrence judged at a session's start, over [``since``, the start], keyed by it."""
+    return Finding(
+        rule,
+        start.device_id,
+        since,
+        start.started_at,
+        threshold,
+        observed,
+        text,
+        key=start.session,
+        session=start.session,
+        user_key=user_key,
+    )
