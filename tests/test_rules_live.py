@@ -43,6 +43,13 @@ def provisioned(database_url: str, sync_devices: Any) -> Provisioned:
     return provision_and_sync
 
 
+def _triggers(url: str) -> int:
+    """How many occurrences the rules have counted."""
+    count = scalar(url, "SELECT count(*) FROM alert_triggers")
+    assert isinstance(count, int)
+    return count
+
+
 def _overcurrent(seq: int, ts_ms: int, session: str = "s-1") -> bytes:
     samples = [
         {
@@ -181,7 +188,7 @@ def test_killing_the_rules_worker_mid_stream_misses_and_duplicates_no_alert(
     publisher.start()
     try:
         wait_until(
-            lambda: int(str(scalar(database_url, "SELECT count(*) FROM alert_triggers"))) >= 100,
+            lambda: _triggers(database_url) >= 100,
             60,
             "a fifth of the stream evaluated",
         )
@@ -192,7 +199,7 @@ def test_killing_the_rules_worker_mid_stream_misses_and_duplicates_no_alert(
         assert done.is_set()
         total = len(devices) * per_device
         wait_until(
-            lambda: int(str(scalar(database_url, "SELECT count(*) FROM alert_triggers"))) >= total,
+            lambda: _triggers(database_url) >= total,
             60,
             "every fault evaluated",
         )
