@@ -16,7 +16,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -45,6 +45,8 @@ from services.common.config_push import Push
 from services.common.db import AsyncConn, Conn
 
 BRAND_ID_RE = re.compile(BRAND_ID_PATTERN)
+
+Db = TypeVar("Db", Session, AsyncConn)
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gvk_...`")
 _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -107,22 +109,15 @@ def _admit(request: Request, row: KeyRow | None) -> ApiKey:
 
 
 @dataclass(frozen=True)
-class WriteUnit:
-    """The read-write unit: the request's session (which owns the transaction) and the key."""
+class Unit(Generic[Db]):
+    """A request's unit of work: what its repositories are built on (the session of the
+    read-write unit, or the read-only unit's connection) and the caller's key."""
 
-    session: Session
+    db: Db
     key: ApiKey
 
 
-@dataclass(frozen=True)
-class ReadUnit:
-    """The read-only unit: a connection of the read pool and the caller's key."""
-
-    conn: AsyncConn
-    key: ApiKey
-
-
-def write_unit(request: Request, credentials: _Credentials) -> Iterator[WriteUnit]:
+def write_unit(request: Request, credentials: _Credentials) -> Iterator[Unit[Session]]:
     """One session per request, committed if the endpoint returns and rolled back if it raises;
     the key is checked inside it.
 
@@ -139,25 +134,25 @@ def write_unit(request: Request, credentials: _Credentials) -> Iterator[WriteUni
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             key = _admit(request, BrandRepository(session).active_key(secret))
-            yield WriteUnit(session, key)
+            yield Unit(session, key)
         for callback in after:
             with session.begin():
                 callback(psycopg_connection(session))
 
 
-async def read_unit(request: Request, credentials: _Credentials) -> AsyncIterator[ReadUnit]:
+async def read_unit(request: Request, credentials: _Credentials) -> AsyncIterator[Unit[AsyncConn]]:
     """A read pool connection for the request, returned to the pool before the response is
     sent. Each statement on it is its own read-only transaction: nothing to commit."""
     secret = _secret(credentials)
     pool: AsyncConnectionPool[AsyncConn] = request.app.state.read_pool
     async with pool.connection() as conn:
-        yield ReadUnit(conn, _admit(request, await BrandReadRepository(conn).active_key(secret)))
+        yield Unit(conn, _admit(request, await BrandReadRepository(conn).active_key(secret)))
 
 
 # scope="function": the unit ends before the response is sent, so a client never sees a
 # success that then fails to commit (the default "request" scope ends after sending).
-_WriteUnitDep = Annotated[WriteUnit, Depends(write_unit, scope="function")]
-_ReadUnitDep = Annotated[ReadUnit, Depends(read_unit, scope="function")]
+_WriteUnitDep = Annotated[Unit[Session], Depends(write_unit, scope="function")]
+_ReadUnitDep = Annotated[Unit[AsyncConn], Depends(read_unit, scope="function")]
 
 R = TypeVar("R", bound=Repository)
 RR = TypeVar("RR", bound=ReadRepository)
@@ -167,14 +162,14 @@ RR = TypeVar("RR", bound=ReadRepository)
 # loop instead of sending each to the thread pool.
 def _on_write_unit(repository: Callable[[Session], R]) -> Any:
     async def build(unit: _WriteUnitDep) -> R:
-        return repository(unit.session)
+        return repository(unit.db)
 
     return Depends(build)
 
 
 def _on_read_unit(repository: Callable[[AsyncConn], RR]) -> Any:
     async def build(unit: _ReadUnitDep) -> RR:
-        return repository(unit.conn)
+        return repository(unit.db)
 
     return Depends(build)
 

@@ -4,8 +4,11 @@ page a list endpoint answers with (its repository reads one row more than the pa
 import base64
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, TypeVar
+from typing import Annotated, Any, Final, Protocol, TypeVar
+
+from fastapi import Depends, Query
 
 from services.api.problems import ProblemError
 
@@ -62,6 +65,45 @@ def page(rows: list[T], limit: int, cursor: Callable[[T], str]) -> tuple[list[T]
         return rows, None
     kept = rows[:limit]
     return kept, cursor(kept[-1])
+
+
+class _Timed(Protocol):
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
+TimedT = TypeVar("TimedT", bound=_Timed)
+
+
+@dataclass(frozen=True)
+class NewestFirst:
+    """The page asked of a list ordered newest first by (created_at, id): at most ``limit``
+    rows, after the row ``after`` names (None: from the newest)."""
+
+    kind: str
+    limit: int
+    after: tuple[datetime, uuid.UUID] | None
+
+    def answer(self, rows: list[TimedT]) -> tuple[list[TimedT], str | None]:
+        """The page of ``rows`` (read as ``limit + 1``) and the next page's cursor."""
+        return page(rows, self.limit, lambda r: encode_time_cursor(self.kind, r.created_at, r.id))
+
+
+def newest_first(kind: str, *, default: int, maximum: int) -> Any:
+    """A dependency: the :class:`NewestFirst` page the ``limit`` and ``cursor`` query
+    parameters ask for, in a list of ``kind``."""
+
+    async def asked(
+        limit: Annotated[int, Query(ge=1, le=maximum)] = default,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> NewestFirst:
+        after = decode_time_cursor(kind, cursor) if cursor is not None else None
+        return NewestFirst(kind, limit, after)
+
+    return Depends(asked)
 
 
 def invalid_cursor() -> ProblemError:

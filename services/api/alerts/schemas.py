@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.api.schemas import body_config
+
 
 class AlertState(StrEnum):
     OPEN = "open"
@@ -76,6 +78,6 @@ class AlertList(BaseModel):
 class AlertAction(BaseModel):
     """An optional note kept with the transition."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = body_config()
 
     note: str | None = Field(default=None, max_length=1000)

@@ -3,17 +3,16 @@
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from services.api.schemas import body_config
 from services.common.api_keys import Role
 
 BRAND_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,63}$"  # a brand's id, as POST /v1/brands takes it
 
 
 class BrandCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"id": "glowco", "name": "GlowCo"}]}
-    )
+    model_config = body_config({"id": "glowco", "name": "GlowCo"})
 
     id: str = Field(pattern=BRAND_ID_PATTERN)
     name: str = Field(min_length=1, max_length=200)
@@ -26,10 +25,7 @@ class Brand(BaseModel):
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"brand": "glowco", "role": "support", "name": "desk"}]},
-    )
+    model_config = body_config({"brand": "glowco", "role": "support", "name": "desk"})
 
     brand: str | None = Field(default=None, description="null only for an operator key")
     role: Role

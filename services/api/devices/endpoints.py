@@ -14,21 +14,16 @@ from services.api.pagination import decode_cursor, decode_int_cursor, encode_cur
 from services.api.problems import ProblemError, constraint_problem, responses
 from services.api.responses import json_response
 from services.api.settings import ApiSettings
-from services.common import rollouts
+from services.common import provisioning, rollouts
 from services.common.api_keys import Role
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.config_push import record_push
 from services.common.db import Conn
 from services.common.protocol.topics import device_prefix
-from services.common.provisioning import (
-    ProvisioningError,
-    ReservedDeviceIdError,
-    provision_device,
-    revoke_device,
-)
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 MAX_LIMIT = 500
+LISTED = responses(401, 403, 404, 422)  # a list of one device's records
 
 
 def _sync_broker(request: Request) -> None:
@@ -58,13 +53,13 @@ def provision(
     require(key, Role.ADMIN, Role.OPERATOR)
     brand = deps.brand_scope(devices, key, body.brand)
     try:
-        device = provision_device(
+        device = provisioning.provision_device(
             devices.conn, device_id=body.device_id, brand_id=brand, model=body.model,
             user_id=body.user,
         )  # fmt: skip
-    except ReservedDeviceIdError as exc:
+    except provisioning.ReservedDeviceIdError as exc:
         raise ProblemError(422, "reserved-device-id", "Reserved device id", str(exc)) from None
-    except ProvisioningError as exc:
+    except provisioning.ProvisioningError as exc:
         # Provisioning raises while handling the constraint's error: that says which it was.
         invalid = ProblemError(422, "invalid-device", "Device not provisioned", str(exc))
         raise constraint_problem(exc.__context__, str(exc)) or invalid from None
@@ -124,7 +119,7 @@ def decommission(
     require(key, Role.ADMIN)
     if not devices.owns_device(key.brand, device_id):
         raise _not_found(device_id)
-    revoke_device(devices.conn, device_id)
+    provisioning.revoke_device(devices.conn, device_id)
     _sync_broker(request)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -134,11 +129,7 @@ async def _require_device(devices: DeviceReadRepository, brand: str, device_id: 
         raise _not_found(device_id)
 
 
-@router.get(
-    "/{device_id}/sessions",
-    response_model=schemas.SessionList,
-    responses=responses(401, 403, 404, 422),
-)
+@router.get("/{device_id}/sessions", response_model=schemas.SessionList, responses=LISTED)
 async def list_sessions(
     device_id: str,
     devices: DeviceReadRepo,
@@ -161,11 +152,7 @@ async def list_sessions(
     return json_response(schemas.SessionList(items=items, next_cursor=next_cursor))
 
 
-@router.get(
-    "/{device_id}/events",
-    response_model=schemas.EventList,
-    responses=responses(401, 403, 404, 422),
-)
+@router.get("/{device_id}/events", response_model=schemas.EventList, responses=LISTED)
 async def list_events(
     device_id: str,
     devices: DeviceReadRepo,

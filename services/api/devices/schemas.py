@@ -2,16 +2,14 @@
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from services.api.schemas import body_config
 from services.common.provisioning import DEVICE_ID_RE
 
 
 class DeviceCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"device_id": "glow-00042", "model": "glow-2"}]},
-    )
+    model_config = body_config({"device_id": "glow-00042", "model": "glow-2"})
 
     device_id: str = Field(pattern=DEVICE_ID_RE.pattern)
     model: str = Field(min_length=1, max_length=64)
@@ -142,6 +140,6 @@ class DeviceConfig(BaseModel):
 class DeviceClear(BaseModel):
     """Support's note on why the device is safe to use again."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = body_config()
 
     note: str | None = Field(default=None, max_length=500)

@@ -3,27 +3,22 @@ envelope (safety.md), which the service checks next."""
 
 import uuid
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, Field, StrictInt, model_validator
 
+from services.api.schemas import body_config
 from services.common.mode_tables import DEFAULT_MODES
-from services.common.protocol.enums import Mode
+from services.common.protocol.enums import Mode, Waveform
 
 # Device firmware holds integers on the wire; a bound keeps absurd values out of the database.
 Count = Annotated[StrictInt, Field(ge=0, le=2_147_483_647)]
 
 
-class Waveform(StrEnum):
-    MONO_ALT = "mono_alt"
-    DC = "dc"
-
-
 class ModeSpec(BaseModel):
     """One mode's output and usage limits, as devices receive them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = body_config()
 
     waveform: Waveform
     i_target_ua: Count = Field(description="current setpoint, µA")
@@ -53,17 +48,12 @@ class ModeSpec(BaseModel):
 class ModeTableCreate(BaseModel):
     """A named table of mode specs; modes not listed are unavailable on the device."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "gentler LIFT",
-                    "modes": {"LIFT": {**DEFAULT_MODES["LIFT"], "i_target_ua": 250}},
-                    "locked_modes": [],
-                }
-            ]
-        },
+    model_config = body_config(
+        {
+            "name": "gentler LIFT",
+            "modes": {"LIFT": {**DEFAULT_MODES["LIFT"], "i_target_ua": 250}},
+            "locked_modes": [],
+        }
     )
 
     name: str = Field(min_length=1, max_length=100)

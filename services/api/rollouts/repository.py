@@ -3,7 +3,6 @@ the API answers with. Never commits: the request's unit of work owns the transac
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -12,6 +11,7 @@ from sqlmodel import select
 
 from services.api.models import ModeTableRow, RolloutRow
 from services.api.repository import Repository
+from services.api.rollouts.schemas import RolloutFields
 
 # One statement for a page of rollouts (or one), each with its progress and canary health.
 # ``progress``: targets per "canary.<state>" / "rest.<state>", where the state of a target is
@@ -65,24 +65,9 @@ ORDER BY r.created_at DESC, r.id DESC
 """
 
 
-@dataclass(frozen=True)
-class RolloutView:
-    """A rollout as the API shows it: its row, progress by group and state, canary health."""
+class RolloutView(RolloutFields):
+    """A rollout's row with its targets per ``<group>.<state>`` and its canary's counts."""
 
-    id: uuid.UUID
-    brand: str
-    mode_table_id: uuid.UUID
-    target: dict[str, Any]
-    canary_share: float | None
-    status: str
-    paused_from: str | None
-    status_reason: str | None
-    expires_at: datetime | None
-    created_at: datetime
-    created_by: str
-    updated_at: datetime
-    canary_started_at: datetime | None
-    fleet_started_at: datetime | None
     progress: dict[str, int]
     canary_devices: int
     canary_alerts: int

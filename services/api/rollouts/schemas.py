@@ -5,8 +5,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
+from services.api.schemas import body_config
 from services.common.provisioning import DEVICE_ID_RE
 
 MAX_DEVICE_IDS = 10_000
@@ -17,7 +18,7 @@ DeviceId = Annotated[str, Field(pattern=DEVICE_ID_RE.pattern)]
 class RolloutTarget(BaseModel):
     """Exactly one of: listed devices, every device of a model, or the brand's whole fleet."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = body_config()
 
     device_ids: list[DeviceId] | None = Field(default=None, min_length=1, max_length=MAX_DEVICE_IDS)
     model: str | None = Field(default=None, min_length=1, max_length=64)
@@ -32,17 +33,12 @@ class RolloutTarget(BaseModel):
 
 
 class RolloutCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "mode_table_id": "6f1c2b0e-8d4a-4a57-9c61-0d1f5a3e7b21",
-                    "target": {"model": "glow-2"},
-                    "canary_share": 0.05,
-                }
-            ]
-        },
+    model_config = body_config(
+        {
+            "mode_table_id": "6f1c2b0e-8d4a-4a57-9c61-0d1f5a3e7b21",
+            "target": {"model": "glow-2"},
+            "canary_share": 0.05,
+        }
     )
 
     mode_table_id: uuid.UUID
@@ -103,7 +99,9 @@ class CanaryHealth(BaseModel):
     rest_rate: float
 
 
-class Rollout(BaseModel):
+class RolloutFields(BaseModel):
+    """A rollout's own fields, as stored (``brand``: its brand's id)."""
+
     id: uuid.UUID
     brand: str
     mode_table_id: uuid.UUID
@@ -118,6 +116,9 @@ class Rollout(BaseModel):
     updated_at: datetime
     canary_started_at: datetime | None
     fleet_started_at: datetime | None
+
+
+class Rollout(RolloutFields):
     progress: Progress
     canary_health: CanaryHealth | None
 
@@ -128,6 +129,6 @@ class RolloutList(BaseModel):
 
 
 class RolloutAction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = body_config()
 
     note: str | None = Field(default=None, max_length=500)

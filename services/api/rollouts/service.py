@@ -19,6 +19,7 @@ from services.api.rollouts.schemas import (
     Progress,
     Rollout,
     RolloutCreate,
+    RolloutFields,
     RolloutStatus,
     RolloutTarget,
 )
@@ -248,28 +249,13 @@ def to_schema(view: RolloutView) -> Rollout:
             view.canary_devices, view.canary_alerts, view.rest_devices, view.rest_alerts
         )
         health = CanaryHealth.model_validate(counts, from_attributes=True)  # rates: properties
-    status = RolloutStatus(view.status)
+    status = view.status
     if status == RolloutStatus.RUNNING and total.waiting + total.pending + total.offline == 0:
         status = RolloutStatus.COMPLETED
-    return Rollout(
-        id=view.id,
-        brand=view.brand,
-        mode_table_id=view.mode_table_id,
-        target=RolloutTarget.model_validate(view.target),
-        canary_share=view.canary_share,
-        status=status,
-        paused_from=RolloutStatus(view.paused_from) if view.paused_from else None,
-        status_reason=view.status_reason,
-        expires_at=view.expires_at,
-        created_at=view.created_at,
-        created_by=view.created_by,
-        updated_at=view.updated_at,
-        canary_started_at=view.canary_started_at,
-        fleet_started_at=view.fleet_started_at,
-        progress=Progress(
-            total=total,
-            canary=_group(view.progress, "canary") if has_canary else None,
-            rest=_group(view.progress, "rest") if has_canary else None,
-        ),
-        canary_health=health,
+    progress = Progress(
+        total=total,
+        canary=_group(view.progress, "canary") if has_canary else None,
+        rest=_group(view.progress, "rest") if has_canary else None,
     )
+    fields = view.model_dump(include=set(RolloutFields.model_fields))
+    return Rollout(**fields | {"status": status, "progress": progress, "canary_health": health})

@@ -2,7 +2,9 @@
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from services.api.schemas import body_config
 
 
 class Threshold(BaseModel):
@@ -38,8 +40,6 @@ class RuleList(BaseModel):
 class RulePatch(BaseModel):
     """New overrides: a number sets one, ``null`` returns it to the default."""
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"thresholds": {"total_s": 5}}]}
-    )
+    model_config = body_config({"thresholds": {"total_s": 5}})
 
     thresholds: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)] | None]

@@ -3,7 +3,9 @@
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from services.api.schemas import body_config
 
 
 class Stage(StrEnum):
@@ -20,10 +22,7 @@ class Contraindication(StrEnum):
 
 
 class UserUpdate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"stage": "maintenance", "contraindications": []}]},
-    )
+    model_config = body_config({"stage": "maintenance", "contraindications": []})
 
     stage: Stage
     contraindications: list[Contraindication] = Field(default_factory=list, max_length=5)
