@@ -74,12 +74,7 @@ def own_device(
     [device] = provision(database_url, 1, prefix="own")
     with psycopg.connect(database_url) as conn:
         sync_device_credentials(conn, BrokerFiles(own_broker.config.directory))
-    workers = IngestWorkers(
-        database_url=database_url,
-        mqtt_port=own_broker.config.service_port,
-        password=service_passwords[ServiceAccount.INGEST],
-        log_dir=tmp_path,
-    )
+    workers = IngestWorkers.on_broker(database_url, own_broker, service_passwords, tmp_path)
     agent = AgentProcess(tmp_path, device, own_broker.config.device_port, key)
     yield device, workers, agent
     agent.stop()
