@@ -12,7 +12,7 @@ import pytest
 from services.common.mode_tables import DEFAULT_MODES
 from services.common.protocol.models import Fault, SessionStart, State, UserReport
 from services.rules.alerts import Finding
-from services.rules.catalogue import BY_ID, RULES, Action, Severity, Thresholds
+from services.rules.catalogue import BY_ID, RULES, Action, Severity, Thresholds, load_rules
 from services.rules.conditions import SampleIn, sample_mask
 from services.rules.context import DeviceContext, UserInfo
 from services.rules.engine import checks
@@ -225,3 +225,14 @@ def test_silence_checks_use_the_brands_thresholds() -> None:
     assert checks.offline(context(), AT, now - timedelta(days=8), now) is None
     assert checks.config_unacked(context(), 2, AT, 25 * 3600.0, now) is not None
     assert checks.config_unacked(context(), 2, AT, 24 * 3600.0, now) is None
+
+
+def test_the_catalogue_file_refuses_unknown_keys_and_values_of_the_wrong_kind() -> None:
+    entry = '[x]\nversion = 1\nseverity = "info"\naction = "alert"\nsummary = "s"\nsays = "t."\n'
+    param = '{ name = "p", tighter = "lower", limit = 2, unit = "s" }'
+    [rule] = load_rules(f"{entry}params = [{param}]")
+    assert (rule.id, rule.param("p").default, rule.param("p").limit) == ("x", None, 2)
+    with pytest.raises(ValueError, match=r"catalogue x: unknown \['sevirity'\]"):
+        load_rules(entry + 'sevirity = "info"\n')
+    with pytest.raises(TypeError, match="is not a number"):
+        load_rules(entry + 'params = [{ name = "p", tighter = "lower", limit = "2", unit = "s" }]')

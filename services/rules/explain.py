@@ -1,7 +1,7 @@
 """The sentences alerts say: a rule's catalogue template filled in, and the phrases it uses.
 
 A check gives the figures; :func:`say` renders the rule's template from
-``services/rules/catalogue.py`` with them. The phrases below (durations, ordinals, the limit a
+``services/rules/catalogue.toml`` with them. The phrases below (durations, ordinals, the limit a
 run passed) are the pieces more than one template needs, worded the way a support agent would
 say them.
 """

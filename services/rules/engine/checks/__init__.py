@@ -4,7 +4,7 @@ One function per rule, or per way a rule can fire: ``samples`` (runs of a condit
 battery's rate of rise, a session's samples), ``sessions`` (usage windows, cooldown,
 contraindications), ``events`` (reboots, reports, faults, table answers, silence). A check
 decides whether its rule fired and with what figures; the rule's severity, action and sentence
-are the catalogue's (``services/rules/catalogue.py``; a finding's ``minor`` picks the rule's
+are the catalogue's (``services/rules/catalogue.toml``; a finding's ``minor`` picks the rule's
 minor grade, :func:`services.rules.explain.say` renders the sentence). The callers in
 ``engine/samples.py``, ``engine/events.py`` and ``sweeps.py`` read the data through SQL and
 raise what the checks return.
