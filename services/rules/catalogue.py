@@ -74,6 +74,21 @@ class Param:
         """Whether ``value`` is beyond the tightest meaningful value."""
         return value < self.tightest if self.tighter is Tighter.LOWER else value > self.tightest
 
+    def refusal(self, value: float) -> tuple[float, str] | None:
+        """Why a brand may not set ``value`` (the bound it passes, a sentence), or None."""
+        lower = self.tighter is Tighter.LOWER
+        if self.past_tightest(value):
+            return self.tightest, (
+                f"{value:g} is {'below' if lower else 'above'} {self.tightest:g} {self.unit}, "
+                "the tightest that means something"
+            )
+        if self.loosens_past_limit(value):
+            return self.limit, (
+                f"{value:g} is {'above' if lower else 'below'} the limit {self.limit:g} "
+                f"{self.unit}: a brand may tighten a threshold, never loosen it past the envelope"
+            )
+        return None
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -206,26 +221,10 @@ def check_overrides(rule_id: str, params: Mapping[str, object]) -> dict[str, flo
             raise ThresholdError(rule_id, name, param.limit, value, "must be a number")
         if not math.isfinite(value):
             raise ThresholdError(rule_id, name, param.limit, value, "must be a finite number")
-        if param.past_tightest(value):
-            way = "below" if param.tighter is Tighter.LOWER else "above"
-            raise ThresholdError(
-                rule_id,
-                name,
-                param.tightest,
-                value,
-                f"{value:g} is {way} {param.tightest:g} {param.unit}, the tightest that means "
-                "something",
-            )
-        if param.loosens_past_limit(value):
-            way = "above" if param.tighter is Tighter.LOWER else "below"
-            raise ThresholdError(
-                rule_id,
-                name,
-                param.limit,
-                value,
-                f"{value:g} is {way} the limit {param.limit:g} {param.unit}: a brand may "
-                "tighten a threshold, never loosen it past the envelope",
-            )
+        refused = param.refusal(value)
+        if refused is not None:
+            bound, message = refused
+            raise ThresholdError(rule_id, name, bound, value, message)
         checked[name] = float(value)
     return checked
 
