@@ -1,19 +1,30 @@
 """Alerts through the API: list and filter, explanation, acknowledge and resolve (who, when)."""
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg.rows import dict_row
 
 from services.common.provisioning import provision_device
 from services.common.signing import load_or_create_key
 from tests.api import auth
-from tests.rules import MINUTE, T0, Stream, run
+from tests.rules import MINUTE, T0, Received, Stream, run
+
+RunRules = Callable[[Sequence[Received]], None]
 
 
 @pytest.fixture
-def raised(database_url: str, keys: dict[str, str], tmp_path: Path) -> dict[str, int]:
+def rules(database_url: str, tmp_path: Path) -> RunRules:
+    """Run the rules engine on messages, with one signing key for the test."""
+    key = load_or_create_key(tmp_path / "k")
+    return lambda messages: run(database_url, key, messages)
+
+
+@pytest.fixture
+def raised(database_url: str, keys: dict[str, str], rules: RunRules) -> dict[str, int]:
     """Alerts raised by the rules engine: two for acme's device, one for the other brand's."""
     with psycopg.connect(database_url) as conn:
         provision_device(conn, device_id="acme-1", brand_id="acme", model="m1")
@@ -22,10 +33,10 @@ def raised(database_url: str, keys: dict[str, str], tmp_path: Path) -> dict[str,
     acme.event("fault", T0, code="dc_offset")
     acme.event("user_report", T0 + MINUTE, kind="redness")
     other.event("fault", T0, code="dc_offset")
-    run(database_url, load_or_create_key(tmp_path / "k"), acme.messages + other.messages)
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute("SELECT device_id || ':' || rule, id FROM alerts").fetchall()
-    return {str(name): int(str(alert_id)) for name, alert_id in rows}
+    rules(acme.messages + other.messages)
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT device_id || ':' || rule AS name, id FROM alerts").fetchall()
+    return {row["name"]: row["id"] for row in rows}
 
 
 def test_alerts_are_listed_newest_first_for_the_keys_brand_only(
@@ -93,17 +104,13 @@ def test_support_acknowledges_then_resolves_and_each_transition_records_who_and_
 
 
 def test_a_repeat_after_resolution_opens_a_new_alert(
-    client: TestClient,
-    keys: dict[str, str],
-    raised: dict[str, int],
-    database_url: str,
-    tmp_path: Path,
+    client: TestClient, keys: dict[str, str], raised: dict[str, int], rules: RunRules
 ) -> None:
     alert_id = raised["acme-1:device_fault"]
     client.post(f"/v1/alerts/{alert_id}/resolve", headers=auth(keys["admin"]))
     stream = Stream("acme-1", seq=100)
     stream.event("fault", T0 + 5 * MINUTE, code="dc_offset")
-    run(database_url, load_or_create_key(tmp_path / "k"), stream.messages)
+    rules(stream.messages)
     faults = client.get("/v1/alerts?rule=device_fault", headers=auth(keys["viewer"])).json()
     assert [(a["state"], a["count"]) for a in faults["items"]] == [("open", 1), ("resolved", 1)]
 

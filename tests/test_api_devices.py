@@ -168,16 +168,22 @@ def test_a_devices_sessions_and_events_are_listed_newest_first_in_pages(
         assert client.get(f"/v1/devices/other-1/{path}", headers=headers).status_code == 404
 
 
-def test_the_config_view_shows_desired_reported_drift_and_history(
-    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+def restricted(database_url: str, tmp_path: Path) -> str:
+    """acme-1, restricted to SAFE by the rules after a short circuit (their table is v1)."""
     with psycopg.connect(database_url) as conn:
         provision_device(conn, device_id="acme-1", brand_id="acme", model="m")
     stream = Stream("acme-1")
-    stream.event("fault", T0, code="short_circuit")  # the rules push SAFE: v1
+    stream.event("fault", T0, code="short_circuit")
     run(database_url, load_or_create_key(tmp_path / "k"), stream.messages)
+    return "acme-1"
+
+
+def test_the_config_view_shows_desired_reported_drift_and_history(
+    client: TestClient, keys: dict[str, str], database_url: str, restricted: str
+) -> None:
     headers = auth(keys["viewer"])
-    pending = client.get("/v1/devices/acme-1/config", headers=headers).json()
+    pending = client.get(f"/v1/devices/{restricted}/config", headers=headers).json()
     assert (pending["desired_version"], pending["reported_version"], pending["drift"]) == (
         1,
         None,
@@ -193,21 +199,18 @@ def test_the_config_view_shows_desired_reported_drift_and_history(
             " config_reported_sha256 = (SELECT sha256 FROM config_pushes WHERE version = 1)"
             " WHERE id = 'acme-1'"
         )
-    applied = client.get("/v1/devices/acme-1/config", headers=headers).json()
+    applied = client.get(f"/v1/devices/{restricted}/config", headers=headers).json()
     assert applied["drift"] is False
     assert client.get("/v1/devices/other-1/config", headers=auth(keys["other"])).status_code == 404
 
 
 def test_a_decommissioned_device_cannot_be_cleared(
-    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+    client: TestClient, keys: dict[str, str], restricted: str
 ) -> None:
-    with psycopg.connect(database_url) as conn:
-        provision_device(conn, device_id="acme-1", brand_id="acme", model="m")
-    stream = Stream("acme-1")
-    stream.event("fault", T0, code="short_circuit")  # the rules restrict it to SAFE
-    run(database_url, load_or_create_key(tmp_path / "k"), stream.messages)
-    assert client.delete("/v1/devices/acme-1", headers=auth(keys["admin"])).status_code == 204
-    refused = client.post("/v1/devices/acme-1/clear", headers=auth(keys["support"]))
+    assert (
+        client.delete(f"/v1/devices/{restricted}", headers=auth(keys["admin"])).status_code == 204
+    )
+    refused = client.post(f"/v1/devices/{restricted}/clear", headers=auth(keys["support"]))
     assert refused.status_code == 409, refused.text
     assert refused.json()["type"].endswith("/decommissioned")
 

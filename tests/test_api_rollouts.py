@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi.testclient import TestClient
+from psycopg.rows import dict_row
 
 from deploy.stack.mosquitto import MosquittoBroker
 from services.api.main import create_app
@@ -52,14 +53,24 @@ def rollout(client: TestClient, key: str, **body: object) -> dict[str, Any]:
 
 
 def pushes(url: str, rollout_id: str) -> dict[str, dict[str, Any]]:
-    """The rollout's recorded tables by device."""
+    """The rollout's recorded tables by device (its newest, where it has several)."""
+    query = (
+        "SELECT device_id, version, payload FROM config_pushes WHERE source_ref = %s"
+        " ORDER BY device_id, version"
+    )
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return {row.pop("device_id"): row for row in conn.execute(query, [rollout_id])}
+
+
+def restrict(url: str, key_dir: Path, device_id: str, *, lock_all: bool) -> None:
+    """Record the table a rule pushes to restrict the device (SAFE only with ``lock_all``)."""
+    now_ms = int(time.time() * 1000)
+    table = restricted_table(
+        None, version=0, issued_at_ms=now_ms, reason="rule overcurrent", lock_all=lock_all
+    )
+    signing_key = load_or_create_key(key_dir / "rules-key")
     with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT device_id, version, payload FROM config_pushes WHERE source_ref = %s"
-            " ORDER BY device_id, version",
-            [rollout_id],
-        ).fetchall()
-    return {str(d): {"version": v, "payload": p} for d, v, p in rows}
+        record_push(conn, signing_key, device_id=device_id, table=table, source="rule")
 
 
 def answer(url: str, device_id: str, status: str = "applied") -> None:
@@ -176,15 +187,7 @@ def test_a_rollout_keeps_the_modes_a_rule_locked(
     client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
     [locked, free] = devices(database_url, 2)
-    rule_table = restricted_table(
-        None, version=0, issued_at_ms=int(time.time() * 1000), reason="rule overcurrent",
-        lock_all=False,
-    )  # fmt: skip
-    with psycopg.connect(database_url) as conn:
-        record_push(
-            conn, load_or_create_key(tmp_path / "rules-key"), device_id=locked,
-            table=rule_table, source="rule",
-        )  # fmt: skip
+    restrict(database_url, tmp_path, locked, lock_all=False)
     table_id = mode_table(client, keys["admin"])
     created = rollout(client, keys["admin"], mode_table_id=table_id, target={"all": True})
     recorded = pushes(database_url, created["id"])
@@ -340,15 +343,7 @@ def test_support_clears_a_rule_restriction_back_to_the_brands_last_applied_table
     table_id = mode_table(client, keys["admin"], i_target_ua=222)
     rollout(client, keys["admin"], mode_table_id=table_id, target={"all": True})
     answer(database_url, device)
-    rule_table = restricted_table(
-        None, version=0, issued_at_ms=int(time.time() * 1000), reason="rule overcurrent",
-        lock_all=True,
-    )  # fmt: skip
-    with psycopg.connect(database_url) as conn:
-        record_push(
-            conn, load_or_create_key(tmp_path / "rules-key"), device_id=device, table=rule_table,
-            source="rule",
-        )  # fmt: skip
+    restrict(database_url, tmp_path, device, lock_all=True)
     url = f"/v1/devices/{device}/clear"
     assert client.post(url, headers=auth(keys["viewer"])).status_code == 403
     assert client.post(url, headers=auth(keys["other"])).status_code == 404

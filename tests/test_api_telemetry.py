@@ -6,6 +6,7 @@ from typing import Any, Final
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from httpx2 import Response
 
 from services.common.db import Storage, storage_of
 from services.common.provisioning import provision_device
@@ -34,13 +35,25 @@ def iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def telemetry(
+    client: TestClient, key: str, start: datetime | int, end: datetime | int, query: str = ""
+) -> Response:
+    """``GET`` acme-1's telemetry from ``start`` to ``end`` (RFC 3339, or epoch ms given an
+    int), with more of the query string."""
+    window = "&".join(
+        f"{name}={moment if isinstance(moment, int) else iso(moment)}"
+        for name, moment in (("from", start), ("to", end))
+    )
+    return client.get(
+        f"/v1/devices/acme-1/telemetry?{window}{'&' + query if query else ''}", headers=auth(key)
+    )
+
+
 def test_raw_samples_with_chosen_fields(
     client: TestClient, keys: dict[str, str], twenty_minutes: None
 ) -> None:
-    end = START + timedelta(seconds=10)
-    response = client.get(
-        f"/v1/devices/acme-1/telemetry?from={iso(START)}&to={iso(end)}&fields=i_ua,out",
-        headers=auth(keys["viewer"]),
+    response = telemetry(
+        client, keys["viewer"], START, START + timedelta(seconds=10), "fields=i_ua,out"
     )
     assert response.status_code == 200
     body = response.json()
@@ -53,10 +66,7 @@ def test_buckets_give_min_avg_max_per_field(
 ) -> None:
     start_ms = int(START.timestamp() * 1000)
     end_ms = start_ms + 20 * 60 * 1000
-    body = client.get(
-        f"/v1/devices/acme-1/telemetry?from={start_ms}&to={end_ms}&bucket=1m&fields=i_ua",
-        headers=auth(keys["viewer"]),
-    ).json()
+    body = telemetry(client, keys["viewer"], start_ms, end_ms, "bucket=1m&fields=i_ua").json()
     assert len(body["points"]) == 20
     assert body["points"][0]["n"] == 600
     assert body["points"][0]["i_ua"] == {"min": 300.0, "avg": 304.5, "max": 309.0}
@@ -80,11 +90,7 @@ def test_requests_are_refused_with_a_way_to_narrow_them(
     kind: str,
     says: str,
 ) -> None:
-    end = START + timedelta(minutes=20)
-    response = client.get(
-        f"/v1/devices/acme-1/telemetry?from={iso(START)}&to={iso(end)}&{query}",
-        headers=auth(keys["viewer"]),
-    )
+    response = telemetry(client, keys["viewer"], START, START + timedelta(minutes=20), query)
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["type"].endswith("/" + kind)
@@ -94,11 +100,7 @@ def test_requests_are_refused_with_a_way_to_narrow_them(
 def test_too_many_buckets_are_refused_before_querying(
     client: TestClient, keys: dict[str, str], twenty_minutes: None
 ) -> None:
-    end = START + timedelta(days=2)
-    response = client.get(
-        f"/v1/devices/acme-1/telemetry?from={iso(START)}&to={iso(end)}&bucket=1s",
-        headers=auth(keys["viewer"]),
-    )
+    response = telemetry(client, keys["viewer"], START, START + timedelta(days=2), "bucket=1s")
     assert response.status_code == 422
     assert "use a bucket of at least 17 s" in response.json()["detail"]
 
@@ -106,11 +108,7 @@ def test_too_many_buckets_are_refused_before_querying(
 def test_another_brands_device_is_404(
     client: TestClient, keys: dict[str, str], twenty_minutes: None
 ) -> None:
-    end = START + timedelta(seconds=10)
-    response = client.get(
-        f"/v1/devices/acme-1/telemetry?from={iso(START)}&to={iso(end)}",
-        headers=auth(keys["other"]),
-    )
+    response = telemetry(client, keys["other"], START, START + timedelta(seconds=10))
     assert response.status_code == 404
 
 
@@ -146,10 +144,7 @@ def half_refreshed(database_url: str) -> None:
 def _bucketed(client: TestClient, key: str, bucket: str) -> dict[str, Any]:
     start = START + timedelta(seconds=37)  # neither edge on a bucket boundary
     end = START + timedelta(hours=4, seconds=-23)
-    response = client.get(
-        f"/v1/devices/acme-1/telemetry?from={iso(start)}&to={iso(end)}&bucket={bucket}",
-        headers=auth(key),
-    )
+    response = telemetry(client, key, start, end, f"bucket={bucket}")
     assert response.status_code == 200
     body: dict[str, Any] = response.json()
     return body

@@ -286,6 +286,17 @@ def test_another_brands_key_gets_404_for_every_id_of_acme_and_changes_nothing(
     assert len(walked) >= len(PATH_IDS), walked
 
 
+def listed_ids(brand: SeededBrand) -> dict[str, set[str]]:
+    """The ids of the brand's seeded records, by the list that shows them."""
+    return {
+        "/v1/devices": {brand.device_id, brand.spare_device_id},
+        "/v1/alerts": set(map(str, brand.alert_ids)),
+        "/v1/dead-letters": {str(brand.dead_letter_id)},
+        "/v1/mode-tables": {brand.mode_table_id},
+        "/v1/rollouts": {brand.rollout_id},
+    }
+
+
 def test_lists_never_show_another_brands_rows(
     client: TestClient, keys: dict[str, str], brands: dict[str, SeededBrand]
 ) -> None:
@@ -294,20 +305,7 @@ def test_lists_never_show_another_brands_rows(
         "/v1/rules/no_gel", json={"thresholds": {"total_s": 5}}, headers=auth(keys["admin"])
     )
     # acme's ids by list: ids of different kinds (an alert's, a dead letter's) can be equal
-    acme_ids = {
-        "/v1/devices": {acme.device_id, acme.spare_device_id},
-        "/v1/alerts": set(map(str, acme.alert_ids)),
-        "/v1/dead-letters": {str(acme.dead_letter_id)},
-        "/v1/mode-tables": {acme.mode_table_id},
-        "/v1/rollouts": {acme.rollout_id},
-    }
-    others_own = {
-        "/v1/devices": {other.device_id, other.spare_device_id},
-        "/v1/alerts": set(map(str, other.alert_ids)),
-        "/v1/dead-letters": {str(other.dead_letter_id)},
-        "/v1/mode-tables": {other.mode_table_id},
-        "/v1/rollouts": {other.rollout_id},
-    }
+    acme_ids, others_own = listed_ids(acme), listed_ids(other)
     other_devices = {other.device_id, other.spare_device_id}
     lists = [
         e
