@@ -7,6 +7,7 @@ import pytest
 
 from services.common.protocol import ProtocolError
 from services.common.protocol.limits import DEVICE_TIME_MAX_MS
+from services.common.worker import subscriber_config
 from services.ingest.decode import (
     ROW_SUSPECT,
     DeadLetter,
@@ -17,7 +18,7 @@ from services.ingest.decode import (
     decode_inbound,
     device_time,
 )
-from services.ingest.main import topic_filters
+from services.ingest.settings import IngestSettings
 
 RECEIVED = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 RECEIVED_MS = int(RECEIVED.timestamp() * 1000)
@@ -116,7 +117,8 @@ def test_last_will_has_no_device_time_and_event_body_keeps_only_its_own_fields()
 
 
 def test_workers_subscribe_to_the_four_device_channels_in_their_share_group():
-    assert topic_filters("ingest") == (
+    settings = IngestSettings(database_url="postgresql://unused@127.0.0.1/x", mqtt_password="x")
+    assert subscriber_config(settings).topic_filters == (
         "$share/ingest/galvani/v1/d/+/telemetry",
         "$share/ingest/galvani/v1/d/+/events",
         "$share/ingest/galvani/v1/d/+/state",

@@ -18,8 +18,9 @@ from services.common.broker_auth import (
 )
 from services.common.db import Conn
 from services.common.errors import GalvaniError
+from services.common.protocol.topics import DEVICE_ID_PATTERN
 
-DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 
 
 class ProvisioningError(GalvaniError):

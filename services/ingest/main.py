@@ -17,7 +17,6 @@ from typing import Final
 import psycopg
 
 from services.common.db import Conn, Storage, storage_of
-from services.common.protocol.topics import shared_filters
 from services.common.subscriber import Inbound
 from services.common.worker import WorkerLoop, serve
 from services.ingest import metrics
@@ -40,9 +39,6 @@ from services.ingest.writer import BatchOutcome, write_batch
 log = logging.getLogger("galvani.ingest")
 
 GC_THRESHOLD: Final = 50_000
-
-# The filters of one share group; the name older callers import.
-topic_filters = shared_filters
 
 
 def unstorable(message: Inbound, exc: Exception) -> DeadLetter:
