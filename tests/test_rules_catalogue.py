@@ -47,17 +47,44 @@ ALL_LOCKS = ["INFUSE", "LIFT", "SAFE", "TIGHTEN"]
 # --- usage windows -------------------------------------------------------------------------
 
 
-def test_overuse_24h_fires_on_the_third_lift_session_in_a_day(
-    database_url: str, key: Any, device: Stream
+@pytest.mark.parametrize(
+    ("rule", "sessions", "every_ms", "threshold", "text"),
+    [
+        (
+            "overuse_24h",
+            3,
+            3 * HOUR,
+            {"max_sessions_24h": 2},
+            "This is the 3rd session in 24 hours",
+        ),
+        (
+            "overuse_7d",
+            6,
+            25 * HOUR,
+            {"max_sessions_7d": 5, "max_output_min": 120, "intro": False},
+            "The user reached 6 sessions in 7 days (limit 5)",
+        ),
+    ],
+    ids=["overuse_24h-the-third-lift-session-in-a-day", "overuse_7d-the-sixth-in-seven-days"],
+)
+def test_a_usage_window_fires_on_the_session_one_too_many(
+    database_url: str,
+    key: Any,
+    device: Stream,
+    rule: str,
+    sessions: int,
+    every_ms: int,
+    threshold: dict[str, Any],
+    text: str,
 ) -> None:
-    for i in range(3):
-        device.session(f"s{i}", T0 + i * 3 * HOUR, 300)
+    for i in range(sessions):
+        device.session(f"s{i}", T0 + i * every_ms, 300)
     run(database_url, key, device.messages)
-    [alert] = alerts(database_url, "overuse_24h")
+    [alert] = alerts(database_url, rule)
     assert (alert.severity, alert.count, alert.state) == ("warning", 1, "open")
-    assert alert.explanation["observed"]["sessions"] == 3
-    assert alert.explanation["threshold"] == {"max_sessions_24h": 2}
-    assert alert.explanation["text"].startswith("This is the 3rd session in 24 hours")
+    assert alert.explanation["observed"]["sessions"] == sessions
+    assert alert.explanation["threshold"] == threshold
+    assert alert.explanation["text"].startswith(text)
 
 
 def test_overuse_24h_counts_the_users_sessions_across_devices(database_url: str, key: Any) -> None:
@@ -69,17 +96,6 @@ def test_overuse_24h_counts_the_users_sessions_across_devices(database_url: str,
     run(database_url, key, a.messages + b.messages)
     [alert] = alerts(database_url, "overuse_24h")
     assert alert.device_id == "dev-a"
-
-
-def test_overuse_7d_fires_on_the_sixth_session_in_seven_days(
-    database_url: str, key: Any, device: Stream
-) -> None:
-    for i in range(6):
-        device.session(f"s{i}", T0 + i * 25 * HOUR, 300)
-    run(database_url, key, device.messages)
-    [alert] = alerts(database_url, "overuse_7d")
-    assert alert.count == 1
-    assert alert.explanation["observed"]["sessions"] == 6
 
 
 def test_overuse_7d_allows_seven_in_the_intro_stage_and_fires_on_the_eighth(
