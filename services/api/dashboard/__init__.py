@@ -1,0 +1,1 @@
+"""The support dashboard's page and static files, served by the API."""

@@ -1,0 +1,1 @@
+"""Mode tables: a brand's tables, checked against the safety envelope, and the envelope itself."""

@@ -1,0 +1,1 @@
+"""Rollouts: a mode table pushed to a brand's devices, optionally to a canary first, and steered."""
