@@ -196,12 +196,7 @@ def ingest_workers(
     tmp_path: Path,
 ) -> Iterator[IngestWorkers]:
     """Ingest worker processes for this test's database, in a share group of their own."""
-    workers = IngestWorkers(
-        database_url=database_url,
-        mqtt_port=broker.config.service_port,
-        password=service_passwords[ServiceAccount.INGEST],
-        log_dir=tmp_path,
-    )
+    workers = IngestWorkers.on_broker(database_url, broker, service_passwords, tmp_path)
     yield workers
     workers.close()
 
@@ -219,9 +214,6 @@ def key_dir(tmp_path: Path) -> Path:
     return tmp_path / "secrets"
 
 
-_rules_groups = iter(range(1, 1_000_000))
-
-
 @pytest.fixture
 def rules_workers(
     database_url: str,
@@ -231,13 +223,12 @@ def rules_workers(
     key_dir: Path,
 ) -> Iterator[RulesWorkers]:
     """Rules worker processes for this test's database, in a share group of their own."""
-    workers = RulesWorkers(
-        database_url=database_url,
-        mqtt_port=broker.config.service_port,
-        password=service_passwords[ServiceAccount.RULES],
-        log_dir=tmp_path,
-        group=f"r{time.monotonic_ns() % 10**9}-{next(_rules_groups)}",
-        env_overrides={"GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir)},
+    workers = RulesWorkers.on_broker(
+        database_url,
+        broker,
+        service_passwords,
+        tmp_path,
+        GALVANI_RULES_SIGNING_KEY_DIR=str(key_dir),
     )
     yield workers
     workers.close()
