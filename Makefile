@@ -82,7 +82,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy services deploy device_agent/src
+	$(VENV)/bin/mypy services deploy device_agent/src tools
 
 format: venv
 	$(VENV)/bin/ruff format .
