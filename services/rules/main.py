@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -215,7 +216,7 @@ class Worker:
                 log.warning("broker unavailable: %d tables deferred", len(pushes) - n)
                 return
             try:
-                result = self.db.transaction(lambda conn, push=push: self._publish_one(conn, push))  # type: ignore[misc]
+                result = self.db.transaction(partial(self._publish_one, push=push))
             except StoppedWaiting:
                 raise
             except Exception as exc:  # noqa: BLE001 - the broker or database is in trouble
