@@ -72,10 +72,10 @@ def provision_device(
                 " VALUES (%s, %s, %s, %s, %s)",
                 [device_id, brand_id, model, user_id, hash_password(password)],
             )
-    except errors.UniqueViolation:
-        raise ProvisioningError(f"device {device_id} already exists") from None
-    except errors.ForeignKeyViolation:
-        raise ProvisioningError(f"brand {brand_id} does not exist") from None
+    except errors.UniqueViolation as exc:
+        raise ProvisioningError(f"device {device_id} already exists") from exc
+    except errors.ForeignKeyViolation as exc:
+        raise ProvisioningError(f"brand {brand_id} does not exist") from exc
     return ProvisionedDevice(device_id=device_id, password=password)
 
 

@@ -60,9 +60,9 @@ def provision(
     except provisioning.ReservedDeviceIdError as exc:
         raise ProblemError(422, "reserved-device-id", "Reserved device id", str(exc)) from None
     except provisioning.ProvisioningError as exc:
-        # Provisioning raises while handling the constraint's error: that says which it was.
+        # The constraint's error is the cause: its SQLSTATE and name say which it was.
         invalid = ProblemError(422, "invalid-device", "Device not provisioned", str(exc))
-        raise constraint_problem(exc.__context__, str(exc)) or invalid from None
+        raise constraint_problem(exc.__cause__, str(exc)) or invalid from None
     _sync_broker(request)
     settings: ApiSettings = request.app.state.settings
     credentials = schemas.MqttCredentials(
