@@ -19,11 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, LiteralString
 
 import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
+from psycopg.abc import Params
+from psycopg.rows import args_row, class_row
 from psycopg.types.json import Jsonb
 
 from services.common.db import Conn
@@ -67,6 +69,10 @@ def table_sha256(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(unsigned)).hexdigest()
 
 
+def _next_version(newest: int) -> int:
+    return newest + 1
+
+
 def record_push(
     conn: Conn,
     key: Ed25519PrivateKey,
@@ -88,17 +94,17 @@ def record_push(
         listed = "; ".join(f"{p.path}: {p.message}" for p in problems)
         raise PushError(f"the table leaves the safety envelope: {listed}", problems)
     # FOR UPDATE: two pushers of one device take versions one after the other.
-    row = conn.execute(
-        "SELECT greatest(coalesce(d.config_reported_version, 0),"
-        "                coalesce(d.config_desired_version, 0),"
-        "                coalesce((SELECT max(version) FROM config_pushes p"
-        "                          WHERE p.device_id = d.id), 0))"
-        " FROM devices d WHERE d.id = %s AND d.decommissioned_at IS NULL FOR UPDATE",
-        [device_id],
-    ).fetchone()
-    if row is None:
+    with conn.cursor(row_factory=args_row(_next_version)) as cur:
+        version = cur.execute(
+            "SELECT greatest(coalesce(d.config_reported_version, 0),"
+            "                coalesce(d.config_desired_version, 0),"
+            "                coalesce((SELECT max(version) FROM config_pushes p"
+            "                          WHERE p.device_id = d.id), 0))"
+            " FROM devices d WHERE d.id = %s AND d.decommissioned_at IS NULL FOR UPDATE",
+            [device_id],
+        ).fetchone()
+    if version is None:
         raise PushError(f"device {device_id} does not exist or is decommissioned")
-    version = int(str(row[0])) + 1
     signed = sign_table({**table, "version": version}, key)
     sha256 = table_sha256(signed)
     issued_at = signed.get("issued_at")
@@ -190,12 +196,12 @@ def publish_push(conn: Conn, client: paho.Client, push: Push) -> Published:
 
 def unpublished_pushes(conn: Conn, limit: int = 100) -> list[Push]:
     """Pushes recorded but neither acknowledged by the broker nor superseded, oldest first."""
-    rows = conn.execute(
+    return _pushes(
+        conn,
         "SELECT device_id, version, payload, sha256 FROM config_pushes"
         " WHERE published_at IS NULL AND superseded_at IS NULL ORDER BY id LIMIT %s",
         [limit],
-    ).fetchall()
-    return _pushes(rows)
+    )
 
 
 def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push]:
@@ -209,7 +215,8 @@ def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push
     reconnect; the device ignores a table it has already seen (same bytes, same fingerprint).
     ``published_at`` keeps the first publication, from which ``config_unacked`` measures.
     """
-    rows = conn.execute(
+    return _pushes(
+        conn,
         """
         SELECT p.device_id, p.version, p.payload, p.sha256 FROM config_pushes p
         JOIN devices d ON d.id = p.device_id
@@ -224,17 +231,14 @@ def unanswered_pushes(conn: Conn, grace_s: float, limit: int = 100) -> list[Push
         ORDER BY coalesce(p.republished_at, p.published_at) LIMIT %s
         """,
         [grace_s, limit],
-    ).fetchall()
-    return _pushes(rows)
+    )
 
 
-def _pushes(rows: list[tuple[Any, ...]]) -> list[Push]:
-    """Pushes from ``(device_id, version, payload, sha256)`` rows."""
-    pushes = []
-    for device_id, version, payload, sha256 in rows:
-        assert isinstance(payload, dict)  # jsonb objects come back as dicts
-        pushes.append(Push(str(device_id), int(str(version)), payload, str(sha256)))
-    return pushes
+def _pushes(conn: Conn, query: LiteralString, params: Params) -> list[Push]:
+    """The pushes ``query`` selects as ``device_id, version, payload, sha256``."""
+    # A recorded payload is a signed table: a jsonb object, read as a dict.
+    with conn.cursor(row_factory=class_row(Push)) as cur:
+        return cur.execute(query, params).fetchall()
 
 
 def _from_ms(value: object) -> datetime:

@@ -12,7 +12,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+
+from psycopg.rows import args_row, class_row
 
 from services.common.db import Conn
 from services.common.mode_tables import DEFAULT_MODES, PROTOCOL_VERSION
@@ -133,6 +135,29 @@ class GroupProgress:
     counts: dict[str, int]
 
 
+# Each group's targets by state (see :func:`progress`).
+PROGRESS: Final = """
+    SELECT rd.canary,
+           CASE WHEN p.answer_status IS NOT NULL THEN p.answer_status
+                WHEN d.decommissioned_at IS NOT NULL THEN 'decommissioned'
+                WHEN rd.version IS NULL THEN 'waiting'
+                WHEN d.config_desired_version > rd.version THEN 'superseded'
+                WHEN d.online THEN 'pending'
+                ELSE 'offline' END AS state,
+           count(*)
+    FROM rollout_devices rd
+    JOIN devices d ON d.id = rd.device_id
+    LEFT JOIN config_pushes p ON p.device_id = rd.device_id AND p.version = rd.version
+    WHERE rd.rollout_id = %s
+    GROUP BY 1, 2"""
+
+
+class _InState(NamedTuple):
+    canary: bool
+    state: str
+    targets: int
+
+
 def progress(conn: Conn, rollout_id: uuid.UUID) -> dict[bool, GroupProgress]:
     """Progress by group (``True``: canary), from the pushes' answers and devices' presence.
 
@@ -141,29 +166,13 @@ def progress(conn: Conn, rollout_id: uuid.UUID) -> dict[bool, GroupProgress]:
     ``pending``/``offline``: pushed, unanswered, and the device is online or not;
     ``decommissioned``: the device left the fleet before it answered.
     """
-    rows = conn.execute(
-        """
-        SELECT rd.canary,
-               CASE WHEN p.answer_status IS NOT NULL THEN p.answer_status
-                    WHEN d.decommissioned_at IS NOT NULL THEN 'decommissioned'
-                    WHEN rd.version IS NULL THEN 'waiting'
-                    WHEN d.config_desired_version > rd.version THEN 'superseded'
-                    WHEN d.online THEN 'pending'
-                    ELSE 'offline' END AS state,
-               count(*)
-        FROM rollout_devices rd
-        JOIN devices d ON d.id = rd.device_id
-        LEFT JOIN config_pushes p ON p.device_id = rd.device_id AND p.version = rd.version
-        WHERE rd.rollout_id = %s
-        GROUP BY 1, 2""",
-        [rollout_id],
-    ).fetchall()
     groups: dict[bool, dict[str, int]] = {
         True: dict.fromkeys(PROGRESS_STATES, 0),
         False: dict.fromkeys(PROGRESS_STATES, 0),
     }
-    for canary, state, count in rows:
-        groups[bool(canary)][str(state)] = int(str(count))
+    with conn.cursor(row_factory=args_row(_InState)) as cur:
+        for canary, state, targets in cur.execute(PROGRESS, [rollout_id]).fetchall():
+            groups[canary][state] = targets
     return {
         canary: GroupProgress(sum(counts.values()), counts) for canary, counts in groups.items()
     }
@@ -207,31 +216,35 @@ class CanaryHealth:
         )
 
 
+# Critical alerts per group (see :func:`canary_health`). sum(bigint) is numeric: the sums
+# are cast back to bigint so that they read as int.
+CANARY_HEALTH: Final = """
+    WITH canary AS (
+        SELECT device_id FROM rollout_devices WHERE rollout_id = %(rollout)s AND canary
+    ), raised AS (
+        SELECT device_id, count(*) AS n FROM alerts
+        WHERE brand_id = %(brand)s AND severity = 'critical' AND first_seen >= %(since)s
+        GROUP BY device_id
+    )
+    SELECT count(*) FILTER (WHERE c.device_id IS NOT NULL) AS canary_devices,
+           coalesce(sum(r.n) FILTER (WHERE c.device_id IS NOT NULL), 0)::bigint AS canary_alerts,
+           count(*) FILTER (WHERE c.device_id IS NULL) AS rest_devices,
+           coalesce(sum(r.n) FILTER (WHERE c.device_id IS NULL), 0)::bigint AS rest_alerts
+    FROM devices d
+    LEFT JOIN canary c ON c.device_id = d.id
+    LEFT JOIN raised r ON r.device_id = d.id
+    WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL"""
+
+
 def canary_health(
     conn: Conn, rollout_id: uuid.UUID, brand_id: str, since: datetime
 ) -> CanaryHealth:
     """Critical alerts first seen since ``since``, canary devices against the brand's others."""
-    row = conn.execute(
-        """
-        WITH canary AS (
-            SELECT device_id FROM rollout_devices WHERE rollout_id = %(rollout)s AND canary
-        ), raised AS (
-            SELECT device_id, count(*) AS n FROM alerts
-            WHERE brand_id = %(brand)s AND severity = 'critical' AND first_seen >= %(since)s
-            GROUP BY device_id
-        )
-        SELECT count(*) FILTER (WHERE c.device_id IS NOT NULL),
-               coalesce(sum(r.n) FILTER (WHERE c.device_id IS NOT NULL), 0),
-               count(*) FILTER (WHERE c.device_id IS NULL),
-               coalesce(sum(r.n) FILTER (WHERE c.device_id IS NULL), 0)
-        FROM devices d
-        LEFT JOIN canary c ON c.device_id = d.id
-        LEFT JOIN raised r ON r.device_id = d.id
-        WHERE d.brand_id = %(brand)s AND d.decommissioned_at IS NULL""",
-        {"rollout": rollout_id, "brand": brand_id, "since": since},
-    ).fetchone()
-    assert row is not None
-    return CanaryHealth(*(int(str(value)) for value in row))
+    with conn.cursor(row_factory=class_row(CanaryHealth)) as cur:
+        params = {"rollout": rollout_id, "brand": brand_id, "since": since}
+        health = cur.execute(CANARY_HEALTH, params).fetchone()
+    assert health is not None  # an aggregate without GROUP BY returns one row
+    return health
 
 
 def guard_canaries(conn: Conn) -> list[tuple[uuid.UUID, str]]:

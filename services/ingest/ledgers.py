@@ -10,10 +10,15 @@ letters are copied as they come.
 from typing import LiteralString
 from zlib import crc32
 
+from psycopg.rows import args_row
 from psycopg.types.json import Jsonb
 
 from services.common.db import Conn
 from services.ingest.decode import DeadLetter, EventIn, PresenceIn, StateIn, TelemetryIn
+
+
+def _key(device_id: str, seq: int) -> tuple[str, int]:
+    return device_id, seq
 
 
 def _new_keys(
@@ -21,8 +26,8 @@ def _new_keys(
 ) -> set[tuple[str, int]]:
     """Run a keyed ``INSERT … ON CONFLICT DO NOTHING RETURNING device_id, seq`` of one row per
     element of ``columns``' lists; the keys that were new."""
-    rows = conn.execute(insert, columns).fetchall()
-    return {(str(device_id), int(str(seq))) for device_id, seq in rows}
+    with conn.cursor(row_factory=args_row(_key)) as cur:
+        return set(cur.execute(insert, columns).fetchall())
 
 
 def insert_telemetry(

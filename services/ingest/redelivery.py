@@ -19,15 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import itemgetter
-from typing import Final, Generic
+from typing import Final, Generic, NamedTuple, TypeVar
 from zlib import crc32
 
 from psycopg import sql
+from psycopg.rows import args_row
 
 from services.common.db import Conn
 from services.common.protocol import Channel, device_topic
 from services.common.subscriber import Inbound
-from services.ingest.batch import BatchOutcome, M, Message, moment
+from services.ingest.batch import BatchOutcome, M, Message
 from services.ingest.decode import (
     ROW_TS,
     SAMPLE_COLUMNS,
@@ -63,6 +64,7 @@ LEDGERS: Final = {
     Channel.EVENTS: "events",
     Channel.STATE: "state_reports",
 }
+T = TypeVar("T")
 
 
 @dataclass
@@ -148,31 +150,35 @@ def sort_out(
     return reused
 
 
+def _columns(*values: object) -> tuple[object, ...]:
+    return values
+
+
 def _by_key(
-    conn: Conn, table: str, columns: Sequence[str], keys: Iterable[tuple[str, int]]
-) -> dict[tuple[str, int], tuple[object, ...]]:
-    """``columns`` of ``table``'s rows under ``keys`` (``(device_id, seq)``)."""
+    conn: Conn,
+    table: str,
+    columns: Sequence[str],
+    keys: Iterable[tuple[str, int]],
+    row: Callable[..., T],
+) -> dict[tuple[str, int], T]:
+    """``columns`` of ``table``'s rows under ``keys`` (``(device_id, seq)``), each made by
+    ``row`` from the columns' values."""
+
+    def keyed(device_id: str, seq: int, *values: object) -> tuple[tuple[str, int], T]:
+        return (device_id, seq), row(*values)
+
     wanted = list(keys)
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT t.device_id, t.seq, {} FROM {} t"
-            " JOIN unnest(%b::text[], %b::int8[]) AS u(device_id, seq)"
-            " ON t.device_id = u.device_id AND t.seq = u.seq"
-        ).format(
-            sql.SQL(", ").join(sql.Identifier("t", c) for c in columns), sql.Identifier(table)
-        ),
-        [[k[0] for k in wanted], [k[1] for k in wanted]],
-    ).fetchall()
-    return {(str(row[0]), int(str(row[1]))): tuple(row[2:]) for row in rows}
+    query = sql.SQL(
+        "SELECT t.device_id, t.seq, {} FROM {} t"
+        " JOIN unnest(%b::text[], %b::int8[]) AS u(device_id, seq)"
+        " ON t.device_id = u.device_id AND t.seq = u.seq"
+    ).format(sql.SQL(", ").join(sql.Identifier("t", c) for c in columns), sql.Identifier(table))
+    with conn.cursor(row_factory=args_row(keyed)) as cur:
+        return dict(cur.execute(query, [[k[0] for k in wanted], [k[1] for k in wanted]]).fetchall())
 
 
 def _held(conn: Conn, table: str, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Held]:
-    return {
-        key: Held(int(str(crc)) if crc is not None else None, moment(ts), moment(received_at))
-        for key, (crc, ts, received_at) in _by_key(
-            conn, table, ("payload_crc32", "ts", "received_at"), keys
-        ).items()
-    }
+    return _by_key(conn, table, ("payload_crc32", "ts", "received_at"), keys, Held)
 
 
 def _said_before(
@@ -225,23 +231,31 @@ def _as_stored(readings: Sequence[object]) -> tuple[object, ...]:
     return tuple(array("f", [v])[0] if isinstance(v, float) else v for v in readings)
 
 
+def _stored_sample(
+    device_id: str, ts: datetime, *readings: object
+) -> tuple[tuple[str, datetime], tuple[object, ...]]:
+    return (device_id, ts), _as_stored(readings)
+
+
 def telemetry_as_held(conn: Conn, items: list[TelemetryIn]) -> list[bool]:
     """Whether each message says what its key holds: the ledger's first sample time, sample
     count and session, and every sample stored at its time with its readings (by whichever
     message stored it: a sample is keyed by its time, and readings are what it says)."""
     keys = {(m.device_id, m.seq) for m in items}
-    ledger = _by_key(conn, "telemetry_messages", ("ts", "samples", "session"), keys)
+    ledger = _by_key(conn, "telemetry_messages", ("ts", "samples", "session"), keys, _columns)
     times = sorted({(m.device_id, row[ROW_TS]) for m in items for row in m.rows})
-    found = conn.execute(
-        FIND_STORED,
-        [
-            [d for d, _ in times],
-            [t for _, t in times],
-            min(t for _, t in times),
-            max(t for _, t in times),
-        ],
-    ).fetchall()
-    stored = {(str(row[0]), row[1]): _as_stored(row[2:]) for row in found}
+    with conn.cursor(row_factory=args_row(_stored_sample)) as cur:
+        stored = dict(
+            cur.execute(
+                FIND_STORED,
+                [
+                    [d for d, _ in times],
+                    [t for _, t in times],
+                    min(t for _, t in times),
+                    max(t for _, t in times),
+                ],
+            ).fetchall()
+        )
     return [
         ledger.get((m.device_id, m.seq)) == (m.ts, len(m.rows), m.session)
         and all(
@@ -254,16 +268,28 @@ def telemetry_as_held(conn: Conn, items: list[TelemetryIn]) -> list[bool]:
 
 def events_as_held(conn: Conn, items: list[EventIn]) -> list[bool]:
     """Whether each event says what the ``events`` row under its key holds."""
-    held = _by_key(conn, "events", ("ts", "type", "body"), {(e.device_id, e.seq) for e in items})
+    keys = {(e.device_id, e.seq) for e in items}
+    held = _by_key(conn, "events", ("ts", "type", "body"), keys, _columns)
     # psycopg reads the jsonb body with json.loads, as _content reads the new one.
     return [held.get((e.device_id, e.seq)) == _content(e) for e in items]
 
 
 def states_as_held(conn: Conn, items: list[StateIn]) -> list[bool]:
     """Whether each state report says what the ``state_reports`` row under its key holds."""
-    held = _by_key(conn, "state_reports", STATE_FIELDS, {(s.device_id, s.seq) for s in items})
+    keys = {(s.device_id, s.seq) for s in items}
+    held = _by_key(conn, "state_reports", STATE_FIELDS, keys, _columns)
     # psycopg reads the jsonb dropped counts with json.loads: the dict that was stored.
     return [held.get((s.device_id, s.seq)) == _content(s) for s in items]
+
+
+class Recorded(NamedTuple):
+    """A message recorded whole in ``message_conflicts``."""
+
+    device_id: str
+    seq: int
+    crc32: int
+    payload: bytes  # a bytea column
+    received_at: datetime
 
 
 def _recorded(conn: Conn, channel: Channel, items: list[M]) -> list[bool]:
@@ -271,30 +297,29 @@ def _recorded(conn: Conn, channel: Channel, items: list[M]) -> list[bool]:
     its key says. Such a message did everything it does (its samples, session or state) in
     the transaction that recorded it, so its copy is a duplicate like any redelivery."""
     wanted = sorted({(m.device_id, m.seq, m.ts) for m in items})
-    rows = conn.execute(
-        "SELECT c.device_id, c.seq, c.payload_crc32, c.payload, c.received_at"
-        " FROM message_conflicts c"
-        " JOIN unnest(%b::text[], %b::int8[], %b::timestamptz[]) AS u(device_id, seq, ts)"
-        # Content equal means time equal, so only records at the message's time are read.
-        " ON c.device_id = u.device_id AND c.seq = u.seq AND c.ts = u.ts"
-        " WHERE c.channel = %s",
-        [[w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted], channel.value],
-    ).fetchall()
-    recorded: dict[tuple[str, int], list[tuple[int, bytes, datetime]]] = {}
-    for device_id, seq, crc, payload, received_at in rows:
-        assert isinstance(payload, bytes)  # a bytea column
-        recorded.setdefault((str(device_id), int(str(seq))), []).append(
-            (int(str(crc)), payload, moment(received_at))
+    recorded: dict[tuple[str, int], list[Recorded]] = {}
+    with conn.cursor(row_factory=args_row(Recorded)) as cur:
+        cur.execute(
+            "SELECT c.device_id, c.seq, c.payload_crc32, c.payload, c.received_at"
+            " FROM message_conflicts c"
+            " JOIN unnest(%b::text[], %b::int8[], %b::timestamptz[]) AS u(device_id, seq, ts)"
+            # Content equal means time equal, so only records at the message's time are read.
+            " ON c.device_id = u.device_id AND c.seq = u.seq AND c.ts = u.ts"
+            " WHERE c.channel = %s",
+            [[w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted], channel.value],
         )
+        for entry in cur.fetchall():
+            recorded.setdefault((entry.device_id, entry.seq), []).append(entry)
     said: list[bool] = []
     for item in items:
         entries = recorded.get((item.device_id, item.seq), [])
         crc = crc32(item.payload)
         said.append(
-            any(entry_crc == crc for entry_crc, _, _ in entries)
+            any(entry.crc32 == crc for entry in entries)
             or any(
-                _decoded_content(item.device_id, channel, payload, received_at) == _content(item)
-                for _, payload, received_at in entries
+                _decoded_content(item.device_id, channel, entry.payload, entry.received_at)
+                == _content(item)
+                for entry in entries
             )
         )
     return said

@@ -13,9 +13,10 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from psycopg import errors, sql
+from psycopg.rows import args_row
 
 from services.common.db import Conn
-from services.ingest.batch import BatchOutcome, moment
+from services.ingest.batch import BatchOutcome
 from services.ingest.decode import (
     ROW_DEVICE,
     ROW_TS,
@@ -110,26 +111,33 @@ def _insert_samples(
     return stored, taken
 
 
+def _sample_key(device_id: str, ts: datetime) -> tuple[str, datetime]:
+    return device_id, ts
+
+
+def _taken(
+    device_id: str, seq: int, ts: datetime, stored_seq: int
+) -> tuple[tuple[str, int], Taken]:
+    return (device_id, seq), (ts, stored_seq)
+
+
 def _insert_samples_keyed(
     conn: Conn, rows: list[SampleRow]
 ) -> tuple[list[SampleRow], dict[tuple[str, int], list[Taken]]]:
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS samples_in (LIKE samples) ON COMMIT DELETE ROWS")
-    with conn.cursor() as cur:
-        with cur.copy(COPY_STAGED) as copy:
-            copy.set_types(SAMPLE_TYPES)
-            for row in rows:
-                copy.write_row(row)
-        cur.execute(INSERT_STAGED)
-        inserted = {(str(d), ts) for d, ts in cur.fetchall()}
-        # Compared in PostgreSQL, column against column of the same types: a reading sent
-        # again as the same float4 is no conflict, whatever its Python float was.
-        cur.execute(FIND_TAKEN)
-        taken: dict[tuple[str, int], list[Taken]] = {}
-        for device_id, seq, ts, stored_seq in cur.fetchall():
-            taken.setdefault((str(device_id), int(str(seq))), []).append(
-                (moment(ts), int(str(stored_seq)))
-            )
-        cur.execute("TRUNCATE samples_in")
+    with conn.cursor() as cur, cur.copy(COPY_STAGED) as copy:
+        copy.set_types(SAMPLE_TYPES)
+        for row in rows:
+            copy.write_row(row)
+    with conn.cursor(row_factory=args_row(_sample_key)) as cur:
+        inserted = set(cur.execute(INSERT_STAGED).fetchall())
+    taken: dict[tuple[str, int], list[Taken]] = {}
+    # Compared in PostgreSQL, column against column of the same types: a reading sent again
+    # as the same float4 is no conflict, whatever its Python float was.
+    with conn.cursor(row_factory=args_row(_taken)) as cur:
+        for message_key, time in cur.execute(FIND_TAKEN).fetchall():
+            taken.setdefault(message_key, []).append(time)
+    conn.execute("TRUNCATE samples_in")
     stored: list[SampleRow] = []
     for row in rows:
         key = (row[ROW_DEVICE], row[ROW_TS])

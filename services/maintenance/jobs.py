@@ -3,6 +3,10 @@
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import LiteralString
+
+from psycopg.abc import Params
+from psycopg.rows import args_row
 
 from services.common.db import Conn, Storage, storage_of
 
@@ -20,10 +24,24 @@ class PassResult:
     partitions_created: int
 
 
+def _count(count: int) -> int:
+    return count
+
+
 def retention_days(conn: Conn) -> int:
     """Days of raw samples kept (``galvani_meta.raw_retention_days``)."""
-    row = conn.execute("SELECT value FROM galvani_meta WHERE key = 'raw_retention_days'").fetchone()
-    return int(str(row[0])) if row else 90
+    # galvani_meta's values are text: the row factory parses this one.
+    with conn.cursor(row_factory=args_row(int)) as cur:
+        days = cur.execute(
+            "SELECT value FROM galvani_meta WHERE key = 'raw_retention_days'"
+        ).fetchone()
+    return 90 if days is None else days
+
+
+def _counted(conn: Conn, query: LiteralString, params: Params) -> int:
+    """What a maintenance function returns: how many rows or partitions it touched."""
+    with conn.cursor(row_factory=args_row(_count)) as cur:
+        return cur.execute(query, params).fetchone() or 0
 
 
 def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
@@ -41,22 +59,20 @@ def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     created = 0
     if storage is Storage.PLAIN:
         with conn.transaction():
-            row = conn.execute(
+            created = _counted(
+                conn,
                 "SELECT galvani_ensure_partitions(%s::date, %s::date)",
                 [now.date(), (now + timedelta(days=PARTITIONS_AHEAD_DAYS)).date()],
-            ).fetchone()
-            created = int(str(row[0])) if row else 0
+            )
     with conn.transaction():
-        row = conn.execute(
-            "SELECT galvani_refresh_rollups(%s, %s)", [now - lookback, now]
-        ).fetchone()
-        rollup_rows = int(str(row[0])) if row else 0
+        rollup_rows = _counted(
+            conn, "SELECT galvani_refresh_rollups(%s, %s)", [now - lookback, now]
+        )
         conn.execute(
             "UPDATE galvani_meta SET value = %s WHERE key = 'rollups_refreshed_to'",
             [now.isoformat()],
         )
     with conn.transaction():
         cutoff = now - timedelta(days=retention_days(conn))
-        row = conn.execute("SELECT galvani_drop_old_samples(%s)", [cutoff]).fetchone()
-        dropped = int(str(row[0])) if row else 0
+        dropped = _counted(conn, "SELECT galvani_drop_old_samples(%s)", [cutoff])
     return PassResult(rollup_rows=rollup_rows, dropped=dropped, partitions_created=created)
