@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
-from psycopg.rows import args_row, class_row
+from psycopg.rows import class_row
 
 from services.common.db import Conn
 from services.common.mode_tables import DEFAULT_MODES, PROTOCOL_VERSION
@@ -125,57 +125,6 @@ def clearance(conn: Conn, device_id: str) -> Restorable | None:
     if device_id not in rule_locks(conn, [device_id]):
         return None
     return last_applied(conn, [device_id]).get(device_id, Restorable(None, FACTORY))
-
-
-@dataclass(frozen=True)
-class GroupProgress:
-    """How many targets of one group (canary or the rest) are in each state."""
-
-    targets: int
-    counts: dict[str, int]
-
-
-# Each group's targets by state (see :func:`progress`).
-PROGRESS: Final = """
-    SELECT rd.canary,
-           CASE WHEN p.answer_status IS NOT NULL THEN p.answer_status
-                WHEN d.decommissioned_at IS NOT NULL THEN 'decommissioned'
-                WHEN rd.version IS NULL THEN 'waiting'
-                WHEN d.config_desired_version > rd.version THEN 'superseded'
-                WHEN d.online THEN 'pending'
-                ELSE 'offline' END AS state,
-           count(*)
-    FROM rollout_devices rd
-    JOIN devices d ON d.id = rd.device_id
-    LEFT JOIN config_pushes p ON p.device_id = rd.device_id AND p.version = rd.version
-    WHERE rd.rollout_id = %s
-    GROUP BY 1, 2"""
-
-
-class _InState(NamedTuple):
-    canary: bool
-    state: str
-    targets: int
-
-
-def progress(conn: Conn, rollout_id: uuid.UUID) -> dict[bool, GroupProgress]:
-    """Progress by group (``True``: canary), from the pushes' answers and devices' presence.
-
-    ``waiting``: not pushed yet; ``applied``/``rejected``: the device's answer on ``state``;
-    ``superseded``: a newer table (a rule's, another rollout's) was pushed before it answered;
-    ``pending``/``offline``: pushed, unanswered, and the device is online or not;
-    ``decommissioned``: the device left the fleet before it answered.
-    """
-    groups: dict[bool, dict[str, int]] = {
-        True: dict.fromkeys(PROGRESS_STATES, 0),
-        False: dict.fromkeys(PROGRESS_STATES, 0),
-    }
-    with conn.cursor(row_factory=args_row(_InState)) as cur:
-        for canary, state, targets in cur.execute(PROGRESS, [rollout_id]).fetchall():
-            groups[canary][state] = targets
-    return {
-        canary: GroupProgress(sum(counts.values()), counts) for canary, counts in groups.items()
-    }
 
 
 @dataclass(frozen=True)
