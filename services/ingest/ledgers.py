@@ -7,7 +7,8 @@ is how the writer tells new messages from the rest, and stores the payload's CRC
 letters are copied as they come.
 """
 
-from typing import LiteralString
+from operator import attrgetter
+from typing import Final, LiteralString
 from zlib import crc32
 
 from psycopg.rows import args_row
@@ -16,16 +17,28 @@ from psycopg.types.json import Jsonb
 from services.common.db import Conn
 from services.ingest.decode import DeadLetter, EventIn, PresenceIn, StateIn, TelemetryIn
 
+# The columns each keyed insert takes straight from its message, in the order of its INSERT.
+_TELEMETRY_FIELDS: Final = attrgetter(
+    "device_id", "seq", "ts", "session", "received_at", "ts_suspect"
+)
+_EVENT_FIELDS: Final = attrgetter(
+    "device_id", "event.seq", "ts", "event.type", "body", "received_at", "ts_suspect"
+)
+_STATE_FIELDS: Final = attrgetter(
+    "device_id", "state.seq", "ts", "state.fw", "state.hw", "received_at"
+)
+
 
 def _key(device_id: str, seq: int) -> tuple[str, int]:
     return device_id, seq
 
 
 def _new_keys(
-    conn: Conn, insert: LiteralString, columns: list[list[object]]
+    conn: Conn, insert: LiteralString, rows: list[tuple[object, ...]]
 ) -> set[tuple[str, int]]:
-    """Run a keyed ``INSERT … ON CONFLICT DO NOTHING RETURNING device_id, seq`` of one row per
-    element of ``columns``' lists; the keys that were new."""
+    """Run a keyed ``INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING RETURNING
+    device_id, seq`` of ``rows`` (one array a column); the keys that were new."""
+    columns = [list(column) for column in zip(*rows, strict=True)]
     with conn.cursor(row_factory=args_row(_key)) as cur:
         return set(cur.execute(insert, columns).fetchall())
 
@@ -36,28 +49,19 @@ def insert_telemetry(
     """Insert the telemetry ledger rows; return the keys that were new."""
     if not telemetry:
         return set()
-    items = list(telemetry.values())
+    # zlib's CRC-32: 0.5 µs for a message of 10 samples, against 2.4 µs for an 8-byte BLAKE2b.
+    # It only has to tell a resent payload from a different one.
+    rows = [(*_TELEMETRY_FIELDS(t), len(t.rows), crc32(t.payload)) for t in telemetry.values()]
     return _new_keys(
         conn,
         """
         INSERT INTO telemetry_messages
-            (device_id, seq, ts, session, samples, received_at, ts_suspect, payload_crc32)
+            (device_id, seq, ts, session, received_at, ts_suspect, samples, payload_crc32)
         SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[],
-                             %b::int2[], %b::timestamptz[], %b::bool[], %b::int8[])
+                             %b::timestamptz[], %b::bool[], %b::int2[], %b::int8[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
-        [
-            [t.device_id for t in items],
-            [t.seq for t in items],
-            [t.ts for t in items],
-            [t.session for t in items],
-            [len(t.rows) for t in items],
-            [t.received_at for t in items],
-            [t.ts_suspect for t in items],
-            # zlib's CRC-32: 0.5 µs for a message of 10 samples, against 2.4 µs for an 8-byte
-            # BLAKE2b. It only has to tell a resent payload from a different one.
-            [crc32(t.payload) for t in items],
-        ],
+        rows,
     )
 
 
@@ -65,63 +69,51 @@ def insert_events(conn: Conn, events: dict[tuple[str, int], EventIn]) -> set[tup
     """Insert the events; return the keys that were new."""
     if not events:
         return set()
-    items = list(events.values())
+    rows = [
+        (*_EVENT_FIELDS(e), getattr(e.event, "session", None), crc32(e.payload))
+        for e in events.values()
+    ]
     return _new_keys(
         conn,
         """
-        INSERT INTO events (device_id, seq, ts, type, session, body, received_at, ts_suspect,
+        INSERT INTO events (device_id, seq, ts, type, body, received_at, ts_suspect, session,
                             payload_crc32)
-        SELECT device_id, seq, ts, type, session, body::jsonb, received_at, ts_suspect, crc
+        SELECT device_id, seq, ts, type, body::jsonb, received_at, ts_suspect, session, crc
         FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[], %b::text[],
-                    %b::text[], %b::timestamptz[], %b::bool[], %b::int8[])
-             AS u(device_id, seq, ts, type, session, body, received_at, ts_suspect, crc)
+                    %b::timestamptz[], %b::bool[], %b::text[], %b::int8[])
+             AS u(device_id, seq, ts, type, body, received_at, ts_suspect, session, crc)
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
-        [
-            [e.device_id for e in items],
-            [e.event.seq for e in items],
-            [e.ts for e in items],
-            [e.event.type for e in items],
-            [getattr(e.event, "session", None) for e in items],
-            [e.body for e in items],
-            [e.received_at for e in items],
-            [e.ts_suspect for e in items],
-            [crc32(e.payload) for e in items],
-        ],
+        rows,
     )
+
+
+def _state_row(s: StateIn) -> tuple[object, ...]:
+    c = s.state.config
+    dropped = Jsonb(s.state.dropped.model_dump()) if s.state.dropped else None
+    if c is None:
+        return (*_STATE_FIELDS(s), None, None, None, None, dropped, crc32(s.payload))
+    reason = c.reason.value if c.reason else None
+    config = (c.version, c.sha256, c.status.value, reason)
+    return (*_STATE_FIELDS(s), *config, dropped, crc32(s.payload))
 
 
 def insert_states(conn: Conn, states: dict[tuple[str, int], StateIn]) -> set[tuple[str, int]]:
     """Insert the state reports; return the keys that were new."""
     if not states:
         return set()
-    items = list(states.values())
-    configs = [s.state.config for s in items]
     return _new_keys(
         conn,
         """
-        INSERT INTO state_reports (device_id, seq, ts, fw, hw, config_version, config_sha256,
-                                   config_status, config_reason, received_at, dropped,
+        INSERT INTO state_reports (device_id, seq, ts, fw, hw, received_at, config_version,
+                                   config_sha256, config_status, config_reason, dropped,
                                    payload_crc32)
         SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::text[], %b::text[],
-                             %b::int4[], %b::text[], %b::text[], %b::text[], %b::timestamptz[],
+                             %b::timestamptz[], %b::int4[], %b::text[], %b::text[], %b::text[],
                              %b::jsonb[], %b::int8[])
         ON CONFLICT DO NOTHING
         RETURNING device_id, seq""",
-        [
-            [s.device_id for s in items],
-            [s.state.seq for s in items],
-            [s.ts for s in items],
-            [s.state.fw for s in items],
-            [s.state.hw for s in items],
-            [c.version if c else None for c in configs],
-            [c.sha256 if c else None for c in configs],
-            [c.status.value if c else None for c in configs],
-            [c.reason.value if c and c.reason else None for c in configs],
-            [s.received_at for s in items],
-            [Jsonb(s.state.dropped.model_dump()) if s.state.dropped else None for s in items],
-            [crc32(s.payload) for s in items],
-        ],
+        [_state_row(s) for s in states.values()],
     )
 
 
