@@ -31,15 +31,15 @@ class Repository:
         self.session = session
         self.conn = psycopg_connection(session)
 
+    # A cursor per statement, not closed, as psycopg's own ``Connection.execute`` does: a
+    # client-side cursor holds nothing on the server, and closing costs a call per request.
     def one(self, query: str, params: Params, row: BaseRowFactory[T]) -> T | None:
         """The first row of ``query`` as ``row`` makes it, or None."""
-        with self.conn.cursor(row_factory=row) as cursor:
-            return cursor.execute(query, params).fetchone()
+        return self.conn.cursor(row_factory=row).execute(query, params).fetchone()
 
     def all(self, query: str, params: Params, row: BaseRowFactory[T]) -> list[T]:
         """Every row of ``query`` as ``row`` makes it."""
-        with self.conn.cursor(row_factory=row) as cursor:
-            return cursor.execute(query, params).fetchall()
+        return self.conn.cursor(row_factory=row).execute(query, params).fetchall()
 
     def owns_device(self, brand_id: str, device_id: str) -> bool:
         """Whether the brand has the device (decommissioned or not)."""
@@ -54,15 +54,13 @@ class ReadRepository:
 
     async def one(self, query: str, params: Params, row: BaseRowFactory[T]) -> T | None:
         """The first row of ``query`` as ``row`` makes it, or None."""
-        async with self.conn.cursor(row_factory=row) as cursor:
-            await cursor.execute(query, params)
-            return await cursor.fetchone()
+        cursor = await self.conn.cursor(row_factory=row).execute(query, params)
+        return await cursor.fetchone()
 
     async def all(self, query: str, params: Params, row: BaseRowFactory[T]) -> list[T]:
         """Every row of ``query`` as ``row`` makes it."""
-        async with self.conn.cursor(row_factory=row) as cursor:
-            await cursor.execute(query, params)
-            return await cursor.fetchall()
+        cursor = await self.conn.cursor(row_factory=row).execute(query, params)
+        return await cursor.fetchall()
 
     async def owns_device(self, brand_id: str, device_id: str) -> bool:
         """Whether the brand has the device (decommissioned or not)."""
