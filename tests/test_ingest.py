@@ -422,6 +422,8 @@ def test_a_message_the_database_refuses_becomes_a_dead_letter_without_stalling(
         device.close()
     wait_until(lambda: count(database_url, "SELECT count(*) FROM samples") == 480, what="rows")
     assert scalar(database_url, "SELECT reason FROM dead_letters") == "unstorable"
+    # Under its device, so the device's brand finds it among its dead letters.
+    assert scalar(database_url, "SELECT device_id FROM dead_letters") == d
 
 
 def test_a_value_too_long_for_an_index_becomes_a_dead_letter_instead_of_a_retry_loop(

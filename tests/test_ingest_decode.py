@@ -18,6 +18,7 @@ from services.ingest.decode import (
     decode_inbound,
     device_time,
 )
+from services.ingest.main import unstorable
 from services.ingest.settings import IngestSettings
 
 RECEIVED = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -124,3 +125,12 @@ def test_workers_subscribe_to_the_four_device_channels_in_their_share_group():
         "$share/ingest/galvani/v1/d/+/state",
         "$share/ingest/galvani/v1/d/+/presence",
     )
+
+
+def test_an_unstorable_dead_letter_keeps_the_device_its_topic_names():
+    refused = unstorable(inbound("galvani/v1/d/dev-0042/events", {"v": 1}), ValueError("x\ny"))
+    assert (refused.device_id, refused.channel) == ("dev-0042", "events")
+    assert refused.reason == "unstorable"
+    assert refused.detail == "x"
+    stray = unstorable(inbound("elsewhere/dev-0042", b"{}"), ValueError("x"))
+    assert stray.device_id is None

@@ -17,6 +17,7 @@ from typing import Final
 import psycopg
 
 from services.common.db import Conn, Storage, storage_of
+from services.common.protocol import ProtocolError, parse_topic
 from services.common.subscriber import Inbound
 from services.common.worker import WorkerLoop, serve
 from services.ingest import metrics
@@ -42,9 +43,14 @@ GC_THRESHOLD: Final = 50_000
 
 
 def unstorable(message: Inbound, exc: Exception) -> DeadLetter:
-    """A dead letter for a valid-looking message the database refused."""
+    """A dead letter for a valid-looking message the database refused, under the device its
+    topic names, so the device's brand sees it among its dead letters."""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return dead_letter(message, "unstorable", detail)
+    try:
+        device_id, _ = parse_topic(message.topic)
+    except ProtocolError:
+        return dead_letter(message, "unstorable", detail)
+    return dead_letter(message, "unstorable", detail, device_id=device_id)
 
 
 def observe(outcome: BatchOutcome, decoded: Sequence[Decoded], committed_at: datetime) -> None:
