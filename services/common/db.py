@@ -73,3 +73,28 @@ def is_bad_message(exc: BaseException) -> bool:
         # Raised by psycopg itself while adapting a value (no server round trip).
         return isinstance(exc, psycopg.DataError)
     return sqlstate.startswith(BAD_MESSAGE_SQLSTATE_PREFIXES)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error for a log line, without the values that caused it.
+
+    PostgreSQL's messages quote the data they refuse (``invalid input syntax for type
+    integer: "..."``, ``Key (...)=(...) already exists``), and a device's payload can hold what
+    a person typed (a ``user_report`` note). Logs get the error's class, SQLSTATE and the
+    constraint or column it names, never its message; the message stays with the dead letter,
+    where only the device's brand reads it.
+    """
+    if not isinstance(exc, psycopg.Error):
+        return type(exc).__name__
+    parts = [type(exc).__name__]
+    if exc.sqlstate:
+        parts.append(f"SQLSTATE {exc.sqlstate}")
+    diag = exc.diag
+    for label, value in (
+        ("table", diag.table_name),
+        ("column", diag.column_name),
+        ("constraint", diag.constraint_name),
+    ):
+        if value:
+            parts.append(f"{label} {value}")
+    return ", ".join(parts)

@@ -16,7 +16,7 @@ from typing import Final
 
 import psycopg
 
-from services.common.db import Conn, Storage, storage_of
+from services.common.db import Conn, Storage, describe_error, storage_of
 from services.common.protocol import ProtocolError, parse_topic
 from services.common.subscriber import Inbound
 from services.common.worker import WorkerLoop, serve
@@ -109,7 +109,9 @@ class Worker:
             return self._retrying(decoded)
         except psycopg.Error as exc:  # a bad message: split, so only it is dead-lettered
             log.warning(
-                "batch of %d refused (%s); storing its messages one by one", len(decoded), exc
+                "batch of %d refused (%s); storing its messages one by one",
+                len(decoded),
+                describe_error(exc),
             )
             return self._one_by_one(inbound, decoded)
 
@@ -122,7 +124,12 @@ class Worker:
             try:
                 outcome = self._retrying([item])
             except psycopg.Error as exc:
-                log.exception("message on %s cannot be stored", raw.topic)
+                log.warning(
+                    "message on %s (%d bytes) cannot be stored: %s",
+                    raw.topic,
+                    len(raw.payload),
+                    describe_error(exc),
+                )
                 outcome = self._retrying([unstorable(raw, exc)])
             total.add(outcome)
         return total
@@ -147,13 +154,13 @@ class Worker:
             )
         for item in decoded:
             if isinstance(item, DeadLetter):
+                # The reason and size only: the payload and the detail (which can quote it)
+                # are in dead_letters, for the device's brand.
                 log.info(
-                    "dead letter on %s: %s: %s (payload %d bytes, starts %r)",
+                    "dead letter on %s: %s (payload %d bytes)",
                     item.topic,
                     item.reason,
-                    item.detail,
                     item.payload_size,
-                    item.payload[:80],
                 )
 
 

@@ -27,7 +27,7 @@ from services.common.config_push import (
     unanswered_pushes,
     unpublished_pushes,
 )
-from services.common.db import Conn
+from services.common.db import Conn, describe_error
 from services.common.protocol import ProtocolError, decode, parse_topic
 from services.common.protocol.enums import Channel
 from services.common.protocol.limits import DEVICE_TIME_MAX_MS
@@ -146,14 +146,19 @@ class Worker:
             return self.db.transaction(lambda conn: evaluate(conn, self.key, received))
         except StoppedWaiting:
             raise
-        except Exception:  # the data's fault (other database errors were retried): isolate it
+        # The data's fault (other database errors were retried): isolate it.
+        except Exception as exc:  # noqa: BLE001 - logged below, without its message
             if len(received) == 1:
                 # One message the engine cannot evaluate, and retrying cannot help.
                 # Acknowledge it rather than stall every device behind it; ingest has it.
                 message = received[0]
                 metrics.MESSAGES.labels(message.channel.value, "failed").inc()
-                log.exception(
-                    "cannot evaluate a %s message of %s", message.channel.value, message.device_id
+                # No traceback: an exception's message can quote the payload.
+                log.error(  # noqa: TRY400
+                    "cannot evaluate a %s message of %s: %s",
+                    message.channel.value,
+                    message.device_id,
+                    describe_error(exc),
                 )
                 return Outcome(failed=[message])
             log.warning("batch of %d failed; evaluating its messages one by one", len(received))
