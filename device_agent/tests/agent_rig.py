@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from device_agent.agent import Agent, Identity
 from device_agent.modes import DEFAULT_MODES, spec_payload
-from device_agent.protocol import canonical_json, validate_outgoing
+from device_agent.protocol import canonical_json, key_id, validate_outgoing
 from device_agent.simulator import SimulatedHardware
 from device_agent.store import DeviceStore, OutboxLimits, open_database
 
@@ -45,6 +45,7 @@ class Rig:
     ) -> None:
         self.clock = Clock()
         self.key = key
+        self.also_trusted: list[bytes] = []  # further keys the device trusts (a rotation)
         self.path = path
         self.limits = limits or OutboxLimits()
         self.hardware = SimulatedHardware(
@@ -69,7 +70,7 @@ class Rig:
             Identity("dev-0001", fw="1.4.2", hw="B"),
             self.hardware,
             self.store,
-            public_key=public,
+            public_keys=[public, *self.also_trusted],
             enforce_limits=enforce_limits,
         )
 
@@ -106,7 +107,11 @@ class Rig:
     def states(self) -> list[dict[str, Any]]:
         return [p for channel, p in self.messages() if channel == "state"]
 
-    def signed(self, **changes: Any) -> bytes:
+    def signed(self, *, key: Ed25519PrivateKey | None = None, **changes: Any) -> bytes:
+        """A table signed (by ``key``, else the rig's) for this device, as the backend signs
+        one; ``changes`` replace fields, and a change to None drops the field."""
+        signer = key or self.key
+        public = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         table: dict[str, Any] = {
             "v": 1,
             "version": 2,
@@ -115,9 +120,17 @@ class Rig:
             "reason": "test",
             "locked_modes": [],
             "modes": {mode: spec_payload(spec) for mode, spec in DEFAULT_MODES.items()},
+            "device": "dev-0001",
+            "brand": "acme",
+            "kid": key_id(public),
         }
         table.update(changes)
-        signature = self.key.sign(canonical_json(table))
+        table = {
+            name: value
+            for name, value in table.items()
+            if value is not None or name in ("expires_at", "reason")
+        }
+        signature = signer.sign(canonical_json(table))
         return json.dumps({**table, "sig": base64.b64encode(signature).decode()}).encode()
 
 

@@ -28,7 +28,7 @@ def test_the_status_counts_devices_whose_stored_acks_are_overdue_and_refused_sub
             credentials=tmp_path / "credentials.json",
             host="127.0.0.1",
             port=1883,
-            public_key=bytes(32),
+            public_keys=(bytes(32),),
             store=tmp_path / "fleet.sqlite3",
         )
     )

@@ -47,7 +47,7 @@ def simulate(
             Identity("sim-00001"),
             DeviceStore(conn, "sim-00001"),
             BrokerAddress("127.0.0.1", 1, "unused"),
-            public_key=bytes(32),
+            public_keys=(bytes(32),),
             clock_ms=clock,
             rng=random.Random(3),
             habits=habits,

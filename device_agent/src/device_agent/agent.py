@@ -14,7 +14,7 @@ every :data:`IDLE_POLL_MS` otherwise; ``now_ms`` is the device clock in epoch mi
 
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from device_agent.hardware import Hardware, Reading
@@ -66,7 +66,7 @@ class Agent:
         hardware: Hardware,
         store: DeviceStore,
         *,
-        public_key: bytes,
+        public_keys: bytes | Iterable[bytes],
         enforce_limits: bool = True,
         session_ids: Callable[[], str] = lambda: f"s-{secrets.token_hex(6)}",
     ) -> None:
@@ -78,7 +78,7 @@ class Agent:
         self.enforce_limits = enforce_limits
         self._session_ids = session_ids
         self.reports = Reporter(identity, store)
-        self.tables = TableUpdates(store, self.reports, public_key=public_key)
+        self.tables = TableUpdates(store, self.reports, public_keys=public_keys)
         self.session: Session | None = None
         self._charging: bool | None = None
         self._next_heartbeat_ms = 0

@@ -16,7 +16,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) ->
         "--public-key",
         type=Path,
         required=True,
-        help="the backend's config-signing public key (raw Ed25519, base64)",
+        help="the backend's config-signing public keys the device trusts (raw Ed25519, base64, "
+        "one a line: the current key and, during a rotation, the next)",
     )
     parser.add_argument("--store", type=Path, required=True, help=store_help)
     parser.add_argument(
@@ -31,12 +32,26 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) ->
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
 
 
-def read_public_key(path: Path) -> bytes:
-    """The backend's raw 32-byte Ed25519 public key, stored base64."""
+def read_public_keys(path: Path) -> tuple[bytes, ...]:
+    """The backend's raw 32-byte Ed25519 public keys the device trusts, stored base64, one a
+    line (blank lines and ``#`` comments ignored): the current key, and during a rotation the
+    next one, so tables signed with either verify (docs/protocol.md, "Signing keys")."""
     try:
-        key = base64.b64decode(path.read_text("ascii").strip(), validate=True)
+        lines = path.read_text("ascii").splitlines()
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"cannot read the config public key {path}: {exc}") from None
-    if len(key) != 32:
-        raise SystemExit(f"{path} does not hold a raw 32-byte Ed25519 public key (base64)")
-    return key
+        raise SystemExit(f"cannot read the config public keys {path}: {exc}") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            key = base64.b64decode(text, validate=True)
+        except ValueError as exc:
+            raise SystemExit(f"{path}:{number}: not base64: {exc}") from None
+        if len(key) != 32:
+            raise SystemExit(f"{path}:{number}: not a raw 32-byte Ed25519 public key (base64)")
+        keys.append(key)
+    if not keys:
+        raise SystemExit(f"{path} holds no config public key")
+    return tuple(keys)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from device_agent.agent import Identity
-from device_agent.arguments import add_shared_arguments, read_public_key
+from device_agent.arguments import add_shared_arguments, read_public_keys
 from device_agent.link import BACKOFF_MAX_S, BrokerAddress
 from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice, power_off
 from device_agent.store import DeviceStore, OutboxLimits, open_database
@@ -119,7 +119,7 @@ async def _run(args: argparse.Namespace) -> int:
         Identity(args.device_id, fw=args.fw, hw=args.hw),
         store,
         BrokerAddress(args.host, args.port, _password(args), args.ca_file),
-        public_key=read_public_key(args.public_key),
+        public_keys=read_public_keys(args.public_key),
         clock_ms=lambda: time.time_ns() // 1_000_000,
         rng=random.Random(args.seed),
         plan=plan,

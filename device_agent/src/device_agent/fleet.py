@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from device_agent.agent import Identity
-from device_agent.arguments import add_shared_arguments, read_public_key
+from device_agent.arguments import add_shared_arguments, read_public_keys
 from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
@@ -60,7 +60,7 @@ class FleetOptions:
     credentials: Path
     host: str
     port: int
-    public_key: bytes
+    public_keys: tuple[bytes, ...]
     store: Path
     activity: float = 1.0
     seed: int = 0
@@ -154,7 +154,7 @@ class Fleet:
                 Identity(device_id, fw="1.4.2", hw="B"),
                 DeviceStore(conn, device_id, FLEET_OUTBOX),
                 BrokerAddress(options.host, options.port, credentials[device_id].password),
-                public_key=options.public_key,
+                public_keys=options.public_keys,
                 clock_ms=_now_ms,
                 rng=device_rng,
                 habits=habits_for(credentials[device_id].user, device_rng, options.activity),
@@ -268,10 +268,10 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         parser.error("--devices must be at least 1")
     if args.activity <= 0:
         parser.error("--activity must be positive")
-    # The options are the parsed arguments, but for the key (read from its file) and the two
+    # The options are the parsed arguments, but for the keys (read from their file) and the two
     # durations, whose fields carry their unit in the name.
     values = vars(args)
-    values["public_key"] = read_public_key(args.public_key)
+    values["public_keys"] = read_public_keys(values.pop("public_key"))
     values["status_interval_s"] = values.pop("status_interval")
     values["duration_s"] = values.pop("duration")
     return FleetOptions(**values)

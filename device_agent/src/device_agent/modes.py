@@ -1,14 +1,15 @@
 """Mode tables on the device: the factory defaults, the firmware's envelope, and the checks a
 pushed table must pass before the agent applies it.
 
-A table from the cloud is applied only if it is signed by the backend's key, newer than the
-applied one, not expired, well formed and inside the envelope built into the firmware. The
+A table from the cloud is applied only if it is signed by a key the device trusts, well formed,
+bound to this device, newer than the applied one, not expired and inside the envelope built
+into the firmware. The
 backend checks the same envelope before it signs; the device checks again because a table is
 only as safe as the last component that looked at it.
 """
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Final
 
@@ -47,6 +48,7 @@ class ModeTable:
     issued_at: int
     expires_at: int | None
     reason: str | None
+    device: str | None  # the device the table is signed for; None only for the factory table
     locked_modes: frozenset[str]
     modes: Mapping[str, ModeSpec]
     sha256: str
@@ -107,25 +109,53 @@ ENVELOPE: Final[Mapping[str, tuple[int | None, int | None]]] = {
 
 
 def check_table(
-    payload: object, *, public_key: bytes, applied_version: int, now_ms: int
+    payload: object,
+    *,
+    public_keys: bytes | Iterable[bytes],
+    device_id: str,
+    applied_version: int,
+    now_ms: int,
 ) -> ModeTable:
     """The table to apply, or ``ConfigRejected`` naming the first check it failed.
 
-    Order: signature (nothing unsigned is looked at further), shape, version, expiry, envelope.
+    Order: signature (nothing unsigned is looked at further), shape, device, version, expiry,
+    envelope.
     """
-    verify_config(payload, public_key)
+    verify_config(payload, public_keys)
     assert isinstance(payload, dict)  # verify_config rejects anything else as malformed
     table = parse_table(payload)
+    check_device(table, device_id)
     if table.version <= applied_version:
         raise ConfigRejected(
             "stale_version", f"version {table.version} is not newer than {applied_version}"
         )
-    if table.expires_at is not None and table.expires_at <= now_ms:
-        raise ConfigRejected("expired", f"expired at {table.expires_at} (now {now_ms})")
+    check_expiry(table, now_ms)
     problems = envelope_problems(table)
     if problems:
         raise ConfigRejected("outside_envelope", "; ".join(problems))
     return table
+
+
+def check_device(table: ModeTable, device_id: str) -> None:
+    """``ConfigRejected`` unless ``table`` is signed for ``device_id``.
+
+    Firmware that knows the ``device`` field requires it: without it, a table signed for one
+    device would apply on any other (republished on its ``config`` topic, say, to lift a SAFE
+    lock), since the signature covers only what the table says.
+    """
+    if table.device is None:
+        raise ConfigRejected("unbound_table", "the table names no device")
+    if table.device != device_id:
+        raise ConfigRejected(
+            "wrong_device", f"signed for device {table.device!r}, this is {device_id!r}"
+        )
+
+
+def check_expiry(table: ModeTable, now_ms: int) -> None:
+    """``ConfigRejected("expired")`` once ``expires_at`` has passed: on receipt, and again when
+    a table that waited for a session to end is about to be applied."""
+    if table.expires_at is not None and table.expires_at <= now_ms:
+        raise ConfigRejected("expired", f"expired at {table.expires_at} (now {now_ms})")
 
 
 def envelope_problems(table: ModeTable) -> list[str]:
@@ -157,6 +187,11 @@ def parse_table(payload: Mapping[str, object]) -> ModeTable:
     _require(reason is None or isinstance(reason, str), "reason", "must be a string or null")
     sig = payload.get("sig")
     _require(isinstance(sig, str) and sig != "", "sig", "must be a non-empty string")
+    for name in ("device", "brand", "kid"):  # added in v1; absent or a non-empty string
+        value = payload.get(name)
+        _require(
+            value is None or (isinstance(value, str) and value != ""), name, "must be a string"
+        )
     locked = payload.get("locked_modes", [])
     _require(isinstance(locked, list), "locked_modes", "must be a list of modes")
     assert isinstance(locked, list)
@@ -213,6 +248,7 @@ def _table(payload: Mapping[str, object]) -> ModeTable:
         specs[mode] = ModeSpec(**{field.name: values[field.name] for field in fields(ModeSpec)})
     expires_at = payload.get("expires_at")
     reason = payload.get("reason")
+    device = payload.get("device")
     locked = payload.get("locked_modes") or []
     assert isinstance(locked, list)
     return ModeTable(
@@ -220,6 +256,7 @@ def _table(payload: Mapping[str, object]) -> ModeTable:
         issued_at=_int(payload["issued_at"]),
         expires_at=expires_at if isinstance(expires_at, int) else None,
         reason=reason if isinstance(reason, str) else None,
+        device=device if isinstance(device, str) else None,
         locked_modes=frozenset(str(mode) for mode in locked),
         modes=specs,
         sha256=table_sha256(payload),

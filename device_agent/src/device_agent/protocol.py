@@ -8,10 +8,11 @@ from the backend. Both sides are held to one contract by the JSON vectors in
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from enum import StrEnum
 from typing import Final
 
@@ -24,6 +25,10 @@ DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{2,63}$"
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_SAMPLES: Final = 1000
 INT64_MAX: Final = 2**63 - 1
+# What the backend's columns hold (docs/protocol.md, bounds): mode-table versions are
+# PostgreSQL integer, readings real.
+INT32_MAX: Final = 2**31 - 1
+REAL_MAX: Final = 3.4028234663852886e38
 
 _DEVICE_ID: Final = re.compile(DEVICE_ID_PATTERN)
 
@@ -41,6 +46,19 @@ class Channel(StrEnum):
 
 OUTGOING_CHANNELS: Final = frozenset(
     {Channel.TELEMETRY, Channel.EVENTS, Channel.STATE, Channel.PRESENCE}
+)
+
+
+# Why a device refuses a mode table (``state.config.reason``). ``wrong_device`` (signed for
+# another device) and ``unbound_table`` (naming no device) were added in v1.
+CONFIG_REJECTIONS: Final = (
+    "bad_signature",
+    "stale_version",
+    "outside_envelope",
+    "expired",
+    "malformed",
+    "wrong_device",
+    "unbound_table",
 )
 
 
@@ -73,18 +91,42 @@ def signing_input(table: Mapping[str, object]) -> bytes:
     return canonical_json({key: value for key, value in table.items() if key != "sig"})
 
 
-def verify_config(table: object, public_key: bytes) -> None:
-    """Raise ``ConfigRejected`` unless ``table`` carries a valid Ed25519 ``sig`` by that key.
+def key_id(public_key: bytes) -> str:
+    """The ``kid`` naming a raw Ed25519 public key: the first 16 hex digits of its SHA-256.
 
-    ``table`` is whatever the config payload parsed to; ``public_key`` is the backend's raw
-    32-byte Ed25519 key (a key of another size is a provisioning bug: ``ValueError``).
+    Derived from the key itself, so the backend and a device agree on it without either being
+    told: a table names the key that signed it, and a device looks it up among those it trusts.
     """
-    verifier = Ed25519PublicKey.from_public_bytes(public_key)
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def trusted_keys(public_keys: bytes | Iterable[bytes]) -> dict[str, Ed25519PublicKey]:
+    """The keys a device trusts, by ``kid``: one raw 32-byte key, or several (the current and
+    the next during a rotation). A key of another size is a provisioning bug: ``ValueError``."""
+    raw = [public_keys] if isinstance(public_keys, bytes) else list(public_keys)
+    if not raw:
+        raise ValueError("a device trusts at least one config-signing key")
+    return {key_id(key): Ed25519PublicKey.from_public_bytes(key) for key in raw}
+
+
+def verify_config(table: object, public_keys: bytes | Iterable[bytes]) -> None:
+    """Raise ``ConfigRejected`` unless ``table`` carries a valid Ed25519 ``sig`` by a trusted key.
+
+    ``table`` is whatever the config payload parsed to; ``public_keys`` is the backend's raw
+    32-byte Ed25519 key, or the keys the device trusts (current and next). A table naming its
+    key (``kid``) is checked with that key only, and refused if the device does not trust it;
+    a table without ``kid`` (signed before key ids) is checked against each trusted key.
+    """
+    keys = trusted_keys(public_keys)
     if not isinstance(table, dict):
         raise ConfigRejected("malformed", "a mode table is a JSON object")
     sig = table.get("sig")
     if not isinstance(sig, str):
         raise ConfigRejected("bad_signature", "the table is not signed")
+    kid = table.get("kid")
+    if kid is not None and (not isinstance(kid, str) or kid not in keys):
+        raise ConfigRejected("bad_signature", f"signed with key {kid!r}, which is not trusted")
+    candidates = [keys[kid]] if isinstance(kid, str) else list(keys.values())
     try:
         signature = base64.b64decode(sig, validate=True)
     except binascii.Error:
@@ -93,10 +135,13 @@ def verify_config(table: object, public_key: bytes) -> None:
         signed = signing_input(table)
     except (TypeError, ValueError) as exc:  # non-string keys, NaN, lone surrogates
         raise ConfigRejected("malformed", f"the table has no canonical JSON: {exc}") from None
-    try:
-        verifier.verify(signature, signed)
-    except InvalidSignature:
-        raise ConfigRejected("bad_signature", "sig does not match the table") from None
+    for verifier in candidates:
+        try:
+            verifier.verify(signature, signed)
+        except InvalidSignature:
+            continue
+        return
+    raise ConfigRejected("bad_signature", "sig does not match the table")
 
 
 # A check returns None when the value is fine, else what is wrong with it.
@@ -174,7 +219,7 @@ _SAMPLE: Final[_Fields] = {
     "i_ua": (_CURRENT, False),
     "i_set_ua": (_CURRENT, False),
     "v_v": (_number(-100, 100), False),
-    "z_ohm": (_number(0, math.inf), False),
+    "z_ohm": (_number(0, REAL_MAX), False),
     "t_elec_c": (_TEMPERATURE, False),
     "t_batt_c": (_TEMPERATURE, False),
     "batt_pct": (_integer(0, 100), False),
@@ -241,11 +286,11 @@ _STATE: Final[_Fields] = {
     "config": (_OBJECT, False),
 }
 _CONFIG_REPORT: Final[_Fields] = {
-    "version": (_integer(1, INT64_MAX), True),
+    "version": (_integer(1, INT32_MAX), True),
     "sha256": (_STRING, True),
     "status": (_one_of(("applied", "rejected")), True),
     "reason": (
-        _one_of(("bad_signature", "stale_version", "outside_envelope", "expired", "malformed")),
+        _one_of(CONFIG_REJECTIONS),
         False,
     ),
 }

@@ -85,7 +85,7 @@ class SimulatedDevice:
         store: DeviceStore,
         address: BrokerAddress,
         *,
-        public_key: bytes,
+        public_keys: bytes | Iterable[bytes],
         clock_ms: Callable[[], int],
         rng: random.Random,
         habits: Habits | None = None,
@@ -110,7 +110,7 @@ class SimulatedDevice:
             identity,
             self.hardware,
             store,
-            public_key=public_key,
+            public_keys=public_keys,
             enforce_limits=Misbehaviour.UNENFORCED_FIRMWARE not in self.misbehaviours,
         )
         self.link = Link(

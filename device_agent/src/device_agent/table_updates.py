@@ -1,15 +1,20 @@
 """Mode tables pushed on ``config``: checked, applied now or after the session, answered.
 
 The checks themselves are :func:`device_agent.modes.check_table`; this module decides when a
-valid table takes over and writes what must survive a power loss in one transaction.
+valid table takes over and writes what must survive a power loss in one transaction, and
+keeps the applied table's record where a wiped store does not reach
+(:mod:`device_agent.anti_rollback`).
 """
 
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 
+from device_agent.anti_rollback import AntiRollback, AppliedRecord
 from device_agent.modes import (
     ModeTable,
+    check_expiry,
     check_table,
     factory_table,
     table_from_payload,
@@ -25,15 +30,30 @@ log = logging.getLogger("galvani.agent")
 class TableUpdates:
     """The mode table in force, the one waiting for a session to end, and their answers."""
 
-    def __init__(self, store: DeviceStore, reporter: Reporter, *, public_key: bytes) -> None:
+    def __init__(
+        self, store: DeviceStore, reporter: Reporter, *, public_keys: bytes | Iterable[bytes]
+    ) -> None:
         self.store = store
         self.reporter = reporter
-        self.public_key = public_key
+        self.public_keys = [public_keys] if isinstance(public_keys, bytes) else list(public_keys)
         self.device_id = reporter.identity.device_id
+        self.anti_rollback = AntiRollback.beside(store.conn, self.device_id)
         stored = store.get("table")
         self.table: ModeTable = (
             table_from_payload(stored) if isinstance(stored, dict) else factory_table()
         )
+        kept = self.anti_rollback.read()
+        if kept is not None and kept.version > self.table.version:
+            # The store was wiped (or lost the table): the newest table this device applied
+            # still holds, so a reset can neither lift a lock nor open the door to older tables.
+            log.warning(
+                "%s: store has table %d, anti-rollback record %d: restoring %d",
+                self.device_id,
+                self.table.version,
+                kept.version,
+                kept.version,
+            )
+            self.table = table_from_payload(kept.table)
         self.pending: ModeTable | None = None
         self._pending_fingerprint: str | None = None
 
@@ -49,10 +69,23 @@ class TableUpdates:
             log.warning("%s: config payload is not JSON; cannot answer it", self.device_id)
             self.store.put("config_seen", fingerprint)
             return
+        if self._is_running_table(payload):
+            # The table in force, delivered again to a store that no longer remembers seeing
+            # it (wiped, then restored from the anti-rollback record): answered as applied
+            # again, not rejected as stale_version.
+            with self.store.transaction():
+                self.store.put("table", dict(self.table.payload))
+                self.store.put("config_seen", fingerprint)
+                self.reporter.state(now_ms, self._applied_answer(self.table))
+            return
         applied = max(self.table.version, self.pending.version if self.pending else 0)
         try:
             table = check_table(
-                payload, public_key=self.public_key, applied_version=applied, now_ms=now_ms
+                payload,
+                public_keys=self.public_keys,
+                device_id=self.device_id,
+                applied_version=applied,
+                now_ms=now_ms,
             )
         except ConfigRejected as rejected:
             # One transaction, as in _apply: answered and marked seen together, so a power
@@ -76,22 +109,52 @@ class TableUpdates:
         self._apply(table, fingerprint, now_ms)
 
     def apply_pending(self, now_ms: int) -> None:
-        """Apply the table that waited for the session that just ended, if any."""
-        if self.pending is not None and self._pending_fingerprint is not None:
-            self._apply(self.pending, self._pending_fingerprint, now_ms)
+        """Apply the table that waited for the session that just ended, if any, unless it
+        expired while it waited (then it is rejected as ``expired``, as on receipt)."""
+        if self.pending is None or self._pending_fingerprint is None:
+            return
+        table, fingerprint = self.pending, self._pending_fingerprint
+        try:
+            check_expiry(table, now_ms)
+        except ConfigRejected as rejected:
+            with self.store.transaction():
+                self._reject(now_ms, dict(table.payload), rejected)
+                self.store.put("config_seen", fingerprint)
+            self.forget_pending()
+            return
+        self._apply(table, fingerprint, now_ms)
 
     def forget_pending(self) -> None:
         """A reboot: the waiting table was in memory only (it is delivered again)."""
         self.pending = None
         self._pending_fingerprint = None
 
-    def _apply(self, table: ModeTable, fingerprint: str, now_ms: int) -> None:
-        answer: dict[str, object] = {
+    def _is_running_table(self, payload: object) -> bool:
+        if self.table.version == 0 or not isinstance(payload, dict):
+            return False
+        try:
+            return table_sha256(payload) == self.table.sha256 and payload.get("sig") == (
+                self.table.payload.get("sig")
+            )
+        except (TypeError, ValueError):  # no canonical JSON: not the table in force
+            return False
+
+    @staticmethod
+    def _applied_answer(table: ModeTable) -> dict[str, object]:
+        return {
             "version": table.version,
             "sha256": table.sha256,
             "status": "applied",
             "reason": None,
         }
+
+    def _apply(self, table: ModeTable, fingerprint: str, now_ms: int) -> None:
+        answer = self._applied_answer(table)
+        # The anti-rollback record first: a power loss after it but before the store's
+        # transaction boots with the record ahead of the store, which restores the table from
+        # it and answers it when the broker delivers it again. The other order could leave a
+        # table in force that a wiped store would forget.
+        self.anti_rollback.raise_to(AppliedRecord(table.version, table.sha256, table.payload))
         # The table, the payload seen and the answer queued on state in one transaction. Apart,
         # a power loss after the table but before the rest would have the redelivered table
         # rejected as stale_version (it is not newer than itself) while it runs, and one after
