@@ -264,13 +264,30 @@ def test_device_time_outside_the_window_is_kept_and_flagged(
         device.publish(topic(d, "telemetry"), telemetry(4, 0, count=1))
     finally:
         device.close()
-    wait_until(lambda: count(database_url, "SELECT count(*) FROM samples") == 4, what="rows")
+    wait_until(
+        lambda: count(database_url, "SELECT count(*) FROM telemetry_messages") == 4,
+        what="the messages",
+    )
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
             "SELECT seq, ts_suspect, received_at IS NOT NULL FROM samples ORDER BY seq"
         ).fetchall()
+        # Suspect-clock samples are kept by receipt time, out of the time-partitioned table.
+        suspect = conn.execute(
+            "SELECT seq, (extract(epoch FROM ts) * 1000)::int8, received_at IS NOT NULL"
+            " FROM suspect_samples ORDER BY seq"
+        ).fetchall()
+        flagged = conn.execute(
+            "SELECT seq FROM telemetry_messages WHERE ts_suspect ORDER BY seq"
+        ).fetchall()
         seen = conn.execute("SELECT last_seen FROM devices WHERE id = %s", [d]).fetchone()
-    assert rows == [(1, True, True), (2, True, True), (3, False, True), (4, True, True)]
+    assert rows == [(3, False, True)]
+    assert suspect == [
+        (1, now_ms - 31 * 86_400_000, True),
+        (2, now_ms + 10 * 60_000, True),
+        (4, 0, True),
+    ]
+    assert flagged == [(1,), (2,), (4,)]
     # A suspect clock never becomes "last seen".
     assert seen is not None
     assert int(seen[0].timestamp() * 1000) == now_ms - 29 * 86_400_000
@@ -407,14 +424,17 @@ def test_a_message_the_database_refuses_becomes_a_dead_letter_without_stalling(
 ):
     ingest_workers.start()
     d = devices[0].device_id
-    # Valid v1 (versions are 64-bit on the wire) but too big for the table's integer column.
-    huge = {"version": 2**40, "sha256": "abc", "status": "applied", "reason": None}
+    # Valid v1, but a session id too long for the sessions key's index entry (~2,700 bytes;
+    # random, so TOAST cannot compress it under the limit).
+    start = event(
+        2, T0_MS, "session_start", session=secrets.token_urlsafe(6000), mode="LIFT", level=3
+    )
     device = connect(broker, devices[0])
     try:
         device.publish_many(
             [
                 (topic(d, "telemetry"), telemetry(1, T0_MS)),
-                (topic(d, "state"), state(2, T0_MS, config=huge)),
+                (topic(d, "events"), start),
             ]
             + [(topic(d, "telemetry"), telemetry(seq, T0_MS + seq * 1000)) for seq in range(3, 50)]
         )

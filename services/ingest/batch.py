@@ -38,6 +38,8 @@ class BatchOutcome:
     invalid: Counter[str] = field(default_factory=Counter)
     samples_stored: int = 0
     samples_conflicting: int = 0
+    # Samples stored in suspect_samples (their device time was a suspect clock).
+    samples_suspect: int = 0
     # Messages whose seq the device had used for another message, by channel.
     reused: Counter[str] = field(default_factory=Counter)
     # Rows added to message_conflicts, by reason.
@@ -52,6 +54,7 @@ class BatchOutcome:
         self.invalid.update(other.invalid)
         self.samples_stored += other.samples_stored
         self.samples_conflicting += other.samples_conflicting
+        self.samples_suspect += other.samples_suspect
         self.reused.update(other.reused)
         self.conflicts.update(other.conflicts)
         self.seq_resets.extend(other.seq_resets)

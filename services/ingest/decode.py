@@ -4,7 +4,6 @@ Everything here is pure: no database, no broker. The device id comes from the to
 the broker's ACL binds to the device's credentials; a payload never names its device.
 """
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from services.common.protocol.limits import (
 from services.common.protocol.models import (
     CURRENT_UA_MAX,
     CURRENT_UA_MIN,
+    IMPEDANCE_OHM_MAX,
     IMPEDANCE_OHM_MIN,
     INT64_MAX,
     MAX_SAMPLES,
@@ -64,8 +64,8 @@ class _FastSample(msgspec.Struct, forbid_unknown_fields=True):
     i_ua: _Current | None = None
     i_set_ua: _Current | None = None
     v_v: Annotated[float, msgspec.Meta(ge=VOLTAGE_V_MIN, le=VOLTAGE_V_MAX)] | None = None
-    # The largest finite float: infinity (from 1e400) is not a reading.
-    z_ohm: Annotated[float, msgspec.Meta(ge=IMPEDANCE_OHM_MIN, le=sys.float_info.max)] | None = None
+    # The largest finite real (float4), as the full path: PostgreSQL stores z_ohm as real.
+    z_ohm: Annotated[float, msgspec.Meta(ge=IMPEDANCE_OHM_MIN, le=IMPEDANCE_OHM_MAX)] | None = None
     t_elec_c: _Temperature | None = None
     t_batt_c: _Temperature | None = None
     batt_pct: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None

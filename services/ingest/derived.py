@@ -130,9 +130,11 @@ _UPDATE_DEVICES: Final = sql.SQL(
         first_seq = LEAST(d.first_seq, u.min_seq),
         last_seq = GREATEST(d.last_seq, u.max_seq),
         seq_count = d.seq_count + u.new_seqs,
+        -- In numeric: seqs span 0 to 2^63 - 1, and last - first + 1 is one past bigint then.
+        -- The difference itself fits (a span that wide holds at least two counted seqs).
         seq_gaps = GREATEST(0, COALESCE(
-            GREATEST(d.last_seq, u.max_seq) - LEAST(d.first_seq, u.min_seq) + 1
-            - (d.seq_count + u.new_seqs), 0)),
+            GREATEST(d.last_seq, u.max_seq)::numeric - LEAST(d.first_seq, u.min_seq) + 1
+            - (d.seq_count + u.new_seqs), 0))::bigint,
         -- "Latest" is the newest device time, not the last message received.
         {state_wins},
         {config_wins},
@@ -207,13 +209,17 @@ class SessionDelta:
         self.out_samples += len(out)
         low, high = GEL_BAND_OHM
         self.gel_ok_samples += sum(1 for z in out if z is not None and low <= z <= high)
-        first = min(rows, key=_sample_time)
+        # A suspect clock's samples count, but their times say nothing about the session's.
+        timed = [row for row in rows if not row[ROW_SUSPECT]]
+        if not timed:
+            return
+        first = min(timed, key=_sample_time)
         if self.first_sample_at is None or first[ROW_TS] < self.first_sample_at:
             self.first_sample_at = first[ROW_TS]
             self.first_batt_pct = first[ROW_BATT_PCT]
             self.first_mode = first[ROW_MODE]
             self.first_level = first[ROW_LEVEL]
-        last = max(row[ROW_TS] for row in rows)
+        last = max(row[ROW_TS] for row in timed)
         if self.last_sample_at is None or last > self.last_sample_at:
             self.last_sample_at = last
 

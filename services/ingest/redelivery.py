@@ -30,9 +30,11 @@ from services.common.protocol import Channel, device_topic
 from services.common.subscriber import Inbound
 from services.ingest.batch import BatchOutcome, M, Message
 from services.ingest.decode import (
+    ROW_SUSPECT,
     ROW_TS,
     SAMPLE_COLUMNS,
     EventIn,
+    SampleRow,
     StateIn,
     TelemetryIn,
     decode_inbound,
@@ -46,6 +48,12 @@ FIND_STORED: Final = sql.SQL(
     " ON s.device_id = u.device_id AND s.ts = u.ts"
     # Constant bounds let the planner skip chunks and partitions no time can be in.
     " WHERE s.ts BETWEEN %s AND %s"
+).format(sql.SQL(", ").join(sql.Identifier("s", c) for c in READINGS))
+# A suspect-clock message's samples, by the message's key (samples.py stores them apart).
+FIND_SUSPECT_STORED: Final = sql.SQL(
+    "SELECT s.device_id, s.seq, s.idx, s.ts, {} FROM suspect_samples s"
+    " JOIN unnest(%b::text[], %b::int8[]) AS u(device_id, seq)"
+    " ON s.device_id = u.device_id AND s.seq = u.seq"
 ).format(sql.SQL(", ").join(sql.Identifier("s", c) for c in READINGS))
 _readings_of: Final = itemgetter(*(SAMPLE_COLUMNS.index(c) for c in READINGS))
 # What a state report says, as state_reports stores it.
@@ -237,31 +245,56 @@ def _stored_sample(
     return (device_id, ts), _as_stored(readings)
 
 
+def _suspect_sample(
+    device_id: str, seq: int, idx: int, ts: datetime, *readings: object
+) -> tuple[tuple[str, int, int], tuple[datetime, tuple[object, ...]]]:
+    return (device_id, seq, idx), (ts, _as_stored(readings))
+
+
 def telemetry_as_held(conn: Conn, items: list[TelemetryIn]) -> list[bool]:
     """Whether each message says what its key holds: the ledger's first sample time, sample
     count and session, and every sample stored at its time with its readings (by whichever
-    message stored it: a sample is keyed by its time, and readings are what it says)."""
+    message stored it: a sample is keyed by its time, and readings are what it says); a
+    suspect-clock sample at its place in the message, with its time and readings."""
     keys = {(m.device_id, m.seq) for m in items}
     ledger = _by_key(conn, "telemetry_messages", ("ts", "samples", "session"), keys, _columns)
-    times = sorted({(m.device_id, row[ROW_TS]) for m in items for row in m.rows})
-    with conn.cursor(row_factory=args_row(_stored_sample)) as cur:
-        stored = dict(
-            cur.execute(
-                FIND_STORED,
-                [
-                    [d for d, _ in times],
-                    [t for _, t in times],
-                    min(t for _, t in times),
-                    max(t for _, t in times),
-                ],
-            ).fetchall()
-        )
+    times = sorted(
+        {(m.device_id, row[ROW_TS]) for m in items for row in m.rows if not row[ROW_SUSPECT]}
+    )
+    stored: dict[tuple[str, datetime], tuple[object, ...]] = {}
+    if times:
+        with conn.cursor(row_factory=args_row(_stored_sample)) as cur:
+            stored = dict(
+                cur.execute(
+                    FIND_STORED,
+                    [
+                        [d for d, _ in times],
+                        [t for _, t in times],
+                        min(t for _, t in times),
+                        max(t for _, t in times),
+                    ],
+                ).fetchall()
+            )
+    suspect_keys = sorted({(m.device_id, m.seq) for m in items if m.ts_suspect})
+    suspect: dict[tuple[str, int, int], tuple[datetime, tuple[object, ...]]] = {}
+    if suspect_keys:
+        with conn.cursor(row_factory=args_row(_suspect_sample)) as by_place:
+            suspect = dict(
+                by_place.execute(
+                    FIND_SUSPECT_STORED,
+                    [[d for d, _ in suspect_keys], [q for _, q in suspect_keys]],
+                ).fetchall()
+            )
+
+    def holds(m: TelemetryIn, idx: int, row: SampleRow) -> bool:
+        readings = _as_stored(_readings_of(row))
+        if row[ROW_SUSPECT]:
+            return suspect.get((m.device_id, m.seq, idx)) == (row[ROW_TS], readings)
+        return stored.get((m.device_id, row[ROW_TS])) == readings
+
     return [
         ledger.get((m.device_id, m.seq)) == (m.ts, len(m.rows), m.session)
-        and all(
-            stored.get((m.device_id, row[ROW_TS])) == _as_stored(_readings_of(row))
-            for row in m.rows
-        )
+        and all(holds(m, idx, row) for idx, row in enumerate(m.rows))
         for m in items
     ]
 

@@ -6,6 +6,12 @@ the same sample time; they are copied straight into the hypertable inside a save
 when the primary key refuses that COPY does the batch stage them (COPY into a temporary
 table, ``INSERT … ON CONFLICT DO NOTHING``) and find which stored times hold other readings:
 staging costs PostgreSQL about twice the CPU per row, so it is paid only on that rare path.
+
+A sample whose device time is a suspect clock (outside ``[received - 30 days, received +
+5 minutes]``, ``services.common.protocol.limits``) goes to ``suspect_samples`` instead: a
+plain table keyed by the message and the sample's place in it, trimmed by receipt time
+(migration 0010). In the hypertable, a wrong clock's times made a chunk a day they spanned and
+a rollup hour per past hour; there, they make one row each and nothing else.
 """
 
 from collections.abc import Iterable
@@ -19,6 +25,8 @@ from services.common.db import Conn
 from services.ingest.batch import BatchOutcome
 from services.ingest.decode import (
     ROW_DEVICE,
+    ROW_RECEIVED_AT,
+    ROW_SUSPECT,
     ROW_TS,
     SAMPLE_COLUMNS,
     SAMPLE_TYPES,
@@ -56,6 +64,25 @@ FIND_TAKEN: Final = sql.SQL(
 )
 
 
+# suspect_samples' columns in COPY order: the message's key and the sample's place in it, the
+# device time as sent, the readings, the receipt time. The readings are SampleRow's columns
+# from ``session`` to ``charging``.
+SUSPECT_COLUMNS: Final = ("device_id", "seq", "idx", "ts", *SAMPLE_COLUMNS[3:15], "received_at")
+SUSPECT_TYPES: Final = ("text", "int8", "int2", "timestamptz", *SAMPLE_TYPES[3:15], "timestamptz")
+SuspectRow = tuple[object, ...]
+_SUSPECT: Final = sql.SQL(", ").join(map(sql.Identifier, SUSPECT_COLUMNS))
+COPY_SUSPECT: Final = sql.SQL("COPY suspect_samples ({}) FROM STDIN (FORMAT BINARY)").format(
+    _SUSPECT
+)
+COPY_SUSPECT_STAGED: Final = sql.SQL(
+    "COPY suspect_samples_in ({}) FROM STDIN (FORMAT BINARY)"
+).format(_SUSPECT)
+INSERT_SUSPECT_STAGED: Final = sql.SQL(
+    "INSERT INTO suspect_samples ({}) SELECT {} FROM suspect_samples_in ON CONFLICT DO NOTHING"
+    " RETURNING device_id, seq, idx"
+).format(_SUSPECT, _SUSPECT)
+
+
 def write_samples(
     conn: Conn, messages: list[TelemetryIn], outcome: BatchOutcome
 ) -> tuple[list[SampleRow], dict[int, list[Taken]]]:
@@ -90,10 +117,24 @@ def _insert_samples(
     conn: Conn, messages: list[TelemetryIn], outcome: BatchOutcome
 ) -> tuple[list[SampleRow], dict[tuple[str, int], list[Taken]]]:
     """COPY the samples of messages with distinct keys; return the rows that were stored and
-    the taken times by message key."""
-    rows = [row for message in messages for row in message.rows]
+    the taken times by message key. Suspect-clock samples go to ``suspect_samples``."""
+    rows: list[SampleRow] = []
+    suspect: list[SampleRow] = []
+    suspect_rows: list[SuspectRow] = []
+    for message in messages:
+        if not message.ts_suspect:
+            rows += message.rows
+            continue
+        for idx, row in enumerate(message.rows):
+            if row[ROW_SUSPECT]:
+                suspect.append(row)
+                suspect_rows.append(_suspect_row(message.seq, idx, row))
+            else:
+                rows.append(row)
+    stored_suspect = _insert_suspect(conn, suspect, suspect_rows) if suspect else []
+    outcome.samples_suspect += len(stored_suspect)
     if not rows:
-        return [], {}
+        return stored_suspect, {}
     # Fast path: the ledger already filtered out redelivered messages, so these samples are
     # new unless a device sent two messages with overlapping times. COPY into the hypertable
     # inside a savepoint; if the primary key objects, fall back to a keyed insert.
@@ -108,7 +149,51 @@ def _insert_samples(
         stored, taken = rows, {}
     outcome.samples_stored += len(stored)
     outcome.samples_conflicting += len(rows) - len(stored)
-    return stored, taken
+    return stored + stored_suspect, taken
+
+
+def _suspect_key(device_id: str, seq: int, idx: int) -> tuple[str, int, int]:
+    return device_id, seq, idx
+
+
+def _suspect_row(seq: int, idx: int, row: SampleRow) -> SuspectRow:
+    return (row[ROW_DEVICE], seq, idx, row[ROW_TS], *row[3:15], row[ROW_RECEIVED_AT])
+
+
+def _insert_suspect(
+    conn: Conn, samples: list[SampleRow], rows: list[SuspectRow]
+) -> list[SampleRow]:
+    """COPY suspect-clock samples into ``suspect_samples``; return those stored.
+
+    Their key is new unless a message under a stored seq carries them (a reused seq, whose
+    message is recorded whole in ``message_conflicts``): then the rows are staged and
+    inserted where their key is free, as the keyed path of ``samples`` does.
+    """
+    try:
+        with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_SUSPECT) as copy:
+            copy.set_types(SUSPECT_TYPES)
+            for row in rows:
+                copy.write_row(row)
+    except errors.UniqueViolation:
+        pass
+    else:
+        return samples
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS suspect_samples_in (LIKE suspect_samples)"
+        " ON COMMIT DELETE ROWS"
+    )
+    with conn.cursor() as cur, cur.copy(COPY_SUSPECT_STAGED) as copy:
+        copy.set_types(SUSPECT_TYPES)
+        for row in rows:
+            copy.write_row(row)
+    with conn.cursor(row_factory=args_row(_suspect_key)) as cur:
+        inserted = set(cur.execute(INSERT_SUSPECT_STAGED).fetchall())
+    conn.execute("TRUNCATE suspect_samples_in")
+    return [
+        sample
+        for sample, row in zip(samples, rows, strict=True)
+        if _suspect_key(*row[:3]) in inserted  # type: ignore[arg-type]
+    ]
 
 
 def _sample_key(device_id: str, ts: datetime) -> tuple[str, datetime]:
@@ -153,12 +238,20 @@ def late_hours(messages: Iterable[TelemetryIn]) -> set[tuple[str, datetime]]:
     A message's samples nearly always lie within one hour, so that case costs two
     comparisons per message rather than an hour computed per sample. Samples a conflict kept
     out of the table (a second sample with the same time) still mark their hour: it holds
-    the first one, so a recompute is at worst unneeded.
+    the first one, so a recompute is at worst unneeded. Suspect-clock samples mark nothing:
+    they are not in ``samples``, so no rollup holds them. A message therefore marks at most
+    the 720 hours (30 days) a plausible time can be late by, and ``rollup_dirty`` holds a
+    device's hour once.
     """
     late: set[tuple[str, datetime]] = set()
     for message in messages:
         cutoff = message.received_at - LATE_SAMPLE_AFTER
-        times = [row[ROW_TS] for row in message.rows]
+        if message.ts_suspect:
+            times = [row[ROW_TS] for row in message.rows if not row[ROW_SUSPECT]]
+            if not times:
+                continue
+        else:
+            times = [row[ROW_TS] for row in message.rows]
         first, last = min(times), max(times)
         if first >= cutoff:
             continue

@@ -1,7 +1,8 @@
-"""Limits of device time and sampling that ingest and rules must read the same way.
+"""Limits of device time, sampling and stored values that ingest and rules must read the same way.
 
 protocol.md: a device samples at 10 Hz while output runs; device time outside
-[received - 30 days, received + 5 minutes] is kept but flagged as a suspect clock.
+[received - 30 days, received + 5 minutes] is a suspect clock: kept, flagged, and its samples
+stored apart from the time-partitioned ones (``suspect_samples``, by receipt time).
 """
 
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,8 @@ from typing import Final
 SAMPLE_PERIOD_S: Final = 0.1
 
 # Device time this far before receipt is a suspect clock (kept, flagged, never trusted for
-# rolling windows).
+# rolling windows). A device's outbox holds at most 7 days (device_agent), so a sample older
+# than this on arrival was not buffered: its clock is wrong.
 CLOCK_PAST_LIMIT: Final = timedelta(days=30)
 # Device time this far after receipt is a suspect clock too.
 CLOCK_FUTURE_LIMIT: Final = timedelta(minutes=5)
@@ -21,3 +23,12 @@ CLOCK_FUTURE_LIMIT: Final = timedelta(minutes=5)
 # a month of room; a clock that far out is not a clock, and the message is refused.
 DEVICE_TIME_MAX: Final = datetime(9999, 12, 1, tzinfo=UTC)
 DEVICE_TIME_MAX_MS: Final = int(DEVICE_TIME_MAX.timestamp() * 1000)
+
+# What PostgreSQL's column types hold, which a valid payload must fit (protocol.md, "Bounds
+# the schema sets"). A value the protocol allowed and the schema could not hold made the whole
+# ingest batch fail and be written again message by message; decode refuses it instead.
+# The largest finite ``real`` (float4): a larger double becomes +Infinity in a real column.
+REAL_MAX: Final = 3.4028234663852886e38
+# PostgreSQL ``integer``: mode-table versions (config_pushes.version, state_reports and
+# devices' reported version) are int4, and the backend issues every version a device runs.
+INT32_MAX: Final = 2**31 - 1

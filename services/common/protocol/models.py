@@ -25,6 +25,7 @@ from services.common.protocol.enums import (
     ReportKind,
     Waveform,
 )
+from services.common.protocol.limits import INT32_MAX, REAL_MAX
 
 PROTOCOL_VERSION: Final = 1
 MAX_SAMPLES: Final = 1000
@@ -41,6 +42,7 @@ CURRENT_UA_MAX: Final = 100_000.0
 VOLTAGE_V_MIN: Final = -100.0
 VOLTAGE_V_MAX: Final = 100.0
 IMPEDANCE_OHM_MIN: Final = 0.0
+IMPEDANCE_OHM_MAX: Final = REAL_MAX  # stored as real: a larger reading would be +Infinity
 TEMP_C_MIN: Final = -40.0
 TEMP_C_MAX: Final = 150.0
 
@@ -58,7 +60,8 @@ Level = Annotated[int, Field(ge=LEVEL_MIN, le=LEVEL_MAX)]
 Current = Annotated[float, Field(ge=CURRENT_UA_MIN, le=CURRENT_UA_MAX)]
 Temperature = Annotated[float, Field(ge=TEMP_C_MIN, le=TEMP_C_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
-TableVersion = Annotated[int, Field(ge=1, le=INT64_MAX)]
+# Mode-table versions are PostgreSQL integer columns (the backend issues them, config_pushes).
+TableVersion = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 class _Wire(BaseModel):
@@ -78,7 +81,7 @@ class Sample(_Wire):
     i_ua: Current | None = None
     i_set_ua: Current | None = None
     v_v: Annotated[float, Field(ge=VOLTAGE_V_MIN, le=VOLTAGE_V_MAX)] | None = None
-    z_ohm: Annotated[float, Field(ge=IMPEDANCE_OHM_MIN)] | None = None
+    z_ohm: Annotated[float, Field(ge=IMPEDANCE_OHM_MIN, le=IMPEDANCE_OHM_MAX)] | None = None
     t_elec_c: Temperature | None = None
     t_batt_c: Temperature | None = None
     batt_pct: Annotated[int, Field(ge=BATT_PCT_MIN, le=BATT_PCT_MAX)] | None = None
