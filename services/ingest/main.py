@@ -68,6 +68,8 @@ def observe(outcome: BatchOutcome, decoded: Sequence[Decoded], committed_at: dat
     metrics.SAMPLES.labels("stored").inc(outcome.samples_stored)
     if outcome.samples_conflicting:
         metrics.SAMPLES.labels("conflicting").inc(outcome.samples_conflicting)
+    if outcome.samples_suspect:
+        metrics.SAMPLES.labels("suspect").inc(outcome.samples_suspect)
     metrics.BATCH_MESSAGES.observe(len(decoded))
     for item in decoded:
         if isinstance(item, DeadLetter):
@@ -108,6 +110,7 @@ class Worker:
         try:
             return self._retrying(decoded)
         except psycopg.Error as exc:  # a bad message: split, so only it is dead-lettered
+            metrics.BATCH_SPLITS.inc()
             log.warning(
                 "batch of %d refused (%s); storing its messages one by one",
                 len(decoded),

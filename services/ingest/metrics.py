@@ -13,7 +13,8 @@ MESSAGES: Final = Counter(
 )
 SAMPLES: Final = Counter(
     "galvani_ingest_samples_total",
-    "Telemetry samples, by outcome (stored; conflicting: same device and time as a stored one)",
+    "Telemetry samples, by outcome (stored; conflicting: same device and time as a stored one;"
+    " suspect: a suspect clock's, stored in suspect_samples)",
     ["outcome"],
 )
 CONFLICTS: Final = Counter(
@@ -24,6 +25,11 @@ CONFLICTS: Final = Counter(
 )
 DEAD_LETTERS: Final = Counter(
     "galvani_ingest_dead_letters_total", "Messages stored as dead letters, by reason", ["reason"]
+)
+BATCH_SPLITS: Final = Counter(
+    "galvani_ingest_batch_splits_total",
+    "Batches the database refused and that were written again one message at a time (a valid "
+    "message the schema cannot hold: every such split delays the whole batch)",
 )
 BATCH_MESSAGES: Final = Histogram(
     "galvani_ingest_batch_messages",
