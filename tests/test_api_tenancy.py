@@ -8,7 +8,7 @@ set gets 403; a revoked, malformed or missing key gets 401 with ``WWW-Authentica
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from httpx2 import Response
 
+from services.api.main import create_app
+from services.api.settings import ApiSettings
 from services.common.mode_tables import DEFAULT_MODES
 from tests.api import SeededBrand, auth, seed_brand
 
@@ -212,6 +214,21 @@ def assert_problem(response: Response, status: int, where: object) -> None:
     assert response.status_code == status, f"{where}: {response.status_code} {response.text}"
     assert response.headers["content-type"] == "application/problem+json", where
     assert response.json()["status"] == status, where
+
+
+@pytest.fixture
+def client(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    """The API on this test's database. The 401 matrix sends a bad key to every route from
+    one address, far past the failed-authentication limit (``test_api_rate_limit.py``), so the
+    limit is set out of its way here."""
+    settings = ApiSettings(
+        database_url=api_database_url,
+        mqtt_password="x",
+        data_dir=tmp_path,
+        auth_failures_per_window=1_000_000,
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
+import anyio.from_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
@@ -25,7 +26,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from services.api.alerts.repository import AlertReadRepository, AlertRepository
-from services.api.brands.repository import BrandReadRepository, BrandRepository, KeyRow
+from services.api.auth import AuthReadRepository, AuthRepository, Lookup
+from services.api.brands.repository import BrandRepository
 from services.api.brands.schemas import BRAND_ID_PATTERN
 from services.api.conflicts.repository import ConflictReadRepository
 from services.api.database import psycopg_connection
@@ -34,7 +36,14 @@ from services.api.fleet.repository import FleetReadRepository, FleetRepository
 from services.api.mode_tables.repository import ModeTableRepository
 from services.api.problems import ProblemError
 from services.api.publisher import ConfigPublisher
-from services.api.rate_limit import RateLimiter, retry_after_header
+from services.api.rate_limit import (
+    FailureLimit,
+    SharedLimits,
+    address_bucket,
+    conflict_bucket,
+    prefix_bucket,
+    retry_after_header,
+)
 from services.api.repository import ReadRepository, Repository
 from services.api.rollouts.repository import RolloutRepository
 from services.api.rules.repository import RuleRepository
@@ -91,21 +100,86 @@ def _unauthorized(detail: str) -> ProblemError:
     )
 
 
-def _admit(request: Request, row: KeyRow | None) -> ApiKey:
-    """The key of ``row`` (``None``: unknown or revoked), within its rate limit."""
-    if row is None:
-        raise _unauthorized("the API key is unknown or has been revoked")
-    limiter: RateLimiter = request.app.state.rate_limiter
-    wait_s = limiter.take(row.id)
+def _too_many(detail: str, wait_s: float) -> ProblemError:
+    return ProblemError(
+        429,
+        "rate-limited",
+        "Too many requests",
+        f"{detail}; retry in {wait_s:.1f} s",
+        headers={"Retry-After": retry_after_header(wait_s)},
+    )
+
+
+@dataclass(frozen=True)
+class _Auth:
+    """What admitting a request needs: the shared limits and where the request came from."""
+
+    limits: SharedLimits
+    failures: FailureLimit
+    address: str
+
+    @classmethod
+    def of(cls, request: Request) -> "_Auth":
+        # The TCP peer (uvicorn puts a trusted proxy's X-Forwarded-For here when configured).
+        address = request.client.host if request.client else "unknown"
+        return cls(request.app.state.limits, request.app.state.auth_failures, address)
+
+    def lookup_args(self) -> tuple[str, int, float]:
+        """The lookup's address bucket and failure limit."""
+        return address_bucket(self.address), self.failures.failures, self.failures.window_s
+
+    def screen(self, found: Lookup) -> uuid.UUID | None:
+        """Refuse an address over its failure limit, whatever key it sends now; the key's id
+        (None: no active key has the secret)."""
+        if found.blocked_s is not None and found.blocked_s > 0:
+            raise _too_many("too many failed authentications from this address", found.blocked_s)
+        return found.id
+
+    def failure_buckets(self, secret: str) -> tuple[str, str]:
+        """Where a failed authentication counts: the address and the presented key prefix."""
+        return address_bucket(self.address), prefix_bucket(secret)
+
+    @staticmethod
+    def refuse(failure_wait_s: float) -> ProblemError:
+        """401 for a failed authentication, or 429 once it is over a failure limit."""
+        if failure_wait_s > 0:
+            return _too_many(
+                "too many failed authentications from this address or with this key prefix",
+                failure_wait_s,
+            )
+        return _unauthorized("the API key is unknown or has been revoked")
+
+
+def _key(found: Lookup, wait_s: float) -> ApiKey:
+    """The admitted caller, or a 429 when its key is over its rate limit."""
     if wait_s > 0:
-        raise ProblemError(
-            429,
-            "rate-limited",
-            "Too many requests",
-            f"this key is over its rate limit; retry in {wait_s:.1f} s",
-            headers={"Retry-After": retry_after_header(wait_s)},
-        )
-    return ApiKey(row.id, Role(row.role), row.brand_id, row.name)
+        raise _too_many("this key is over its rate limit", wait_s)
+    assert found.id is not None
+    assert found.role is not None
+    assert found.name is not None
+    return ApiKey(found.id, Role(found.role), found.brand_id, found.name)
+
+
+def _admit_sync(request: Request, secret: str, found: Lookup) -> ApiKey:
+    """Admit on a worker thread (the read-write unit); the shared limits run on the loop."""
+    auth = _Auth.of(request)
+    key_id = auth.screen(found)
+    if key_id is None:
+        buckets = auth.failure_buckets(secret)
+        raise auth.refuse(anyio.from_thread.run(auth.limits.count_failure, auth.failures, *buckets))
+    if auth.limits.take_local(key_id):
+        return _key(found, 0.0)
+    return _key(found, anyio.from_thread.run(auth.limits.take, key_id))
+
+
+async def _admit(request: Request, secret: str, found: Lookup) -> ApiKey:
+    """Admit on the event loop (the read-only unit, and the alert stream)."""
+    auth = _Auth.of(request)
+    key_id = auth.screen(found)
+    if key_id is None:
+        wait_s = await auth.limits.count_failure(auth.failures, *auth.failure_buckets(secret))
+        raise auth.refuse(wait_s)
+    return _key(found, 0.0 if auth.limits.take_local(key_id) else await auth.limits.take(key_id))
 
 
 @dataclass(frozen=True)
@@ -133,7 +207,8 @@ def write_unit(request: Request, credentials: _Credentials) -> Iterator[Unit[Ses
     request.state.after_commit = after
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
-            key = _admit(request, BrandRepository(session).active_key(secret))
+            found = AuthRepository(session).lookup(secret, *_Auth.of(request).lookup_args())
+            key = _admit_sync(request, secret, found)
             yield Unit(session, key)
         for callback in after:
             with session.begin():
@@ -146,7 +221,8 @@ async def read_unit(request: Request, credentials: _Credentials) -> AsyncIterato
     secret = _secret(credentials)
     pool: AsyncConnectionPool[AsyncConn] = request.app.state.read_pool
     async with pool.connection() as conn:
-        yield Unit(conn, _admit(request, await BrandReadRepository(conn).active_key(secret)))
+        found = await AuthReadRepository(conn).lookup(secret, *_Auth.of(request).lookup_args())
+        yield Unit(conn, await _admit(request, secret, found))
 
 
 # scope="function": the unit ends before the response is sent, so a client never sees a
@@ -240,6 +316,50 @@ def brand_scope(repository: Repository, key: ApiKey, requested: str | None) -> s
 
 def _no_brand(requested: str | None) -> ProblemError:
     return ProblemError(404, "not-found", "Not found", f"there is no brand {requested!r}")
+
+
+@dataclass(frozen=True)
+class ProvisionConflicts:
+    """A key's provisioning conflicts (a device id already taken) against their limit.
+
+    Device ids are MQTT client ids, one namespace for every brand, so an id another brand
+    holds cannot be given: it answers exactly as an id of the caller's own brand (409
+    ``device-exists``, the same sentence). Past the limit, every provisioning call of the key
+    answers 429 until the window ends, so the 409 cannot be used to enumerate the ids other
+    brands hold."""
+
+    limits: SharedLimits
+    limit: FailureLimit
+    bucket: str
+
+    @classmethod
+    def of(cls, request: Request, repository: Repository, key: ApiKey) -> "ProvisionConflicts":
+        """The key's conflicts; refuses the call (429) while the key is over the limit."""
+        conflicts = cls(
+            request.app.state.limits,
+            request.app.state.provision_conflicts,
+            conflict_bucket(key.id),
+        )
+        wait_s = AuthRepository(repository.session).failure_wait(
+            conflicts.bucket, conflicts.limit.failures, conflicts.limit.window_s
+        )
+        if wait_s > 0:
+            raise conflicts._over(wait_s)
+        return conflicts
+
+    def refuse(self, detail: str) -> ProblemError:
+        """Count a conflict: 409 ``device-exists`` with ``detail``, or 429 past the limit."""
+        wait_s = anyio.from_thread.run(self.limits.count_failure, self.limit, self.bucket)
+        if wait_s > 0:
+            return self._over(wait_s)
+        return ProblemError(409, "device-exists", "Device not provisioned", detail)
+
+    def _over(self, wait_s: float) -> ProblemError:
+        return _too_many(
+            f"this key named a device id that is taken more than {self.limit.failures} times"
+            f" in {self.limit.window_s:.0f} s",
+            wait_s,
+        )
 
 
 def require(key: ApiKey, *roles: Role) -> None:

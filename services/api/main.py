@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from services.api import problems, server
 from services.api.alerts.endpoints import router as alerts_router
 from services.api.alerts.feed import AlertFeed
+from services.api.alerts.stream import StreamSlots
 from services.api.alerts.stream import router as alert_stream_router
 from services.api.brands.endpoints import router as brands_router
 from services.api.conflicts.endpoints import router as conflicts_router
@@ -24,7 +25,7 @@ from services.api.health.endpoints import router as health_router
 from services.api.metrics import RequestMetrics
 from services.api.mode_tables.endpoints import router as mode_tables_router
 from services.api.publisher import ConfigPublisher
-from services.api.rate_limit import RateLimiter
+from services.api.rate_limit import FailureLimit, SharedLimits
 from services.api.rollouts.endpoints import router as rollouts_router
 from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
@@ -53,7 +54,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         await read_pool.open(wait=False)
         app.state.read_pool = read_pool
         app.state.settings = settings
-        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        limits = SharedLimits(
+            database_url, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
+        )
+        await limits.open()
+        app.state.limits = limits
+        app.state.auth_failures = FailureLimit(
+            settings.auth_failures_per_window, settings.auth_failure_window_s
+        )
+        app.state.provision_conflicts = FailureLimit(
+            settings.provision_conflicts_per_window, settings.provision_conflict_window_s
+        )
+        app.state.alert_streams = StreamSlots(
+            settings.alert_streams_per_key, settings.alert_streams_per_process
+        )
         # The same key directory as the rules workers: whoever starts first creates it.
         signing_key = load_or_create_key(settings.key_dir())
         app.state.signing_key = signing_key
@@ -67,6 +81,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         finally:
             feed.close()
             publisher.close()
+            await limits.close()
             await read_pool.close()
             engine.dispose()
 

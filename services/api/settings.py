@@ -24,9 +24,26 @@ class ApiSettings(ServiceSettings):
     # (then 503).
     pool_size: int = 10
     pool_timeout_s: float = Field(default=10.0, gt=0)
-    # Per API key: this many requests at once, then this many a second (429 beyond).
-    rate_limit_burst: int = 100
-    rate_limit_per_s: float = 50.0
+    # Per API key, across every API process: this many requests at once, then this many a
+    # second (429 beyond).
+    rate_limit_burst: int = Field(default=100, ge=1)
+    rate_limit_per_s: float = Field(default=50.0, gt=0)
+    # Failed authentications (an unknown or revoked key), per source address and per presented
+    # key prefix, across every API process: this many in a window of this many seconds; beyond,
+    # 429 until the window ends, and an address over it is refused whatever key it sends.
+    auth_failures_per_window: int = Field(default=20, ge=1)
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
+    # Provisioning conflicts (a device id already taken) per key, across every API process:
+    # beyond this many in a window, every provisioning call of the key gets 429 until it ends,
+    # so the answer cannot be used to enumerate the ids other brands hold.
+    provision_conflicts_per_window: int = Field(default=20, ge=1)
+    provision_conflict_window_s: float = Field(default=600.0, gt=0)
+    # Open alert streams (GET /v1/alerts/stream), per key and in all, in each API process.
+    alert_streams_per_key: int = Field(default=5, ge=1)
+    alert_streams_per_process: int = Field(default=200, ge=1)
+    # At most this many alert changes replayed after Last-Event-ID (the newest of them), read
+    # and sent a page at a time.
+    alert_replay_max_changes: int = Field(default=10_000, ge=1)
     # The mode-table signing key's directory (default ``<data_dir>/secrets``).
     signing_key_dir: Path | None = None
 

@@ -31,6 +31,11 @@ class ReservedDeviceIdError(ProvisioningError):
     """The device id starts with the prefix of the backend's own MQTT client ids."""
 
 
+class DeviceIdTakenError(ProvisioningError):
+    """The device id is taken: by a device of this brand or of another, decommissioned or not.
+    The message is the same in every case, so it says nothing about whose it is."""
+
+
 @dataclass(frozen=True)
 class ProvisionedDevice:
     """A new device and its broker password (shown once, stored only as a hash)."""
@@ -73,7 +78,12 @@ def provision_device(
                 [device_id, brand_id, model, user_id, hash_password(password)],
             )
     except errors.UniqueViolation as exc:
-        raise ProvisioningError(f"device {device_id} already exists") from exc
+        # Device ids are MQTT client ids, one namespace for every brand: the id cannot be
+        # given twice, but the answer must not tell a brand whether another brand holds it.
+        raise DeviceIdTakenError(
+            f"device id {device_id!r} is not available: device ids are MQTT client ids, unique"
+            " across the platform; choose another"
+        ) from exc
     except errors.ForeignKeyViolation as exc:
         raise ProvisioningError(f"brand {brand_id} does not exist") from exc
     return ProvisionedDevice(device_id=device_id, password=password)

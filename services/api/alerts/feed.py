@@ -5,7 +5,9 @@ A trigger on ``alerts`` sends ``pg_notify('galvani_alerts', {id, brand, seq})`` 
 insert and update; PostgreSQL delivers it when the writing transaction commits, in commit
 order, and never for a rollback. The feed wakes the brand's streams with the changed ids; each
 stream reads those alerts' current rows itself, so a slow client only coalesces ids and never
-holds up the others or the feed.
+holds up the others or the feed. A trigger on ``api_keys`` sends ``{key}`` on the same channel
+when a key is revoked (migration 0011): the feed wakes that key's streams, which check their
+key again and close.
 """
 
 import asyncio
@@ -14,6 +16,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -31,6 +34,7 @@ class Subscription:
     """One stream's pending changes: alert ids to read, and an event to wake it."""
 
     brand_id: str
+    key_id: uuid.UUID
     loop: asyncio.AbstractEventLoop
     pending: set[int] = field(default_factory=set)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,9 +69,9 @@ class AlertFeed:
         self._thread = threading.Thread(target=self._run, name="alert-feed", daemon=True)
         self._thread.start()
 
-    def subscribe(self, brand_id: str) -> Subscription:
-        """A subscription for the calling stream (call on the event loop)."""
-        subscription = Subscription(brand_id, asyncio.get_running_loop())
+    def subscribe(self, brand_id: str, key_id: uuid.UUID) -> Subscription:
+        """A subscription for the calling stream of ``key_id`` (call on the event loop)."""
+        subscription = Subscription(brand_id, key_id, asyncio.get_running_loop())
         with self._lock:
             self._subscriptions.add(subscription)
         return subscription
@@ -105,14 +109,25 @@ class AlertFeed:
     def _deliver(self, payload: str) -> None:
         try:
             change = json.loads(payload)
+            if "key" in change:
+                self._wake_key(uuid.UUID(str(change["key"])))
+                return
             alert_id, brand_id = int(change["id"]), str(change["brand"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("alert feed: unexpected notification %r", payload[:200])
             return
         with self._lock:
             targets = [s for s in self._subscriptions if s.brand_id == brand_id]
         for subscription in targets:
             _call_soon(subscription, alert_id)
+
+    def _wake_key(self, key_id: uuid.UUID) -> None:
+        """Wake the key's streams with nothing to read: each checks its key on every wake."""
+        with self._lock:
+            targets = [s for s in self._subscriptions if s.key_id == key_id]
+        for subscription in targets:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: the stream is gone
+                subscription.loop.call_soon_threadsafe(subscription.wake.set)
 
     def _wake_all_lost(self) -> None:
         with self._lock:

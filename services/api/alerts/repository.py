@@ -14,7 +14,7 @@ COLUMNS: Final = (
     "id, device_id, rule, rule_version, severity, state, count, first_seen, last_seen,"
     " explanation, acknowledged_at, acknowledged_by, resolved_at, resolved_by, resolution"
 )
-MAX_CHANGES: Final = 500
+MAX_CHANGES: Final = 500  # a page of the event stream's reads
 
 LIST: Final = (
     f"SELECT {COLUMNS} FROM alerts"  # noqa: S608 - constant column list
@@ -129,6 +129,18 @@ class AlertReadRepository(ReadRepository):
         at most :data:`MAX_CHANGES`."""
         params = {"brand": brand_id, "ids": ids, "after": after_seq, "limit": MAX_CHANGES}
         return await self.all(CHANGED, params, class_row(ChangedAlert))
+
+    async def replay_from(self, brand_id: str, after_seq: int, max_changes: int) -> int | None:
+        """Where a replay of at most ``max_changes`` after ``after_seq`` must start instead
+        (the change before the newest ``max_changes``), or None when there are no more than
+        that. It walks at most ``max_changes`` entries of the brand's change index."""
+        start = await self.one(
+            "SELECT change_seq FROM alerts WHERE brand_id = %s AND change_seq > %s"
+            " ORDER BY change_seq DESC OFFSET %s LIMIT 1",
+            [brand_id, after_seq, max_changes],
+            class_row(_Newest),
+        )
+        return start.change_seq if start else None
 
     async def newest_change(self, brand_id: str) -> int:
         """The brand's highest change number (0 when it has no alerts)."""

@@ -1,37 +1,16 @@
 """Brands and API keys. Never commits: the request's unit of work owns the transaction."""
 
 import uuid
-from dataclasses import dataclass
-from typing import Final
 
-from psycopg.rows import args_row, class_row, dict_row
+from psycopg.rows import class_row, dict_row
 
 from services.api.brands.schemas import Brand
-from services.api.repository import ReadRepository, Repository
-from services.common.api_keys import IssuedKey, Role, digest, issue_key
-
-ACTIVE_KEY: Final = (
-    "SELECT id, role, brand_id, name FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
-)
-
-
-@dataclass(frozen=True)
-class KeyRow:
-    """An active key as stored; its fields in :data:`ACTIVE_KEY`'s column order, so the row is
-    built positionally (``args_row``: every request reads it, and by name costs 9 µs more)."""
-
-    id: uuid.UUID
-    role: str
-    brand_id: str | None
-    name: str
+from services.api.repository import Repository
+from services.common.api_keys import IssuedKey, Role, issue_key
 
 
 class BrandRepository(Repository):
     """Brands and keys on the read-write unit."""
-
-    def active_key(self, secret: str) -> KeyRow | None:
-        """The unrevoked key whose secret is ``secret``, or None."""
-        return self.one(ACTIVE_KEY, [digest(secret)], args_row(KeyRow))
 
     def exists(self, brand_id: str) -> bool:
         """Whether the brand exists."""
@@ -62,11 +41,3 @@ class BrandRepository(Repository):
             dict_row,
         )
         return revoked is not None
-
-
-class BrandReadRepository(ReadRepository):
-    """Keys on the read-only unit."""
-
-    async def active_key(self, secret: str) -> KeyRow | None:
-        """The unrevoked key whose secret is ``secret``, or None."""
-        return await self.one(ACTIVE_KEY, [digest(secret)], args_row(KeyRow))

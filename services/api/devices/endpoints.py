@@ -52,6 +52,7 @@ def provision(
     """Create a device and its broker credentials; it can connect as soon as this returns."""
     require(key, Role.ADMIN, Role.OPERATOR)
     brand = deps.brand_scope(devices, key, body.brand)
+    conflicts = deps.ProvisionConflicts.of(request, devices, key)
     try:
         device = provisioning.provision_device(
             devices.conn, device_id=body.device_id, brand_id=brand, model=body.model,
@@ -59,6 +60,8 @@ def provision(
         )  # fmt: skip
     except provisioning.ReservedDeviceIdError as exc:
         raise ProblemError(422, "reserved-device-id", "Reserved device id", str(exc)) from None
+    except provisioning.DeviceIdTakenError as exc:
+        raise conflicts.refuse(str(exc)) from None
     except provisioning.ProvisioningError as exc:
         # The constraint's error is the cause: its SQLSTATE and name say which it was.
         invalid = ProblemError(422, "invalid-device", "Device not provisioned", str(exc))
