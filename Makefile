@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-agent bench-rules bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
+.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
 	@echo "make check  - ruff, mypy (strict) and the import-cycle check"
 	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
+	@echo "make bench-flood - one device floods for 60 s: the other devices' ingest lag (BENCH_ARGS=...)"
 	@echo "make bench-ingest-floor - CPU per sample of paho receive+ack and of decoding (no servers)"
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
@@ -48,6 +49,11 @@ test: test-deps venv
 # Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
 bench-ingest: test-deps venv
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+
+# One device floods for 60 s while 20 publish normally: their ingest lag, the flooder's accepted
+# rate, ingest's throttle counts. BENCH_ARGS="--no-throttle" measures without the budget.
+bench-flood: test-deps venv
+	$(PY) -m bench.flood $(BENCH_ARGS)
 
 # No servers: what paho and decoding cost per sample, the client side of ingest's CPU floor.
 bench-ingest-floor: venv

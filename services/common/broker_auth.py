@@ -7,6 +7,13 @@ proportional to the fleet (measured: 2,000 devices took 112 s, 160 ms for the ne
 Pattern ACLs in a file cost nothing per device, and a SIGHUP reload re-reads both files and
 disconnects clients whose credentials are gone (see docs/architecture.md).
 
+The same reload keeps a flooding device out for a while: ingest bans it (:func:`ban_devices`,
+services/ingest/throttle.py), which writes it with its end time into ``devices.banned`` and
+re-renders the password file without it; the reload disconnects it (MQTT 5 DISCONNECT 0x98,
+Administrative action) and refuses its reconnects (CONNACK 0x87 / 3.1.1 return code 5) until
+:func:`lift_expired_bans` renders it back. Every rendering of the password file leaves out the
+devices banned in that file, so a provisioning call meanwhile does not let one back in.
+
 Two listeners, each with its own files:
 
 * the device listener forces the client id to the username (``use_username_as_clientid``),
@@ -30,6 +37,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +64,7 @@ DEVICE_PASSWD_FILE = "devices.passwd"  # noqa: S105 - a file name
 DEVICE_ACL_FILE = "devices.acl"
 SERVICE_PASSWD_FILE = "services.passwd"  # noqa: S105 - a file name
 SERVICE_ACL_FILE = "services.acl"
+DEVICE_BAN_FILE = "devices.banned"
 PID_FILE = "mosquitto.pid"
 LOCK_FILE = ".auth.lock"
 
@@ -178,12 +187,39 @@ class BrokerFiles:
             acl += ["", f"user {account}", *SERVICE_ACLS[account]]
         self.write(SERVICE_ACL_FILE, "\n".join(acl) + "\n")
 
-    def write_device_files(self, credentials: Iterable[tuple[str, str]]) -> int:
+    def bans(self) -> dict[str, float]:
+        """Every entry of the ban file, expired or not: device id to the end of its ban (Unix
+        seconds). A missing file bans no one; a line that is not ``<id> <end>`` is ignored."""
+        try:
+            text = self.path(DEVICE_BAN_FILE).read_text()
+        except FileNotFoundError:
+            return {}
+        bans: dict[str, float] = {}
+        for line in text.splitlines():
+            device_id, _, until = line.partition(" ")
+            try:
+                bans[device_id] = float(until)
+            except ValueError:
+                continue
+        return bans
+
+    def write_bans(self, bans: dict[str, float]) -> None:
+        """Replace the ban file with ``bans`` (device id to the end of its ban)."""
+        self.write(DEVICE_BAN_FILE, "".join(f"{d} {u:.3f}\n" for d, u in sorted(bans.items())))
+
+    def write_device_files(
+        self, credentials: Iterable[tuple[str, str]], *, now: float | None = None
+    ) -> int:
         """Render the device listener's files from ``(device_id, hash)`` pairs; return how
-        many devices may log in. A reserved id is left out and logged as an error."""
+        many devices may log in. A reserved id is left out and logged as an error; a device
+        banned past ``now`` (default: the current time) is left out until its ban ends."""
+        moment = time.time() if now is None else now
+        banned = {d for d, until in self.bans().items() if until > moment}
         lines: list[str] = []
         reserved: list[str] = []
         for device_id, encoded in credentials:
+            if device_id in banned:
+                continue
             if is_reserved_client_id(device_id):
                 reserved.append(device_id)
             else:
@@ -237,3 +273,31 @@ def sync_device_credentials(conn: Conn, files: BrokerFiles) -> int:
         count = files.write_device_files(active_device_credentials(conn))
         files.reload_broker()
     return count
+
+
+def ban_devices(conn: Conn, files: BrokerFiles, bans: dict[str, float]) -> None:
+    """Keep each device of ``bans`` off the broker until its end time (Unix seconds): written
+    to the ban file (a later end wins), left out of the re-rendered password file, and
+    disconnected by the broker's reload. Messages the broker acknowledged before stay queued
+    for ingest; what the device had not had acknowledged stays in its outbox."""
+    with files.locked():
+        current = files.bans()
+        for device_id, until in bans.items():
+            current[device_id] = max(until, current.get(device_id, 0.0))
+        files.write_bans(current)
+        files.write_device_files(active_device_credentials(conn))
+        files.reload_broker()
+
+
+def lift_expired_bans(conn: Conn, files: BrokerFiles, now: float | None = None) -> list[str]:
+    """Let back in the devices whose ban ended by ``now`` (default: the current time); return
+    them. Nothing is rendered or reloaded when no ban has ended."""
+    moment = time.time() if now is None else now
+    with files.locked():
+        current = files.bans()
+        ended = sorted(d for d, until in current.items() if until <= moment)
+        if ended:
+            files.write_bans({d: u for d, u in current.items() if u > moment})
+            files.write_device_files(active_device_credentials(conn), now=moment)
+            files.reload_broker()
+    return ended

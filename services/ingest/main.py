@@ -35,6 +35,7 @@ from services.ingest.decode import (
     decode_inbound,
 )
 from services.ingest.settings import IngestSettings
+from services.ingest.throttle import Budget, Throttle, senders
 from services.ingest.writer import BatchOutcome, write_batch
 
 log = logging.getLogger("galvani.ingest")
@@ -97,10 +98,20 @@ class Worker:
         self._storage = Storage.PLAIN
         self.loop = WorkerLoop(settings, metrics.WORKER, stop, on_connect=self._learn_storage)
         self.subscriber = self.loop.subscriber
+        self.throttle = (
+            Throttle(
+                Budget(settings.throttle_messages, settings.throttle_window_s),
+                settings.throttle_ban_s,
+                settings.mosquitto_dir(),
+                self.loop.db.transaction,
+            )
+            if settings.throttle
+            else None
+        )
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then store what is pending and disconnect."""
-        self.loop.run(self.flush)
+        self.loop.run(self.flush, between=self.throttle.tick if self.throttle else None)
 
     def _learn_storage(self, conn: Conn) -> None:
         self._storage = storage_of(conn)
@@ -140,6 +151,10 @@ class Worker:
     def flush(self, inbound: list[Inbound]) -> None:
         """Store and acknowledge one batch, oldest message first."""
         decoded = [decode_inbound(message) for message in inbound]
+        if self.throttle is not None:
+            # Before the commit, so a flooder is banned a commit sooner; the batch is stored
+            # all the same (a ban drops nothing the broker acknowledged).
+            self.throttle.observe(senders(decoded))
         with metrics.COMMIT_SECONDS.time():
             outcome = self.write(inbound, decoded)
         committed_at = datetime.now(UTC)

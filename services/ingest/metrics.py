@@ -46,5 +46,15 @@ LAG_SECONDS: Final = Histogram(
     "Device time of a message to the commit that stored it",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
 )
+THROTTLED: Final = Counter(
+    "galvani_ingest_devices_throttled_total",
+    "Devices over their message budget, by action (banned from the broker, ban_failed, lifted:"
+    " let back in when the ban ended)",
+    ["action"],
+)
+OVER_BUDGET_MESSAGES: Final = Counter(
+    "galvani_ingest_over_budget_messages_total",
+    "Messages committed from devices past their budget in the window (all stored)",
+)
 # Held messages, connection, database retries and MQTT session counters, as every worker.
 WORKER: Final = WorkerMetrics("ingest", publishes=True)

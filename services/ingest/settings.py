@@ -1,5 +1,6 @@
 """Ingest worker settings (environment prefix ``GALVANI_INGEST_``)."""
 
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field
@@ -22,3 +23,19 @@ class IngestSettings(WorkerSettings):
     # deletes a message from its outbox only then. Off only for fleets whose firmware deletes
     # on the broker's PUBACK and does not listen (it saves one small publish per device a batch).
     stored_acks: bool = True
+    # A device's message budget, counted by each worker in the batches it takes (services/ingest/
+    # throttle.py): past ``throttle_messages`` in ``throttle_window_s`` the device is banned
+    # from the broker for ``throttle_ban_s``. protocol.md: a device sends at most 10 telemetry
+    # messages a second (usually 1) and a few events; the budget is 20 times that, so an outbox
+    # replayed after an outage only slows down. Off, a flooding device delays every other.
+    throttle: bool = True
+    throttle_messages: int = Field(default=2000, ge=10)
+    throttle_window_s: float = Field(default=10.0, gt=0, le=3600)
+    throttle_ban_s: float = Field(default=30.0, gt=0, le=86_400)
+    # The broker's configuration directory, where bans are written (default
+    # ``<data_dir>/mosquitto``, as ``make run`` lays it out); ingest and the broker share a host.
+    broker_dir: Path | None = None
+
+    def mosquitto_dir(self) -> Path:
+        """Where the broker's auth files live."""
+        return self.broker_dir or self.data_dir / "mosquitto"

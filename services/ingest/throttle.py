@@ -1,0 +1,190 @@
+"""A per-device message budget: a device sending past it is banned from the broker for a while.
+
+Mosquitto 2.0 has no per-client rate limit. Its ``max_inflight_messages`` is also sent to
+MQTT 5 clients as Receive Maximum, but the broker answers a QoS 1 PUBLISH with its PUBACK as
+soon as it has queued the message (src/handle_publish.c), so a device's rate is bounded only
+by its round trip, tens of thousands of messages a second on a fast link. Every message a
+device gets a PUBACK for is queued for the ingest group in arrival order, and a shared
+subscription has one queue per worker: whatever a flooding device sends before it is stopped
+sits ahead of every other device's messages (measured: 20,000 msg/s from one device for 20 s,
+another device's ingest lag 30 s).
+
+So ingest counts each device's messages in every batch it takes, before storing the batch
+(every message is stored, over the budget or not: the broker acknowledged it), and a device
+past ``throttle_messages`` in a ``throttle_window_s`` window is banned for ``throttle_ban_s``
+through the broker's password file (services.common.broker_auth.ban_devices): the broker
+disconnects it at once and refuses its reconnects until the ban ends. What it had sent and
+had acknowledged is still queued and stored; what it had not had acknowledged is still in its
+outbox, to be sent after the ban. Nothing acknowledged is dropped, and what the flooder adds
+to everyone's queue is bounded by the budget plus what it sends while ingest reaches its
+messages and the broker reloads (measured by ``make bench-flood``).
+
+Each worker counts what it sees. A shared subscription deals one device's messages round-robin
+over the group's workers, so with W workers a device is banned at about W times the budget.
+"""
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from services.common.broker_auth import BrokerFiles, ban_devices, lift_expired_bans
+from services.common.db import Conn
+from services.ingest import metrics
+from services.ingest.decode import Decoded
+
+log = logging.getLogger("galvani.ingest.throttle")
+
+# How often a worker looks for bans that have ended (its own or another worker's).
+LIFT_CHECK_INTERVAL_S: Final = 1.0
+
+# Runs a function in a transaction of the worker's database (RetryingDatabase.transaction).
+InTransaction = Callable[[Callable[[Conn], None]], None]
+
+
+def senders(decoded: Sequence[Decoded]) -> Iterator[str]:
+    """The device of each message of a batch whose topic named one (dead letters too: a
+    device flooding malformed payloads costs ingest as much as one flooding valid ones)."""
+    for item in decoded:
+        if item.device_id is not None:
+            yield item.device_id
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many messages one device may send in a window, as one worker counts them."""
+
+    messages: int
+    window_s: float
+
+
+@dataclass
+class Counts:
+    """Messages per device in the current fixed window; says who is over the budget.
+
+    Fixed windows: a device can send up to twice the budget across a window boundary, which a
+    budget many times a device's legitimate rate allows for.
+    """
+
+    budget: Budget
+    clock: Callable[[], float] = time.monotonic
+    _started: float = field(init=False)
+    _counts: Counter[str] = field(default_factory=Counter, init=False)
+
+    def __post_init__(self) -> None:
+        self._started = self.clock()
+
+    def add(self, device_ids: Iterable[str]) -> tuple[list[str], int]:
+        """Count a committed batch's messages by device; return the devices of the batch that
+        are over the budget and how many of the batch's messages were past it."""
+        now = self.clock()
+        if now - self._started >= self.budget.window_s:
+            self._started = now
+            self._counts.clear()
+        limit = self.budget.messages
+        counts = self._counts
+        over: list[str] = []
+        over_messages = 0
+        for device_id, count in Counter(device_ids).items():
+            before = counts[device_id]
+            after = before + count
+            counts[device_id] = after
+            if after > limit:
+                over_messages += after - max(before, limit)
+                over.append(device_id)
+        return over, over_messages
+
+    def forget(self, device_id: str) -> None:
+        """Count ``device_id`` from zero again (it has been banned: after the ban it starts
+        afresh, whatever window the ban ends in)."""
+        self._counts.pop(device_id, None)
+
+
+class Throttle:
+    """Counts committed messages per device and bans a device that goes over its budget."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        ban_s: float,
+        broker_dir: Path,
+        transaction: InTransaction,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``transaction`` runs the ban's reading of device credentials in the database."""
+        self.counts = Counts(budget, clock)
+        self.ban_s = ban_s
+        self.files = BrokerFiles(broker_dir)
+        self._transaction = transaction
+        self._clock = clock
+        self._banned_until: dict[str, float] = {}  # by this worker, on its clock
+        self._next_lift_check = 0.0
+
+    def observe(self, device_ids: Iterable[str]) -> None:
+        """Count a committed batch; ban the devices that went over their budget with it."""
+        over, over_messages = self.counts.add(device_ids)
+        if over_messages:
+            metrics.OVER_BUDGET_MESSAGES.inc(over_messages)
+        now = self._clock()
+        due = [d for d in over if self._banned_until.get(d, 0.0) <= now]
+        if due:
+            self._ban(due, now)
+
+    def _ban(self, device_ids: list[str], now: float) -> None:
+        until = time.time() + self.ban_s
+        bans = dict.fromkeys(device_ids, until)
+        budget = self.counts.budget
+        for device_id in device_ids:
+            # Also after a failed ban: try again when a ban would have ended, not every batch.
+            self._banned_until[device_id] = now + self.ban_s
+            self.counts.forget(device_id)
+        try:
+            self._transaction(lambda conn: ban_devices(conn, self.files, bans))
+        except OSError:
+            # The broker's directory is not this worker's to write (ingest on another host, or
+            # a permission): the flood goes on, and the counter says so.
+            metrics.THROTTLED.labels("ban_failed").inc(len(device_ids))
+            log.exception("could not ban %s from the broker", ", ".join(device_ids))
+            return
+        metrics.THROTTLED.labels("banned").inc(len(device_ids))
+        log.warning(
+            "device flooding: %s sent over %d messages in %.0f s; banned from the broker for"
+            " %.0f s (its messages acknowledged so far are stored; the rest wait in its outbox)",
+            ", ".join(device_ids),
+            budget.messages,
+            budget.window_s,
+            self.ban_s,
+        )
+
+    def tick(self) -> None:
+        """Between batches: let back in the devices whose ban has ended (on a timer of its own,
+        so an idle worker still lifts bans)."""
+        now = self._clock()
+        if now < self._next_lift_check:
+            return
+        self._next_lift_check = now + LIFT_CHECK_INTERVAL_S
+        self._banned_until = {d: u for d, u in self._banned_until.items() if u > now}
+        wall = time.time()
+        try:
+            if not any(until <= wall for until in self.files.bans().values()):
+                return
+        except OSError:
+            log.exception("could not read the broker's ban file")
+            return
+        lifted: list[str] = []
+
+        def lift(conn: Conn) -> None:
+            lifted[:] = lift_expired_bans(conn, self.files, wall)
+
+        try:
+            self._transaction(lift)
+        except OSError:
+            log.exception("could not lift bans at the broker")
+            return
+        if lifted:
+            metrics.THROTTLED.labels("lifted").inc(len(lifted))
+            log.info("ban ended: %s may connect again", ", ".join(lifted))

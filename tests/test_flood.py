@@ -1,0 +1,223 @@
+"""A device flooding the broker: banned for a while, every acknowledged message of it stored
+once, and every other device's ingest lag kept under 5 s (issue 19, item 4)."""
+
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+
+from bench.flood import FloodProcess, SteadyDevices, acked_stored, lags_s, wait_stored
+from bench.mqtt_load import DeviceLogin
+from deploy.stack.mosquitto import MosquittoBroker
+from services.common.broker_auth import (
+    DEVICE_BAN_FILE,
+    DEVICE_PASSWD_FILE,
+    BrokerFiles,
+    ServiceAccount,
+    ban_devices,
+    lift_expired_bans,
+)
+from services.common.settings import REPO_ROOT
+from services.ingest import metrics
+from services.ingest.throttle import Budget, Counts
+from tests.ingest import Device, IngestWorkers, connect_device, provision
+from tests.mqtt import ConnectRefused, MqttClient
+
+FLOOD_S = 12.0
+BUDGET = 500
+BAN_S = 3.0
+LAG_LIMIT_S = 5.0
+RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_devices_over_their_budget_in_a_window_are_named() -> None:
+    clock = FakeClock()
+    counts = Counts(Budget(messages=5, window_s=10.0), clock)
+    assert counts.add(["a"] * 4 + ["b"]) == ([], 0)
+    assert counts.add(["a"] * 3 + ["b"]) == (["a"], 2)
+    assert counts.add(["a"] * 4 + ["b"]) == (["a"], 4)
+    counts.forget("a")  # banned: it starts afresh
+    assert counts.add(["a"] * 5) == ([], 0)
+    clock.now += 10.0  # a new window
+    assert counts.add(["a"] * 5 + ["b"] * 6) == (["b"], 1)
+
+
+@pytest.fixture
+def ban_files(broker: MosquittoBroker) -> Iterator[BrokerFiles]:
+    """The test broker's files; the ban file is removed afterwards (the broker is shared)."""
+    files = BrokerFiles(broker.config.directory)
+    yield files
+    files.path(DEVICE_BAN_FILE).unlink(missing_ok=True)
+
+
+def test_banned_device_is_disconnected_kept_out_and_let_back_in(
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Callable[[], int],
+    ban_files: BrokerFiles,
+) -> None:
+    banned, other = provision(database_url, 2, prefix="ban")
+    sync_devices()
+    client = connect_device(broker.config.device_port, banned)
+    bystander = connect_device(broker.config.device_port, other)
+    try:
+        with psycopg.connect(database_url) as conn:
+            ban_devices(conn, ban_files, {banned.device_id: time.time() + 60})
+            assert client.wait_disconnected(5), "the broker did not disconnect the banned device"
+            passwd = ban_files.path(DEVICE_PASSWD_FILE).read_text()
+            assert banned.device_id not in passwd
+            # A provisioning call meanwhile renders the file again: the ban holds.
+            sync_devices()
+            assert banned.device_id not in ban_files.path(DEVICE_PASSWD_FILE).read_text()
+            assert bystander.connected
+            assert lift_expired_bans(conn, ban_files) == []
+            assert lift_expired_bans(conn, ban_files, time.time() + 61) == [banned.device_id]
+        assert banned.device_id in ban_files.path(DEVICE_PASSWD_FILE).read_text()
+        assert ban_files.bans() == {}
+        back = _connect_eventually(broker.config.device_port, banned)
+        back.close()
+    finally:
+        client.close()
+        bystander.close()
+
+
+def _connect_eventually(port: int, device: Device) -> MqttClient:
+    # The reload after a render takes a moment; until then the old file refuses the device.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return connect_device(port, device)
+        except ConnectRefused:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def throttled_ingest(
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+    ban_files: BrokerFiles,
+) -> Iterator[IngestWorkers]:
+    """One ingest worker with a small budget and short bans, writing bans to the test broker."""
+    workers = IngestWorkers.on_broker(
+        database_url,
+        broker,
+        service_passwords,
+        tmp_path,
+        GALVANI_INGEST_BROKER_DIR=str(broker.config.directory),
+        GALVANI_INGEST_THROTTLE_MESSAGES=str(BUDGET),
+        GALVANI_INGEST_THROTTLE_WINDOW_S="10",
+        GALVANI_INGEST_THROTTLE_BAN_S=str(BAN_S),
+    )
+    yield workers
+    workers.close()
+
+
+def test_flooding_device_is_throttled_and_other_devices_keep_up(
+    database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Callable[[], int],
+    throttled_ingest: IngestWorkers,
+) -> None:
+    flooder, *normal = [
+        DeviceLogin(d.device_id, d.password) for d in provision(database_url, 4, prefix="flood")
+    ]
+    sync_devices()
+    throttled_ingest.start()
+    port = broker.config.device_port
+    steady = SteadyDevices(port, normal)
+    steady.start()
+    first_ts_ms = int(time.time() * 1000) - 3_600_000
+    flood = FloodProcess(port, flooder, FLOOD_S, 1000, first_ts_ms)
+    try:
+        flood.start()
+        result = flood.result(FLOOD_S + 60)
+    finally:
+        steady.stop()
+        flood.stop()
+    assert not steady.errors
+    normal_ids = [d.device_id for d in normal]
+    assert wait_stored(database_url, normal_ids, sum(steady.sent.values()), 60)
+    assert wait_stored(database_url, [flooder.device_id], result.acked, 60)
+
+    lags = lags_s(database_url, normal_ids)
+    assert len(lags) >= 3 * FLOOD_S * 0.9
+    assert max(lags) < LAG_LIMIT_S, f"other devices' lag reached {max(lags):.1f} s"
+    # Every message the flooder had a PUBACK for is stored, once (and its one sample).
+    assert result.acked > BUDGET
+    assert acked_stored(database_url, flooder.device_id, result.acked, first_ts_ms) == (
+        result.acked,
+        result.acked,
+        result.acked,
+    )
+    # Banned (disconnected and refused), let back in after the ban, banned again, counted.
+    assert result.closed >= 2
+    assert result.refused >= 1
+    assert result.connects >= 2
+    metric = throttled_ingest.metric
+    banned = metric("1", "galvani_ingest_devices_throttled_total", 'action="banned"')
+    assert banned >= 2
+    assert metric("1", "galvani_ingest_devices_throttled_total", 'action="lifted"') >= 1
+    assert metric("1", "galvani_ingest_over_budget_messages_total") > 0
+    assert f"device flooding: {flooder.device_id} sent over {BUDGET} messages" in (
+        throttled_ingest.log_text()
+    )
+    assert all(
+        device_id not in BrokerFiles(broker.config.directory).bans() for device_id in normal_ids
+    )
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus package)")
+    return found
+
+
+def test_device_flooding_alert_fires_on_bans() -> None:
+    check = subprocess.run(
+        [promtool(), "check", "rules", "galvani-ingest-alerts.yml"],
+        cwd=RULES_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 1 rules found" in check.stdout
+    run = subprocess.run(
+        [promtool(), "test", "rules", "galvani-ingest-alerts.test.yml"],
+        cwd=RULES_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_device_flooding_alert_reads_a_metric_ingest_exports() -> None:
+    metrics.THROTTLED.labels("banned")
+    exported = set(
+        re.findall(r"^(galvani_ingest_\w+?)(?:\{| )", generate_latest(REGISTRY).decode(), re.M)
+    )
+    used = set(
+        re.findall(r"galvani_ingest_\w+", (RULES_DIR / "galvani-ingest-alerts.yml").read_text())
+    )
+    assert used == {"galvani_ingest_devices_throttled_total"}
+    assert used <= exported
