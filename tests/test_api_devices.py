@@ -1,5 +1,6 @@
 """Devices through the API: provisioning reaches the real broker at once, and so does revocation."""
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,58 @@ def test_a_device_with_a_user_for_a_brand_that_does_not_exist_is_refused_not_a_5
     # The operator named a brand that does not exist: 404, as for any other unknown brand.
     assert refused.status_code == 404, refused.text
     assert refused.json()["detail"] == "there is no brand 'nobrand'"
+
+
+def test_an_id_of_another_brand_answers_exactly_as_an_id_of_ones_own_brand(
+    api: TestClient, keys: dict[str, str]
+) -> None:
+    provision(api, keys["admin"], "glow-00010")  # acme's own
+    provision(api, keys["other"], "glow-00020")  # the other brand's
+    answers = [
+        api.post(
+            "/v1/devices", json={"device_id": device_id, "model": "m"}, headers=auth(keys["admin"])
+        )
+        for device_id in ("glow-00010", "glow-00020")
+    ]
+    own, others = (
+        (a.status_code, a.headers["content-type"], a.json(), a.headers.get("retry-after"))
+        for a in answers
+    )
+    assert own[0] == 409
+    assert own[2]["type"].endswith("/device-exists")
+    # Nothing but the id differs: not the status, the type, the title or the sentence.
+    assert json.loads(json.dumps(others).replace("glow-00020", "glow-00010")) == json.loads(
+        json.dumps(own)
+    )
+    assert others[2]["detail"] == (
+        "device id 'glow-00020' is not available: device ids are MQTT client ids, unique across"
+        " the platform; choose another"
+    )
+
+
+def test_a_key_naming_taken_device_ids_past_the_limit_is_refused_so_ids_cannot_be_enumerated(
+    broker_api_settings: ApiSettings, keys: dict[str, str]
+) -> None:
+    settings = broker_api_settings.model_copy(update={"provision_conflicts_per_window": 3})
+    with TestClient(create_app(settings)) as api:
+        for n in range(4):
+            provision(api, keys["other"], f"glow-0003{n}")
+        codes = [
+            api.post(
+                "/v1/devices", json={"device_id": f"glow-0003{n}", "model": "m"},
+                headers=auth(keys["admin"]),
+            ).status_code
+            for n in range(4)
+        ]  # fmt: skip
+        assert codes == [409, 409, 409, 429]
+        # Past the limit, a free id is refused too: 201 against 409 would tell taken ids apart.
+        free = api.post(
+            "/v1/devices", json={"device_id": "glow-00099", "model": "m"},
+            headers=auth(keys["admin"]),
+        )  # fmt: skip
+        assert free.status_code == 429, free.text
+        assert free.headers["content-type"] == "application/problem+json"
+        assert free.json()["type"].endswith("/rate-limited")
+        assert 590 <= int(free.headers["retry-after"]) <= 600
+        # Another key is not affected.
+        provision(api, keys["operator"], "glow-00099", brand="acme")
