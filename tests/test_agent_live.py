@@ -222,6 +222,9 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
     def push(table: dict[str, Any]) -> None:
         assert cloud.publish(config_topic, json.dumps(table).encode(), retain=True) in (0, 16)
 
+    def bound(table: dict[str, Any]) -> dict[str, object]:
+        return sign_table(table, key, device=device.device_id, brand="acme")
+
     def answer(version: int) -> tuple[Any, ...] | None:
         rows = _rows(
             database_url,
@@ -240,15 +243,13 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
     cases = [
         (
             11,
-            {**sign_table(_table(11), key), "reason": "tampered after signing"},
+            {**bound(_table(11)), "reason": "tampered after signing"},
             "bad_signature",
         ),
-        (12, sign_table(_table(12, expires_at=int(time.time() * 1000) - 1000), key), "expired"),
+        (12, bound(_table(12, expires_at=int(time.time() * 1000) - 1000)), "expired"),
         (
             13,
-            sign_table(
-                _table(13, modes={"LIFT": {**_table(1)["modes"]["LIFT"], "i_max_ua": 900}}), key
-            ),
+            bound(_table(13, modes={"LIFT": {**_table(1)["modes"]["LIFT"], "i_max_ua": 900}})),
             "outside_envelope",
         ),
     ]
@@ -256,7 +257,7 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
         push(table)
         wait_until(lambda v=version: answer(v) is not None, 20, f"an answer to table {version}")
         assert answer(version)[:2] == ("rejected", reason)
-    push(sign_table(_table(20), key))  # valid, but a session is running
+    push(bound(_table(20)))  # valid, but a session is running
     wait_until(
         lambda: _has_event(database_url, device.device_id, "session_end"),
         40,
@@ -276,7 +277,7 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
         [device.device_id],
     )
     assert applied_seq > ended_seq, "applied while the session ran"
-    push(sign_table(_table(19), key))  # older than the applied one
+    push(bound(_table(19)))  # older than the applied one
     wait_until(lambda: answer(19) is not None, 20, "the answer to table 19")
     assert answer(19)[:2] == ("rejected", "stale_version")
 

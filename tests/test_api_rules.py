@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.signing import load_or_create_key, public_key_b64
+from services.common.signing import NEXT_KEY_FILE, key_id, load_or_create_key, public_key_b64
 from tests.api import auth
 
 
@@ -14,8 +14,29 @@ def test_the_signing_key_endpoint_serves_the_public_half_of_the_data_dirs_key(
 ) -> None:
     response = client.get("/v1/config-signing-key", headers=auth(keys["viewer"]))
     assert response.status_code == 200
-    expected = public_key_b64(load_or_create_key(tmp_path / "secrets"))
-    assert response.json() == {"public_key": expected, "algorithm": "ed25519"}
+    current = load_or_create_key(tmp_path / "secrets")
+    expected = public_key_b64(current)
+    assert response.json() == {
+        "public_key": expected,
+        "algorithm": "ed25519",
+        "kid": key_id(current),
+        "keys": [{"kid": key_id(current), "public_key": expected, "use": "current"}],
+    }
+
+
+def test_the_signing_key_endpoint_serves_the_next_key_once_a_rotation_starts(
+    client: TestClient, keys: dict[str, str], tmp_path: Path
+) -> None:
+    upcoming = load_or_create_key(tmp_path / "secrets", NEXT_KEY_FILE)
+    response = client.get("/v1/config-signing-key", headers=auth(keys["viewer"]))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["public_key"] == public_key_b64(load_or_create_key(tmp_path / "secrets"))
+    assert [(k["use"], k["kid"]) for k in body["keys"]] == [
+        ("current", body["kid"]),
+        ("next", key_id(upcoming)),
+    ]
+    assert body["keys"][1]["public_key"] == public_key_b64(upcoming)
 
 
 @pytest.mark.parametrize("header", [None, "Bearer gvk_not-a-key", "revoked"])

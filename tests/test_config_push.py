@@ -1,5 +1,6 @@
 """The signing path for mode tables: envelope, versions, the record, and a real agent's answer."""
 
+import base64
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,8 @@ from services.common.config_push import (
     unpublished_pushes,
 )
 from services.common.mode_tables import DEFAULT_MODES, restricted_table
-from services.common.signing import load_or_create_key
+from services.common.protocol import canonical_json
+from services.common.signing import key_id, load_or_create_key
 from services.rules.sweeps import sweep
 from tests.agent import AgentProcess
 from tests.ingest import IngestWorkers, provision, scalar, wait_until
@@ -223,3 +225,22 @@ def test_an_unanswered_table_is_published_again_once_its_device_has_been_back_a_
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE config_pushes SET answer_status = 'applied', answered_at = now()")
     assert due(grace_s=0) == []
+
+
+def test_a_recorded_table_names_its_device_brand_and_signing_key(
+    database_url: str, key: Any
+) -> None:
+    [device] = provision(database_url, 1, prefix="bound", brand="bound-brand")
+    table = restricted_table(None, version=0, issued_at_ms=_now_ms(), reason="t", lock_all=True)
+    with psycopg.connect(database_url) as conn:
+        push = record_push(conn, key, device_id=device.device_id, table=table, source="rule")
+    assert (push.payload["device"], push.payload["brand"]) == (device.device_id, "bound-brand")
+    assert push.payload["kid"] == key_id(key)
+    unsigned = {name: value for name, value in push.payload.items() if name != "sig"}
+    key.public_key().verify(base64.b64decode(push.payload["sig"]), canonical_json(unsigned))
+    stored = scalar(
+        database_url,
+        "SELECT payload->>'device' FROM config_pushes WHERE device_id = %s",
+        [device.device_id],
+    )
+    assert stored == device.device_id

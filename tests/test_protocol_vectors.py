@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -49,6 +49,7 @@ from services.common.protocol.topics import (
     parse_topic,
     shared_filters,
 )
+from services.common.signing import key_id, public_key_b64, sign_table
 
 VECTORS = Path(__file__).resolve().parents[1] / "protocol" / "vectors"
 DECODE_CODES = {"not_object"}
@@ -405,3 +406,31 @@ def test_decode_raises_only_protocol_error(channel: Channel, raw: bytes) -> None
     except ProtocolError as error:
         outcome = error.reason
     assert outcome in REASONS or outcome in MODEL_NAMES
+
+
+# -- signed tables bound to their device, named by their key (signed_tables.json) ------------
+
+SIGNED_TABLES = _load("signed_tables")
+
+
+def _vector_key(label: str) -> Ed25519PrivateKey:
+    seed = base64.b64decode(SIGNED_TABLES["keys"][label]["private_seed_test_only"])
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def test_the_backend_names_each_vector_key_by_its_kid() -> None:
+    for label, entry in SIGNED_TABLES["keys"].items():
+        key = _vector_key(label)
+        assert public_key_b64(key) == entry["public_key"]
+        assert key_id(key) == entry["kid"]
+
+
+@pytest.mark.parametrize(
+    "case", _named([case for case in SIGNED_TABLES["cases"] if case["device"] is not None])
+)
+def test_the_backend_signs_a_bound_vector_table_byte_for_byte(case: dict[str, Any]) -> None:
+    key = _vector_key(case["signed_with"])
+    signed = sign_table(case["unsigned"], key, device=case["device"], brand=case["brand"])
+    assert signed == case["table"]
+    assert signing_input(signed) == case["signing_input"].encode("utf-8")
+    assert isinstance(decode(Channel.CONFIG, _raw(signed)), ConfigTable)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from device_agent.modes import check_table
 from device_agent.protocol import (
     OUTGOING_CHANNELS,
     TOPIC_PREFIX,
@@ -16,6 +17,7 @@ from device_agent.protocol import (
     ConfigRejected,
     MalformedAck,
     canonical_json,
+    key_id,
     parse_ack,
     signing_input,
     topic,
@@ -254,3 +256,55 @@ def test_an_ack_that_is_not_json_is_refused_not_raised(raw: bytes) -> None:
         parse_ack(raw)
 
     assert caught.value.path in {"not_json", "v"}
+
+
+# -- signed tables bound to their device, named by their key (signed_tables.json) ------------
+
+SIGNED_TABLES = _load("signed_tables")
+SIGNED_NOW_MS = 1_763_806_300_000
+
+
+def _vector_keys(labels: list[str]) -> list[bytes]:
+    return [base64.b64decode(SIGNED_TABLES["keys"][label]["public_key"]) for label in labels]
+
+
+def test_a_key_id_is_the_start_of_the_sha256_of_the_public_key() -> None:
+    for entry in SIGNED_TABLES["keys"].values():
+        assert key_id(base64.b64decode(entry["public_key"])) == entry["kid"]
+
+
+@pytest.mark.parametrize("case", _named(SIGNED_TABLES["cases"]))
+def test_signed_table_vector_gets_its_answer(case: dict[str, Any]) -> None:
+    table = case["table"]
+    assert signing_input(table) == case["signing_input"].encode("utf-8")
+
+    def check() -> str:
+        checked = check_table(
+            copy.deepcopy(table),
+            public_keys=_vector_keys(case["trusts"]),
+            device_id=case["check_on"],
+            applied_version=0,
+            now_ms=SIGNED_NOW_MS,
+        )
+        assert checked.device == case["check_on"]
+        return "applied"
+
+    if case["result"] == "applied":
+        assert check() == "applied"
+    else:
+        with pytest.raises(ConfigRejected) as rejected:
+            check()
+        assert rejected.value.reason == case["result"]
+
+
+def test_the_unbound_signed_vector_still_verifies_but_is_refused_as_unbound() -> None:
+    signed = CONFIG["signed"]
+    with pytest.raises(ConfigRejected) as rejected:
+        check_table(
+            signed["table"],
+            public_keys=base64.b64decode(signed["public_key"]),
+            device_id="dev-0042",
+            applied_version=0,
+            now_ms=SIGNED_NOW_MS,
+        )
+    assert rejected.value.reason == "unbound_table"

@@ -69,8 +69,16 @@ def table_sha256(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(unsigned)).hexdigest()
 
 
-def _next_version(newest: int) -> int:
-    return newest + 1
+@dataclass(frozen=True)
+class _Target:
+    """The device a table is for: its next table version and its brand."""
+
+    newest: int
+    brand_id: str
+
+    @property
+    def version(self) -> int:
+        return self.newest + 1
 
 
 def record_push(
@@ -85,7 +93,8 @@ def record_push(
 ) -> Push:
     """Version, check, sign and record ``table`` for ``device_id`` in the caller's transaction.
 
-    ``table`` is unsigned; its ``version`` is replaced by the device's next one.
+    ``table`` is unsigned; its ``version`` is replaced by the device's next one, and the
+    signed object names the device, its brand and the signing key's ``kid``.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}")
@@ -94,18 +103,22 @@ def record_push(
         listed = "; ".join(f"{p.path}: {p.message}" for p in problems)
         raise PushError(f"the table leaves the safety envelope: {listed}", problems)
     # FOR UPDATE: two pushers of one device take versions one after the other.
-    with conn.cursor(row_factory=args_row(_next_version)) as cur:
-        version = cur.execute(
+    with conn.cursor(row_factory=args_row(_Target)) as cur:
+        target = cur.execute(
             "SELECT greatest(coalesce(d.config_reported_version, 0),"
             "                coalesce(d.config_desired_version, 0),"
             "                coalesce((SELECT max(version) FROM config_pushes p"
-            "                          WHERE p.device_id = d.id), 0))"
+            "                          WHERE p.device_id = d.id), 0)),"
+            "       d.brand_id"
             " FROM devices d WHERE d.id = %s AND d.decommissioned_at IS NULL FOR UPDATE",
             [device_id],
         ).fetchone()
-    if version is None:
+    if target is None:
         raise PushError(f"device {device_id} does not exist or is decommissioned")
-    signed = sign_table({**table, "version": version}, key)
+    version = target.version
+    # Bound to the device (and its brand) inside the signed bytes: a device refuses a table
+    # signed for another (wrong_device), so this one cannot be republished to unlock it.
+    signed = sign_table({**table, "version": version}, key, device=device_id, brand=target.brand_id)
     sha256 = table_sha256(signed)
     issued_at = signed.get("issued_at")
     expires_at = signed.get("expires_at")

@@ -98,3 +98,6 @@ class RejectionReason(StrEnum):
     OUTSIDE_ENVELOPE = "outside_envelope"
     EXPIRED = "expired"
     MALFORMED = "malformed"
+    # Added in v1: the table is signed for another device, or names none.
+    WRONG_DEVICE = "wrong_device"
+    UNBOUND_TABLE = "unbound_table"
