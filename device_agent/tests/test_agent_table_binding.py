@@ -37,7 +37,9 @@ def test_a_table_signed_for_another_device_is_rejected_and_keeps_the_safe_lock(r
     assert _answer(rig) == (50, "rejected", "wrong_device")
     assert rig.agent.table.version == 3
     assert rig.agent.table.usable("LIFT") is None
-    assert rig.store.get("table")["version"] == 3  # type: ignore[index]
+    stored = rig.store.get("table")
+    assert isinstance(stored, dict)
+    assert stored["version"] == 3
 
 
 def test_a_table_naming_no_device_is_rejected_as_unbound(rig: Rig) -> None:
