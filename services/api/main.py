@@ -31,6 +31,7 @@ from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
 from services.api.signing.endpoints import router as signing_router
 from services.api.telemetry.endpoints import router as telemetry_router
+from services.api.telemetry.suspect import router as suspect_telemetry_router
 from services.api.users.endpoints import router as users_router
 from services.common.logs import configure_logging
 from services.common.signing import load_or_create_key, public_key_b64
@@ -103,6 +104,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(fleet_router)
     app.include_router(users_router)
     app.include_router(telemetry_router)
+    app.include_router(suspect_telemetry_router)
     app.include_router(conflicts_router)
     app.include_router(mode_tables_router)
     app.include_router(rollouts_router)

@@ -84,6 +84,20 @@ class TelemetryReadRepository(ReadRepository):
             dict_row,
         )
 
+    async def suspect_samples(
+        self, device_id: str, start: datetime, end: datetime, fields: list[str], limit: int
+    ) -> list[dict[str, Any]]:
+        """``{received_at, ts, seq, idx, *fields}`` of each suspect-clock sample received in
+        ``[start, end)``, in receipt order, at most ``limit``."""
+        columns = ", ".join(fields)  # the endpoint checks every name against a fixed list
+        return await self.all(
+            f"SELECT received_at, ts, seq, idx, {columns} FROM suspect_samples"  # noqa: S608
+            " WHERE device_id = %s AND received_at >= %s AND received_at < %s"
+            " ORDER BY received_at, seq, idx LIMIT %s",
+            [device_id, start, end, limit],
+            dict_row,
+        )
+
     async def buckets(
         self,
         device_id: str,
