@@ -66,6 +66,7 @@ def test_migrations_apply_to_an_empty_database_and_are_idempotent(empty_database
         "presence_log",
         "samples_1m",
         "samples_1h",
+        "suspect_samples",
     } <= tables
 
 
@@ -78,6 +79,25 @@ def test_samples_is_a_hypertable_when_timescaledb_is_present(db):
     insert_samples(db, "dev-001", T0, 3 * 24 * 36000 // 100, step=timedelta(seconds=10))
     chunks = db.execute("SELECT count(*) FROM show_chunks('samples')").fetchone()[0]
     assert chunks >= 3
+
+
+def test_a_suspect_sample_is_stored_once_per_message_and_place(db):
+    # suspect_samples is keyed by the message and the sample's place in it, not by device time
+    # (a wrong clock repeats times), and is no hypertable: its times make no chunks.
+    insert = (
+        "INSERT INTO suspect_samples (device_id, seq, idx, ts, received_at)"
+        " VALUES ('dev-001', 7, %s, to_timestamp(1), now())"
+    )
+    db.execute(insert, [0])
+    db.execute(insert, [1])
+    with pytest.raises(errors.UniqueViolation):
+        db.execute(insert, [1])
+    db.rollback()
+    hypertables = db.execute(
+        "SELECT count(*) FROM timescaledb_information.hypertables"
+        " WHERE hypertable_name = 'suspect_samples'"
+    ).fetchone()
+    assert hypertables == (0,)
 
 
 def test_plain_postgres_path_partitions_samples(empty_database_url):
