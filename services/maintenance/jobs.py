@@ -47,8 +47,13 @@ def _counted(conn: Conn, query: LiteralString, params: Params) -> int:
 def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     """Refresh rollups, drop expired samples and (plain storage) create partitions ahead.
 
-    The licensed TimescaleDB build does the sample jobs with its own policies, so a pass there
-    only trims the telemetry ledger.
+    The first job runs on every storage: it trims, by receipt time, the telemetry ledger, the
+    recorded conflicts and the suspect-clock samples (``galvani_drop_old_messages``). A sample
+    whose device time was a suspect clock is kept for the retention period after it arrived,
+    whatever time its device gave it (``samples`` is trimmed by device time, where a clock at
+    1970 would have been dropped on the next pass and one at 2100 never). The licensed
+    TimescaleDB build does the other sample jobs with its own policies, so a pass there ends
+    after this one.
     """
     storage = storage_of(conn)
     with conn.transaction():
