@@ -26,9 +26,11 @@ from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
+from services.common.migrations.grants import ServiceRole
 from tests.agent import AgentProcess
 from tests.api import issue_keys
 from tests.ingest import IngestWorkers, provision
+from tests.roles import as_service, create_logins
 from tests.rules import RulesWorkers
 
 TEMPLATE_DB = "galvani_template"
@@ -73,6 +75,7 @@ def template_url(postgres: PostgresServer) -> str:
     """A database migrated to head, used as the template of each test's database."""
     url = postgres.create_database(TEMPLATE_DB)
     upgrade(url)
+    create_logins(url)
     # CREATE DATABASE ... TEMPLATE fails while anyone is connected to the template, and
     # TimescaleDB's job scheduler connects to every database with the extension. Closing the
     # template to connections (as template0 is) keeps the scheduler, and everyone else, out.
@@ -106,6 +109,30 @@ def _copy_template(postgres: PostgresServer, name: str) -> str:
                 raise
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def ingest_database_url(database_url: str) -> str:
+    """This test's database as the ingest service's role."""
+    return as_service(database_url, ServiceRole.INGEST)
+
+
+@pytest.fixture
+def rules_database_url(database_url: str) -> str:
+    """This test's database as the rules service's role."""
+    return as_service(database_url, ServiceRole.RULES)
+
+
+@pytest.fixture
+def api_database_url(database_url: str) -> str:
+    """This test's database as the API's role."""
+    return as_service(database_url, ServiceRole.API)
+
+
+@pytest.fixture
+def maintenance_database_url(database_url: str) -> str:
+    """This test's database as the maintenance service's role."""
+    return as_service(database_url, ServiceRole.MAINTENANCE)
 
 
 @pytest.fixture
@@ -190,13 +217,14 @@ def new_agent(
 
 @pytest.fixture
 def ingest_workers(
-    database_url: str,
+    ingest_database_url: str,
     broker: MosquittoBroker,
     service_passwords: dict[ServiceAccount, str],
     tmp_path: Path,
 ) -> Iterator[IngestWorkers]:
-    """Ingest worker processes for this test's database, in a share group of their own."""
-    workers = IngestWorkers.on_broker(database_url, broker, service_passwords, tmp_path)
+    """Ingest worker processes for this test's database (as ingest's role), in a share group
+    of their own."""
+    workers = IngestWorkers.on_broker(ingest_database_url, broker, service_passwords, tmp_path)
     yield workers
     workers.close()
 
@@ -216,15 +244,16 @@ def key_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def rules_workers(
-    database_url: str,
+    rules_database_url: str,
     broker: MosquittoBroker,
     service_passwords: dict[ServiceAccount, str],
     tmp_path: Path,
     key_dir: Path,
 ) -> Iterator[RulesWorkers]:
-    """Rules worker processes for this test's database, in a share group of their own."""
+    """Rules worker processes for this test's database (as rules' role), in a share group of
+    their own."""
     workers = RulesWorkers.on_broker(
-        database_url,
+        rules_database_url,
         broker,
         service_passwords,
         tmp_path,
@@ -236,7 +265,7 @@ def rules_workers(
 
 @pytest.fixture
 def broker_api_settings(
-    database_url: str,
+    api_database_url: str,
     broker: MosquittoBroker,
     service_passwords: dict[ServiceAccount, str],
     tmp_path: Path,
@@ -245,7 +274,7 @@ def broker_api_settings(
     """API settings on this test's broker with the API's own account: provisioning renders the
     broker's files, tables are published, and the signing key is the rules workers'."""
     return ApiSettings(
-        database_url=database_url,
+        database_url=api_database_url,
         mqtt_port=broker.config.service_port,
         mqtt_password=service_passwords[ServiceAccount.API],
         data_dir=tmp_path / "api",
@@ -256,7 +285,8 @@ def broker_api_settings(
 
 
 @pytest.fixture
-def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    settings = ApiSettings(database_url=database_url, mqtt_password="x", data_dir=tmp_path)
+def client(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    """The API (as its own role) on this test's database, with no broker."""
+    settings = ApiSettings(database_url=api_database_url, mqtt_password="x", data_dir=tmp_path)
     with TestClient(create_app(settings)) as client:
         yield client

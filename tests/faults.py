@@ -38,8 +38,10 @@ from services.common.broker_auth import (
     sync_device_credentials,
 )
 from services.common.migrate import upgrade
+from services.common.migrations.grants import ServiceRole
 from services.common.signing import load_or_create_key, public_key_b64
 from tests.ingest import REPO_ROOT, IngestWorkers, wait_until
+from tests.roles import as_service, create_logins
 from tests.rules import RulesWorkers
 
 Workers = TypeVar("Workers", IngestWorkers, RulesWorkers)
@@ -225,6 +227,7 @@ class FaultStack:
         self.postgres.start()
         self.database_url = self.postgres.config.url()
         upgrade(self.database_url)
+        create_logins(self.database_url)
         passwords = {account: new_password() for account in ServiceAccount}
         self.broker = local_broker(self.root / "mosquitto", passwords)
         fleet_dir = self.root / "fleet"
@@ -241,7 +244,7 @@ class FaultStack:
         def workers(kind: type[Workers], account: ServiceAccount, **extra: object) -> Workers:
             assert self.broker is not None
             return kind(
-                database_url=self.database_url,
+                database_url=as_service(self.database_url, ServiceRole(f"galvani_{kind.service}")),
                 mqtt_port=self.broker.config.service_port,
                 password=passwords[account],
                 log_dir=self.root,

@@ -14,11 +14,13 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import args_row, class_row
 
+from services.common.migrations.grants import ServiceRole
 from services.common.protocol import decode
 from services.common.protocol.enums import Channel
 from services.common.provisioning import provision_device
 from services.rules.engine import Received, evaluate
 from tests.ingest import ServiceWorkers
+from tests.roles import as_service
 
 RECEIVED_AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 T0 = int(datetime(2026, 11, 2, 8, 0, tzinfo=UTC).timestamp() * 1000)
@@ -177,8 +179,8 @@ def run(
     one_by_one: bool = True,
     batch_sizes: Sequence[int] | None = None,
 ) -> None:
-    """Evaluate ``messages`` in arrival order, each in its own transaction (or all in one, or
-    in consecutive batches of the given sizes, cycled)."""
+    """Evaluate ``messages`` in arrival order as the rules service's role, each in its own
+    transaction (or all in one, or in consecutive batches of the given sizes, cycled)."""
     if batch_sizes:
         batches, start = [], 0
         sizes = list(batch_sizes)
@@ -188,7 +190,7 @@ def run(
             start += size
     else:
         batches = [[m] for m in messages] if one_by_one else [list(messages)]
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(as_service(url, ServiceRole.RULES)) as conn:
         for batch in batches:
             with conn.transaction():
                 evaluate(conn, key, batch)

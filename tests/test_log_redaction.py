@@ -36,13 +36,15 @@ def logged(caplog: pytest.LogCaptureFixture) -> str:
 
 
 def test_a_payload_holding_a_note_never_reaches_the_ingest_log(
-    database_url: str, caplog: pytest.LogCaptureFixture
+    ingest_database_url: str, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A constraint the valid report breaks: the database refuses it and quotes the row
     # ("Failing row contains (...)") in its error, as it does for any refused value.
     with psycopg.connect(database_url) as conn:
         conn.execute("ALTER TABLE events ADD CONSTRAINT test_no_notes CHECK (NOT body ? 'note')")
-    worker = Worker(IngestSettings(database_url=database_url, mqtt_password="x"), threading.Event())
+    worker = Worker(
+        IngestSettings(database_url=ingest_database_url, mqtt_password="x"), threading.Event()
+    )
     topic = "galvani/v1/d/dev-0001/events"
     caplog.set_level(logging.DEBUG)
     try:

@@ -1,10 +1,12 @@
 """``make run``: the whole system on this machine, data under ``.galvani/``.
 
-Order: database (own cluster, or ``GALVANI_DATABASE_URL``), migrations, broker (device
-credentials rendered from the database), then every service. ``run.json`` is written only
-when all of them are ready and removed when the stack stops. The parts: ``options`` (what was
-asked, secrets), ``state`` (what runs, run.json), ``supervision`` (the services),
-``broker_lifecycle`` (the broker's start and restarts), ``sim_fleet`` (the simulated fleet).
+Order: database (own cluster, or ``GALVANI_DATABASE_URL``), migrations, the services' login
+roles, broker (device credentials rendered from the database), then every service, each
+connecting as its own role (``services/common/migrations/grants.py``). ``run.json`` is
+written only when all of them are ready and removed when the stack stops. The parts:
+``options`` (what was asked, secrets), ``state`` (what runs, run.json), ``supervision`` (the
+services), ``broker_lifecycle`` (the broker's start and restarts), ``sim_fleet`` (the
+simulated fleet).
 """
 
 import fcntl
@@ -18,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+
+import psycopg
 
 from deploy.stack import sim_fleet
 from deploy.stack.broker_lifecycle import (
@@ -36,8 +40,10 @@ from deploy.stack.state import Stack
 from deploy.stack.supervision import restart_exited_services, start_services
 from services.common import api_keys
 from services.common.db import connect, describe_url
+from services.common.db_roles import ensure_login, service_url
 from services.common.errors import DatabaseUnavailable
 from services.common.migrate import upgrade
+from services.common.migrations.grants import ServiceRole
 from services.common.signing import load_or_create_key, public_key_b64
 
 log = logging.getLogger("galvani.run")
@@ -94,6 +100,23 @@ def start_database(stack: Stack, secrets: Secrets) -> str:
     return config.url()
 
 
+def service_database_urls(database_url: str, secrets: Secrets) -> dict[ServiceRole, str]:
+    """Each service's login role, made (or given its password again) as the migration role,
+    and its URL. Passwords are generated once and kept as ``secrets/db-<service>``."""
+    passwords = {role: secrets.get(f"db-{role.service}") for role in ServiceRole}
+    try:
+        with connect(database_url) as conn:
+            for role, password in passwords.items():
+                ensure_login(conn, role, password)
+    except psycopg.errors.InsufficientPrivilege:
+        raise SetupError(
+            f"the role of GALVANI_DATABASE_URL ({describe_url(database_url)}) cannot create the "
+            "services' login roles: give it CREATEROLE (the services run with roles of their "
+            "own, never as the migration role)"
+        ) from None
+    return {role: service_url(database_url, role, password) for role, password in passwords.items()}
+
+
 def ensure_key(
     database_url: str,
     secrets: Secrets,
@@ -122,8 +145,15 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             database_url = start_database(stack, secrets)
             log.info("migrating %s", describe_url(database_url))
             upgrade(database_url)
+            # From here on the migration role is not used: set-up writes as the API would.
+            database_urls = service_database_urls(database_url, secrets)
+            api_database_url = database_urls[ServiceRole.API]
             operator_key = ensure_key(
-                database_url, secrets, "operator-key", api_keys.Role.OPERATOR, "make run operator"
+                api_database_url,
+                secrets,
+                "operator-key",
+                api_keys.Role.OPERATOR,
+                "make run operator",
             )
             fleet_dir = options.data_dir / "fleet"
             signing_key = load_or_create_key(secrets.directory)
@@ -131,10 +161,10 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             if options.sim_devices:
                 (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).parent.mkdir(parents=True, exist_ok=True)
                 (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(public_key_b64(signing_key))
-                sim_fleet.provision_fleet(database_url, fleet_dir, options.sim_devices)
+                sim_fleet.provision_fleet(api_database_url, fleet_dir, options.sim_devices)
                 # An admin key of the simulated fleet's brand, for the dashboard.
                 demo_admin_key = ensure_key(
-                    database_url,
+                    api_database_url,
                     secrets,
                     f"{sim_fleet.BRAND_ID}-admin-key",
                     api_keys.Role.ADMIN,
@@ -142,8 +172,8 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                     sim_fleet.BRAND_ID,
                 )
             device_port, service_port = start_broker(stack, secrets)
-            api_url = start_services(stack, database_url, service_port, secrets)
-            if not admit_devices_once_subscribed(stack, database_url, stop):
+            api_url = start_services(stack, database_urls, service_port, secrets)
+            if not admit_devices_once_subscribed(stack, api_database_url, stop):
                 return
             if options.sim_devices:
                 sim_fleet.start_fleet(stack, fleet_dir, device_port)
@@ -153,7 +183,10 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                     "mqtt_host": LOOPBACK,
                     "mqtt_port": device_port,
                     "mqtt_service_port": service_port,
+                    # The migration role's (it owns the schema); the services' own are in
+                    # database_urls.
                     "database_url": database_url,
+                    "database_urls": {role.service: url for role, url in database_urls.items()},
                     "operator_key": operator_key,
                     "dashboard_url": f"{api_url}/dashboard/",
                     "demo_admin_key": demo_admin_key,
@@ -167,13 +200,16 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                 }
             )
             print_ready(stack.info, stack.run_json)
-            supervise(stack, database_url, stop)
+            supervise(stack, api_database_url, stop)
         finally:
             stack.stop()
 
 
 def supervise(stack: Stack, database_url: str, stop: threading.Event) -> None:
-    """Restart exited services and a dead broker until ``stop``; PostgreSQL exiting ends it."""
+    """Restart exited services and a dead broker until ``stop``; PostgreSQL exiting ends it.
+
+    ``database_url`` (the API's) is where the broker's device credentials are read from.
+    """
     broker_failures = QuickFailures("Mosquitto")
     while not stop.wait(SUPERVISE_POLL_S):
         restart_exited_services(stack)

@@ -5,7 +5,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from deploy.stack.options import Secrets
@@ -21,6 +21,7 @@ from deploy.stack.processes import (
 )
 from deploy.stack.state import Stack
 from services.common.broker_auth import ServiceAccount
+from services.common.migrations.grants import ServiceRole
 from services.common.settings import REPO_ROOT
 
 log = logging.getLogger("galvani.run")
@@ -34,9 +35,10 @@ SERVICE_READY_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class _Connection:
-    """Where every service finds the database and the broker's service listener."""
+    """Where every service finds the database (as its own role) and the broker's service
+    listener."""
 
-    database_url: str
+    database_urls: Mapping[ServiceRole, str]
     service_port: int
     secrets: Secrets
 
@@ -52,7 +54,7 @@ class _Connection:
             stack.options.data_dir / "logs" / f"{name}.log",
             env=service_env(
                 service.upper(),
-                database_url=self.database_url,
+                database_url=self.database_urls[ServiceRole(f"galvani_{service}")],
                 mqtt_port=self.service_port,
                 mqtt_password=self.secrets.get(f"mqtt-{account}"),
                 **settings,
@@ -61,14 +63,17 @@ class _Connection:
         )
 
 
-def start_services(stack: Stack, database_url: str, service_port: int, secrets: Secrets) -> str:
-    """Start the API and the maintenance loop; return the API's URL once it is ready."""
+def start_services(
+    stack: Stack, database_urls: Mapping[ServiceRole, str], service_port: int, secrets: Secrets
+) -> str:
+    """Start the API and the maintenance loop, each with its own database URL, then the ingest
+    and rules workers with theirs; return the API's URL once it is ready."""
     options = stack.options
     api_port = choose_port(
         PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
     )
     assert stack.broker is not None
-    connection = _Connection(database_url, service_port, secrets)
+    connection = _Connection(database_urls, service_port, secrets)
     api = connection.spawn(
         stack,
         "api",

@@ -49,6 +49,8 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GALVANI_", extra="ignore")
 
     environment: Environment = Environment.DEVELOPMENT
+    # The service's own login role (services/common/migrations/grants.py; `make run` passes
+    # run.json's database_urls entry), never the migration role that owns the schema.
     database_url: SecretStr
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1884

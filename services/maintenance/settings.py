@@ -20,6 +20,8 @@ class MaintenanceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GALVANI_MAINTENANCE_", extra="ignore")
 
     environment: Environment = Environment.DEVELOPMENT
+    # As galvani_maintenance's login role: retention's drops go through the functions it may
+    # call (services/common/migrations/grants.py), not the owner's rights.
     database_url: SecretStr
     interval_s: float = 60.0
     # Rollups are recomputed for this much recent time on every pass, besides the hours

@@ -1,9 +1,13 @@
-"""Alembic environment: plain SQL migrations over psycopg 3, online only."""
+"""Alembic environment: plain SQL migrations over psycopg 3, online only; after them, the
+service roles' grants (``grants.py``)."""
 
 import os
 
+import psycopg
 from alembic import context
 from sqlalchemy import create_engine, pool
+
+from services.common.migrations import grants
 
 config = context.config
 
@@ -26,6 +30,13 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, transaction_per_migration=True)
         with context.begin_transaction():
             context.run_migrations()
+        if connection.in_transaction():
+            connection.commit()  # what Alembic read when there was nothing to run
+        # Every service role's grants as grants.py says, whatever revision this ended at.
+        with connection.begin():
+            driver = connection.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            grants.apply(driver)
     engine.dispose()
 
 
