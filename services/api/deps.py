@@ -124,15 +124,16 @@ class _Auth:
         address = request.client.host if request.client else "unknown"
         return cls(request.app.state.limits, request.app.state.auth_failures, address)
 
-    def lookup_args(self) -> tuple[str, int, float]:
-        """The lookup's address bucket and failure limit."""
-        return address_bucket(self.address), self.failures.failures, self.failures.window_s
+    def bucket(self) -> str:
+        """The address's failure bucket, for the lookup."""
+        return address_bucket(self.address)
 
     def screen(self, found: Lookup) -> uuid.UUID | None:
         """Refuse an address over its failure limit, whatever key it sends now; the key's id
         (None: no active key has the secret)."""
-        if found.blocked_s is not None and found.blocked_s > 0:
-            raise _too_many("too many failed authentications from this address", found.blocked_s)
+        blocked_s = found.blocked_s(self.failures.failures, self.failures.window_s)
+        if blocked_s > 0:
+            raise _too_many("too many failed authentications from this address", blocked_s)
         return found.id
 
     def failure_buckets(self, secret: str) -> tuple[str, str]:
@@ -160,9 +161,8 @@ def _key(found: Lookup, wait_s: float) -> ApiKey:
     return ApiKey(found.id, Role(found.role), found.brand_id, found.name)
 
 
-def _admit_sync(request: Request, secret: str, found: Lookup) -> ApiKey:
+def _admit_sync(auth: _Auth, secret: str, found: Lookup) -> ApiKey:
     """Admit on a worker thread (the read-write unit); the shared limits run on the loop."""
-    auth = _Auth.of(request)
     key_id = auth.screen(found)
     if key_id is None:
         buckets = auth.failure_buckets(secret)
@@ -172,9 +172,8 @@ def _admit_sync(request: Request, secret: str, found: Lookup) -> ApiKey:
     return _key(found, anyio.from_thread.run(auth.limits.take, key_id))
 
 
-async def _admit(request: Request, secret: str, found: Lookup) -> ApiKey:
-    """Admit on the event loop (the read-only unit, and the alert stream)."""
-    auth = _Auth.of(request)
+async def _admit(auth: _Auth, secret: str, found: Lookup) -> ApiKey:
+    """Admit on the event loop (the read-only unit)."""
     key_id = auth.screen(found)
     if key_id is None:
         wait_s = await auth.limits.count_failure(auth.failures, *auth.failure_buckets(secret))
@@ -201,14 +200,14 @@ def write_unit(request: Request, credentials: _Credentials) -> Iterator[Unit[Ses
     :func:`after_commit` and runs before the response, each callback in a transaction of its
     own on the session's connection.
     """
-    secret = _secret(credentials)
+    secret, auth = _secret(credentials), _Auth.of(request)
     engine: Engine = request.app.state.engine
     after: list[Callable[[Conn], None]] = []
     request.state.after_commit = after
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
-            found = AuthRepository(session).lookup(secret, *_Auth.of(request).lookup_args())
-            key = _admit_sync(request, secret, found)
+            found = AuthRepository(session).lookup(secret, auth.bucket())
+            key = _admit_sync(auth, secret, found)
             yield Unit(session, key)
         for callback in after:
             with session.begin():
@@ -218,11 +217,11 @@ def write_unit(request: Request, credentials: _Credentials) -> Iterator[Unit[Ses
 async def read_unit(request: Request, credentials: _Credentials) -> AsyncIterator[Unit[AsyncConn]]:
     """A read pool connection for the request, returned to the pool before the response is
     sent. Each statement on it is its own read-only transaction: nothing to commit."""
-    secret = _secret(credentials)
+    secret, auth = _secret(credentials), _Auth.of(request)
     pool: AsyncConnectionPool[AsyncConn] = request.app.state.read_pool
     async with pool.connection() as conn:
-        found = await AuthReadRepository(conn).lookup(secret, *_Auth.of(request).lookup_args())
-        yield Unit(conn, await _admit(request, secret, found))
+        found = await AuthReadRepository(conn).lookup(secret, auth.bucket())
+        yield Unit(conn, await _admit(auth, secret, found))
 
 
 # scope="function": the unit ends before the response is sent, so a client never sees a
