@@ -2,14 +2,17 @@
 version kept across a wiped store, and the keys a device trusts during a key rotation
 (issue 19, item 6). Fake clock, no broker."""
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_rig import Rig
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from device_agent.anti_rollback import SUFFIX, AntiRollback, AntiRollbackError
+from device_agent.arguments import read_public_keys
 from device_agent.store import DeviceStore, open_database
 
 SAFE_LOCK = ["LIFT", "TIGHTEN", "INFUSE"]
@@ -150,3 +153,14 @@ def test_a_kid_naming_a_trusted_key_does_not_let_another_key_sign(rig: Rig) -> N
     forged = rig.signed(version=8, key=Ed25519PrivateKey.generate(), kid=trusted_kid)
     rig.agent.on_config(rig.clock.ms, forged)
     assert _answer(rig) == (8, "rejected", "bad_signature")
+
+
+def test_the_key_file_holds_the_trusted_keys_one_a_line(tmp_path: Path) -> None:
+    current, upcoming = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    path = tmp_path / "config-public-key"
+    lines = [base64.b64encode(_public(k)).decode() for k in (current, upcoming)]
+    path.write_text(f"# current\n{lines[0]}\n\n{lines[1]}  # next, from the rotation\n")
+    assert read_public_keys(path) == (_public(current), _public(upcoming))
+    path.write_text(f"{lines[0]}\nnot-a-key\n")
+    with pytest.raises(SystemExit, match=":2: not"):
+        read_public_keys(path)
