@@ -131,3 +131,29 @@ def test_a_nul_byte_in_a_parameter_is_a_problem_not_a_500(
     assert refused.status_code == 422
     assert refused.headers["content-type"] == "application/problem+json"
     assert "NUL" in refused.json()["detail"]
+
+
+def test_dead_letters_filter_by_device_within_the_brand(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        for device, brand in (("acme-1", "acme"), ("acme-2", "acme"), ("other-1", "other")):
+            provision_device(conn, device_id=device, brand_id=brand, model="m")
+            conn.execute(
+                "INSERT INTO dead_letters (topic, device_id, channel, payload, payload_size,"
+                " reason, detail, received_at) VALUES (%s, %s, 'telemetry', 'x', 1,"
+                " 'unstorable', 'x', now())",
+                [f"galvani/v1/d/{device}/telemetry", device],
+            )
+
+    def devices(who: str, query: str) -> list[str]:
+        response = client.get(f"/v1/dead-letters?{query}", headers=auth(keys[who]))
+        assert response.status_code == 200, response.text
+        return [letter["device_id"] for letter in response.json()["items"]]
+
+    assert devices("admin", "device=acme-2") == ["acme-2"]
+    assert devices("admin", "device=acme-2&reason=bad_json") == []
+    # Another brand's device shows nothing, exactly like a device that does not exist.
+    assert devices("admin", "device=other-1") == devices("admin", "device=nowhere-9") == []
+    assert devices("operator", "device=other-1") == ["other-1"]
+    assert devices("operator", "brand=acme&device=other-1") == []

@@ -182,7 +182,7 @@ VALID_BODIES: dict[tuple[str, str], Callable[[SeededBrand], dict[str, Any]]] = {
         "mode_table_id": s.mode_table_id,
         "target": {"device_ids": [s.device_id]},
     },
-    ("PATCH", "/v1/rules/{rule_id}"): lambda s: {"thresholds": {"total_s": 5}},
+    ("PATCH", "/v1/rules/no_gel"): lambda s: {"thresholds": {"total_s": 5}},
 }
 
 

@@ -23,6 +23,7 @@ from httpx2 import Response
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common.mode_tables import DEFAULT_MODES
+from services.rules.catalogue import RULES
 from tests.api import SeededBrand, auth, seed_brand
 
 OPERATOR, ADMIN, SUPPORT, VIEWER = "operator", "admin", "support", "viewer"
@@ -60,9 +61,13 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/v1/me"): allow(*ROLES),
     ("GET", "/v1/config-signing-key"): allow(*ROLES),
     ("GET", "/v1/rules"): READ,
-    ("PATCH", "/v1/rules/{rule_id}"): allow(
-        ADMIN, cross_brand=(200, "rules are one catalogue; a brand sets its own thresholds")
-    ),
+    # A PATCH per rule, its body naming that rule's thresholds (services/api/rules).
+    **{
+        ("PATCH", f"/v1/rules/{rule.id}"): allow(
+            ADMIN, cross_brand=(200, "rules are one catalogue; a brand sets its own thresholds")
+        )
+        for rule in RULES
+    },
     ("GET", "/v1/alerts/stream"): Access(BRAND_ROLES, stream=True),
     ("GET", "/v1/alerts"): READ,
     ("GET", "/v1/alerts/{alert_id}"): READ,
@@ -121,7 +126,12 @@ PATH_ID_OVERRIDES: dict[tuple[str, str], dict[str, Callable[[SeededBrand], str]]
 # Bodies that pass validation, so a call reaches its role and brand checks (a brand key's
 # "brand" must be its own; the operator names acme).
 BODIES: dict[tuple[str, str], Callable[[SeededBrand], dict[str, Any]]] = {
-    ("PATCH", "/v1/rules/{rule_id}"): lambda s: {"thresholds": {"total_s": 5}},
+    ("PATCH", "/v1/rules/no_gel"): lambda s: {"thresholds": {"total_s": 5}},
+    **{
+        ("PATCH", f"/v1/rules/{rule.id}"): lambda s: {"thresholds": {}}
+        for rule in RULES
+        if rule.id != "no_gel"
+    },
     ("POST", "/v1/devices"): lambda s: {"device_id": "acme-new-1", "model": "glow-2"},
     ("POST", "/v1/brands"): lambda s: {"id": "newco", "name": "NewCo"},
     ("POST", "/v1/api-keys"): lambda s: {"role": "viewer", "name": "desk"},

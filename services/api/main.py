@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from services.api import problems, server
 from services.api.alerts.endpoints import router as alerts_router
@@ -25,6 +25,7 @@ from services.api.health.endpoints import router as health_router
 from services.api.metrics import RequestMetrics
 from services.api.mode_tables.endpoints import router as mode_tables_router
 from services.api.publisher import ConfigPublisher
+from services.api.query_params import refuse_unknown_query
 from services.api.rate_limit import FailureLimit, SharedLimits
 from services.api.rollouts.endpoints import router as rollouts_router
 from services.api.rules.endpoints import router as rules_router
@@ -91,6 +92,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="1.0.0",
         description="Fleet backend for connected microcurrent personal-care devices.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_unknown_query)],
     )
     problems.install(app)
     app.add_middleware(RequestMetrics)

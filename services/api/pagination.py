@@ -1,61 +1,52 @@
-"""Opaque cursors for keyset pagination: ``<kind>:<part>[\\x1f<part>...]``, base64url; and the
-page a list endpoint answers with (its repository reads one row more than the page)."""
+"""Keyset pagination: the page a list endpoint answers with (its repository reads one row more
+than the page), and its ``cursor`` query parameter.
 
-import base64
+A cursor is the position after the last row of a page, written as the list's keys (an id, a
+device id, a time in microseconds since the epoch and an id). Clients pass ``next_cursor``
+unchanged, but every value of the form the OpenAPI document gives for a list's ``cursor`` is a
+position in that list: the document says exactly what the server accepts, so a generated
+client never sends a cursor the server refuses for a reason the document hides.
+"""
+
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Protocol, TypeVar
 
-from fastapi import Depends, Query
+from fastapi import Depends, Path, Query
 
-from services.api.problems import ProblemError
+from services.common.protocol.topics import DEVICE_ID_PATTERN
 
 T = TypeVar("T")
 
-SEPARATOR: Final = "\x1f"
+# The largest bigint: ids and seqs are bigint columns.
+MAX_KEY: Final = 2**63 - 1
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_UUID: Final = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# Up to 16 digits of microseconds: until 2286, far past any created_at (the database's now()).
+TIME_ID_PATTERN: Final = rf"^[0-9]{{1,16}}~{_UUID}$"
+# A session's start (microseconds, or "none" when it has none) and its id, which any text but
+# NUL may be (PostgreSQL text holds no NUL).
+SESSION_PATTERN: Final = r"^([0-9]{1,18}|none)~[^\u0000]{1,256}$"
+_ABOUT: Final = "the `next_cursor` of the previous page"
 
-
-def encode_cursor(kind: str, *parts: str) -> str:
-    """The cursor that continues after ``parts`` (the last row's keys) in a list of ``kind``."""
-    text = kind + ":" + SEPARATOR.join(parts)
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def decode_cursor(kind: str, cursor: str, count: int) -> list[str]:
-    """The ``count`` keys in a cursor of ``kind``; a 422 problem for anything else."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except ValueError:
-        text = ""
-    prefix, _, rest = text.partition(":")
-    parts = rest.split(SEPARATOR)
-    if prefix != kind or len(parts) != count or not all(parts):
-        raise invalid_cursor()
-    return parts
-
-
-def decode_int_cursor(kind: str, cursor: str) -> int:
-    """The one integer key (an id or seq) in a cursor of ``kind``."""
-    [value] = decode_cursor(kind, cursor, 1)
-    if not value.isdigit():
-        raise invalid_cursor()
-    return int(value)
-
-
-def encode_time_cursor(kind: str, created_at: datetime, row_id: uuid.UUID) -> str:
-    """The cursor after a row ordered by (created_at, id), newest first."""
-    return encode_cursor(kind, created_at.isoformat(), str(row_id))
-
-
-def decode_time_cursor(kind: str, cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The (created_at, id) in a cursor of ``kind``; a 422 problem for anything else."""
-    created, row_id = decode_cursor(kind, cursor, 2)
-    try:
-        return datetime.fromisoformat(created), uuid.UUID(row_id)
-    except ValueError:
-        raise invalid_cursor() from None
+# An id in a path that is a bigint in the database (an alert's).
+AlertId = Annotated[int, Path(ge=1, le=MAX_KEY)]
+KeyCursor = Annotated[
+    int | None, Query(ge=0, le=MAX_KEY, description=_ABOUT + ": the last row's id")
+]
+DeviceCursor = Annotated[
+    str | None, Query(pattern=DEVICE_ID_PATTERN, description=_ABOUT + ": the last device's id")
+]
+SessionCursor = Annotated[
+    str | None,
+    Query(
+        pattern=SESSION_PATTERN,
+        max_length=300,
+        description=_ABOUT + ": `<start, µs since the epoch, or none>~<session id>`",
+    ),
+]
 
 
 def page(rows: list[T], limit: int, cursor: Callable[[T], str]) -> tuple[list[T], str | None]:
@@ -65,6 +56,23 @@ def page(rows: list[T], limit: int, cursor: Callable[[T], str]) -> tuple[list[T]
         return rows, None
     kept = rows[:limit]
     return kept, cursor(kept[-1])
+
+
+def microseconds(moment: datetime) -> int:
+    """``moment`` as whole microseconds since the epoch."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def session_cursor(started_at: datetime | None, session: str) -> str:
+    """The cursor after a session (ordered by start, then id, newest first)."""
+    start = str(microseconds(started_at)) if started_at is not None else "none"
+    return f"{start}~{session}"
+
+
+def decode_session_cursor(cursor: str) -> tuple[int | None, str]:
+    """(start in µs or None, session id) of a cursor :data:`SESSION_PATTERN` has checked."""
+    start, _, session = cursor.partition("~")
+    return (None if start == "none" else int(start)), session
 
 
 class _Timed(Protocol):
@@ -83,34 +91,31 @@ class NewestFirst:
     """The page asked of a list ordered newest first by (created_at, id): at most ``limit``
     rows, after the row ``after`` names (None: from the newest)."""
 
-    kind: str
     limit: int
     after: tuple[datetime, uuid.UUID] | None
 
     def answer(self, rows: list[TimedT]) -> tuple[list[TimedT], str | None]:
         """The page of ``rows`` (read as ``limit + 1``) and the next page's cursor."""
-        return page(rows, self.limit, lambda r: encode_time_cursor(self.kind, r.created_at, r.id))
+        return page(rows, self.limit, lambda r: f"{microseconds(r.created_at)}~{r.id}")
 
 
-def newest_first(kind: str, *, default: int, maximum: int) -> Any:
+def newest_first(*, default: int, maximum: int) -> Any:
     """A dependency: the :class:`NewestFirst` page the ``limit`` and ``cursor`` query
-    parameters ask for, in a list of ``kind``."""
+    parameters ask for."""
 
     async def asked(
         limit: Annotated[int, Query(ge=1, le=maximum)] = default,
-        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        cursor: Annotated[
+            str | None,
+            Query(
+                pattern=TIME_ID_PATTERN,
+                description=_ABOUT + ": `<created_at, µs since the epoch>~<id>`",
+            ),
+        ] = None,
     ) -> NewestFirst:
-        after = decode_time_cursor(kind, cursor) if cursor is not None else None
-        return NewestFirst(kind, limit, after)
+        if cursor is None:
+            return NewestFirst(limit, None)
+        created, _, row_id = cursor.partition("~")
+        return NewestFirst(limit, (EPOCH + timedelta(microseconds=int(created)), uuid.UUID(row_id)))
 
     return Depends(asked)
-
-
-def invalid_cursor() -> ProblemError:
-    """The 422 for a cursor this API did not hand out."""
-    return ProblemError(
-        422,
-        "invalid-cursor",
-        "Invalid cursor",
-        "cursor: pass the next_cursor of a previous page unchanged",
-    )

@@ -1,6 +1,7 @@
 """Errors as RFC 9457 problem details (``application/problem+json``) with stable types."""
 
 import logging
+from collections.abc import MutableMapping
 from typing import Any, Final
 
 import psycopg
@@ -8,8 +9,10 @@ import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +82,17 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
     - a request FastAPI refuses (422) is problem+json, not FastAPI's ``HTTPValidationError``;
     - a body that cannot be read as text answers 400 (FastAPI: "error parsing the body");
     - an operation that takes an API key may answer 401, and 429 when the key is over its
-      rate, and 503 when the database cannot be reached.
+      rate, and 503 when the database cannot be reached;
+    - an optional parameter is left out to mean "none": a query string or header has no
+      ``null``, so its schema does not offer one (FastAPI documents ``X | None`` as
+      ``anyOf [X, null]``, which generated clients send as the text ``null``).
     """
     components = document.setdefault("components", {}).setdefault("schemas", {})
     components.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/{model}"))
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                parameter["schema"] = _without_null(parameter.get("schema", {}))
             answers = operation.setdefault("responses", {})
             for status, answer in answers.items():
                 if PROBLEM_JSON in answer.get("content", {}):
@@ -101,6 +109,30 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     return document
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with a ``{"type": "null"}`` branch of its ``anyOf`` taken out."""
+    branches = schema.get("anyOf")
+    if branches is None:
+        return schema
+    kept = [branch for branch in branches if branch.get("type") != "null"]
+    rest = {name: value for name, value in schema.items() if name != "anyOf"}
+    return {**kept[0], **rest} if len(kept) == 1 else {**rest, "anyOf": kept}
+
+
+def allowed_methods(app: Any, scope: MutableMapping[str, Any]) -> list[str]:
+    """Every method some route of ``app`` answers at the path of ``scope`` (Starlette's 405
+    names only the first route that matched the path, not the others at the same path)."""
+    methods: set[str] = set()
+    for context in iter_route_contexts(app.routes):
+        path_format = context.path_format
+        if path_format is None or not context.methods:
+            continue
+        path_regex, _, _ = compile_path(path_format)
+        if path_regex.match(scope["path"]):
+            methods |= context.methods
+    return sorted(methods - {"HEAD"})
 
 
 class App(FastAPI):
@@ -171,6 +203,17 @@ def install(app: FastAPI) -> None:
             for error in exc.errors()
         ]
         first = errors[0] if errors else {"field": "request", "message": "invalid"}
+        if first["field"] == "query.cursor":
+            return _answer(
+                ProblemError(
+                    422,
+                    "invalid-cursor",
+                    "Invalid cursor",
+                    "cursor: pass the next_cursor of a previous page unchanged "
+                    f"({first['message']})",
+                    errors=errors,
+                )
+            )
         return _invalid_request(f"{first['field']}: {first['message']}", errors)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
@@ -178,6 +221,11 @@ def install(app: FastAPI) -> None:
         kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         title = str(exc.detail) if exc.status_code != 404 else "Not found"
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            headers = {
+                **(headers or {}),
+                "Allow": ", ".join(allowed_methods(request.app, request.scope)),
+            }
         return _answer(ProblemError(exc.status_code, kind, title, str(exc.detail), headers=headers))
 
     async def on_database(request: Request, exc: Exception) -> JSONResponse:

@@ -9,7 +9,7 @@ from services.api.alerts import service
 from services.api.alerts.repository import AlertRepository
 from services.api.alerts.schemas import AlertAction, AlertDetail, AlertList, AlertState, Severity
 from services.api.deps import AlertReadRepo, AlertRepo, ApiKey, CurrentKey, ReadKey, require
-from services.api.pagination import decode_int_cursor, encode_cursor, page
+from services.api.pagination import AlertId, KeyCursor, page
 from services.api.problems import responses
 from services.api.responses import json_response, rows_response
 from services.common.api_keys import Role
@@ -29,7 +29,7 @@ async def list_alerts(
     state: AlertState | None = None,
     severity: Severity | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: KeyCursor = None,
 ) -> Response:
     """The brand's alerts, newest first."""
     rows = await alerts.page(
@@ -38,16 +38,16 @@ async def list_alerts(
         rule=rule,
         state=state.value if state else None,
         severity=severity.value if severity else None,
-        before_id=decode_int_cursor("a", cursor) if cursor else None,
+        before_id=cursor,
         limit=limit + 1,
     )
-    items, next_cursor = page(rows, limit, lambda row: encode_cursor("a", str(row["id"])))
+    items, next_cursor = page(rows, limit, lambda row: str(row["id"]))
     # The rows are the Alert model's columns as stored (the schema tests hold them to it).
     return rows_response({"items": items, "next_cursor": next_cursor})
 
 
 @router.get("/{alert_id}", response_model=AlertDetail, responses=responses(401, 403, 404))
-def get_alert(alert_id: int, alerts: AlertRepo, key: CurrentKey) -> Response:
+def get_alert(alert_id: AlertId, alerts: AlertRepo, key: CurrentKey) -> Response:
     """One alert with its explanation and every transition (who and when)."""
     alert = service.require_alert(alerts, key.brand, alert_id)
     transitions = alerts.transitions(alert_id)
@@ -64,7 +64,7 @@ def _take(
 
 @router.post("/{alert_id}/ack", response_model=AlertDetail, responses=responses(401, 403, 404, 409))
 def acknowledge(
-    alert_id: int, alerts: AlertRepo, key: CurrentKey, action: ActionBody = None
+    alert_id: AlertId, alerts: AlertRepo, key: CurrentKey, action: ActionBody = None
 ) -> Response:
     """Acknowledge: a person is on it."""
     return _take(service.acknowledge, alert_id, alerts, key, action)
@@ -74,7 +74,7 @@ def acknowledge(
     "/{alert_id}/resolve", response_model=AlertDetail, responses=responses(401, 403, 404, 409)
 )
 def resolve(
-    alert_id: int, alerts: AlertRepo, key: CurrentKey, action: ActionBody = None
+    alert_id: AlertId, alerts: AlertRepo, key: CurrentKey, action: ActionBody = None
 ) -> Response:
     """Resolve: the matter is closed (a repeat opens a new alert)."""
     return _take(service.resolve, alert_id, alerts, key, action)

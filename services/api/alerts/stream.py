@@ -33,6 +33,7 @@ from services.api.alerts.feed import AlertFeed
 from services.api.alerts.repository import AlertReadRepository, ChangedAlert
 from services.api.auth import AuthReadRepository
 from services.api.deps import ApiKey, ReadKey
+from services.api.pagination import MAX_KEY
 from services.api.problems import ProblemError, responses
 from services.api.rate_limit import retry_after_header
 from services.common.db import AsyncConn
@@ -221,7 +222,9 @@ async def _events(stream: _Stream, last_event_id: int | None) -> AsyncIterator[s
 async def stream_alerts(
     request: Request,
     key: ReadKey,
-    last_event_id: Annotated[str | None, Header(max_length=20, pattern=r"^[0-9]+$")] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_KEY, description="the `id` of the last event received")
+    ] = None,
 ) -> StreamingResponse:
     """New and changed alerts of the brand as Server-Sent Events."""
     brand_id = key.brand  # refuses the operator before a slot is taken
@@ -237,7 +240,7 @@ async def stream_alerts(
             f" {FULL_RETRY_S:.0f} s",
             headers={"Retry-After": retry_after_header(FULL_RETRY_S)},
         )
-    last = int(last_event_id) if last_event_id is not None else None
+    last = last_event_id
     stream = _Stream(
         request.app.state.read_pool,
         request.app.state.alert_feed,

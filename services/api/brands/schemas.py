@@ -2,8 +2,9 @@
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.schemas import body_config
 from services.common.api_keys import Role
@@ -24,8 +25,24 @@ class Brand(BaseModel):
     created_at: datetime
 
 
+def _brand_by_role(schema: dict[str, Any]) -> None:
+    """An operator key has no brand and every other key has one: said in the schema, so a
+    generated client never sends a pair the endpoint refuses."""
+    others = [role.value for role in Role if role is not Role.OPERATOR]
+    schema["oneOf"] = [
+        {"properties": {"role": {"const": Role.OPERATOR.value}, "brand": {"type": "null"}}},
+        {
+            "properties": {"role": {"enum": others}, "brand": {"type": "string"}},
+            "required": ["brand"],
+        },
+    ]
+
+
 class KeyCreate(BaseModel):
-    model_config = body_config({"brand": "glowco", "role": "support", "name": "desk"})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=lambda schema, _: _brand_by_role(schema),
+    )
 
     brand: str | None = Field(default=None, description="null only for an operator key")
     role: Role

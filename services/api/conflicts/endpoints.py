@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Response
 
 from services.api.conflicts.schemas import Conflict, ConflictList, ConflictReason
 from services.api.deps import ConflictReadRepo, ReadKey
-from services.api.pagination import decode_int_cursor, encode_cursor, page
+from services.api.pagination import KeyCursor, page
 from services.api.problems import ProblemError, responses
 from services.api.responses import json_response
 
@@ -32,16 +32,15 @@ async def list_conflicts(
     key: ReadKey,
     reason: ConflictReason | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: KeyCursor = None,
 ) -> Response:
     """Conflicting messages of the device, newest first, each with its payload."""
     if not await conflicts.owns_device(key.brand, device_id):
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
-    before_id = decode_int_cursor("c", cursor) if cursor else None
     rows = await conflicts.page(
-        device_id, reason=reason.value if reason else None, before_id=before_id, limit=limit + 1
+        device_id, reason=reason.value if reason else None, before_id=cursor, limit=limit + 1
     )
-    kept, next_cursor = page(rows, limit, lambda row: encode_cursor("c", str(row["id"])))
+    kept, next_cursor = page(rows, limit, lambda row: str(row["id"]))
     return json_response(
         ConflictList(items=[_conflict(row) for row in kept], next_cursor=next_cursor)
     )

@@ -10,7 +10,14 @@ from services.api import deps
 from services.api.deps import CurrentKey, DeviceReadRepo, DeviceRepo, ReadKey, require
 from services.api.devices import schemas
 from services.api.devices.repository import DeviceReadRepository, DeviceRepository
-from services.api.pagination import decode_cursor, decode_int_cursor, encode_cursor, page
+from services.api.pagination import (
+    DeviceCursor,
+    KeyCursor,
+    SessionCursor,
+    decode_session_cursor,
+    page,
+    session_cursor,
+)
 from services.api.problems import ProblemError, constraint_problem, responses
 from services.api.responses import json_response
 from services.api.settings import ApiSettings
@@ -88,15 +95,15 @@ async def list_devices(
     fw: Annotated[str | None, Query(max_length=64)] = None,
     model: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: DeviceCursor = None,
 ) -> Response:
     """The brand's active devices, in id order."""
-    after_id = decode_cursor("d", cursor, 1)[0] if cursor else None
+    after_id = cursor
     rows = await devices.page(
         key.brand, online=online, alerting=alerting, fw=fw, model=model, after_id=after_id,
         limit=limit + 1,
     )  # fmt: skip
-    items, next_cursor = page(rows, limit, lambda device: encode_cursor("d", device.device_id))
+    items, next_cursor = page(rows, limit, lambda device: device.device_id)
     return json_response(schemas.DeviceList(items=items, next_cursor=next_cursor))
 
 
@@ -138,20 +145,13 @@ async def list_sessions(
     devices: DeviceReadRepo,
     key: ReadKey,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=300)] = None,
+    cursor: SessionCursor = None,
 ) -> Response:
     """Sessions with mode, level, duration, end reason and contact quality, newest first."""
     await _require_device(devices, key.brand, device_id)
-    before = decode_cursor("s", cursor, 2) if cursor else None
-    rows = await devices.sessions(
-        device_id, before=(before[0], before[1]) if before else None, limit=limit + 1
-    )
-
-    def after(session: schemas.Session) -> str:
-        started = session.started_at.isoformat() if session.started_at else "-infinity"
-        return encode_cursor("s", started, session.session)
-
-    items, next_cursor = page(rows, limit, after)
+    before = decode_session_cursor(cursor) if cursor else None
+    rows = await devices.sessions(device_id, before=before, limit=limit + 1)
+    items, next_cursor = page(rows, limit, lambda s: session_cursor(s.started_at, s.session))
     return json_response(schemas.SessionList(items=items, next_cursor=next_cursor))
 
 
@@ -162,13 +162,12 @@ async def list_events(
     key: ReadKey,
     type: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: KeyCursor = None,
 ) -> Response:
     """Events, newest first."""
     await _require_device(devices, key.brand, device_id)
-    before_seq = decode_int_cursor("e", cursor) if cursor else None
-    rows = await devices.events(device_id, before_seq=before_seq, type_=type, limit=limit + 1)
-    items, next_cursor = page(rows, limit, lambda event: encode_cursor("e", str(event.seq)))
+    rows = await devices.events(device_id, before_seq=cursor, type_=type, limit=limit + 1)
+    items, next_cursor = page(rows, limit, lambda event: str(event.seq))
     return json_response(schemas.EventList(items=items, next_cursor=next_cursor))
 
 

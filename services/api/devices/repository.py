@@ -40,8 +40,10 @@ SELECT session, user_id AS user, mode, level, started_at, ended_at, duration_s, 
        output_s, samples,
        CASE WHEN out_samples > 0 THEN gel_ok_samples::real / out_samples END AS gel_ok_share
 FROM sessions WHERE device_id = %(device)s
-  AND (%(ts)s::timestamptz IS NULL
-       OR (coalesce(started_at, '-infinity'), session) < (%(ts)s::timestamptz, %(session)s))
+  AND (%(session)s::text IS NULL
+       OR (coalesce(started_at, '-infinity'), session) < (coalesce(
+             'epoch'::timestamptz + %(us)s::bigint * interval '1 microsecond', '-infinity'),
+           %(session)s))
 ORDER BY coalesce(started_at, '-infinity') DESC, session DESC LIMIT %(limit)s
 """
 EVENTS: Final = """
@@ -139,11 +141,12 @@ class DeviceReadRepository(ReadRepository):
         return await self.all(SELECT + LIST, params, class_row(Device))
 
     async def sessions(
-        self, device_id: str, *, before: tuple[str, str] | None, limit: int
+        self, device_id: str, *, before: tuple[int | None, str] | None, limit: int
     ) -> list[Session]:
-        """A device's sessions, newest start first (keyset: started_at, session)."""
-        ts, session = before if before else (None, None)
-        params = {"device": device_id, "ts": ts, "session": session, "limit": limit}
+        """A device's sessions, newest start first (keyset: started_at, session), before
+        ``before`` (start in µs since the epoch, None for no start; session id)."""
+        us, session = before if before else (None, None)
+        params = {"device": device_id, "us": us, "session": session, "limit": limit}
         return await self.all(SESSIONS, params, class_row(Session))
 
     async def events(

@@ -6,10 +6,11 @@ from fastapi import APIRouter, Query, Response
 
 from services.api.deps import CurrentKey, FleetReadRepo, FleetRepo, ReadKey, brand_scope, require
 from services.api.fleet.schemas import DeadLetterList, FleetSummary
-from services.api.pagination import decode_int_cursor, encode_cursor, page
+from services.api.pagination import KeyCursor, page
 from services.api.problems import responses
 from services.api.responses import json_response
 from services.common.api_keys import Role
+from services.common.protocol.topics import DEVICE_ID_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
 MAX_LIMIT = 200
@@ -26,17 +27,26 @@ def dead_letters(
     fleet: FleetRepo,
     key: CurrentKey,
     brand: Annotated[str | None, Query(description="operator keys: the brand to show")] = None,
+    device: Annotated[
+        str | None,
+        Query(
+            pattern=DEVICE_ID_PATTERN,
+            description="only this device's letters (none for another brand's device)",
+        ),
+    ] = None,
     reason: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: KeyCursor = None,
 ) -> Response:
     """Messages that could not be stored, newest first: a brand's devices' (admin), or any
-    brand's, or those of no known device (operator, without ``brand``)."""
+    brand's, or those of no known device (operator, without ``brand``); ``device`` narrows
+    them to one device, within the brand."""
     require(key, Role.OPERATOR, Role.ADMIN)
     scope = (
         brand_scope(fleet, key, brand) if key.brand_id is not None or brand is not None else None
     )
-    before_id = decode_int_cursor("l", cursor) if cursor else None
-    rows = fleet.dead_letters(scope, reason=reason, before_id=before_id, limit=limit + 1)
-    items, next_cursor = page(rows, limit, lambda letter: encode_cursor("l", str(letter.id)))
+    rows = fleet.dead_letters(
+        scope, device_id=device, reason=reason, before_id=cursor, limit=limit + 1
+    )
+    items, next_cursor = page(rows, limit, lambda letter: str(letter.id))
     return json_response(DeadLetterList(items=items, next_cursor=next_cursor))

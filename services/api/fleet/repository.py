@@ -32,6 +32,7 @@ SELECT l.id, l.topic, l.device_id, l.channel, l.reason, l.detail, l.payload_size
        l.received_at
 FROM dead_letters l LEFT JOIN devices d ON d.id = l.device_id
 WHERE (%(brand)s::text IS NULL OR d.brand_id = %(brand)s)
+  AND (%(device)s::text IS NULL OR l.device_id = %(device)s)
   AND (%(reason)s::text IS NULL OR l.reason = %(reason)s)
   AND (%(before)s::bigint IS NULL OR l.id < %(before)s)
 ORDER BY l.id DESC LIMIT %(limit)s
@@ -75,13 +76,21 @@ class FleetRepository(Repository):
     """Dead letters on the read-write unit."""
 
     def dead_letters(
-        self, brand_id: str | None, *, reason: str | None, before_id: int | None, limit: int
+        self,
+        brand_id: str | None,
+        *,
+        device_id: str | None,
+        reason: str | None,
+        before_id: int | None,
+        limit: int,
     ) -> list[DeadLetter]:
         """Messages that could not be stored, newest first: of the brand's devices, or any
-        (``brand_id`` None)."""
+        (``brand_id`` None); of one device if ``device_id`` is given (within the brand, so
+        another brand's device has none, as an unknown one)."""
         params = {
             "preview": PAYLOAD_PREVIEW_BYTES,
             "brand": brand_id,
+            "device": device_id,
             "reason": reason,
             "before": before_id,
             "limit": limit,

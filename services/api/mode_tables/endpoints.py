@@ -15,7 +15,7 @@ from services.common.mode_tables import DEFAULT_MODES, ENVELOPE
 
 router = APIRouter(prefix="/v1/mode-tables", tags=["mode tables"])
 MAX_LIMIT = 200
-Page = Annotated[NewestFirst, newest_first("mode-tables", default=50, maximum=MAX_LIMIT)]
+Page = Annotated[NewestFirst, newest_first(default=50, maximum=MAX_LIMIT)]
 
 
 @router.post(

@@ -58,7 +58,9 @@ class ModeTableCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     modes: dict[Mode, ModeSpec] = Field(min_length=1)
-    locked_modes: list[Mode] = Field(default_factory=list, max_length=len(Mode))
+    locked_modes: list[Mode] = Field(
+        default_factory=list, max_length=len(Mode), json_schema_extra={"uniqueItems": True}
+    )
     brand: str | None = Field(
         default=None, description="operator keys only: the brand the table belongs to"
     )

@@ -28,7 +28,7 @@ BrandQuery = Annotated[
 ]
 ActionBody = Annotated[RolloutAction | None, Body()]
 STEER_RESPONSES = responses(401, 403, 404, 409, 422)
-Page = Annotated[NewestFirst, newest_first("rollouts", default=20, maximum=MAX_LIMIT)]
+Page = Annotated[NewestFirst, newest_first(default=20, maximum=MAX_LIMIT)]
 # A step of the lifecycle (rollouts/service.py) on the locked row: the pushes it recorded.
 Step = Callable[[service.Steering, RolloutRow], Sequence[Push]]
 

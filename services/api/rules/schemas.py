@@ -1,10 +1,12 @@
 """Rule catalogue schemas."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+from pydantic.config import JsonDict
 
 from services.api.schemas import body_config
+from services.rules.catalogue import Param, Rule
 
 
 class Threshold(BaseModel):
@@ -37,9 +39,37 @@ class RuleList(BaseModel):
     items: list[RuleOut]
 
 
-class RulePatch(BaseModel):
-    """New overrides: a number sets one, ``null`` returns it to the default."""
+def _threshold(param: Param) -> Any:
+    """A threshold's value in a patch: a finite number from the tightest value that means
+    something to the loosest a brand may set (both said in the schema), or ``null``. The
+    catalogue checks the range itself, so a refusal names the limit."""
+    low, high = sorted((param.tightest, param.limit))
+    bounds: JsonDict = {"minimum": low, "maximum": high}
+    value = Annotated[
+        float | None,
+        Field(
+            default=None,
+            strict=True,
+            allow_inf_nan=False,
+            description=f"{param.unit}; tighter is {param.tighter.value}; null: the default",
+            json_schema_extra=bounds,
+        ),
+    ]
+    return value
 
-    model_config = body_config({"thresholds": {"total_s": 5}})
 
-    thresholds: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)] | None]
+def rule_patch_model(rule: Rule) -> type[BaseModel]:
+    """The body of ``PATCH /v1/rules/{rule.id}``: its ``thresholds`` name exactly that rule's
+    thresholds (a name is set, ``null`` returns it to the default, absent leaves it)."""
+    name = "".join(part.title() for part in rule.id.split("_"))
+    thresholds = create_model(
+        f"{name}Thresholds",
+        __config__=body_config(),
+        **{param.name: _threshold(param) for param in rule.params},
+    )
+    example: JsonDict = {p.name: p.limit for p in rule.params[:1]}
+    return create_model(
+        f"{name}Patch",
+        __config__=body_config({"thresholds": example}),
+        thresholds=(thresholds, ...),
+    )

@@ -2,6 +2,13 @@
 
 Responses are bounded: a request that would return more than :data:`MAX_POINTS` points is
 answered 422 with what to change (a shorter range, or a bucket), never truncated silently.
+
+``from`` and ``to`` are epoch milliseconds up to the end of year 9999 (a larger number is a
+422, as the OpenAPI document's ``maximum`` says) or RFC 3339 times with an offset. A range
+with ``to`` at or before ``from`` holds no samples: its answer has no points (a generated
+client cannot know the order is wrong, as JSON schema cannot compare two parameters). Device
+times lie between the epoch and ``DEVICE_TIME_MAX``, so a range is cut to those bounds before
+it is read, and a far time with an offset (year 1 at +23:59) never leaves Python's range.
 """
 
 import re
@@ -9,19 +16,40 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from services.api.deps import ReadKey, TelemetryReadRepo
 from services.api.problems import ProblemError, responses
 from services.api.responses import rows_response
+from services.common.protocol.limits import DEVICE_TIME_MAX
 
 router = APIRouter(prefix="/v1/devices", tags=["telemetry"])
 
 MAX_POINTS: Final = 10_000
 METRICS: Final = ("i_ua", "i_set_ua", "v_v", "z_ohm", "t_elec_c", "t_batt_c", "batt_pct")
 RAW_EXTRA: Final = ("out", "mode", "level", "charging", "session")
-BUCKET_RE: Final = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
+BUCKET_PATTERN: Final = r"^([1-9][0-9]{0,5})(s|m|h|d)$"
+BUCKET_RE: Final = re.compile(BUCKET_PATTERN)
 UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# The last millisecond of year 9999: Python's datetime ends there.
+MAX_MS: Final = 253_402_300_799_999
+RFC3339_RE: Final = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+TIME_SCHEMA: Final = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": MAX_MS},
+        {"type": "string", "format": "date-time"},
+    ],
+    "description": "epoch milliseconds, or an RFC 3339 time with an offset",
+}
+TimeParam = WithJsonSchema(TIME_SCHEMA)
+
+
+def _fields_pattern(names: tuple[str, ...]) -> str:
+    one = "(" + "|".join(names) + ")"
+    return f"^{one}(,{one})*$"
 
 
 class Telemetry(BaseModel):
@@ -36,20 +64,35 @@ class Telemetry(BaseModel):
     )
 
 
+def _invalid_time(name: str) -> ProblemError:
+    return ProblemError(
+        422,
+        "invalid-request",
+        "Invalid request",
+        f"{name}: give an RFC 3339 time with an offset, or epoch milliseconds from 0 to {MAX_MS}",
+    )
+
+
 def parse_time(value: str, name: str) -> datetime:
-    """RFC 3339, or epoch milliseconds."""
-    if value.isdigit():
-        return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ProblemError(
-            422,
-            "invalid-request",
-            "Invalid request",
-            f"{name}: give an RFC 3339 time or epoch milliseconds",
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    """RFC 3339 with an offset, or epoch milliseconds (0 to :data:`MAX_MS`), in UTC and
+    within the times a device can report (the epoch to ``DEVICE_TIME_MAX``)."""
+    if value.isascii() and value.isdigit():
+        ms = int(value)
+        if ms > MAX_MS:
+            raise _invalid_time(name)
+        moment = EPOCH + timedelta(milliseconds=ms)
+    elif RFC3339_RE.match(value) is not None:
+        try:
+            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        except ValueError:  # a month 13, a 25th hour: not a time
+            raise _invalid_time(name) from None
+        try:
+            moment = moment.astimezone(UTC)
+        except OverflowError:  # year 1 at +23:59, year 9999 at -23:59: far outside anyway
+            moment = EPOCH if moment.year == 1 else DEVICE_TIME_MAX
+    else:
+        raise _invalid_time(name)
+    return min(max(moment, EPOCH), DEVICE_TIME_MAX)
 
 
 def parse_bucket(value: str) -> timedelta:
@@ -78,15 +121,27 @@ async def telemetry(
     device_id: str,
     samples: TelemetryReadRepo,
     key: ReadKey,
-    from_: Annotated[str, Query(alias="from", max_length=40)],
-    to: Annotated[str, Query(max_length=40)],
-    bucket: Annotated[str | None, Query(max_length=10)] = None,
-    fields: Annotated[str | None, Query(max_length=200)] = None,
+    from_: Annotated[str, Query(alias="from"), TimeParam],
+    to: Annotated[str, Query(), TimeParam],
+    bucket: Annotated[
+        str | None,
+        Query(pattern=BUCKET_PATTERN, description="a width: 10s, 1m, 15m, 1h, 1d; none: raw"),
+    ] = None,
+    fields: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            # Checked below, to name the fields that are not available.
+            json_schema_extra={"pattern": _fields_pattern(METRICS + RAW_EXTRA)},
+            description="comma-separated; with a bucket, only " + ", ".join(METRICS),
+        ),
+    ] = None,
 ) -> Response:
-    """Samples of one device between ``from`` and ``to`` (at most 10,000 points)."""
+    """Samples of one device between ``from`` and ``to`` (at most 10,000 points; a range
+    with ``to`` at or before ``from`` has none). Refused (422) when the range holds more than
+    10,000 samples or buckets, or when a bucket is asked with a field that is not a number
+    (``out``, ``mode``, ``level``, ``charging``, ``session``)."""
     start, end = parse_time(from_, "from"), parse_time(to, "to")
-    if end <= start:
-        raise ProblemError(422, "invalid-request", "Invalid request", "to: must be after from")
     allowed = METRICS if bucket else METRICS + RAW_EXTRA
     chosen = [f.strip() for f in fields.split(",")] if fields else list(METRICS)
     unknown = [f for f in chosen if f not in allowed]
@@ -101,7 +156,9 @@ async def telemetry(
     owned, refreshed_to = await samples.owned_refreshed_to(key.brand, device_id)
     if not owned:
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
-    if bucket is None:
+    if end <= start:
+        points: list[dict[str, Any]] = []
+    elif bucket is None:
         points = await samples.raw_samples(device_id, start, end, chosen, MAX_POINTS + 1)
         if len(points) > MAX_POINTS:
             raise too_many(
