@@ -371,9 +371,11 @@ def test_seq_reset_is_detected_and_new_samples_stored(storage_url):
     write(url, ("events", boot), *before)
     assert rows(url, "SELECT seq_count, last_seq FROM devices") == [(6, 6)]
 
-    # A factory reset: the counter starts again at 1, a day later, in a new session.
+    # A factory reset: the counter starts again at 1, a day later, in a new session (received
+    # a day later too: a device time a day ahead of its receipt is a suspect clock, whose
+    # samples are kept apart, in suspect_samples).
     day = 86_400_000
-    reset_at = RECEIVED + timedelta(minutes=1)
+    reset_at = RECEIVED + timedelta(days=1, minutes=1)
     start = event(1, T0_MS + day, "session_start", session="s-new", mode="LIFT", level=3)
     after = [
         ("telemetry", telemetry(seq, T0_MS + day + seq * 1000, session="s-new"), reset_at)

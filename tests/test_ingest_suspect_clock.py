@@ -15,7 +15,7 @@ from services.ingest.batch import BatchOutcome
 from services.ingest.decode import DeadLetter, decode_inbound
 from services.ingest.writer import write_batch
 from services.maintenance.jobs import run_pass
-from tests.ingest import provision, topic
+from tests.ingest import provision, state, topic
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -142,3 +142,33 @@ def test_a_wrong_clock_is_kept_for_the_retention_period_after_receipt(database_u
             "SELECT seq, count(*) FROM suspect_samples GROUP BY seq ORDER BY seq"
         ).fetchall()
     assert kept == [(1, 10), (2, 10)]
+
+
+def test_a_state_report_from_a_wrong_clock_does_not_stay_the_newest(database_url):
+    [device] = provision(database_url, 1)
+    d = device.device_id
+    now = datetime.now(UTC)
+    now_ms = int(now.timestamp() * 1000)
+    answer = {"version": 3, "sha256": "abc", "status": "applied", "reason": None}
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO config_pushes (device_id, version, payload, sha256, reason, source,"
+            " issued_at) VALUES (%s, 3, '{}', 'abc', 'test', 'api', now())",
+            [d],
+        )
+    # Year 2100 first: by device time it stayed the newest report for good, so the firmware
+    # the device reported next, and its answers to config pushes, never showed.
+    for seq, ts_ms, fw, at in [
+        (1, YEAR_2100_MS, "9.9.9", now - timedelta(seconds=2)),
+        (2, now_ms, "1.5.0", now),
+    ]:
+        payload = state(seq, ts_ms, fw=fw, config=answer)
+        item = decode_inbound(Inbound(topic(d, "state"), payload, 1, 1, at, 1))
+        with psycopg.connect(database_url) as conn, conn.transaction():
+            write_batch(conn, [item], storage_of(conn))
+    with psycopg.connect(database_url) as conn:
+        fw = conn.execute("SELECT fw FROM devices WHERE id = %s", [d]).fetchone()
+        answered = conn.execute("SELECT answered_at FROM config_pushes").fetchone()
+    assert fw == ("1.5.0",)
+    assert answered is not None
+    assert abs(answered[0].timestamp() * 1000 - now_ms) < 1

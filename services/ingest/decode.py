@@ -210,6 +210,13 @@ class StateIn(_Stamped):
         """The report's seq."""
         return self.state.seq
 
+    @property
+    def at(self) -> datetime:
+        """When the report counts from, to tell the newest: its device time, or its receipt
+        when the clock is suspect (a report from year 2100 would otherwise stay the newest
+        for good, and every later firmware and config answer would lose to it)."""
+        return self.received_at if self.ts_suspect else self.ts
+
 
 @dataclass(frozen=True, slots=True)
 class PresenceIn:

@@ -4,7 +4,7 @@ Each batch gathers per-device and per-session deltas in memory (only from what t
 reported as new, so a batch written twice counts once) and applies them in one statement per
 table, in key order: sessions (samples, output time, gel share, start and end by highest
 seq), config pushes answered, and devices (last seen, seq counters and gaps, firmware and
-config answer by device time, presence).
+config answer by device time, or by receipt for a report with a suspect clock, presence).
 """
 
 from collections.abc import Iterable
@@ -323,7 +323,7 @@ def record_config_answers(conn: Conn, states: list[StateIn]) -> None:
             [c.version for _, c in answers],
             [c.status.value for _, c in answers],
             [c.reason.value if c.reason else None for _, c in answers],
-            [s.ts for s, _ in answers],
+            [s.at for s, _ in answers],
         ],
     )
 
@@ -345,7 +345,7 @@ def update_devices(conn: Conn, devices: dict[str, DeviceDelta]) -> None:
             [d.min_seq for d in deltas],
             [d.max_seq for d in deltas],
             [d.new_seqs for d in deltas],
-            [s.ts if s else None for s in states],
+            [s.at if s else None for s in states],
             [s.state.fw if s else None for s in states],
             [s.state.hw if s else None for s in states],
             [c.version if c else None for c in configs],

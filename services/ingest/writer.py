@@ -123,7 +123,7 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
         devices[state.device_id].saw(state.ts, state.ts_suspect, state.received_at)
     for state in reported:
         delta = devices[state.device_id]
-        if delta.state is None or (state.ts, state.seq) > (delta.state.ts, delta.state.seq):
+        if delta.state is None or (state.at, state.seq) > (delta.state.at, delta.state.seq):
             delta.state = state
     for presence in presences:
         delta = devices[presence.device_id]
