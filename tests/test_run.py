@@ -105,6 +105,7 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
         assert {"ingest-1", "ingest-2", "rules-1", "fleet"} <= set(info["pids"])
         assert_dashboard_signs_in_with_the_demo_key(info)
         assert_device_data_reaches_the_database(info, data_dir)
+        assert_services_connect_as_their_own_roles(info)
         fleet = assert_simulated_fleet_reports(info, 3)
     finally:
         code, err = stop(process)
@@ -266,6 +267,21 @@ def assert_simulated_fleet_reports(info: dict, devices: int, reboots: int = 1) -
     wait_until(booted, what=f"{devices} simulated devices online with their boot and samples")
     with psycopg.connect(url) as conn:
         return {row[0] for row in conn.execute("SELECT id FROM devices WHERE brand_id = 'demo'")}
+
+
+def assert_services_connect_as_their_own_roles(info: dict) -> None:
+    """Every service's connection is its own login role; none is the owner's (database_url)."""
+    assert set(info["database_urls"]) == {"ingest", "rules", "api", "maintenance"}
+    with psycopg.connect(info["database_url"]) as conn:
+        users = {
+            row[0]
+            for row in conn.execute(
+                "SELECT usename FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                " AND datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        }
+    logins = {f"galvani_{service}_login" for service in info["database_urls"]}
+    assert {"galvani_ingest_login", "galvani_rules_login", "galvani_api_login"} <= users <= logins
 
 
 def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
