@@ -253,17 +253,27 @@ def test_rollouts_are_refused_with_problem_json(
 ) -> None:
     [device] = devices(database_url, 1)
     table_id = mode_table(client, keys["admin"])
+    # A body the schema refuses is a 422; one it allows but the brand's fleet or tables cannot
+    # take is a 404 (no such table) or a 409 (no such targets now).
     cases = [
-        ({"mode_table_id": str(uuid.uuid4()), "target": {"all": True}}, "mode_table_id"),
-        ({"mode_table_id": table_id, "target": {"device_ids": ["nope-1"]}}, "nope-1"),
-        ({"mode_table_id": table_id, "target": {"model": "glow-9"}}, "no active device"),
-        ({"mode_table_id": table_id, "target": {"all": True}, "canary_share": 0.5}, "at least 2"),
-        ({"mode_table_id": table_id, "target": {"all": True, "model": "x"}}, "exactly one"),
-        ({"mode_table_id": table_id, "target": {"all": True}, "canary_share": 1}, "canary_share"),
+        ({"mode_table_id": str(uuid.uuid4()), "target": {"all": True}}, 404, "mode_table_id"),
+        ({"mode_table_id": table_id, "target": {"device_ids": ["nope-1"]}}, 409, "nope-1"),
+        ({"mode_table_id": table_id, "target": {"model": "glow-9"}}, 409, "no active device"),
+        (
+            {"mode_table_id": table_id, "target": {"all": True}, "canary_share": 0.5},
+            409,
+            "at least 2",
+        ),
+        ({"mode_table_id": table_id, "target": {"all": True, "model": "x"}}, 422, "exactly one"),
+        (
+            {"mode_table_id": table_id, "target": {"all": True}, "canary_share": 1},
+            422,
+            "canary_share",
+        ),
     ]
-    for body, says in cases:
+    for body, status, says in cases:
         refused = client.post("/v1/rollouts", json=body, headers=auth(keys["admin"]))
-        assert refused.status_code == 422, body
+        assert refused.status_code == status, body
         assert says in refused.text, (says, refused.text)
     for role in ("support", "viewer"):
         body = {"mode_table_id": table_id, "target": {"device_ids": [device]}}

@@ -51,7 +51,7 @@ def _answer(rollouts: RolloutRepository, brand: str, rollout_id: uuid.UUID) -> R
     "",
     response_model=Rollout,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(401, 403, 404, 422),
+    responses=responses(401, 403, 404, 409, 422),
 )
 def create_rollout(
     body: RolloutCreate, request: Request, rollouts: deps.RolloutRepo, key: CurrentKey

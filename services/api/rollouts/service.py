@@ -31,6 +31,12 @@ def _invalid(detail: str) -> ProblemError:
     return ProblemError(422, "invalid-rollout", "Invalid rollout", detail)
 
 
+def _unavailable_targets(detail: str) -> ProblemError:
+    """The 409 for targets the brand's fleet does not hold now: the body is well formed (the
+    schema cannot know which devices are active), the fleet is what refuses it."""
+    return ProblemError(409, "rollout-targets", "No such targets", detail)
+
+
 def _conflict(detail: str) -> ProblemError:
     return ProblemError(409, "rollout-state", "Not possible in this state", detail)
 
@@ -58,9 +64,9 @@ def _targets(repo: RolloutRepository, brand_id: str, target: RolloutTarget) -> l
         unknown = sorted(set(target.device_ids) - set(found))
         if unknown:
             shown = ", ".join(unknown[:10]) + (" …" if len(unknown) > 10 else "")
-            raise _invalid(f"target.device_ids: no active device {shown}")
+            raise _unavailable_targets(f"target.device_ids: no active device {shown}")
     if not found:
-        raise _invalid("target: no active device of the brand matches")
+        raise _unavailable_targets("target: no active device of the brand matches")
     return found
 
 
@@ -121,12 +127,17 @@ def create(by: Steering, brand_id: str, body: RolloutCreate) -> tuple[RolloutRow
     repo = by.rollouts
     table = repo.mode_table(brand_id, body.mode_table_id)
     if table is None:
-        raise _invalid(f"mode_table_id: there is no mode table {body.mode_table_id}")
+        raise ProblemError(
+            404,
+            "not-found",
+            "Not found",
+            f"mode_table_id: there is no mode table {body.mode_table_id}",
+        )
     if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
         raise _invalid("expires_at: must be in the future")
     targets = _targets(repo, brand_id, body.target)
     if body.canary_share is not None and len(targets) < 2:
-        raise _invalid("canary_share: a canary needs at least 2 target devices")
+        raise _unavailable_targets("canary_share: a canary needs at least 2 target devices")
     now = datetime.now(UTC)
     canary = body.canary_share is not None
     rollout = RolloutRow(
