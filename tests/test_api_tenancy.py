@@ -81,6 +81,7 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/v1/devices/{device_id}/events"): READ,
     ("GET", "/v1/devices/{device_id}/config"): READ,
     ("GET", "/v1/devices/{device_id}/telemetry"): READ,
+    ("GET", "/v1/devices/{device_id}/telemetry/suspect"): READ,
     ("GET", "/v1/devices/{device_id}/conflicts"): READ,
     ("POST", "/v1/devices/{device_id}/clear"): allow(ADMIN, SUPPORT),
     ("POST", "/v1/brands"): allow(OPERATOR),
@@ -159,6 +160,10 @@ QUERIES: dict[tuple[str, str], dict[str, str]] = {
         "from": "2026-01-01T00:00:00Z",
         "to": "2026-01-01T01:00:00Z",
         "bucket": "1m",
+    },
+    ("GET", "/v1/devices/{device_id}/telemetry/suspect"): {
+        "from": "2026-01-01T00:00:00Z",
+        "to": "2026-01-01T01:00:00Z",
     },
 }
 PARAM = re.compile(r"{(\w+)(?::\w+)?}")
