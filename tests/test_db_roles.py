@@ -114,6 +114,8 @@ def test_no_service_role_may_change_drop_or_empty_the_schema(
         ),
         (API, "INSERT INTO rule_samples SELECT * FROM rule_samples"),
         (API, "SELECT galvani_drop_old_samples(now())"),
+        (API, "SELECT * FROM alert_triggers"),
+        (RULES, "SELECT * FROM brands"),
         (INGEST, "SELECT key_hash FROM api_keys"),
         (INGEST, "UPDATE api_keys SET revoked_at = now()"),
         (INGEST, "SELECT payload FROM dead_letters"),

@@ -67,8 +67,8 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # Alembic's own: the migration role's alone.
     "alembic_version": {},
     "galvani_meta": {INGEST: READ, RULES: READ, API: READ, MAINTENANCE: EDIT},
-    # Tenancy and keys: the API's; rules read brands' users for their rules.
-    "brands": {RULES: READ, API: APPEND},
+    # Tenancy and keys: the API's; rules read users (stage, contraindications) for their rules.
+    "brands": {API: APPEND},
     "api_keys": {API: UPSERT},
     "users": {RULES: READ, API: UPSERT},
     # Devices: provisioned by the API; ingest keeps their counters and reported state, rules
@@ -81,10 +81,10 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     "rollup_dirty": {INGEST: APPEND, MAINTENANCE: "SELECT, DELETE"},
     # Samples whose device clock is off, kept by receipt time (migration 0010).
     "suspect_samples": {INGEST: APPEND, API: READ, MAINTENANCE: "SELECT, DELETE"},
-    "telemetry_messages": {INGEST: APPEND, API: READ, MAINTENANCE: "SELECT, DELETE"},
+    "telemetry_messages": {INGEST: APPEND, MAINTENANCE: "SELECT, DELETE"},
     "events": {INGEST: APPEND, API: READ},
-    "state_reports": {INGEST: APPEND, API: READ},
-    "presence_log": {INGEST: APPEND, RULES: READ, API: READ},
+    "state_reports": {INGEST: APPEND},
+    "presence_log": {INGEST: APPEND, RULES: READ},
     "sessions": {INGEST: UPSERT, API: READ},
     "message_conflicts": {INGEST: APPEND, API: READ, MAINTENANCE: "SELECT, DELETE"},
     # Dead letters: ingest only adds them (COPY), the API shows them to their brand.
@@ -92,7 +92,7 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # Alerts: rules raise them, the API acknowledges and resolves them.
     "alerts": {RULES: UPSERT, API: EDIT},
     "alert_transitions": {RULES: APPEND, API: APPEND},
-    "alert_triggers": {RULES: OWN, API: READ},
+    "alert_triggers": {RULES: OWN},
     # The rules engine's own state.
     "rule_samples": {RULES: OWN},
     "rule_sessions": {RULES: OWN},
