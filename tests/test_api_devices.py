@@ -83,7 +83,7 @@ def test_devices_are_listed_in_pages_and_filtered(api: TestClient, keys: dict[st
         ("support", {"device_id": "glow-1", "model": "m"}, 403, "forbidden"),
         ("admin", {"device_id": "Not/Valid", "model": "m"}, 422, "invalid-request"),
         ("admin", {"device_id": "glow-1"}, 422, "invalid-request"),
-        ("operator", {"device_id": "glow-1", "model": "m"}, 422, "brand-required"),
+        ("operator", {"device_id": "glow-1", "model": "m"}, 403, "brand-required"),
         ("admin", {"device_id": "glow-1", "model": "m", "brand": "other"}, 404, "not-found"),
     ],
 )

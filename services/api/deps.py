@@ -301,8 +301,11 @@ def brand_scope(repository: Repository, key: ApiKey, requested: str | None) -> s
             raise _no_brand(requested)
         return key.brand_id
     if requested is None:
+        # 403 as for the operator on a brand's own lists (brand-key-required): the body is
+        # valid, this caller may not act without naming a brand (no schema can say it, as it
+        # depends on the caller's role).
         raise ProblemError(
-            422,
+            403,
             "brand-required",
             "A brand is required",
             "brand: an operator key must name the brand it acts on",

@@ -133,16 +133,17 @@ async def telemetry(
             max_length=200,
             # Checked below, to name the fields that are not available.
             json_schema_extra={"pattern": _fields_pattern(METRICS + RAW_EXTRA)},
-            description="comma-separated; with a bucket, only " + ", ".join(METRICS),
+            description="comma-separated; bucketed, `out` and `charging` count as 0/1 (`avg` "
+            "is the share of samples where they held) and `mode` and `session` give their "
+            "least and greatest value (`avg` null)",
         ),
     ] = None,
 ) -> Response:
     """Samples of one device between ``from`` and ``to`` (at most 10,000 points; a range
     with ``to`` at or before ``from`` has none). Refused (422) when the range holds more than
-    10,000 samples or buckets, or when a bucket is asked with a field that is not a number
-    (``out``, ``mode``, ``level``, ``charging``, ``session``)."""
+    10,000 samples or buckets."""
     start, end = parse_time(from_, "from"), parse_time(to, "to")
-    allowed = METRICS if bucket else METRICS + RAW_EXTRA
+    allowed = METRICS + RAW_EXTRA
     chosen = [f.strip() for f in fields.split(",")] if fields else list(METRICS)
     unknown = [f for f in chosen if f not in allowed]
     if unknown or not chosen:

@@ -37,9 +37,24 @@ def _ceil(moment: datetime, width: timedelta) -> datetime:
     return floor if floor == moment else floor + width
 
 
+# Fields that are not numbers, bucketed: booleans as 0/1 (``avg`` is the share of samples where
+# it held), texts by their least and greatest value (no mean).
+BOOLEANS: Final = frozenset({"out", "charging"})
+TEXTS: Final = frozenset({"mode", "session"})
+
+
+def _aggregate(field: str) -> str:
+    if field in BOOLEANS:
+        value = f"{field}::int"
+        return f"min({value})::real, avg({value})::real, max({value})::real"
+    if field in TEXTS:
+        return f"min({field}), NULL::real, max({field})"
+    return f"min({field})::real, avg({field})::real, max({field})::real"
+
+
 def _raw_buckets(fields: list[str], lo: str, hi: str) -> str:
     """Buckets from raw samples in ``[%(lo)s, %(hi)s)``, typed as the rollup columns are."""
-    aggregates = ", ".join(f"min({f})::real, avg({f})::real, max({f})::real" for f in fields)
+    aggregates = ", ".join(_aggregate(f) for f in fields)
     return (
         f"SELECT time_bucket(%(width)s, ts) AS b, count(*)::integer, {aggregates}"  # noqa: S608
         f" FROM samples WHERE device_id = %(device)s AND ts >= %({lo})s AND ts < %({hi})s"
@@ -109,7 +124,9 @@ class TelemetryReadRepository(ReadRepository):
     ) -> list[tuple[Any, ...]]:
         """``(bucket, n, min, avg, max per field...)`` per bucket with samples, in time
         order."""
-        table = ROLLUPS.get(width)
+        # The rollups hold the numeric fields only.
+        rolled_up = not (BOOLEANS | TEXTS | {"level"}) & set(fields)
+        table = ROLLUPS.get(width) if rolled_up else None
         lo = _ceil(start, width)
         cut = min(_floor(end, width), _floor(refreshed_to, width)) if refreshed_to else lo
         if table is None or cut <= lo:
