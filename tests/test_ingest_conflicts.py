@@ -19,10 +19,12 @@ import pytest
 
 from services.common.db import storage_of
 from services.common.migrate import upgrade
+from services.common.migrations.grants import ServiceRole
 from services.common.subscriber import Inbound
 from services.ingest.decode import decode_inbound
 from services.ingest.writer import BatchOutcome, write_batch
 from tests.ingest import T0_MS, event, provision, sample, state, telemetry, topic
+from tests.roles import as_service
 
 DEVICE = "dev-0000"
 RECEIVED = datetime.now(UTC).replace(microsecond=0)
@@ -46,14 +48,15 @@ Message = tuple[str, bytes] | tuple[str, bytes, datetime]
 
 
 def write(url: str, *messages: Message) -> BatchOutcome:
-    """One batch of ``(channel, payload[, received_at])`` from DEVICE, in one transaction."""
+    """One batch of ``(channel, payload[, received_at])`` from DEVICE, in one transaction, as
+    ingest's role."""
     batch = []
     for message in messages:
         channel, payload = message[0], message[1]
         received_at = message[2] if len(message) == 3 else RECEIVED
         inbound = Inbound(topic(DEVICE, channel), payload, 1, 1, received_at, 1)
         batch.append(decode_inbound(inbound))
-    with psycopg.connect(url) as conn, conn.transaction():
+    with psycopg.connect(as_service(url, ServiceRole.INGEST)) as conn, conn.transaction():
         return write_batch(conn, batch, storage_of(conn))
 
 

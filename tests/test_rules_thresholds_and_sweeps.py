@@ -7,10 +7,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.common.migrations.grants import ServiceRole
 from services.common.signing import load_or_create_key
 from services.rules.catalogue import RULES, ThresholdError, check_overrides
 from services.rules.context import save_overrides
 from services.rules.sweeps import TRIM_BATCH, sweep, trim
+from tests.roles import as_service
 from tests.rules import DAY, HOUR, RECEIVED_AT, SECOND, T0, Stream, alerts, run, setup_brand
 
 DEV = "dev-0001"
@@ -115,7 +117,7 @@ def _set_presence(url: str, device_id: str, *, online: bool, since: datetime) ->
 
 
 def _sweep(url: str, key: Any, now: datetime = NOW) -> None:
-    with psycopg.connect(url) as conn, conn.transaction():
+    with psycopg.connect(as_service(url, ServiceRole.RULES)) as conn, conn.transaction():
         sweep(conn, key, now)
 
 
@@ -203,7 +205,7 @@ def test_trimming_keeps_what_the_windows_need_and_drops_the_rest(
     run(database_url, key, device.messages)
 
     def counts(now: datetime) -> tuple[object, object]:
-        with psycopg.connect(database_url) as conn:
+        with psycopg.connect(as_service(database_url, ServiceRole.RULES)) as conn:
             while trim(conn, now) == TRIM_BATCH:
                 pass
             conn.commit()
