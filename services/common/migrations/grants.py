@@ -156,22 +156,24 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def apply(cur: Conn) -> None:
+def apply(conn: Conn) -> None:
     """Create the group roles if missing and make every listed object's grants exactly the
     map's, in the caller's transaction (run as the objects' owner)."""
-    existing_roles = {str(row[0]) for row in cur.execute("SELECT rolname FROM pg_roles").fetchall()}
+    existing_roles = {
+        str(row[0]) for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()
+    }
     for role in ServiceRole:
         if role.value not in existing_roles:
-            cur.execute(f"CREATE ROLE {_quoted(role)} NOLOGIN")
+            conn.execute(f"CREATE ROLE {_quoted(role)} NOLOGIN")
     roles = ", ".join(_quoted(role) for role in ServiceRole)
-    [(schema,)] = cur.execute("SELECT current_schema()").fetchall()
+    [(schema,)] = conn.execute("SELECT current_schema()").fetchall()
     schema_name = _quoted(str(schema))
     # PostgreSQL before 15 lets everyone create tables in public; nobody but the owner may.
-    cur.execute(f"REVOKE CREATE ON SCHEMA {schema_name} FROM PUBLIC")
-    cur.execute(f"GRANT USAGE ON SCHEMA {schema_name} TO {roles}")
+    conn.execute(f"REVOKE CREATE ON SCHEMA {schema_name} FROM PUBLIC")
+    conn.execute(f"GRANT USAGE ON SCHEMA {schema_name} TO {roles}")
     relations = {
         str(name)
-        for (name,) in cur.execute(
+        for (name,) in conn.execute(
             "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
             " AND relkind IN ('r', 'p', 'v', 'm', 'S')"
         ).fetchall()
@@ -181,23 +183,23 @@ def apply(cur: Conn) -> None:
             if name not in relations:
                 continue  # not in this storage flavour, or not yet at this revision
             target = f"{kind} {schema_name}.{_quoted(name)}"
-            cur.execute(f"REVOKE ALL ON {target} FROM PUBLIC, {roles}")
+            conn.execute(f"REVOKE ALL ON {target} FROM PUBLIC, {roles}")
             for role, granted in privileges.items():
-                cur.execute(f"GRANT {granted} ON {target} TO {_quoted(role)}")
-    _apply_functions(cur, schema_name, roles)
+                conn.execute(f"GRANT {granted} ON {target} TO {_quoted(role)}")
+    _apply_functions(conn, schema_name, roles)
 
 
-def _apply_functions(cur: Conn, schema_name: str, roles: str) -> None:
+def _apply_functions(conn: Conn, schema_name: str, roles: str) -> None:
     # A definer function resolves names only where the migrations put them (the schemas on
     # this session's search path, TimescaleDB's included), never in a caller's temp schema.
-    [(path,)] = cur.execute(
+    [(path,)] = conn.execute(
         "SELECT coalesce(string_agg(quote_ident(s), ', '), quote_ident(current_schema()))"
         " FROM unnest(current_schemas(false)) s"
     ).fetchall()
     for name, grant in FUNCTIONS.items():
         signatures = [
             str(signature)
-            for (signature,) in cur.execute(
+            for (signature,) in conn.execute(
                 "SELECT p.oid::regprocedure::text FROM pg_proc p"
                 " WHERE p.pronamespace = current_schema()::regnamespace"
                 f" AND p.proname = '{name}' AND {NOT_FROM_AN_EXTENSION}"
@@ -205,11 +207,11 @@ def _apply_functions(cur: Conn, schema_name: str, roles: str) -> None:
         ]
         for signature in signatures:
             target = f"FUNCTION {signature}"
-            cur.execute(f"REVOKE ALL ON {target} FROM PUBLIC, {roles}")
+            conn.execute(f"REVOKE ALL ON {target} FROM PUBLIC, {roles}")
             grantees = ["PUBLIC"] if grant.public else [_quoted(role) for role in grant.execute]
             for grantee in grantees:
-                cur.execute(f"GRANT EXECUTE ON {target} TO {grantee}")
+                conn.execute(f"GRANT EXECUTE ON {target} TO {grantee}")
             if grant.definer:
-                cur.execute(f"ALTER {target} SECURITY DEFINER SET search_path = {path}, pg_temp")
+                conn.execute(f"ALTER {target} SECURITY DEFINER SET search_path = {path}, pg_temp")
             else:
-                cur.execute(f"ALTER {target} SECURITY INVOKER")
+                conn.execute(f"ALTER {target} SECURITY INVOKER")
