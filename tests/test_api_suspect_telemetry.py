@@ -88,6 +88,15 @@ def test_suspect_samples_are_read_by_receipt_time(
     )
 
 
+def test_the_device_says_when_it_last_sent_a_suspect_clock(
+    client: TestClient, keys: dict[str, str], wrong_clock: None
+) -> None:
+    detail = client.get("/v1/devices/acme-1", headers=auth(keys["viewer"])).json()
+    assert detail["suspect_samples_at"] == RECEIVED.isoformat().replace("+00:00", "Z")
+    listed = client.get("/v1/devices", headers=auth(keys["other"])).json()["items"]
+    assert [(d["device_id"], d["suspect_samples_at"]) for d in listed] == [("other-1", None)]
+
+
 def test_suspect_samples_of_another_brands_device_are_404(
     client: TestClient, keys: dict[str, str], wrong_clock: None
 ) -> None:

@@ -38,8 +38,10 @@ class BatchOutcome:
     invalid: Counter[str] = field(default_factory=Counter)
     samples_stored: int = 0
     samples_conflicting: int = 0
-    # Samples stored in suspect_samples (their device time was a suspect clock).
+    # Samples stored in suspect_samples (their device time was a suspect clock), and by
+    # device the latest receipt of one.
     samples_suspect: int = 0
+    suspect_received: dict[str, datetime] = field(default_factory=dict)
     # Messages whose seq the device had used for another message, by channel.
     reused: Counter[str] = field(default_factory=Counter)
     # Rows added to message_conflicts, by reason.
@@ -55,6 +57,8 @@ class BatchOutcome:
         self.samples_stored += other.samples_stored
         self.samples_conflicting += other.samples_conflicting
         self.samples_suspect += other.samples_suspect
+        for device_id, at in other.suspect_received.items():
+            self.suspect_received[device_id] = max(at, self.suspect_received.get(device_id, at))
         self.reused.update(other.reused)
         self.conflicts.update(other.conflicts)
         self.seq_resets.extend(other.seq_resets)

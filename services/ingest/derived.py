@@ -140,13 +140,15 @@ _UPDATE_DEVICES: Final = sql.SQL(
         {config_wins},
         state_ts = GREATEST(d.state_ts, u.state_ts),
         {presence_wins},
-        presence_at = GREATEST(d.presence_at, u.presence_at)
+        presence_at = GREATEST(d.presence_at, u.presence_at),
+        suspect_samples_at = GREATEST(d.suspect_samples_at, u.suspect_at)
     FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],
                 %b::int8[], %b::timestamptz[], %b::text[], %b::text[], %b::int4[],
-                %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[])
+                %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::bool[],
+                %b::timestamptz[])
          AS u(id, received_at, seen, min_seq, max_seq, new_seqs, state_ts, fw, hw,
               config_reported_version, config_reported_sha256, config_reported_status,
-              config_reported_reason, presence_at, online)
+              config_reported_reason, presence_at, online, suspect_at)
     WHERE d.id = u.id"""
 ).format(
     state_wins=_if_newer(_STATE_WINS, "u.{c}", "d.{c}", "fw", "hw"),
@@ -167,6 +169,7 @@ class DeviceDelta:
     state: StateIn | None = None
     presence_at: datetime | None = None
     online: bool | None = None
+    suspect_at: datetime | None = None  # the latest receipt of a stored suspect-clock sample
 
     def saw(self, ts: datetime, suspect: bool, received_at: datetime) -> None:
         self.received_at = max(self.received_at, received_at)
@@ -354,5 +357,6 @@ def update_devices(conn: Conn, devices: dict[str, DeviceDelta]) -> None:
             [c.reason.value if c and c.reason else None for c in configs],
             [d.presence_at for d in deltas],
             [d.online for d in deltas],
+            [d.suspect_at for d in deltas],
         ],
     )

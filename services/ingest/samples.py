@@ -133,6 +133,10 @@ def _insert_samples(
                 rows.append(row)
     stored_suspect = _insert_suspect(conn, suspect, suspect_rows) if suspect else []
     outcome.samples_suspect += len(stored_suspect)
+    latest = outcome.suspect_received
+    for row in stored_suspect:
+        device_id, at = row[ROW_DEVICE], row[ROW_RECEIVED_AT]
+        latest[device_id] = max(at, latest.get(device_id, at))
     if not rows:
         return stored_suspect, {}
     # Fast path: the ledger already filtered out redelivered messages, so these samples are

@@ -110,6 +110,8 @@ def write_batch(conn: Conn, batch: Sequence[Decoded], storage: Storage) -> Batch
 
     for item in telemetry.all():
         devices[item.device_id].saw_samples(item.rows, item.received_at)
+    for device_id, at in outcome.suspect_received.items():
+        devices[device_id].suspect_at = at
     for device_id, seq in new_telemetry:
         devices[device_id].counted(seq)
     for event in events.all():

@@ -22,7 +22,7 @@ SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.onl
        (SELECT count(*) FROM alerts a
          WHERE a.device_id = d.id AND a.state <> 'resolved')::integer AS open_alerts,
        d.provisioned_at, d.decommissioned_at, d.seq_reused, d.seq_reused_at, d.seq_resets,
-       d.seq_reset_at
+       d.seq_reset_at, d.suspect_samples_at
 FROM devices d
 """
 LIST: Final = """

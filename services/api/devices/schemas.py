@@ -60,6 +60,11 @@ class Device(BaseModel):
         "(a factory reset, a lost outbox); a run begins after an hour without a reused seq"
     )
     seq_reset_at: datetime | None = Field(description="when the latest run began")
+    suspect_samples_at: datetime | None = Field(
+        description="when a sample with a suspect clock (device time more than 30 days before "
+        "receipt or 5 minutes after) was last received; such samples are not in "
+        "GET /v1/devices/{id}/telemetry but in GET /v1/devices/{id}/telemetry/suspect"
+    )
 
 
 class DeviceList(BaseModel):

@@ -16,6 +16,8 @@ every past-dated hour it touched.
   conflicts, on every storage flavour (the maintenance pass calls it first, the licensed
   TimescaleDB build included): a suspect sample is kept for the raw retention period after
   it arrived, whatever time its device gave it.
+* ``devices.suspect_samples_at``: when ingest last stored a suspect-clock sample of the
+  device (the device detail in the API shows it, beside where to read them).
 * ``sessions``: the per-session sample counters become ``bigint``. A device can keep one
   session id for as long as it likes, and at 1,000 samples a message an ``integer`` sum
   overflows after about two million messages; from then on every batch holding that session
@@ -62,6 +64,7 @@ def upgrade() -> None:
         "CREATE INDEX suspect_samples_received_brin ON suspect_samples USING brin (received_at)"
     )
     execute(_drop_old_messages(with_suspect=True))
+    execute("ALTER TABLE devices ADD COLUMN suspect_samples_at timestamptz")
     counters = ", ".join(f"ALTER COLUMN {c} TYPE bigint" for c in SESSION_COUNTERS)
     execute(f"ALTER TABLE sessions {counters}")
 
@@ -69,6 +72,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     counters = ", ".join(f"ALTER COLUMN {c} TYPE integer" for c in SESSION_COUNTERS)
     execute(f"ALTER TABLE sessions {counters}")
+    execute("ALTER TABLE devices DROP COLUMN suspect_samples_at")
     execute(_drop_old_messages(with_suspect=False))
     execute("DROP TABLE suspect_samples")
 
