@@ -232,3 +232,12 @@ def test_make_run_gives_each_service_a_login_of_its_own_with_a_kept_password(
             assert row == (role.login, False, False, True)
     finally:
         create_logins(database_url)  # the suite's own passwords again
+
+
+def test_only_a_role_that_may_create_roles_passes_for_one_that_can_make_the_groups(
+    database_url: str,
+) -> None:
+    with psycopg.connect(database_url) as owner:
+        assert grants._may_create_roles(owner)
+    with psycopg.connect(as_service(database_url, API)) as api:
+        assert not grants._may_create_roles(api)

@@ -162,9 +162,15 @@ def apply(conn: Conn) -> None:
     existing_roles = {
         str(row[0]) for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()
     }
-    for role in ServiceRole:
-        if role.value not in existing_roles:
-            conn.execute(f"CREATE ROLE {_quoted(role)} NOLOGIN")
+    missing = [role for role in ServiceRole if role.value not in existing_roles]
+    if missing and not _may_create_roles(conn):
+        raise RuntimeError(
+            f"the services' database roles ({', '.join(missing)}) do not exist and the role "
+            "running the migrations may not create them: run them once as a role with "
+            "CREATEROLE (or a superuser), or create these NOLOGIN roles first"
+        )
+    for role in missing:
+        conn.execute(f"CREATE ROLE {_quoted(role)} NOLOGIN")
     roles = ", ".join(_quoted(role) for role in ServiceRole)
     [(schema,)] = conn.execute("SELECT current_schema()").fetchall()
     schema_name = _quoted(str(schema))
@@ -187,6 +193,13 @@ def apply(conn: Conn) -> None:
             for role, granted in privileges.items():
                 conn.execute(f"GRANT {granted} ON {target} TO {_quoted(role)}")
     _apply_functions(conn, schema_name, roles)
+
+
+def _may_create_roles(conn: Conn) -> bool:
+    row = conn.execute(
+        "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _apply_functions(conn: Conn, schema_name: str, roles: str) -> None:
