@@ -25,7 +25,7 @@ from services.common.broker_auth import (
 )
 from services.common.settings import REPO_ROOT
 from services.ingest import metrics
-from services.ingest.throttle import Budget, Counts
+from services.ingest.throttle import Budget, Counts, Throttle
 from tests.ingest import Device, IngestWorkers, connect_device, provision
 from tests.mqtt import ConnectRefused, MqttClient
 
@@ -54,6 +54,24 @@ def test_devices_over_their_budget_in_a_window_are_named() -> None:
     assert counts.add(["a"] * 5) == ([], 0)
     clock.now += 10.0  # a new window
     assert counts.add(["a"] * 5 + ["b"] * 6) == (["b"], 1)
+
+
+def test_a_ban_no_broker_can_apply_is_counted_as_failed(
+    db: psycopg.Connection[tuple[object, ...]], tmp_path: Path
+) -> None:
+    def failed() -> float:
+        value = REGISTRY.get_sample_value(
+            "galvani_ingest_devices_throttled_total", {"action": "ban_failed"}
+        )
+        return value or 0.0
+
+    before = failed()
+    throttle = Throttle(Budget(3, 10.0), 60.0, tmp_path, lambda work: work(db))
+    throttle.observe(["dev-x"] * 4)
+    assert failed() == before + 1
+    assert "dev-x" in BrokerFiles(tmp_path).bans()  # held from the broker's next start
+    throttle.observe(["dev-x"] * 4)  # not tried again before a ban would have ended
+    assert failed() == before + 1
 
 
 @pytest.fixture
@@ -154,8 +172,8 @@ def test_flooding_device_is_throttled_and_other_devices_keep_up(
         flood.stop()
     assert not steady.errors
     normal_ids = [d.device_id for d in normal]
-    assert wait_stored(database_url, normal_ids, sum(steady.sent.values()), 60)
-    assert wait_stored(database_url, [flooder.device_id], result.acked, 60)
+    assert wait_stored(database_url, normal_ids, sum(steady.sent.values()), 30)
+    assert wait_stored(database_url, [flooder.device_id], result.acked, 30)
 
     lags = lags_s(database_url, normal_ids)
     assert len(lags) >= 3 * FLOOD_S * 0.9

@@ -9,8 +9,8 @@ disconnects clients whose credentials are gone (see docs/architecture.md).
 
 The same reload keeps a flooding device out for a while: ingest bans it (:func:`ban_devices`,
 services/ingest/throttle.py), which writes it with its end time into ``devices.banned`` and
-re-renders the password file without it; the reload disconnects it (MQTT 5 DISCONNECT 0x98,
-Administrative action) and refuses its reconnects (CONNACK 0x87 / 3.1.1 return code 5) until
+re-renders the password file without it; the reload closes its connection and refuses its
+reconnects (CONNACK 0x87 / 3.1.1 return code 5) until
 :func:`lift_expired_bans` renders it back. Every rendering of the password file leaves out the
 devices banned in that file, so a provisioning call meanwhile does not let one back in.
 
@@ -275,18 +275,19 @@ def sync_device_credentials(conn: Conn, files: BrokerFiles) -> int:
     return count
 
 
-def ban_devices(conn: Conn, files: BrokerFiles, bans: dict[str, float]) -> None:
+def ban_devices(conn: Conn, files: BrokerFiles, bans: dict[str, float]) -> bool:
     """Keep each device of ``bans`` off the broker until its end time (Unix seconds): written
     to the ban file (a later end wins), left out of the re-rendered password file, and
     disconnected by the broker's reload. Messages the broker acknowledged before stay queued
-    for ingest; what the device had not had acknowledged stays in its outbox."""
+    for ingest; what the device had not had acknowledged stays in its outbox. False when no
+    broker runs from ``files`` to reload (the ban then holds only from its next start)."""
     with files.locked():
         current = files.bans()
         for device_id, until in bans.items():
             current[device_id] = max(until, current.get(device_id, 0.0))
         files.write_bans(current)
         files.write_device_files(active_device_credentials(conn))
-        files.reload_broker()
+        return files.reload_broker()
 
 
 def lift_expired_bans(conn: Conn, files: BrokerFiles, now: float | None = None) -> list[str]:

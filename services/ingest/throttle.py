@@ -142,13 +142,26 @@ class Throttle:
             # Also after a failed ban: try again when a ban would have ended, not every batch.
             self._banned_until[device_id] = now + self.ban_s
             self.counts.forget(device_id)
+        reloaded: list[bool] = []
+
+        def ban(conn: Conn) -> None:
+            reloaded[:] = [ban_devices(conn, self.files, bans)]
+
         try:
-            self._transaction(lambda conn: ban_devices(conn, self.files, bans))
+            self._transaction(ban)
         except OSError:
             # The broker's directory is not this worker's to write (ingest on another host, or
             # a permission): the flood goes on, and the counter says so.
             metrics.THROTTLED.labels("ban_failed").inc(len(device_ids))
             log.exception("could not ban %s from the broker", ", ".join(device_ids))
+            return
+        if not reloaded[0]:
+            metrics.THROTTLED.labels("ban_failed").inc(len(device_ids))
+            log.error(
+                "could not ban %s: no broker runs from %s (no pid file, or its process is gone)",
+                ", ".join(device_ids),
+                self.files.directory,
+            )
             return
         metrics.THROTTLED.labels("banned").inc(len(device_ids))
         log.warning(
