@@ -127,15 +127,16 @@ def _connect_eventually(port: int, device: Device) -> MqttClient:
 
 @pytest.fixture
 def throttled_ingest(
-    database_url: str,
+    ingest_database_url: str,
     broker: MosquittoBroker,
     service_passwords: dict[ServiceAccount, str],
     tmp_path: Path,
     ban_files: BrokerFiles,
 ) -> Iterator[IngestWorkers]:
-    """One ingest worker with a small budget and short bans, writing bans to the test broker."""
+    """One ingest worker (as ingest's role) with a small budget and short bans, writing bans to
+    the test broker."""
     workers = IngestWorkers.on_broker(
-        database_url,
+        ingest_database_url,
         broker,
         service_passwords,
         tmp_path,
