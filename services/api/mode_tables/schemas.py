@@ -3,22 +3,49 @@ envelope (safety.md), which the service checks next."""
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, Field, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
 
 from services.api.schemas import body_config
-from services.common.mode_tables import DEFAULT_MODES
+from services.common.mode_tables import DEFAULT_MODES, ENVELOPE
 from services.common.protocol.enums import Mode, Waveform
 
+
+def _whole(value: object) -> object:
+    """A JSON number with no fraction (``6.0``) is the integer JSON schema says it is; ``6.5``,
+    strings and booleans stay what they are, for the integer check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 # Device firmware holds integers on the wire; a bound keeps absurd values out of the database.
-Count = Annotated[StrictInt, Field(ge=0, le=2_147_483_647)]
+Count = Annotated[StrictInt, Field(ge=0, le=2_147_483_647), BeforeValidator(_whole)]
+
+
+def _within_envelope(schema: dict[str, Any]) -> None:
+    """Each field's safety-envelope limit (safety.md) as its ``minimum``/``maximum``: a table
+    the schema allows is inside the envelope field by field. What JSON schema cannot say is
+    stated in the description and still refused: ``i_target_ua`` above ``i_max_ua``,
+    ``z_ok_ohm`` low above high, ``session_default_s`` above ``session_cap_s``."""
+    properties = schema["properties"]
+    for name, low, high in ENVELOPE:
+        field = properties[name]
+        if low is not None:
+            field["minimum"] = max(field.get("minimum", low), low)
+        if high is not None:
+            field["maximum"] = min(field.get("maximum", high), high)
 
 
 class ModeSpec(BaseModel):
-    """One mode's output and usage limits, as devices receive them."""
+    """One mode's output and usage limits, as devices receive them. Refused beyond the
+    schema: ``i_target_ua`` above ``i_max_ua``, ``z_ok_ohm`` low above high,
+    ``session_default_s`` above ``session_cap_s``."""
 
-    model_config = body_config()
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=lambda schema, _: _within_envelope(schema)
+    )
 
     waveform: Waveform
     i_target_ua: Count = Field(description="current setpoint, µA")
@@ -32,8 +59,8 @@ class ModeSpec(BaseModel):
     cooldown_s: Count
     max_sessions_24h: Count
     max_sessions_7d: Count
-    min_batt_pct: Annotated[StrictInt, Field(ge=0, le=100)]
-    t_elec_max_c: Annotated[StrictInt, Field(ge=-40, le=150)]
+    min_batt_pct: Annotated[StrictInt, Field(ge=0, le=100), BeforeValidator(_whole)]
+    t_elec_max_c: Annotated[StrictInt, Field(ge=-40, le=150), BeforeValidator(_whole)]
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:

@@ -3,9 +3,9 @@
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
-from pydantic import AwareDatetime, BaseModel, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from services.api.schemas import body_config
 from services.common.provisioning import DEVICE_ID_RE
@@ -15,10 +15,21 @@ MAX_DEVICE_IDS = 10_000
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_RE.pattern)]
 
 
+def _exactly_one_target(schema: dict[str, Any]) -> None:
+    """Say in the schema what :meth:`RolloutTarget._exactly_one` checks."""
+    schema["oneOf"] = [
+        {"required": ["device_ids"], "properties": {"device_ids": {"type": "array"}}},
+        {"required": ["model"], "properties": {"model": {"type": "string"}}},
+        {"required": ["all"], "properties": {"all": {"const": True}}},
+    ]
+
+
 class RolloutTarget(BaseModel):
     """Exactly one of: listed devices, every device of a model, or the brand's whole fleet."""
 
-    model_config = body_config()
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=lambda schema, _: _exactly_one_target(schema)
+    )
 
     device_ids: list[DeviceId] | None = Field(default=None, min_length=1, max_length=MAX_DEVICE_IDS)
     model: str | None = Field(default=None, min_length=1, max_length=64)

@@ -27,10 +27,6 @@ from services.common import rollouts
 from services.common.config_push import Push, record_push
 
 
-def _invalid(detail: str) -> ProblemError:
-    return ProblemError(422, "invalid-rollout", "Invalid rollout", detail)
-
-
 def _unavailable_targets(detail: str) -> ProblemError:
     """The 409 for targets the brand's fleet does not hold now: the body is well formed (the
     schema cannot know which devices are active), the fleet is what refuses it."""
@@ -134,7 +130,10 @@ def create(by: Steering, brand_id: str, body: RolloutCreate) -> tuple[RolloutRow
             f"mode_table_id: there is no mode table {body.mode_table_id}",
         )
     if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
-        raise _invalid("expires_at: must be in the future")
+        # The clock, not the body, refuses it (no schema can say "after now"): a 409.
+        raise ProblemError(
+            409, "rollout-expired", "Already expired", "expires_at: must be in the future"
+        )
     targets = _targets(repo, brand_id, body.target)
     if body.canary_share is not None and len(targets) < 2:
         raise _unavailable_targets("canary_share: a canary needs at least 2 target devices")

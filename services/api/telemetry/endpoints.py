@@ -111,6 +111,9 @@ def too_many(detail: str) -> ProblemError:
     return ProblemError(422, "too-many-points", "Too many points", detail)
 
 
+FIELDS_PATTERN: Final = _fields_pattern(METRICS + RAW_EXTRA)
+
+
 @router.get(
     "/{device_id}/telemetry",
     response_model=Telemetry,
@@ -132,7 +135,7 @@ async def telemetry(
         Query(
             max_length=200,
             # Checked below, to name the fields that are not available.
-            json_schema_extra={"pattern": _fields_pattern(METRICS + RAW_EXTRA)},
+            json_schema_extra={"pattern": FIELDS_PATTERN},
             description="comma-separated; bucketed, `out` and `charging` count as 0/1 (`avg` "
             "is the share of samples where they held) and `mode` and `session` give their "
             "least and greatest value (`avg` null)",

@@ -18,9 +18,11 @@ from services.api.deps import ReadKey, TelemetryReadRepo
 from services.api.problems import ProblemError, responses
 from services.api.responses import rows_response
 from services.api.telemetry.endpoints import (
+    FIELDS_PATTERN,
     MAX_POINTS,
     METRICS,
     RAW_EXTRA,
+    TimeParam,
     parse_time,
     too_many,
 )
@@ -50,9 +52,11 @@ async def suspect_telemetry(
     device_id: str,
     samples: TelemetryReadRepo,
     key: ReadKey,
-    from_: Annotated[str, Query(alias="from", max_length=40, description="receipt time")],
-    to: Annotated[str, Query(max_length=40, description="receipt time")],
-    fields: Annotated[str | None, Query(max_length=200)] = None,
+    from_: Annotated[str, Query(alias="from", description="receipt time"), TimeParam],
+    to: Annotated[str, Query(description="receipt time"), TimeParam],
+    fields: Annotated[
+        str | None, Query(max_length=200, json_schema_extra={"pattern": FIELDS_PATTERN})
+    ] = None,
 ) -> Response:
     """Samples of one device with a suspect clock, received between ``from`` and ``to`` (at
     most 10,000; a range with ``to`` at or before ``from`` has none)."""
