@@ -3,11 +3,13 @@ of any range the API or its database can hold are 422 problems, never a 500 (iss
 5 and 8)."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from services.common.mode_tables import DEFAULT_MODES
 from services.common.provisioning import provision_device
 from tests.api import auth
 
@@ -165,4 +167,35 @@ def test_a_last_event_id_the_document_refuses_is_refused(
         "/v1/alerts/stream", headers={**auth(keys["viewer"]), "Last-Event-ID": header}
     )
     assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/mode-tables", {"i_max_ua": 2**31}),
+        ("/v1/mode-tables", {"cooldown_s": 2**63}),
+        ("/v1/mode-tables", {"t_elec_max_c": -(2**63)}),
+        ("/v1/rollouts", {"expires_at": "9999-12-31T23:59:59-23:59"}),
+        ("/v1/rollouts", {"expires_at": "0001-01-01T00:00:00+23:59"}),
+        ("/v1/rules/offline", {"thresholds": {"hours": 1e308}}),
+    ],
+)
+def test_a_body_value_out_of_range_is_a_problem_not_a_500(
+    client: TestClient, keys: dict[str, str], device: str, path: str, body: dict[str, Any]
+) -> None:
+    if path == "/v1/mode-tables":
+        body = {"name": "t", "modes": {"LIFT": {**DEFAULT_MODES["LIFT"], **body}}}
+    elif path == "/v1/rollouts":
+        # A real table and device: the expiry is the only thing wrong with the body.
+        table = client.post(
+            "/v1/mode-tables",
+            json={"name": "t", "modes": {"LIFT": DEFAULT_MODES["LIFT"]}},
+            headers=auth(keys["admin"]),
+        )
+        assert table.status_code == 201, table.text
+        body = {"mode_table_id": table.json()["id"], "target": {"all": True}, **body}
+    method = "PATCH" if path.startswith("/v1/rules") else "POST"
+    response = client.request(method, path, json=body, headers=auth(keys["admin"]))
+    assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"

@@ -1,11 +1,11 @@
 """Rollout schemas: what to push to whom, and progress from the devices' answers."""
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.api.schemas import body_config
 from services.common.provisioning import DEVICE_ID_RE
@@ -66,6 +66,20 @@ class RolloutCreate(BaseModel):
     brand: str | None = Field(
         default=None, description="operator keys only: the brand the rollout belongs to"
     )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_range(cls, value: datetime | None) -> datetime | None:
+        # 9999-12-31T23:59:59-23:59 is a valid RFC 3339 time past Python's datetime in UTC
+        # (and psycopg's): refused here, not a 500 when the row is read back.
+        if value is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise ValueError(
+                    "expires_at: must fall within the years 1 to 9999 in UTC"
+                ) from None
+        return value
 
 
 class RolloutStatus(StrEnum):
