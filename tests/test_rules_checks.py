@@ -4,6 +4,7 @@ No database and no broker: each check gets a device context built here and the r
 would have read. The end-to-end behaviour of each rule is in ``test_rules_catalogue.py``.
 """
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,14 @@ from services.rules.catalogue import BY_ID, RULES, Action, Severity, Thresholds,
 from services.rules.conditions import SampleIn, sample_mask
 from services.rules.context import DeviceContext, UserInfo
 from services.rules.engine import checks
-from services.rules.engine.store import EndedRow, NoGelTotal, RebootRow, SessionInfo, StartRow
+from services.rules.engine.store import (
+    BanRow,
+    EndedRow,
+    NoGelTotal,
+    RebootRow,
+    SessionInfo,
+    StartRow,
+)
 from services.rules.explain import ordinal, say
 from tests.rules import T0, Stream
 
@@ -236,3 +244,28 @@ def test_the_catalogue_file_refuses_unknown_keys_and_values_of_the_wrong_kind() 
         load_rules(entry + 'sevirity = "info"\n')
     with pytest.raises(TypeError, match="is not a number"):
         load_rules(entry + 'params = [{ name = "p", tighter = "lower", limit = "2", unit = "s" }]')
+
+
+def test_device_flooding_names_the_budget_and_the_messages_over_it() -> None:
+    ban = BanRow(
+        id=7,
+        device_id="dev-1",
+        banned_at=AT,
+        until=AT + timedelta(seconds=30),
+        messages_over_budget=1234,
+        budget=2000,
+        window_s=10.0,
+    )
+    found = checks.device_flooding(context(), ban)
+    assert (found.rule, found.severity, found.action) == ("device_flooding", "warning", "alert")
+    assert found.key == "ban:7"  # each ban counts once, however often the sweep sees it
+    assert (found.started_at, found.ended_at) == (AT, AT + timedelta(seconds=30))
+    assert found.threshold == {"budget_messages": 2000, "window_s": 10.0}
+    assert found.observed == {"messages_over_budget": 1234, "ban_s": 30.0}
+    assert found.text == (
+        "The device sent 1234 messages past its budget of 2000 in 10 s, so the broker refused"
+        " it for 30 s: its firmware may be stuck in a loop, or its credential may be in use"
+        " elsewhere."
+    )
+    other = checks.device_flooding(context(), replace(ban, id=8))
+    assert other.key != found.key

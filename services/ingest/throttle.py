@@ -19,6 +19,10 @@ outbox, to be sent after the ban. Nothing acknowledged is dropped, and what the 
 to everyone's queue is bounded by the budget plus what it sends while ingest reaches its
 messages and the broker reloads (measured by ``make bench-flood``).
 
+Each ban is also recorded in ``device_throttles`` (a short transaction of its own, after the
+broker has the ban: a failed write is logged and counted, the ban stands), from which the rules
+raise ``device_flooding`` to the device's brand.
+
 Each worker counts what it sees. A shared subscription deals one device's messages round-robin
 over the group's workers, so with W workers a device is banned at about W times the budget.
 """
@@ -28,8 +32,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
+
+import psycopg
 
 from services.common.broker_auth import BrokerFiles, ban_devices, lift_expired_bans
 from services.common.db import Conn
@@ -97,6 +104,10 @@ class Counts:
                 over.append(device_id)
         return over, over_messages
 
+    def seen(self, device_id: str) -> int:
+        """How many of ``device_id``'s messages were counted in the current window."""
+        return self._counts[device_id]
+
     def forget(self, device_id: str) -> None:
         """Count ``device_id`` from zero again (it has been banned: after the ban it starts
         afresh, whatever window the ban ends in)."""
@@ -135,9 +146,11 @@ class Throttle:
             self._ban(due, now)
 
     def _ban(self, device_ids: list[str], now: float) -> None:
-        until = time.time() + self.ban_s
+        banned_at = datetime.now(UTC)
+        until = banned_at.timestamp() + self.ban_s
         bans = dict.fromkeys(device_ids, until)
         budget = self.counts.budget
+        over = {d: max(1, self.counts.seen(d) - budget.messages) for d in device_ids}
         for device_id in device_ids:
             # Also after a failed ban: try again when a ban would have ended, not every batch.
             self._banned_until[device_id] = now + self.ban_s
@@ -172,6 +185,46 @@ class Throttle:
             budget.window_s,
             self.ban_s,
         )
+        self._record(banned_at, over)
+
+    def _record(self, banned_at: datetime, over: dict[str, int]) -> None:
+        """Keep the bans in ``device_throttles`` for the device's brand to see (as the rules'
+        ``device_flooding`` alert), in a transaction of its own: the broker already has them."""
+        budget = self.counts.budget
+        failed: list[psycopg.Error] = []
+
+        def record(conn: Conn) -> None:
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO device_throttles (device_id, banned_at, until,"
+                        " messages_over_budget, window_s, budget)"
+                        " SELECT d.id, %s, %s, b.over, %s, %s FROM devices d"
+                        " JOIN unnest(%s::text[], %s::int[]) AS b(device_id, over)"
+                        " ON b.device_id = d.id",
+                        [
+                            banned_at,
+                            banned_at + timedelta(seconds=self.ban_s),
+                            budget.window_s,
+                            budget.messages,
+                            list(over),
+                            list(over.values()),
+                        ],
+                    )
+            except psycopg.OperationalError:
+                raise  # the connection: retried as every transaction of the worker is
+            except psycopg.Error as exc:
+                # The table or its grant missing, a constraint: not worth holding ingest for.
+                failed.append(exc)
+
+        self._transaction(record)
+        if failed:
+            metrics.THROTTLED.labels("record_failed").inc(len(over))
+            log.error(
+                "banned %s, but could not record the ban for its brand: %s",
+                ", ".join(over),
+                failed[0],
+            )
 
     def tick(self) -> None:
         """Between batches: let back in the devices whose ban has ended (on a timer of its own,

@@ -48,7 +48,8 @@ def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     """Refresh rollups, drop expired samples and (plain storage) create partitions ahead.
 
     The first job runs on every storage: it trims, by receipt time, the telemetry ledger, the
-    recorded conflicts and the suspect-clock samples (``galvani_drop_old_messages``). A sample
+    recorded conflicts and the suspect-clock samples (``galvani_drop_old_messages``), and the
+    recorded bans of flooding devices (``device_throttles``). A sample
     whose device time was a suspect clock is kept for the retention period after it arrived,
     whatever time its device gave it (``samples`` is trimmed by device time, where a clock at
     1970 would have been dropped on the next pass and one at 2100 never). The licensed
@@ -59,6 +60,7 @@ def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     with conn.transaction():
         cutoff = now - timedelta(days=retention_days(conn))
         conn.execute("SELECT galvani_drop_old_messages(%s)", [cutoff])
+        conn.execute("DELETE FROM device_throttles WHERE banned_at < %s", [cutoff])
     if storage is Storage.TIMESCALEDB:
         return PassResult(0, 0, 0)
     created = 0

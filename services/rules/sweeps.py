@@ -2,6 +2,8 @@
 
 ``offline`` and ``config_unacked`` fire on the absence of messages, so no message can trigger
 them; a worker runs :func:`sweep` every ``sweep_interval_s`` in a transaction of its own.
+``device_flooding`` is raised there too, from the bans ingest records in ``device_throttles``
+(a ban is ingest's doing, not a message's).
 They use the backend's clock (receipt times), not device time: silence has no device time.
 The same sweep pauses canary rollouts whose canary's critical-alert rate trips the guard
 (``services/common/rollouts.py``), trims the rules' own state and finds pushes that were
@@ -20,7 +22,7 @@ from services.common.rollouts import guard_canaries
 from services.rules import metrics
 from services.rules.alerts import Outcome, apply_finding
 from services.rules.context import load_contexts
-from services.rules.engine import checks
+from services.rules.engine import checks, store
 
 # Late messages are accepted for an hour; samples are kept twice that (by receipt).
 SAMPLES_KEPT: Final = timedelta(hours=2)
@@ -28,6 +30,8 @@ SAMPLES_KEPT: Final = timedelta(hours=2)
 SESSIONS_KEPT: Final = timedelta(days=8)
 REBOOTS_KEPT: Final = timedelta(days=1)
 TRIM_BATCH: Final = 10_000
+# Bans of flooding devices older than this are not raised (the rules were down for a day).
+BANS_LOOKBACK: Final = timedelta(days=1)
 
 
 def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Outcome:
@@ -36,6 +40,7 @@ def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Ou
     outcome = Outcome()
     _offline(conn, key, now, outcome)
     _unacked(conn, key, now, outcome)
+    _flooding(conn, key, now, outcome)
     outcome.paused_rollouts.extend(guard_canaries(conn))
     metrics.SWEEPS.inc()
     return outcome
@@ -101,6 +106,16 @@ def _unacked(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome
         finding = checks.config_unacked(context, version, published_at, online_s, now)
         if finding is not None:
             apply_finding(conn, key, context, finding, outcome)
+
+
+def _flooding(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome) -> None:
+    # Ingest records each ban of a flooding device; each counts once (keyed by the ban).
+    bans = store.unraised_bans(conn, now - BANS_LOOKBACK)
+    contexts = load_contexts(conn, sorted({ban.device_id for ban in bans}))
+    for ban in bans:
+        context = contexts.get(ban.device_id)
+        if context is not None:
+            apply_finding(conn, key, context, checks.device_flooding(context, ban), outcome)
 
 
 # Row shapes of the statements above (psycopg builds each row with them).

@@ -106,6 +106,10 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # The API's shared rate limits (migration 0011).
     "rate_limit_buckets": {API: OWN},
     "rate_limit_windows": {API: OWN},
+    # Bans of flooding devices (migration 0012): ingest records them, the rules raise them as
+    # alerts to the device's brand (which the API shows: it reads alerts, not this table),
+    # maintenance trims them with the retention period.
+    "device_throttles": {INGEST: "INSERT", RULES: READ, MAINTENANCE: "SELECT, DELETE"},
 }
 
 # Sequences a statement calls nextval() on. Identity columns' sequences need no grant

@@ -319,6 +319,39 @@ def reboots(conn: Conn, device_id: str, lo: datetime, hi: datetime) -> list[Rebo
     )
 
 
+@dataclass(frozen=True)
+class BanRow:
+    """A ban of a flooding device, as ingest recorded it in ``device_throttles``."""
+
+    id: int
+    device_id: str
+    banned_at: datetime
+    until: datetime
+    messages_over_budget: int
+    budget: int
+    window_s: float
+
+
+# The most bans one sweep raises (the rest wait for the next sweep).
+BANS_PER_SWEEP: Final = 1000
+
+
+def unraised_bans(conn: Conn, since: datetime) -> list[BanRow]:
+    """Bans since ``since`` that no ``device_flooding`` occurrence has counted yet, oldest
+    first."""
+    return _all(
+        conn,
+        BanRow,
+        "SELECT b.id, b.device_id, b.banned_at, b.until, b.messages_over_budget, b.budget,"
+        " b.window_s FROM device_throttles b"
+        " WHERE b.banned_at >= %s AND NOT EXISTS (SELECT 1 FROM alert_triggers t"
+        "   WHERE t.device_id = b.device_id AND t.rule = 'device_flooding'"
+        "   AND t.key = 'ban:' || b.id)"
+        " ORDER BY b.id LIMIT %s",
+        [since, BANS_PER_SWEEP],
+    )
+
+
 def unacked_alerts(conn: Conn, device_id: str) -> list[tuple[int, int]]:
     """A device's open config_unacked alerts, with the newest table version each is about."""
     return _all(

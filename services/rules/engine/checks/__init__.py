@@ -2,7 +2,7 @@
 
 One function per rule, or per way a rule can fire: ``samples`` (runs of a condition, the
 battery's rate of rise, a session's samples), ``sessions`` (usage windows, cooldown,
-contraindications), ``events`` (reboots, reports, faults, table answers, silence). A check
+contraindications), ``events`` (reboots, reports, faults, table answers, silence, bans). A check
 decides whether its rule fired and with what figures; the rule's severity, action and sentence
 are the catalogue's (``services/rules/catalogue.toml``; a finding's ``minor`` picks the rule's
 minor grade, :func:`services.rules.explain.say` renders the sentence). The callers in
@@ -17,6 +17,7 @@ from services.rules.engine.checks.events import (
     config_rejected,
     config_unacked,
     device_fault,
+    device_flooding,
     offline,
     reboot_loops,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "contraindicated_use",
     "cooldown",
     "device_fault",
+    "device_flooding",
     "low_battery_start",
     "no_gel",
     "offline",

@@ -8,8 +8,8 @@ from services.common.protocol.enums import FaultCode, RebootReason, ReportKind
 from services.common.protocol.models import Fault, State, UserReport
 from services.rules.alerts import Finding, event_finding
 from services.rules.context import DeviceContext
-from services.rules.engine.store import RebootRow
-from services.rules.explain import minutes_text, say
+from services.rules.engine.store import BanRow, RebootRow
+from services.rules.explain import minutes_text, say, seconds_text
 
 UNEXPECTED_REBOOTS: Final = frozenset(
     {RebootReason.WATCHDOG, RebootReason.BROWNOUT, RebootReason.PANIC}
@@ -155,4 +155,27 @@ def config_unacked(
         observed={"version": version, "online_hours": round(online_h, 1)},
         text=say("config_unacked", version=version, online_h=online_h),
         key=f"v{version}",
+    )
+
+
+def device_flooding(context: DeviceContext, ban: BanRow) -> Finding:
+    """device_flooding: ingest banned the device from the broker for sending past its message
+    budget. Every ban is an occurrence (keyed by the ban), so bans while the alert is open
+    raise its count."""
+    ban_s = (ban.until - ban.banned_at).total_seconds()
+    return Finding(
+        rule="device_flooding",
+        device_id=context.device_id,
+        started_at=ban.banned_at,
+        ended_at=ban.until,
+        threshold={"budget_messages": ban.budget, "window_s": ban.window_s},
+        observed={"messages_over_budget": ban.messages_over_budget, "ban_s": ban_s},
+        text=say(
+            "device_flooding",
+            over=ban.messages_over_budget,
+            budget=ban.budget,
+            window=seconds_text(ban.window_s),
+            ban=seconds_text(ban_s),
+        ),
+        key=f"ban:{ban.id}",
     )
