@@ -43,8 +43,8 @@ def count(url: str, query: str) -> int:
 
 
 def poison(seq: int) -> tuple[str, bytes]:
-    """One of three payloads the schema cannot hold, by ``seq``: channel and payload."""
-    kind = seq // 10 % 3
+    """One of four payloads the schema cannot hold, by ``seq``: channel and payload."""
+    kind = seq // 10 % 4
     if kind == 0:  # parses as +Infinity
         return "telemetry", b'{"v":1,"seq":%d,"samples":[{"ts":%d,"z_ohm":1.8e308}]}' % (
             seq,
@@ -52,8 +52,11 @@ def poison(seq: int) -> tuple[str, bytes]:
         )
     if kind == 1:  # finite, but +Infinity as a real
         return "telemetry", telemetry(seq, T0_MS + seq * 1000, z_ohm=1e300)
-    answer = {"version": 2**31, "sha256": "abc", "status": "applied", "reason": None}
-    return "state", state(seq, T0_MS + seq * 1000, config=answer)
+    if kind == 2:
+        answer = {"version": 2**31, "sha256": "abc", "status": "applied", "reason": None}
+        return "state", state(seq, T0_MS + seq * 1000, config=answer)
+    # A session id longer than a B-tree index entry holds (about 2,700 bytes).
+    return "telemetry", telemetry(seq, T0_MS + seq * 1000, session="s" * 6000)
 
 
 def test_values_at_the_protocols_edges_never_split_a_batch(
@@ -126,7 +129,7 @@ def test_values_at_the_protocols_edges_never_split_a_batch(
     assert per_device == {good_a.device_id: 1000, good_b.device_id: 1000, bad.device_id: 910}
     assert {(d, r) for d, r, _ in letters} == {(bad.device_id, "invalid")}
     details = sorted(detail.split(":", 1)[0] for _, _, detail in letters)
-    assert details == ["config.version"] * 3 + ["samples.0.z_ohm"] * 7
+    assert details == ["config.version"] * 3 + ["samples.0.z_ohm"] * 5 + ["session"] * 2
     assert infinite == (0,)
     assert len(widest) == 10
     assert widest[0][0] == pytest.approx(3.4028234663852886e38)

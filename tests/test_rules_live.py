@@ -2,7 +2,6 @@
 
 import base64
 import json
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -316,13 +315,24 @@ def test_a_message_the_engine_cannot_store_is_skipped_and_the_stream_goes_on(
     rules_workers: RulesWorkers,
 ) -> None:
     [device] = provisioned(1, "poison")
+    # Every value the protocol allows fits the schema (protocol.md, "Bounds the schema sets"),
+    # so the fault here is the database's: it refuses this one sample as a constraint would,
+    # and the engine must skip the message and go on.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.i_ua = 1.5 THEN"
+            " RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON rule_samples"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+        )
     rules_workers.start()
     now = int(time.time() * 1000)
-    # A session id too long for a B-tree index entry (PostgreSQL: about 2,700 bytes):
-    # valid protocol v1, but no database index can hold it.
-    huge = secrets.token_urlsafe(6000)
     poison = json.dumps(
-        {"v": 1, "seq": 1, "session": huge, "samples": [{"ts": now, "out": True, "i_ua": 1.0}]}
+        {"v": 1, "seq": 1, "session": "s-1", "samples": [{"ts": now, "out": True, "i_ua": 1.5}]}
     ).encode()
     client = connect_device(broker.config.device_port, device)
     try:

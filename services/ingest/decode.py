@@ -27,6 +27,7 @@ from services.common.protocol.limits import (
     CLOCK_PAST_LIMIT,
     DEVICE_TIME_MAX,
     DEVICE_TIME_MAX_MS,
+    SESSION_ID_MAX,
 )
 from services.common.protocol.models import (
     CURRENT_UA_MAX,
@@ -76,7 +77,7 @@ class _FastTelemetry(msgspec.Struct, forbid_unknown_fields=True):
     v: Literal[1]
     seq: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
     samples: Annotated[list[_FastSample], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
-    session: str | None = None
+    session: Annotated[str, msgspec.Meta(max_length=SESSION_ID_MAX)] | None = None
 
 
 _FAST_TELEMETRY: Final = msgspec.json.Decoder(_FastTelemetry)

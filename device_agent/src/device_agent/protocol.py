@@ -29,6 +29,8 @@ INT64_MAX: Final = 2**63 - 1
 # PostgreSQL integer, readings real.
 INT32_MAX: Final = 2**31 - 1
 REAL_MAX: Final = 3.4028234663852886e38
+# A session id is a key of the backend's sessions table (an index entry holds ~2,700 bytes).
+SESSION_ID_MAX: Final = 128
 
 _DEVICE_ID: Final = re.compile(DEVICE_ID_PATTERN)
 
@@ -195,6 +197,12 @@ _TEMPERATURE: Final = _number(-40, 150)
 _MODE: Final = _one_of(("LIFT", "TIGHTEN", "INFUSE", "SAFE"))
 
 
+def _session_id(value: object) -> str | None:
+    if type(value) is not str:
+        return "must be a string"
+    return None if len(value) <= SESSION_ID_MAX else f"must be at most {SESSION_ID_MAX} characters"
+
+
 def _version(value: object) -> str | None:
     if type(value) is int and value == PROTOCOL_VERSION:
         return None
@@ -209,7 +217,7 @@ _STAMPED: Final[_Fields] = {
 _TELEMETRY: Final[_Fields] = {
     "v": (_version, True),
     "seq": (_SEQ, True),
-    "session": (_STRING, False),
+    "session": (_session_id, False),
 }
 _SAMPLE: Final[_Fields] = {
     "ts": (_EPOCH_MS, True),
@@ -227,13 +235,13 @@ _SAMPLE: Final[_Fields] = {
 }
 _EVENTS: Final[Mapping[str, _Fields]] = {
     "session_start": {
-        "session": (_STRING, True),
+        "session": (_session_id, True),
         "mode": (_MODE, True),
         "level": (_LEVEL, True),
         "user": (_STRING, False),
     },
     "session_end": {
-        "session": (_STRING, True),
+        "session": (_session_id, True),
         "duration_s": (_integer(0, INT64_MAX), True),
         "reason": (
             _one_of(

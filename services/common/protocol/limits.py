@@ -32,3 +32,7 @@ REAL_MAX: Final = 3.4028234663852886e38
 # PostgreSQL ``integer``: mode-table versions (config_pushes.version, state_reports and
 # devices' reported version) are int4, and the backend issues every version a device runs.
 INT32_MAX: Final = 2**31 - 1
+# A session id is a key of the sessions table (and of each sample's row): longer than a B-tree
+# index entry holds (about 2,700 bytes) it made the whole ingest batch fail and be written again
+# message by message. A UUID is 36 characters; 128 leaves firmware room for its own scheme.
+SESSION_ID_MAX: Final = 128

@@ -25,7 +25,7 @@ from services.common.protocol.enums import (
     ReportKind,
     Waveform,
 )
-from services.common.protocol.limits import INT32_MAX, REAL_MAX
+from services.common.protocol.limits import INT32_MAX, REAL_MAX, SESSION_ID_MAX
 
 PROTOCOL_VERSION: Final = 1
 MAX_SAMPLES: Final = 1000
@@ -56,6 +56,7 @@ def _only_v1(value: int) -> int:
 Version = Annotated[int, AfterValidator(_only_v1)]
 Seq = Annotated[int, Field(ge=0, le=INT64_MAX)]
 EpochMs = Annotated[int, Field(ge=0, le=INT64_MAX)]
+SessionId = Annotated[str, Field(max_length=SESSION_ID_MAX)]
 Level = Annotated[int, Field(ge=LEVEL_MIN, le=LEVEL_MAX)]
 Current = Annotated[float, Field(ge=CURRENT_UA_MIN, le=CURRENT_UA_MAX)]
 Temperature = Annotated[float, Field(ge=TEMP_C_MIN, le=TEMP_C_MAX)]
@@ -93,7 +94,7 @@ class Telemetry(_Wire):
 
     v: Version
     seq: Seq
-    session: str | None = None
+    session: SessionId | None = None
     samples: Annotated[list[Sample], Field(min_length=1, max_length=MAX_SAMPLES)]
 
 
@@ -107,7 +108,7 @@ class _Stamped(_Wire):
 
 class SessionStart(_Stamped):
     type: Literal["session_start"]
-    session: str
+    session: SessionId
     mode: Mode
     level: Level
     user: str | None = None
@@ -115,7 +116,7 @@ class SessionStart(_Stamped):
 
 class SessionEnd(_Stamped):
     type: Literal["session_end"]
-    session: str
+    session: SessionId
     duration_s: Count
     reason: EndReason
 
