@@ -6,10 +6,14 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, generate_latest
 
 from bench.flood import FloodProcess, SteadyDevices, acked_stored, lags_s, wait_stored
@@ -23,11 +27,17 @@ from services.common.broker_auth import (
     ban_devices,
     lift_expired_bans,
 )
+from services.common.migrations.grants import ServiceRole
 from services.common.settings import REPO_ROOT
 from services.ingest import metrics
 from services.ingest.throttle import Budget, Counts, Throttle
-from tests.ingest import Device, IngestWorkers, connect_device, provision
+from services.maintenance.jobs import run_pass
+from services.rules.sweeps import BANS_LOOKBACK, sweep
+from tests.api import auth
+from tests.ingest import T0_MS, Device, IngestWorkers, connect_device, provision, wait_until
 from tests.mqtt import ConnectRefused, MqttClient
+from tests.roles import as_service
+from tests.rules import RulesWorkers, alerts
 
 FLOOD_S = 12.0
 BUDGET = 500
@@ -240,3 +250,161 @@ def test_device_flooding_alert_reads_a_metric_ingest_exports() -> None:
     )
     assert used == {"galvani_ingest_devices_throttled_total"}
     assert used <= exported
+
+
+# The brand's side of a ban: a device_flooding alert, from the ban ingest records.
+
+
+def _bans(url: str, device_id: str) -> list[tuple[int, int, float]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT messages_over_budget, budget, window_s FROM device_throttles"
+            " WHERE device_id = %s ORDER BY id",
+            [device_id],
+        ).fetchall()
+    return [(int(str(over)), int(str(budget)), float(str(window))) for over, budget, window in rows]
+
+
+def _brand_alerts(client: TestClient, key: str) -> list[dict[str, Any]]:
+    response = client.get("/v1/alerts", headers=auth(key))
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return [alert for alert in items if alert["rule"] == "device_flooding"]
+
+
+def test_a_flooding_devices_brand_sees_a_device_flooding_alert_and_no_other_brand_does(
+    database_url: str,
+    broker: MosquittoBroker,
+    service_passwords: dict[ServiceAccount, str],
+    sync_devices: Callable[[], int],
+    throttled_ingest: IngestWorkers,
+    keys: dict[str, str],
+    client: TestClient,
+    key_dir: Path,
+    tmp_path: Path,
+) -> None:
+    [flooder] = provision(database_url, 1, prefix="brandflood", brand="acme")
+    sync_devices()
+    (tmp_path / "rules").mkdir()
+    rules = RulesWorkers.on_broker(
+        as_service(database_url, ServiceRole.RULES),
+        broker,
+        service_passwords,
+        tmp_path / "rules",
+        GALVANI_RULES_SIGNING_KEY_DIR=str(key_dir),
+        GALVANI_RULES_SWEEP_INTERVAL_S="0.5",
+    )
+    throttled_ingest.start()
+    rules.start()
+    login = DeviceLogin(flooder.device_id, flooder.password)
+    flood = FloodProcess(broker.config.device_port, login, 2.0, 1000, T0_MS)
+    try:
+        flood.start()
+        result = flood.result(60)
+        assert result.acked > BUDGET
+        # Ingest (as its own role) recorded the ban: the budget and how far past it the device was.
+        wait_until(lambda: bool(_bans(database_url, flooder.device_id)), 30, "a recorded ban")
+        over, budget, window_s = _bans(database_url, flooder.device_id)[0]
+        assert (budget, window_s) == (BUDGET, 10.0)
+        assert over >= 1
+        # The rules' sweep (a real worker, as rules' role) raised it to the device's brand.
+        wait_until(lambda: bool(_brand_alerts(client, keys["viewer"])), 30, "the brand's alert")
+    finally:
+        flood.stop()
+        rules.close()
+    [alert] = _brand_alerts(client, keys["viewer"])
+    assert alert["device_id"] == flooder.device_id
+    assert (alert["severity"], alert["state"]) == ("warning", "open")
+    bans = _bans(database_url, flooder.device_id)
+    assert 1 <= alert["count"] <= len(bans)  # each ban counts once; later bans raise the count
+    explanation = alert["explanation"]
+    assert explanation["threshold"] == {"budget_messages": BUDGET, "window_s": 10.0}
+    assert explanation["observed"]["messages_over_budget"] >= 1
+    assert f"messages past its budget of {BUDGET} in 10 s" in explanation["text"]
+    assert f"the broker refused it for {BAN_S:g} s" in explanation["text"]
+    assert explanation["action"] == "no action was taken on the device"
+    # Another brand sees neither the alert nor, by its id, its detail.
+    assert _brand_alerts(client, keys["other"]) == []
+    response = client.get(f"/v1/alerts/{alert['id']}", headers=auth(keys["other"]))
+    assert response.status_code == 404
+
+
+def _ban_row(url: str, device_id: str, banned_at: datetime, over: int) -> None:
+    """A ban as ingest records it, written as ingest's role (INSERT is all it may do)."""
+    with psycopg.connect(as_service(url, ServiceRole.INGEST)) as conn:
+        conn.execute(
+            "INSERT INTO device_throttles (device_id, banned_at, until, messages_over_budget,"
+            " window_s, budget) VALUES (%s, %s, %s, %s, 10, 2000)",
+            [device_id, banned_at, banned_at + timedelta(seconds=30), over],
+        )
+
+
+def _sweep_as_rules(url: str, now: datetime) -> None:
+    with psycopg.connect(as_service(url, ServiceRole.RULES)) as conn, conn.transaction():
+        sweep(conn, Ed25519PrivateKey.generate(), now)
+
+
+def test_repeated_bans_raise_the_open_alerts_count_and_each_ban_counts_once(
+    database_url: str,
+) -> None:
+    [device] = provision(database_url, 1, prefix="reban")
+    now = datetime.now(UTC)
+    _ban_row(database_url, device.device_id, now - timedelta(minutes=5), 40)
+    _sweep_as_rules(database_url, now)
+    _sweep_as_rules(database_url, now)  # a sweep again counts nothing new
+    [alert] = alerts(database_url, "device_flooding")
+    assert (alert.count, alert.severity, alert.state) == (1, "warning", "open")
+    _ban_row(database_url, device.device_id, now - timedelta(minutes=1), 900)
+    _sweep_as_rules(database_url, now)
+    [alert] = alerts(database_url, "device_flooding")
+    assert alert.count == 2
+    assert alert.explanation["observed"]["messages_over_budget"] == 900  # the latest ban's
+    # A ban from before the lookback (the rules were down for a day) is not raised late.
+    [old] = provision(database_url, 1, prefix="oldban")
+    _ban_row(database_url, old.device_id, now - BANS_LOOKBACK - timedelta(minutes=1), 5)
+    _sweep_as_rules(database_url, now)
+    assert [a.device_id for a in alerts(database_url, "device_flooding")] == [device.device_id]
+
+
+def test_a_ban_is_applied_even_when_it_cannot_be_recorded(
+    database_url: str,
+    api_database_url: str,
+    broker: MosquittoBroker,
+    sync_devices: Callable[[], int],
+    ban_files: BrokerFiles,
+) -> None:
+    def throttled(action: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "galvani_ingest_devices_throttled_total", {"action": action}
+        )
+        return value or 0.0
+
+    [device] = provision(database_url, 1, prefix="norecord")
+    sync_devices()
+    banned, unrecorded = throttled("banned"), throttled("record_failed")
+    # The API's role reads devices (for the ban) but may not write device_throttles.
+    with psycopg.connect(api_database_url, autocommit=True) as conn:
+
+        def in_transaction(work: Callable[[psycopg.Connection[Any]], None]) -> None:
+            with conn.transaction():
+                work(conn)
+
+        throttle = Throttle(Budget(3, 10.0), 60.0, broker.config.directory, in_transaction)
+        throttle.observe([device.device_id] * 5)
+    assert device.device_id in ban_files.bans()
+    assert throttled("banned") == banned + 1
+    assert throttled("record_failed") == unrecorded + 1
+    assert _bans(database_url, device.device_id) == []
+
+
+def test_maintenance_trims_bans_past_the_retention_period(
+    database_url: str, maintenance_database_url: str
+) -> None:
+    kept, old = provision(database_url, 2, prefix="trimban")
+    now = datetime.now(UTC)
+    _ban_row(database_url, kept.device_id, now - timedelta(days=89), 1)
+    _ban_row(database_url, old.device_id, now - timedelta(days=91), 1)
+    with psycopg.connect(maintenance_database_url) as conn:
+        run_pass(conn, now, timedelta(hours=1))
+    assert len(_bans(database_url, kept.device_id)) == 1
+    assert _bans(database_url, old.device_id) == []
