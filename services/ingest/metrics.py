@@ -49,7 +49,8 @@ LAG_SECONDS: Final = Histogram(
 THROTTLED: Final = Counter(
     "galvani_ingest_devices_throttled_total",
     "Devices over their message budget, by action (banned from the broker, ban_failed, lifted:"
-    " let back in when the ban ended)",
+    " let back in when the ban ended, record_failed: banned but not written to device_throttles,"
+    " so the brand gets no device_flooding alert for it)",
     ["action"],
 )
 OVER_BUDGET_MESSAGES: Final = Counter(
