@@ -2,7 +2,6 @@
 
 import json
 import random
-import secrets
 import time
 from datetime import UTC, datetime
 
@@ -419,16 +418,33 @@ def test_malformed_payloads_become_dead_letters_and_valid_ones_are_stored(
     )
 
 
+REFUSED = "refused-by-the-test"
+
+
+def refuse_session(url: str, table: str, errcode: str) -> None:
+    """Make the database refuse every row of ``table`` in the session ``REFUSED``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_session() RETURNS trigger LANGUAGE plpgsql AS $$"
+            f" BEGIN IF NEW.session = '{REFUSED}' THEN"
+            f" RAISE EXCEPTION 'refused by the test' USING ERRCODE = '{errcode}'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER refuse_session BEFORE INSERT ON {table}"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_session()"
+        )
+
+
 def test_a_message_the_database_refuses_becomes_a_dead_letter_without_stalling(
     database_url, broker, devices, ingest_workers: IngestWorkers
 ):
+    # Every value the protocol allows fits the schema (protocol.md, "Bounds the schema sets"),
+    # so the database refuses this valid message as a constraint would.
+    refuse_session(database_url, "sessions", "check_violation")
     ingest_workers.start()
     d = devices[0].device_id
-    # Valid v1, but a session id too long for the sessions key's index entry (~2,700 bytes;
-    # random, so TOAST cannot compress it under the limit).
-    start = event(
-        2, T0_MS, "session_start", session=secrets.token_urlsafe(6000), mode="LIFT", level=3
-    )
+    start = event(2, T0_MS, "session_start", session=REFUSED, mode="LIFT", level=3)
     device = connect(broker, devices[0])
     try:
         device.publish_many(
@@ -446,14 +462,17 @@ def test_a_message_the_database_refuses_becomes_a_dead_letter_without_stalling(
     assert scalar(database_url, "SELECT device_id FROM dead_letters") == d
 
 
-def test_a_value_too_long_for_an_index_becomes_a_dead_letter_instead_of_a_retry_loop(
+def test_a_value_past_a_database_limit_becomes_a_dead_letter_instead_of_a_retry_loop(
     database_url, broker, devices, ingest_workers: IngestWorkers
 ):
     # PostgreSQL raises program_limit_exceeded (an OperationalError, like a lost connection)
-    # for an index entry over ~2,700 bytes; it must be split out, not retried forever.
+    # for a value past one of its limits, such as an index entry over ~2,700 bytes; the
+    # protocol's bounds keep valid messages inside them, so the test has the database raise it.
+    # The message must be split out, not retried forever.
+    refuse_session(database_url, "samples", "program_limit_exceeded")
     ingest_workers.start()
     d = devices[0].device_id
-    poison = telemetry(1, T0_MS, session=secrets.token_urlsafe(6000))
+    poison = telemetry(1, T0_MS, session=REFUSED)
     device = connect(broker, devices[0])
     try:
         device.publish_many(
