@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -30,6 +31,7 @@ from tests.ingest import (
     topic,
     wait_until,
 )
+from tests.roles import create_logins
 
 READY_TIMEOUT_S = 90
 
@@ -336,9 +338,22 @@ def test_unreachable_database_url_gives_one_line_not_a_traceback(data_dir):
     assert ":pw@" not in lines[0], "the password must not be printed"
 
 
-def test_missing_mosquitto_binary_gives_one_line(data_dir, database_url):
+@pytest.fixture
+def suite_database_url(database_url: str) -> Iterator[str]:
+    """The suite's database, given to ``make run``: its logins are the cluster's (roles are not
+    a database's), and ``make run`` sets their passwords to its own, so the suite's are set
+    again afterwards for the tests that follow."""
+    try:
+        yield database_url
+    finally:
+        create_logins(database_url)
+
+
+def test_missing_mosquitto_binary_gives_one_line(data_dir, suite_database_url):
     code, err = run_until_error(
-        data_dir, GALVANI_DATABASE_URL=database_url, GALVANI_MOSQUITTO_BIN="/nonexistent/mosquitto"
+        data_dir,
+        GALVANI_DATABASE_URL=suite_database_url,
+        GALVANI_MOSQUITTO_BIN="/nonexistent/mosquitto",
     )
     assert code == 2
     assert "Traceback" not in err
@@ -348,13 +363,13 @@ def test_missing_mosquitto_binary_gives_one_line(data_dir, database_url):
     )
 
 
-def test_taken_mqtt_port_gives_one_line(data_dir, database_url):
+def test_taken_mqtt_port_gives_one_line(data_dir, suite_database_url):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         code, err = run_until_error(
-            data_dir, GALVANI_DATABASE_URL=database_url, GALVANI_MQTT_PORT=str(port)
+            data_dir, GALVANI_DATABASE_URL=suite_database_url, GALVANI_MQTT_PORT=str(port)
         )
     assert code == 2
     assert "Traceback" not in err
