@@ -44,7 +44,7 @@ from services.common.db_roles import ensure_login, service_url
 from services.common.errors import DatabaseUnavailable
 from services.common.migrate import upgrade
 from services.common.migrations.grants import ServiceRole
-from services.common.signing import load_or_create_key, public_key_b64
+from services.common.signing import load_next_key, load_or_create_key, public_key_b64
 
 log = logging.getLogger("galvani.run")
 
@@ -160,7 +160,12 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             demo_admin_key: str | None = None
             if options.sim_devices:
                 (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).parent.mkdir(parents=True, exist_ok=True)
-                (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(public_key_b64(signing_key))
+                # The keys the simulated devices trust, one a line: the current one and, while
+                # a rotation is under way, the next (docs/protocol.md, "Signing keys").
+                trusted = [signing_key, *filter(None, [load_next_key(secrets.directory)])]
+                (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(
+                    "".join(f"{public_key_b64(key)}\n" for key in trusted)
+                )
                 sim_fleet.provision_fleet(api_database_url, fleet_dir, options.sim_devices)
                 # An admin key of the simulated fleet's brand, for the dashboard.
                 demo_admin_key = ensure_key(
