@@ -403,8 +403,3 @@ def _sample_rows(
             )
         )
     return rows
-
-
-def in_gel_band(z_ohm: float | None) -> bool:
-    """Whether an impedance reading is what skin with conductive gel gives."""
-    return z_ohm is not None and GEL_BAND_OHM[0] <= z_ohm <= GEL_BAND_OHM[1]
