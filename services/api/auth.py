@@ -27,8 +27,6 @@ LEFT JOIN api_keys k ON k.key_hash = %s AND k.revoked_at IS NULL
 LEFT JOIN rate_limit_windows w ON w.bucket = %s
 """
 
-# The key's current role and brand, if it is still active: what a long-lived request (the
-# alert stream) checks again before each thing it sends.
 # The seconds left in a bucket's failure window once it has reached its limit.
 FAILURE_WAIT: Final = """
 SELECT extract(epoch FROM window_start + make_interval(secs => %(window_s)s) - now())::float8
@@ -36,6 +34,8 @@ FROM rate_limit_windows WHERE bucket = %(bucket)s AND failures >= %(failures)s
     AND window_start > now() - make_interval(secs => %(window_s)s)
 """
 
+# The key's current role and brand, if it is still active: what a long-lived request (the
+# alert stream) checks again before each thing it sends.
 STILL_ACTIVE: Final = (
     "SELECT id, role, brand_id, name, NULL::timestamptz, NULL::integer, now() FROM api_keys"
     " WHERE id = %s AND revoked_at IS NULL"
