@@ -114,6 +114,23 @@ def too_many(detail: str) -> ProblemError:
 FIELDS_PATTERN: Final = _fields_pattern(METRICS + RAW_EXTRA)
 
 
+def chosen_fields(fields: str | None) -> list[str]:
+    """The sample fields a ``fields`` parameter names (the metrics when it names none), or a
+    422 naming those a sample does not have."""
+    allowed = METRICS + RAW_EXTRA
+    chosen = [f.strip() for f in fields.split(",")] if fields else list(METRICS)
+    unknown = [f for f in chosen if f not in allowed]
+    if unknown or not chosen:
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "Invalid request",
+            f"fields: {', '.join(unknown) or 'none'} not available; choose from "
+            + ", ".join(allowed),
+        )
+    return chosen
+
+
 @router.get(
     "/{device_id}/telemetry",
     response_model=Telemetry,
@@ -146,17 +163,7 @@ async def telemetry(
     with ``to`` at or before ``from`` has none). Refused (422) when the range holds more than
     10,000 samples or buckets."""
     start, end = parse_time(from_, "from"), parse_time(to, "to")
-    allowed = METRICS + RAW_EXTRA
-    chosen = [f.strip() for f in fields.split(",")] if fields else list(METRICS)
-    unknown = [f for f in chosen if f not in allowed]
-    if unknown or not chosen:
-        raise ProblemError(
-            422,
-            "invalid-request",
-            "Invalid request",
-            f"fields: {', '.join(unknown) or 'none'} not available; choose from "
-            + ", ".join(allowed),
-        )
+    chosen = chosen_fields(fields)
     owned, refreshed_to = await samples.owned_refreshed_to(key.brand, device_id)
     if not owned:
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")

@@ -20,9 +20,8 @@ from services.api.responses import rows_response
 from services.api.telemetry.endpoints import (
     FIELDS_PATTERN,
     MAX_POINTS,
-    METRICS,
-    RAW_EXTRA,
     TimeParam,
+    chosen_fields,
     parse_time,
     too_many,
 )
@@ -61,17 +60,7 @@ async def suspect_telemetry(
     """Samples of one device with a suspect clock, received between ``from`` and ``to`` (at
     most 10,000; a range with ``to`` at or before ``from`` has none)."""
     start, end = parse_time(from_, "from"), parse_time(to, "to")
-    allowed = METRICS + RAW_EXTRA
-    chosen = [f.strip() for f in fields.split(",")] if fields else list(METRICS)
-    unknown = [f for f in chosen if f not in allowed]
-    if unknown or not chosen:
-        raise ProblemError(
-            422,
-            "invalid-request",
-            "Invalid request",
-            f"fields: {', '.join(unknown) or 'none'} not available; choose from "
-            + ", ".join(allowed),
-        )
+    chosen = chosen_fields(fields)
     owned, _ = await samples.owned_refreshed_to(key.brand, device_id)
     if not owned:
         raise ProblemError(404, "not-found", "Not found", f"there is no device {device_id!r}")
