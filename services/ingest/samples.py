@@ -14,7 +14,7 @@ plain table keyed by the message and the sample's place in it, trimmed by receip
 a rollup hour per past hour; there, they make one row each and nothing else.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -142,18 +142,28 @@ def _insert_samples(
     # Fast path: the ledger already filtered out redelivered messages, so these samples are
     # new unless a device sent two messages with overlapping times. COPY into the hypertable
     # inside a savepoint; if the primary key objects, fall back to a keyed insert.
-    try:
-        with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_SAMPLES) as copy:
-            copy.set_types(SAMPLE_TYPES)
-            for row in rows:
-                copy.write_row(row)
-    except errors.UniqueViolation:
-        stored, taken = _insert_samples_keyed(conn, rows)
+    taken: dict[tuple[str, int], list[Taken]] = {}
+    if _copied(conn, COPY_SAMPLES, SAMPLE_TYPES, rows):
+        stored = rows
     else:
-        stored, taken = rows, {}
+        stored, taken = _insert_samples_keyed(conn, rows)
     outcome.samples_stored += len(stored)
     outcome.samples_conflicting += len(rows) - len(stored)
     return stored + stored_suspect, taken
+
+
+def _copied(
+    conn: Conn, statement: sql.Composed, types: Sequence[str], rows: Sequence[Sequence[object]]
+) -> bool:
+    """COPY ``rows`` in a savepoint; False (and nothing written) if a key was already taken."""
+    try:
+        with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+    except errors.UniqueViolation:
+        return False
+    return True
 
 
 def _suspect_key(device_id: str, seq: int, idx: int) -> tuple[str, int, int]:
@@ -173,14 +183,7 @@ def _insert_suspect(
     message is recorded whole in ``message_conflicts``): then the rows are staged and
     inserted where their key is free, as the keyed path of ``samples`` does.
     """
-    try:
-        with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_SUSPECT) as copy:
-            copy.set_types(SUSPECT_TYPES)
-            for row in rows:
-                copy.write_row(row)
-    except errors.UniqueViolation:
-        pass
-    else:
+    if _copied(conn, COPY_SUSPECT, SUSPECT_TYPES, rows):
         return samples
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS suspect_samples_in (LIKE suspect_samples)"
