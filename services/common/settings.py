@@ -1,11 +1,14 @@
 """Settings shared by every service; each service subclasses with its own env prefix."""
 
+import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.tls import client_context
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / ".galvani"
@@ -40,6 +43,15 @@ def refuse_default_secrets(
         raise ValueError("database_url carries an empty or well-known default password")
 
 
+def refuse_plaintext(environment: Environment, mqtt_tls: bool) -> None:
+    """Raise ValueError outside development if the broker connection is not TLS."""
+    if environment is not Environment.DEVELOPMENT and not mqtt_tls:
+        raise ValueError(
+            "mqtt_tls is off: outside development every broker connection is TLS with "
+            "verification on (unset GALVANI_MQTT_TLS, or set it to 1)"
+        )
+
+
 class ServiceSettings(BaseSettings):
     """Connection settings every service has (database, broker, data directory).
 
@@ -56,13 +68,23 @@ class ServiceSettings(BaseSettings):
     mqtt_port: int = 1884
     mqtt_username: str
     mqtt_password: SecretStr
+    # TLS to the broker, verifying its certificate and host name against ``mqtt_ca_file``
+    # (the system's trust store when unset; `make run` passes run.json's ca_file). Off only in
+    # development, for a broker listener without TLS.
+    mqtt_tls: bool = True
+    mqtt_ca_file: Path | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "INFO"
 
     @model_validator(mode="after")
-    def _refuse_default_secrets(self) -> Self:
+    def _refuse_insecure(self) -> Self:
         refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
+        refuse_plaintext(self.environment, self.mqtt_tls)
         return self
+
+    def mqtt_tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the broker connection, None when ``mqtt_tls`` is off."""
+        return client_context(self.mqtt_ca_file) if self.mqtt_tls else None
 
 
 class WorkerSettings(ServiceSettings):

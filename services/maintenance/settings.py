@@ -1,12 +1,15 @@
 """Maintenance service settings (environment prefix ``GALVANI_MAINTENANCE_``)."""
 
+import ssl
+from pathlib import Path
 from typing import Self
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.broker_auth import ServiceAccount
-from services.common.settings import Environment, refuse_default_secrets
+from services.common.settings import Environment, refuse_default_secrets, refuse_plaintext
+from services.common.tls import client_context
 
 
 class MaintenanceSettings(BaseSettings):
@@ -31,6 +34,8 @@ class MaintenanceSettings(BaseSettings):
     mqtt_port: int = 1884
     mqtt_username: str = ServiceAccount.MAINTENANCE.value
     mqtt_password: SecretStr | None = None
+    mqtt_tls: bool = True
+    mqtt_ca_file: Path | None = None
     metrics_port: int = 0
     log_level: str = "INFO"
 
@@ -40,6 +45,11 @@ class MaintenanceSettings(BaseSettings):
         return self.mqtt_password is not None
 
     @model_validator(mode="after")
-    def _refuse_default_secrets(self) -> Self:
+    def _refuse_insecure(self) -> Self:
         refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
+        refuse_plaintext(self.environment, self.mqtt_tls)
         return self
+
+    def mqtt_tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the broker connection, None when ``mqtt_tls`` is off."""
+        return client_context(self.mqtt_ca_file) if self.mqtt_tls else None

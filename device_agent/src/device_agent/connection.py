@@ -50,6 +50,10 @@ class BrokerAddress:
     port: int
     password: str
     ca_file: str | None = None  # TLS (production's 8883) when set
+    # The device's own certificate and key, for the certificate listener (mutual TLS); the
+    # username is then the certificate's CN and ``password`` is not sent.
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 class ConnectionCounters(Protocol):
