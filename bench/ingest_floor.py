@@ -131,6 +131,7 @@ def subscriber_us_per_message() -> float:
             topic_filters=(TOPIC,),
             receive_maximum=2 * BATCH,
             session_expiry_s=3600,
+            tls=None,
         )
     )
     subscriber.poll(0)  # connects: the kernel completes the handshake from the backlog

@@ -175,6 +175,7 @@ def test_exported_dropped_counter_equals_the_messages_the_broker_dropped(
             broker.config.service_port,
             ServiceAccount.MAINTENANCE,
             service_passwords[ServiceAccount.MAINTENANCE],
+            None,
         ),
         stats,
     )

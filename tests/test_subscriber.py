@@ -325,6 +325,7 @@ def new_subscriber(broker: ScriptedBroker) -> Iterator[NewSubscriber]:
             topic_filters=topic_filters,
             receive_maximum=receive_maximum,
             session_expiry_s=3600,
+            tls=None,
         )
         made.append(Subscriber(config, draw=draw))
         return made[-1]

@@ -36,6 +36,7 @@ def ingest_subscriber(
             topic_filters=(f"$share/live-{run}/galvani/v1/d/+/{channel}",),
             receive_maximum=16,
             session_expiry_s=0,  # leaves no session behind in the broker the suite shares
+            tls=None,
         )
     )
 

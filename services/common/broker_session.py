@@ -18,6 +18,13 @@ rather than the messages on it (those are subscriber.py's).
   (a broker restart without persistence, an expiry, an administrator). It is logged and
   counted. The first connection of a process cannot tell a lost session from one that never
   existed, and is not counted.
+* TLS when the config carries a context (``SubscriberConfig.tls``, from the service's
+  ``mqtt_tls_context()``): the handshake runs blocking, bounded by ``CONNECT_TIMEOUT_S``,
+  right after the TCP connection, verifying the broker's certificate and its host name
+  (``server_name`` = ``host``); the socket is non-blocking after it. A broker that fails
+  verification is logged with OpenSSL's reason and retried with backoff like one that
+  refuses the connection: a certificate rotated on the broker before its CA reached the
+  workers must not need a worker restart once the CA arrives.
 * Reconnect delays grow from ``RECONNECT_MIN_DELAY_S`` to ``RECONNECT_MAX_DELAY_S`` and are
   jittered, so workers that lost the broker together do not return in one burst. The delay
   is reset once a connection is subscribed, not merely accepted.
@@ -28,6 +35,7 @@ Packets are built and read by :mod:`services.common.mqtt5`.
 import logging
 import random
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +87,14 @@ def jittered(delay_s: float, draw: float) -> float:
     return delay_s * (1.0 - RECONNECT_JITTER_FRACTION * draw)
 
 
+def tls_failure(exc: ssl.SSLError) -> str:
+    """Why a TLS handshake failed, in words: for a refused certificate, OpenSSL's reason
+    (an unknown issuer, a host name mismatch, an expired or revoked certificate)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the broker's certificate did not verify: {exc.verify_message}"
+    return str(exc)
+
+
 @dataclass(frozen=True)
 class SubscriberConfig:
     """Where to connect and how to subscribe."""
@@ -91,6 +107,8 @@ class SubscriberConfig:
     topic_filters: tuple[str, ...]
     receive_maximum: int
     session_expiry_s: int
+    # TLS with verification on when set; None only for a plaintext listener (development).
+    tls: ssl.SSLContext | None
 
 
 @dataclass
@@ -157,7 +175,17 @@ class BrokerSession:
             return False
         address = (self.config.host, self.config.port)
         try:
-            sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+            sock = self._open(address)
+        except ssl.SSLError as exc:
+            delay = self._retry_later()
+            # The reason is the message; a traceback on every retry would add nothing.
+            log.error(  # noqa: TRY400
+                "TLS with the broker at %s:%d failed: %s; trying again in %.2f s",
+                *address,
+                tls_failure(exc),
+                delay,
+            )
+            return False
         except OSError as exc:
             delay = self._retry_later()
             log.warning(
@@ -193,6 +221,20 @@ class BrokerSession:
             )
         )
         return True
+
+    def _open(self, address: tuple[str, int]) -> socket.socket:
+        """A TCP connection to ``address``, TLS-wrapped and handshaken when configured."""
+        sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+        context = self.config.tls
+        if context is None:
+            return sock
+        try:
+            # The handshake runs in wrap_socket, under the connection's timeout (per read or
+            # write, as socket timeouts are), before the socket turns non-blocking.
+            return context.wrap_socket(sock, server_hostname=address[0])
+        except BaseException:
+            sock.close()
+            raise
 
     def _retry_later(self) -> float:
         """Schedule the next connection attempt after a jittered, growing delay; the delay."""
@@ -327,8 +369,11 @@ class BrokerSession:
         if not self._out or self._sock is None:
             return
         try:
+            # On a TLS socket a write that cannot finish raises SSLWantWriteError (or
+            # SSLWantReadError), OSErrors but not BlockingIOError; OpenSSL retries it with the
+            # same leading bytes, which _out keeps (only appended to) until a send succeeds.
             sent = self._sock.send(self._out)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         except OSError as exc:
             self._close(f"write failed: {exc}")
@@ -347,6 +392,8 @@ class BrokerSession:
                 self._queue(mqtt5.disconnect(reason))
                 try:
                     sock.send(self._out)
+                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    log.info("could not send the DISCONNECT: the socket is full")
                 except OSError as exc:
                     log.info("could not send the DISCONNECT: %s", exc)
             sock.close()
@@ -370,8 +417,11 @@ class BrokerSession:
         if self._connacked:
             self._queue(mqtt5.disconnect(mqtt5.NORMAL_DISCONNECTION))
             try:
+                # Blocking with a timeout: Python's ssl waits out "want read/write" itself.
                 sock.settimeout(1.0)
                 sock.sendall(self._out)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                log.warning("could not say goodbye to the broker: the socket is full")
             except OSError as exc:
                 log.warning("could not say goodbye to the broker: %s", exc)
         self._out.clear()

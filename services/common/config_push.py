@@ -155,9 +155,14 @@ class Published(StrEnum):
 
 def connect_publisher(settings: ServiceSettings, client_id: str) -> paho.Client:
     """A broker client for :func:`publish_push`, connecting (and reconnecting) on a network
-    thread of its own: a publisher waits for PUBACKs while its caller's loop does not run."""
+    thread of its own: a publisher waits for PUBACKs while its caller's loop does not run.
+    TLS with verification on unless the settings turn it off (development only)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     client.username_pw_set(settings.mqtt_username, settings.mqtt_password.get_secret_value())
+    context = settings.mqtt_tls_context()
+    if context is not None:
+        # A failed verification ends that attempt; paho's loop tries again with backoff.
+        client.tls_set_context(context)
     client.reconnect_delay_set(1, 30)
     client.connect_async(settings.mqtt_host, settings.mqtt_port, keepalive=PUBLISHER_KEEPALIVE_S)
     client.loop_start()

@@ -18,8 +18,9 @@ worker sends back.
 The MQTT client is this module's own (packets in :mod:`services.common.mqtt5`), not paho's:
 paho reads each packet with three or four system calls (its first byte, each length byte, the
 rest) and sends each PUBACK with two more, which ``make bench-ingest-floor`` measured at 4.3
-to 7.1 µs of CPU per stored sample, over a third of issue 3's budget. Here one ``recv`` of
-up to 256 KiB is parsed into every message it holds.
+to 7.1 µs of CPU per stored sample, over a third of issue 3's budget. Here one read of
+up to 256 KiB is parsed into every message it holds (over TLS, one read is a ``recv`` per
+16 KiB record, until the socket is drained).
 
 Single-threaded by design: the worker calls :meth:`poll` to run the network and
 :meth:`ack` after a commit from the same thread, so an acknowledgement can never be queued
@@ -30,6 +31,7 @@ import logging
 import random
 import select
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,6 +72,8 @@ MAX_READS_PER_POLL: Final = 8
 
 def _receive(sock: socket.socket) -> bytes | None:
     """What the socket holds, up to READ_SIZE; None if nothing yet."""
+    if isinstance(sock, ssl.SSLSocket):
+        return _receive_tls(sock)
     try:
         data = sock.recv(READ_SIZE)
     except BlockingIOError:
@@ -79,6 +83,39 @@ def _receive(sock: socket.socket) -> bytes | None:
     if not data:
         raise ConnectionLost("the broker closed the connection")
     return data
+
+
+def _receive_tls(sock: ssl.SSLSocket) -> bytes | None:
+    """What the TLS socket holds, up to READ_SIZE; None if nothing yet.
+
+    An SSLSocket's recv returns at most one TLS record (16 KiB of plaintext), so one read of
+    the socket is as many recvs as it takes to drain it or fill READ_SIZE. "Nothing more now"
+    is SSLWantReadError (SSLWantWriteError while OpenSSL must write first), OSErrors that are
+    not BlockingIOError.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while size < READ_SIZE:
+        try:
+            data = sock.recv(READ_SIZE - size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            break
+        except OSError as exc:
+            raise ConnectionLost(f"read failed: {exc}") from exc
+        if not data:
+            if chunks:
+                break  # hand over what arrived; the next read finds the end again
+            raise ConnectionLost("the broker closed the connection")
+        chunks.append(data)
+        size += len(data)
+    if not chunks:
+        return None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _buffered(sock: socket.socket) -> bool:
+    """Whether decrypted data waits inside the TLS object, where select() cannot see it."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 class Subscriber(BrokerSession):
@@ -107,9 +144,14 @@ class Subscriber(BrokerSession):
             self._guarded(self._parse)
             if len(self.pending) > before or self._sock is None:
                 return
-        readable, _, _ = select.select([sock], [sock] if self._out else [], [], timeout_s)
+        # A read stopped at READ_SIZE or a full window can leave a record's rest decrypted in
+        # the SSL object, with nothing left in the kernel for select() to report.
+        buffered = _buffered(sock)
+        readable, _, _ = select.select(
+            [sock], [sock] if self._out else [], [], 0.0 if buffered else timeout_s
+        )
         self._flush()
-        if readable:
+        if readable or buffered:
             self._guarded(self._read)
 
     def full(self) -> bool:

@@ -34,8 +34,8 @@ HandleBatch = Callable[[list[Inbound]], None]
 
 
 def subscriber_config(settings: WorkerSettings) -> SubscriberConfig:
-    """The MQTT session of one worker: its client id, and the four device channels shared
-    with the other workers of its group."""
+    """The MQTT session of one worker: its client id, the four device channels shared
+    with the other workers of its group, and TLS unless the settings turn it off."""
     return SubscriberConfig(
         host=settings.mqtt_host,
         port=settings.mqtt_port,
@@ -45,6 +45,7 @@ def subscriber_config(settings: WorkerSettings) -> SubscriberConfig:
         topic_filters=shared_filters(settings.share_group),
         receive_maximum=settings.receive_maximum,
         session_expiry_s=settings.session_expiry_s,
+        tls=settings.mqtt_tls_context(),
     )
 
 

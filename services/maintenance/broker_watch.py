@@ -31,6 +31,7 @@ kept value is then forgotten, since each belonged to the broker that is gone.
 
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -217,6 +218,7 @@ class BrokerAddress:
     port: int
     username: str
     password: str
+    tls: ssl.SSLContext | None  # verification on; None only for a plaintext listener
 
 
 class BrokerWatch:
@@ -238,6 +240,8 @@ class BrokerWatch:
             protocol=paho.MQTTv5,
         )
         self._client.username_pw_set(address.username, address.password)
+        if address.tls is not None:
+            self._client.tls_set_context(address.tls)
         self._client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe

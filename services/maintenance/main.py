@@ -39,6 +39,7 @@ def start_broker_watch(settings: MaintenanceSettings) -> BrokerWatch | None:
             settings.mqtt_port,
             settings.mqtt_username,
             settings.mqtt_password.get_secret_value(),
+            settings.mqtt_tls_context(),
         ),
         stats,
     )

@@ -1,6 +1,7 @@
 """``/healthz``, ``/readyz`` and ``/metrics``: for the ops network, no API key."""
 
 import socket
+import ssl
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -55,9 +56,10 @@ def readyz(
     engine: Annotated[Engine, Depends(_engine)],
     settings: Annotated[ApiSettings, Depends(_settings)],
 ) -> Readiness:
-    """Ready when the database answers a query and the broker accepts a TCP connection."""
+    """Ready when the database answers a query and the broker accepts a connection (a TLS
+    handshake that verifies the broker's certificate, unless TLS is off)."""
     database = _database_ok(engine)
-    broker = _broker_ok(settings.mqtt_host, settings.mqtt_port)
+    broker = _broker_ok(settings.mqtt_host, settings.mqtt_port, settings.mqtt_tls_context())
     ready = database and broker
     if not ready:
         response.status_code = 503
@@ -73,9 +75,13 @@ def _database_ok(engine: Engine) -> bool:
     return True
 
 
-def _broker_ok(host: str, port: int) -> bool:
+def _broker_ok(host: str, port: int, tls: ssl.SSLContext | None) -> bool:
+    # The API's publishers fail on a broker they cannot verify, so the handshake is part of
+    # being ready; ssl.SSLError (a failed verification too) is an OSError.
     try:
-        socket.create_connection((host, port), timeout=READY_TIMEOUT_S).close()
+        with socket.create_connection((host, port), timeout=READY_TIMEOUT_S) as sock:
+            if tls is not None:
+                tls.wrap_socket(sock, server_hostname=host).close()
     except OSError:
         return False
     return True
