@@ -8,9 +8,13 @@ runs in the same order every time. Against a real Mosquitto: test_ingest*.py, te
 """
 
 import logging
+import select
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import pytest
@@ -19,8 +23,10 @@ from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from deploy.stack.mosquitto import MAX_PACKET_BYTES
 from services.common import broker_session as session_module
-from services.common import mqtt5
+from services.common import mqtt5, pki
+from services.common import subscriber as subscriber_module
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
+from services.common.tls import client_context, server_context
 
 WAIT_S = 2.0
 POLL_S = 0.05
@@ -1013,3 +1019,137 @@ def test_a_publish_over_the_brokers_maximum_packet_size_is_not_sent(
     peer.expect_silence(0.1)
     assert sub.stats.publishes_too_large == 1
     assert sub.connected
+
+
+# TLS: the socket's own behaviour, on a connected pair of loopback sockets whose ends have
+# completed a real handshake (the scripted broker above speaks plain TCP). Against a real TLS
+# Mosquitto: test_subscriber_tls.py.
+
+TLS_RECORD_BYTES = 16 * 1024  # the largest plaintext of one TLS record (RFC 8446 5.1)
+
+
+class TlsPair(NamedTuple):
+    client: ssl.SSLSocket  # non-blocking, as the subscriber's
+    server: ssl.SSLSocket  # blocking
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> Iterator[TlsPair]:
+    authority = pki.Authority.create("subscriber-unit-ca")
+    certificate, key = authority.issue_server()
+    for name, data in (
+        ("ca.pem", pki.pem(authority.certificate)),
+        ("server.pem", pki.pem(certificate)),
+        ("server.key", pki.private_pem(key)),
+    ):
+        pki.write_file(tmp_path / name, data, mode=0o600)
+    client_end, server_end = socket.socketpair()
+    server_tls = server_context(tmp_path / "server.pem", tmp_path / "server.key")
+    accepted: list[ssl.SSLSocket] = []
+    thread = threading.Thread(
+        target=lambda: accepted.append(server_tls.wrap_socket(server_end, server_side=True))
+    )
+    thread.start()
+    client = client_context(tmp_path / "ca.pem").wrap_socket(
+        client_end, server_hostname="localhost"
+    )
+    thread.join()
+    client.setblocking(False)
+    pair = TlsPair(client, accepted[0])
+    yield pair
+    pair.client.close()
+    pair.server.close()
+
+
+def wait_readable(sock: ssl.SSLSocket) -> None:
+    select.select([sock], [], [], WAIT_S)
+
+
+def test_one_tls_read_gathers_several_records_up_to_the_read_size(tls_pair: TlsPair) -> None:
+    assert subscriber_module._receive(tls_pair.client) is None  # nothing yet: not an error
+    sent = bytes(range(256)) * 400  # 100 KiB: seven records
+    tls_pair.server.sendall(sent)
+    received = b""
+    while len(received) < len(sent):
+        wait_readable(tls_pair.client)
+        data = subscriber_module._receive(tls_pair.client)
+        if data is not None:
+            assert len(data) <= session_module.READ_SIZE
+            received += data
+    assert received == sent
+    assert len(received) > TLS_RECORD_BYTES
+
+
+def test_a_tls_read_stops_at_the_read_size_leaving_the_rest_pending(
+    tls_pair: TlsPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscriber_module, "READ_SIZE", 20_000)
+    sent = b"x" * 40_000
+    tls_pair.server.sendall(sent)
+    wait_readable(tls_pair.client)
+    first = subscriber_module._receive(tls_pair.client)
+    assert first is not None
+    assert len(first) == 20_000, "more than one record, but no more than the read size"
+    # What is decrypted but unread sits in the SSL object, where select() does not look.
+    assert subscriber_module._buffered(tls_pair.client)
+    rest = b""
+    while len(first) + len(rest) < len(sent):
+        if not subscriber_module._buffered(tls_pair.client):
+            wait_readable(tls_pair.client)
+        rest += subscriber_module._receive(tls_pair.client) or b""
+    assert first + rest == sent
+
+
+def test_a_tls_end_of_stream_is_a_lost_connection(tls_pair: TlsPair) -> None:
+    tls_pair.server.close()
+    wait_readable(tls_pair.client)
+    with pytest.raises(session_module.ConnectionLost, match="closed the connection"):
+        subscriber_module._receive(tls_pair.client)
+
+
+def test_a_tls_write_the_socket_cannot_take_waits_and_resumes_intact(
+    tls_pair: TlsPair, new_subscriber: NewSubscriber
+) -> None:
+    sub = new_subscriber()
+    sub._sock = tls_pair.client
+    first = bytes(range(256)) * 16_384  # 4 MiB: more than the socket pair buffers
+    sub._queue(first)
+    sub._flush()
+    # OpenSSL said "want write" (an OSError, not BlockingIOError): the bytes stay queued and
+    # the connection open.
+    assert sub._sock is tls_pair.client
+    assert len(sub._out) == len(first)
+    more = b"appended while the first write was pending"
+    sub._queue(more)  # _out only grows until a send succeeds, as OpenSSL's retry requires
+
+    received = bytearray()
+    reader = threading.Thread(
+        target=lambda: received.extend(read_exactly(tls_pair.server, len(first) + len(more)))
+    )
+    reader.start()
+    deadline = time.monotonic() + WAIT_S
+    while sub._out and time.monotonic() < deadline:
+        select.select([], [tls_pair.client], [], POLL_S)
+        sub._flush()
+    reader.join(WAIT_S)
+    assert not sub._out
+    assert bytes(received) == first + more
+    sub._sock = None  # the fixture closes the pair
+
+
+def read_exactly(sock: ssl.SSLSocket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        data = sock.recv(size - len(chunks))
+        if not data:
+            break
+        chunks += data
+    return bytes(chunks)
+
+
+def test_a_verification_failure_says_why() -> None:
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    error.verify_message = "unable to get local issuer certificate"
+    assert session_module.tls_failure(error) == (
+        "the broker's certificate did not verify: unable to get local issuer certificate"
+    )
