@@ -2,9 +2,11 @@
 
 import argparse
 import base64
+import dataclasses
+import ssl
 from pathlib import Path
 
-from device_agent.link import DeleteOn
+from device_agent.link import BrokerAddress, DeleteOn
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) -> None:
@@ -55,3 +57,17 @@ def read_public_keys(path: Path) -> tuple[bytes, ...]:
     if not keys:
         raise SystemExit(f"{path} holds no config public key")
     return tuple(keys)
+
+
+def broker_address(program: str, address: BrokerAddress) -> BrokerAddress:
+    """``address`` with its TLS context built (when it has a CA file), or a clear exit if a
+    certificate, key or CA file cannot be read or used."""
+    try:
+        context = address.context()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        # ssl names no file in its errors: say which ones were in play.
+        files = ", ".join(
+            str(name) for name in (address.ca_file, address.cert_file, address.key_file) if name
+        )
+        raise SystemExit(f"{program}: cannot set up TLS from {files}: {exc}") from None
+    return dataclasses.replace(address, tls_context=context)

@@ -5,7 +5,9 @@ runs the agent on simulated hardware, starts a session as a user would, and make
 misbehave on demand, so a support team or a test can reproduce any rule of the catalogue.
 
 The password comes from ``--password-file`` or ``GALVANI_AGENT_PASSWORD``, never from the
-command line (which other users of the machine can read in the process list).
+command line (which other users of the machine can read in the process list). With
+``--cert-file`` and ``--key-file`` (and ``--ca-file``) the agent connects with mutual TLS to
+the broker's certificate listener, which names the device by its certificate: no password.
 """
 
 import argparse
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from device_agent.agent import Identity
-from device_agent.arguments import add_shared_arguments, read_public_keys
+from device_agent.arguments import add_shared_arguments, broker_address, read_public_keys
 from device_agent.link import BACKOFF_MAX_S, BrokerAddress
 from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice, power_off
 from device_agent.store import DeviceStore, OutboxLimits, open_database
@@ -51,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", required=True)
     add_shared_arguments(run, store_help="SQLite file: outbox, seq, applied table")
     run.add_argument("--password-file", type=Path, help=f"else ${PASSWORD_ENV}")
-    run.add_argument("--ca-file", help="CA bundle: connect with TLS")
+    run.add_argument("--ca-file", help="the broker's CA bundle: connect with TLS")
+    run.add_argument(
+        "--cert-file",
+        help="the device's certificate (PEM): mutual TLS to the certificate listener, no password",
+    )
+    run.add_argument("--key-file", help="the device's private key (PEM) for --cert-file")
     run.add_argument("--outbox-max-bytes", type=int, default=OutboxLimits().max_bytes)
     run.add_argument("--outbox-max-age", type=float, default=OutboxLimits().max_age_s)
     run.add_argument(
@@ -88,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _password(args: argparse.Namespace) -> str:
+    if args.cert_file is not None:
+        return ""  # the certificate names the device
     if args.password_file is not None:
         try:
             return str(args.password_file.read_text("utf-8").strip())
@@ -118,7 +127,12 @@ async def _run(args: argparse.Namespace) -> int:
     device = SimulatedDevice(
         Identity(args.device_id, fw=args.fw, hw=args.hw),
         store,
-        BrokerAddress(args.host, args.port, _password(args), args.ca_file),
+        broker_address(
+            "galvani-agent",
+            BrokerAddress(
+                args.host, args.port, _password(args), args.ca_file, args.cert_file, args.key_file
+            ),
+        ),
         public_keys=read_public_keys(args.public_key),
         clock_ms=lambda: time.time_ns() // 1_000_000,
         rng=random.Random(args.seed),
@@ -148,7 +162,12 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``galvani-agent``."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.cert_file is None) != (args.key_file is None):
+        parser.error("--cert-file and --key-file go together")
+    if args.cert_file is not None and args.ca_file is None:
+        parser.error("--cert-file needs --ca-file (the broker's CA: mutual TLS)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(message)s",

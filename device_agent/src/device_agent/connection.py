@@ -11,15 +11,22 @@ logged and counted) and says it is online on the retained ``presence`` topic, wh
 says it is not. What travels over the connection is its owner's business, the
 :class:`~device_agent.link.Link`'s: the connection hands it the paho client once connected,
 the PUBACKs and the messages, and tells it when a connection's state is to be forgotten.
+
+With a CA file the connection is TLS; with the device's certificate too it is mutual TLS, for
+the broker's certificate listener, which takes the username from the certificate's CN (so no
+password is sent; the client id stays the device id). A handshake either side refuses (the
+broker's certificate not from the CA, the device's revoked or expired) is logged with the
+reason TLS gave, and tried again after the same backoff as any refused connection.
 """
 
 import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import paho.mqtt.client as mqtt
@@ -28,6 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.protocol import PROTOCOL_VERSION, Channel, topic
+from device_agent.tls import client_context
 
 # The link's logger, so that a filter on galvani.agent.link sees all of the link.
 log = logging.getLogger("galvani.agent.link")
@@ -54,6 +62,22 @@ class BrokerAddress:
     # username is then the certificate's CN and ``password`` is not sent.
     cert_file: str | None = None
     key_file: str | None = None
+    # The context built from the three files (device_agent.tls.client_context), when the
+    # caller shares one among many connections (a fleet's devices); else the connection
+    # builds its own, once.
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ca_file is None and (self.cert_file or self.key_file or self.tls_context):
+            raise ValueError("a device certificate or TLS context needs ca_file (TLS)")
+
+    def context(self) -> ssl.SSLContext | None:
+        """The TLS context to connect with (None: plaintext), built here unless given."""
+        if self.ca_file is None:
+            return None
+        if self.tls_context is not None:
+            return self.tls_context
+        return client_context(self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
 
 
 class ConnectionCounters(Protocol):
@@ -106,6 +130,13 @@ class Connection:
         self._stopping = False
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
         self._presence_topic = topic(device_id, Channel.PRESENCE)
+        # Built here, once: every attempt's client shares it, and a file that cannot be read
+        # fails now rather than on each attempt.
+        self._tls = address.context()
+        # What paho last reported as an error on this attempt's socket: a TLS 1.3 client
+        # learns that the broker refused its certificate only when it next reads, inside
+        # paho's loop_read, which logs the alert and reports a lost connection.
+        self._socket_error: str | None = None
 
     def start(self) -> None:
         """Connect now (and keep reconnecting until :meth:`stop`)."""
@@ -134,9 +165,11 @@ class Connection:
             client_id=self.device_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        client.username_pw_set(self.device_id, self.address.password)
-        if self.address.ca_file is not None:
-            client.tls_set(ca_certs=self.address.ca_file)
+        if self.address.cert_file is None:
+            client.username_pw_set(self.device_id, self.address.password)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+            client.on_log = self._on_log  # until the CONNACK: see _socket_error
         client.will_set(self._presence_topic, _presence(False, with_ts=False), qos=1, retain=True)
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._on_connect
@@ -149,15 +182,21 @@ class Connection:
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
         self.client = client
+        self._socket_error = None
         self._forget_connection()
         try:
-            # A blocking TCP connect; on loopback or a LAN it returns in microseconds.
+            # A blocking TCP connect, and TLS handshake (paho's, bounded by its 5 s connect
+            # timeout); on loopback or a LAN they take microseconds and a millisecond or two.
             client.connect(
                 self.address.host,
                 self.address.port,
                 keepalive=KEEPALIVE_S,
                 clean_start=True,
             )
+        except ssl.SSLError as exc:
+            log.warning("%s: TLS handshake failed: %s", self.device_id, _tls_reason(exc))
+            self._drop_client()
+            self._schedule_reconnect()
         except (TimeoutError, OSError) as exc:
             log.debug("%s: connect failed: %s", self.device_id, exc)
             self._drop_client()
@@ -201,6 +240,7 @@ class Connection:
         if reason.is_failure:
             log.warning("%s: broker refused the connection: %s", self.device_id, reason)
             return  # paho closes the socket; on_disconnect schedules the retry
+        client.on_log = None  # paho formats every packet's log line for it
         self.connected = True
         self._attempt = 0
         self.stats.connects += 1
@@ -226,6 +266,12 @@ class Connection:
         if self.connected:
             self.stats.disconnects += 1
             log.info("%s: disconnected (%s)", self.device_id, reason)
+        elif self._socket_error is not None:
+            log.warning(
+                "%s: the connection closed before the broker accepted it: %s",
+                self.device_id,
+                self._socket_error,
+            )
         self.client = None
         self._forget_connection()
         self._schedule_reconnect()
@@ -253,6 +299,10 @@ class Connection:
                 self.subscriptions[name],
             )
 
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and client is self.client:
+            self._socket_error = message
+
     # -- the event loop's side of paho's socket --------------------------------------------
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -270,6 +320,14 @@ class Connection:
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self.loop.remove_writer(sock)
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """Why a handshake failed, as a person would look it up: OpenSSL's verification message
+    (our side refused the broker's certificate) or the alert the broker sent."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"the broker's certificate: {exc.verify_message}"
+    return exc.reason or str(exc)
 
 
 def _presence(online: bool, *, with_ts: bool = True) -> bytes:

@@ -6,6 +6,9 @@ connection. Usage is realistic by default: most people 3 to 5 sessions a week at
 times, some overusers (some of them with a second device), some who forget the gel, and a
 few faulty units. ``--activity`` multiplies everyone's session rate, so a small live fleet
 shows sessions within minutes instead of days.
+
+With ``--ca-file`` every device connects with TLS (to the broker's password listener); the
+fleet builds one TLS context for all of them, so the CA bundle is loaded once, not 10,000 times.
 """
 
 import argparse
@@ -19,6 +22,7 @@ import random
 import resource
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -32,10 +36,11 @@ from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
 from device_agent.store import DeviceStore, OutboxLimits, open_database, total_backlog
+from device_agent.tls import client_context
 
 log = logging.getLogger("galvani.fleet")
 
-CONNECTS_PER_S: Final = 500  # how fast the fleet powers on (the broker's accept queue)
+CONNECTS_PER_S: Final = 500  # how fast the fleet powers on by default (the accept queue)
 STATUS_INTERVAL_S: Final = 10.0
 PUBLISHING_WINDOW_S: Final = 70.0  # a heartbeat a minute, plus slack
 # Thousands of outboxes share one file on one disk: 1 MiB each is still hours of a session.
@@ -69,6 +74,8 @@ class FleetOptions:
     duration_s: float | None = None
     delete_on: DeleteOn = DeleteOn.STORED
     faulty_share: float = FAULTY_SHARE
+    ca_file: str | None = None  # TLS when set
+    connects_per_s: int = CONNECTS_PER_S
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ class Fleet:
         self.devices: list[SimulatedDevice] = []
         self.conn: sqlite3.Connection | None = None
         self.started = time.monotonic()
+        # Uptimes: when the first device started connecting, and the first status that saw
+        # every device connected (to within the status interval).
+        self.power_on_s: float | None = None
+        self.all_connected_s: float | None = None
         # How late ticks ran (ms) since the last report: is the one loop keeping up?
         self.lateness_ms: list[float] = []
 
@@ -144,6 +155,7 @@ class Fleet:
                 f"galvani-fleet: {options.credentials} has {len(device_ids)} devices, "
                 f"{options.devices} asked"
             )
+        tls = _tls_context(options.ca_file)
         conn = self.conn = open_database(options.store, durable=False)
         rng = random.Random(options.seed)
         due: list[tuple[float, int]] = []
@@ -153,7 +165,13 @@ class Fleet:
             device = SimulatedDevice(
                 Identity(device_id, fw="1.4.2", hw="B"),
                 DeviceStore(conn, device_id, FLEET_OUTBOX),
-                BrokerAddress(options.host, options.port, credentials[device_id].password),
+                BrokerAddress(
+                    options.host,
+                    options.port,
+                    credentials[device_id].password,
+                    ca_file=options.ca_file,
+                    tls_context=tls,
+                ),
                 public_keys=options.public_keys,
                 clock_ms=_now_ms,
                 rng=device_rng,
@@ -163,10 +181,12 @@ class Fleet:
             )
             self.devices.append(device)
         log.info("powering on %d devices", len(self.devices))
+        self.power_on_s = round(time.monotonic() - self.started, 2)
+        per_s = options.connects_per_s
         for index, device in enumerate(self.devices):
             device.start()
             heapq.heappush(due, (time.monotonic() + random.random(), index))
-            if index % CONNECTS_PER_S == CONNECTS_PER_S - 1:
+            if index % per_s == per_s - 1:
                 await asyncio.sleep(1)
         next_status = time.monotonic()
         deadline = None if options.duration_s is None else time.monotonic() + options.duration_s
@@ -199,9 +219,16 @@ class Fleet:
         lateness = sorted(self.lateness_ms)
         self.lateness_ms = []
         p99 = lateness[int(0.99 * (len(lateness) - 1))] if lateness else 0.0
+        uptime_s = round(time.monotonic() - self.started, 2)
+        connected = sum(d.link.connected for d in self.devices)
+        if self.all_connected_s is None and self.devices and connected == len(self.devices):
+            self.all_connected_s = uptime_s
         return {
             "devices": len(self.devices),
-            "connected": sum(d.link.connected for d in self.devices),
+            "tls": self.options.ca_file is not None,
+            "connected": connected,
+            "power_on_s": self.power_on_s,
+            "all_connected_s": self.all_connected_s,
             "publishing_60s": sum(
                 (d.link.stats.last_delivery_s or -1e18) >= recent for d in self.devices
             ),
@@ -221,7 +248,7 @@ class Fleet:
             "session_refusals": sum(d.refusals for d in self.devices),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "uptime_s": round(time.monotonic() - self.started, 1),
+            "uptime_s": uptime_s,
         }
 
     def report(self) -> None:
@@ -232,6 +259,15 @@ class Fleet:
             tmp = self.options.status_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(status) + "\n")
             os.replace(tmp, self.options.status_file)
+
+
+def _tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    if ca_file is None:
+        return None
+    try:
+        return client_context(ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"galvani-fleet: cannot use the CA file {ca_file}: {exc}") from None
 
 
 def _now_ms() -> int:
@@ -248,6 +284,13 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
     add_shared_arguments(parser, store_help="SQLite file for every device's outbox and seq")
     parser.add_argument(
         "--activity", type=float, default=1.0, help="multiply every session rate (1 = realistic)"
+    )
+    parser.add_argument("--ca-file", help="the broker's CA bundle: every device connects with TLS")
+    parser.add_argument(
+        "--connects-per-s",
+        type=int,
+        default=CONNECTS_PER_S,
+        help=f"devices that start connecting each second at power-on (default {CONNECTS_PER_S})",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--status-file", type=Path, help="write the status JSON here")
@@ -266,6 +309,8 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         parser.error("--faulty-share must be between 0 and 1")
     if args.devices < 1:
         parser.error("--devices must be at least 1")
+    if args.connects_per_s < 1:
+        parser.error("--connects-per-s must be at least 1")
     if args.activity <= 0:
         parser.error("--activity must be positive")
     # The options are the parsed arguments, but for the keys (read from their file) and the two
