@@ -178,7 +178,7 @@ class Watcher:
         topic = f"galvani/v1/d/{device_id}/#"
         self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
-        self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
+        self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
         self.client.connect("127.0.0.1", broker.password_port)
         self.client.loop_start()
         assert self.subscribed.wait(10), "the watcher could not subscribe over TLS"
