@@ -1,4 +1,5 @@
-"""The Subscriber against the real Mosquitto the suite starts, on the service listener.
+"""The Subscriber against the real Mosquitto the suite starts, on the service listener (TLS,
+verifying the broker against the suite's CA).
 
 Byte-level behaviour is in test_subscriber.py against a scripted broker; this checks that the
 same client, with the service accounts and ACLs Galvani renders, is what Mosquitto expects.
@@ -36,7 +37,7 @@ def ingest_subscriber(
             topic_filters=(f"$share/live-{run}/galvani/v1/d/+/{channel}",),
             receive_maximum=16,
             session_expiry_s=0,  # leaves no session behind in the broker the suite shares
-            tls=None,
+            tls=broker.tls_context(),
         )
     )
 
