@@ -19,6 +19,7 @@ from services.api.brands.endpoints import router as brands_router
 from services.api.conflicts.endpoints import router as conflicts_router
 from services.api.dashboard import endpoints as dashboard
 from services.api.database import create_database_engine, create_read_pool
+from services.api.device_authorities.endpoints import router as device_authorities_router
 from services.api.devices.endpoints import router as devices_router
 from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
@@ -102,6 +103,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(alert_stream_router)  # before /v1/alerts/{alert_id}
     app.include_router(alerts_router)
     app.include_router(devices_router)
+    app.include_router(device_authorities_router)
     app.include_router(brands_router)
     app.include_router(fleet_router)
     app.include_router(users_router)

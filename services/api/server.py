@@ -58,12 +58,25 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def config(settings: ApiSettings) -> uvicorn.Config:
+    """uvicorn's configuration of a server process: HTTPS when ``settings.tls`` is on (the
+    settings refuse TLS on without its certificate and key files)."""
+    tls = settings.tls
+    return uvicorn.Config(
+        APP,
+        factory=True,
+        log_level="warning",
+        ssl_certfile=str(settings.tls_cert_file) if tls and settings.tls_cert_file else None,
+        ssl_keyfile=str(settings.tls_key_file) if tls and settings.tls_key_file else None,
+    )
+
+
 def serve() -> None:
     """Run one server process until SIGTERM or SIGINT (settings from ``GALVANI_API_*``)."""
     settings = ApiSettings()
     configure_logging(settings.log_level)
     sock = listening_socket(settings.host, settings.port)
-    server = uvicorn.Server(uvicorn.Config(APP, factory=True, log_level="warning"))
+    server = uvicorn.Server(config(settings))
     server.run(sockets=[sock])
     if not server.started:
         raise SystemExit("the API did not start (see the log above)")

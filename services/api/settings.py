@@ -1,17 +1,28 @@
 """API service settings (environment prefix ``GALVANI_API_``)."""
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import Environment, ServiceSettings
 
 
 class ApiSettings(ServiceSettings):
     """What the API process needs to run."""
 
-    model_config = SettingsConfigDict(env_prefix="GALVANI_API_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="GALVANI_API_", extra="ignore", populate_by_name=True
+    )
+
+    # Also read from GALVANI_ENVIRONMENT, the installation-wide switch.
+    environment: Environment = Field(
+        default=Environment.DEVELOPMENT,
+        validation_alias=AliasChoices(
+            "GALVANI_API_ENVIRONMENT", "GALVANI_ENVIRONMENT", "environment"
+        ),
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -53,6 +64,59 @@ class ApiSettings(ServiceSettings):
     # The device listener's address, handed to provisioned devices.
     device_mqtt_host: str = "127.0.0.1"
     device_mqtt_port: int = 1883
+
+    # The certificate listener's port, handed to devices that enrol with a certificate.
+    device_mqtt_cert_port: int = 8883
+    # Galvani's device CA (default ``<data_dir>/pki/device-ca.pem`` and ``device-ca.key``),
+    # which signs every device certificate, and the broker's trust directory (default
+    # ``<data_dir>/pki/trust``) its revocation lists are written to.
+    device_ca_cert: Path | None = None
+    device_ca_key: Path | None = None
+    trust_dir: Path | None = None
+    device_certificate_days: int = Field(default=365, ge=1, le=3650)
+    # How long decommissioning waits for the broker to end a certificate device's session.
+    session_end_timeout_s: float = Field(default=5.0, gt=0)
+
+    # HTTPS: the API serves TLS itself with this certificate and key, or (outside
+    # development) ``tls_offloaded`` says a proxy in front of it terminates TLS.
+    tls: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_offloaded: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_plain_http(self) -> Self:
+        if self.tls and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError(
+                "GALVANI_API_TLS is on: set GALVANI_API_TLS_CERT_FILE and "
+                "GALVANI_API_TLS_KEY_FILE to the server certificate and its key"
+            )
+        if (
+            self.environment is not Environment.DEVELOPMENT
+            and not self.tls
+            and not self.tls_offloaded
+        ):
+            raise ValueError(
+                "GALVANI_API_TLS is off: outside development the API serves HTTPS "
+                "(GALVANI_API_TLS=1 with GALVANI_API_TLS_CERT_FILE and GALVANI_API_TLS_KEY_FILE),"
+                " or GALVANI_API_TLS_OFFLOADED=1 says a proxy in front of it terminates TLS"
+            )
+        return self
+
+    def pki_dir(self) -> Path:
+        """The installation's certificates (``<data_dir>/pki``)."""
+        return self.data_dir / "pki"
+
+    def device_ca_files(self) -> tuple[Path, Path]:
+        """The device CA's certificate and key."""
+        return (
+            self.device_ca_cert or self.pki_dir() / "device-ca.pem",
+            self.device_ca_key or self.pki_dir() / "device-ca.key",
+        )
+
+    def trust_directory(self) -> Path:
+        """The broker's trust directory (device CA and its revocation lists)."""
+        return self.trust_dir or self.pki_dir() / "trust"
 
     def mosquitto_dir(self) -> Path:
         """Where the broker's auth files live (default ``<data_dir>/mosquitto``)."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from services.api import deps
 from services.api.deps import CurrentKey, DeviceReadRepo, DeviceRepo, ReadKey, require
-from services.api.devices import schemas
+from services.api.devices import schemas, service
 from services.api.devices.repository import DeviceReadRepository, DeviceRepository
 from services.api.pagination import (
     DeviceCursor,
@@ -51,39 +51,66 @@ def _not_found(device_id: str) -> ProblemError:
     "",
     response_model=schemas.ProvisionedDevice,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(401, 403, 404, 409, 422),
+    responses=responses(401, 403, 404, 409, 422, 503),
 )
 def provision(
     body: schemas.DeviceCreate, request: Request, devices: DeviceRepo, key: CurrentKey
 ) -> schemas.ProvisionedDevice:
-    """Create a device and its broker credentials; it can connect as soon as this returns."""
+    """Create a device and its broker credentials; it can connect as soon as this returns.
+
+    With ``"auth": "certificate"`` and a CSR (or a factory certificate of the brand's device
+    authority), the answer carries the device's certificate instead of a password, and the
+    certificate listener's port. A CSR or certificate Galvani will not sign is a 422 naming
+    the field (``csr`` or ``certificate``) and why."""
     require(key, Role.ADMIN, Role.OPERATOR)
     brand = deps.brand_scope(devices, key, body.brand)
     conflicts = deps.ProvisionConflicts.of(request, devices, key)
+    settings: ApiSettings = request.app.state.settings
+    issued: provisioning.IssuedCertificate | None = None
+    password: str | None = None
     try:
-        device = provisioning.provision_device(
-            devices.conn, device_id=body.device_id, brand_id=brand, model=body.model,
-            user_id=body.user,
-        )  # fmt: skip
+        if body.auth == "certificate":
+            issued = provisioning.provision_certificate_device(
+                devices.conn, service.device_authority(settings),
+                provisioning.CertificateRequest(body.csr, body.certificate),
+                device_id=body.device_id, brand_id=brand, model=body.model, user_id=body.user,
+                days=settings.device_certificate_days,
+            )  # fmt: skip
+        else:
+            password = provisioning.provision_device(
+                devices.conn, device_id=body.device_id, brand_id=brand, model=body.model,
+                user_id=body.user,
+            ).password  # fmt: skip
     except provisioning.ReservedDeviceIdError as exc:
         raise ProblemError(422, "reserved-device-id", "Reserved device id", str(exc)) from None
     except provisioning.DeviceIdTakenError as exc:
         raise conflicts.refuse(str(exc)) from None
+    except provisioning.CertificateRefusedError as exc:
+        raise service.refused(exc) from None
     except provisioning.ProvisioningError as exc:
         # The constraint's error is the cause: its SQLSTATE and name say which it was.
         invalid = ProblemError(422, "invalid-device", "Device not provisioned", str(exc))
         raise constraint_problem(exc.__cause__, str(exc)) or invalid from None
-    _sync_broker(request)
-    settings: ApiSettings = request.app.state.settings
     credentials = schemas.MqttCredentials(
         host=settings.device_mqtt_host,
-        port=settings.device_mqtt_port,
-        username=device.device_id,
-        password=device.password,
-        client_id=device.device_id,
-        topic_prefix=device_prefix(device.device_id),
+        port=settings.device_mqtt_port if issued is None else settings.device_mqtt_cert_port,
+        username=body.device_id,
+        password=password,
+        client_id=body.device_id,
+        topic_prefix=device_prefix(body.device_id),
     )
-    return schemas.ProvisionedDevice(device_id=device.device_id, mqtt=credentials)
+    if issued is None:
+        _sync_broker(request)
+        return schemas.ProvisionedDevice(
+            device_id=body.device_id, auth="password", mqtt=credentials
+        )
+    return schemas.ProvisionedDevice(
+        device_id=body.device_id,
+        auth="certificate",
+        mqtt=credentials,
+        certificate=issued.pem,
+        not_after=issued.not_after,
+    )
 
 
 @router.get("", response_model=schemas.DeviceList, responses=responses(401, 403, 422))
@@ -109,7 +136,8 @@ async def list_devices(
 
 @router.get("/{device_id}", response_model=schemas.Device, responses=responses(401, 403, 404))
 async def get_device(device_id: str, devices: DeviceReadRepo, key: ReadKey) -> Response:
-    """Presence, firmware, config versions, open alerts, last seq and gaps."""
+    """Presence, firmware, config versions, open alerts, last seq and gaps, and how it
+    authenticates (with its certificate's expiry)."""
     device = await devices.get(key.brand, device_id)
     if device is None:
         raise _not_found(device_id)
@@ -120,18 +148,98 @@ async def get_device(device_id: str, devices: DeviceReadRepo, key: ReadKey) -> R
     "/{device_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=responses(401, 403, 404),
+    responses=responses(401, 403, 404, 503),
 )
 def decommission(
     device_id: str, request: Request, devices: DeviceRepo, key: CurrentKey
 ) -> Response:
-    """Revoke the device's credentials; the broker disconnects it at once."""
+    """Revoke the device's credentials; the broker disconnects it at once.
+
+    A password device's password is removed from the broker's file. A certificate device's
+    certificates are revoked: the broker's revocation list names them before this answers
+    (new connections fail at the handshake), and its live session is ended."""
     require(key, Role.ADMIN)
-    if not devices.owns_device(key.brand, device_id):
+    state = devices.auth_state(key.brand, device_id)
+    if state is None:
         raise _not_found(device_id)
+    settings: ApiSettings = request.app.state.settings
+    authority = (
+        service.device_authority(settings)
+        if state.auth == provisioning.DeviceAuth.CERTIFICATE
+        else None
+    )
     provisioning.revoke_device(devices.conn, device_id)
-    _sync_broker(request)
+    if authority is None:
+        _sync_broker(request)
+    else:
+        deps.after_commit(request, service.revoke_at_broker(settings, authority, device_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{device_id}/certificate",
+    response_model=schemas.IssuedCertificate,
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(401, 403, 404, 409, 422, 503),
+)
+def renew_certificate(
+    device_id: str,
+    body: schemas.CertificateRequestBody,
+    request: Request,
+    devices: DeviceRepo,
+    key: CurrentKey,
+) -> schemas.IssuedCertificate:
+    """A new certificate for a certificate device, from a new CSR (or its factory
+    certificate): for rotation before expiry. The certificates it has stay valid until their
+    not_after, so the device switches when it has stored the new one."""
+    require(key, Role.ADMIN)
+    state = devices.auth_state(key.brand, device_id)
+    if state is None:
+        raise _not_found(device_id)
+    if state.decommissioned_at is not None:
+        raise ProblemError(
+            409, "decommissioned", "Device decommissioned",
+            f"device {device_id!r} is decommissioned: it gets no new certificate",
+        )  # fmt: skip
+    if state.auth != provisioning.DeviceAuth.CERTIFICATE:
+        raise ProblemError(
+            409, "not-a-certificate-device", "Not a certificate device",
+            f"device {device_id!r} authenticates with a password, not a certificate",
+        )  # fmt: skip
+    settings: ApiSettings = request.app.state.settings
+    try:
+        issued = provisioning.renew_certificate(
+            devices.conn, service.device_authority(settings),
+            provisioning.CertificateRequest(body.csr, body.certificate),
+            device_id=device_id, brand_id=key.brand, days=settings.device_certificate_days,
+        )  # fmt: skip
+    except provisioning.CertificateRefusedError as exc:
+        raise service.refused(exc) from None
+    return schemas.IssuedCertificate(
+        device_id=device_id,
+        certificate=issued.pem,
+        serial=f"{issued.serial:x}",
+        fingerprint=issued.fingerprint,
+        not_before=issued.not_before,
+        not_after=issued.not_after,
+    )
+
+
+@router.get(
+    "/{device_id}/certificates", response_model=schemas.DeviceCertificateList, responses=LISTED
+)
+async def list_certificates(
+    device_id: str,
+    devices: DeviceReadRepo,
+    key: ReadKey,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: KeyCursor = None,
+) -> Response:
+    """The certificates Galvani issued to the device, newest first, with their revocation."""
+    await _require_device(devices, key.brand, device_id)
+    rows = await devices.certificates(device_id, before_id=cursor, limit=limit + 1)
+    items, next_cursor = page(rows, limit, lambda certificate: str(certificate.id))
+    return json_response(schemas.DeviceCertificateList(items=items, next_cursor=next_cursor))
 
 
 async def _require_device(devices: DeviceReadRepository, brand: str, device_id: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from psycopg.rows import class_row
 
-from services.api.devices.schemas import Device, Event, PushRecord, Session
+from services.api.devices.schemas import Device, DeviceCertificate, Event, PushRecord, Session
 from services.api.repository import ReadRepository, Repository
 
 SELECT: Final = """
@@ -21,7 +21,10 @@ SELECT d.id AS device_id, d.brand_id AS brand, d.model, d.user_id AS user, d.onl
        d.config_reported_version,
        (SELECT count(*) FROM alerts a
          WHERE a.device_id = d.id AND a.state <> 'resolved')::integer AS open_alerts,
-       d.provisioned_at, d.decommissioned_at, d.seq_reused, d.seq_reused_at, d.seq_resets,
+       d.provisioned_at, d.decommissioned_at, d.auth,
+       (SELECT max(c.not_after) FROM device_certificates c
+         WHERE c.device_id = d.id AND c.revoked_at IS NULL) AS not_after,
+       d.seq_reused, d.seq_reused_at, d.seq_resets,
        d.seq_reset_at, d.suspect_samples_at
 FROM devices d
 """
@@ -67,6 +70,21 @@ SELECT version, source, reason, sha256, issued_at, expires_at, published_at, sup
        answer_status, answer_reason, answered_at
 FROM config_pushes WHERE device_id = %s ORDER BY version DESC LIMIT 100
 """
+CERTIFICATES: Final = """
+SELECT c.id, c.serial::text AS serial, c.fingerprint, c.not_before, c.not_after,
+       c.issued_at, c.revoked_at, c.authority_id
+FROM device_certificates c
+WHERE c.device_id = %(device)s AND (%(before)s::bigint IS NULL OR c.id < %(before)s)
+ORDER BY c.id DESC LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True)
+class DeviceAuthState:
+    """How a device authenticates, and whether it is decommissioned."""
+
+    auth: str
+    decommissioned_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,16 @@ class DeviceRepository(Repository):
             "SELECT decommissioned_at FROM devices WHERE id = %s AND brand_id = %s FOR UPDATE",
             [device_id, brand_id],
             class_row(Decommissioning),
+        )
+
+    def auth_state(self, brand_id: str, device_id: str) -> DeviceAuthState | None:
+        """How the brand's device authenticates, locked against concurrent changes; None when
+        the brand has no such device."""
+        return self.one(
+            "SELECT auth, decommissioned_at FROM devices WHERE id = %s AND brand_id = %s"
+            " FOR UPDATE",
+            [device_id, brand_id],
+            class_row(DeviceAuthState),
         )
 
     def config(self, brand_id: str, device_id: str) -> ConfigState | None:
@@ -148,6 +176,15 @@ class DeviceReadRepository(ReadRepository):
         us, session = before if before else (None, None)
         params = {"device": device_id, "us": us, "session": session, "limit": limit}
         return await self.all(SESSIONS, params, class_row(Session))
+
+    async def certificates(
+        self, device_id: str, *, before_id: int | None, limit: int
+    ) -> list[DeviceCertificate]:
+        """The certificates issued to a device, newest first (serials in hexadecimal, as
+        OpenSSL shows them; the column holds them in decimal)."""
+        params = {"device": device_id, "before": before_id, "limit": limit}
+        rows = await self.all(CERTIFICATES, params, class_row(DeviceCertificate))
+        return [row.model_copy(update={"serial": f"{int(row.serial):x}"}) for row in rows]
 
     async def events(
         self, device_id: str, *, before_seq: int | None, type_: str | None, limit: int

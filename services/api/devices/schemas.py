@@ -1,11 +1,44 @@
 """Device schemas (api.md, "A device" and the provisioning answer)."""
 
 from datetime import datetime
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from services.api.schemas import body_config
 from services.common.provisioning import DEVICE_ID_RE
+
+CSR_MAX_CHARS = 16_384
+CERTIFICATE_MAX_CHARS = 65_536
+CSR_FIELD = Field(
+    default=None,
+    min_length=1,
+    max_length=CSR_MAX_CHARS,
+    description="a PEM certificate signing request the device made (its key never leaves it): "
+    "EC P-256/P-384 or RSA of 2048 bits or more, self-signature valid, CN absent or the "
+    "device id",
+)
+FACTORY_FIELD = Field(
+    default=None,
+    min_length=1,
+    max_length=CERTIFICATE_MAX_CHARS,
+    description="instead of a CSR: the device's factory certificate (PEM), CN the device id, "
+    "signed by one of the brand's device authorities (POST /v1/device-authorities); the "
+    "answer certifies the same key (EC P-256/P-384)",
+)
+
+
+class CertificateRequestBody(BaseModel):
+    """A CSR or a factory certificate, exactly one."""
+
+    csr: str | None = CSR_FIELD
+    certificate: str | None = FACTORY_FIELD
+
+    @model_validator(mode="after")
+    def _one_request(self) -> Self:
+        if (self.csr is None) == (self.certificate is None):
+            raise ValueError("send exactly one of csr and certificate")
+        return self
 
 
 class DeviceCreate(BaseModel):
@@ -17,22 +50,76 @@ class DeviceCreate(BaseModel):
     brand: str | None = Field(
         default=None, description="operator keys only: the brand the device belongs to"
     )
+    auth: Literal["password", "certificate"] = Field(
+        default="password",
+        description="password: the answer carries a broker password; certificate: send `csr` "
+        "or `certificate`, and the answer carries the device's certificate",
+    )
+    csr: str | None = CSR_FIELD
+    certificate: str | None = FACTORY_FIELD
+
+    @model_validator(mode="after")
+    def _request_matches_auth(self) -> Self:
+        given = (self.csr is not None) + (self.certificate is not None)
+        if self.auth == "password" and given:
+            raise ValueError('csr and certificate go with "auth": "certificate"')
+        if self.auth == "certificate" and given != 1:
+            raise ValueError('"auth": "certificate" needs exactly one of csr and certificate')
+        return self
 
 
 class MqttCredentials(BaseModel):
     """Shown once: the password is stored only as a hash."""
 
     host: str
-    port: int
+    port: int = Field(
+        description="the device listener (password), or the certificate listener (certificate)"
+    )
     username: str
-    password: str
+    password: str | None = Field(description="null for a device with a certificate")
     client_id: str
     topic_prefix: str
 
 
 class ProvisionedDevice(BaseModel):
     device_id: str
+    auth: Literal["password", "certificate"]
     mqtt: MqttCredentials
+    certificate: str | None = Field(
+        default=None, description="the device's certificate (PEM), signed by Galvani's device CA"
+    )
+    not_after: datetime | None = Field(default=None, description="when the certificate expires")
+
+
+class IssuedCertificate(BaseModel):
+    """A new certificate for a device (rotation): the ones it had stay valid until they expire."""
+
+    device_id: str
+    certificate: str = Field(description="PEM, signed by Galvani's device CA")
+    serial: str = Field(description="the serial number, hexadecimal")
+    fingerprint: str = Field(description="SHA-256 of the DER certificate, hexadecimal")
+    not_before: datetime
+    not_after: datetime
+
+
+class DeviceCertificate(BaseModel):
+    """A certificate Galvani issued to the device."""
+
+    id: int
+    serial: str = Field(description="the serial number, hexadecimal")
+    fingerprint: str
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
+    revoked_at: datetime | None
+    authority_id: int | None = Field(
+        description="the brand's device authority that vouched for the key (null: a CSR)"
+    )
+
+
+class DeviceCertificateList(BaseModel):
+    items: list[DeviceCertificate]
+    next_cursor: str | None
 
 
 class Device(BaseModel):
@@ -50,6 +137,12 @@ class Device(BaseModel):
     open_alerts: int
     provisioned_at: datetime
     decommissioned_at: datetime | None
+    auth: Literal["password", "certificate"] = Field(
+        description="how the device authenticates to the broker"
+    )
+    not_after: datetime | None = Field(
+        description="when the latest of its unrevoked certificates expires (null: none)"
+    )
     seq_reused: int = Field(
         description="messages that came with a seq the device had already used for another "
         "message (kept in GET /v1/devices/{id}/conflicts)"

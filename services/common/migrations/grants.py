@@ -110,6 +110,10 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # alerts to the device's brand (which the API shows: it reads alerts, not this table),
     # maintenance trims them with the retention period.
     "device_throttles": {INGEST: "INSERT", RULES: READ, MAINTENANCE: "SELECT, DELETE"},
+    # Device certificates (migration 0013): the API issues and revokes them and keeps the
+    # brands' factory CAs; the rules' sweep raises certificate_expiring from their expiry.
+    "device_certificates": {RULES: READ, API: UPSERT},
+    "brand_device_authorities": {API: UPSERT},
 }
 
 # Sequences a statement calls nextval() on. Identity columns' sequences need no grant

@@ -1,0 +1,1 @@
+"""Brands ' factory CAs (bring-your-own CA for device certificates)."""
