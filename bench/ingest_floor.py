@@ -8,7 +8,10 @@ message (10 samples, about 2 KB):
    ingest's own subscriber (``services.common.subscriber``) against a scripted broker on a
    loopback port, and for comparison paho-mqtt 2.x with ``manual_ack``, which ingest used
    before. The packets are pre-encoded, so no broker CPU is counted, and the CPU is the
-   reading thread's own (``time.thread_time``);
+   reading thread's own (``time.thread_time``). The subscriber is measured twice: on plain
+   TCP and over TLS (TLS 1.3 with a P-256 certificate of a CA made for the run, the
+   connection the workers have in production), where its CPU includes decrypting what it
+   reads and encrypting its PUBACKs;
 2. **decoding and validating** the payload into rows: ingest's own ``decode_inbound`` (the
    msgspec fast path).
 
@@ -17,20 +20,23 @@ The database side of the floor is the raw binary COPY of the same rows, which
 line is::
 
     subscriber_us_per_sample=N paho_us_per_sample=N decode_us_per_sample=N
-    client_floor_us_per_sample=N
+    client_floor_us_per_sample=N subscriber_tls_us_per_sample=N
 
-(one line), where ``client_floor`` is the subscriber's and decoding's. The paho harness sets
-two private attributes of ``paho.mqtt.client.Client`` (its socket and connection state) so
-that it reads without a broker; it is a measuring tool, not code the services run.
+(one line), where ``client_floor`` is the (plain TCP) subscriber's and decoding's. The paho
+harness sets two private attributes of ``paho.mqtt.client.Client`` (its socket and connection
+state) so that it reads without a broker; it is a measuring tool, not code the services run.
 """
 
 import json
 import socket
+import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import paho.mqtt.client as paho
@@ -39,8 +45,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.harness import say
 from bench.mqtt_load import SAMPLE_FIELDS, SAMPLE_SPACING_MS
 from deploy.stack.ports import LOOPBACK
+from services.common import pki
 from services.common.mqtt5 import varint
 from services.common.subscriber import Inbound, Subscriber, SubscriberConfig
+from services.common.tls import client_context, server_context
 from services.ingest.decode import decode_inbound
 
 MESSAGES: Final = 50_000
@@ -118,8 +126,22 @@ def _read_exactly(conn: socket.socket, size: int) -> None:
         size -= len(conn.recv(min(size, 65_536)))
 
 
-def subscriber_us_per_message() -> float:
-    """ingest's subscriber: read, take a batch, acknowledge it (as after a commit)."""
+def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A client context and a server context whose certificate it verifies."""
+    authority = pki.Authority.create("ingest-floor CA")
+    certificate, key = authority.issue_server()
+    pki.write_file(directory / "ca.pem", pki.pem(authority.certificate), mode=0o600)
+    pki.write_file(directory / "server.pem", pki.pem(certificate), mode=0o600)
+    pki.write_file(directory / "server.key", pki.private_pem(key), mode=0o600)
+    return (
+        client_context(directory / "ca.pem"),
+        server_context(directory / "server.pem", directory / "server.key"),
+    )
+
+
+def subscriber_us_per_message(contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> float:
+    """ingest's subscriber: read, take a batch, acknowledge it (as after a commit); over TLS
+    with ``contexts`` (the client's and the scripted broker's)."""
     listener = socket.create_server((LOOPBACK, 0))
     subscriber = Subscriber(
         SubscriberConfig(
@@ -131,11 +153,23 @@ def subscriber_us_per_message() -> float:
             topic_filters=(TOPIC,),
             receive_maximum=2 * BATCH,
             session_expiry_s=3600,
-            tls=None,
+            tls=None if contexts is None else contexts[0],
         )
     )
-    subscriber.poll(0)  # connects: the kernel completes the handshake from the backlog
-    broker, _ = listener.accept()
+    if contexts is None:
+        subscriber.poll(0)  # connects: the kernel completes the handshake from the backlog
+        broker, _ = listener.accept()
+    else:
+        # The subscriber's TLS handshake blocks in poll: the broker's side runs meanwhile.
+        accepted: list[ssl.SSLSocket] = []
+        server = contexts[1]
+        handshake = threading.Thread(
+            target=lambda: accepted.append(server.wrap_socket(listener.accept()[0], True))
+        )
+        handshake.start()
+        subscriber.poll(0)
+        handshake.join()
+        broker = accepted[0]
     packets = [publish_packet(i % 65_535 + 1, payload(i)) for i in range(MESSAGES)]
 
     def play_broker() -> None:
@@ -184,17 +218,24 @@ def decode_us_per_message() -> float:
 
 
 def main() -> int:
-    subscriber_us = subscriber_us_per_message()
+    subscriber_us = subscriber_us_per_message(None)
+    with tempfile.TemporaryDirectory(prefix="galvani-floor-") as directory:
+        subscriber_tls_us = subscriber_us_per_message(tls_contexts(Path(directory)))
     paho_us = paho_us_per_message()
     decode_us = decode_us_per_message()
     say(f"subscriber receive+ack: {subscriber_us:.1f} us per message of {SAMPLES} samples")
+    say(
+        f"subscriber receive+ack over TLS: {subscriber_tls_us:.1f} us per message of "
+        f"{SAMPLES} samples ({subscriber_tls_us / subscriber_us:.2f} times plain TCP's)"
+    )
     say(f"paho receive+ack: {paho_us:.1f} us per message of {SAMPLES} samples")
     say(f"decode+validate: {decode_us:.1f} us per message of {SAMPLES} samples")
     say(
         f"subscriber_us_per_sample={subscriber_us / SAMPLES:.2f} "
         f"paho_us_per_sample={paho_us / SAMPLES:.1f} "
         f"decode_us_per_sample={decode_us / SAMPLES:.1f} "
-        f"client_floor_us_per_sample={(subscriber_us + decode_us) / SAMPLES:.1f}"
+        f"client_floor_us_per_sample={(subscriber_us + decode_us) / SAMPLES:.1f} "
+        f"subscriber_tls_us_per_sample={subscriber_tls_us / SAMPLES:.2f}"
     )
     return 0
 
