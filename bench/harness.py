@@ -24,6 +24,7 @@ import psycopg
 
 from bench.mqtt_load import DeviceLogin
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import LOOPBACK
 from deploy.stack.postgres import (
     PostgresInstall,
@@ -107,10 +108,22 @@ def start_postgres(root: Path, stack: contextlib.ExitStack, bench: str) -> Postg
 
 
 def start_broker(
-    root: Path, passwords: dict[ServiceAccount, str], stack: contextlib.ExitStack
+    root: Path,
+    passwords: dict[ServiceAccount, str],
+    stack: contextlib.ExitStack,
+    *,
+    plain_device: bool = False,
+    plain_service: bool = False,
 ) -> MosquittoBroker:
-    """Mosquitto with Galvani's generated configuration and no devices yet."""
-    broker = local_broker(root / "mosquitto", passwords)
+    """Mosquitto with Galvani's generated configuration (every listener TLS, with a PKI of
+    the run's own, plus the plaintext listeners asked for) and no devices yet."""
+    broker = local_broker(
+        root / "mosquitto",
+        passwords,
+        DevelopmentPKI.ensure(root / "pki"),
+        plain_device=plain_device,
+        plain_service=plain_service,
+    )
     stack.callback(broker.stop)
     broker.start([])
     return broker
@@ -178,19 +191,20 @@ class BenchStack:
         self, service: str, metrics_ports: Sequence[int], *, ready: str, **settings: str | int
     ) -> list[ServiceWorker]:
         """Start one ``service`` worker per metrics port, as ``make run`` does, and wait until
-        each has logged ``ready`` (at INFO, which logs nothing per message)."""
+        each has logged ``ready`` (at INFO, which logs nothing per message). ``settings``
+        override the defaults (``mqtt_port``, say, for another listener)."""
         workers: list[ServiceWorker] = []
         for number, metrics_port in enumerate(metrics_ports, start=1):
-            env = service_env(
-                service.upper(),
-                database_url=self.url,
-                mqtt_port=self.broker.config.service_port,
-                mqtt_password=self.passwords[ServiceAccount(f"galvani-{service}")],
-                worker_id=number,
-                metrics_port=metrics_port,
-                log_level="INFO",
-                **settings,
-            )
+            defaults: dict[str, str | int] = {
+                "database_url": self.url,
+                "mqtt_port": self.broker.config.service_port,
+                "mqtt_password": self.passwords[ServiceAccount(f"galvani-{service}")],
+                "mqtt_ca_file": str(self.broker.config.pki.ca_file),
+                "worker_id": number,
+                "metrics_port": metrics_port,
+                "log_level": "INFO",
+            }
+            env = service_env(service.upper(), **(defaults | settings))
             child = spawn(
                 f"{service}-{number}",
                 [sys.executable, "-m", f"services.{service}.main"],
@@ -211,15 +225,24 @@ class BenchStack:
 
 
 def start_stack(
-    root: Path, cleanup: contextlib.ExitStack, bench: str, devices: int, *, database: str = ""
+    root: Path,
+    cleanup: contextlib.ExitStack,
+    bench: str,
+    devices: int,
+    *,
+    database: str = "",
+    plain_device: bool = False,
+    plain_service: bool = False,
 ) -> BenchStack:
-    """A migrated durable cluster (``database`` in it, else the default one), a broker and
-    ``devices`` provisioned devices of one brand."""
+    """A migrated durable cluster (``database`` in it, else the default one), a broker (with
+    the plaintext listeners asked for) and ``devices`` provisioned devices of one brand."""
     postgres = start_postgres(root, cleanup, bench)
     url = postgres.create_database(database) if database else postgres.config.url()
     upgrade(url)
     passwords = {account: new_password() for account in ServiceAccount}
-    broker = start_broker(root, passwords, cleanup)
+    broker = start_broker(
+        root, passwords, cleanup, plain_device=plain_device, plain_service=plain_service
+    )
     logins = provision(url, devices, broker)
     return BenchStack(root, cleanup, postgres, url, broker, passwords, logins)
 

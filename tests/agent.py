@@ -14,13 +14,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.common.signing import public_key_b64
 from tests.ingest import REPO_ROOT, Device
+from tests.mqtt import suite_ca_file
 
 
 class AgentProcess:
     """``galvani-agent run --simulate`` as a subprocess with its own store and key."""
 
-    def __init__(self, tmp_path: Path, device: Device, port: int, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        device: Device,
+        port: int,
+        key: Ed25519PrivateKey,
+        ca_file: Path | None = None,
+    ) -> None:
+        """``ca_file``: the CA the agent verifies the broker against (default: the run's;
+        the agent connects in plaintext when neither is set)."""
         self.tmp_path = tmp_path
+        self.ca_file = ca_file or suite_ca_file()
         self.device = device
         self.port = port
         self.public_key = tmp_path / "config-public-key"
@@ -45,6 +56,7 @@ class AgentProcess:
                     f"--store={self.store}",
                     "--backoff-max=2",
                     "--seed=1",
+                    *([f"--ca-file={self.ca_file}"] if self.ca_file else []),
                     *args,
                 ],
                 env=env,

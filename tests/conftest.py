@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
-from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker
+from deploy.stack.mosquitto import MosquittoBroker, local_broker
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import free_port
 from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
 from deploy.stack.processes import service_user
@@ -27,9 +28,11 @@ from services.api.settings import ApiSettings
 from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.migrate import upgrade
 from services.common.migrations.grants import ServiceRole
+from services.common.tls import client_context
 from tests.agent import AgentProcess
 from tests.api import issue_keys
 from tests.ingest import IngestWorkers, provision
+from tests.mqtt import use_suite_ca
 from tests.roles import as_service, create_logins
 from tests.rules import RulesWorkers
 
@@ -159,23 +162,24 @@ def service_passwords() -> dict[ServiceAccount, str]:
 
 
 @pytest.fixture(scope="session")
+def pki(stack_root: Path) -> DevelopmentPKI:
+    """The run's certificates (deploy/stack/pki.py); every test client trusts its CA."""
+    paths = DevelopmentPKI.ensure(stack_root / "pki")
+    use_suite_ca(paths.ca_file, client_context(paths.ca_file))
+    return paths
+
+
+@pytest.fixture(scope="session")
 def broker(
-    stack_root: Path, service_passwords: dict[ServiceAccount, str]
+    stack_root: Path, service_passwords: dict[ServiceAccount, str], pki: DevelopmentPKI
 ) -> Iterator[MosquittoBroker]:
-    """A Mosquitto broker with Galvani's generated configuration and no devices yet.
+    """A Mosquitto broker with Galvani's generated configuration (every listener TLS) and no
+    devices yet.
 
     Tests add devices to their own database and call ``sync_devices``; the broker's device
     file then holds exactly that test's devices.
     """
-    server = MosquittoBroker(
-        BrokerConfig(
-            directory=stack_root / "mosquitto",
-            device_port=free_port(),
-            service_port=free_port(),
-            run_as=service_user(),
-        ),
-        service_passwords,
-    )
+    server = local_broker(stack_root / "mosquitto", service_passwords, pki)
     server.start([])
     yield server
     server.stop()
@@ -281,6 +285,7 @@ def broker_api_settings(
         signing_key_dir=key_dir,
         broker_dir=broker.config.directory,
         device_mqtt_port=broker.config.device_port,
+        mqtt_ca_file=broker.config.pki.ca_file,
     )
 
 

@@ -30,6 +30,7 @@ import psycopg
 
 from deploy.stack import sim_fleet
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.postgres import PostgresServer, local_server, new_password
 from services.common.broker_auth import (
     BrokerFiles,
@@ -229,7 +230,8 @@ class FaultStack:
         upgrade(self.database_url)
         create_logins(self.database_url)
         passwords = {account: new_password() for account in ServiceAccount}
-        self.broker = local_broker(self.root / "mosquitto", passwords)
+        self.pki = DevelopmentPKI.ensure(self.root / "pki")
+        self.broker = local_broker(self.root / "mosquitto", passwords, self.pki)
         fleet_dir = self.root / "fleet"
         key_dir = self.root / "secrets"
         (fleet_dir).mkdir(parents=True, exist_ok=True)
@@ -248,6 +250,7 @@ class FaultStack:
                 mqtt_port=self.broker.config.service_port,
                 password=passwords[account],
                 log_dir=self.root,
+                ca_file=self.pki.ca_file,
                 group=kind.service,
                 **extra,
             )

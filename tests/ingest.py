@@ -20,7 +20,7 @@ from deploy.stack.ports import free_port
 from services.common.broker_auth import ServiceAccount
 from services.common.protocol.topics import device_topic
 from services.common.provisioning import provision_device
-from tests.mqtt import MqttClient
+from tests.mqtt import MqttClient, suite_ca_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTORS_DIR = REPO_ROOT / "protocol" / "vectors"
@@ -54,6 +54,8 @@ class ServiceWorkers:
     password: str
     log_dir: Path
     service: str = "ingest"
+    # The CA the workers verify the broker's TLS certificate against.
+    ca_file: Path | None = field(default_factory=suite_ca_file)
     group: str = field(default_factory=lambda: f"t{os.getpid()}-{next(_groups)}")
     env_overrides: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -75,6 +77,7 @@ class ServiceWorkers:
             mqtt_port=broker.config.service_port,
             password=passwords[ServiceAccount(f"galvani-{cls.service}")],
             log_dir=log_dir,
+            ca_file=broker.config.pki.ca_file,
             env_overrides=env_overrides,
         )
 
@@ -95,6 +98,7 @@ class ServiceWorkers:
                 prefix + "SHARE_GROUP": self.group,
                 prefix + "METRICS_PORT": str(port),
                 prefix + "LOG_LEVEL": "INFO",
+                **({prefix + "MQTT_CA_FILE": str(self.ca_file)} if self.ca_file else {}),
                 **self.env_overrides,
             }
         )

@@ -1,8 +1,15 @@
-"""A small synchronous MQTT 5 test client over paho-mqtt 2, for talking to the real broker."""
+"""A small synchronous MQTT 5 test client over paho-mqtt 2, for talking to the real broker.
 
+Every listener of the suite's broker is TLS; :func:`use_suite_ca` (called by the ``pki``
+fixture) makes every client of the run verify the broker against the suite's CA unless a
+test passes its own ``tls`` (None for plaintext).
+"""
+
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -13,6 +20,27 @@ from paho.mqtt.reasoncodes import ReasonCode
 TIMEOUT_S = 5.0
 # Unacknowledged publishes a client keeps in flight in publish_many (the broker allows 1000).
 PUBLISH_WINDOW = 500
+
+
+_suite: dict[str, object] = {}
+
+
+def use_suite_ca(ca_file: Path, context: ssl.SSLContext) -> None:
+    """Make ``context`` (trusting ``ca_file``) every client's default for this run."""
+    _suite["ca_file"] = ca_file
+    _suite["context"] = context
+
+
+def suite_tls() -> ssl.SSLContext | None:
+    """The run's client TLS context (None before the ``pki`` fixture has run)."""
+    context = _suite.get("context")
+    return context if isinstance(context, ssl.SSLContext) else None
+
+
+def suite_ca_file() -> Path | None:
+    """The CA file every client of the run trusts (None before the ``pki`` fixture)."""
+    ca_file = _suite.get("ca_file")
+    return ca_file if isinstance(ca_file, Path) else None
 
 
 class ConnectRefused(Exception):
@@ -46,6 +74,8 @@ class MqttClient:
     # the broker across connections, as the backend workers' sessions are kept.
     clean_start: bool = True
     session_expiry_s: int = 0
+    # TLS verifying the broker (the run's CA by default); None connects in plaintext.
+    tls: ssl.SSLContext | None = field(default_factory=suite_tls)
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,6 +83,8 @@ class MqttClient:
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5
         )
         self._client.max_inflight_messages_set(PUBLISH_WINDOW)
+        if self.tls is not None:
+            self._client.tls_set_context(self.tls)
         if self.username is not None:
             self._client.username_pw_set(self.username, self.password)
         if self.will is not None:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker, render_config
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import free_port
 from deploy.stack.processes import service_user
 from services.common.broker_auth import SERVICE_ACLS, ServiceAccount
@@ -110,14 +111,17 @@ def test_maintenance_watches_the_broker_only_when_given_its_password() -> None:
 def test_broker_config_sets_the_sys_interval_and_the_maintenance_account_reads_only_sys(
     tmp_path: Path,
 ) -> None:
-    config = render_config(BrokerConfig(tmp_path, device_port=1, service_port=2))
+    pki = DevelopmentPKI.at(tmp_path / "pki")
+    config = render_config(
+        BrokerConfig(tmp_path, device_port=1, service_port=2, cert_port=3, pki=pki)
+    )
     assert "\nsys_interval 10\n" in config
     assert SERVICE_ACLS[ServiceAccount.MAINTENANCE] == ("topic read $SYS/broker/#",)
 
 
 @pytest.fixture
 def small_queue_broker(
-    stack_root: Path, service_passwords: dict[ServiceAccount, str]
+    stack_root: Path, service_passwords: dict[ServiceAccount, str], pki: DevelopmentPKI
 ) -> Iterator[MosquittoBroker]:
     """A broker of this test's own that queues at most QUEUE_CAP messages per session and
     publishes its statistics every second."""
@@ -126,6 +130,8 @@ def small_queue_broker(
             directory=stack_root / f"small-queue-broker-{next(_brokers)}",
             device_port=free_port(),
             service_port=free_port(),
+            cert_port=free_port(),
+            pki=pki,
             run_as=service_user(),
             max_queued_messages=QUEUE_CAP,
             sys_interval_s=1,
@@ -175,7 +181,7 @@ def test_exported_dropped_counter_equals_the_messages_the_broker_dropped(
             broker.config.service_port,
             ServiceAccount.MAINTENANCE,
             service_passwords[ServiceAccount.MAINTENANCE],
-            None,
+            broker.tls_context(),
         ),
         stats,
     )

@@ -48,6 +48,7 @@ def publisher(
         CallbackAPIVersion.VERSION2, client_id="push-test", protocol=MQTTProtocolVersion.MQTTv5
     )
     client.username_pw_set(ServiceAccount.RULES.value, service_passwords[ServiceAccount.RULES])
+    client.tls_set_context(broker.tls_context())
     client.connect("127.0.0.1", broker.config.service_port)
     client.loop_start()
     yield client

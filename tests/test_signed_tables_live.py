@@ -62,6 +62,7 @@ def publisher(
         CallbackAPIVersion.VERSION2, client_id="bind-test", protocol=MQTTProtocolVersion.MQTTv5
     )
     client.username_pw_set(ServiceAccount.RULES.value, service_passwords[ServiceAccount.RULES])
+    client.tls_set_context(broker.tls_context())
     client.connect("127.0.0.1", broker.config.service_port)
     client.loop_start()
     yield client
@@ -189,7 +190,7 @@ def test_a_table_that_expires_while_a_session_runs_is_rejected_when_the_session_
 ) -> None:
     agent = new_agent("expiry", key)
     ingest_workers.start("1")
-    agent.start("--session=LIFT:5:20")
+    agent.start("--session=LIFT:5:10")
     device_id = agent.device.device_id
 
     def started() -> bool:
@@ -202,9 +203,9 @@ def test_a_table_that_expires_while_a_session_runs_is_rejected_when_the_session_
         )
 
     wait_until(started, 30, "the session to start")
-    # Valid on receipt, but it expires before the 20 s session ends, while it waits.
+    # Valid on receipt, but it expires before the 10 s session ends, while it waits.
     push = _push(
-        database_url, publisher, key, agent, locked=SAFE_ONLY, expires_at_ms=_now_ms() + 5_000
+        database_url, publisher, key, agent, locked=SAFE_ONLY, expires_at_ms=_now_ms() + 4_000
     )
     assert _await_answer(database_url, push) == ("rejected", "expired")
     ended = scalar(

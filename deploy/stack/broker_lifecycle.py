@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from deploy.stack.mosquitto import BrokerConfig, MosquittoBroker, find_mosquitto
 from deploy.stack.options import Secrets
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import choose_port, free_port
 from deploy.stack.processes import ChildExited, service_user
 from deploy.stack.state import Stack
@@ -27,8 +28,12 @@ from services.common.db import connect
 
 log = logging.getLogger("galvani.run")
 
-PREFERRED_MQTT_PORT = 1883
-PREFERRED_SERVICE_MQTT_PORT = 1884
+# Every listener is TLS; 8883 is MQTT over TLS's registered port. The plaintext device
+# listener (GALVANI_MQTT_PLAINTEXT=1, development only) prefers MQTT's 1883.
+PREFERRED_MQTT_PORT = 8883
+PREFERRED_SERVICE_MQTT_PORT = 8884
+PREFERRED_CERT_MQTT_PORT = 8885
+PREFERRED_PLAIN_MQTT_PORT = 1883
 # A broker that exits within MIN_UPTIME_S of its start failed to start; after
 # MAX_QUICK_FAILURES of those in a row the stack stops instead of restarting it forever (as the
 # API's server supervisor does).
@@ -40,35 +45,48 @@ DISCONNECT_SEEN_TIMEOUT_S = 10.0
 SUBSCRIBED_POLL_S = 0.1
 
 
-def start_broker(stack: Stack, secrets: Secrets) -> tuple[int, int]:
-    """Start Mosquitto with no device logins yet; return (device, service) ports."""
+def start_broker(stack: Stack, secrets: Secrets, pki: DevelopmentPKI) -> BrokerConfig:
+    """Start Mosquitto with no device logins yet; return where it listens."""
     find_mosquitto()
-    device_port = choose_port(
-        PREFERRED_MQTT_PORT,
-        required=stack.options.mqtt_port,
-        what="MQTT",
-        env_var="GALVANI_MQTT_PORT",
-    )
-    service_port = choose_port(
-        PREFERRED_SERVICE_MQTT_PORT, required=None, what="MQTT (services)", env_var=""
-    )
-    while service_port == device_port:
-        service_port = free_port()
-    passwords = {account: secrets.get(f"mqtt-{account}") for account in ServiceAccount}
-    broker = MosquittoBroker(
-        BrokerConfig(
-            directory=stack.options.data_dir / "mosquitto",
-            device_port=device_port,
-            service_port=service_port,
-            run_as=service_user(),
+    taken: list[int] = []
+
+    def port(preferred: int, what: str, required: int | None = None, env_var: str = "") -> int:
+        chosen = choose_port(preferred, required=required, what=what, env_var=env_var)
+        while chosen in taken:
+            chosen = free_port()
+        taken.append(chosen)
+        return chosen
+
+    device_port = port(PREFERRED_MQTT_PORT, "MQTT", stack.options.mqtt_port, "GALVANI_MQTT_PORT")
+    config = BrokerConfig(
+        directory=stack.options.data_dir / "mosquitto",
+        device_port=device_port,
+        service_port=port(PREFERRED_SERVICE_MQTT_PORT, "MQTT (services)"),
+        cert_port=port(PREFERRED_CERT_MQTT_PORT, "MQTT (device certificates)"),
+        pki=pki,
+        run_as=service_user(),
+        plain_device_port=(
+            port(PREFERRED_PLAIN_MQTT_PORT, "MQTT (plaintext)")
+            if stack.options.mqtt_plaintext
+            else None
         ),
-        passwords,
     )
+    passwords = {account: secrets.get(f"mqtt-{account}") for account in ServiceAccount}
+    broker = MosquittoBroker(config, passwords)
     stack.broker = broker
-    log.info("starting Mosquitto on port %d (devices) and %d (services)", device_port, service_port)
+    log.info(
+        "starting Mosquitto on ports %d (devices, TLS), %d (devices with certificates), %d"
+        " (services, TLS)%s",
+        config.device_port,
+        config.cert_port,
+        config.service_port,
+        ""
+        if config.plain_device_port is None
+        else f" and {config.plain_device_port} (devices, plaintext: GALVANI_MQTT_PLAINTEXT)",
+    )
     # Devices are admitted only once ingest and rules have subscribed (module docstring).
     broker.start([])
-    return device_port, service_port
+    return config
 
 
 def admit_devices(stack: Stack, database_url: str) -> None:
@@ -183,10 +201,9 @@ def restart_broker(
             continue
         assert broker.child is not None
         log.info(
-            "Mosquitto restarted (pid %d) on ports %d (devices) and %d (services)",
+            "Mosquitto restarted (pid %d) on ports %s",
             broker.child.pid,
-            broker.config.device_port,
-            broker.config.service_port,
+            ", ".join(map(str, broker.ports)),
         )
         stack.rewrite_run_json()
         try:

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from deploy.stack.errors import SetupError
 from deploy.stack.postgres import new_password
-from services.common.settings import REPO_ROOT
+from services.common.settings import REPO_ROOT, Environment
 
 DEFAULT_SIM_DEVICES = 50
 # A live demo: sessions 50 times as often as real people start them, so the first ones come
@@ -30,10 +30,29 @@ class RunOptions:
     api_port: int | None
     mqtt_port: int | None
     database_url: str | None
+    # GALVANI_MQTT_PLAINTEXT=1: also a plaintext device listener (password auth), for a
+    # development device without TLS. Refused in production.
+    mqtt_plaintext: bool = False
+    environment: Environment = Environment.DEVELOPMENT
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "RunOptions":
         """Read ``GALVANI_*`` variables, refusing malformed values with a clear message."""
+        raw_environment = env.get("GALVANI_ENVIRONMENT") or Environment.DEVELOPMENT.value
+        try:
+            environment = Environment(raw_environment)
+        except ValueError:
+            choices = ", ".join(e.value for e in Environment)
+            raise SetupError(
+                f"GALVANI_ENVIRONMENT={raw_environment!r} is not one of {choices}"
+            ) from None
+        plaintext = _flag_env(env, "GALVANI_MQTT_PLAINTEXT")
+        if plaintext and environment is not Environment.DEVELOPMENT:
+            raise SetupError(
+                f"GALVANI_MQTT_PLAINTEXT=1 opens an unencrypted device listener and is refused"
+                f" with GALVANI_ENVIRONMENT={environment.value}: unset GALVANI_MQTT_PLAINTEXT"
+                " (devices connect with TLS, trusting run.json's ca_file)"
+            )
         return cls(
             data_dir=Path(env.get("GALVANI_DATA_DIR", str(REPO_ROOT / ".galvani"))).resolve(),
             sim_devices=_int_env(env, "GALVANI_SIM_DEVICES", DEFAULT_SIM_DEVICES),
@@ -42,6 +61,8 @@ class RunOptions:
             api_port=_port_env(env, "GALVANI_API_PORT"),
             mqtt_port=_port_env(env, "GALVANI_MQTT_PORT"),
             database_url=env.get("GALVANI_DATABASE_URL") or None,
+            mqtt_plaintext=plaintext,
+            environment=environment,
         )
 
 
@@ -77,6 +98,15 @@ def _float_env(env: dict[str, str], name: str, default: float) -> float:
     return _number_env(
         env, name, default, float, kind="a number", accept=lambda v: v > 0, bound="positive"
     )
+
+
+def _flag_env(env: dict[str, str], name: str) -> bool:
+    raw = env.get(name, "")
+    if raw in ("", "0"):
+        return False
+    if raw == "1":
+        return True
+    raise SetupError(f"{name}={raw!r} must be 1 (on) or 0 (off)")
 
 
 def _port_env(env: dict[str, str], name: str) -> int | None:

@@ -33,6 +33,7 @@ from deploy.stack.broker_lifecycle import (
 )
 from deploy.stack.errors import SetupError
 from deploy.stack.options import RunOptions, Secrets
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import LOOPBACK, choose_port
 from deploy.stack.postgres import PostgresConfig, PostgresServer, require_postgres
 from deploy.stack.processes import ChildExited, service_user
@@ -176,18 +177,32 @@ def run(options: RunOptions, stop: threading.Event) -> None:
                     "make run dashboard",
                     sim_fleet.BRAND_ID,
                 )
-            device_port, service_port = start_broker(stack, secrets)
-            api_url = start_services(stack, database_urls, service_port, secrets)
+            # Made once and reused (deploy/stack/pki.py): the CA every client trusts, the
+            # broker's and API's certificate, and the device CA.
+            pki = DevelopmentPKI.ensure(options.data_dir / "pki")
+            broker = start_broker(stack, secrets, pki)
+            api_url = start_services(stack, database_urls, broker.service_port, secrets)
             if not admit_devices_once_subscribed(stack, api_database_url, stop):
                 return
             if options.sim_devices:
-                sim_fleet.start_fleet(stack, fleet_dir, device_port)
+                sim_fleet.start_fleet(stack, fleet_dir, broker.device_port, pki.ca_file)
+            plaintext = (
+                {}
+                if broker.plain_device_port is None
+                else {"mqtt_plain_port": broker.plain_device_port}
+            )
             stack.write_run_json(
                 {
                     "api_url": api_url,
                     "mqtt_host": LOOPBACK,
-                    "mqtt_port": device_port,
-                    "mqtt_service_port": service_port,
+                    # Every listener is TLS with a certificate ca_file verifies (for the
+                    # loopback names); devices use mqtt_port (password) or mqtt_cert_port
+                    # (a certificate from the device CA), services mqtt_service_port.
+                    "ca_file": str(pki.ca_file),
+                    "mqtt_port": broker.device_port,
+                    "mqtt_cert_port": broker.cert_port,
+                    "mqtt_service_port": broker.service_port,
+                    **plaintext,
                     # The migration role's (it owns the schema); the services' own are in
                     # database_urls.
                     "database_url": database_url,
@@ -236,7 +251,13 @@ def print_ready(info: dict[str, object], run_json: Path) -> None:
         f"  API          {info['api_url']}  (docs: {info['api_url']}/docs)",
         f"  dashboard    {info['dashboard_url']}"
         + ("  (sign in with run.json's demo_admin_key)" if info["demo_admin_key"] else ""),
-        f"  MQTT         {info['mqtt_host']}:{info['mqtt_port']} (devices)",
+        f"  MQTT         {info['mqtt_host']}:{info['mqtt_port']} (devices, TLS; CA"
+        f" {info['ca_file']}), {info['mqtt_cert_port']} (device certificates)",
+        *(
+            [f"  MQTT         {info['mqtt_host']}:{info['mqtt_plain_port']} (devices, plaintext)"]
+            if "mqtt_plain_port" in info
+            else []
+        ),
         f"  database     {describe_url(str(info['database_url']))}",
         f"  logs         {info['logs']}",
         f"  run.json     {run_json}  (operator key inside)",

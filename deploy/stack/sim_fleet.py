@@ -98,9 +98,10 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def start_fleet(stack: Stack, fleet_dir: Path, device_port: int) -> None:
+def start_fleet(stack: Stack, fleet_dir: Path, device_port: int, ca_file: Path) -> None:
     """Start the fleet process (restarted like a worker if it exits) and wait until every
-    device is connected."""
+    device is connected, each with TLS to the device listener, verifying the broker against
+    ``ca_file``."""
     options = stack.options
     status = fleet_dir / STATUS_FILE
     status.unlink(missing_ok=True)
@@ -116,6 +117,7 @@ def start_fleet(stack: Stack, fleet_dir: Path, device_port: int) -> None:
                 f"--credentials={fleet_dir / ('active-' + CREDENTIALS_FILE)}",
                 f"--host={LOOPBACK}",
                 f"--port={device_port}",
+                f"--ca-file={ca_file}",
                 f"--public-key={fleet_dir / PUBLIC_KEY_FILE}",
                 f"--store={fleet_dir / STORE_FILE}",
                 f"--activity={options.sim_activity}",

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from deploy.stack.options import Secrets
 from deploy.stack.ports import LOOPBACK, choose_port, free_port
@@ -36,11 +37,12 @@ SERVICE_READY_TIMEOUT_S = 60.0
 @dataclass(frozen=True)
 class _Connection:
     """Where every service finds the database (as its own role) and the broker's service
-    listener."""
+    listener, and the CA it verifies the broker's certificate against."""
 
     database_urls: Mapping[ServiceRole, str]
     service_port: int
     secrets: Secrets
+    ca_file: Path
 
     def spawn(
         self, stack: Stack, name: str, account: ServiceAccount, **settings: str | int
@@ -57,6 +59,7 @@ class _Connection:
                 database_url=self.database_urls[ServiceRole(f"galvani_{service}")],
                 mqtt_port=self.service_port,
                 mqtt_password=self.secrets.get(f"mqtt-{account}"),
+                mqtt_ca_file=str(self.ca_file),
                 **settings,
             ),
             cwd=REPO_ROOT,
@@ -73,14 +76,24 @@ def start_services(
         PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
     )
     assert stack.broker is not None
-    connection = _Connection(database_urls, service_port, secrets)
+    broker = stack.broker.config
+    connection = _Connection(database_urls, service_port, secrets, broker.pki.ca_file)
+    # The API signs device certificates with the device CA, publishes revocation lists into
+    # the broker's trust directory, and (with GALVANI_API_TLS=1) serves HTTPS with the
+    # server certificate.
     api = connection.spawn(
         stack,
         "api",
         ServiceAccount.API,
         data_dir=str(options.data_dir),
         port=api_port,
-        device_mqtt_port=stack.broker.config.device_port,
+        device_mqtt_port=broker.device_port,
+        device_cert_mqtt_port=broker.cert_port,
+        device_ca_cert=str(broker.pki.device_ca_cert),
+        device_ca_key=str(broker.pki.device_ca_key),
+        trust_dir=str(broker.pki.trust_dir),
+        tls_cert_file=str(broker.pki.server_cert),
+        tls_key_file=str(broker.pki.server_key),
     )
     stack.services.append(api)
     maintenance_metrics_port = free_port()
