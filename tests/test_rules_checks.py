@@ -269,3 +269,39 @@ def test_device_flooding_names_the_budget_and_the_messages_over_it() -> None:
     )
     other = checks.device_flooding(context(), replace(ban, id=8))
     assert other.key != found.key
+
+
+def test_certificate_expiring_fires_within_the_brands_lead_time_once_per_certificate() -> None:
+    certificate = checks.CertificateRow(
+        device_id="dev-1", serial=0xABC, not_after=AT + timedelta(days=30)
+    )
+    found = checks.certificate_expiring(context(), certificate, AT + timedelta(seconds=1))
+    assert found is not None
+    assert (found.rule, found.severity, found.action) == (
+        "certificate_expiring",
+        "warning",
+        "alert",
+    )
+    assert found.key == f"cert:{0xABC}"  # one occurrence per certificate
+    assert (found.started_at, found.ended_at) == (AT, AT + timedelta(days=30))
+    assert found.threshold == {"days_before": 30}
+    assert found.observed["serial"] == "abc"
+    assert found.text == (
+        "The device's certificate (serial abc) expires on 2026-12-02 08:00 UTC, in 30 days:"
+        " issue it a new one (POST /v1/devices/<id>/certificate) or it cannot connect after"
+        " that."
+    )
+    # A second earlier: 30 days and a second left, past the lead time.
+    assert checks.certificate_expiring(context(), certificate, AT - timedelta(seconds=1)) is None
+    earlier = context(Thresholds({"certificate_expiring": {"days_before": 45.0}}))
+    assert checks.certificate_expiring(earlier, certificate, AT - timedelta(days=10)) is not None
+    expired = checks.certificate_expiring(context(), certificate, AT + timedelta(days=31))
+    assert expired is not None
+    assert expired.variant == "expired"
+    assert expired.text.startswith("The device's certificate (serial abc) expired on 2026-12-02")
+
+
+def test_certificate_renewed_when_the_newest_expires_past_the_lead_time() -> None:
+    assert checks.certificate_renewed(context(), AT + timedelta(days=31), AT)
+    assert not checks.certificate_renewed(context(), AT + timedelta(days=29), AT)
+    assert not checks.certificate_renewed(context(), None, AT)

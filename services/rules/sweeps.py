@@ -3,7 +3,8 @@
 ``offline`` and ``config_unacked`` fire on the absence of messages, so no message can trigger
 them; a worker runs :func:`sweep` every ``sweep_interval_s`` in a transaction of its own.
 ``device_flooding`` is raised there too, from the bans ingest records in ``device_throttles``
-(a ban is ingest's doing, not a message's).
+(a ban is ingest's doing, not a message's), and ``certificate_expiring`` from the device
+certificates the API issued (``device_certificates``), resolved once a newer one is issued.
 They use the backend's clock (receipt times), not device time: silence has no device time.
 The same sweep pauses canary rollouts whose canary's critical-alert rate trips the guard
 (``services/common/rollouts.py``), trims the rules' own state and finds pushes that were
@@ -12,6 +13,7 @@ not reach the broker).
 """
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -20,7 +22,8 @@ from psycopg.rows import args_row
 from services.common.db import Conn
 from services.common.rollouts import guard_canaries
 from services.rules import metrics
-from services.rules.alerts import Outcome, apply_finding
+from services.rules.alerts import Outcome, apply_finding, resolve
+from services.rules.catalogue import BY_ID
 from services.rules.context import load_contexts
 from services.rules.engine import checks, store
 
@@ -32,6 +35,41 @@ REBOOTS_KEPT: Final = timedelta(days=1)
 TRIM_BATCH: Final = 10_000
 # Bans of flooding devices older than this are not raised (the rules were down for a day).
 BANS_LOOKBACK: Final = timedelta(days=1)
+# Certificates are looked at from this long before their expiry (the longest lead time a
+# brand may set) until this long after it (a certificate that expired while the rules were
+# down is still raised, as expired).
+CERTIFICATE_LOOKAHEAD: Final = timedelta(
+    days=BY_ID["certificate_expiring"].param("days_before").tightest
+)
+CERTIFICATE_LOOKBACK: Final = timedelta(days=7)
+# The most expiring certificates one sweep raises (the rest wait for the next sweep).
+CERTIFICATES_PER_SWEEP: Final = 1000
+# Each certificate device's newest unrevoked certificate, for the devices with one expiring in
+# the window, that no certificate_expiring occurrence has counted yet.
+EXPIRING: Final = """
+SELECT n.device_id, n.serial, n.not_after
+FROM (SELECT DISTINCT ON (c.device_id) c.device_id, c.serial, c.not_after
+      FROM device_certificates c
+      WHERE c.revoked_at IS NULL AND c.device_id IN (
+          SELECT e.device_id FROM device_certificates e
+          WHERE e.revoked_at IS NULL AND e.not_after >= %(since)s AND e.not_after < %(until)s)
+      ORDER BY c.device_id, c.not_after DESC) n
+JOIN devices d ON d.id = n.device_id AND d.decommissioned_at IS NULL
+WHERE n.not_after >= %(since)s AND n.not_after < %(until)s
+  AND NOT EXISTS (SELECT 1 FROM alert_triggers t
+                  WHERE t.device_id = n.device_id AND t.rule = 'certificate_expiring'
+                    AND t.key = 'cert:' || n.serial::text)
+ORDER BY n.not_after LIMIT %(limit)s
+"""
+# Open certificate_expiring alerts, with whether the device is decommissioned and when its
+# newest unrevoked certificate expires.
+EXPIRY_ALERTS: Final = """
+SELECT a.id, a.device_id, d.decommissioned_at IS NOT NULL,
+       (SELECT max(c.not_after) FROM device_certificates c
+         WHERE c.device_id = a.device_id AND c.revoked_at IS NULL)
+FROM alerts a JOIN devices d ON d.id = a.device_id
+WHERE a.rule = 'certificate_expiring' AND a.state <> 'resolved'
+"""
 
 
 def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Outcome:
@@ -41,6 +79,7 @@ def sweep(conn: Conn, key: Ed25519PrivateKey, now: datetime | None = None) -> Ou
     _offline(conn, key, now, outcome)
     _unacked(conn, key, now, outcome)
     _flooding(conn, key, now, outcome)
+    _certificates(conn, key, now, outcome)
     outcome.paused_rollouts.extend(guard_canaries(conn))
     metrics.SWEEPS.inc()
     return outcome
@@ -118,7 +157,47 @@ def _flooding(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcom
             apply_finding(conn, key, context, checks.device_flooding(context, ban), outcome)
 
 
+def _certificates(conn: Conn, key: Ed25519PrivateKey, now: datetime, outcome: Outcome) -> None:
+    # A newer certificate resolves the alert; each certificate is raised once (by its serial).
+    open_alerts = conn.cursor(row_factory=args_row(_expiry_alert)).execute(EXPIRY_ALERTS).fetchall()
+    contexts = load_contexts(conn, sorted({row[1] for row in open_alerts if not row[2]}))
+    for alert_id, device_id, decommissioned, newest in open_alerts:
+        context = contexts.get(device_id)
+        if decommissioned:
+            reason = "the device was decommissioned"
+        elif context is not None and newest and checks.certificate_renewed(context, newest, now):
+            reason = f"a certificate valid until {newest.isoformat()} was issued"
+        else:
+            continue
+        if resolve(conn, alert_id, reason):
+            outcome.resolved += 1
+    params = {
+        "since": now - CERTIFICATE_LOOKBACK,
+        "until": now + CERTIFICATE_LOOKAHEAD,
+        "limit": CERTIFICATES_PER_SWEEP,
+    }
+    rows = conn.cursor(row_factory=args_row(_certificate)).execute(EXPIRING, params).fetchall()
+    contexts = load_contexts(conn, sorted({row.device_id for row in rows}))
+    for certificate in rows:
+        context = contexts.get(certificate.device_id)
+        if context is None:
+            continue
+        finding = checks.certificate_expiring(context, certificate, now)
+        if finding is not None:
+            apply_finding(conn, key, context, finding, outcome)
+
+
 # Row shapes of the statements above (psycopg builds each row with them).
+def _certificate(device_id: str, serial: Decimal, not_after: datetime) -> checks.CertificateRow:
+    return checks.CertificateRow(device_id, int(serial), not_after)
+
+
+def _expiry_alert(
+    alert_id: int, device_id: str, decommissioned: bool, newest: datetime | None
+) -> tuple[int, str, bool, datetime | None]:
+    return alert_id, device_id, decommissioned, newest
+
+
 def _silence(
     device_id: str, silent_since: datetime, last_session: datetime | None
 ) -> tuple[str, datetime, datetime | None]:

@@ -2,7 +2,8 @@
 
 One function per rule, or per way a rule can fire: ``samples`` (runs of a condition, the
 battery's rate of rise, a session's samples), ``sessions`` (usage windows, cooldown,
-contraindications), ``events`` (reboots, reports, faults, table answers, silence, bans). A check
+contraindications), ``events`` (reboots, reports, faults, table answers, silence, bans),
+``certificates`` (a device certificate about to expire). A check
 decides whether its rule fired and with what figures; the rule's severity, action and sentence
 are the catalogue's (``services/rules/catalogue.toml``; a finding's ``minor`` picks the rule's
 minor grade, :func:`services.rules.explain.say` renders the sentence). The callers in
@@ -10,6 +11,11 @@ minor grade, :func:`services.rules.explain.say` renders the sentence). The calle
 raise what the checks return.
 """
 
+from services.rules.engine.checks.certificates import (
+    CertificateRow,
+    certificate_expiring,
+    certificate_renewed,
+)
 from services.rules.engine.checks.events import (
     CRITICAL_FAULTS,
     UNEXPECTED_REBOOTS,
@@ -39,8 +45,11 @@ from services.rules.engine.checks.sessions import (
 __all__ = [
     "CRITICAL_FAULTS",
     "UNEXPECTED_REBOOTS",
+    "CertificateRow",
     "adverse_report",
     "battery_rising",
+    "certificate_expiring",
+    "certificate_renewed",
     "config_rejected",
     "config_unacked",
     "contraindicated_use",
