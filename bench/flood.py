@@ -18,6 +18,7 @@ import contextlib
 import json
 import multiprocessing
 import socket
+import ssl
 import statistics
 import sys
 import threading
@@ -41,6 +42,7 @@ from bench.mqtt_load import (
 )
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
 from services.common.mqtt5 import string
+from services.common.tls import client_context
 
 PUBACK_HEADER: Final = b"\x40\x02"
 CONNACK_SIZE: Final = 4
@@ -66,13 +68,15 @@ def _template() -> bytes:
     return text.replace("111111111", "%d").replace("222222222", "%d").encode()
 
 
-def _connect(host: str, port: int, login: DeviceLogin) -> socket.socket:
-    """A device connection whose CONNACK accepted it, or BrokerClosed."""
+def _connect(host: str, port: int, login: DeviceLogin, tls: ssl.SSLContext | None) -> socket.socket:
+    """A device connection (TLS with ``tls``) whose CONNACK accepted it, or BrokerClosed."""
     try:
         sock = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT_S * 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
     except OSError as exc:
         raise BrokerClosed(f"connect: {exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.sendall(connect_packet(login))
         connack = _read_exactly(sock, CONNACK_SIZE)
@@ -110,17 +114,25 @@ class FloodResult:
 
 
 def flood(
-    host: str, port: int, login: DeviceLogin, seconds: float, window: int, first_ts_ms: int
+    host: str,
+    port: int,
+    login: DeviceLogin,
+    seconds: float,
+    window: int,
+    first_ts_ms: int,
+    ca_file: Path | None = None,
 ) -> FloodResult:
     """Publish as fast as acknowledged for ``seconds``; resend from the first unacknowledged
-    message after every reconnect (PUBACKs of MQTT 3.1.1 QoS 1 come in order, 4.6)."""
+    message after every reconnect (PUBACKs of MQTT 3.1.1 QoS 1 come in order, 4.6). With
+    ``ca_file``, over TLS verifying the broker against it."""
+    tls = None if ca_file is None else client_context(ca_file)
     template = _template()
     topic = string(telemetry_topic(login.device_id))
     result = FloodResult()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            sock = _connect(host, port, login)
+            sock = _connect(host, port, login, tls)
         except BrokerClosed:
             result.refused += 1
             time.sleep(RECONNECT_DELAY_S)
@@ -190,13 +202,19 @@ class FloodProcess:
     """The flooder in a process of its own, so that it floods at full speed."""
 
     def __init__(
-        self, port: int, login: DeviceLogin, seconds: float, window: int, first_ts_ms: int
+        self,
+        port: int,
+        login: DeviceLogin,
+        seconds: float,
+        window: int,
+        first_ts_ms: int,
+        ca_file: Path | None = None,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.queue = ctx.Queue()
         self.process = ctx.Process(
             target=_flood_into,
-            args=(self.queue, LOOPBACK, port, login, seconds, window, first_ts_ms),
+            args=(self.queue, LOOPBACK, port, login, seconds, window, first_ts_ms, ca_file),
             daemon=True,
         )
 
@@ -227,6 +245,7 @@ class SteadyDevices:
 
     port: int
     logins: Sequence[DeviceLogin]
+    ca_file: Path | None = None  # TLS verifying the broker against it, when set
     sent: dict[str, int] = field(default_factory=dict)
     unacked: int = 0
     errors: list[str] = field(default_factory=list)
@@ -246,9 +265,10 @@ class SteadyDevices:
 
     def _run(self) -> None:
         socks: dict[str, socket.socket] = {}
+        tls = None if self.ca_file is None else client_context(self.ca_file)
         try:
             for login in self.logins:
-                socks[login.device_id] = _connect(LOOPBACK, self.port, login)
+                socks[login.device_id] = _connect(LOOPBACK, self.port, login, tls)
                 self.sent[login.device_id] = 0
             self._publish(socks)
         except (BrokerClosed, OSError) as exc:
@@ -287,7 +307,7 @@ def _read_pubacks(sock: socket.socket) -> int:
             if not data:
                 break
             count += len(data) // 4
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):
         pass
     finally:
         sock.settimeout(SOCKET_TIMEOUT_S)
@@ -426,12 +446,13 @@ def _measure(
     stack: contextlib.ExitStack,
 ) -> int:
     port = bench.broker.config.device_port
-    steady = SteadyDevices(port, normal)
+    ca_file = bench.broker.config.pki.ca_file
+    steady = SteadyDevices(port, normal, ca_file)
     stack.callback(steady.stop)
     steady.start()
     time.sleep(2.0)  # the normal devices' lag before the flood, as a reference
     first_ts_ms = int(time.time() * 1000) - FLOOD_TS_BACK_MS
-    flood_proc = FloodProcess(port, flooder, args.seconds, args.window, first_ts_ms)
+    flood_proc = FloodProcess(port, flooder, args.seconds, args.window, first_ts_ms, ca_file)
     stack.callback(flood_proc.stop)
     say(f"{len(normal)} normal devices at 1 msg/s; one device floods for {args.seconds:g} s")
     flood_proc.start()

@@ -37,6 +37,7 @@ import contextlib
 import json
 import multiprocessing
 import resource
+import ssl
 import statistics
 import struct
 import sys
@@ -69,6 +70,7 @@ from bench.mqtt_load import (
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
 from services.common.mqtt5 import string, varint
 from services.common.protocol.topics import CONFIG_CHANNEL, device_topic
+from services.common.tls import client_context
 from tests.rules import normal
 
 TICK_S: Final = 0.005
@@ -169,12 +171,23 @@ class Client(asyncio.Protocol):
 
 
 async def connect(
-    host: str, port: int, login: DeviceLogin, on_message: Callable[[str, bytes, float], None] | None
+    host: str,
+    port: int,
+    login: DeviceLogin,
+    on_message: Callable[[str, bytes, float], None] | None,
+    tls: ssl.SSLContext | None = None,
 ) -> Client:
-    """A connected client, retrying while the broker is still reloading its password file."""
+    """A connected client (TLS with ``tls``), retrying while the broker is still reloading
+    its password file."""
     loop = asyncio.get_running_loop()
     for _ in range(CONNECT_ATTEMPTS):
-        transport, client = await loop.create_connection(lambda: Client(on_message), host, port)
+        transport, client = await loop.create_connection(
+            lambda: Client(on_message),
+            host,
+            port,
+            ssl=tls,
+            server_hostname=host if tls is not None else None,
+        )
         transport.write(connect_packet(login))
         code = await asyncio.wait_for(client.connack, 10)
         if code == 0:
@@ -189,12 +202,16 @@ async def connect_all(
     port: int,
     logins: Sequence[DeviceLogin],
     on_message: Callable[[str, bytes, float], None] | None = None,
+    ca_file: Path | None = None,
 ) -> list[Client]:
+    """Every device connected, over TLS verifying the broker against ``ca_file`` when given
+    (one context for all of them)."""
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    tls = None if ca_file is None else client_context(ca_file)
 
     async def one(login: DeviceLogin) -> Client:
         async with gate:
-            return await connect(host, port, login, on_message)
+            return await connect(host, port, login, on_message, tls)
 
     return list(await asyncio.gather(*(one(login) for login in logins)))
 
@@ -232,6 +249,7 @@ class Background:
     port: int
     heartbeat: tuple[DeviceLogin, ...]
     session: tuple[DeviceLogin, ...]
+    ca_file: Path | None = None  # TLS when set
 
 
 def background_process(plan: Background, ready: Any, stop: Any, sent: Any) -> None:
@@ -240,8 +258,8 @@ def background_process(plan: Background, ready: Any, stop: Any, sent: Any) -> No
 
 
 async def _background(plan: Background, ready: Any, stop: Any, sent: Any) -> None:
-    heartbeat = await connect_all(plan.host, plan.port, plan.heartbeat)
-    session = await connect_all(plan.host, plan.port, plan.session)
+    heartbeat = await connect_all(plan.host, plan.port, plan.heartbeat, ca_file=plan.ca_file)
+    session = await connect_all(plan.host, plan.port, plan.session, ca_file=plan.ca_file)
     ready.set()
     seqs = {id(c): 0 for c in heartbeat + session}
     start = time.monotonic()
@@ -355,7 +373,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def inject(
-    host: str, port: int, injections: list[Injection], interval_s: float, listener: Listener
+    host: str,
+    port: int,
+    injections: list[Injection],
+    interval_s: float,
+    listener: Listener,
+    ca_file: Path | None = None,
 ) -> None:
     by_topic: dict[str, Injection] = {
         device_topic(i.login.device_id, CONFIG_CHANNEL): i for i in injections
@@ -366,7 +389,7 @@ async def inject(
         if injection is not None and injection.pushed is None:
             injection.pushed = at
 
-    clients = await connect_all(host, port, [i.login for i in injections], on_message)
+    clients = await connect_all(host, port, [i.login for i in injections], on_message, ca_file)
     start_ms = now_ms()
     for injection, client in zip(injections, clients, strict=True):
         injection.client = client
@@ -444,7 +467,13 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
     loader = ctx.Process(
         target=background_process,
         args=(
-            Background(LOOPBACK, broker.config.device_port, tuple(heartbeat), tuple(session)),
+            Background(
+                LOOPBACK,
+                broker.config.device_port,
+                tuple(heartbeat),
+                tuple(session),
+                broker.config.pki.ca_file,
+            ),
             ready,
             stop,
             sent,
@@ -471,7 +500,16 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
     postmaster, mosquitto = server.child.pid, broker.child.pid
     before = _cpu(rules, ingest, postmaster, mosquitto)
     sent_before, t0 = sent.value, time.monotonic()
-    asyncio.run(inject(LOOPBACK, broker.config.device_port, injections, args.interval, listener))
+    asyncio.run(
+        inject(
+            LOOPBACK,
+            broker.config.device_port,
+            injections,
+            args.interval,
+            listener,
+            broker.config.pki.ca_file,
+        )
+    )
     elapsed = time.monotonic() - t0
     spent = _cpu(rules, ingest, postmaster, mosquitto).minus(before)
     background_rate = (sent.value - sent_before) / elapsed

@@ -283,6 +283,7 @@ class FaultStack:
                     f"--devices={self.devices}",
                     f"--credentials={fleet_dir / ('active-' + sim_fleet.CREDENTIALS_FILE)}",
                     f"--port={self.broker.config.device_port}",
+                    f"--ca-file={self.pki.ca_file}",
                     f"--public-key={fleet_dir / sim_fleet.PUBLIC_KEY_FILE}",
                     f"--store={self.store}",
                     f"--activity={self.activity}",

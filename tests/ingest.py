@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 import psycopg
 
@@ -20,7 +21,8 @@ from deploy.stack.ports import free_port
 from services.common.broker_auth import ServiceAccount
 from services.common.protocol.topics import device_topic
 from services.common.provisioning import provision_device
-from tests.mqtt import MqttClient, suite_ca_file
+from services.common.tls import client_context
+from tests.mqtt import MqttClient, suite_ca_file, suite_tls
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTORS_DIR = REPO_ROOT / "protocol" / "vectors"
@@ -168,6 +170,7 @@ class ServiceWorkers:
                 f"galvani-{self.service}",
                 self.password,
                 client_id=self.client_id(worker),
+                tls=None if self.ca_file is None else client_context(self.ca_file),
             )
             forget.connect()  # clean start, no session expiry: the old session is dropped
             forget.close()
@@ -194,10 +197,18 @@ def connect_device(
     *,
     host: str = "127.0.0.1",
     will: tuple[str, bytes] | None = None,
+    tls: ssl.SSLContext | Literal["suite"] | None = "suite",
 ) -> MqttClient:
-    """Connect as ``device`` (client id = username = device id) on the device listener."""
+    """Connect as ``device`` (client id = username = device id) on the device listener, with
+    TLS trusting the suite's CA unless ``tls`` says otherwise (None: plaintext)."""
     return MqttClient(
-        host, port, device.device_id, device.password, client_id=device.device_id, will=will
+        host,
+        port,
+        device.device_id,
+        device.password,
+        client_id=device.device_id,
+        will=will,
+        tls=suite_tls() if tls == "suite" else tls,
     ).connect()
 
 

@@ -171,10 +171,10 @@ def test_flooding_device_is_throttled_and_other_devices_keep_up(
     sync_devices()
     throttled_ingest.start()
     port = broker.config.device_port
-    steady = SteadyDevices(port, normal)
+    steady = SteadyDevices(port, normal, broker.config.pki.ca_file)
     steady.start()
     first_ts_ms = int(time.time() * 1000) - 3_600_000
-    flood = FloodProcess(port, flooder, FLOOD_S, 1000, first_ts_ms)
+    flood = FloodProcess(port, flooder, FLOOD_S, 1000, first_ts_ms, broker.config.pki.ca_file)
     try:
         flood.start()
         result = flood.result(FLOOD_S + 60)
@@ -297,7 +297,9 @@ def test_a_flooding_devices_brand_sees_a_device_flooding_alert_and_no_other_bran
     throttled_ingest.start()
     rules.start()
     login = DeviceLogin(flooder.device_id, flooder.password)
-    flood = FloodProcess(broker.config.device_port, login, 2.0, 1000, T0_MS)
+    flood = FloodProcess(
+        broker.config.device_port, login, 2.0, 1000, T0_MS, broker.config.pki.ca_file
+    )
     try:
         flood.start()
         result = flood.result(60)

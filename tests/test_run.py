@@ -16,11 +16,15 @@ import psycopg
 import pytest
 
 from deploy.stack.errors import SetupError
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import choose_port, free_port
+from services.common import mqtt5
+from services.common import pki as certificates
 from services.common.api_keys import key_is_active
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.provisioning import provision_device
 from services.common.settings import REPO_ROOT
+from services.common.tls import client_context
 from tests.ingest import (
     T0_MS,
     Device,
@@ -31,6 +35,7 @@ from tests.ingest import (
     topic,
     wait_until,
 )
+from tests.mqtt import MqttClient
 from tests.roles import create_logins
 
 READY_TIMEOUT_S = 90
@@ -97,6 +102,7 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
         assert {"api_url", "mqtt_host", "mqtt_port", "database_url", "operator_key"} <= set(info)
         assert info["mqtt_port"] == mqtt_port
         assert (data_dir / "run.json").stat().st_mode & 0o077 == 0
+        pki = assert_every_listener_is_tls(info, data_dir)
         with urllib.request.urlopen(info["api_url"] + "/readyz", timeout=5) as response:
             assert json.load(response) == {"status": "ready", "database": True, "broker": True}
         with psycopg.connect(info["database_url"]) as conn:
@@ -120,6 +126,9 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
     process = start_runner(data_dir, GALVANI_SIM_DEVICES="3")
     try:
         again = wait_for_run_json(process, data_dir)
+        # The PKI is made once: the same CA (clients keep trusting it) and certificates.
+        assert again["ca_file"] == info["ca_file"]
+        assert {path: path.read_bytes() for path in pki} == pki
         assert again["operator_key"] == info["operator_key"]
         assert again["demo_admin_key"] == info["demo_admin_key"]
         assert again["config_public_key"] == info["config_public_key"]
@@ -295,7 +304,10 @@ def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
         conn.commit()
         sync_device_credentials(conn, BrokerFiles(data_dir / "mosquitto"))
     client = connect_device(
-        info["mqtt_port"], Device(device.device_id, device.password), host=info["mqtt_host"]
+        info["mqtt_port"],
+        Device(device.device_id, device.password),
+        host=info["mqtt_host"],
+        tls=client_context(info["ca_file"]),
     )
     try:
         assert client.publish(topic("run-dev-1", "telemetry"), telemetry(1, T0_MS)) in (0, 16)
@@ -314,6 +326,104 @@ def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
     assert locked is not None
     assert json.loads(locked.payload)["locked_modes"] == ["LIFT", "TIGHTEN", "INFUSE", "SAFE"]
     assert scalar(url, "SELECT severity FROM alerts WHERE device_id = 'run-dev-1'") == "critical"
+
+
+def assert_every_listener_is_tls(info: dict, data_dir: Path) -> dict[Path, bytes]:
+    """run.json names the CA and the three TLS listeners (no plaintext one unless asked): a
+    client trusting ca_file completes a handshake with each, a plaintext CONNECT gets no
+    CONNACK, and a certificate from the device CA logs in on mqtt_cert_port. Returns the PKI's
+    files and their contents."""
+    pki = DevelopmentPKI.at(data_dir / "pki")
+    assert Path(info["ca_file"]) == pki.ca_file
+    assert "mqtt_plain_port" not in info
+    ports = [info["mqtt_port"], info["mqtt_service_port"], info["mqtt_cert_port"]]
+    assert len(set(ports)) == 3
+    context = client_context(info["ca_file"])
+    for port in ports:
+        with (
+            socket.create_connection((info["mqtt_host"], port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=info["mqtt_host"]) as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert plaintext_connack(info["mqtt_host"], port) == b""
+    for key in pki.key_files():
+        assert key.stat().st_mode & 0o077 == 0
+    device_key = certificates.new_device_key()
+    certificate = pki.device_authority().issue_client("run-cert-1", device_key.public_key())
+    cert_file, key_file = data_dir / "run-cert-1.pem", data_dir / "run-cert-1.key"
+    certificates.write_file(cert_file, certificates.pem(certificate), mode=0o644)
+    certificates.write_file(key_file, certificates.private_pem(device_key), mode=0o600)
+    device = MqttClient(
+        info["mqtt_host"],
+        info["mqtt_cert_port"],
+        None,
+        None,
+        tls=client_context(info["ca_file"], cert_file=cert_file, key_file=key_file),
+    ).connect()
+    try:
+        assert device.publish(topic("run-cert-1", "telemetry"), telemetry(1, T0_MS)) in (0, 16)
+    finally:
+        device.close()
+    files = [pki.ca_file, pki.server_cert, pki.server_key, pki.device_ca_cert, pki.device_ca_key]
+    return {path: path.read_bytes() for path in files}
+
+
+def plaintext_connack(host: str, port: int) -> bytes:
+    """What a plaintext MQTT CONNECT to ``port`` gets back first (b"": the connection closed)."""
+    packet = mqtt5.connect(
+        "probe",
+        "probe",
+        "probe",
+        keepalive_s=30,
+        session_expiry_s=0,
+        receive_maximum=1,
+        maximum_packet_size=65536,
+    )
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(packet)
+        try:
+            return sock.recv(16)
+        except ConnectionResetError:
+            return b""
+
+
+@pytest.mark.slow
+def test_run_opens_a_plaintext_device_listener_only_when_asked(data_dir):
+    process = start_runner(data_dir, GALVANI_SIM_DEVICES="0", GALVANI_MQTT_PLAINTEXT="1")
+    try:
+        info = wait_for_run_json(process, data_dir)
+        port = info["mqtt_plain_port"]
+        assert port not in (info["mqtt_port"], info["mqtt_service_port"], info["mqtt_cert_port"])
+        with psycopg.connect(info["database_url"]) as conn:
+            conn.execute("INSERT INTO brands (id, name) VALUES ('plain', 'Plain')")
+            device = provision_device(conn, device_id="plain-dev-1", brand_id="plain", model="m1")
+            conn.commit()
+            sync_device_credentials(conn, BrokerFiles(data_dir / "mosquitto"))
+        client = connect_device(
+            port, Device(device.device_id, device.password), host=info["mqtt_host"], tls=None
+        )
+        try:
+            assert client.publish(topic("plain-dev-1", "telemetry"), telemetry(1, T0_MS)) == 0
+        finally:
+            client.close()
+        # The TLS device listener still refuses plaintext.
+        assert plaintext_connack(info["mqtt_host"], info["mqtt_port"]) == b""
+    finally:
+        code, err = stop(process)
+    assert code == 0, err
+    assert "plaintext" in err
+
+
+def test_the_plaintext_switch_is_refused_in_production(data_dir):
+    code, err = run_until_error(
+        data_dir, GALVANI_MQTT_PLAINTEXT="1", GALVANI_ENVIRONMENT="production"
+    )
+    assert code == 2
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith("galvani: GALVANI_MQTT_PLAINTEXT=1 opens an unencrypted device")
+    assert "GALVANI_ENVIRONMENT=production" in line
+    assert not (data_dir / "pki").exists()
 
 
 def test_requested_port_that_is_taken_is_a_clear_error():
