@@ -2,6 +2,9 @@
 factory certificate of the brand's registered CA (bring-your-own CA), rotation, revocation
 into the broker's trust directory, and brand isolation of all of it."""
 
+import socket
+import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 
+from deploy.stack.mosquitto import MosquittoBroker
 from deploy.stack.pki import DevelopmentPKI
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from services.common import pki
+from services.common.broker_auth import ServiceAccount
+from services.common.tls import client_context
 from tests.api import auth
+from tests.ingest import telemetry, topic
+from tests.mqtt import MqttClient
 
 CERT_PORT = 18_883
 
@@ -38,7 +46,7 @@ def api(
         mqtt_password="x",
         mqtt_tls=False,
         data_dir=tmp_path,
-        device_mqtt_cert_port=CERT_PORT,
+        device_cert_mqtt_port=CERT_PORT,
         session_end_timeout_s=0.5,
     )
     with TestClient(create_app(settings)) as client:
@@ -433,3 +441,116 @@ def test_certificate_enrolment_without_a_device_ca_is_a_503(
         )
     assert response.status_code == 503
     assert response.json()["type"].endswith("/certificates-unavailable")
+
+
+# ---- end to end: the API, the real broker's certificate listener, the revocation -----------
+
+SESSION_END_BUDGET_S = 5.0
+
+
+@pytest.fixture
+def broker_api(broker_api_settings: ApiSettings, broker: MosquittoBroker) -> Iterator[TestClient]:
+    """The API on the suite's broker, signing with its device CA and revoking into its trust
+    directory."""
+    paths = broker.config.pki
+    settings = broker_api_settings.model_copy(
+        update={
+            "device_ca_cert": paths.device_ca_cert,
+            "device_ca_key": paths.device_ca_key,
+            "trust_dir": paths.trust_dir,
+            "device_cert_mqtt_port": broker.config.cert_port,
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _device_context(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    answer: dict[str, object],
+    key: ec.EllipticCurvePrivateKey,
+) -> ssl.SSLContext:
+    """What the device holds after enrolling: its key and the certificate the API answered."""
+    cert_file = tmp_path / f"{answer['device_id']}.pem"
+    key_file = tmp_path / f"{answer['device_id']}.key"
+    pki.write_file(cert_file, str(answer["certificate"]).encode(), mode=0o644)
+    pki.write_file(key_file, pki.private_pem(key), mode=0o600)
+    return client_context(broker.config.pki.ca_file, cert_file=cert_file, key_file=key_file)
+
+
+def _handshake_refused(port: int, context: ssl.SSLContext) -> str:
+    """The TLS 1.2 alert the broker refuses ``context``'s certificate with."""
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=3) as raw,
+            pytest.raises(ssl.SSLError) as refused,
+        ):
+            context.wrap_socket(raw, server_hostname="127.0.0.1").close()
+    finally:
+        context.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    return str(refused.value)
+
+
+def test_an_enrolled_device_connects_with_its_certificate_and_decommission_cuts_it_off(
+    broker_api: TestClient,
+    broker: MosquittoBroker,
+    keys: dict[str, str],
+    service_passwords: dict[ServiceAccount, str],
+    tmp_path: Path,
+) -> None:
+    device_key, factory_key = pki.new_device_key(), pki.new_device_key()
+    csr_device = enrol(
+        broker_api, keys["admin"], "glow-e0001", csr=csr_for("glow-e0001", device_key)
+    )
+    assert csr_device["mqtt"]["port"] == broker.config.cert_port  # type: ignore[index]
+    ca = factory_ca("Acme factory CA")
+    registered = broker_api.post(
+        "/v1/device-authorities",
+        json={"certificate": pki.pem(ca.certificate).decode()},
+        headers=auth(keys["admin"]),
+    )
+    assert registered.status_code == 201
+    factory_device = enrol(
+        broker_api,
+        keys["admin"],
+        "glow-e0002",
+        certificate=factory_certificate(ca, "glow-e0002", factory_key),
+    )
+    watcher = MqttClient(
+        "127.0.0.1",
+        broker.config.service_port,
+        ServiceAccount.INGEST,
+        service_passwords[ServiceAccount.INGEST],
+    ).connect()
+    context = _device_context(broker, tmp_path, csr_device, device_key)
+    live = MqttClient("127.0.0.1", broker.config.cert_port, None, None, tls=context).connect()
+    # The factory-keyed device connects with Galvani's certificate and its factory key.
+    other = MqttClient(
+        "127.0.0.1",
+        broker.config.cert_port,
+        None,
+        None,
+        tls=_device_context(broker, tmp_path, factory_device, factory_key),
+    ).connect()
+    try:
+        assert watcher.subscribe("galvani/v1/d/+/telemetry") == 1
+        assert live.publish(topic("glow-e0001", "telemetry"), telemetry(1, 0)) == 0
+        assert other.publish(topic("glow-e0002", "telemetry"), telemetry(1, 0)) == 0
+        assert watcher.wait_for(topic("glow-e0001", "telemetry")) is not None
+        assert watcher.wait_for(topic("glow-e0002", "telemetry")) is not None
+        started = time.monotonic()
+        gone = broker_api.delete("/v1/devices/glow-e0001", headers=auth(keys["admin"]))
+        assert gone.status_code == 204, gone.text
+        assert live.wait_disconnected(SESSION_END_BUDGET_S), "the live session was not ended"
+        elapsed = time.monotonic() - started
+        print(f"decommissioned device's session ended {elapsed * 1000:.0f} ms after DELETE")
+        assert "certificate revoked" in _handshake_refused(broker.config.cert_port, context)
+        # The other device is untouched.
+        assert other.connected
+        assert other.publish(topic("glow-e0002", "telemetry"), telemetry(2, 0)) == 0
+    finally:
+        live.close()
+        other.close()
+        watcher.close()

@@ -66,7 +66,7 @@ class ApiSettings(ServiceSettings):
     device_mqtt_port: int = 1883
 
     # The certificate listener's port, handed to devices that enrol with a certificate.
-    device_mqtt_cert_port: int = 8883
+    device_cert_mqtt_port: int = 8884
     # Galvani's device CA (default ``<data_dir>/pki/device-ca.pem`` and ``device-ca.key``),
     # which signs every device certificate, and the broker's trust directory (default
     # ``<data_dir>/pki/trust``) its revocation lists are written to.

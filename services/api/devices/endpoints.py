@@ -93,7 +93,7 @@ def provision(
         raise constraint_problem(exc.__cause__, str(exc)) or invalid from None
     credentials = schemas.MqttCredentials(
         host=settings.device_mqtt_host,
-        port=settings.device_mqtt_port if issued is None else settings.device_mqtt_cert_port,
+        port=settings.device_mqtt_port if issued is None else settings.device_cert_mqtt_port,
         username=body.device_id,
         password=password,
         client_id=body.device_id,
