@@ -14,11 +14,16 @@ reconnects (CONNACK 0x87 / 3.1.1 return code 5) until
 :func:`lift_expired_bans` renders it back. Every rendering of the password file leaves out the
 devices banned in that file, so a provisioning call meanwhile does not let one back in.
 
-Two listeners, each with its own files:
+Three listeners, all TLS (deploy/stack/mosquitto.py), each with its own files:
 
 * the device listener forces the client id to the username (``use_username_as_clientid``),
   so a device can neither take over another device's session nor publish outside its own
   topics (ACL patterns on ``%u``);
+* the certificate listener names a device by its certificate's CN (username and client id),
+  with no password file: the device CA's revocation lists refuse a revoked certificate, and
+  services/common/broker_certificates.py ends its live session. The same ACL patterns apply.
+  The password-file reload above neither refuses nor disconnects a certificate device, so a
+  flood ban does not hold on that listener;
 * the service listener holds only the backend's service accounts.
 
 Mosquitto keys sessions by client id across listeners, so device ids and the backend's client
