@@ -3,28 +3,42 @@
 One run, everything on this machine and all of it started (and stopped, by pid) here:
 
 1. a PostgreSQL cluster with production settings (durable, TimescaleDB preloaded), migrated;
-   a Mosquitto broker with Galvani's generated configuration; both on free loopback ports
-   in a temporary directory;
-2. ``--devices`` provisioned devices of one brand with real broker credentials;
-3. ``--workers`` ingest workers (``python -m services.ingest.main``), each checked end to
-   end with a probe message before the clock starts;
-4. a load generator (bench/mqtt_load.py) with one MQTT connection per device publishing
+   a Mosquitto broker with Galvani's generated configuration (TLS listeners) plus a plaintext
+   service listener and a plaintext device listener; both servers on free loopback ports in
+   a temporary directory;
+2. ``--devices`` provisioned devices of one brand with real broker credentials for each
+   phase (a device's seqs are used once);
+3. two phases, one after the other, alike but for the ingest workers' broker connection:
+   plaintext first, then TLS verifying the broker against the run's CA, as in production
+   (``--tls-only``: the TLS phase alone). The TLS phase runs second, on the larger table, so
+   any order effect counts against TLS. In each phase:
+4. ``--workers`` ingest workers (``python -m services.ingest.main``), each checked end to
+   end with a probe message before the clock starts, and stopped at the phase's end (the
+   next phase's take their client ids, and with them the sessions);
+5. a load generator (bench/mqtt_load.py) with one MQTT connection per device publishing
    pre-built v1 telemetry (10 samples a message) at QoS 1 for ``--seconds``; only
    PUBACKed messages count as sent. Each connection subscribes to its device's ``ack``
    topic, as a real device does, so the broker delivers the stored acks ingest publishes
-   after every commit (``--no-acks``: no subscription, and the broker discards them);
-5. when every sent sample is stored: ``ingest_samples_per_s`` = stored samples / (first
+   after every commit (``--no-acks``: no subscription, and the broker discards them). The
+   load generator speaks plain MQTT, on the plaintext device listener in both phases: what
+   a phase varies is the workers' connection only;
+6. when every sent sample is stored: ``ingest_samples_per_s`` = stored samples / (first
    publish to last commit), and the CPU of the ingest workers and of every PostgreSQL
    process over the same window per stored sample;
-6. the ceiling: the same rows (same devices, times and values) COPYed into ``samples``
-   from one process in transactions of 10,000 rows.
 
-The last line is the result::
+then the ceiling: the same rows (same devices, times and values) COPYed into ``samples``
+from one process in transactions of 10,000 rows.
 
-    ingest_samples_per_s=N copy_samples_per_s=N ratio=R cpu_us_per_sample=N lost=0 duplicates=0
+Each phase ends with its result line, the TLS one also the run's last line::
 
-and the exit status is non-zero when a sample was lost or stored twice. The line before it
-counts the stored acks heard and the stored seqs they covered by the end of the run.
+    plaintext: ingest_samples_per_s=N copy_samples_per_s=N ratio=R cpu_us_per_sample=N lost=0 ...
+    tls: ingest_samples_per_s=N ... tls_cpu_ratio=R
+
+``tls_cpu_ratio`` is the TLS phase's CPU per stored sample of the ingest workers and
+Mosquitto together (the two ends of the connection TLS was added to) over the plaintext
+phase's; the line before the last gives each part's ratio. The exit status is non-zero when
+a sample was lost or stored twice. The line before each result counts the stored acks heard
+and the stored seqs they covered by the phase's end.
 
 The stored count is followed through the workers' ``galvani_ingest_samples_total`` counter
 (incremented after each commit), not ``SELECT count(*)``: counting millions of rows four
@@ -39,7 +53,7 @@ import queue
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
@@ -47,6 +61,7 @@ from typing import Any, Final
 import psycopg
 
 from bench.harness import (
+    BenchStack,
     ServiceWorker,
     postgres_cpu_s,
     process_cpu_s,
@@ -99,6 +114,8 @@ SETTLE_TIMEOUT_S: Final = 30.0
 # Beyond ACK_GRACE_S, how long the load processes may take to count the acks they heard.
 ACK_COUNT_TIMEOUT_S: Final = 10.0
 COPY_TRANSACTION_ROWS: Final = 10_000
+# The TLS phase may take at most this many times the plaintext phase's CPU per sample.
+TLS_CPU_GOAL: Final = 1.15
 
 STORED_SAMPLES: Final = 'galvani_ingest_samples_total{outcome="stored"}'
 STORED_PRESENCE: Final = 'galvani_ingest_messages_total{channel="presence",outcome="stored"}'
@@ -135,9 +152,7 @@ class CpuSnapshot:
 # --- The stack --------------------------------------------------------------------------
 
 
-def probe_workers(
-    workers: Sequence[ServiceWorker], broker: MosquittoBroker, login: DeviceLogin
-) -> None:
+def probe_workers(workers: Sequence[ServiceWorker], device_port: int, login: DeviceLogin) -> None:
     """Publish presence messages until every worker has stored one.
 
     "connected to" is logged before the subscription is acknowledged; a message published
@@ -156,7 +171,7 @@ def probe_workers(
         for _ in range(2 * len(workers)):
             ts_ms += 1  # presence is stored once per (device, ts, online)
             payloads.append(b'{"v": 1, "online": true, "ts": %d}' % ts_ms)
-        run_event_loop(publish_once(LOOPBACK, broker.config.device_port, login, topic, payloads))
+        run_event_loop(publish_once(LOOPBACK, device_port, login, topic, payloads))
         time.sleep(0.5)
 
 
@@ -213,12 +228,14 @@ class Run:
         args: argparse.Namespace,
         logins: list[DeviceLogin],
         broker: MosquittoBroker,
+        device_port: int,
         postgres: PostgresServer,
         workers: list[ServiceWorker],
     ):
         self.args = args
         self.logins = logins
         self.broker = broker
+        self.device_port = device_port
         self.postgres = postgres
         self.workers = workers
         self.load = LoadProcesses(args.loadgen_procs)
@@ -256,7 +273,7 @@ class Run:
         plans = [
             LoadPlan(
                 host=LOOPBACK,
-                port=self.broker.config.device_port,
+                port=self.device_port,
                 devices=devices,
                 total_devices=len(self.logins),
                 messages_per_device=per_device,
@@ -403,21 +420,29 @@ class Check:
     ledger_expected: int
 
 
-def verify(url: str, acked_by_device: dict[str, int]) -> Check:
-    """Count rows per device against PUBACKed messages (a loss cannot hide behind a surplus)."""
+def verify(url: str, acked_by_device: dict[str, int], devices: Sequence[str]) -> Check:
+    """Count rows per device of a phase's ``devices`` against PUBACKed messages (a loss
+    cannot hide behind a surplus)."""
+    ids = list(devices)
     with psycopg.connect(url) as conn:
         per_device = {
             str(device): int(str(n))
             for device, n in conn.execute(
-                "SELECT device_id, count(*) FROM samples GROUP BY device_id"
+                "SELECT device_id, count(*) FROM samples WHERE device_id = ANY(%s)"
+                " GROUP BY device_id",
+                [ids],
             ).fetchall()
         }
         row = conn.execute(
             "SELECT count(*), count(DISTINCT (device_id, ts)) FROM samples"
+            " WHERE device_id = ANY(%s)",
+            [ids],
         ).fetchone()
         assert row is not None
         stored, distinct = int(str(row[0])), int(str(row[1]))
-        ledger_row = conn.execute("SELECT count(*) FROM telemetry_messages").fetchone()
+        ledger_row = conn.execute(
+            "SELECT count(*) FROM telemetry_messages WHERE device_id = ANY(%s)", [ids]
+        ).fetchone()
         assert ledger_row is not None
         ledger = int(str(ledger_row[0]))
     lost = duplicates = 0
@@ -529,15 +554,37 @@ def log_problems(workers: Sequence[ServiceWorker]) -> list[str]:
     return lines
 
 
-def report(
-    args: argparse.Namespace,
-    measurement: Measurement,
-    check: Check,
-    ceiling: Ceiling,
-    workers: Sequence[ServiceWorker],
-) -> int:
-    """Print the figures; the last line is the machine-readable result. Returns exit status."""
-    m = measurement
+@dataclass(frozen=True)
+class Phase:
+    """One phase's workers on one service listener, and what it measured."""
+
+    listener: str  # "plaintext" or "tls"
+    measurement: Measurement
+    check: Check
+    problems: list[str]  # what its workers logged at WARNING and above
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A phase's result, for the side-by-side lines."""
+
+    rate: float
+    ingest_us: float  # CPU per stored sample
+    postgres_us: float
+    mosquitto_us: float
+    result: str  # the result line, without the label
+    failed: bool
+
+
+def report(args: argparse.Namespace, phase: Phase, ceiling: Ceiling) -> Figures:
+    """Print a phase's figures, each line labelled with its listener; its result line is
+    the caller's to print."""
+    m, check = phase.measurement, phase.check
+    label = phase.listener
+
+    def say_(line: str) -> None:
+        say(f"[{label}] {line}")
+
     window = m.last_stored.at - m.first_publish
     cpu = m.last_stored.minus(m.start)
     ingest_cpu = sum(cpu.ingest)
@@ -553,70 +600,118 @@ def report(
         return f"{seconds / stored * 1e6:.1f}" if stored else "n/a"
 
     publishing = max(m.publish_end - m.first_publish, 1e-9)
-    say(
+    say_(
         f"messages: {check.ledger_expected:,} acknowledged by the broker "
         f"({check.ledger_expected / publishing:,.0f}/s over {publishing:.1f} s), "
         f"{check.ledger:,} in the ledger; samples: {stored:,} stored of {check.expected:,}"
     )
-    say(
+    say_(
         f"window: {window:.1f} s from first publish to last commit "
         f"({window - publishing:.1f} s after the last PUBACK)"
     )
-    say(
+    say_(
         f"cpu over the window (s): ingest {ingest_cpu:.1f} "
         f"({' + '.join(f'{c:.1f}' for c in cpu.ingest)}), postgres {cpu.postgres:.1f}, "
         f"mosquitto {cpu.mosquitto:.1f}, loadgen {loadgen_cpu:.1f}, bench {cpu.main:.1f}; "
         f"{(ingest_cpu + cpu.postgres + cpu.mosquitto + loadgen_cpu + cpu.main) / window:.2f}"
         f" of {cores} cores busy"
     )
-    say(
+    say_(
         f"cpu us/sample: ingest {us(ingest_cpu)}, postgres {us(cpu.postgres)}, "
         f"mosquitto {us(cpu.mosquitto)}, loadgen {us(loadgen_cpu)}"
     )
-    say(
-        f"copy ceiling: {ceiling.rows:,} rows in {ceiling.seconds:.1f} s, cpu us/row: "
-        f"postgres {ceiling.postgres_cpu_s / ceiling.rows * 1e6:.1f}, "
-        f"client {ceiling.main_cpu_s / ceiling.rows * 1e6:.1f}"
-    )
     for stat in m.workers:
-        say(
+        say_(
             f"{stat.name}: {stat.batches:,} batches of {stat.messages / max(stat.batches, 1):,.0f}"
             f" messages on average, {stat.commit_s:.1f} s writing and committing "
             f"({stat.commit_s / window:.0%} of the window), at most {stat.max_inflight:,} "
             "messages unacknowledged"
         )
-    problems = log_problems(workers)
-    say(f"ingest worker logs: {len(problems)} warning/error lines")
+    problems = phase.problems
+    say_(f"ingest worker logs: {len(problems)} warning/error lines")
     for line in problems[:10]:
-        say(f"  {line}")
+        say_(f"  {line}")
     for warning in m.warnings:
-        say(f"warning: {warning}")
+        say_(f"warning: {warning}")
     if m.stored_by_metrics != stored:
-        say(
+        say_(
             f"warning: the workers counted {m.stored_by_metrics:,} samples; "
             f"the table holds {stored:,}"
         )
     if check.ledger != check.ledger_expected:
-        say(f"warning: ledger holds {check.ledger:,} messages, {check.ledger_expected:,} acked")
-    ack_errors = report_acks(args, m.acks, check)
+        say_(f"warning: ledger holds {check.ledger:,} messages, {check.ledger_expected:,} acked")
+    ack_errors = report_acks(args, m.acks, check, say_)
     ratio = ingest_rate / copy_rate if copy_rate else 0.0
-    say(
+    result = (
         f"ingest_samples_per_s={ingest_rate:.0f} copy_samples_per_s={copy_rate:.0f} "
         f"ratio={ratio:.2f} cpu_us_per_sample={per_sample:.1f} "
         f"lost={check.lost} duplicates={check.duplicates}"
     )
     failed = check.lost or check.duplicates or check.ledger != check.ledger_expected or ack_errors
-    return 1 if failed else 0
+    nan = float("nan")
+    return Figures(
+        rate=ingest_rate,
+        ingest_us=ingest_cpu / stored * 1e6 if stored else nan,
+        postgres_us=cpu.postgres / stored * 1e6 if stored else nan,
+        mosquitto_us=cpu.mosquitto / stored * 1e6 if stored else nan,
+        result=result,
+        failed=bool(failed),
+    )
 
 
-def report_acks(args: argparse.Namespace, acks: Sequence[AckResult], check: Check) -> bool:
+def tls_ratios(plain: Figures, tls: Figures) -> dict[str, float]:
+    """The TLS phase's CPU per sample over the plaintext phase's, by part."""
+    return {
+        "ingest": tls.ingest_us / plain.ingest_us,
+        "mosquitto": tls.mosquitto_us / plain.mosquitto_us,
+        "ingest+mosquitto": (tls.ingest_us + tls.mosquitto_us)
+        / (plain.ingest_us + plain.mosquitto_us),
+        "ingest+postgres": (tls.ingest_us + tls.postgres_us)
+        / (plain.ingest_us + plain.postgres_us),
+    }
+
+
+def report_all(args: argparse.Namespace, phases: Sequence[Phase], ceiling: Ceiling) -> int:
+    """Every phase's figures, the side by side, and the result; returns the exit status."""
+    say(
+        f"copy ceiling: {ceiling.rows:,} rows (both phases') in {ceiling.seconds:.1f} s, "
+        f"cpu us/row: postgres {ceiling.postgres_cpu_s / ceiling.rows * 1e6:.1f}, "
+        f"client {ceiling.main_cpu_s / ceiling.rows * 1e6:.1f}"
+    )
+    figures = []
+    for phase in phases:
+        figures.append(report(args, phase, ceiling))
+        if phase is not phases[-1]:
+            say(f"{phase.listener}: {figures[-1].result}")
+    last = figures[-1]
+    if len(phases) == 1:
+        say(f"{phases[-1].listener}: {last.result}")
+        return 1 if last.failed else 0
+    plain, tls = figures
+    ratios = tls_ratios(plain, tls)
+    say(
+        "tls/plaintext cpu per sample: "
+        + ", ".join(f"{part} {value:.2f}" for part, value in ratios.items())
+        + f"; samples/s {tls.rate / plain.rate:.2f} (goal: cpu per sample at most"
+        f" {TLS_CPU_GOAL:.2f} times plaintext's)"
+    )
+    say(f"tls: {tls.result} tls_cpu_ratio={ratios['ingest+mosquitto']:.2f}")
+    return 1 if tls.failed or plain.failed else 0
+
+
+def report_acks(
+    args: argparse.Namespace,
+    acks: Sequence[AckResult],
+    check: Check,
+    line_out: Callable[[str], None] = say,
+) -> bool:
     """The stored-ack line; True when a load process heard a malformed or impossible ack.
 
     A stored seq no ack named is reported but does not fail the run: acks are QoS 0, at most
     once by contract (protocol.md), and a device resends what was not acknowledged.
     """
     if args.no_acks:
-        say("acks: not subscribed (--no-acks), the broker discarded them")
+        line_out("acks: not subscribed (--no-acks), the broker discarded them")
         return False
     messages = sum(a.messages for a in acks)
     covered = sum(a.covered for a in acks)
@@ -628,10 +723,10 @@ def report_acks(args: argparse.Namespace, acks: Sequence[AckResult], check: Chec
     else:
         short = sum(a.devices_short for a in acks)
         line += f"; {stored_seqs - covered:,} never acknowledged, on {short:,} devices"
-    say(line)
+    line_out(line)
     errors = [f"load process {a.index}: {a.error}" for a in acks if a.error]
     for error in errors:
-        say(f"warning: {error}")
+        line_out(f"warning: {error}")
     return bool(errors)
 
 
@@ -651,7 +746,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Telemetry ingest throughput and CPU, against COPY as the ceiling.",
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="publishing time (60)")
-    parser.add_argument("--devices", type=int, default=1000, help="device connections (1000)")
+    parser.add_argument(
+        "--devices", type=int, default=1000, help="device connections in each phase (1000)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="ingest worker processes (2)")
     parser.add_argument("--loadgen-procs", type=int, default=1, help="load-generator processes (1)")
     parser.add_argument(
@@ -682,6 +779,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="devices do not subscribe to their ack topic, so the broker discards the stored "
         "acks ingest still publishes (GALVANI_INGEST_STORED_ACKS=false turns those off)",
     )
+    parser.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="only the TLS phase (the ingest workers as in production), no plaintext one",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data and logs directory")
     args = parser.parse_args(argv)
     if min(args.seconds, args.devices, args.workers, args.loadgen_procs, args.window) <= 0:
@@ -700,13 +802,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start everything, measure, stop everything (in reverse order, by pid)."""
+    """Start everything, measure each phase, stop everything (in reverse order, by pid)."""
+    listeners = ["tls"] if args.tls_only else ["plaintext", "tls"]
     with (
         workspace("galvani-bench-", args.keep, "data and logs kept in {}") as root,
         contextlib.ExitStack() as stack,
     ):
-        bench = start_stack(root, stack, "bench-ingest", args.devices)
-        postgres, url, broker, logins = bench.postgres, bench.url, bench.broker, bench.logins
+        bench = start_stack(
+            root,
+            stack,
+            "bench-ingest",
+            args.devices * len(listeners),
+            plain_device=True,
+            plain_service=not args.tls_only,
+        )
+        postgres, url, broker = bench.postgres, bench.url, bench.broker
+        config = broker.config
+        assert config.plain_device_port is not None
         with psycopg.connect(url) as conn:
             storage = conn.execute("SELECT value FROM galvani_meta WHERE key = 'storage'")
             storage_row = storage.fetchone()
@@ -715,26 +827,64 @@ def run(args: argparse.Namespace) -> int:
             f"storage {storage_row[0] if storage_row else '?'}, durable"
         )
         say(
-            f"mosquitto on ports {broker.config.device_port}/{broker.config.service_port}, "
-            f"{len(logins)} devices provisioned"
+            f"mosquitto: devices on plaintext port {config.plain_device_port}, ingest on TLS "
+            f"port {config.service_port}"
+            + ("" if args.tls_only else f" and plaintext port {config.plain_service_port}")
+            + f"; {len(bench.logins)} devices provisioned, {args.devices} a phase"
         )
-        # "connected to" is how start-up is followed; probe_workers waits for the rest.
-        workers = bench.start_workers(
-            "ingest", distinct_free_ports(args.workers), ready="connected to"
-        )
-        probe_workers(workers, broker, logins[0])
-        say(f"{len(workers)} ingest workers up and storing")
-
-        measured = Run(args, logins, broker, postgres, workers)
-        stack.callback(measured.stop_load)
-        measured.start_load()
-        say(f"publishing for {args.seconds:.0f} s")
-        measurement = measured.measure()
-        measured.stop_load()
-        check = verify(url, measurement.acked_by_device)
+        phases = []
+        for index, listener in enumerate(listeners):
+            logins = bench.logins[index * args.devices : (index + 1) * args.devices]
+            phases.append(measure_phase(args, bench, listener, logins, stack))
         assert postgres.child is not None
         ceiling = copy_ceiling(url, postgres.child.pid)
-        return report(args, measurement, check, ceiling, workers)
+        return report_all(args, phases, ceiling)
+
+
+def measure_phase(
+    args: argparse.Namespace,
+    bench: BenchStack,
+    listener: str,
+    logins: list[DeviceLogin],
+    stack: contextlib.ExitStack,
+) -> Phase:
+    """Start ingest workers on ``listener`` ("tls" or "plaintext"), publish from ``logins``,
+    check what was stored, and stop the workers."""
+    config = bench.broker.config
+    assert config.plain_device_port is not None
+    if listener == "tls":
+        port, tls = config.service_port, 1
+    else:
+        assert config.plain_service_port is not None
+        port, tls = config.plain_service_port, 0
+    say(f"--- {listener}: ingest workers on the {listener} service listener (port {port})")
+    # "connected to" is how start-up is followed; probe_workers waits for the rest.
+    workers = bench.start_workers(
+        "ingest",
+        distinct_free_ports(args.workers),
+        ready="connected to",
+        mqtt_port=port,
+        mqtt_tls=tls,
+    )
+    probe_workers(workers, config.plain_device_port, logins[0])
+    say(f"{len(workers)} ingest workers up and storing")
+
+    measured = Run(args, logins, bench.broker, config.plain_device_port, bench.postgres, workers)
+    stack.callback(measured.stop_load)
+    measured.start_load()
+    say(f"publishing for {args.seconds:.0f} s")
+    measurement = measured.measure()
+    measured.stop_load()
+    for worker in workers:
+        worker.child.stop()  # the next phase's workers take over their client ids
+    problems = log_problems(workers)
+    for worker in workers:
+        # The next phase's workers log to the same names, and start-up is followed by what
+        # their log says: this phase's logs move aside (kept with --keep).
+        log_path = worker.child.log_path
+        log_path.rename(log_path.with_name(f"{listener}-{log_path.name}"))
+    check = verify(bench.url, measurement.acked_by_device, [login.device_id for login in logins])
+    return Phase(listener, measurement, check, problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
