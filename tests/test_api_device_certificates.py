@@ -256,6 +256,12 @@ def test_decommission_revokes_the_certificates_into_the_trust_directory_even_wit
     )
     second = x509.load_pem_x509_certificate(rotated.json()["certificate"].encode())
     kept = certificate_of(enrol(api, keys["admin"], "glow-c0006", csr=csr_for("glow-c0006")))
+    with psycopg.connect(database_url) as conn:  # one it had that expired two days ago
+        conn.execute(
+            "INSERT INTO device_certificates (device_id, serial, fingerprint, not_before,"
+            " not_after) VALUES ('glow-c0005', 12345, repeat('a', 64),"
+            " now() - interval '400 days', now() - interval '2 days')"
+        )
     gone = api.delete("/v1/devices/glow-c0005", headers=auth(keys["admin"]))
     # No broker here: the revocation holds (committed, listed), the live session could not be
     # ended, and the answer says so.
@@ -266,7 +272,7 @@ def test_decommission_revokes_the_certificates_into_the_trust_directory_even_wit
             "SELECT count(*) FROM device_certificates"
             " WHERE device_id = 'glow-c0005' AND revoked_at IS NOT NULL"
         ).fetchone()
-    assert revoked == (2,)
+    assert revoked == (3,)
     device_ca = development_pki.device_authority()
     prefix = pki.subject_hash(device_ca.certificate.subject)
     lists = sorted(
@@ -274,6 +280,7 @@ def test_decommission_revokes_the_certificates_into_the_trust_directory_even_wit
     )
     newest = pki.load_revocation_list(lists[-1].read_text(), device_ca.certificate)
     named = {entry.serial_number for entry in newest}
+    # The expired one is refused for its expiry: the list names the live revocations only.
     assert named == {first.serial_number, second.serial_number}
     assert kept.serial_number not in named
     detail = api.get("/v1/devices/glow-c0005", headers=auth(keys["viewer"])).json()

@@ -314,16 +314,17 @@ def revoke_device(conn: Conn, device_id: str) -> bool:
 
 
 def revoked_certificates(conn: Conn) -> list[tuple[int, datetime]]:
-    """Every revoked certificate Galvani's device CA issued: (serial, revoked at)."""
-    rows = (
+    """Every revoked certificate Galvani's device CA issued that has not expired (a day's
+    margin for clocks): (serial, revoked at). An expired certificate is refused for its
+    expiry, so leaving it out keeps the list as long as the live revocations only."""
+    return (
         conn.cursor(row_factory=args_row(_revoked))
         .execute(
             "SELECT serial, revoked_at FROM device_certificates WHERE revoked_at IS NOT NULL"
-            " ORDER BY serial"
+            " AND not_after > now() - interval '1 day' ORDER BY serial"
         )
         .fetchall()
     )
-    return rows
 
 
 def _revoked(serial: Decimal, revoked_at: datetime) -> tuple[int, datetime]:

@@ -172,7 +172,10 @@ def decommission(
     if authority is None:
         _sync_broker(request)
     else:
-        deps.after_commit(request, service.revoke_at_broker(settings, authority, device_id))
+        # Each in a transaction of its own: the list's writers queue on a lock that the
+        # takeover (up to session_end_timeout_s) does not hold.
+        deps.after_commit(request, service.publish_revocations(settings, authority))
+        deps.after_commit(request, service.end_session(settings, device_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -42,18 +42,25 @@ def refused(error: provisioning.CertificateRefusedError) -> ProblemError:
     )
 
 
-def revoke_at_broker(
-    settings: ApiSettings, authority: pki.Authority, device_id: str
-) -> Callable[[Conn], None]:
-    """What follows the commit of a certificate device's revocation: the device CA's new
-    revocation list in the broker's trust directory (the next handshake with a revoked
-    certificate fails), then the end of the device's live session (a revocation list is
-    checked at handshakes only) by session takeover on the service listener."""
+def publish_revocations(settings: ApiSettings, authority: pki.Authority) -> Callable[[Conn], None]:
+    """What follows the commit of a certificate device's revocation, first: the device CA's
+    new revocation list in the broker's trust directory, so the next handshake with a revoked
+    certificate fails."""
 
-    def revoke(conn: Conn) -> None:
+    def publish(conn: Conn) -> None:
         provisioning.publish_revocations(
             conn, authority, pki.TrustDirectory(settings.trust_directory())
         )
+
+    return publish
+
+
+def end_session(settings: ApiSettings, device_id: str) -> Callable[[Conn], None]:
+    """Then: the end of the device's live session (a revocation list is checked at
+    handshakes only) by session takeover on the service listener; 503 when the broker cannot
+    be reached (the revocation stands, and a repeated DELETE tries again)."""
+
+    def end(_: Conn) -> None:
         ended = end_device_session(
             settings.mqtt_host,
             settings.mqtt_port,
@@ -74,4 +81,4 @@ def revoke_at_broker(
                 headers={"Retry-After": "1"},
             )
 
-    return revoke
+    return end
