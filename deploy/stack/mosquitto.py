@@ -243,14 +243,22 @@ class MosquittoBroker:
         return client_context(self.config.pki.ca_file)
 
     def _listening(self) -> bool:
-        # A TCP connect is enough: Mosquitto accepts on a listener only once it has loaded
-        # the listener's certificate and key.
+        # Mosquitto 2.0 opens its listening sockets before it drops privileges and loads the
+        # certificates after (exiting if it cannot), so a TCP connect to each listener says
+        # it listens and one verified handshake says the certificates are loaded.
         for port in self.ports:
             try:
                 socket.create_connection((self.config.host, port), timeout=0.5).close()
             except OSError:
                 return False
-        return True
+        try:
+            with (
+                socket.create_connection((self.config.host, self.config.service_port), 0.5) as raw,
+                self.tls_context().wrap_socket(raw, server_hostname=self.config.host),
+            ):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """SIGTERM: Mosquitto saves its persistence file and exits."""
