@@ -21,6 +21,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,7 +330,14 @@ class FaultStack:
         waiting = read_outboxes(self.store)[2]
         self.held |= waiting
         peak = len(waiting)
-        inject()
+        # The backlog is highest while the part is down, not once it is back (a restarted
+        # database drains hundreds of messages in a second): sampled while the fault lasts.
+        with ThreadPoolExecutor(1) as pool:
+            injected = pool.submit(inject)
+            while not injected.done():
+                peak = max(peak, outbox_backlog(self.store))
+                time.sleep(0.2)
+            injected.result()
         # Recovered when the outboxes are back to their level before the fault, and the
         # database has stored something since the restart (a quiet fleet's backlog may never
         # have grown at all).
