@@ -429,7 +429,7 @@ def test_another_brand_sees_and_revokes_none_of_a_brands_certificates_or_authori
     assert [item["id"] for item in mine] == [authority["id"]]
 
 
-def test_certificate_enrolment_without_a_device_ca_is_a_503(
+def test_certificate_enrolment_without_a_device_ca_is_a_503_and_a_malformed_csr_a_422(
     api_database_url: str, tmp_path: Path, keys: dict[str, str]
 ) -> None:
     settings = ApiSettings(
@@ -446,8 +446,21 @@ def test_certificate_enrolment_without_a_device_ca_is_a_503(
             },
             headers=auth(keys["admin"]),
         )
+        malformed = client.post(
+            "/v1/devices",
+            json={
+                "device_id": "glow-n0002",
+                "model": "glow-2",
+                "auth": "certificate",
+                "csr": "not a CSR",
+            },
+            headers=auth(keys["admin"]),
+        )
     assert response.status_code == 503
     assert response.json()["type"].endswith("/certificates-unavailable")
+    # A malformed request is the client's error whatever the installation can do.
+    assert malformed.status_code == 422
+    assert malformed.json()["errors"][0]["field"] == "body.csr"
 
 
 # ---- end to end: the API, the real broker's certificate listener, the revocation -----------

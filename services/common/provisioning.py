@@ -222,15 +222,32 @@ def _certificate_for(
     return authority.issue_client(device_id, public_key, days=days), authority_id
 
 
+def check_readable(request: CertificateRequest) -> None:
+    """Refuse a CSR or factory certificate that is not readable PEM (or a CSR whose
+    self-signature fails): the checks that need neither the device CA nor the database."""
+    if request.csr is not None:
+        try:
+            pki.load_csr(request.csr)
+        except pki.CertificateError as exc:
+            raise CertificateRefusedError("csr", str(exc)) from None
+    elif request.factory_certificate is not None:
+        load_factory_certificate(request.factory_certificate)
+
+
+def load_factory_certificate(certificate_pem: str) -> x509.Certificate:
+    """A factory certificate from PEM, or CertificateRefusedError naming ``certificate``."""
+    try:
+        return x509.load_pem_x509_certificate(certificate_pem.encode())
+    except ValueError as exc:
+        raise CertificateRefusedError("certificate", f"not a PEM certificate: {exc}") from None
+
+
 def _vouched(
     conn: Conn, factory_pem: str, device_id: str, brand_id: str
 ) -> tuple[x509.Certificate, int]:
     """The factory certificate, checked to name ``device_id``, to be a current end-entity
     certificate, and to be signed by one of the brand's registered authorities (whose id)."""
-    try:
-        factory = x509.load_pem_x509_certificate(factory_pem.encode())
-    except ValueError as exc:
-        raise CertificateRefusedError("certificate", f"not a PEM certificate: {exc}") from None
+    factory = load_factory_certificate(factory_pem)
     named = pki.common_name(factory)
     if named != device_id:
         raise CertificateRefusedError(

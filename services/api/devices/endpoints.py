@@ -70,9 +70,12 @@ def provision(
     password: str | None = None
     try:
         if body.auth == "certificate":
+            # A malformed request is the client's error (422) even where no device CA is
+            # configured (503).
+            enrolment = provisioning.CertificateRequest(body.csr, body.certificate)
+            provisioning.check_readable(enrolment)
             issued = provisioning.provision_certificate_device(
-                devices.conn, service.device_authority(settings),
-                provisioning.CertificateRequest(body.csr, body.certificate),
+                devices.conn, service.device_authority(settings), enrolment,
                 device_id=body.device_id, brand_id=brand, model=body.model, user_id=body.user,
                 days=settings.device_certificate_days,
             )  # fmt: skip
@@ -211,9 +214,10 @@ def renew_certificate(
         )  # fmt: skip
     settings: ApiSettings = request.app.state.settings
     try:
+        enrolment = provisioning.CertificateRequest(body.csr, body.certificate)
+        provisioning.check_readable(enrolment)
         issued = provisioning.renew_certificate(
-            devices.conn, service.device_authority(settings),
-            provisioning.CertificateRequest(body.csr, body.certificate),
+            devices.conn, service.device_authority(settings), enrolment,
             device_id=device_id, brand_id=key.brand, days=settings.device_certificate_days,
         )  # fmt: skip
     except provisioning.CertificateRefusedError as exc:
