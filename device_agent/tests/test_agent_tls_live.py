@@ -6,6 +6,7 @@ The broker's configuration is the smallest that has both kinds of listener, with
 certificates from Galvani's PKI module (services.common.pki), as ``make run``'s broker has.
 """
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from device_agent.cli import main as agent_main
+from device_agent.fleet import Fleet, parse_args
 from device_agent.tls import client_context
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -32,7 +34,8 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 WATCHER = "watcher"
 # The accounts of the password listener, written before the broker starts.
-PASSWORD_DEVICES = ("tls-pw-0001", "tls-wrong-ca-0001")
+FLEET_DEVICES = tuple(f"tls-fleet-{i:04d}" for i in range(3))
+PASSWORD_DEVICES = ("tls-pw-0001", "tls-wrong-ca-0001", *FLEET_DEVICES)
 START_TIMEOUT_S = 10.0
 
 
@@ -354,3 +357,34 @@ def test_a_broker_certificate_from_another_ca_is_refused_by_the_agent(
         in message
         for message in refusals
     ), refusals
+
+
+def test_a_fleet_connects_and_publishes_over_tls_with_one_context(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({d: tls_broker.passwords[d] for d in FLEET_DEVICES}))
+    key = tmp_path / "config-key"
+    key.write_text(base64.b64encode(bytes(32)).decode())
+    fleet = Fleet(
+        parse_args(
+            [
+                f"--devices={len(FLEET_DEVICES)}",
+                f"--credentials={credentials}",
+                f"--port={tls_broker.password_port}",
+                f"--ca-file={tls_broker.ca_file}",
+                f"--public-key={key}",
+                f"--store={tmp_path / 'fleet.sqlite3'}",
+                "--delete-on=puback",
+                "--status-interval=0.5",
+                "--duration=3",
+            ]
+        )
+    )
+    statuses: list[dict[str, object]] = []
+    fleet.report = lambda: statuses.append(fleet.status())  # type: ignore[method-assign]
+    asyncio.run(fleet.run(asyncio.Event()))
+    assert len(FLEET_DEVICES) in [status["connected"] for status in statuses]
+    assert all(device.link.stats.connects == 1 for device in fleet.devices)
+    assert all(device.link.stats.delivered > 0 for device in fleet.devices)
+    assert len({id(device.link._connection._tls) for device in fleet.devices}) == 1
