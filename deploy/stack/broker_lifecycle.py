@@ -31,8 +31,8 @@ log = logging.getLogger("galvani.run")
 # Every listener is TLS; 8883 is MQTT over TLS's registered port. The plaintext device
 # listener (GALVANI_MQTT_PLAINTEXT=1, development only) prefers MQTT's 1883.
 PREFERRED_MQTT_PORT = 8883
-PREFERRED_SERVICE_MQTT_PORT = 8884
-PREFERRED_CERT_MQTT_PORT = 8885
+PREFERRED_CERT_MQTT_PORT = 8884  # the API's default device_cert_mqtt_port
+PREFERRED_SERVICE_MQTT_PORT = 8885
 PREFERRED_PLAIN_MQTT_PORT = 1883
 # A broker that exits within MIN_UPTIME_S of its start failed to start; after
 # MAX_QUICK_FAILURES of those in a row the stack stops instead of restarting it forever (as the
