@@ -61,7 +61,7 @@ def test_rules_list_the_catalogue_with_the_brands_thresholds(
     response = client.get("/v1/rules", headers=auth(keys["viewer"]))
     assert response.status_code == 200
     rules = {rule["id"]: rule for rule in response.json()["items"]}
-    assert len(rules) == 21
+    assert len(rules) == 22
     [total] = [t for t in rules["no_gel"]["thresholds"] if t["name"] == "total_s"]
     assert total == {
         "name": "total_s",

@@ -22,6 +22,7 @@ from httpx2 import Response
 
 from services.api.main import create_app
 from services.api.settings import ApiSettings
+from services.common import pki
 from services.common.mode_tables import DEFAULT_MODES
 from services.rules.catalogue import RULES
 from tests.api import SeededBrand, auth, seed_brand
@@ -84,6 +85,12 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/v1/devices/{device_id}/telemetry/suspect"): READ,
     ("GET", "/v1/devices/{device_id}/conflicts"): READ,
     ("POST", "/v1/devices/{device_id}/clear"): allow(ADMIN, SUPPORT),
+    ("GET", "/v1/devices/{device_id}/certificates"): READ,
+    ("POST", "/v1/devices/{device_id}/certificate"): allow(ADMIN),
+    ("POST", "/v1/device-authorities"): allow(ADMIN),
+    ("GET", "/v1/device-authorities"): READ,
+    ("GET", "/v1/device-authorities/{authority_id}"): READ,
+    ("DELETE", "/v1/device-authorities/{authority_id}"): allow(ADMIN),
     ("POST", "/v1/brands"): allow(OPERATOR),
     ("POST", "/v1/api-keys"): ADMIN_OR_OPERATOR,
     ("DELETE", "/v1/api-keys/{key_id}"): ADMIN_OR_OPERATOR,
@@ -116,7 +123,10 @@ PATH_IDS: dict[str, Callable[[SeededBrand], str]] = {
     "rule_id": lambda s: "no_gel",
     "table_id": lambda s: s.mode_table_id,
     "rollout_id": lambda s: s.rollout_id,
+    "authority_id": lambda s: AUTHORITY_IDS[s.brand],
 }
+# Each brand's registered device authority (made by the brands fixture).
+AUTHORITY_IDS: dict[str, str] = {}
 
 # Where a route takes another of acme's ids than PATH_IDS gives: DELETE decommissions the
 # spare device, so the one with the alerts and the rollout still takes tables afterwards.
@@ -135,6 +145,12 @@ BODIES: dict[tuple[str, str], Callable[[SeededBrand], dict[str, Any]]] = {
     },
     ("POST", "/v1/devices"): lambda s: {"device_id": "acme-new-1", "model": "glow-2"},
     ("POST", "/v1/brands"): lambda s: {"id": "newco", "name": "NewCo"},
+    ("POST", "/v1/devices/{device_id}/certificate"): lambda s: {
+        "csr": pki.device_csr(pki.new_device_key(), s.device_id)
+    },
+    ("POST", "/v1/device-authorities"): lambda s: {
+        "certificate": pki.pem(pki.Authority.create("Tenancy CA").certificate).decode()
+    },
     ("POST", "/v1/api-keys"): lambda s: {"role": "viewer", "name": "desk"},
     ("PUT", "/v1/users/{user_id}"): lambda s: {"stage": "intro"},
     ("POST", "/v1/mode-tables"): lambda s: {
@@ -250,11 +266,19 @@ def client(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
 def brands(
     client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
 ) -> dict[str, SeededBrand]:
-    """acme and other, each with one of everything."""
-    return {
+    """acme and other, each with one of everything (and a device authority)."""
+    seeded = {
         brand: seed_brand(database_url, brand, tmp_path / "rules-key", client, keys[key])
         for brand, key in (("acme", "admin"), ("other", "other"))
     }
+    for brand, key in (("acme", "admin"), ("other", "other")):
+        ca = pki.pem(pki.Authority.create(f"{brand} CA").certificate).decode()
+        made = client.post(
+            "/v1/device-authorities", json={"certificate": ca}, headers=auth(keys[key])
+        )
+        assert made.status_code == 201, made.text
+        AUTHORITY_IDS[brand] = str(made.json()["id"])
+    return seeded
 
 
 def acme_state(database_url: str) -> dict[str, list[tuple[object, ...]]]:
@@ -274,6 +298,9 @@ def acme_state(database_url: str) -> dict[str, list[tuple[object, ...]]]:
         " ON d.id = r.device_id WHERE d.brand_id = 'acme' ORDER BY 1, 2",
         "pushes": "SELECT p.* FROM config_pushes p JOIN devices d ON d.id = p.device_id"
         " WHERE d.brand_id = 'acme' ORDER BY p.id",
+        "authorities": "SELECT * FROM brand_device_authorities WHERE brand_id = 'acme' ORDER BY id",
+        "certificates": "SELECT c.* FROM device_certificates c JOIN devices d"
+        " ON d.id = c.device_id WHERE d.brand_id = 'acme' ORDER BY c.id",
     }
     with psycopg.connect(database_url) as conn:
         return {name: conn.execute(sql).fetchall() for name, sql in queries.items()}
@@ -326,6 +353,7 @@ def listed_ids(brand: SeededBrand) -> dict[str, set[str]]:
         "/v1/dead-letters": {str(brand.dead_letter_id)},
         "/v1/mode-tables": {brand.mode_table_id},
         "/v1/rollouts": {brand.rollout_id},
+        "/v1/device-authorities": {AUTHORITY_IDS[brand.brand]},
     }
 
 

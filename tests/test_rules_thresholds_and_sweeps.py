@@ -32,7 +32,7 @@ def device(database_url: str) -> Stream:
 
 def test_every_rule_of_the_catalogue_is_defined_once_with_a_version() -> None:
     ids = [rule.id for rule in RULES]
-    assert len(ids) == len(set(ids)) == 21
+    assert len(ids) == len(set(ids)) == 22
     assert all(rule.version >= 1 for rule in RULES)
 
 
