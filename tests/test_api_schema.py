@@ -46,11 +46,14 @@ CHECKS = [
 EXCLUDED_PATHS = ["/v1/alerts/stream"]
 
 
-def _settings(database_url: str, data_dir: Path, mqtt_port: int = 1884) -> ApiSettings:
+def _settings(
+    database_url: str, data_dir: Path, mqtt_port: int = 1884, mqtt_ca_file: Path | None = None
+) -> ApiSettings:
     return ApiSettings(
         database_url=database_url,
         mqtt_port=mqtt_port,
         mqtt_password="x",
+        mqtt_ca_file=mqtt_ca_file,
         data_dir=data_dir,
         # Hypothesis sends far more than a client would: the rate limiter is not under test.
         rate_limit_burst=1_000_000,
@@ -90,7 +93,7 @@ def role(
     data_dir = tmp_path_factory.mktemp(f"schema-{name}")
     with copied_database(postgres, template_url, f"schema_{os.getpid()}_{name}") as url:
         # A running broker, so /readyz answers 200 rather than its (documented) 503.
-        settings_ = _settings(url, data_dir, broker.config.service_port)
+        settings_ = _settings(url, data_dir, broker.config.service_port, broker.config.pki.ca_file)
         RUN.keys = issue_keys(url)
         # The app's lifespan runs once per role, in this TestClient. Schemathesis's own ASGI
         # client, not entered, sends the examples without starting (and, after each
