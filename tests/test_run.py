@@ -388,10 +388,22 @@ def plaintext_connack(host: str, port: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_run_opens_a_plaintext_device_listener_only_when_asked(data_dir):
-    process = start_runner(data_dir, GALVANI_SIM_DEVICES="0", GALVANI_MQTT_PLAINTEXT="1")
+def test_run_switches_a_plaintext_device_listener_and_an_https_api(data_dir):
+    """GALVANI_MQTT_PLAINTEXT=1 adds mqtt_plain_port; GALVANI_API_TLS=1 serves the API over
+    HTTPS with the PKI's server certificate (run.json's api_url says https)."""
+    process = start_runner(
+        data_dir, GALVANI_SIM_DEVICES="0", GALVANI_MQTT_PLAINTEXT="1", GALVANI_API_TLS="1"
+    )
     try:
         info = wait_for_run_json(process, data_dir)
+        assert info["api_url"].startswith("https://127.0.0.1:")
+        verified = client_context(info["ca_file"])
+        with urllib.request.urlopen(
+            info["api_url"] + "/readyz", timeout=5, context=verified
+        ) as response:
+            assert json.load(response)["status"] == "ready"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(info["api_url"].replace("https", "http") + "/readyz", timeout=5)
         port = info["mqtt_plain_port"]
         assert port not in (info["mqtt_port"], info["mqtt_service_port"], info["mqtt_cert_port"])
         with psycopg.connect(info["database_url"]) as conn:

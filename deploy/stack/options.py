@@ -34,6 +34,8 @@ class RunOptions:
     # development device without TLS. Refused in production.
     mqtt_plaintext: bool = False
     environment: Environment = Environment.DEVELOPMENT
+    # GALVANI_API_TLS=1: the API serves HTTPS with the PKI's server certificate.
+    api_tls: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "RunOptions":
@@ -63,6 +65,7 @@ class RunOptions:
             database_url=env.get("GALVANI_DATABASE_URL") or None,
             mqtt_plaintext=plaintext,
             environment=environment,
+            api_tls=_flag_env(env, "GALVANI_API_TLS"),
         )
 
 

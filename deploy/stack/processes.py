@@ -3,6 +3,7 @@
 import os
 import pwd
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -145,18 +146,21 @@ def service_env(prefix: str, **values: str | int) -> dict[str, str]:
     return env
 
 
-def http_get(url: str, timeout_s: float = 2.0) -> bytes | None:
-    """The body of ``url``'s answer (a loopback endpoint), or None when it does not answer 200."""
+def http_get(
+    url: str, timeout_s: float = 2.0, *, tls: ssl.SSLContext | None = None
+) -> bytes | None:
+    """The body of ``url``'s answer (a loopback endpoint), or None when it does not answer 200.
+    An https URL is verified with ``tls`` (the system's trust store when None)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=timeout_s, context=tls) as response:  # noqa: S310
             return bytes(response.read()) if response.status == 200 else None
     except (urllib.error.URLError, OSError):
         return None
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, *, tls: ssl.SSLContext | None = None) -> bool:
     """Whether ``url`` answers 200 (a readiness or health endpoint)."""
-    return http_get(url) is not None
+    return http_get(url, tls=tls) is not None
 
 
 class ChildExited(RuntimeError):

@@ -24,6 +24,7 @@ from deploy.stack.state import Stack
 from services.common.broker_auth import ServiceAccount
 from services.common.migrations.grants import ServiceRole
 from services.common.settings import REPO_ROOT
+from services.common.tls import client_context
 
 log = logging.getLogger("galvani.run")
 
@@ -92,6 +93,7 @@ def start_services(
         device_ca_cert=str(broker.pki.device_ca_cert),
         device_ca_key=str(broker.pki.device_ca_key),
         trust_dir=str(broker.pki.trust_dir),
+        tls=int(options.api_tls),
         tls_cert_file=str(broker.pki.server_cert),
         tls_key_file=str(broker.pki.server_key),
     )
@@ -118,9 +120,11 @@ def start_services(
             timeout_s=SERVICE_READY_TIMEOUT_S,
             what=f"{service} worker {worker}",
         )
-    api_url = f"http://{LOOPBACK}:{api_port}"
+    scheme = "https" if options.api_tls else "http"
+    api_url = f"{scheme}://{LOOPBACK}:{api_port}"
+    api_tls = client_context(broker.pki.ca_file) if options.api_tls else None
     wait_until(
-        lambda: http_ok(f"{api_url}/readyz"),
+        lambda: http_ok(f"{api_url}/readyz", tls=api_tls),
         child=api,
         timeout_s=SERVICE_READY_TIMEOUT_S,
         what="the API",
