@@ -4,6 +4,8 @@ Run with ``python -m services.api.main`` (``GALVANI_API_WORKERS`` processes) or
 ``uvicorn --factory services.api.main:app_from_environment``.
 """
 
+import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +30,7 @@ from services.api.mode_tables.endpoints import router as mode_tables_router
 from services.api.publisher import ConfigPublisher
 from services.api.query_params import refuse_unknown_query
 from services.api.rate_limit import FailureLimit, SharedLimits
+from services.api.revocation_renewal import renew_periodically
 from services.api.rollouts.endpoints import router as rollouts_router
 from services.api.rules.endpoints import router as rules_router
 from services.api.settings import ApiSettings
@@ -79,9 +82,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.config_publisher = publisher
         feed = AlertFeed(database_url)
         app.state.alert_feed = feed
+        # The device CA's revocation list, published again before it expires.
+        renewal = asyncio.create_task(renew_periodically(settings, engine))
         try:
             yield
         finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
             feed.close()
             publisher.close()
             await limits.close()

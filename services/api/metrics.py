@@ -4,7 +4,7 @@ do not become label values), method and status."""
 import time
 from typing import Final
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS: Final = Counter(
@@ -43,3 +43,12 @@ class RequestMetrics:
             await send(message)
 
         await self.app(scope, receive, send_and_record)
+
+
+# Set by the revocation list's renewal (services/api/revocation_renewal.py) each time it looks;
+# absent where the installation has no device CA.
+DEVICE_CRL_NEXT_UPDATE: Final = Gauge(
+    "galvani_api_device_crl_next_update_seconds",
+    "When the device CA's newest revocation list in the broker's trust directory expires (Unix"
+    " seconds): past it, the broker refuses every certificate device",
+)

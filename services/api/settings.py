@@ -6,6 +6,7 @@ from typing import Self
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.pki import CRL_DAYS
 from services.common.settings import Environment, ServiceSettings
 
 
@@ -63,7 +64,7 @@ class ApiSettings(ServiceSettings):
     broker_dir: Path | None = None
     # The device listener's address, handed to provisioned devices.
     device_mqtt_host: str = "127.0.0.1"
-    device_mqtt_port: int = 1883
+    device_mqtt_port: int = 8883
 
     # The certificate listener's port, handed to devices that enrol with a certificate.
     device_cert_mqtt_port: int = 8884
@@ -76,6 +77,13 @@ class ApiSettings(ServiceSettings):
     device_certificate_days: int = Field(default=365, ge=1, le=3650)
     # How long decommissioning waits for the broker to end a certificate device's session.
     session_end_timeout_s: float = Field(default=5.0, gt=0)
+    # The device CA's revocation list is valid pki.CRL_DAYS (30) days; past its nextUpdate the
+    # broker refuses every certificate device. Every ``crl_renew_interval_s`` each API process
+    # looks at the newest list in the trust directory and, when it expires within
+    # ``crl_renew_before_s``, publishes it again (the same revoked serials, new dates). Less
+    # than a list's validity, or every look would publish one (the broker keeps each it loads).
+    crl_renew_interval_s: float = Field(default=3600.0, gt=0)
+    crl_renew_before_s: float = Field(default=7 * 86_400.0, ge=0, lt=CRL_DAYS * 86_400)
 
     # HTTPS: the API serves TLS itself with this certificate and key, or (outside
     # development) ``tls_offloaded`` says a proxy in front of it terminates TLS.
