@@ -65,7 +65,7 @@ class ServiceSettings(BaseSettings):
     # run.json's database_urls entry), never the migration role that owns the schema.
     database_url: SecretStr
     mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1884
+    mqtt_port: int = 8885
     mqtt_username: str
     mqtt_password: SecretStr
     # TLS to the broker, verifying its certificate and host name against ``mqtt_ca_file``

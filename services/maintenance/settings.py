@@ -31,7 +31,7 @@ class MaintenanceSettings(BaseSettings):
     # ingest marks dirty when late (buffered) samples arrive.
     rollup_lookback_s: float = 2 * 3600.0
     mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1884
+    mqtt_port: int = 8885
     mqtt_username: str = ServiceAccount.MAINTENANCE.value
     mqtt_password: SecretStr | None = None
     mqtt_tls: bool = True

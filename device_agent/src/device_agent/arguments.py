@@ -8,12 +8,28 @@ from pathlib import Path
 
 from device_agent.link import BrokerAddress, DeleteOn
 
+# MQTT over TLS's registered port, and plain MQTT's (a development broker's, only).
+TLS_PORT = 8883
+PLAINTEXT_PORT = 1883
+
+
+def broker_port(port: int | None, ca_file: str | None) -> int:
+    """The port asked for, or the default for the transport: TLS with a CA file."""
+    if port is not None:
+        return port
+    return TLS_PORT if ca_file is not None else PLAINTEXT_PORT
+
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) -> None:
     """The broker, the backend's key, the store file, when a message leaves the outbox, and
     how long to run."""
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"the broker's port (default {TLS_PORT} with --ca-file, {PLAINTEXT_PORT} without)",
+    )
     parser.add_argument(
         "--public-key",
         type=Path,

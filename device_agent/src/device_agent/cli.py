@@ -23,7 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from device_agent.agent import Identity
-from device_agent.arguments import add_shared_arguments, broker_address, read_public_keys
+from device_agent.arguments import (
+    add_shared_arguments,
+    broker_address,
+    broker_port,
+    read_public_keys,
+)
 from device_agent.link import BACKOFF_MAX_S, BrokerAddress
 from device_agent.simulation import SCENARIO_NAMES, Plan, SimulatedDevice, power_off
 from device_agent.store import DeviceStore, OutboxLimits, open_database
@@ -130,7 +135,12 @@ async def _run(args: argparse.Namespace) -> int:
         broker_address(
             "galvani-agent",
             BrokerAddress(
-                args.host, args.port, _password(args), args.ca_file, args.cert_file, args.key_file
+                args.host,
+                broker_port(args.port, args.ca_file),
+                _password(args),
+                args.ca_file,
+                args.cert_file,
+                args.key_file,
             ),
         ),
         public_keys=read_public_keys(args.public_key),

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from device_agent.agent import Identity
-from device_agent.arguments import add_shared_arguments, read_public_keys
+from device_agent.arguments import add_shared_arguments, broker_port, read_public_keys
 from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
@@ -319,6 +319,7 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
     values["public_keys"] = read_public_keys(values.pop("public_key"))
     values["status_interval_s"] = values.pop("status_interval")
     values["duration_s"] = values.pop("duration")
+    values["port"] = broker_port(args.port, args.ca_file)
     return FleetOptions(**values)
 
 
