@@ -8,8 +8,9 @@ One run, everything on this machine and all of it started (and stopped, by pid) 
    a temporary directory;
 2. ``--devices`` provisioned devices of one brand with real broker credentials for each
    phase (a device's seqs are used once);
-3. two phases, one after the other, alike but for the ingest workers' broker connection:
-   plaintext first, then TLS verifying the broker against the run's CA, as in production
+3. two phases, one after the other, alike but for the broker connections of the devices and
+   of the ingest workers: plaintext first, then TLS verifying the broker against the run's
+   CA, as in production
    (``--tls-only``: the TLS phase alone). The TLS phase runs second, on the larger table, so
    any order effect counts against TLS. In each phase:
 4. ``--workers`` ingest workers (``python -m services.ingest.main``), each checked end to
@@ -19,9 +20,9 @@ One run, everything on this machine and all of it started (and stopped, by pid) 
    pre-built v1 telemetry (10 samples a message) at QoS 1 for ``--seconds``; only
    PUBACKed messages count as sent. Each connection subscribes to its device's ``ack``
    topic, as a real device does, so the broker delivers the stored acks ingest publishes
-   after every commit (``--no-acks``: no subscription, and the broker discards them). The
-   load generator speaks plain MQTT, on the plaintext device listener in both phases: what
-   a phase varies is the workers' connection only;
+   after every commit (``--no-acks``: no subscription, and the broker discards them). In the
+   TLS phase the devices publish to the TLS device listener (one client context per load
+   process), in the plaintext phase to the plaintext one;
 6. when every sent sample is stored: ``ingest_samples_per_s`` = stored samples / (first
    publish to last commit), and the CPU of the ingest workers and of every PostgreSQL
    process over the same window per stored sample;
@@ -35,7 +36,7 @@ Each phase ends with its result line, the TLS one also the run's last line::
     tls: ingest_samples_per_s=N ... tls_cpu_ratio=R
 
 ``tls_cpu_ratio`` is the TLS phase's CPU per stored sample of the ingest workers and
-Mosquitto together (the two ends of the connection TLS was added to) over the plaintext
+Mosquitto together (the server ends of every connection TLS was added to) over the plaintext
 phase's; the line before the last gives each part's ratio. The exit status is non-zero when
 a sample was lost or stored twice. The line before each result counts the stored acks heard
 and the stored seqs they covered by the phase's end.
@@ -231,11 +232,14 @@ class Run:
         device_port: int,
         postgres: PostgresServer,
         workers: list[ServiceWorker],
+        ca_file: str | None,
     ):
+        """Devices connect to ``device_port``, with TLS verifying against ``ca_file`` if given."""
         self.args = args
         self.logins = logins
         self.broker = broker
         self.device_port = device_port
+        self.ca_file = ca_file
         self.postgres = postgres
         self.workers = workers
         self.load = LoadProcesses(args.loadgen_procs)
@@ -283,6 +287,7 @@ class Run:
                 max_msgs_per_s=max_msgs_per_s,
                 backlog_msgs=args.backlog,
                 hear_acks=not args.no_acks,
+                ca_file=self.ca_file,
             )
             for devices in split(self.logins, args.loadgen_procs)
         ]
@@ -827,8 +832,9 @@ def run(args: argparse.Namespace) -> int:
             f"storage {storage_row[0] if storage_row else '?'}, durable"
         )
         say(
-            f"mosquitto: devices on plaintext port {config.plain_device_port}, ingest on TLS "
-            f"port {config.service_port}"
+            f"mosquitto: devices on TLS port {config.device_port}"
+            + ("" if args.tls_only else f" and plaintext port {config.plain_device_port}")
+            + f", ingest on TLS port {config.service_port}"
             + ("" if args.tls_only else f" and plaintext port {config.plain_service_port}")
             + f"; {len(bench.logins)} devices provisioned, {args.devices} a phase"
         )
@@ -857,7 +863,10 @@ def measure_phase(
     else:
         assert config.plain_service_port is not None
         port, tls = config.plain_service_port, 0
-    say(f"--- {listener}: ingest workers on the {listener} service listener (port {port})")
+    say(
+        f"--- {listener}: devices and ingest workers on the {listener} device and service "
+        f"listeners (service port {port})"
+    )
     # "connected to" is how start-up is followed; probe_workers waits for the rest.
     workers = bench.start_workers(
         "ingest",
@@ -869,7 +878,14 @@ def measure_phase(
     probe_workers(workers, config.plain_device_port, logins[0])
     say(f"{len(workers)} ingest workers up and storing")
 
-    measured = Run(args, logins, bench.broker, config.plain_device_port, bench.postgres, workers)
+    # Devices as well as workers: the TLS phase's devices publish to the TLS device listener,
+    # so Mosquitto's decryption of their traffic is in its CPU per sample.
+    device_port, ca_file = (
+        (config.device_port, str(config.pki.ca_file))
+        if listener == "tls"
+        else (config.plain_device_port, None)
+    )
+    measured = Run(args, logins, bench.broker, device_port, bench.postgres, workers, ca_file)
     stack.callback(measured.stop_load)
     measured.start_load()
     say(f"publishing for {args.seconds:.0f} s")

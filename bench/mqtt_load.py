@@ -45,6 +45,7 @@ from typing import Any, Final, TypeVar, cast
 from services.common.mqtt5 import ProtocolViolation, read_varint, string, varint
 from services.common.protocol.limits import SAMPLE_PERIOD_S
 from services.common.protocol.topics import ACK_CHANNEL, device_topic
+from services.common.tls import client_context
 
 KEEPALIVE_S: Final = 600  # activity never stops for long; the broker allows up to 65535
 CONNECT_CONCURRENCY: Final = 100
@@ -125,6 +126,9 @@ class LoadPlan:
     max_msgs_per_s: float
     backlog_msgs: int
     hear_acks: bool = True  # subscribe to each device's ack topic, as a real device does
+    # TLS verifying the broker against this CA (the TLS device listener), plain TCP when None.
+    # A path, not a context: a plan crosses into the load processes.
+    ca_file: str | None = None
 
 
 @dataclass
@@ -458,6 +462,8 @@ class LoadGenerator:
         self.index = index
         self.plan = plan
         self.shared = shared
+        # One context for every connection of the process, as a device fleet would share one.
+        self.tls = None if plan.ca_file is None else client_context(plan.ca_file)
         self.connections: list[DeviceConnection] = []
         self.parked: deque[DeviceConnection] = deque()
         self.publishing = False
@@ -522,6 +528,8 @@ class LoadGenerator:
                 lambda: DeviceConnection(self, login.device_id, packets),
                 self.plan.host,
                 self.plan.port,
+                ssl=self.tls,
+                server_hostname=self.plan.host if self.tls is not None else None,
             )
             transport.write(connect_packet(login))
             code = await asyncio.wait_for(conn.connack, CONNECT_TIMEOUT_S)
