@@ -11,15 +11,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from deploy.stack.errors import SetupError
 from deploy.stack.mosquitto import MosquittoBroker, local_broker, render_config
 from deploy.stack.options import RunOptions
 from deploy.stack.pki import DevelopmentPKI
+from deploy.stack.ports import free_port
 from services.common import mqtt5
 from services.common import pki as certificates
-from services.common.broker_auth import ServiceAccount
+from services.common.broker_auth import BrokerFiles, ServiceAccount, sync_device_credentials
 from services.common.broker_certificates import end_device_session, revoke_certificates
 from services.common.tls import client_context
 from tests.ingest import Device, connect_device, provision, telemetry, topic
@@ -413,6 +415,14 @@ def test_a_takeover_with_a_wrong_password_ends_nothing(
         client.close()
 
 
+def test_a_takeover_when_the_broker_cannot_be_reached_says_so(broker: MosquittoBroker) -> None:
+    started = time.monotonic()
+    assert not end_device_session(
+        HOST, free_port(), ServiceAccount.API, "pw", broker.tls_context(), "dev-x", timeout_s=1.0
+    )
+    assert time.monotonic() - started < 1.5
+
+
 # ---- the development switch ------------------------------------------------------------
 
 
@@ -431,10 +441,6 @@ def plaintext_broker(
 def test_the_plaintext_device_listener_admits_a_password_device_without_tls(
     plaintext_broker: MosquittoBroker, database_url: str
 ) -> None:
-    import psycopg
-
-    from services.common.broker_auth import BrokerFiles, sync_device_credentials
-
     [device] = provision(database_url, 1, prefix="dev-plain")
     with psycopg.connect(database_url) as conn:
         sync_device_credentials(conn, BrokerFiles(plaintext_broker.config.directory))
