@@ -376,14 +376,21 @@ def test_a_fleet_connects_and_publishes_over_tls_with_one_context(
                 f"--public-key={key}",
                 f"--store={tmp_path / 'fleet.sqlite3'}",
                 "--delete-on=puback",
-                "--status-interval=0.5",
-                "--duration=3",
+                "--status-interval=0.2",
+                "--duration=60",  # the bound; it stops once every device has delivered
             ]
         )
     )
     statuses: list[dict[str, object]] = []
-    fleet.report = lambda: statuses.append(fleet.status())  # type: ignore[method-assign]
-    asyncio.run(fleet.run(asyncio.Event()))
+    stop = asyncio.Event()
+
+    def report() -> None:
+        statuses.append(fleet.status())
+        if all(device.link.stats.delivered > 0 for device in fleet.devices):
+            stop.set()
+
+    fleet.report = report  # type: ignore[method-assign]
+    asyncio.run(fleet.run(stop))
     assert len(FLEET_DEVICES) in [status["connected"] for status in statuses]
     assert all(device.link.stats.connects == 1 for device in fleet.devices)
     assert all(device.link.stats.delivered > 0 for device in fleet.devices)
