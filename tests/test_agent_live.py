@@ -267,7 +267,8 @@ def test_pushed_tables_are_rejected_or_applied_between_sessions_and_answered_on_
         push(table)
         wait_until(lambda v=version: answer(v) is not None, 20, f"an answer to table {version}")
         assert answer(version)[:2] == ("rejected", reason)
-    assert not _has_event(database_url, device.device_id, "session_end"), "the session ended"
+    ended = _has_event(database_url, device.device_id, "session_end")
+    assert not ended, "the session ended before table 20 was pushed: make it longer"
     push(bound(_table(20)))  # valid, but a session is running
     wait_until(
         lambda: _has_event(database_url, device.device_id, "session_end"),
