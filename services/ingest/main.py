@@ -10,12 +10,13 @@ redelivery means a duplicate the database ignores.
 import gc
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
 import psycopg
 
+from services.common.broker_certificates import end_device_session
 from services.common.db import Conn, Storage, describe_error, storage_of
 from services.common.protocol import ProtocolError, parse_topic
 from services.common.subscriber import Inbound
@@ -90,6 +91,26 @@ def _device_time(item: TelemetryIn | EventIn | StateIn | PresenceIn) -> datetime
     return None if item.ts_suspect else item.ts
 
 
+def session_ender(settings: IngestSettings) -> Callable[[str], bool]:
+    """Ends a device's session by takeover with the worker's own account on the service
+    listener (a banned certificate device: throttle.py)."""
+    password = settings.mqtt_password.get_secret_value()
+    tls = settings.mqtt_tls_context()
+
+    def end(device_id: str) -> bool:
+        return end_device_session(
+            settings.mqtt_host,
+            settings.mqtt_port,
+            settings.mqtt_username,
+            password,
+            tls,
+            device_id,
+            settings.throttle_takeover_timeout_s,
+        )
+
+    return end
+
+
 class Worker:
     """Batches from the worker loop into the database, acknowledged after commit."""
 
@@ -104,6 +125,8 @@ class Worker:
                 settings.throttle_ban_s,
                 settings.mosquitto_dir(),
                 self.loop.db.transaction,
+                end_session=session_ender(settings),
+                takeover_interval_s=settings.throttle_takeover_interval_s,
             )
             if settings.throttle
             else None
@@ -111,7 +134,12 @@ class Worker:
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then store what is pending and disconnect."""
-        self.loop.run(self.flush, between=self.throttle.tick if self.throttle else None)
+        throttle = self.throttle
+        self.loop.run(
+            self.flush,
+            between=throttle.tick if throttle else None,
+            close=throttle.close if throttle else None,
+        )
 
     def _learn_storage(self, conn: Conn) -> None:
         self._storage = storage_of(conn)

@@ -23,6 +23,19 @@ Each ban is also recorded in ``device_throttles`` (a short transaction of its ow
 broker has the ban: a failed write is logged and counted, the ban stands), from which the rules
 raise ``device_flooding`` to the device's brand.
 
+A device that connects with a certificate (``devices.auth = 'certificate'``, the certificate
+listener) is not in the password file, so the reload neither disconnects nor refuses it, and
+the topic ACL is no tool either (a publish it refuses is PUBACK 0x87, which the device agent
+gives up: that would lose data). Such a device is kept down by session takeover instead
+(services.common.broker_certificates.end_device_session, with ingest's own account on the
+service listener): when its ban starts, and again whenever its messages keep arriving while it
+is banned, at most once per ``takeover_interval_s`` per device (a background thread, so a slow
+broker does not hold the batch). Each worker learns the bans the others made from the ban file
+(every LIFT_CHECK_INTERVAL_S) and ends the sessions of the banned certificate devices whose
+messages it receives. Every message the broker acknowledged is still stored; the rest stays in
+the device's outbox. What this bounds depends on how soon the device reconnects: the broker
+accepts each reconnect, so a device sends for up to one takeover interval per connection.
+
 Each worker counts what it sees. A shared subscription deals one device's messages round-robin
 over the group's workers, so with W workers a device is banned at about W times the budget.
 """
@@ -31,6 +44,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,8 +62,22 @@ log = logging.getLogger("galvani.ingest.throttle")
 # How often a worker looks for bans that have ended (its own or another worker's).
 LIFT_CHECK_INTERVAL_S: Final = 1.0
 
+# How often a banned certificate device's session is ended at most, per device, while its
+# messages keep arriving.
+TAKEOVER_INTERVAL_S: Final = 1.0
+
 # Runs a function in a transaction of the worker's database (RetryingDatabase.transaction).
 InTransaction = Callable[[Callable[[Conn], None]], None]
+# Ends a device's session at the broker by session takeover; whether the broker accepted it.
+EndSession = Callable[[str], bool]
+
+
+def certificate_devices(conn: Conn, device_ids: Iterable[str]) -> set[str]:
+    """Which of ``device_ids`` connect with a certificate (no password file keeps them out)."""
+    rows = conn.execute(
+        "SELECT id FROM devices WHERE id = ANY(%s) AND auth = 'certificate'", [list(device_ids)]
+    ).fetchall()
+    return {str(row[0]) for row in rows}
 
 
 def senders(decoded: Sequence[Decoded]) -> Iterator[str]:
@@ -124,9 +152,13 @@ class Throttle:
         broker_dir: Path,
         transaction: InTransaction,
         *,
+        end_session: EndSession | None = None,
+        takeover_interval_s: float = TAKEOVER_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``transaction`` runs the ban's reading of device credentials in the database."""
+        """``transaction`` runs the ban's reading of device credentials in the database;
+        ``end_session`` ends a banned certificate device's session (without it, such a device
+        cannot be banned: counted as ``ban_failed``)."""
         self.counts = Counts(budget, clock)
         self.ban_s = ban_s
         self.files = BrokerFiles(broker_dir)
@@ -134,16 +166,39 @@ class Throttle:
         self._clock = clock
         self._banned_until: dict[str, float] = {}  # by this worker, on its clock
         self._next_lift_check = 0.0
+        self._end_session = end_session
+        self.takeover_interval_s = takeover_interval_s
+        # Banned certificate devices (by any worker) and when their ban ends (Unix seconds).
+        self._certificate_bans: dict[str, float] = {}
+        self._classified: set[str] = set()  # banned devices whose auth has been looked up
+        self._ended_at: dict[str, float] = {}  # last takeover per device, on this clock
+        self._takeovers = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="takeover")
+            if end_session is not None
+            else None
+        )
+
+    def close(self) -> None:
+        """Wait for the takeovers under way (each bounded by its timeout)."""
+        if self._takeovers is not None:
+            self._takeovers.shutdown(wait=True, cancel_futures=True)
 
     def observe(self, device_ids: Iterable[str]) -> None:
         """Count a committed batch; ban the devices that went over their budget with it."""
-        over, over_messages = self.counts.add(device_ids)
+        batch = list(device_ids)
+        over, over_messages = self.counts.add(batch)
         if over_messages:
             metrics.OVER_BUDGET_MESSAGES.inc(over_messages)
         now = self._clock()
         due = [d for d in over if self._banned_until.get(d, 0.0) <= now]
         if due:
             self._ban(due, now)
+        if self._certificate_bans:
+            # A banned certificate device that has reconnected: end its session again.
+            wall = time.time()
+            for device_id in set(batch).intersection(self._certificate_bans):
+                if self._certificate_bans[device_id] > wall:
+                    self._take_over(device_id, now)
 
     def _ban(self, device_ids: list[str], now: float) -> None:
         banned_at = datetime.now(UTC)
@@ -156,9 +211,12 @@ class Throttle:
             self._banned_until[device_id] = now + self.ban_s
             self.counts.forget(device_id)
         reloaded: list[bool] = []
+        certificate: set[str] = set()
 
         def ban(conn: Conn) -> None:
             reloaded[:] = [ban_devices(conn, self.files, bans)]
+            certificate.clear()
+            certificate.update(certificate_devices(conn, device_ids))
 
         try:
             self._transaction(ban)
@@ -168,24 +226,59 @@ class Throttle:
             metrics.THROTTLED.labels("ban_failed").inc(len(device_ids))
             log.exception("could not ban %s from the broker", ", ".join(device_ids))
             return
-        if not reloaded[0]:
-            metrics.THROTTLED.labels("ban_failed").inc(len(device_ids))
+        failed = [d for d in device_ids if d not in certificate] if not reloaded[0] else []
+        if failed:
             log.error(
                 "could not ban %s: no broker runs from %s (no pid file, or its process is gone)",
-                ", ".join(device_ids),
+                ", ".join(failed),
                 self.files.directory,
             )
+        if certificate and self._end_session is None:
+            failed += sorted(certificate)
+            log.error(
+                "could not ban %s: a certificate device is kept out by session takeover, and"
+                " this worker has no broker account to make one",
+                ", ".join(sorted(certificate)),
+            )
+        elif certificate:
+            for device_id in sorted(certificate):
+                self._certificate_bans[device_id] = until
+                self._classified.add(device_id)
+                self._take_over(device_id, now)
+        if failed:
+            metrics.THROTTLED.labels("ban_failed").inc(len(failed))
+        applied = [d for d in device_ids if d not in failed]
+        if not applied:
             return
-        metrics.THROTTLED.labels("banned").inc(len(device_ids))
+        metrics.THROTTLED.labels("banned").inc(len(applied))
         log.warning(
             "device flooding: %s sent over %d messages in %.0f s; banned from the broker for"
             " %.0f s (its messages acknowledged so far are stored; the rest wait in its outbox)",
-            ", ".join(device_ids),
+            ", ".join(applied),
             budget.messages,
             budget.window_s,
             self.ban_s,
         )
-        self._record(banned_at, over)
+        self._record(banned_at, {d: over[d] for d in applied})
+
+    def _take_over(self, device_id: str, now: float) -> None:
+        """End a banned certificate device's session, unless this worker did within the
+        takeover interval (or one is still under way)."""
+        if self._takeovers is None:
+            return
+        last = self._ended_at.get(device_id)
+        if last is not None and now - last < self.takeover_interval_s:
+            return
+        self._ended_at[device_id] = now
+        self._takeovers.submit(self._end, device_id)
+
+    def _end(self, device_id: str) -> None:
+        assert self._end_session is not None
+        if self._end_session(device_id):
+            metrics.THROTTLED.labels("session_ended").inc()
+        else:
+            # Logged by end_device_session; tried again with the device's next messages.
+            metrics.THROTTLED.labels("session_end_failed").inc()
 
     def _record(self, banned_at: datetime, over: dict[str, int]) -> None:
         """Keep the bans in ``device_throttles`` for the device's brand to see (as the rules'
@@ -236,10 +329,12 @@ class Throttle:
         self._banned_until = {d: u for d, u in self._banned_until.items() if u > now}
         wall = time.time()
         try:
-            if not any(until <= wall for until in self.files.bans().values()):
-                return
+            bans = self.files.bans()
         except OSError:
             log.exception("could not read the broker's ban file")
+            return
+        self._learn_certificate_bans(bans, wall)
+        if not any(until <= wall for until in bans.values()):
             return
         lifted: list[str] = []
 
@@ -254,3 +349,28 @@ class Throttle:
         if lifted:
             metrics.THROTTLED.labels("lifted").inc(len(lifted))
             log.info("ban ended: %s may connect again", ", ".join(lifted))
+
+    def _learn_certificate_bans(self, bans: dict[str, float], wall: float) -> None:
+        """Keep the current bans of certificate devices, whichever worker made them, so that
+        this worker ends their sessions too when their messages reach it."""
+        if self._end_session is None:
+            return
+        current = {d: u for d, u in bans.items() if u > wall}
+        self._classified &= current.keys()
+        self._certificate_bans = {
+            d: current[d] for d in self._certificate_bans.keys() & current.keys()
+        }
+        self._ended_at = {d: t for d, t in self._ended_at.items() if d in current}
+        unknown = current.keys() - self._classified
+        if not unknown:
+            return
+        found: set[str] = set()
+
+        def classify(conn: Conn) -> None:
+            found.clear()
+            found.update(certificate_devices(conn, unknown))
+
+        self._transaction(classify)
+        self._classified |= unknown
+        for device_id in found:
+            self._certificate_bans[device_id] = current[device_id]
