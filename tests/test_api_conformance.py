@@ -62,6 +62,7 @@ def test_the_api_accepts_what_its_schema_allows_and_refuses_the_rest(
             database_url=url,
             mqtt_port=broker.config.service_port,
             mqtt_password="x",
+            mqtt_ca_file=broker.config.pki.ca_file,
             data_dir=tmp_path,
             # Schemathesis sends far more than a client would: the limits are not under test.
             rate_limit_burst=1_000_000,
