@@ -307,9 +307,10 @@ def test_a_flooding_certificate_device_is_disconnected_while_banned_and_loses_no
         assert flood.result.refused == 0
     assert ended >= agent.result.closed + growing.result.closed - 2
     assert failed == 0
-    # While banned it gets through less than unbanned; with a backoff that grows, far less.
-    assert agent_rate < 0.9 * unbanned_rate
-    assert growing_rate < 0.3 * unbanned_rate
+    # While banned it gets through a fraction of its unbanned rate (measured ~15 % with the
+    # agent's backoff, ~2 % with one that grows); far more than that means it is not held.
+    assert agent_rate < 0.4 * unbanned_rate
+    assert growing_rate < 0.15 * unbanned_rate
 
 
 class FakeClock:
@@ -347,6 +348,7 @@ def test_any_worker_ends_a_banned_certificate_device_session_at_most_once_an_int
         files.directory,
         lambda work: work(db),
         end_session=end_session,
+        takeover_interval_s=1.0,
         clock=clock,
     )
     both = [login.device_id, password_device.device_id] * 3

@@ -34,8 +34,9 @@ class IngestSettings(WorkerSettings):
     throttle_ban_s: float = Field(default=30.0, gt=0, le=86_400)
     # A banned device that connects with a certificate is not kept out by the password file:
     # its session is ended by takeover (ingest's account on the service listener) when the ban
-    # starts and again while its messages keep arriving, at most once per this interval.
-    throttle_takeover_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # starts and again while its messages keep arriving, at most once per this interval
+    # (throttle.TAKEOVER_INTERVAL_S says why 0.2 s).
+    throttle_takeover_interval_s: float = Field(default=0.2, gt=0, le=60)
     throttle_takeover_timeout_s: float = Field(default=5.0, gt=0, le=60)
     # The broker's configuration directory, where bans are written (default
     # ``<data_dir>/mosquitto``, as ``make run`` lays it out); ingest and the broker share a host.
