@@ -33,8 +33,10 @@ EXCLUDED_PATH: Final = "/v1/alerts/stream"
 # The only refusals of schema-valid requests left, each for a reason JSON schema cannot state
 # and the operation's description (and docs/api.md) gives: a table's cross-field safety rules
 # (i_target_ua <= i_max_ua, z_ok_ohm low <= high, session default <= cap), and telemetry's
-# bound of 10,000 points per answer (it depends on the range, the bucket and the data). Every
-# other check still runs on these operations.
+# bound of 10,000 points per answer (it depends on the range, the bucket and the data); and
+# certificate enrolment, whose `csr` or `certificate` must be a parseable PEM that verifies (a
+# string schema cannot say so) and must agree with `auth`. Every other check still runs on these
+# operations.
 CONFIG: Final = """
 [checks]
 enabled = true
@@ -45,6 +47,10 @@ checks.positive_data_acceptance.enabled = false
 
 [[operations]]
 include-name-regex = '^GET /v1/devices/[^/]+/telemetry(/suspect)?$'
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-name-regex = '^POST /v1/(devices(/[^/]+/certificate)?|device-authorities)$'
 checks.positive_data_acceptance.enabled = false
 """
 
