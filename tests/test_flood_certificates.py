@@ -6,7 +6,7 @@ stored once. Measured: its acknowledged rate while banned against an unbanned fl
 import multiprocessing
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,13 +354,19 @@ def test_any_worker_ends_a_banned_certificate_device_session_at_most_once_an_int
     both = [login.device_id, password_device.device_id] * 3
     throttle.observe(both)  # not learned yet: nothing
     throttle.tick()
-    throttle.observe(both)  # ended
+    throttle.observe(both)  # ended (on the throttle's thread)
+    _wait_for(lambda: len(ended) == 1)
     clock.now += 0.5
     throttle.observe(both)  # within the interval: not again
     clock.now += 0.5
     throttle.observe(both)  # ended again
-    deadline = time.monotonic() + 10
-    while len(ended) < 2 and time.monotonic() < deadline:  # on the throttle's thread
-        time.sleep(0.05)
+    _wait_for(lambda: len(ended) == 2)
     throttle.close()
     assert ended == [login.device_id, login.device_id]
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

@@ -44,7 +44,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -177,6 +177,7 @@ class Throttle:
         self._certificate_bans: dict[str, float] = {}
         self._classified: set[str] = set()  # banned devices whose auth has been looked up
         self._ended_at: dict[str, float] = {}  # last takeover per device, on this clock
+        self._under_way: dict[str, Future[None]] = {}  # so a slow broker gets no queue
         self._takeovers = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="takeover")
             if end_session is not None
@@ -274,8 +275,11 @@ class Throttle:
         last = self._ended_at.get(device_id)
         if last is not None and now - last < self.takeover_interval_s:
             return
+        under_way = self._under_way.get(device_id)
+        if under_way is not None and not under_way.done():
+            return
         self._ended_at[device_id] = now
-        self._takeovers.submit(self._end, device_id)
+        self._under_way[device_id] = self._takeovers.submit(self._end, device_id)
 
     def _end(self, device_id: str) -> None:
         assert self._end_session is not None
@@ -366,6 +370,7 @@ class Throttle:
             d: current[d] for d in self._certificate_bans.keys() & current.keys()
         }
         self._ended_at = {d: t for d, t in self._ended_at.items() if d in current}
+        self._under_way = {d: f for d, f in self._under_way.items() if d in current}
         unknown = current.keys() - self._classified
         if not unknown:
             return
