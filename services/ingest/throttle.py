@@ -67,7 +67,7 @@ LIFT_CHECK_INTERVAL_S: Final = 1.0
 # so this caps takeovers only for a device reconnecting faster; what it decides is how long a
 # reconnected device sends before it is cut off again. Measured (tests/test_flood_certificates.py,
 # the device agent's backoff, which starts again from 1 s at each accepted connection): 1 s let
-# a banned device through at ~57-60 % of its unbanned rate; 0.2 s at ~15 %, with 1.8 times the
+# a banned device through at ~57-60 % of its unbanned rate; 0.2 s at 8-15 %, with 1.8 times the
 # takeovers (30 against 17 for two devices over 10 s).
 TAKEOVER_INTERVAL_S: Final = 0.2
 
