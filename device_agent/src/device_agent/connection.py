@@ -44,6 +44,11 @@ KEEPALIVE_S: Final = 60
 CONNECT_TIMEOUT_S: Final = 5.0
 BACKOFF_MIN_S: Final = 1.0
 BACKOFF_MAX_S: Final = 60.0
+# The backoff starts again from BACKOFF_MIN_S only after a connection has lasted this long
+# (as the AWS IoT device SDKs' minimum connection time does): a broker that accepts a device
+# and then ends its session at once, as a flood ban of a certificate device does, meets a
+# growing backoff instead of a reconnect a second.
+STABLE_CONNECTION_S: Final = 20.0
 
 # paho's callbacks (CallbackAPIVersion.VERSION2) for a PUBACK and for a message.
 OnPublish = Callable[[mqtt.Client, Any, int, ReasonCode, Properties | None], None]
@@ -125,7 +130,8 @@ class Connection:
         self.on_message = on_message
         self.connected = False
         self.client: mqtt.Client | None = None  # from the attempt on, until it is dropped
-        self._attempt = 0
+        self._attempt = 0  # reconnects since the last stable connection
+        self._connected_at = 0.0  # loop time of the current connection's CONNACK
         self._retry: asyncio.TimerHandle | None = None
         self._stopping = False
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
@@ -242,7 +248,7 @@ class Connection:
             return  # paho closes the socket; on_disconnect schedules the retry
         client.on_log = None  # paho formats every packet's log line for it
         self.connected = True
-        self._attempt = 0
+        self._connected_at = self.loop.time()
         self.stats.connects += 1
         # Subscribed before anything is published on this connection: the broker handles a
         # client's packets in order, so no ack for this connection's messages is missed.
@@ -265,6 +271,8 @@ class Connection:
             return
         if self.connected:
             self.stats.disconnects += 1
+            if self.loop.time() - self._connected_at >= STABLE_CONNECTION_S:
+                self._attempt = 0
             log.info("%s: disconnected (%s)", self.device_id, reason)
         elif self._socket_error is not None:
             log.warning(
