@@ -50,7 +50,8 @@ THROTTLED: Final = Counter(
     "galvani_ingest_devices_throttled_total",
     "Devices over their message budget, by action (banned from the broker, ban_failed, lifted:"
     " let back in when the ban ended, record_failed: banned but not written to device_throttles,"
-    " so the brand gets no device_flooding alert for it)",
+    " so the brand gets no device_flooding alert for it; session_ended: a banned certificate"
+    " device's session ended by takeover, session_end_failed: the takeover did not happen)",
     ["action"],
 )
 OVER_BUDGET_MESSAGES: Final = Counter(
