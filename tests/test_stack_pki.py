@@ -7,8 +7,10 @@ import stat
 import threading
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
+from deploy.stack.errors import SetupError
 from deploy.stack.pki import DevelopmentPKI
 from services.common import pki
 from services.common.tls import client_context, server_context
@@ -120,3 +122,25 @@ def test_a_revocation_list_near_its_expiry_is_renewed_naming_the_same_certificat
     assert newest.next_update_utc is not None
     assert newest.next_update_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=20)
     assert paths.initial_crl.read_bytes() == pki.pem(newest)
+
+
+def test_an_operators_own_ca_and_server_certificate_are_used_as_they_are(tmp_path: Path) -> None:
+    """A ca.pem and server certificate put in place without the CA's key are kept (never
+    replaced by a development CA), and a server certificate that would need renewing without
+    that key stops the start with a message saying what to do."""
+    operator_ca = pki.Authority.create("Operator CA")
+    certificate, key = operator_ca.issue_server()
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    (directory / "ca.pem").write_bytes(pki.pem(operator_ca.certificate))
+    (directory / "server.pem").write_bytes(pki.pem(certificate))
+    (directory / "server.key").write_bytes(pki.private_pem(key))
+    paths = DevelopmentPKI.ensure(directory)
+    assert paths.ca_file.read_bytes() == pki.pem(operator_ca.certificate)
+    assert paths.server_cert.read_bytes() == pki.pem(certificate)
+    assert not paths.ca_key.exists()
+
+    paths.server_cert.unlink()
+    with pytest.raises(SetupError, match=r"ca\.key is not there to issue another"):
+        DevelopmentPKI.ensure(directory)
+    assert paths.ca_file.read_bytes() == pki.pem(operator_ca.certificate)

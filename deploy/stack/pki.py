@@ -21,6 +21,7 @@ from typing import Final
 
 from cryptography import x509
 
+from deploy.stack.errors import SetupError
 from services.common import pki
 
 SERVER_CA_NAME: Final = "Galvani development server CA"
@@ -69,8 +70,17 @@ class DevelopmentPKI:
         # Readable by the broker's user (the suites run it as another user); the keys in it
         # are owner-only files. ``make run``'s data directory keeps others out above this.
         os.chmod(directory, 0o755)  # noqa: S103
-        server_ca = _authority(paths.ca_file, paths.ca_key, SERVER_CA_NAME)
         if _needs_server_certificate(paths.server_cert):
+            # An operator's own ca.pem and server certificate, without the CA's key, are used
+            # as they are: never replaced by a new CA, and not renewed here.
+            if paths.ca_file.is_file() and not paths.ca_key.is_file():
+                raise SetupError(
+                    f"{paths.server_cert} is missing or expires within "
+                    f"{SERVER_RENEW_BEFORE.days} days, and {paths.ca_key} is not there to issue "
+                    f"another: put a current server certificate and key there (signed by "
+                    f"{paths.ca_file}), or remove {paths.ca_file} to use a development CA"
+                )
+            server_ca = _authority(paths.ca_file, paths.ca_key, SERVER_CA_NAME)
             certificate, key = server_ca.issue_server()
             pki.write_file(paths.server_key, pki.private_pem(key), mode=0o600)
             pki.write_file(paths.server_cert, pki.pem(certificate), mode=0o644)
