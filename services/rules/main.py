@@ -105,6 +105,10 @@ class Worker:
         self.publisher = Publisher(settings)
         self._next_sweep = time.monotonic()
         self._next_trim = time.monotonic()
+        # Tables were left unpublished because the publisher was not connected: published
+        # as soon as it is (a worker's first sweep runs before its TLS connection is up),
+        # not only at the next sweep.
+        self._deferred = False
 
     def run(self) -> None:
         """Consume until ``stop`` is set, then evaluate what is pending and disconnect."""
@@ -114,6 +118,9 @@ class Worker:
         """Sweep and trim when their timers say (it republishes lost pushes)."""
         if time.monotonic() >= self._next_sweep:
             self.sweep()
+        elif self._deferred and self.publisher.client.is_connected():
+            self._deferred = False
+            self.publish_unpublished()
         if time.monotonic() >= self._next_trim:
             self.trim()
 
@@ -179,14 +186,8 @@ class Worker:
         else:
             outcome.count()
             self.publish(outcome.pushes)
-        try:
-            pending = self.db.transaction(unpublished_pushes)
-        except StoppedWaiting:
-            raise
-        except Exception:  # logged; the next sweep tries again
-            log.exception("cannot list unpublished tables")
+        if not self.publish_unpublished():
             return
-        self.publish(pending)
         grace_s = self.settings.republish_grace_s
         try:
             unanswered = self.db.transaction(lambda conn: unanswered_pushes(conn, grace_s))
@@ -198,6 +199,19 @@ class Worker:
         if unanswered:
             log.info("publishing %d unanswered tables again", len(unanswered))
         self.publish(unanswered)
+
+    def publish_unpublished(self) -> bool:
+        """Publish every table recorded and not yet published; False if they cannot be
+        listed (logged; the next sweep tries again)."""
+        try:
+            pending = self.db.transaction(unpublished_pushes)
+        except StoppedWaiting:
+            raise
+        except Exception:  # logged; the next sweep tries again
+            log.exception("cannot list unpublished tables")
+            return False
+        self.publish(pending)
+        return True
 
     def trim(self) -> None:
         """Delete one short batch of expired rules state; soon again while there is more."""
@@ -217,6 +231,7 @@ class Worker:
         """Publish recorded tables; what cannot be published now is left for the next sweep."""
         for n, push in enumerate(pushes):
             if not self.publisher.client.is_connected():
+                self._deferred = True
                 metrics.PUBLISHED.labels("deferred").inc(len(pushes) - n)
                 log.warning("broker unavailable: %d tables deferred", len(pushes) - n)
                 return
