@@ -2,9 +2,7 @@
 broker) reads authorities and revocation lists from, checked with real TLS handshakes."""
 
 import datetime as dt
-import socket
 import ssl
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,29 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from services.common import pki
 from services.common.tls import client_context, server_context
-
-
-def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
-    """One TLS handshake over a socket pair; raises the client's or the server's error."""
-    left, right = socket.socketpair()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            with server.wrap_socket(right, server_side=True) as tls:
-                tls.recv(1)
-        except (ssl.SSLError, OSError) as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        with client.wrap_socket(left, server_hostname="localhost") as tls:
-            tls.sendall(b"x")
-    finally:
-        thread.join(5)
-    if errors:
-        raise errors[0]
+from tests.tls import handshake
 
 
 def _write_pair(directory: Path, name: str, cert: x509.Certificate, key: object) -> Path:
@@ -83,16 +59,16 @@ def test_the_subject_hash_is_the_one_openssl_looks_up(tmp_path: Path) -> None:
     assert trust.trust(ca_cert) == path  # idempotent
 
     client = ssl.create_default_context(capath=str(tmp_path / "trust"))
-    _handshake(server, client)
+    handshake(server, client)
 
     stranger = ssl.create_default_context(
         cafile=str(_write_pair(tmp_path, "other", pki.Authority.create("Other").certificate, key))
     )
     with pytest.raises(ssl.SSLCertVerificationError):
-        _handshake(server, stranger)
+        handshake(server, stranger)
 
 
-def test_a_new_revocation_list_is_read_on_the_next_handshake(tmp_path: Path) -> None:
+def test_a_new_revocation_list_is_read_on_the_nexthandshake(tmp_path: Path) -> None:
     """The mechanism the broker's certificate listener rests on: a server context that
     checks revocation from the hashed directory refuses a client certificate revoked after
     the context was made, and keeps accepting the others."""
@@ -119,13 +95,13 @@ def test_a_new_revocation_list_is_read_on_the_next_handshake(tmp_path: Path) -> 
 
     revoked_ctx, revoked = device("dev-a")
     kept_ctx, _ = device("dev-b")
-    _handshake(server, revoked_ctx)
-    _handshake(server, kept_ctx)
+    handshake(server, revoked_ctx)
+    handshake(server, kept_ctx)
 
     trust.publish_revocations(device_ca, [(revoked.serial_number, dt.datetime.now(dt.UTC))])
     with pytest.raises((ssl.SSLError, OSError)):
-        _handshake(server, revoked_ctx)
-    _handshake(server, kept_ctx)
+        handshake(server, revoked_ctx)
+    handshake(server, kept_ctx)
 
 
 def test_a_csr_becomes_a_client_certificate_for_the_device_id() -> None:

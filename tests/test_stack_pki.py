@@ -1,10 +1,8 @@
 """The development PKI: made once, reused, renewed before it expires."""
 
 import datetime as dt
-import socket
 import ssl
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,28 +12,7 @@ from deploy.stack.errors import SetupError
 from deploy.stack.pki import DevelopmentPKI
 from services.common import pki
 from services.common.tls import client_context, server_context
-
-
-def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> None:
-    left, right = socket.socketpair()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            with server.wrap_socket(right, server_side=True) as tls:
-                tls.recv(1)
-        except (ssl.SSLError, OSError) as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        with client.wrap_socket(left, server_hostname=hostname) as tls:
-            tls.sendall(b"x")
-    finally:
-        thread.join(5)
-    if errors:
-        raise errors[0]
+from tests.tls import handshake
 
 
 def _files(paths: DevelopmentPKI) -> dict[str, bytes]:
@@ -56,7 +33,7 @@ def test_ensure_makes_a_pki_whose_server_certificate_clients_verify(tmp_path: Pa
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     server = server_context(paths.server_cert, paths.server_key)
     for host in pki.LOOPBACK_NAMES[:2]:
-        _handshake(server, client_context(paths.ca_file), host)
+        handshake(server, client_context(paths.ca_file), host)
     device_ca = paths.device_authority()
     trusted = [x509.load_pem_x509_certificate(p.read_bytes()) for p in paths.trust_dir.glob("*.0")]
     assert [c.subject for c in trusted] == [device_ca.certificate.subject]
@@ -71,7 +48,7 @@ def test_the_device_ca_is_not_the_server_ca(tmp_path: Path) -> None:
     paths = DevelopmentPKI.ensure(tmp_path / "pki")
     server = server_context(paths.server_cert, paths.server_key)
     try:
-        _handshake(server, client_context(paths.device_ca_cert), "127.0.0.1")
+        handshake(server, client_context(paths.device_ca_cert), "127.0.0.1")
     except ssl.SSLCertVerificationError:
         return
     raise AssertionError("a client trusting the device CA verified the server certificate")
@@ -99,7 +76,7 @@ def test_a_server_certificate_near_its_expiry_is_issued_again(tmp_path: Path) ->
     assert after["ca_file"] == before["ca_file"]
     renewed = x509.load_pem_x509_certificate(after["server_cert"])
     assert renewed.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=365)
-    _handshake(
+    handshake(
         server_context(paths.server_cert, paths.server_key),
         client_context(paths.ca_file),
         "127.0.0.1",
