@@ -1,48 +1,22 @@
 """The Prometheus alert rules in deploy/prometheus: valid, unit-tested, and on real metrics."""
 
 import re
-import shutil
-import subprocess
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from services.common.settings import REPO_ROOT
 from services.maintenance.broker_watch import DROPPED_TOPIC, GAUGES, BrokerCollector, BrokerStats
+from tests.promtool import RULES_DIR, check_rules, run_rule_tests
 
-RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 RULES = RULES_DIR / "galvani-alerts.yml"
 RULE_TESTS = RULES_DIR / "galvani-alerts.test.yml"
 
 
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail(
-            "promtool is missing: `make test` installs it (Debian's prometheus package, through "
-            "deploy/install-system-deps.sh)"
-        )
-    return found
-
-
 def test_alert_rules_pass_promtool_check() -> None:
-    result = subprocess.run(
-        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 2 rules found" in result.stdout
+    assert "SUCCESS: 2 rules found" in check_rules(RULES.name)
 
 
 def test_alert_rules_fire_as_their_unit_tests_expect() -> None:
-    result = subprocess.run(
-        [promtool(), "test", "rules", RULE_TESTS.name],
-        cwd=RULES_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout
+    assert "SUCCESS" in run_rule_tests(RULE_TESTS.name)
 
 
 def test_alert_rules_use_only_metrics_the_broker_watch_exports() -> None:

@@ -5,10 +5,8 @@ refusing a revoked one) with the renewed list. The alert on its expiry is checke
 
 import datetime as dt
 import re
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +27,11 @@ from services.api.revocation_renewal import newest_revocation_list, renew_if_due
 from services.api.settings import ApiSettings
 from services.common import pki, provisioning
 from services.common.pki import CRL_DAYS
-from services.common.settings import REPO_ROOT
 from services.common.tls import client_context
 from tests.mqtt import MqttClient
+from tests.promtool import RULES_DIR, check_rules, run_rule_tests
 
 HOST = "127.0.0.1"
-RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 GAUGE = "galvani_api_device_crl_next_update_seconds"
 DAY = dt.timedelta(days=1)
 
@@ -273,31 +270,9 @@ def test_the_lifespan_task_renews_the_broker_list_and_certificates_still_connect
     _refused_as_revoked(broker, gone)
 
 
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus package)")
-    return found
-
-
 def test_the_expiry_alert_passes_promtool_and_reads_the_api_gauge() -> None:
-    check = subprocess.run(
-        [promtool(), "check", "rules", "galvani-api-alerts.yml"],
-        cwd=RULES_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 1 rules found" in check.stdout
-    run = subprocess.run(
-        [promtool(), "test", "rules", "galvani-api-alerts.test.yml"],
-        cwd=RULES_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert "SUCCESS: 1 rules found" in check_rules("galvani-api-alerts.yml")
+    assert "SUCCESS" in run_rule_tests("galvani-api-alerts.test.yml")
     rules = (RULES_DIR / "galvani-api-alerts.yml").read_text()
     assert "alert: GalvaniRevocationListExpiring" in rules
     assert set(re.findall(r"galvani_api_\w+", rules)) == {GAUGE}

@@ -2,8 +2,6 @@
 once, and every other device's ingest lag kept under 5 s (issue 19, item 4)."""
 
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,7 +26,6 @@ from services.common.broker_auth import (
     lift_expired_bans,
 )
 from services.common.migrations.grants import ServiceRole
-from services.common.settings import REPO_ROOT
 from services.ingest import metrics
 from services.ingest.throttle import Budget, Counts, Throttle
 from services.maintenance.jobs import run_pass
@@ -36,6 +33,7 @@ from services.rules.sweeps import BANS_LOOKBACK, sweep
 from tests.api import auth
 from tests.ingest import T0_MS, Device, IngestWorkers, connect_device, provision, wait_until
 from tests.mqtt import ConnectRefused, MqttClient
+from tests.promtool import RULES_DIR, check_rules, run_rule_tests
 from tests.roles import as_service
 from tests.rules import RulesWorkers, alerts
 
@@ -43,7 +41,6 @@ FLOOD_S = 12.0
 BUDGET = 500
 BAN_S = 3.0
 LAG_LIMIT_S = 5.0
-RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 
 
 class FakeClock:
@@ -213,31 +210,9 @@ def test_flooding_device_is_throttled_and_other_devices_keep_up(
     )
 
 
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus package)")
-    return found
-
-
 def test_device_flooding_alert_fires_on_bans() -> None:
-    check = subprocess.run(
-        [promtool(), "check", "rules", "galvani-ingest-alerts.yml"],
-        cwd=RULES_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 1 rules found" in check.stdout
-    run = subprocess.run(
-        [promtool(), "test", "rules", "galvani-ingest-alerts.test.yml"],
-        cwd=RULES_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert "SUCCESS: 1 rules found" in check_rules("galvani-ingest-alerts.yml")
+    assert "SUCCESS" in run_rule_tests("galvani-ingest-alerts.test.yml")
 
 
 def test_device_flooding_alert_reads_a_metric_ingest_exports() -> None:
