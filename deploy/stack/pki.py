@@ -87,7 +87,7 @@ class DevelopmentPKI:
         device_ca = _authority(paths.device_ca_cert, paths.device_ca_key, DEVICE_CA_NAME)
         trust = pki.TrustDirectory(paths.trust_dir)
         trust.trust(device_ca.certificate)
-        newest = _newest_revocation_list(paths.trust_dir, device_ca)
+        newest = trust.newest_revocations(device_ca)
         if (
             newest is None
             or not paths.initial_crl.is_file()
@@ -128,20 +128,6 @@ def _authority(certificate: Path, key: Path, name: str) -> pki.Authority:
     authority = pki.Authority.create(name)
     authority.save(certificate, key)
     return authority
-
-
-def _newest_revocation_list(
-    directory: Path, authority: pki.Authority
-) -> x509.CertificateRevocationList | None:
-    prefix = pki.subject_hash(authority.certificate.subject)
-    numbered = [
-        (int(suffix), path)
-        for path in directory.glob(f"{prefix}.r*")
-        if (suffix := path.name.rsplit(".r", 1)[1]).isdigit()
-    ]
-    if not numbered:
-        return None
-    return x509.load_pem_x509_crl(max(numbered)[1].read_bytes())
 
 
 def _needs_server_certificate(path: Path) -> bool:

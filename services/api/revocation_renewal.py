@@ -40,15 +40,7 @@ def newest_revocation_list(
     trust_dir: Path, authority: pki.Authority
 ) -> x509.CertificateRevocationList | None:
     """The authority's highest-numbered list in ``trust_dir`` (the one OpenSSL uses), or None."""
-    prefix = pki.subject_hash(authority.certificate.subject)
-    numbered = [
-        (int(suffix), path)
-        for path in trust_dir.glob(f"{prefix}.r*")
-        if (suffix := path.name.rsplit(".r", 1)[1]).isdigit()
-    ]
-    if not numbered:
-        return None
-    return x509.load_pem_x509_crl(max(numbered)[1].read_bytes())
+    return pki.TrustDirectory(trust_dir).newest_revocations(authority)
 
 
 def _expires(crl: x509.CertificateRevocationList | None) -> dt.datetime | None:

@@ -415,21 +415,29 @@ class TrustDirectory:
         authority's list and prefers it, being later, to the ones it has. Older files stay
         (a few hundred bytes each) so that the numbering only rises."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        newest = self._newest_revocation_file(authority)
+        after = None
+        if newest is not None:
+            after = x509.load_pem_x509_crl(newest[1].read_bytes()).last_update_utc
+        crl = authority.revocation_list(revoked, after=after)
+        index = newest[0] + 1 if newest is not None else 0
+        path = self.directory / f"{subject_hash(authority.certificate.subject)}.r{index}"
+        write_file(path, pem(crl), mode=0o644)
+        return path
+
+    def newest_revocations(self, authority: Authority) -> x509.CertificateRevocationList | None:
+        """``authority``'s highest-numbered list here (the one OpenSSL uses), or None."""
+        newest = self._newest_revocation_file(authority)
+        return None if newest is None else x509.load_pem_x509_crl(newest[1].read_bytes())
+
+    def _newest_revocation_file(self, authority: Authority) -> tuple[int, Path] | None:
         prefix = subject_hash(authority.certificate.subject)
-        existing = sorted(
+        numbered = [
             (int(suffix), path)
             for path in self.directory.glob(f"{prefix}.r*")
             if (suffix := path.name.rsplit(".r", 1)[1]).isdigit()
-        )
-        after = None
-        if existing:
-            previous = x509.load_pem_x509_crl(existing[-1][1].read_bytes())
-            after = previous.last_update_utc
-        crl = authority.revocation_list(revoked, after=after)
-        index = existing[-1][0] + 1 if existing else 0
-        path = self.directory / f"{prefix}.r{index}"
-        write_file(path, pem(crl), mode=0o644)
-        return path
+        ]
+        return max(numbered) if numbered else None
 
 
 def _now() -> dt.datetime:
