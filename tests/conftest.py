@@ -139,6 +139,12 @@ def maintenance_database_url(database_url: str) -> str:
 
 
 @pytest.fixture
+def notify_database_url(database_url: str) -> str:
+    """This test's database as the notification dispatcher's role."""
+    return as_service(database_url, ServiceRole.NOTIFY)
+
+
+@pytest.fixture
 def empty_database_url(postgres: PostgresServer) -> Iterator[str]:
     """A database with no schema, for migration tests."""
     name = f"empty_{os.getpid()}_{next(_db_numbers)}"

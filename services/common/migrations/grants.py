@@ -37,6 +37,7 @@ class ServiceRole(StrEnum):
     RULES = "galvani_rules"
     API = "galvani_api"
     MAINTENANCE = "galvani_maintenance"
+    NOTIFY = "galvani_notify"
 
     @property
     def service(self) -> str:
@@ -49,11 +50,12 @@ class ServiceRole(StrEnum):
         return f"{self.value}_login"
 
 
-INGEST, RULES, API, MAINTENANCE = (
+INGEST, RULES, API, MAINTENANCE, NOTIFY = (
     ServiceRole.INGEST,
     ServiceRole.RULES,
     ServiceRole.API,
     ServiceRole.MAINTENANCE,
+    ServiceRole.NOTIFY,
 )
 
 READ = "SELECT"
@@ -114,6 +116,12 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # brands' factory CAs; the rules' sweep raises certificate_expiring from their expiry.
     "device_certificates": {RULES: READ, API: UPSERT},
     "brand_device_authorities": {API: UPSERT},
+    # Alert notifications (migration 0014): the API keeps a brand's channels and queues their
+    # test notifications; the dispatcher reads the channels and records each delivery. The
+    # outbox rows of alert transitions are written by a definer trigger (below), so neither
+    # the rules nor the API's acknowledge and resolve need a grant for them.
+    "notification_channels": {API: UPSERT, NOTIFY: READ},
+    "notifications": {API: APPEND, NOTIFY: EDIT},
 }
 
 # Sequences a statement calls nextval() on. Identity columns' sequences need no grant
@@ -150,6 +158,9 @@ FUNCTIONS: Final[dict[str, FunctionGrant]] = {
     "galvani_alert_changed": FunctionGrant(),
     "galvani_alert_notify": FunctionGrant(),
     "galvani_key_revoked": FunctionGrant(),
+    "galvani_notification_queued": FunctionGrant(),
+    # Writes the outbox rows of an alert's transition as its owner, whoever changed the alert.
+    "galvani_alert_outbox": FunctionGrant(definer=True),
 }
 
 
