@@ -4,7 +4,8 @@ writes, in its own transaction, for each channel whose filter matches, and who m
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -14,6 +15,9 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from services.common import pki, provisioning
+from services.common.signing import load_or_create_key
+from services.rules.sweeps import sweep
 from tests.api import auth
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -391,3 +395,47 @@ def test_the_apis_acknowledge_and_resolve_write_their_notifications(
     assert rows[1]["payload"]["alert"]["state"] == "acknowledged"
     assert rows[1]["payload"]["alert"]["acknowledged_by"]
     assert rows[2]["payload"]["alert"]["resolved_by"]
+
+
+def test_the_rules_workers_own_transitions_write_their_notifications(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    """The rules' sweep (its real code, as its role) opens certificate_expiring for a device
+    and resolves it when a newer certificate is issued: each in the sweep's transaction."""
+    channel = outbox.channel(rules=["certificate_expiring"], models=["glow-cert"])
+    authority, key = pki.Authority.create("Test device CA"), load_or_create_key(tmp_path / "k")
+    with psycopg.connect(outbox.owner) as conn:
+        not_after = provisioning.provision_certificate_device(
+            conn,
+            authority,
+            provisioning.CertificateRequest(csr=pki.device_csr(pki.new_device_key(), "cert-0001")),
+            device_id="cert-0001",
+            brand_id="acme",
+            model="glow-cert",
+        ).not_after
+    now = not_after - timedelta(days=29)
+    with psycopg.connect(outbox.rules) as conn, conn.transaction():
+        sweep(conn, key, now)
+    with psycopg.connect(outbox.owner) as conn:
+        provisioning.renew_certificate(
+            conn,
+            authority,
+            provisioning.CertificateRequest(csr=pki.device_csr(pki.new_device_key(), "cert-0001")),
+            device_id="cert-0001",
+            brand_id="acme",
+            days=400,
+        )
+    with psycopg.connect(outbox.rules) as conn, conn.transaction():
+        sweep(conn, key, now + timedelta(hours=1))
+    rows = outbox.rows()
+    assert [(row["channel_id"], row["transition"]) for row in rows] == [
+        (channel, "opened"),
+        (channel, "resolved"),
+    ]
+    opened = rows[0]["payload"]["alert"]
+    assert (opened["rule"], opened["device_id"], opened["model"]) == (
+        "certificate_expiring",
+        "cert-0001",
+        "glow-cert",
+    )
+    assert rows[1]["payload"]["alert"]["resolved_by"]
