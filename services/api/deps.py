@@ -34,6 +34,7 @@ from services.api.database import psycopg_connection
 from services.api.devices.repository import DeviceReadRepository, DeviceRepository
 from services.api.fleet.repository import FleetReadRepository, FleetRepository
 from services.api.mode_tables.repository import ModeTableRepository
+from services.api.notification_channels.repository import NotificationChannelRepository
 from services.api.problems import ProblemError
 from services.api.publisher import ConfigPublisher
 from services.api.rate_limit import (
@@ -265,6 +266,9 @@ BrandRepo = Annotated[BrandRepository, _on_write_unit(BrandRepository)]
 DeviceRepo = Annotated[DeviceRepository, _on_write_unit(DeviceRepository)]
 FleetRepo = Annotated[FleetRepository, _on_write_unit(FleetRepository)]
 ModeTableRepo = Annotated[ModeTableRepository, _on_write_unit(ModeTableRepository)]
+NotificationChannelRepo = Annotated[
+    NotificationChannelRepository, _on_write_unit(NotificationChannelRepository)
+]
 RolloutRepo = Annotated[RolloutRepository, _on_write_unit(RolloutRepository)]
 RuleRepo = Annotated[RuleRepository, _on_write_unit(RuleRepository)]
 UserRepo = Annotated[UserRepository, _on_write_unit(UserRepository)]

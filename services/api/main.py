@@ -27,6 +27,7 @@ from services.api.fleet.endpoints import router as fleet_router
 from services.api.health.endpoints import router as health_router
 from services.api.metrics import RequestMetrics
 from services.api.mode_tables.endpoints import router as mode_tables_router
+from services.api.notification_channels.endpoints import router as notification_channels_router
 from services.api.publisher import ConfigPublisher
 from services.api.query_params import refuse_unknown_query
 from services.api.rate_limit import FailureLimit, SharedLimits
@@ -120,6 +121,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(conflicts_router)
     app.include_router(mode_tables_router)
     app.include_router(rollouts_router)
+    app.include_router(notification_channels_router)
     dashboard.install(app)
     return app
 

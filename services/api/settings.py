@@ -6,7 +6,9 @@ from typing import Self
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.outbound_urls import OutboundPolicy
 from services.common.pki import CRL_DAYS
+from services.common.secret_box import KEY_FILE
 from services.common.settings import Environment, ServiceSettings
 
 
@@ -85,6 +87,37 @@ class ApiSettings(ServiceSettings):
     crl_renew_interval_s: float = Field(default=3600.0, gt=0)
     crl_renew_before_s: float = Field(default=7 * 86_400.0, ge=0, lt=CRL_DAYS * 86_400)
 
+    # Notification channels (services/api/notification_channels). A channel's URL must be
+    # https to a public address unless these allow private (loopback, RFC 1918, ULA,
+    # link-local, ...) targets or plain http; the dispatcher reads the same switches
+    # (GALVANI_NOTIFY_*), and the API reads those too, so one setting serves both.
+    notify_allow_private_targets: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(
+            "GALVANI_API_NOTIFY_ALLOW_PRIVATE_TARGETS",
+            "GALVANI_NOTIFY_ALLOW_PRIVATE_TARGETS",
+            "notify_allow_private_targets",
+        ),
+    )
+    notify_allow_http_targets: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(
+            "GALVANI_API_NOTIFY_ALLOW_HTTP_TARGETS",
+            "GALVANI_NOTIFY_ALLOW_HTTP_TARGETS",
+            "notify_allow_http_targets",
+        ),
+    )
+    # The key channel secrets are encrypted with (default ``<data_dir>/secrets/notify-secret-key``,
+    # created 0600 on first use; services/common/secret_box.py), shared with the dispatcher.
+    notify_secret_key_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "GALVANI_API_NOTIFY_SECRET_KEY_FILE",
+            "GALVANI_NOTIFY_SECRET_KEY_FILE",
+            "notify_secret_key_file",
+        ),
+    )
+
     # HTTPS: the API serves TLS itself with this certificate and key, or (outside
     # development) ``tls_offloaded`` says a proxy in front of it terminates TLS.
     tls: bool = False
@@ -129,6 +162,17 @@ class ApiSettings(ServiceSettings):
     def mosquitto_dir(self) -> Path:
         """Where the broker's auth files live (default ``<data_dir>/mosquitto``)."""
         return self.broker_dir or self.data_dir / "mosquitto"
+
+    def notify_secret_key_path(self) -> Path:
+        """The key file that encrypts notification channels' secrets."""
+        return self.notify_secret_key_file or self.data_dir / "secrets" / KEY_FILE
+
+    def outbound_policy(self) -> OutboundPolicy:
+        """Which notification targets beyond public https ones the operator allows."""
+        return OutboundPolicy(
+            allow_private=self.notify_allow_private_targets,
+            allow_http=self.notify_allow_http_targets,
+        )
 
     def key_dir(self) -> Path:
         """Where the signing key lives."""

@@ -1,0 +1,1 @@
+"""A brand's notification channels (webhooks) and the deliveries made to them."""

@@ -1,0 +1,409 @@
+"""Notification channels (issue 21): a webhook channel's secret shown once and stored only
+encrypted, its URL checked against the outbound policy (no loopback, private, link-local or
+plain-http targets unless the operator allows them), tenancy, the delivery log and the test
+notification. The API runs on a real database; "localhost" is resolved by the system."""
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography.fernet import Fernet
+from fastapi.testclient import TestClient
+from httpx2 import Response
+
+from services.api.main import create_app
+from services.api.settings import ApiSettings
+from services.common.outbound_urls import OutboundPolicy, RefusedUrl, check_url, refusal
+from services.common.secret_box import SecretBox, SecretBoxError
+from tests.api import auth
+
+CHANNELS = "/v1/notification-channels"
+# A public address as a literal, so the default policy's checks need no DNS on this machine.
+PUBLIC_URL = "https://93.184.215.14/hooks/galvani"
+SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9_-]{43}$")
+REFUSED_BY_DEFAULT = {
+    "https://127.0.0.1/hook": "loopback",
+    "https://10.0.0.1/hook": "private",
+    "https://[::1]:8443/hook": "loopback",
+    "https://169.254.169.254/latest/meta-data/": "link-local",
+    "https://localhost/hook": "loopback",
+    "https://[::ffff:127.0.0.1]/hook": "loopback",
+    "https://2130706433/hook": "loopback",  # 127.0.0.1 as one decimal number
+    "https://0.0.0.0/hook": "unspecified",
+    "https://224.0.0.1/hook": "multicast",
+    "http://93.184.215.14/hook": "https",
+}
+
+
+def assert_problem(response: Response, status: int, field: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem: dict[str, Any] = response.json()
+    assert problem["status"] == status
+    if field is not None:
+        assert problem["errors"][0]["field"] == field, problem
+        assert problem["detail"].startswith(field), problem
+    return problem
+
+
+def channel_body(url: str = PUBLIC_URL, **fields: Any) -> dict[str, Any]:
+    return {"name": "on-call", "kind": "webhook", "url": url, **fields}
+
+
+def create(client: TestClient, key: str, **fields: Any) -> dict[str, Any]:
+    response = client.post(CHANNELS, json=channel_body(**fields), headers=auth(key))
+    assert response.status_code == 201, response.text
+    made: dict[str, Any] = response.json()
+    return made
+
+
+def channel_rows(database_url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT id, brand_id, url, secret_ciphertext, deleted_at"
+            " FROM notification_channels ORDER BY id"
+        ).fetchall()
+
+
+@pytest.fixture
+def permissive(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    """The API with private and plain-http targets allowed by the operator."""
+    settings = ApiSettings(
+        database_url=api_database_url,
+        mqtt_password="x",
+        data_dir=tmp_path,
+        notify_allow_private_targets=True,
+        notify_allow_http_targets=True,
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_create_shows_the_secret_once_and_the_database_holds_only_its_ciphertext(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    made = create(
+        client,
+        keys["admin"],
+        rules=["no_gel", "no_gel"],
+        min_severity="warning",
+        models=["glow-2"],
+        transitions=["opened", "resolved"],
+        max_concurrency=8,
+    )
+    secret = made["secret"]
+    assert SECRET_RE.match(secret), secret
+    assert made["url"] == PUBLIC_URL
+    assert made["rules"] == ["no_gel"]  # once
+    assert (made["min_severity"], made["models"], made["transitions"]) == (
+        "warning",
+        ["glow-2"],
+        ["opened", "resolved"],
+    )
+    assert made["max_concurrency"] == 8
+
+    [(channel_id, brand, url, ciphertext, deleted_at)] = channel_rows(database_url)
+    assert (channel_id, brand, url, deleted_at) == (made["id"], "acme", PUBLIC_URL, None)
+    assert secret.encode() not in bytes(ciphertext)
+    key_file = tmp_path / "secrets" / "notify-secret-key"
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
+    assert SecretBox.from_file(key_file).decrypt(bytes(ciphertext)) == secret
+
+    # Never again: not in the list, not in the channel, for any role.
+    for role in ("admin", "viewer", "support"):
+        listed = client.get(CHANNELS, headers=auth(keys[role]))
+        one = client.get(f"{CHANNELS}/{channel_id}", headers=auth(keys[role]))
+        assert listed.status_code == one.status_code == 200
+        assert [item["id"] for item in listed.json()["items"]] == [channel_id]
+        for response in (listed, one):
+            assert secret not in response.text
+            assert "secret" not in response.text
+    # A second channel gets a secret of its own.
+    assert create(client, keys["admin"])["secret"] != secret
+
+
+@pytest.mark.parametrize(("url", "why"), REFUSED_BY_DEFAULT.items())
+def test_loopback_private_link_local_and_http_targets_are_refused_by_default(
+    client: TestClient, keys: dict[str, str], database_url: str, url: str, why: str
+) -> None:
+    response = client.post(CHANNELS, json=channel_body(url), headers=auth(keys["admin"]))
+    problem = assert_problem(response, 422, "body.url")
+    assert problem["type"].endswith("/url-refused")
+    assert why in problem["detail"], problem
+    assert channel_rows(database_url) == []
+
+
+@pytest.mark.parametrize("url", REFUSED_BY_DEFAULT)
+def test_the_operator_may_allow_private_and_http_targets(
+    permissive: TestClient, keys: dict[str, str], url: str
+) -> None:
+    assert create(permissive, keys["admin"], url=url)["url"] == url
+
+
+def test_each_switch_allows_only_what_it_names(
+    api_database_url: str, tmp_path: Path, keys: dict[str, str]
+) -> None:
+    http_only = ApiSettings(
+        database_url=api_database_url,
+        mqtt_password="x",
+        data_dir=tmp_path,
+        notify_allow_http_targets=True,
+    )
+    with TestClient(create_app(http_only)) as client:
+        create(client, keys["admin"], url="http://93.184.215.14/hook")
+        refused = client.post(
+            CHANNELS, json=channel_body("http://127.0.0.1:9000/"), headers=auth(keys["admin"])
+        )
+        assert "loopback" in assert_problem(refused, 422, "body.url")["detail"]
+    private_only = http_only.model_copy(
+        update={"notify_allow_http_targets": False, "notify_allow_private_targets": True}
+    )
+    with TestClient(create_app(private_only)) as client:
+        create(client, keys["admin"], url="https://127.0.0.1:9000/")
+        refused = client.post(
+            CHANNELS, json=channel_body("http://127.0.0.1:9000/"), headers=auth(keys["admin"])
+        )
+        assert "https" in assert_problem(refused, 422, "body.url")["detail"]
+
+
+def test_the_switches_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def policy() -> OutboundPolicy:
+        return ApiSettings(database_url="postgresql://x", mqtt_password="x").outbound_policy()
+
+    assert policy() == OutboundPolicy()
+    monkeypatch.setenv("GALVANI_NOTIFY_ALLOW_PRIVATE_TARGETS", "1")
+    monkeypatch.setenv("GALVANI_API_NOTIFY_ALLOW_HTTP_TARGETS", "1")
+    assert policy() == OutboundPolicy(allow_private=True, allow_http=True)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"rules": ["no_such_rule"]}, "body.rules"),
+        ({"rules": []}, "body.rules"),
+        ({"min_severity": "fatal"}, "body.min_severity"),
+        ({"transitions": ["test"]}, "body.transitions.0"),
+        ({"transitions": []}, "body.transitions"),
+        ({"kind": "slack"}, "body.kind"),
+        ({"max_concurrency": 0}, "body.max_concurrency"),
+        ({"max_concurrency": 65}, "body.max_concurrency"),
+        ({"name": ""}, "body.name"),
+        ({"secret": "whsec_mine"}, "body.secret"),
+        ({"url": "ftp://93.184.215.14/"}, "body.url"),
+        ({"url": "https://user:pw@93.184.215.14/"}, "body.url"),
+        ({"url": "not a url"}, "body.url"),
+    ],
+)
+def test_invalid_channels_are_problems_naming_the_field(
+    client: TestClient, keys: dict[str, str], database_url: str, body: dict[str, Any], field: str
+) -> None:
+    response = client.post(CHANNELS, json={**channel_body(), **body}, headers=auth(keys["admin"]))
+    problem = assert_problem(response, 422)
+    assert problem["errors"][0]["field"].startswith(field), problem
+    assert channel_rows(database_url) == []
+
+
+def test_only_an_admin_creates_deletes_and_tests(client: TestClient, keys: dict[str, str]) -> None:
+    channel_id = create(client, keys["admin"])["id"]
+    for role in ("viewer", "support", "operator"):
+        headers = auth(keys[role])
+        assert_problem(client.post(CHANNELS, json=channel_body(), headers=headers), 403)
+        assert_problem(client.delete(f"{CHANNELS}/{channel_id}", headers=headers), 403)
+        assert_problem(client.post(f"{CHANNELS}/{channel_id}/test", headers=headers), 403)
+    deliveries = client.get(f"{CHANNELS}/{channel_id}/deliveries", headers=auth(keys["viewer"]))
+    assert deliveries.status_code == 200
+
+
+def test_another_brand_gets_404_and_sees_nothing(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    channel_id = create(client, keys["admin"])["id"]
+    other = auth(keys["other"])
+    for method, path in (
+        ("GET", f"{CHANNELS}/{channel_id}"),
+        ("GET", f"{CHANNELS}/{channel_id}/deliveries"),
+        ("POST", f"{CHANNELS}/{channel_id}/test"),
+        ("DELETE", f"{CHANNELS}/{channel_id}"),
+    ):
+        assert_problem(client.request(method, path, headers=other), 404)
+    assert client.get(CHANNELS, headers=other).json() == {"items": [], "next_cursor": None}
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM notifications").fetchone() == (0,)
+    assert channel_rows(database_url)[0][4] is None  # not deleted
+
+
+def test_a_deleted_channel_is_gone_from_the_api_and_kept_in_the_database(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    admin = auth(keys["admin"])
+    kept, deleted = create(client, keys["admin"])["id"], create(client, keys["admin"])["id"]
+    assert client.delete(f"{CHANNELS}/{deleted}", headers=admin).status_code == 204
+    assert_problem(client.get(f"{CHANNELS}/{deleted}", headers=admin), 404)
+    assert_problem(client.delete(f"{CHANNELS}/{deleted}", headers=admin), 404)
+    assert_problem(client.post(f"{CHANNELS}/{deleted}/test", headers=admin), 404)
+    assert [c["id"] for c in client.get(CHANNELS, headers=admin).json()["items"]] == [kept]
+    rows = {row[0]: row[4] for row in channel_rows(database_url)}
+    assert rows[kept] is None
+    assert rows[deleted] is not None
+
+
+def test_channels_are_paginated_oldest_first(client: TestClient, keys: dict[str, str]) -> None:
+    made = [create(client, keys["admin"])["id"] for _ in range(3)]
+    first = client.get(CHANNELS, params={"limit": 2}, headers=auth(keys["admin"])).json()
+    assert [c["id"] for c in first["items"]] == made[:2]
+    rest = client.get(
+        CHANNELS, params={"limit": 2, "cursor": first["next_cursor"]}, headers=auth(keys["admin"])
+    ).json()
+    assert ([c["id"] for c in rest["items"]], rest["next_cursor"]) == (made[2:], None)
+
+
+def test_the_test_endpoint_queues_a_notification_the_deliveries_list_shows(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    admin = auth(keys["admin"])
+    channel_id = create(client, keys["admin"])["id"]
+    queued = [client.post(f"{CHANNELS}/{channel_id}/test", headers=admin) for _ in range(3)]
+    assert [response.status_code for response in queued] == [202, 202, 202]
+    tests = [response.json() for response in queued]
+    keys_made = [test["idempotency_key"] for test in tests]
+    assert len(set(keys_made)) == 3
+    for test in tests:
+        assert re.fullmatch(rf"ntf_{channel_id}_0_test_[0-9]+", test["idempotency_key"]), test
+        assert test["status"] == "pending"
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT id, brand_id, alert_id, transition, idempotency_key, payload, status"
+            " FROM notifications WHERE channel_id = %s ORDER BY id",
+            [channel_id],
+        ).fetchall()
+    assert [row[0] for row in rows] == [test["id"] for test in tests]
+    _, brand, alert_id, transition, key, payload, status = rows[0]
+    assert (brand, alert_id, transition, key, status) == (
+        "acme",
+        None,
+        "test",
+        keys_made[0],
+        "pending",
+    )
+    assert payload["event"] == "test"
+    assert payload["alert"] is None
+    assert payload["v"] == 1
+    assert payload["brand"] == "acme"
+    assert payload["idempotency_key"] == keys_made[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", payload["occurred_at"])
+
+    listed = client.get(f"{CHANNELS}/{channel_id}/deliveries", headers=admin).json()
+    assert [item["id"] for item in listed["items"]] == [test["id"] for test in reversed(tests)]
+    newest = listed["items"][0]
+    assert newest["transition"] == "test"
+    assert newest["alert_id"] is None
+    assert (newest["status"], newest["attempts"], newest["latency_ms"]) == ("pending", 0, None)
+
+    # As the dispatcher records a delivery: the latency is delivered_at - created_at.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE notifications SET status = 'delivered', attempts = 1,"
+            " last_status_code = 204, delivered_at = created_at + interval '1.5 s' WHERE id = %s",
+            [tests[0]["id"]],
+        )
+    delivered = client.get(
+        f"{CHANNELS}/{channel_id}/deliveries", params={"status": "delivered"}, headers=admin
+    ).json()["items"]
+    assert [(d["id"], d["last_status_code"], d["latency_ms"]) for d in delivered] == [
+        (tests[0]["id"], 204, 1500.0)
+    ]
+    page = client.get(
+        f"{CHANNELS}/{channel_id}/deliveries", params={"limit": 2}, headers=admin
+    ).json()
+    more = client.get(
+        f"{CHANNELS}/{channel_id}/deliveries",
+        params={"limit": 2, "cursor": page["next_cursor"]},
+        headers=admin,
+    ).json()
+    assert [d["id"] for d in page["items"] + more["items"]] == [t["id"] for t in reversed(tests)]
+    bad = client.get(
+        f"{CHANNELS}/{channel_id}/deliveries", params={"status": "lost"}, headers=admin
+    )
+    assert_problem(bad, 422, "query.status")
+
+
+# The URL check and the secret box on their own (no server needed).
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("fd00::1", "private"),  # ULA
+        ("fe80::1", "link-local"),
+        ("169.254.169.254", "link-local"),
+        ("ff02::1", "multicast"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "not globally routable"),  # carrier-grade NAT
+        ("::ffff:10.0.0.1", "private"),  # IPv4-mapped
+        ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
+        ("64:ff9b::a00:1", "private"),  # NAT64 of 10.0.0.1
+    ],
+)
+def test_addresses_that_are_not_public_are_named_for_what_they_are(address: str, kind: str) -> None:
+    reason = refusal(ipaddress.ip_address(address))
+    assert reason is not None
+    assert kind in reason
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::1111", "64:ff9b::5db8:d70e"])
+def test_public_addresses_pass(address: str) -> None:
+    assert refusal(ipaddress.ip_address(address)) is None
+
+
+def test_every_address_a_name_resolves_to_is_checked() -> None:
+    def resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        assert (host, port) == ("hooks.example.com", 8443)
+        return [ipaddress.ip_address("93.184.215.14"), ipaddress.ip_address("10.0.0.7")]
+
+    with pytest.raises(RefusedUrl, match=r"'hooks.example.com' resolves to 10.0.0.7, a private"):
+        check_url("https://hooks.example.com:8443/x", OutboundPolicy(), resolve)
+    checked = check_url(
+        "HTTPS://Hooks.Example.com:8443/x?a=1", OutboundPolicy(allow_private=True), resolve
+    )
+    assert checked.url == "https://hooks.example.com:8443/x?a=1"
+    assert (checked.host, checked.port, len(checked.addresses)) == ("hooks.example.com", 8443, 2)
+
+
+def test_a_name_that_does_not_resolve_is_refused() -> None:
+    with pytest.raises(RefusedUrl, match="does not resolve"):
+        check_url("https://no-such-host.invalid/", OutboundPolicy())
+
+
+def test_the_secret_box_refuses_a_readable_key_and_an_altered_ciphertext(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "notify-secret-key"
+    box = SecretBox.from_file(path)
+    assert SecretBox.from_file(path).decrypt(box.encrypt("whsec_x")) == "whsec_x"  # the same key
+    ciphertext = bytearray(box.encrypt("whsec_x"))
+    ciphertext[-5] ^= 1
+    with pytest.raises(SecretBoxError, match="does not decrypt"):
+        box.decrypt(bytes(ciphertext))
+    path.chmod(0o644)
+    with pytest.raises(SecretBoxError, match="chmod 600"):
+        SecretBox.from_file(path)
+
+
+def test_a_rotated_key_file_still_decrypts_what_the_old_key_encrypted(tmp_path: Path) -> None:
+    path = tmp_path / "notify-secret-key"
+    old = SecretBox.from_file(path)
+    sealed = old.encrypt("whsec_old")
+    path.write_bytes(Fernet.generate_key() + b"\n" + path.read_bytes())
+    rotated = SecretBox.from_file(path)
+    assert rotated.decrypt(sealed) == "whsec_old"
+    with pytest.raises(SecretBoxError):
+        old.decrypt(rotated.encrypt("whsec_new"))  # the new first key encrypts
