@@ -1,0 +1,351 @@
+"""The dispatcher: claims due notifications from the outbox and delivers them.
+
+A claim is one short transaction: due rows (``status = 'pending' AND next_attempt_at <= now()``)
+are locked with ``FOR UPDATE SKIP LOCKED`` (so several dispatchers never take the same row),
+each gets ``attempts + 1`` and a lease (``next_attempt_at = now() + lease_s``), and the
+transaction commits before anything is sent. The attempt is therefore counted even if the
+process dies during it, and a row whose process died is due again when its lease ends, sent
+with the same idempotency key (at-least-once). The outcome is recorded afterwards: delivered,
+due again after a backoff, or failed once ``give_up_after_s`` have passed since the row was
+written.
+
+Order per alert: a row is claimed only when no pending row of the same (channel, alert) has a
+lower ``alert_change``; an undelivered ``opened`` (in flight or waiting for its retry) holds
+back the ``resolved`` after it. Per channel, at most ``max_concurrency`` deliveries are in
+flight in one process.
+"""
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from services.common.db import Conn, connect, describe_error
+from services.common.errors import DatabaseUnavailable
+from services.common.outbound_urls import RefusedUrl, check_url, system_resolver
+from services.common.secret_box import SecretBox, SecretBoxError
+from services.notify import metrics, webhook
+from services.notify.settings import NotifySettings
+from services.notify.webhook import Outcome
+
+log = logging.getLogger("galvani.notify")
+
+# Rows looked at per claim: more than the free capacity, so that one busy channel at its
+# concurrency limit does not hide the due rows of the others behind it.
+SCAN_FACTOR = 4
+MIN_SCAN = 100
+DATABASE_RETRY_S = 1.0
+# The channel the outbox's insert trigger notifies (migration 0014).
+QUEUED_CHANNEL = "galvani_notifications"
+LISTEN_TIMEOUT_S = 1.0
+
+_CANDIDATES = """
+SELECT n.id, n.channel_id, c.max_concurrency
+FROM notifications n JOIN notification_channels c ON c.id = n.channel_id
+WHERE n.status = 'pending' AND n.next_attempt_at <= now()
+  AND NOT EXISTS (
+    SELECT 1 FROM notifications e
+    WHERE e.status = 'pending' AND e.channel_id = n.channel_id
+      AND e.alert_id = n.alert_id AND e.alert_change < n.alert_change)
+ORDER BY n.next_attempt_at, n.id
+LIMIT %(scan)s
+FOR UPDATE OF n SKIP LOCKED
+"""
+
+_LEASE = """
+UPDATE notifications n
+SET attempts = n.attempts + 1, next_attempt_at = now() + make_interval(secs => %(lease_s)s)
+FROM notification_channels c
+WHERE n.id = ANY(%(ids)s) AND c.id = n.channel_id
+RETURNING n.id, n.channel_id, n.idempotency_key, n.payload::text, n.attempts, n.created_at,
+  c.kind, c.url, c.secret_ciphertext, c.deleted_at IS NOT NULL
+"""
+
+_DELIVERED = """
+UPDATE notifications
+SET status = 'delivered', delivered_at = now(), last_status_code = %(code)s, last_error = NULL
+WHERE id = %(id)s AND status = 'pending'
+RETURNING extract(epoch FROM delivered_at - created_at)::float8
+"""
+
+# A failed attempt: failed for good once give_up_after_s have passed since creation (or when
+# ``final``), else due again after the backoff, never later than the give-up time (so the last
+# attempt is made then).
+_NOT_DELIVERED = """
+UPDATE notifications
+SET last_error = %(error)s, last_status_code = %(code)s,
+  status = CASE WHEN %(final)s OR now() >= created_at + make_interval(secs => %(give_up_s)s)
+    THEN 'failed' ELSE 'pending' END,
+  next_attempt_at = least(now() + make_interval(secs => %(delay_s)s),
+    created_at + make_interval(secs => %(give_up_s)s))
+WHERE id = %(id)s AND status = 'pending'
+RETURNING status
+"""
+
+_QUEUE_STATS = """
+SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+FROM notifications WHERE status = 'pending'
+"""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A notification leased for one attempt, with its channel."""
+
+    id: int
+    channel_id: int
+    idempotency_key: str
+    body: bytes
+    attempt: int
+    created_at: datetime
+    kind: str
+    url: str
+    secret_ciphertext: bytes
+    channel_deleted: bool
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """The delay before the next attempt after failed attempt ``attempt`` (1-based): full
+    jitter, uniform in [0, min(max_s, base_s * 2^(attempt - 1))] (AWS's "Exponential Backoff
+    and Jitter"), so receivers coming back are not hit by every dispatcher at once."""
+    ceiling = min(max_s, base_s * 2.0 ** min(attempt - 1, 62))
+    return rng.uniform(0.0, ceiling)
+
+
+def claim(conn: Conn, capacity: int, in_flight: Mapping[int, int], lease_s: float) -> list[Claimed]:
+    """Lease up to ``capacity`` due rows, at most each channel's ``max_concurrency`` minus its
+    ``in_flight`` ones, and commit (the attempt is counted before it is made)."""
+    with conn.transaction():
+        rows = conn.execute(_CANDIDATES, {"scan": max(MIN_SCAN, capacity * SCAN_FACTOR)}).fetchall()
+        taken: Counter[int] = Counter()
+        ids: list[int] = []
+        for row_id, channel_id, max_concurrency in rows:
+            channel = int(str(channel_id))
+            if in_flight.get(channel, 0) + taken[channel] >= int(str(max_concurrency)):
+                continue
+            taken[channel] += 1
+            ids.append(int(str(row_id)))
+            if len(ids) == capacity:
+                break
+        if not ids:
+            return []
+        leased = conn.execute(_LEASE, {"ids": ids, "lease_s": lease_s}).fetchall()
+    claimed = [
+        Claimed(
+            id=int(str(r[0])),
+            channel_id=int(str(r[1])),
+            idempotency_key=str(r[2]),
+            body=str(r[3]).encode(),
+            attempt=int(str(r[4])),
+            created_at=_datetime(r[5]),
+            kind=str(r[6]),
+            url=str(r[7]),
+            secret_ciphertext=_bytes(r[8]),
+            channel_deleted=bool(r[9]),
+        )
+        for r in leased
+    ]
+    claimed.sort(key=lambda c: c.id)
+    return claimed
+
+
+def _bytes(value: object) -> bytes:
+    assert isinstance(value, bytes | memoryview)
+    return bytes(value)
+
+
+def _datetime(value: object) -> datetime:
+    assert isinstance(value, datetime)
+    return value
+
+
+def queue_stats(conn: Conn) -> tuple[int, float]:
+    """Pending notifications and the age in seconds of the oldest."""
+    row = conn.execute(_QUEUE_STATS).fetchone()
+    conn.commit()
+    assert row is not None
+    return int(str(row[0])), float(str(row[1]))
+
+
+class Dispatcher:
+    """Claims due rows on the calling thread and delivers them on a thread pool."""
+
+    def __init__(self, settings: NotifySettings, secrets: SecretBox) -> None:
+        self._settings = settings
+        self._url = settings.database_url.get_secret_value()
+        self._secrets = secrets
+        self._tls = ssl.create_default_context()
+        self._policy = settings.outbound_policy()
+        self._resolve = system_resolver()
+        self._rng = random.Random()  # noqa: S311 (jitter, not a secret)
+        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="notify")
+        self._lock = threading.Lock()
+        self._in_flight: Counter[int] = Counter()
+        self._wake = threading.Event()
+        self._local = threading.local()
+        # A delivery function per channel kind (later: slack, pagerduty, email).
+        self._deliverers: dict[str, Callable[[Claimed], Outcome]] = {"webhook": self._webhook}
+
+    def run(self, stop: threading.Event) -> None:
+        """Claim and deliver until ``stop``; then let the deliveries under way finish."""
+        conn: Conn | None = None
+        next_stats = 0.0
+        listener = threading.Thread(
+            target=self._listen, args=(stop,), name="notify-listen", daemon=True
+        )
+        listener.start()
+        try:
+            while not stop.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = connect(self._url)
+                    if time.monotonic() >= next_stats:
+                        depth, oldest = queue_stats(conn)
+                        metrics.QUEUE_DEPTH.set(depth)
+                        metrics.OLDEST_PENDING_AGE.set(oldest)
+                        next_stats = time.monotonic() + self._settings.queue_stats_interval_s
+                    self._wake.clear()
+                    with self._lock:
+                        capacity = self._settings.workers - sum(self._in_flight.values())
+                        in_flight = dict(self._in_flight)
+                    claimed = (
+                        claim(conn, capacity, in_flight, self._settings.lease_s)
+                        if capacity > 0
+                        else []
+                    )
+                except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+                    log.warning("cannot claim notifications: %s", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    stop.wait(DATABASE_RETRY_S)
+                    continue
+                for row in claimed:
+                    with self._lock:
+                        self._in_flight[row.channel_id] += 1
+                    metrics.IN_FLIGHT.inc()
+                    self._pool.submit(self._deliver, row)
+                if len(claimed) < capacity or capacity <= 0:
+                    # Nothing more is due: wait for the poll interval, or for a delivery to end
+                    # (it may free the next row of its alert or a slot of its channel).
+                    self._wake.wait(self._settings.poll_interval_s)
+        finally:
+            self._pool.shutdown(wait=True)
+            if conn is not None:
+                conn.close()
+
+    def _listen(self, stop: threading.Event) -> None:
+        """Wake the claim loop on each new outbox row (``pg_notify`` from its insert trigger),
+        so a notification leaves within milliseconds rather than at the next poll."""
+        while not stop.is_set():
+            try:
+                with connect(self._url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {QUEUED_CHANNEL}")
+                    self._wake.set()
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=LISTEN_TIMEOUT_S):
+                            self._wake.set()
+            except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+                log.warning("not listening for new notifications: %s", exc)
+                stop.wait(DATABASE_RETRY_S)
+
+    def _deliver(self, row: Claimed) -> None:
+        try:
+            if row.channel_deleted:
+                outcome = Outcome(False, error="the channel was deleted")
+            else:
+                outcome = self._deliverers[row.kind](row)
+            self._record(row, outcome, final=row.channel_deleted)
+        except Exception:
+            # The row stays leased and is tried again when the lease ends; the pool's thread
+            # must survive whatever one delivery raised.
+            log.exception("notification %d: delivery failed unexpectedly", row.id)
+        finally:
+            with self._lock:
+                self._in_flight[row.channel_id] -= 1
+                if self._in_flight[row.channel_id] <= 0:
+                    del self._in_flight[row.channel_id]
+            metrics.IN_FLIGHT.dec()
+            self._wake.set()
+
+    def _webhook(self, row: Claimed) -> Outcome:
+        # Checked again at send time (the API checked at creation): the name may resolve
+        # elsewhere now. The POST goes to an address this check accepted.
+        try:
+            target = check_url(row.url, self._policy, self._resolve)
+        except RefusedUrl as exc:
+            return Outcome(False, error=f"refused target: {exc}")
+        try:
+            secret = self._secrets.decrypt(row.secret_ciphertext).encode()
+        except SecretBoxError as exc:
+            return Outcome(False, error=str(exc))
+        return webhook.post(
+            target,
+            row.body,
+            secret=secret,
+            idempotency_key=row.idempotency_key,
+            timeout_s=self._settings.request_timeout_s,
+            tls=self._tls,
+        )
+
+    def _connection(self) -> Conn:
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = connect(self._url, autocommit=True)
+            self._local.conn = conn
+        return conn
+
+    def _record(self, row: Claimed, outcome: Outcome, *, final: bool) -> None:
+        settings = self._settings
+        try:
+            conn = self._connection()
+            if outcome.delivered:
+                done = conn.execute(
+                    _DELIVERED, {"id": row.id, "code": outcome.status_code}
+                ).fetchone()
+                if done is not None:
+                    metrics.DELIVERIES.labels("delivered").inc()
+                    metrics.DELIVERY_LATENCY.observe(float(str(done[0])))
+                return
+            delay = backoff_s(
+                row.attempt, settings.backoff_base_s, settings.backoff_max_s, self._rng
+            )
+            status = conn.execute(
+                _NOT_DELIVERED,
+                {
+                    "id": row.id,
+                    "error": outcome.error,
+                    "code": outcome.status_code,
+                    "final": final,
+                    "give_up_s": settings.give_up_after_s,
+                    "delay_s": delay,
+                },
+            ).fetchone()
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            # Not recorded: the lease ends and the row is sent again (same idempotency key).
+            log.warning("notification %d: outcome not recorded: %s", row.id, describe_error(exc))
+            broken: Conn | None = getattr(self._local, "conn", None)
+            if broken is not None:
+                broken.close()
+            return
+        if status is None:
+            return
+        if status[0] == "failed":
+            metrics.DELIVERIES.labels("failed").inc()
+            log.warning(
+                "notification %d to channel %d failed after %d attempts: %s",
+                row.id,
+                row.channel_id,
+                row.attempt,
+                outcome.error,
+            )
+        else:
+            metrics.DELIVERIES.labels("retried").inc()

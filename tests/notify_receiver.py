@@ -1,0 +1,122 @@
+"""A real webhook receiver for the dispatcher's tests: an HTTP server on loopback that checks
+each request's Galvani signature and records it, and can answer 500, hang, or be down.
+
+It verifies as a brand's receiver should (docs/api.md): HMAC-SHA256 with the channel's secret
+over ``"<Galvani-Timestamp>." + body``, compared in constant time; a request that fails the
+check is answered 401 and counted in ``bad_signatures``, never recorded as received.
+"""
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request whose signature verified."""
+
+    key: str
+    payload: dict[str, Any]
+    body: bytes
+    at: float
+
+
+class Receiver:
+    """The server; ``fail_until`` (500 before that monotonic time), ``delay_s`` (hang that long
+    before answering) and ``stop``/``start`` (down, then up again on the same port)."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+        self.received: list[Received] = []
+        self.bad_signatures = 0
+        self.answered_500 = 0
+        self.fail_until = 0.0
+        self.fail_always = False
+        self.delay_s = 0.0
+        self.port = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL a channel is pointed at."""
+        return f"http://127.0.0.1:{self.port}/hooks/galvani"
+
+    def start(self) -> None:
+        """Listen (on the port of the last start, once there was one)."""
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                receiver.handle(self, body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening: connections are refused until the next ``start``."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        """Verify, then answer as the current mode says."""
+        timestamp = request.headers.get("Galvani-Timestamp", "")
+        signature = request.headers.get("Galvani-Signature", "")
+        expected = (
+            "v1="
+            + hmac.new(self.secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        )
+        fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) < 300
+        if not (fresh and hmac.compare_digest(signature, expected)):
+            with self._lock:
+                self.bad_signatures += 1
+            self._answer(request, 401)
+            return
+        if self.fail_always or time.monotonic() < self.fail_until:
+            with self._lock:
+                self.answered_500 += 1
+            self._answer(request, 500)
+            return
+        with self._lock:
+            self.received.append(
+                Received(
+                    request.headers.get("Galvani-Idempotency-Key", ""),
+                    json.loads(body),
+                    body,
+                    time.monotonic(),
+                )
+            )
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self._answer(request, 200)
+
+    def snapshot(self) -> list[Received]:
+        """The requests received so far, in arrival order."""
+        with self._lock:
+            return list(self.received)
+
+    @staticmethod
+    def _answer(request: BaseHTTPRequestHandler, status: int) -> None:
+        text = b"ok" if status == 200 else b"receiver says no"
+        request.send_response(status)
+        request.send_header("Content-Length", str(len(text)))
+        request.end_headers()
+        request.wfile.write(text)

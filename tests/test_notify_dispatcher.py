@@ -1,0 +1,341 @@
+"""The notification dispatcher (services/notify) against the real database and a real webhook
+receiver (tests/notify_receiver.py): alerts changed as the rules worker changes them reach the
+receiver signed, in order per alert, through 500s, an outage and a kill -9 of the dispatcher.
+
+The dispatcher runs as its own process with its own role (galvani_notify). It is allowed plain
+http and loopback targets here (GALVANI_NOTIFY_ALLOW_PRIVATE_TARGETS=1,
+GALVANI_NOTIFY_ALLOW_HTTP_TARGETS=1): the receiver is on 127.0.0.1.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from deploy.stack.ports import free_port
+from services.common.provisioning import provision_device
+from services.common.secret_box import SecretBox, new_webhook_secret
+from services.common.settings import REPO_ROOT
+from tests.notify_receiver import Received, Receiver
+
+DEVICE = "acme-1"
+# Retries scaled down for the suite: 0.1 s doubling to 1 s, a 2 s request timeout, 4 s lease.
+FAST = {
+    "backoff_base_s": "0.1",
+    "backoff_max_s": "1",
+    "request_timeout_s": "2",
+    "lease_s": "4",
+    "poll_interval_s": "0.2",
+}
+
+
+@dataclass
+class Setup:
+    database_url: str
+    rules_url: str
+    notify_url: str
+    key_file: Path
+    log_dir: Path
+    secret: str
+
+
+class Dispatcher:
+    """``python -m services.notify.main`` as a child process."""
+
+    def __init__(self, setup: Setup, name: str, **settings: str) -> None:
+        self.metrics_port = free_port()
+        env = dict(os.environ)
+        values = {
+            "database_url": setup.notify_url,
+            "secret_key_file": str(setup.key_file),
+            "allow_private_targets": "1",
+            "allow_http_targets": "1",
+            "metrics_port": str(self.metrics_port),
+            **FAST,
+            **settings,
+        }
+        env.update({f"GALVANI_NOTIFY_{k.upper()}": v for k, v in values.items()})
+        self.log = setup.log_dir / f"{name}.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.notify.main"],
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def metric(self, name: str) -> float:
+        """A sample's value from the process's /metrics (0 when absent)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[-1])
+        return 0.0
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def setup(
+    database_url: str, rules_database_url: str, notify_database_url: str, tmp_path: Path
+) -> Setup:
+    key_file = tmp_path / "secrets" / "notify-secret-key"
+    SecretBox.from_file(key_file)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'Acme')")
+        provision_device(conn, device_id=DEVICE, brand_id="acme", model="m1")
+    return Setup(
+        database_url,
+        rules_database_url,
+        notify_database_url,
+        key_file,
+        tmp_path,
+        new_webhook_secret(),
+    )
+
+
+@pytest.fixture
+def receiver(setup: Setup) -> Iterator[Receiver]:
+    server = Receiver(setup.secret)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dispatchers(setup: Setup) -> Iterator[Callable[..., Dispatcher]]:
+    started: list[Dispatcher] = []
+
+    def start(name: str = "notify", **settings: str) -> Dispatcher:
+        dispatcher = Dispatcher(setup, name, **settings)
+        started.append(dispatcher)
+        return dispatcher
+
+    yield start
+    for dispatcher in started:
+        dispatcher.stop()
+
+
+def add_channel(setup: Setup, url: str, *, max_concurrency: int = 4) -> int:
+    """A webhook channel of acme's (every rule, severity, model and transition)."""
+    box = SecretBox.from_file(setup.key_file)
+    with psycopg.connect(setup.database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO notification_channels"
+            " (brand_id, name, kind, url, secret_ciphertext, max_concurrency)"
+            " VALUES ('acme', 'on-call', 'webhook', %s, %s, %s) RETURNING id",
+            [url, box.encrypt(setup.secret), max_concurrency],
+        ).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+def open_alerts(setup: Setup, rules: list[str]) -> list[int]:
+    """Open one alert per rule on the device, as the rules worker does (its role)."""
+    explanation = json.dumps({"text": "too hot", "action": "alert"})
+    with psycopg.connect(setup.rules_url) as conn:
+        ids = [
+            conn.execute(
+                "INSERT INTO alerts (brand_id, device_id, rule, rule_version, severity,"
+                " first_seen, last_seen, explanation)"
+                " VALUES ('acme', %s, %s, 1, 'critical', now(), now(), %s) RETURNING id",
+                [DEVICE, rule, explanation],
+            ).fetchone()[0]  # type: ignore[index]
+            for rule in rules
+        ]
+    return [int(str(i)) for i in ids]
+
+
+def raise_counts(setup: Setup, alert_ids: list[int]) -> None:
+    with psycopg.connect(setup.rules_url) as conn:
+        conn.execute("UPDATE alerts SET count = count + 1 WHERE id = ANY(%s)", [alert_ids])
+
+
+def resolve(setup: Setup, alert_ids: list[int]) -> None:
+    with psycopg.connect(setup.rules_url) as conn:
+        conn.execute(
+            "UPDATE alerts SET state = 'resolved', resolved_at = now(), resolved_by = 'rules',"
+            " resolution = 'cleared' WHERE id = ANY(%s)",
+            [alert_ids],
+        )
+
+
+def outbox(setup: Setup) -> list[dict[str, object]]:
+    with psycopg.connect(setup.database_url) as conn:
+        cur = conn.execute(
+            "SELECT id, idempotency_key, alert_id, transition, status, attempts, last_error,"
+            " last_status_code, created_at, delivered_at FROM notifications ORDER BY id"
+        )
+        names = [c.name for c in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def all_settled(setup: Setup, status: str = "delivered") -> Callable[[], bool]:
+    return lambda: all(row["status"] == status for row in outbox(setup))
+
+
+def assert_order_per_alert(received: list[Received]) -> None:
+    """Each alert's notifications arrived (first time) in the order of its changes."""
+    firsts: dict[str, int] = {}
+    for index, item in enumerate(received):
+        firsts.setdefault(item.key, index)
+    per_alert: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for item in received:
+        change = int(item.key.rsplit("_", 1)[1])
+        per_alert[item.payload["alert"]["id"]].append((change, firsts[item.key]))
+    for alert, changes in per_alert.items():
+        arrival = [index for _, index in sorted(set(changes))]
+        assert arrival == sorted(arrival), f"alert {alert} out of order: {changes}"
+
+
+def test_opened_alert_reaches_the_receiver_signed_once_with_its_idempotency_key(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url)
+    dispatcher = dispatchers()
+    [alert] = open_alerts(setup, ["overheat"])
+    wait_for(lambda: len(receiver.snapshot()) == 1, 20, "the delivery")
+    [row] = outbox(setup)
+    wait_for(all_settled(setup), 5, "the outcome recorded")
+    time.sleep(1.0)  # a second send would have come by now
+    [got] = receiver.snapshot()
+    assert receiver.bad_signatures == 0
+    assert got.key == row["idempotency_key"] == got.payload["idempotency_key"]
+    assert got.payload["event"] == "alert.opened"
+    assert got.payload["alert"]["id"] == alert
+    [row] = outbox(setup)
+    assert row["status"] == "delivered"
+    assert row["attempts"] == 1
+    assert row["last_status_code"] == 200
+    assert dispatcher.metric('galvani_notify_deliveries_total{outcome="delivered"}') == 1.0
+    assert dispatcher.metric("galvani_notify_delivery_latency_seconds_count") == 1.0
+
+
+def test_receiver_answering_500_gets_each_alert_after_retries_in_order(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url)
+    receiver.fail_until = time.monotonic() + 3.0
+    dispatcher = dispatchers()
+    alerts = open_alerts(setup, [f"rule-{n}" for n in range(5)])
+    resolve(setup, alerts)
+    wait_for(all_settled(setup), 30, "every notification delivered")
+    rows = outbox(setup)
+    assert len(rows) == 10
+    assert receiver.answered_500 > 0
+    assert max(int(str(r["attempts"])) for r in rows) > 1
+    received = receiver.snapshot()
+    assert {r.key for r in received} == {r["idempotency_key"] for r in rows}
+    assert_order_per_alert(received)
+    assert dispatcher.metric('galvani_notify_deliveries_total{outcome="retried"}') > 0
+
+
+def test_receiver_down_for_a_while_gets_everything_when_back_in_order_per_alert(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url)
+    receiver.stop()
+    dispatchers()
+    alerts = open_alerts(setup, [f"rule-{n}" for n in range(10)])
+    raise_counts(setup, alerts)
+    resolve(setup, alerts)
+    time.sleep(10.0)
+    rows = outbox(setup)
+    assert len(rows) == 30
+    assert all(r["status"] == "pending" for r in rows)
+    assert all(r["last_error"] for r in rows if int(str(r["attempts"])) > 0)
+    back = time.monotonic()
+    receiver.start()
+    wait_for(all_settled(setup), 30, "every notification delivered")
+    print(f"after the outage: 30 delivered in {time.monotonic() - back:.2f} s")
+    received = receiver.snapshot()
+    assert {r.key for r in received} == {r["idempotency_key"] for r in outbox(setup)}
+    assert_order_per_alert(received)
+
+
+def test_kill_9_mid_delivery_loses_nothing_and_duplicates_keep_their_key(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url, max_concurrency=8)
+    receiver.delay_s = 0.05
+    first = dispatchers("notify-1")
+    started = time.monotonic()
+    open_alerts(setup, [f"rule-{n}" for n in range(300)])
+    wait_for(lambda: len(receiver.snapshot()) >= 100, 60, "a third delivered")
+    first.kill()
+    dispatchers("notify-2")
+    wait_for(all_settled(setup), 90, "every notification delivered")
+    elapsed = time.monotonic() - started
+    rows = outbox(setup)
+    assert len(rows) == 300
+    received = receiver.snapshot()
+    counts = Counter(r.key for r in received)
+    assert set(counts) == {r["idempotency_key"] for r in rows}
+    bodies: dict[str, bytes] = {}
+    for item in received:
+        assert bodies.setdefault(item.key, item.body) == item.body
+    duplicates = sum(n - 1 for n in counts.values())
+    # The requests in flight at the kill were received but never recorded: sent again.
+    assert duplicates >= 1
+    print(f"300 delivered across a kill -9 in {elapsed:.1f} s, {duplicates} sent twice")
+
+
+def test_notification_still_undelivered_after_give_up_time_is_failed_with_its_error(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url)
+    receiver.fail_always = True
+    dispatcher = dispatchers(give_up_after_s="2")
+    open_alerts(setup, ["overheat"])
+    wait_for(all_settled(setup, "failed"), 20, "the notification failed")
+    [row] = outbox(setup)
+    assert row["delivered_at"] is None
+    assert int(str(row["attempts"])) >= 2
+    assert row["last_status_code"] == 500
+    assert str(row["last_error"]).startswith("HTTP 500")
+    assert dispatcher.metric('galvani_notify_deliveries_total{outcome="failed"}') == 1.0
+    assert receiver.snapshot() == []
+
+
+def test_loopback_target_is_refused_at_send_time_unless_allowed(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url)
+    dispatchers(allow_private_targets="0")
+    open_alerts(setup, ["overheat"])
+    wait_for(lambda: any(r["last_error"] for r in outbox(setup)), 10, "the attempt recorded")
+    [row] = outbox(setup)
+    assert row["status"] == "pending"
+    assert "refused target" in str(row["last_error"])
+    assert receiver.snapshot() == []
