@@ -111,6 +111,12 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("POST", "/v1/rollouts/{rollout_id}/pause"): ADMIN_OR_OPERATOR,
     ("POST", "/v1/rollouts/{rollout_id}/resume"): ADMIN_OR_OPERATOR,
     ("POST", "/v1/rollouts/{rollout_id}/abort"): ADMIN_OR_OPERATOR,
+    ("POST", "/v1/notification-channels"): allow(ADMIN),
+    ("GET", "/v1/notification-channels"): READ,
+    ("GET", "/v1/notification-channels/{channel_id}"): READ,
+    ("DELETE", "/v1/notification-channels/{channel_id}"): allow(ADMIN),
+    ("GET", "/v1/notification-channels/{channel_id}/deliveries"): READ,
+    ("POST", "/v1/notification-channels/{channel_id}/test"): allow(ADMIN),
 }
 
 # How to get brand acme's id for each path parameter. A route with a parameter missing here
@@ -124,9 +130,14 @@ PATH_IDS: dict[str, Callable[[SeededBrand], str]] = {
     "table_id": lambda s: s.mode_table_id,
     "rollout_id": lambda s: s.rollout_id,
     "authority_id": lambda s: AUTHORITY_IDS[s.brand],
+    "channel_id": lambda s: CHANNEL_IDS[s.brand],
 }
-# Each brand's registered device authority (made by the brands fixture).
+# Each brand's registered device authority and notification channel (made by the brands
+# fixture).
 AUTHORITY_IDS: dict[str, str] = {}
+CHANNEL_IDS: dict[str, str] = {}
+# A public address as a literal: a channel's URL must be one (its host is resolved otherwise).
+CHANNEL_BODY = {"name": "on-call", "kind": "webhook", "url": "https://93.184.215.14/hook"}
 
 # Where a route takes another of acme's ids than PATH_IDS gives: DELETE decommissions the
 # spare device, so the one with the alerts and the rollout still takes tables afterwards.
@@ -152,6 +163,7 @@ BODIES: dict[tuple[str, str], Callable[[SeededBrand], dict[str, Any]]] = {
         "certificate": pki.pem(pki.Authority.create("Tenancy CA").certificate).decode()
     },
     ("POST", "/v1/api-keys"): lambda s: {"role": "viewer", "name": "desk"},
+    ("POST", "/v1/notification-channels"): lambda s: dict(CHANNEL_BODY),
     ("PUT", "/v1/users/{user_id}"): lambda s: {"stage": "intro"},
     ("POST", "/v1/mode-tables"): lambda s: {
         "name": "gentler LIFT",
@@ -266,7 +278,8 @@ def client(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
 def brands(
     client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
 ) -> dict[str, SeededBrand]:
-    """acme and other, each with one of everything (and a device authority)."""
+    """acme and other, each with one of everything (and a device authority and a
+    notification channel)."""
     seeded = {
         brand: seed_brand(database_url, brand, tmp_path / "rules-key", client, keys[key])
         for brand, key in (("acme", "admin"), ("other", "other"))
@@ -278,6 +291,9 @@ def brands(
         )
         assert made.status_code == 201, made.text
         AUTHORITY_IDS[brand] = str(made.json()["id"])
+        made = client.post("/v1/notification-channels", json=CHANNEL_BODY, headers=auth(keys[key]))
+        assert made.status_code == 201, made.text
+        CHANNEL_IDS[brand] = str(made.json()["id"])
     return seeded
 
 
@@ -301,6 +317,9 @@ def acme_state(database_url: str) -> dict[str, list[tuple[object, ...]]]:
         "authorities": "SELECT * FROM brand_device_authorities WHERE brand_id = 'acme' ORDER BY id",
         "certificates": "SELECT c.* FROM device_certificates c JOIN devices d"
         " ON d.id = c.device_id WHERE d.brand_id = 'acme' ORDER BY c.id",
+        "channels": "SELECT id, name, url, deleted_at FROM notification_channels"
+        " WHERE brand_id = 'acme' ORDER BY id",
+        "notifications": "SELECT * FROM notifications WHERE brand_id = 'acme' ORDER BY id",
     }
     with psycopg.connect(database_url) as conn:
         return {name: conn.execute(sql).fetchall() for name, sql in queries.items()}
@@ -354,6 +373,7 @@ def listed_ids(brand: SeededBrand) -> dict[str, set[str]]:
         "/v1/mode-tables": {brand.mode_table_id},
         "/v1/rollouts": {brand.rollout_id},
         "/v1/device-authorities": {AUTHORITY_IDS[brand.brand]},
+        "/v1/notification-channels": {CHANNEL_IDS[brand.brand]},
     }
 
 
