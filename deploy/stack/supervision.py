@@ -1,5 +1,6 @@
-"""The backend's processes under ``make run``: the API, maintenance, and the ingest and rules
-workers, each started with its ``GALVANI_<SERVICE>_*`` settings and restarted when it exits."""
+"""The backend's processes under ``make run``: the API, maintenance, the notification
+dispatcher, and the ingest and rules workers, each started with its ``GALVANI_<SERVICE>_*``
+settings and restarted when it exits."""
 
 import functools
 import logging
@@ -105,6 +106,10 @@ def start_services(
         stack, "maintenance", ServiceAccount.MAINTENANCE, metrics_port=maintenance_metrics_port
     )
     stack.services.append(maintenance)
+    start_notify = _notify_starter(stack, connection)
+    notify = start_notify()
+    stack.services.append(notify)
+    stack.restart[notify.name] = start_notify
     # Both consumers subscribe before any device is admitted (see broker_lifecycle).
     workers = [("ingest", str(n)) for n in range(1, options.ingest_workers + 1)]
     workers.append(("rules", "1"))
@@ -130,6 +135,32 @@ def start_services(
         what="the API",
     )
     return api_url
+
+
+def _notify_starter(stack: Stack, connection: _Connection) -> Callable[[], Child]:
+    """How to (re)start the notification dispatcher: its own database role, no broker. A
+    restart loses nothing: what was in flight is sent again when its lease ends, with the same
+    idempotency key. It shares the channel secrets' key with the API
+    (``<data_dir>/secrets/notify-secret-key``); GALVANI_NOTIFY_ALLOW_PRIVATE_TARGETS and
+    _HTTP_TARGETS in the environment reach both, for a receiver on this machine."""
+    metrics_port = free_port()
+    stack.metrics["notify"] = f"http://{LOOPBACK}:{metrics_port}/metrics"
+
+    def start() -> Child:
+        return spawn(
+            "notify",
+            [sys.executable, "-m", "services.notify.main"],
+            stack.options.data_dir / "logs" / "notify.log",
+            env=service_env(
+                "NOTIFY",
+                database_url=connection.database_urls[ServiceRole.NOTIFY],
+                data_dir=str(stack.options.data_dir),
+                metrics_port=metrics_port,
+            ),
+            cwd=REPO_ROOT,
+        )
+
+    return start
 
 
 def _worker_starter(
