@@ -21,6 +21,8 @@ from services.api.settings import ApiSettings
 from services.common.outbound_urls import OutboundPolicy, RefusedUrl, check_url, refusal
 from services.common.secret_box import SecretBox, SecretBoxError
 from tests.api import auth
+from tests.notify_receiver import Receiver
+from tests.test_notify_dispatcher import Dispatcher, Setup, wait_for
 
 CHANNELS = "/v1/notification-channels"
 # A public address as a literal, so the default policy's checks need no DNS on this machine.
@@ -331,6 +333,49 @@ def test_the_test_endpoint_queues_a_notification_the_deliveries_list_shows(
         f"{CHANNELS}/{channel_id}/deliveries", params={"status": "lost"}, headers=admin
     )
     assert_problem(bad, 422, "query.status")
+
+
+def test_a_channel_made_through_the_api_gets_its_test_signed_by_the_dispatcher(
+    permissive: TestClient,
+    keys: dict[str, str],
+    database_url: str,
+    rules_database_url: str,
+    notify_database_url: str,
+    tmp_path: Path,
+) -> None:
+    """End to end: the secret the API shows once is the one the dispatcher signs with (the
+    same key file), and the delivery shows in the channel's log."""
+    receiver = Receiver("not yet known")
+    receiver.start()
+    dispatcher = None
+    try:
+        made = create(permissive, keys["admin"], url=receiver.url)
+        receiver.secret = made["secret"].encode()
+        admin = auth(keys["admin"])
+        queued = permissive.post(f"{CHANNELS}/{made['id']}/test", headers=admin).json()
+        key_file = tmp_path / "secrets" / "notify-secret-key"
+        setup = Setup(database_url, rules_database_url, notify_database_url, key_file, tmp_path, "")
+        dispatcher = Dispatcher(setup, "notify")
+        wait_for(lambda: len(receiver.snapshot()) == 1, 30, "the test delivery")
+
+        def delivered() -> list[dict[str, Any]]:
+            deliveries = permissive.get(f"{CHANNELS}/{made['id']}/deliveries", headers=admin)
+            items: list[dict[str, Any]] = deliveries.json()["items"]
+            return [item for item in items if item["status"] == "delivered"]
+
+        wait_for(lambda: len(delivered()) == 1, 10, "the outcome recorded")
+    finally:
+        if dispatcher is not None:
+            dispatcher.stop()
+        receiver.stop()
+    [got] = receiver.snapshot()
+    assert receiver.bad_signatures == 0
+    assert got.key == queued["idempotency_key"] == got.payload["idempotency_key"]
+    assert (got.payload["event"], got.payload["alert"]) == ("test", None)
+    [row] = delivered()
+    assert (row["id"], row["attempts"], row["last_status_code"]) == (queued["id"], 1, 200)
+    assert row["latency_ms"] is not None
+    assert row["latency_ms"] > 0
 
 
 # The URL check and the secret box on their own (no server needed).
