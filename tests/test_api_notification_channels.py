@@ -60,6 +60,7 @@ def channel_body(url: str = PUBLIC_URL, **fields: Any) -> dict[str, Any]:
 def create(client: TestClient, key: str, **fields: Any) -> dict[str, Any]:
     response = client.post(CHANNELS, json=channel_body(**fields), headers=auth(key))
     assert response.status_code == 201, response.text
+    assert response.headers["cache-control"] == "no-store"
     made: dict[str, Any] = response.json()
     return made
 

@@ -79,7 +79,10 @@ def create_channel(
     ciphertext = _secret_box(request).encrypt(secret)
     channel = channels.add(key.brand, NewChannel(body, url, ciphertext))
     created = schemas.ChannelCreated(**channel.model_dump(), secret=secret)
-    return json_response(created, status.HTTP_201_CREATED)
+    response = json_response(created, status.HTTP_201_CREATED)
+    # The only answer that carries the secret: no cache on the way may keep a copy.
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @router.get("", response_model=schemas.ChannelList, responses=responses(401, 403, 422))
