@@ -241,8 +241,14 @@ class Dispatcher:
                         if capacity > 0
                         else []
                     )
-                except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+                except DatabaseUnavailable as exc:
                     log.warning("cannot claim notifications: %s", exc)
+                    stop.wait(DATABASE_RETRY_S)
+                    continue
+                except psycopg.Error as exc:
+                    # The connection, a failover, a migration under way: the claim's
+                    # transaction rolled back; nothing was leased.
+                    log.warning("cannot claim notifications: %s", describe_error(exc))
                     if conn is not None:
                         conn.close()
                     conn = None
@@ -274,16 +280,18 @@ class Dispatcher:
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=LISTEN_TIMEOUT_S):
                             self._wake.set()
-            except (DatabaseUnavailable, psycopg.OperationalError) as exc:
-                log.warning("not listening for new notifications: %s", exc)
+            except (DatabaseUnavailable, psycopg.Error) as exc:
+                log.warning("not listening for new notifications (polling only): %s", exc)
                 stop.wait(DATABASE_RETRY_S)
 
     def _deliver(self, row: Claimed) -> None:
         try:
             if row.channel_deleted:
                 outcome = Outcome(False, error="the channel was deleted")
-            else:
+            elif row.kind in self._deliverers:
                 outcome = self._deliverers[row.kind](row)
+            else:
+                outcome = Outcome(False, error=f"no delivery for channels of kind {row.kind!r}")
             self._record(row, outcome, final=row.channel_deleted)
         except Exception:
             # The row stays leased and is tried again when the lease ends; the pool's thread
