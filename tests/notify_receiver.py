@@ -41,8 +41,10 @@ class Received:
 
 
 class Receiver:
-    """The server; ``fail_until`` (500 before that monotonic time), ``delay_s`` (hang that long
-    before answering) and ``stop``/``start`` (down, then up again on the same port)."""
+    """The server; ``fail_until`` (500 before that monotonic time), ``delay_s`` (wait that long
+    before answering), ``hang_until``/``hang_s`` (a request received before that time is
+    answered only ``hang_s`` later) and ``stop``/``start`` (down, then up again on the same
+    port)."""
 
     def __init__(self, secret: str) -> None:
         self.secret = secret.encode()
@@ -52,6 +54,8 @@ class Receiver:
         self.fail_until = 0.0
         self.fail_always = False
         self.delay_s = 0.0
+        self.hang_until = 0.0
+        self.hang_s = 0.0
         self.port = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -125,6 +129,8 @@ class Receiver:
             )
         if self.delay_s:
             time.sleep(self.delay_s)
+        if time.monotonic() < self.hang_until:
+            time.sleep(self.hang_s)
         self._answer(request, 200)
 
     def snapshot(self) -> list[Received]:

@@ -340,6 +340,23 @@ def test_notification_without_alert_is_delivered_and_a_deleted_channels_fail(
     assert [r.key for r in receiver.snapshot()] == [f"ntf_{live}_0_test_0"]
 
 
+def test_receiver_hanging_past_the_timeout_gets_it_again_with_the_same_key(
+    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    add_channel(setup, receiver.url)
+    receiver.hang_until = time.monotonic() + 1.5
+    receiver.hang_s = 3.0
+    dispatchers(request_timeout_s="1", lease_s="3")
+    open_alerts(setup, ["overheat"])
+    wait_for(all_settled(setup), 20, "the notification delivered")
+    [row] = outbox(setup)
+    assert int(str(row["attempts"])) >= 2
+    keys = [r.key for r in receiver.snapshot()]
+    # The hung request reached the receiver; the dispatcher, hearing nothing, sent it again.
+    assert len(keys) >= 2
+    assert set(keys) == {row["idempotency_key"]}
+
+
 def test_notification_still_undelivered_after_give_up_time_is_failed_with_its_error(
     setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
 ) -> None:
