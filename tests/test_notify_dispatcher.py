@@ -277,6 +277,14 @@ def test_receiver_down_for_a_while_gets_everything_when_back_in_order_per_alert(
     assert len(rows) == 30
     assert all(r["status"] == "pending" for r in rows)
     assert all(r["last_error"] for r in rows if int(str(r["attempts"])) > 0)
+    with psycopg.connect(setup.database_url) as conn:
+        # The rows waiting behind their alert's first kept moving with its retries.
+        lag = conn.execute(
+            "SELECT min(extract(epoch FROM next_attempt_at - created_at)) FROM notifications"
+            " WHERE transition <> 'opened'"
+        ).fetchone()
+    assert lag is not None
+    assert float(str(lag[0])) > 5.0
     back = time.monotonic()
     receiver.start()
     wait_for(all_settled(setup), 30, "every notification delivered")

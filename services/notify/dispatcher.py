@@ -90,16 +90,27 @@ RETURNING extract(epoch FROM delivered_at - created_at)::float8
 
 # A failed attempt: failed for good once give_up_after_s have passed since creation (or when
 # ``final``), else due again after the backoff, never later than the give-up time (so the last
-# attempt is made then).
+# attempt is made then). The rows of the same alert after it wait for it anyway; their
+# ``next_attempt_at`` moves with it, so a claim, which reads due rows in that order, does not
+# walk past them while it waits (after a long outage, most of the backlog).
 _NOT_DELIVERED = """
-UPDATE notifications
-SET last_error = %(error)s, last_status_code = %(code)s,
-  status = CASE WHEN %(final)s OR now() >= created_at + make_interval(secs => %(give_up_s)s)
-    THEN 'failed' ELSE 'pending' END,
-  next_attempt_at = least(now() + make_interval(secs => %(delay_s)s),
-    created_at + make_interval(secs => %(give_up_s)s))
-WHERE id = %(id)s AND status = 'pending'
-RETURNING status
+WITH head AS (
+  UPDATE notifications
+  SET last_error = %(error)s, last_status_code = %(code)s,
+    status = CASE WHEN %(final)s OR now() >= created_at + make_interval(secs => %(give_up_s)s)
+      THEN 'failed' ELSE 'pending' END,
+    next_attempt_at = least(now() + make_interval(secs => %(delay_s)s),
+      created_at + make_interval(secs => %(give_up_s)s))
+  WHERE id = %(id)s AND status = 'pending'
+  RETURNING status, next_attempt_at, channel_id, alert_id, alert_change
+), followers AS (
+  UPDATE notifications f SET next_attempt_at = head.next_attempt_at
+  FROM head
+  WHERE head.status = 'pending' AND f.status = 'pending' AND f.channel_id = head.channel_id
+    AND f.alert_id = head.alert_id AND f.alert_change > head.alert_change
+    AND f.next_attempt_at < head.next_attempt_at
+)
+SELECT status FROM head
 """
 
 _QUEUE_STATS = """
