@@ -110,7 +110,7 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
             assert conn.execute(
                 "SELECT value FROM galvani_meta WHERE key = 'storage'"
             ).fetchone() == ("timescaledb-apache",)
-        assert {"ingest-1", "ingest-2", "rules-1", "fleet"} <= set(info["pids"])
+        assert {"ingest-1", "ingest-2", "rules-1", "notify", "fleet"} <= set(info["pids"])
         assert_dashboard_signs_in_with_the_demo_key(info)
         assert_device_data_reaches_the_database(info, data_dir)
         assert_services_connect_as_their_own_roles(info)
@@ -282,7 +282,7 @@ def assert_simulated_fleet_reports(info: dict, devices: int, reboots: int = 1) -
 
 def assert_services_connect_as_their_own_roles(info: dict) -> None:
     """Every service's connection is its own login role; none is the owner's (database_url)."""
-    assert set(info["database_urls"]) == {"ingest", "rules", "api", "maintenance"}
+    assert set(info["database_urls"]) == {"ingest", "rules", "api", "maintenance", "notify"}
     with psycopg.connect(info["database_url"]) as conn:
         users = {
             row[0]
@@ -292,7 +292,16 @@ def assert_services_connect_as_their_own_roles(info: dict) -> None:
             )
         }
     logins = {f"galvani_{service}_login" for service in info["database_urls"]}
-    assert {"galvani_ingest_login", "galvani_rules_login", "galvani_api_login"} <= users <= logins
+    assert (
+        {
+            "galvani_ingest_login",
+            "galvani_rules_login",
+            "galvani_api_login",
+            "galvani_notify_login",
+        }
+        <= users
+        <= logins
+    )
 
 
 def assert_device_data_reaches_the_database(info: dict, data_dir: Path) -> None:
