@@ -28,6 +28,7 @@ from services.api.settings import ApiSettings
 from services.common import pki, provisioning
 from services.common.pki import CRL_DAYS
 from services.common.tls import client_context
+from tests.certificates import enrol_certificate_device
 from tests.mqtt import MqttClient
 from tests.promtool import RULES_DIR, check_rules, run_rule_tests
 
@@ -45,24 +46,12 @@ def _enrol(
 ) -> tuple[int, ssl.SSLContext | None]:
     """A certificate device in the test's database, enrolled from its own CSR as the API
     does; its certificate's serial and a client context presenting it."""
-    key = pki.new_device_key()
-    with psycopg.connect(database_url) as conn:
-        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'acme') ON CONFLICT DO NOTHING")
-        issued = provisioning.provision_certificate_device(
-            conn,
-            authority,
-            provisioning.CertificateRequest(csr=pki.device_csr(key, device_id)),
-            device_id=device_id,
-            brand_id="acme",
-            model="m1",
-        )
-    cert_file = directory / f"{device_id}.pem"
-    key_file = directory / f"{device_id}.key"
-    pki.write_file(cert_file, issued.pem.encode(), mode=0o644)
-    pki.write_file(key_file, pki.private_pem(key), mode=0o600)
+    device = enrol_certificate_device(database_url, authority, directory, device_id)
     if ca_file is None:
-        return issued.serial, None
-    return issued.serial, client_context(ca_file, cert_file=cert_file, key_file=key_file)
+        return device.serial, None
+    return device.serial, client_context(
+        ca_file, cert_file=device.cert_file, key_file=device.key_file
+    )
 
 
 def _decommission(database_url: str, device_id: str) -> None:

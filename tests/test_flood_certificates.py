@@ -28,12 +28,11 @@ from bench.flood import (
 from bench.mqtt_load import DeviceLogin, telemetry_topic
 from deploy.stack.mosquitto import MosquittoBroker
 from deploy.stack.pki import DevelopmentPKI
-from services.common import pki as certificates
-from services.common import provisioning
 from services.common.broker_auth import DEVICE_BAN_FILE, BrokerFiles, ServiceAccount, ban_devices
 from services.common.mqtt5 import string
 from services.common.tls import client_context
 from services.ingest.throttle import Budget, Throttle
+from tests.certificates import enrol_certificate_device
 from tests.ingest import IngestWorkers, provision
 
 HOST = "127.0.0.1"
@@ -163,23 +162,10 @@ def _enrol(
 ) -> CertificateLogin:
     """A certificate device in the test's database (enrolled from its CSR, as the API does)
     and the files it connects with."""
-    device_id = f"{prefix}-{uuid4().hex[:8]}"
-    key = certificates.new_device_key()
-    with psycopg.connect(database_url) as conn:
-        conn.execute("INSERT INTO brands (id, name) VALUES ('acme', 'acme') ON CONFLICT DO NOTHING")
-        issued = provisioning.provision_certificate_device(
-            conn,
-            pki.device_authority(),
-            provisioning.CertificateRequest(csr=certificates.device_csr(key, device_id)),
-            device_id=device_id,
-            brand_id="acme",
-            model="m1",
-        )
-    cert_file = directory / f"{device_id}.pem"
-    key_file = directory / f"{device_id}.key"
-    certificates.write_file(cert_file, issued.pem.encode(), mode=0o644)
-    certificates.write_file(key_file, certificates.private_pem(key), mode=0o600)
-    return CertificateLogin(device_id, cert_file, key_file, pki.ca_file)
+    device = enrol_certificate_device(
+        database_url, pki.device_authority(), directory, f"{prefix}-{uuid4().hex[:8]}"
+    )
+    return CertificateLogin(device.device_id, device.cert_file, device.key_file, pki.ca_file)
 
 
 @pytest.fixture
