@@ -114,6 +114,11 @@ def insert_alert(
 @pytest.fixture
 def outbox(database_url: str, rules_database_url: str, api_database_url: str) -> Outbox:
     """Brands acme and other, acme's devices of two models and one of other's."""
+    return brands_and_devices(database_url, rules_database_url, api_database_url)
+
+
+def brands_and_devices(database_url: str, rules_database_url: str, api_database_url: str) -> Outbox:
+    """Make brands acme and other, acme's devices of two models and one of other's."""
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO brands (id, name) VALUES ('acme', 'Acme'), ('other', 'Other')"
@@ -155,6 +160,7 @@ def test_an_opened_alert_writes_one_row_per_channel_in_its_own_transaction(
             "v": 1,
             "idempotency_key": key,
             "event": "alert.opened",
+            "held_until": None,
             "brand": "acme",
             "alert": {
                 "id": alert_id,
