@@ -3,12 +3,13 @@
 
 import { apiKey, get, setApiKey, streamAlerts } from "./api.js";
 import { clear, errorBox, h } from "./dom.js";
-import { alertsPage } from "./alerts.js";
+import { alertPage, alertsPage } from "./alerts.js";
 import { devicePage, devicesPage } from "./devices.js";
 import { modeTablesPage } from "./tables.js";
+import { notificationsPage } from "./notifications.js";
 import { overviewPage } from "./overview.js";
 import { rolloutsPage } from "./rollouts.js";
-import { publishAlert, session } from "./session.js";
+import { can, publishAlert, session } from "./session.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -64,6 +65,7 @@ async function start() {
     throw new Error("The dashboard shows one brand: sign in with a brand key, not the operator key.");
   }
   who.textContent = `${session.me.brand} · ${session.me.role}`;
+  for (const link of nav.querySelectorAll("a[data-can]")) link.hidden = !can(link.dataset.can);
   nav.hidden = false;
   signOutButton.hidden = false;
   if (!streamControl) startStream();
@@ -84,10 +86,12 @@ function signOut() {
 const routes = [
   [/^#?\/?$/, () => overviewPage(main)],
   [/^#\/alerts$/, () => alertsPage(main)],
+  [/^#\/alerts\/([^/]+)$/, (id) => alertPage(main, decodeURIComponent(id))],
   [/^#\/devices$/, () => devicesPage(main)],
   [/^#\/devices\/([^/]+)$/, (id) => devicePage(main, decodeURIComponent(id))],
   [/^#\/mode-tables$/, () => modeTablesPage(main)],
   [/^#\/rollouts$/, () => rolloutsPage(main)],
+  [/^#\/notifications$/, () => notificationsPage(main)],
 ];
 
 async function route() {
@@ -97,7 +101,8 @@ async function route() {
   const hash = location.hash.split("?")[0];
   for (const link of nav.querySelectorAll("a")) {
     const current = link.getAttribute("href") === (hash || "#/") ||
-      (hash.startsWith("#/devices/") && link.getAttribute("href") === "#/devices");
+      (hash.startsWith("#/devices/") && link.getAttribute("href") === "#/devices") ||
+      (hash.startsWith("#/alerts/") && link.getAttribute("href") === "#/alerts");
     if (current) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }

@@ -4,7 +4,7 @@
 import { get, post, query } from "./api.js";
 import { can } from "./session.js";
 import { chart, columns } from "./charts.js";
-import { announce, clear, errorBox, h, when } from "./dom.js";
+import { announce, clear, errorBox, facts, h, when } from "./dom.js";
 
 export async function devicesPage(main) {
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
@@ -45,10 +45,6 @@ export async function devicesPage(main) {
 }
 
 const RANGES = { "1h": [3600, "10s", 10], "24h": [86400, "1m", 60], "7d": [604800, "15m", 900] };
-
-function facts(pairs) {
-  return h("dl", { class: "facts" }, pairs.map(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
-}
 
 function timeline(sessions, from, to) {
   const span = to - from;

@@ -27,6 +27,10 @@ export function clear(element, ...children) {
   return element;
 }
 
+export function facts(pairs) {
+  return h("dl", { class: "facts" }, pairs.map(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
+}
+
 export function when(iso) {
   if (!iso) return "—";
   return new Date(iso).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });

@@ -10,6 +10,9 @@ export function can(action) {
   if (action === "alerts") return role === "admin" || role === "support";
   if (action === "clear") return role === "admin" || role === "support";
   if (action === "tables") return role === "admin";
+  // GET /v1/notification-channels and its deliveries: every brand role; the test send: admin.
+  if (action === "channels") return role === "admin" || role === "support" || role === "viewer";
+  if (action === "test-channel") return role === "admin";
   return false;
 }
 
