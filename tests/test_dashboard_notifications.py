@@ -5,14 +5,25 @@ notifications link to (``#/alerts/<id>``), found and not found. Screenshots land
 ``test-artifacts/dashboard/``."""
 
 import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from services.api.main import create_app
+from services.api.settings import ApiSettings
+from tests.api import serving
+from tests.notify_receiver import Receiver
 from tests.test_dashboard import ARTIFACTS, api_url, browser, open_page, sign_in
+from tests.test_notify_dispatcher import Dispatcher, Setup
 
 __all__ = ["api_url", "browser"]  # pytest fixtures, used by name
+# How long the receiver answers 500 after the test is sent: past the page's first refresh
+# (5 s), so the page shows the failed attempts before the delivery.
+RECEIVER_DOWN_S = 8.0
 
 # A public address as a literal: the API's default outbound policy accepts it without DNS.
 PUBLIC_URL = "https://93.184.215.14/hooks/galvani"
@@ -299,3 +310,74 @@ def test_a_notifications_alert_link_shows_the_alert_after_sign_in_and_an_unknown
         page.get_by_role("heading", name="Fleet overview").wait_for()
     # Only the unknown ids' answers fail to load (404; 422 past the largest id).
     assert [e for e in errors if "status of 404" not in e and "status of 422" not in e] == []
+
+
+@pytest.fixture
+def permissive_api(broker_api_settings: ApiSettings) -> Iterator[tuple[str, ApiSettings]]:
+    """The API with private and plain-http targets allowed, so a channel can point at a
+    receiver on this machine; and its settings (the dispatcher shares its secret key file)."""
+    settings = broker_api_settings.model_copy(
+        update={"notify_allow_private_targets": True, "notify_allow_http_targets": True}
+    )
+    with serving(create_app(settings)) as (host, port):
+        yield f"http://{host}:{port}", settings
+
+
+def test_send_test_shows_the_failed_attempts_then_the_delivery_by_the_real_dispatcher(
+    permissive_api: tuple[str, ApiSettings],
+    browser: Any,
+    keys: dict[str, str],
+    database_url: str,
+    rules_database_url: str,
+    notify_database_url: str,
+    tmp_path: Path,
+) -> None:
+    url, settings = permissive_api
+    receiver = Receiver("not yet known")
+    receiver.start()
+    dispatcher = None
+    errors: list[str] = []
+    try:
+        page = open_page(browser, url, errors)
+        sign_in(page, keys["admin"])
+        made = api_call(
+            page,
+            "POST",
+            "/v1/notification-channels",
+            {"name": "local", "kind": "webhook", "url": receiver.url},
+        )
+        receiver.secret = made["secret"].encode()
+        setup = Setup(
+            database_url,
+            rules_database_url,
+            notify_database_url,
+            settings.notify_secret_key_path(),
+            tmp_path,
+            "",
+        )
+        dispatcher = Dispatcher(setup, "notify")
+        page.get_by_role("link", name="Notifications").click()
+        page.get_by_role("heading", name="Deliveries to local").wait_for()
+        page.get_by_text("Nothing sent to this channel yet.").wait_for()
+
+        receiver.fail_until = time.monotonic() + RECEIVER_DOWN_S
+        page.get_by_role("button", name="Send a test notification to local").click()
+        result = page.locator("#test-result")
+        result.get_by_text("Test notification queued (pending)").wait_for()
+        result.get_by_text("Test notification not delivered yet").wait_for(timeout=15_000)
+        assert "500" in result.inner_text()
+        assert page.locator("#deliveries tbody tr[data-status='pending']").count() == 1
+        result.get_by_text("Test notification delivered in").wait_for(timeout=30_000)
+        row = page.locator("#deliveries tbody tr[data-status='delivered']")
+        assert row.count() == 1
+        assert "HTTP 200" in row.inner_text()
+        page.screenshot(path=ARTIFACTS / "notifications-test-sent.png", full_page=True)
+    finally:
+        if dispatcher is not None:
+            dispatcher.stop()
+        receiver.stop()
+    got = receiver.snapshot()
+    assert receiver.bad_signatures == 0
+    assert receiver.answered_500 >= 1
+    assert {r.key for r in got} == {key_of(row)}
+    assert errors == []

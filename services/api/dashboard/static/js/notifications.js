@@ -88,7 +88,8 @@ function deliveryRow(d) {
 
 function testOutcome(d) {
   if (d.status === "delivered") {
-    return `Test notification delivered in ${latency(d.latency_ms)}${d.last_status_code ? ` (HTTP ${d.last_status_code})` : ""}.`;
+    const tries = d.attempts > 1 ? ` after ${d.attempts} attempts` : "";
+    return `Test notification delivered in ${latency(d.latency_ms)}${tries}${d.last_status_code ? ` (HTTP ${d.last_status_code})` : ""}.`;
   }
   if (d.status === "failed") return `Test notification failed after ${d.attempts} attempts: ${d.last_error || "no answer"}`;
   if (d.attempts > 0) return `Test notification not delivered yet (${d.attempts} attempts; last: ${d.last_error || "—"}); the dispatcher retries.`;
