@@ -381,3 +381,64 @@ def test_send_test_shows_the_failed_attempts_then_the_delivery_by_the_real_dispa
     assert receiver.answered_500 >= 1
     assert {r.key for r in got} == {key_of(row)}
     assert errors == []
+
+
+def test_channels_of_every_kind_show_their_target_and_quiet_hours_and_a_held_delivery(
+    api_url: str, browser: Any, keys: dict[str, str], database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        # A quiet window around now, so the outbox trigger holds the warning for the e-mail.
+        start, end = conn.execute(
+            "SELECT to_char(now() AT TIME ZONE 'UTC' - interval '1 hour', 'HH24:MI'),"
+            " to_char(now() AT TIME ZONE 'UTC' + interval '1 hour', 'HH24:MI')"
+        ).fetchone() or ("", "")
+        conn.execute(
+            "INSERT INTO notification_channels (brand_id, name, kind, url, secret_ciphertext,"
+            " recipients, min_severity, quiet_hours_start, quiet_hours_end, quiet_hours_time_zone)"
+            " VALUES ('acme', 'support chat', 'slack', 'https://hooks.slack.com/services/T0/…',"
+            "  'not read', NULL, 'info', NULL, NULL, NULL),"
+            " ('acme', 'pager', 'pagerduty', 'https://events.pagerduty.com/v2/enqueue',"
+            "  'not read', NULL, 'critical', NULL, NULL, NULL),"
+            " ('acme', 'ops mail', 'email', NULL, NULL, '{ops@example.com,lead@example.com}',"
+            "  'info', %s::time, %s::time, 'UTC')",
+            (start, end),
+        )
+        alert = seed_alert(conn, "ntf-0002", "Dry electrodes for 10 s.")
+        held = conn.execute(
+            "SELECT n.held_until IS NOT NULL FROM notifications n"
+            " JOIN notification_channels c ON c.id = n.channel_id WHERE c.name = 'ops mail'"
+        ).fetchall()
+    assert held == [(True,)]
+    errors: list[str] = []
+    page = open_page(browser, api_url, errors)
+    sign_in(page, keys["support"])
+    page.get_by_role("link", name="Notifications").click()
+    page.get_by_role("heading", name="Deliveries to support chat").wait_for()
+    kinds = page.locator("#channels tbody tr[data-kind]")
+    assert [kinds.nth(i).get_attribute("data-kind") for i in range(3)] == [
+        "slack",
+        "pagerduty",
+        "email",
+    ]
+    slack = kinds.nth(0).inner_text()
+    assert "https://hooks.slack.com/services/T0/…" in slack
+    assert "masked" in slack
+    assert "severity ≥ critical" in kinds.nth(1).inner_text()
+    email = kinds.nth(2).inner_text()
+    assert "ops@example.com, lead@example.com" in email
+    assert f"quiet hours {start}\u2013{end} UTC (critical never held)" in email
+    # The slack channel got the warning at once: pending, not held.
+    first = page.locator("#deliveries tbody tr[data-status='pending']")
+    first.wait_for()
+    assert "held until" not in first.inner_text()
+
+    page.get_by_role("link", name="ops mail").click()
+    page.get_by_role("heading", name="Deliveries to ops mail").wait_for()
+    row = page.locator("#deliveries tbody tr[data-delivery-id]")
+    row.wait_for()
+    assert row.count() == 1
+    assert "held until" in row.inner_text()
+    assert "(quiet hours)" in row.inner_text()
+    assert row.get_by_role("link", name=f"alert {alert}").count() == 1
+    page.screenshot(path=ARTIFACTS / "notifications-kinds.png", full_page=True)
+    assert errors == []

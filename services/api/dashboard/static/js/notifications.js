@@ -66,7 +66,7 @@ function latency(ms) {
 function deliveryRow(d) {
   const statusHints = [];
   if (d.held_until) statusHints.push(h("div", { class: "hint held" }, `held until ${when(d.held_until)} (quiet hours)`));
-  if (d.status === "pending") statusHints.push(h("div", { class: "hint" }, `next attempt ${when(d.next_attempt_at)}`));
+  if (d.status === "pending" && d.next_attempt_at !== d.held_until) statusHints.push(h("div", { class: "hint" }, `next attempt ${when(d.next_attempt_at)}`));
   const response = [];
   if (d.last_status_code !== null && d.last_status_code !== undefined) response.push(h("div", { class: "status-code" }, `HTTP ${d.last_status_code}`));
   if (d.last_error) response.push(h("div", { class: "last-error" }, d.last_error));
@@ -80,7 +80,8 @@ function deliveryRow(d) {
     h("td", {}, h("span", { class: `status status-${d.status}` }, d.status), statusHints),
     h("td", {}, String(d.attempts)),
     h("td", {}, response.length ? response : "—"),
-    h("td", {}, latency(d.latency_ms)),
+    // A held notification's latency runs from the end of the quiet hours, not its queueing.
+    h("td", {}, latency(d.latency_ms), d.held_until && d.latency_ms !== null ? h("div", { class: "hint" }, "from release") : null),
     h("td", {}, when(d.delivered_at)),
     h("td", {}, h("code", { class: "key" }, d.idempotency_key)),
   );
