@@ -3,7 +3,9 @@ each request's Galvani signature and records it, and can answer 500, hang, or be
 
 It verifies as a brand's receiver should (docs/api.md): HMAC-SHA256 with the channel's secret
 over ``"<Galvani-Timestamp>." + body``, compared in constant time; a request that fails the
-check is answered 401 and counted in ``bad_signatures``, never recorded as received.
+check is answered 401 and counted in ``bad_signatures``, never recorded as received. Without a
+secret it stands in for Slack's or PagerDuty's endpoint: any JSON POST is recorded with its path,
+and answered ``ok_status`` (PagerDuty's 202) or ``fail_status`` while failing.
 """
 
 import hashlib
@@ -38,6 +40,7 @@ class Received:
     payload: dict[str, Any]
     body: bytes
     at: float
+    path: str = ""
 
 
 class Receiver:
@@ -46,8 +49,10 @@ class Receiver:
     answered only ``hang_s`` later) and ``stop``/``start`` (down, then up again on the same
     port)."""
 
-    def __init__(self, secret: str) -> None:
-        self.secret = secret.encode()
+    def __init__(self, secret: str | None, *, ok_status: int = 200) -> None:
+        self.secret = None if secret is None else secret.encode()
+        self.ok_status = ok_status
+        self.fail_status = 500
         self.received: list[Received] = []
         self.bad_signatures = 0
         self.answered_500 = 0
@@ -64,7 +69,11 @@ class Receiver:
     @property
     def url(self) -> str:
         """The URL a channel is pointed at."""
-        return f"http://127.0.0.1:{self.port}/hooks/galvani"
+        return self.url_for("/hooks/galvani")
+
+    def url_for(self, path: str) -> str:
+        """The URL of ``path`` on this receiver."""
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def start(self) -> None:
         """Listen (on the port of the last start, once there was one)."""
@@ -101,14 +110,7 @@ class Receiver:
 
     def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
         """Verify, then answer as the current mode says."""
-        timestamp = request.headers.get("Galvani-Timestamp", "")
-        signature = request.headers.get("Galvani-Signature", "")
-        expected = (
-            "v1="
-            + hmac.new(self.secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-        )
-        fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) < 300
-        if not (fresh and hmac.compare_digest(signature, expected)):
+        if self.secret is not None and not self._verified(request, body):
             with self._lock:
                 self.bad_signatures += 1
             self._answer(request, 401)
@@ -116,7 +118,7 @@ class Receiver:
         if self.fail_always or time.monotonic() < self.fail_until:
             with self._lock:
                 self.answered_500 += 1
-            self._answer(request, 500)
+            self._answer(request, self.fail_status)
             return
         with self._lock:
             self.received.append(
@@ -125,13 +127,25 @@ class Receiver:
                     json.loads(body),
                     body,
                     time.monotonic(),
+                    request.path,
                 )
             )
         if self.delay_s:
             time.sleep(self.delay_s)
         if time.monotonic() < self.hang_until:
             time.sleep(self.hang_s)
-        self._answer(request, 200)
+        self._answer(request, self.ok_status)
+
+    def _verified(self, request: BaseHTTPRequestHandler, body: bytes) -> bool:
+        assert self.secret is not None
+        timestamp = request.headers.get("Galvani-Timestamp", "")
+        signature = request.headers.get("Galvani-Signature", "")
+        expected = (
+            "v1="
+            + hmac.new(self.secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        )
+        fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) < 300
+        return fresh and hmac.compare_digest(signature, expected)
 
     def snapshot(self) -> list[Received]:
         """The requests received so far, in arrival order."""
@@ -140,7 +154,7 @@ class Receiver:
 
     @staticmethod
     def _answer(request: BaseHTTPRequestHandler, status: int) -> None:
-        text = b"ok" if status == 200 else b"receiver says no"
+        text = b"ok" if 200 <= status < 300 else b"receiver says no"
         request.send_response(status)
         request.send_header("Content-Length", str(len(text)))
         request.end_headers()

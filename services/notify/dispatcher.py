@@ -31,9 +31,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from services.common.db import CONNECT_TIMEOUT_S, Conn, connect, describe_error
 from services.common.errors import DatabaseUnavailable
-from services.common.outbound_urls import RefusedUrl, check_url, system_resolver
+from services.common.outbound_urls import CheckedUrl, RefusedUrl, check_url, system_resolver
 from services.common.secret_box import SecretBox, SecretBoxError
-from services.notify import metrics, webhook
+from services.notify import http_post, messages, metrics, pagerduty, slack, smtp, webhook
 from services.notify.settings import NotifySettings
 from services.notify.webhook import Outcome
 
@@ -78,7 +78,8 @@ SET attempts = n.attempts + 1, next_attempt_at = now() + make_interval(secs => %
 FROM notification_channels c
 WHERE n.id = ANY(%(ids)s) AND c.id = n.channel_id
 RETURNING n.id, n.channel_id, n.idempotency_key, n.payload::text, n.attempts, n.created_at,
-  c.kind, c.url, c.secret_ciphertext, c.deleted_at IS NOT NULL, c.max_concurrency
+  c.kind, c.url, c.secret_ciphertext, c.deleted_at IS NOT NULL, c.max_concurrency,
+  c.recipients
 """
 
 _DELIVERED = """
@@ -130,10 +131,12 @@ class Claimed:
     attempt: int
     created_at: datetime
     kind: str
-    url: str
-    secret_ciphertext: bytes
+    # NULL for e-mail channels (migration 0015), which have recipients instead.
+    url: str | None
+    secret_ciphertext: bytes | None
     channel_deleted: bool
     max_concurrency: int
+    recipients: tuple[str, ...]
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -174,10 +177,11 @@ def claim(
             attempt=int(str(r[4])),
             created_at=_datetime(r[5]),
             kind=str(r[6]),
-            url=str(r[7]),
-            secret_ciphertext=_bytes(r[8]),
+            url=None if r[7] is None else str(r[7]),
+            secret_ciphertext=None if r[8] is None else _bytes(r[8]),
             channel_deleted=bool(r[9]),
             max_concurrency=int(str(r[10])),
+            recipients=tuple(str(a) for a in _list(r[11])),
         )
         for r in leased
     ]
@@ -190,9 +194,38 @@ def _bytes(value: object) -> bytes:
     return bytes(value)
 
 
+def _list(value: object) -> list[object]:
+    assert value is None or isinstance(value, list)
+    return value or []
+
+
 def _datetime(value: object) -> datetime:
     assert isinstance(value, datetime)
     return value
+
+
+def smtp_server(settings: NotifySettings) -> smtp.SmtpServer | None:
+    """The operator's SMTP server from the settings, or None when none is configured."""
+    if not settings.smtp_host or not settings.smtp_from:
+        return None
+    return smtp.SmtpServer(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        sender=settings.smtp_from,
+        username=settings.smtp_username,
+        password=settings.smtp_password,
+        starttls=settings.smtp_starttls,
+        tls=smtp.tls_context(settings.smtp_ca_file),
+        timeout_s=settings.smtp_timeout_s,
+    )
+
+
+def _final_if(outcome: Outcome, statuses: frozenset[int]) -> Outcome:
+    """``outcome`` marked final when the receiver answered one of ``statuses`` (documented
+    as not worth retrying)."""
+    if outcome.delivered or outcome.status_code not in statuses:
+        return outcome
+    return Outcome(False, outcome.status_code, outcome.error, final=True)
 
 
 def queue_stats(conn: Conn) -> tuple[int, float]:
@@ -236,8 +269,15 @@ class Dispatcher:
             open=False,
             name="notify-records",
         )
-        # A delivery function per channel kind (later: slack, pagerduty, email).
-        self._deliverers: dict[str, Callable[[Claimed], Outcome]] = {"webhook": self._webhook}
+        # A delivery function per channel kind.
+        self._deliverers: dict[str, Callable[[Claimed], Outcome]] = {
+            "webhook": self._webhook,
+            "slack": self._slack,
+            "pagerduty": self._pagerduty,
+            "email": self._email,
+        }
+        self._dashboard = settings.dashboard_url
+        self._smtp = smtp_server(settings)
 
     def run(self, stop: threading.Event) -> None:
         """Claim and deliver until ``stop``; then let the deliveries under way finish."""
@@ -327,7 +367,7 @@ class Dispatcher:
                 outcome = self._deliverers[row.kind](row)
             else:
                 outcome = Outcome(False, error=f"no delivery for channels of kind {row.kind!r}")
-            self._record(row, outcome, final=row.channel_deleted)
+            self._record(row, outcome, final=row.channel_deleted or outcome.final)
         except Exception:
             # The row stays leased and is tried again when the lease ends; the pool's thread
             # must survive whatever one delivery raised.
@@ -343,19 +383,94 @@ class Dispatcher:
     def _webhook(self, row: Claimed) -> Outcome:
         # Checked again at send time (the API checked at creation): the name may resolve
         # elsewhere now. The POST goes to an address this check accepted.
+        target = self._check(row.url)
+        if isinstance(target, Outcome):
+            return target
+        secret = self._secret(row)
+        if isinstance(secret, Outcome):
+            return secret
         try:
-            target = check_url(row.url, self._policy, self._resolve)
-        except RefusedUrl as exc:
-            return Outcome(False, error=f"refused target: {exc}")
-        try:
-            secret = self._secrets.decrypt(row.secret_ciphertext).encode()
-        except SecretBoxError as exc:
-            return Outcome(False, error=str(exc))
+            # The stored payload's dashboard_url is null; filled here from the setting, the
+            # same bytes on every attempt (a retry is signed over what the first sent).
+            body = messages.with_dashboard_url(row.body, self._dashboard)
+        except ValueError as exc:
+            return Outcome(False, error=f"unreadable payload: {exc}", final=True)
         return webhook.post(
             target,
-            row.body,
-            secret=secret,
+            body,
+            secret=secret.encode(),
             idempotency_key=row.idempotency_key,
+            timeout_s=self._settings.request_timeout_s,
+            tls=self._tls,
+        )
+
+    def _slack(self, row: Claimed) -> Outcome:
+        # The incoming-webhook URL is the secret (the url column holds a masked form).
+        url = self._secret(row)
+        if isinstance(url, Outcome):
+            return url
+        target = self._check(url)
+        if isinstance(target, Outcome):
+            return target
+        notice = self._notice(row)
+        if isinstance(notice, Outcome):
+            return notice
+        outcome = self._post(target, slack.body(notice), row)
+        # 400 (invalid_payload, invalid_blocks): this message is refused as it is; a retry
+        # would send the same bytes.
+        return _final_if(outcome, slack.NOT_RETRIED)
+
+    def _pagerduty(self, row: Claimed) -> Outcome:
+        target = self._check(row.url or pagerduty.DEFAULT_URL)
+        if isinstance(target, Outcome):
+            return target
+        routing_key = self._secret(row)
+        if isinstance(routing_key, Outcome):
+            return routing_key
+        notice = self._notice(row)
+        if isinstance(notice, Outcome):
+            return notice
+        outcome = self._post(target, pagerduty.body(notice, routing_key, self._dashboard), row)
+        return _final_if(outcome, pagerduty.NOT_RETRIED)
+
+    def _email(self, row: Claimed) -> Outcome:
+        if self._smtp is None:
+            return Outcome(False, error=smtp.NOT_CONFIGURED)
+        if not row.recipients:
+            return Outcome(False, error="the channel has no recipients", final=True)
+        notice = self._notice(row)
+        if isinstance(notice, Outcome):
+            return notice
+        recipients = list(row.recipients)
+        return smtp.send(self._smtp, smtp.build(notice, self._smtp.sender, recipients), recipients)
+
+    def _check(self, url: str | None) -> CheckedUrl | Outcome:
+        if url is None:
+            return Outcome(False, error="the channel has no URL", final=True)
+        try:
+            return check_url(url, self._policy, self._resolve)
+        except RefusedUrl as exc:
+            return Outcome(False, error=f"refused target: {exc}")
+
+    def _secret(self, row: Claimed) -> str | Outcome:
+        if row.secret_ciphertext is None:
+            return Outcome(False, error="the channel has no secret", final=True)
+        try:
+            return self._secrets.decrypt(row.secret_ciphertext)
+        except SecretBoxError as exc:
+            return Outcome(False, error=str(exc))
+
+    def _notice(self, row: Claimed) -> messages.Notice | Outcome:
+        try:
+            return messages.read_body(row.body, self._dashboard)
+        except (ValueError, KeyError, TypeError) as exc:
+            return Outcome(False, error=f"unreadable payload: {exc}", final=True)
+
+    def _post(self, target: CheckedUrl, body: bytes, row: Claimed) -> Outcome:
+        return http_post.send(
+            target,
+            body,
+            {"Galvani-Idempotency-Key": row.idempotency_key},
             timeout_s=self._settings.request_timeout_s,
             tls=self._tls,
         )

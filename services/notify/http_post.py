@@ -21,16 +21,24 @@ ERROR_TEXT_CHARS = 200
 
 
 class Outcome:
-    """What one attempt gave: delivered (a 2xx answer), or the error and status to record."""
+    """What one attempt gave: delivered (a 2xx answer), or the error and status to record;
+    ``final`` when retrying cannot succeed (the receiver refused this very request for good:
+    PagerDuty's 400, an SMTP 5xx), so the row fails at once rather than at the give-up time."""
 
-    __slots__ = ("delivered", "error", "status_code")
+    __slots__ = ("delivered", "error", "final", "status_code")
 
     def __init__(
-        self, delivered: bool, status_code: int | None = None, error: str | None = None
+        self,
+        delivered: bool,
+        status_code: int | None = None,
+        error: str | None = None,
+        *,
+        final: bool = False,
     ) -> None:
         self.delivered = delivered
         self.status_code = status_code
         self.error = error
+        self.final = final
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):

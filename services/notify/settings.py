@@ -2,6 +2,7 @@
 
 from pathlib import Path
 from typing import Self
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,23 @@ class NotifySettings(BaseSettings):
     # API's (services/common/outbound_urls.py). Tests with a local receiver turn both on.
     allow_private_targets: bool = False
     allow_http_targets: bool = False
+    # The dashboard's base URL (``make run``: ``<api_url>/dashboard/``): every notification
+    # links to ``<dashboard_url>#/alerts/<id>``. Unset: no link.
+    dashboard_url: str | None = None
+    # E-mail channels: the operator's SMTP server (submission, port 587). Unset: e-mail
+    # notifications fail with "no SMTP server configured" (retried until give-up, visible).
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str | None = None
+    # Required by default: a server that does not offer STARTTLS is refused (nothing sent in
+    # clear); the certificate is verified for smtp_host, against smtp_ca_file when set (a
+    # private CA), else the system's CAs.
+    smtp_starttls: bool = True
+    smtp_ca_file: Path | None = None
+    # Per network operation (connect, each command); keep a few of them within lease_s.
+    smtp_timeout_s: float = 10.0
     metrics_port: int = 0
     # Queue depth and oldest pending age are read from the database this often.
     queue_stats_interval_s: float = 5.0
@@ -64,4 +82,20 @@ class NotifySettings(BaseSettings):
             raise ValueError("lease_s must be longer than request_timeout_s")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.dashboard_url is not None:
+            parts = urlsplit(self.dashboard_url)
+            if parts.scheme not in ("https", "http") or not parts.netloc or parts.fragment:
+                raise ValueError(
+                    "dashboard_url must be an http(s) URL without a fragment, e.g. "
+                    "https://galvani.example.com/dashboard/"
+                )
+        if self.smtp_host:
+            if not self.smtp_from or "@" not in self.smtp_from:
+                raise ValueError("smtp_from (an e-mail address) is required with smtp_host")
+            if self.smtp_username and self.smtp_password is None:
+                raise ValueError("smtp_password is required with smtp_username")
+            if self.smtp_username and not self.smtp_starttls:
+                raise ValueError(
+                    "smtp_username without smtp_starttls would send the SMTP password in clear"
+                )
         return self
