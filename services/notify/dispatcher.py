@@ -389,15 +389,11 @@ class Dispatcher:
         secret = self._secret(row)
         if isinstance(secret, Outcome):
             return secret
-        try:
-            # The stored payload's dashboard_url is null; filled here from the setting, the
-            # same bytes on every attempt (a retry is signed over what the first sent).
-            body = messages.with_dashboard_url(row.body, self._dashboard)
-        except ValueError as exc:
-            return Outcome(False, error=f"unreadable payload: {exc}", final=True)
         return webhook.post(
             target,
-            body,
+            # The stored payload's dashboard_url is null; filled here from the setting, the
+            # same bytes on every attempt (a retry is signed over what the first sent).
+            messages.with_dashboard_url(row.body, self._dashboard),
             secret=secret.encode(),
             idempotency_key=row.idempotency_key,
             timeout_s=self._settings.request_timeout_s,

@@ -134,15 +134,21 @@ def dashboard_link(base: str | None, alert_id: int | None) -> str | None:
 def with_dashboard_url(body: bytes, base: str | None) -> bytes:
     """A webhook payload with its ``dashboard_url`` filled in (null in the outbox), or
     ``body`` itself when there is no base or no alert. The same input gives the same bytes, so
-    a retry sends (and signs) exactly what the first attempt did."""
+    a retry sends (and signs) exactly what the first attempt did. A payload this cannot write
+    back as it read it (a number beyond a float's range) is sent as stored, without the link."""
     if not base:
         return body
-    payload = json.loads(body)
-    alert = payload.get("alert") if isinstance(payload, dict) else None
-    if not isinstance(alert, dict) or "id" not in alert:
+    try:
+        payload = json.loads(body)
+        alert = payload.get("alert") if isinstance(payload, dict) else None
+        if not isinstance(alert, dict) or not isinstance(alert.get("id"), int):
+            return body
+        payload["dashboard_url"] = dashboard_link(base, alert["id"])
+        return json.dumps(
+            payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode()
+    except ValueError:
         return body
-    payload["dashboard_url"] = dashboard_link(base, int(alert["id"]))
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def truncate(text: str, limit: int) -> str:
