@@ -240,7 +240,7 @@ def test_a_viewer_reads_channels_and_deliveries_but_cannot_send_a_test(
 ) -> None:
     with psycopg.connect(database_url) as conn:
         channel = insert_channel(conn, "acme", "pager")
-        insert_channel(conn, "other", "not ours")
+        other = insert_channel(conn, "other", "not ours")
         seed_deliveries(conn, channel, alert_id)
     errors: list[str] = []
     page = open_page(browser, api_url, errors)
@@ -249,6 +249,11 @@ def test_a_viewer_reads_channels_and_deliveries_but_cannot_send_a_test(
     page.get_by_role("heading", name="Deliveries to pager").wait_for()  # the first is selected
     assert page.locator("#channels tbody tr[data-channel-id]").count() == 1
     assert "not ours" not in page.locator("#main").inner_text()
+    # Another brand's channel by id: said so, and the brand's own shown instead.
+    page.evaluate("(id) => { location.hash = '#/notifications?channel=' + id; }", other)
+    page.locator("#unknown-channel").wait_for()
+    assert f"no channel {other}" in page.locator("#unknown-channel").inner_text()
+    page.get_by_role("heading", name="Deliveries to pager").wait_for()
     page.locator("#deliveries tbody tr[data-delivery-id]").first.wait_for()
     assert page.get_by_role("button", name="Send test").count() == 0
     assert page.locator("#send-test").count() == 0

@@ -227,6 +227,10 @@ export async function notificationsPage(main) {
     )) : h("tr", {}, h("td", { colspan: 5 }, "No channels yet: an admin adds them with POST /v1/notification-channels."))),
   );
 
+  if (params.channel && String(selected && selected.id) !== params.channel) {
+    clear(message, h("p", { class: "error", role: "alert", id: "unknown-channel" },
+      `There is no channel ${params.channel} (deleted, or another brand's)${selected ? `: showing ${selected.name}` : ""}.`));
+  }
   const parts = [h("h1", {}, "Notifications"), message, list];
   let deliveries = null;
   if (selected) {
