@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import free_port
+from services.common import pki as pki_module
 from services.notify import messages, smtp
 from tests import test_notify_dispatcher
 from tests.test_notify_dispatcher import (
@@ -324,4 +326,25 @@ def test_wrong_smtp_password_is_retried_with_the_servers_answer(
     [row] = outbox(setup)
     assert row["status"] == "pending"
     assert str(row["last_error"]).startswith("SMTP authentication failed: 535")
+    assert inbox.mails == []
+
+
+def test_server_certificate_the_dispatcher_does_not_trust_is_refused_before_auth(
+    setup: Setup,
+    pki: DevelopmentPKI,
+    inbox: Inbox,
+    smtp_server: Controller,
+    dispatchers: Callable[..., Dispatcher],
+    tmp_path: Path,
+) -> None:
+    # A CA file with another CA in it: the suite's server certificate does not verify.
+    stranger = tmp_path / "other-ca.pem"
+    stranger.write_bytes(pki_module.pem(pki_module.Authority.create("Someone else").certificate))
+    add_email_channel(setup, RECIPIENTS)
+    dispatchers(**smtp_settings(pki, smtp_server.port, smtp_ca_file=str(stranger)))
+    open_alert(setup)
+    wait_for(lambda: any(r["last_error"] for r in outbox(setup)), 20, "the attempt recorded")
+    [row] = outbox(setup)
+    assert row["status"] == "pending"
+    assert "CERTIFICATE_VERIFY_FAILED" in str(row["last_error"])
     assert inbox.mails == []
