@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
+.PHONY: run test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
+	@echo "make test-long - the tests that take minutes (a 10-minute receiver outage)"
 	@echo "make check  - ruff, mypy (strict) and the import-cycle check"
 	@echo "make bench-ingest - ingest throughput and CPU against a COPY ceiling (BENCH_ARGS=...)"
 	@echo "make bench-flood - one device floods for 60 s: the other devices' ingest lag (BENCH_ARGS=...)"
@@ -41,9 +42,16 @@ run: system-deps venv
 test-deps:
 	@deploy/install-system-deps.sh --require-timescaledb --with-chromium --with-promtool
 
-# The suite needs TimescaleDB (it tests the hypertable path and the plain path).
+# pytest exits 5 when it collected no tests: a failure, said so (make itself then exits 2).
+NO_TESTS_IS_FAILURE = { status=$$?; [ $$status -ne 5 ] || echo "make $@: pytest collected no tests" >&2; exit $$status; }
+
+# The suite needs TimescaleDB (it tests the hypertable path and the plain path). Tests marked
+# long are left out (pyproject's addopts): `make test-long` runs only those.
 test: test-deps venv
-	$(PY) -m pytest
+	$(PY) -m pytest || $(NO_TESTS_IS_FAILURE)
+
+test-long: test-deps venv
+	$(PY) -m pytest -m long || $(NO_TESTS_IS_FAILURE)
 
 # Its own durable PostgreSQL (with TimescaleDB, as in production) and Mosquitto, like `test`.
 # Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
