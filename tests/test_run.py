@@ -94,9 +94,22 @@ def data_dir(stack_root: Path, request) -> Path:
 
 
 @pytest.mark.slow
-def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
+def test_run_starts_everything_stops_cleanly_and_starts_again_on_its_data_with_the_switches(
+    data_dir,
+):
+    """The first run, with defaults, starts everything and stops cleanly. The second reuses
+    its data and turns on the switches: GALVANI_MQTT_PLAINTEXT=1 adds mqtt_plain_port,
+    GALVANI_API_TLS=1 serves the API over HTTPS with the PKI's server certificate (run.json's
+    api_url says https), GALVANI_NOTIFY_DISPATCHERS=1 runs one dispatcher (two by default).
+    One stack start serves both the reuse and the switches: each start costs ~15 s."""
     mqtt_port = free_port()
-    process = start_runner(data_dir, GALVANI_MQTT_PORT=str(mqtt_port), GALVANI_SIM_DEVICES="3")
+    smtp = {
+        "GALVANI_NOTIFY_SMTP_HOST": "smtp.example.invalid",
+        "GALVANI_NOTIFY_SMTP_FROM": "alerts@example.invalid",
+    }
+    process = start_runner(
+        data_dir, GALVANI_MQTT_PORT=str(mqtt_port), GALVANI_SIM_DEVICES="3", **smtp
+    )
     try:
         info = wait_for_run_json(process, data_dir)
         assert {"api_url", "mqtt_host", "mqtt_port", "database_url", "operator_key"} <= set(info)
@@ -110,7 +123,8 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
             assert conn.execute(
                 "SELECT value FROM galvani_meta WHERE key = 'storage'"
             ).fetchone() == ("timescaledb-apache",)
-        assert {"ingest-1", "ingest-2", "rules-1", "notify", "fleet"} <= set(info["pids"])
+        assert {"ingest-1", "ingest-2", "rules-1", "fleet"} <= set(info["pids"])
+        assert_notify_dispatchers_run(info, 2, smtp)
         assert_dashboard_signs_in_with_the_demo_key(info)
         assert_device_data_reaches_the_database(info, data_dir)
         assert_services_connect_as_their_own_roles(info)
@@ -123,7 +137,13 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
         assert not alive(pid), f"pid {pid} still running after stop"
 
     # Running again reuses the data: same database contents, operator key and devices.
-    process = start_runner(data_dir, GALVANI_SIM_DEVICES="3")
+    process = start_runner(
+        data_dir,
+        GALVANI_SIM_DEVICES="3",
+        GALVANI_MQTT_PLAINTEXT="1",
+        GALVANI_API_TLS="1",
+        GALVANI_NOTIFY_DISPATCHERS="1",
+    )
     try:
         again = wait_for_run_json(process, data_dir)
         # The PKI is made once: the same CA (clients keep trusting it) and certificates.
@@ -132,30 +152,40 @@ def test_run_starts_everything_writes_run_json_and_stops_cleanly(data_dir):
         assert again["operator_key"] == info["operator_key"]
         assert again["demo_admin_key"] == info["demo_admin_key"]
         assert again["config_public_key"] == info["config_public_key"]
+        assert_https_api_and_plaintext_device_listener(again, data_dir)
+        assert_notify_dispatchers_run(again, 1)
         assert assert_simulated_fleet_reports(again, 3, reboots=2) == fleet
     finally:
         code, err = stop(process)
     assert code == 0, err
+    assert "plaintext" in err
 
 
 @pytest.mark.slow
-def test_run_restarts_a_killed_broker_and_admits_devices_after_the_workers_resubscribe(data_dir):
+def test_run_restarts_a_killed_broker_admitting_devices_after_resubscribing_until_it_keeps_dying(
+    data_dir,
+):
+    """A broker killed once is restarted and devices are admitted only once every worker has
+    subscribed again; then, on the same stack (one start fewer), brokers killed as soon as they
+    start end the run with one clear error."""
     process = start_runner(data_dir, GALVANI_SIM_DEVICES="4", GALVANI_SIM_ACTIVITY="2000")
+    kills = 0
     try:
         info = wait_for_run_json(process, data_dir)
+        pids = dict(info["pids"])
         url = info["database_url"]
         wait_until(lambda: stored(url) > 0, 60, "the fleet's first messages")
         killed = info["pids"]["mosquitto"]
         broker_log = data_dir / "mosquitto" / "mosquitto.log"
         log_before = len(broker_log.read_text(errors="replace").splitlines())
         os.kill(killed, signal.SIGKILL)
-
-        def restarted() -> int | None:
-            pid = json.loads((data_dir / "run.json").read_text())["pids"]["mosquitto"]
-            return pid if pid != killed else None
-
-        wait_until(lambda: restarted() is not None, 30, "a new broker in run.json")
-        assert alive(restarted())
+        wait_until(
+            functools.partial(broker_replaced, process, data_dir, killed, pids),
+            30,
+            "a new broker in run.json",
+        )
+        assert pids["mosquitto"] != killed
+        assert alive(pids["mosquitto"])
         wait_until(
             lambda: len((data_dir / "mosquitto" / "devices.passwd").read_text().splitlines()) == 4,
             60,
@@ -169,37 +199,9 @@ def test_run_restarts_a_killed_broker_and_admits_devices_after_the_workers_resub
             "maintenance watching the new broker",
         )
         assert process.poll() is None, "the runner stopped"
-    finally:
-        code, err = stop(process)
-    assert code == 0, err
 
-    # The runner's own account: the broker came back with no device logins, and devices were
-    # admitted only once every ingest and rules worker had said it was subscribed.
-    restart = err[err.index("restarting it with no device logins") :]
-    order = [restart.index(f"{name} is subscribed") for name in ("ingest-1", "ingest-2", "rules-1")]
-    assert restart.index("Mosquitto restarted") < min(order)
-    assert max(order) < restart.index("admitting 4 devices")
-    # The broker's account agrees: on the new broker, every consumer connected before any device.
-    lines = broker_log.read_text(errors="replace").splitlines()[log_before:]
-    connects = [line for line in lines if "New client connected" in line]
-    consumers = [
-        next(i for i, line in enumerate(connects) if f" as {client_id} " in line)
-        for client_id in ("galvani-ingest-1", "galvani-ingest-2", "galvani-rules-1")
-    ]
-    devices = [i for i, line in enumerate(connects) if " as sim-" in line]
-    assert devices, "no device connected to the new broker"
-    assert max(consumers) < min(devices)
-
-
-@pytest.mark.slow
-def test_run_stops_with_one_clear_error_when_the_broker_keeps_dying_at_start(data_dir):
-    process = start_runner(data_dir, GALVANI_SIM_DEVICES="0")
-    try:
-        info = wait_for_run_json(process, data_dir)
-        pids = dict(info["pids"])
-        # Each broker is killed as soon as run.json names it. The third in a row that dies
-        # within 10 s of its start ends the run; the first may have lived longer than that.
-        kills = 0
+        # Now each broker is killed as soon as run.json names it. The third in a row that dies
+        # within 10 s of its start ends the run; the first has lived longer than that.
         while process.poll() is None and kills < 5:
             killed = pids["mosquitto"]
             os.kill(killed, signal.SIGKILL)
@@ -216,10 +218,29 @@ def test_run_stops_with_one_clear_error_when_the_broker_keeps_dying_at_start(dat
     assert kills in (3, 4)
     assert "Traceback" not in err
     assert "galvani: Mosquitto exited 3 times in a row within 10 s of starting" in err
-    assert err.count("restarting it with no device logins") == kills - 1
+    # The first kill's restart, then one for each quick death but the last.
+    assert err.count("restarting it with no device logins") == kills
     assert not (data_dir / "run.json").exists()
     for name, pid in pids.items():
         assert not alive(pid), f"{name} (pid {pid}) still running after the runner stopped"
+
+    # The runner's own account of the first restart: the broker came back with no device
+    # logins, and devices were admitted only once every ingest and rules worker had said it
+    # was subscribed.
+    restart = err[err.index("restarting it with no device logins") :]
+    order = [restart.index(f"{name} is subscribed") for name in ("ingest-1", "ingest-2", "rules-1")]
+    assert restart.index("Mosquitto restarted") < min(order)
+    assert max(order) < restart.index("admitting 4 devices")
+    # The broker's account agrees: on the new broker, every consumer connected before any device.
+    lines = broker_log.read_text(errors="replace").splitlines()[log_before:]
+    connects = [line for line in lines if "New client connected" in line]
+    consumers = [
+        next(i for i, line in enumerate(connects) if f" as {client_id} " in line)
+        for client_id in ("galvani-ingest-1", "galvani-ingest-2", "galvani-rules-1")
+    ]
+    devices = [i for i, line in enumerate(connects) if " as sim-" in line]
+    assert devices, "no device connected to the new broker"
+    assert max(consumers) < min(devices)
 
 
 def broker_replaced(process: subprocess.Popen, data_dir: Path, killed: int, pids: dict) -> bool:
@@ -245,6 +266,36 @@ def metrics(info: dict, name: str) -> bytes:
             return response.read()
     except OSError:
         return b""
+
+
+def assert_notify_dispatchers_run(
+    info: dict, count: int, smtp: dict[str, str] | None = None
+) -> None:
+    """``count`` dispatchers (notify-1..), each serving its own metrics named in run.json, each
+    given the dashboard's URL for its links and the caller's GALVANI_NOTIFY_SMTP_* settings."""
+    names = [f"notify-{n}" for n in range(1, count + 1)]
+    assert sorted(name for name in info["pids"] if name.startswith("notify")) == names
+    assert sorted(name for name in info["metrics"] if name.startswith("notify")) == names
+    assert len({info["metrics"][name] for name in names}) == count
+    for name in names:
+        wait_until(
+            lambda name=name: b"galvani_notify_queue_depth" in metrics(info, name),
+            30,
+            f"{name}'s metrics",
+        )
+        environ = process_environment(info["pids"][name])
+        assert environ["GALVANI_NOTIFY_DASHBOARD_URL"] == info["dashboard_url"]
+        assert environ["GALVANI_NOTIFY_DASHBOARD_URL"] == info["api_url"] + "/dashboard/"
+        passed = {key: value for key, value in environ.items() if "_NOTIFY_SMTP_" in key}
+        assert passed == (smtp or {})
+        assert alive(info["pids"][name]), f"{name} exited"
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (Linux, from /proc)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (entry.decode().partition("=") for entry in raw.split(b"\0") if entry)
+    return {key: value for key, _, value in pairs}
 
 
 def assert_dashboard_signs_in_with_the_demo_key(info: dict) -> None:
@@ -396,43 +447,34 @@ def plaintext_connack(host: str, port: int) -> bytes:
             return b""
 
 
-@pytest.mark.slow
-def test_run_switches_a_plaintext_device_listener_and_an_https_api(data_dir):
-    """GALVANI_MQTT_PLAINTEXT=1 adds mqtt_plain_port; GALVANI_API_TLS=1 serves the API over
-    HTTPS with the PKI's server certificate (run.json's api_url says https)."""
-    process = start_runner(
-        data_dir, GALVANI_SIM_DEVICES="0", GALVANI_MQTT_PLAINTEXT="1", GALVANI_API_TLS="1"
+def assert_https_api_and_plaintext_device_listener(info: dict, data_dir: Path) -> None:
+    """The API answers over HTTPS, verified against ca_file, and not over http; a device logs
+    in on mqtt_plain_port without TLS and publishes; the TLS device listener still refuses
+    plaintext."""
+    assert info["api_url"].startswith("https://127.0.0.1:")
+    verified = client_context(info["ca_file"])
+    with urllib.request.urlopen(
+        info["api_url"] + "/readyz", timeout=5, context=verified
+    ) as response:
+        assert json.load(response)["status"] == "ready"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(info["api_url"].replace("https", "http") + "/readyz", timeout=5)
+    assert info["dashboard_url"] == info["api_url"] + "/dashboard/"
+    port = info["mqtt_plain_port"]
+    assert port not in (info["mqtt_port"], info["mqtt_service_port"], info["mqtt_cert_port"])
+    with psycopg.connect(info["database_url"]) as conn:
+        conn.execute("INSERT INTO brands (id, name) VALUES ('plain', 'Plain')")
+        device = provision_device(conn, device_id="plain-dev-1", brand_id="plain", model="m1")
+        conn.commit()
+        sync_device_credentials(conn, BrokerFiles(data_dir / "mosquitto"))
+    client = connect_device(
+        port, Device(device.device_id, device.password), host=info["mqtt_host"], tls=None
     )
     try:
-        info = wait_for_run_json(process, data_dir)
-        assert info["api_url"].startswith("https://127.0.0.1:")
-        verified = client_context(info["ca_file"])
-        with urllib.request.urlopen(
-            info["api_url"] + "/readyz", timeout=5, context=verified
-        ) as response:
-            assert json.load(response)["status"] == "ready"
-        with pytest.raises(OSError):
-            urllib.request.urlopen(info["api_url"].replace("https", "http") + "/readyz", timeout=5)
-        port = info["mqtt_plain_port"]
-        assert port not in (info["mqtt_port"], info["mqtt_service_port"], info["mqtt_cert_port"])
-        with psycopg.connect(info["database_url"]) as conn:
-            conn.execute("INSERT INTO brands (id, name) VALUES ('plain', 'Plain')")
-            device = provision_device(conn, device_id="plain-dev-1", brand_id="plain", model="m1")
-            conn.commit()
-            sync_device_credentials(conn, BrokerFiles(data_dir / "mosquitto"))
-        client = connect_device(
-            port, Device(device.device_id, device.password), host=info["mqtt_host"], tls=None
-        )
-        try:
-            assert client.publish(topic("plain-dev-1", "telemetry"), telemetry(1, T0_MS)) == 0
-        finally:
-            client.close()
-        # The TLS device listener still refuses plaintext.
-        assert plaintext_connack(info["mqtt_host"], info["mqtt_port"]) == b""
+        assert client.publish(topic("plain-dev-1", "telemetry"), telemetry(1, T0_MS)) == 0
     finally:
-        code, err = stop(process)
-    assert code == 0, err
-    assert "plaintext" in err
+        client.close()
+    assert plaintext_connack(info["mqtt_host"], info["mqtt_port"]) == b""
 
 
 def test_the_plaintext_switch_is_refused_in_production(data_dir):

@@ -15,6 +15,9 @@ DEFAULT_SIM_DEVICES = 50
 # within minutes (each device's own limits still cap it at its mode table's daily count).
 DEFAULT_SIM_ACTIVITY = 50.0
 DEFAULT_INGEST_WORKERS = 2
+# Like ingest: two, so the outbox is shared (claims skip each other's locked rows) from the
+# start; a dispatcher that dies leaves its leased rows to the other until it is restarted.
+DEFAULT_NOTIFY_DISPATCHERS = 2
 
 Number = TypeVar("Number", int, float)
 
@@ -36,6 +39,9 @@ class RunOptions:
     environment: Environment = Environment.DEVELOPMENT
     # GALVANI_API_TLS=1: the API serves HTTPS with the PKI's server certificate.
     api_tls: bool = False
+    # GALVANI_NOTIFY_DISPATCHERS: notification dispatcher processes (not GALVANI_NOTIFY_WORKERS,
+    # which is each dispatcher's own thread pool, services/notify/settings.py).
+    notify_dispatchers: int = DEFAULT_NOTIFY_DISPATCHERS
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "RunOptions":
@@ -66,6 +72,9 @@ class RunOptions:
             mqtt_plaintext=plaintext,
             environment=environment,
             api_tls=_flag_env(env, "GALVANI_API_TLS"),
+            notify_dispatchers=max(
+                1, _int_env(env, "GALVANI_NOTIFY_DISPATCHERS", DEFAULT_NOTIFY_DISPATCHERS)
+            ),
         )
 
 

@@ -31,6 +31,10 @@ PUBLIC_KEY_FILE = "config-public-key"
 STORE_FILE = "devices.sqlite3"
 STATUS_FILE = "status.json"
 READY_TIMEOUT_S = 60.0
+# How often the fleet rewrites its status file (run.json's sim_fleet_status) and logs it. The
+# start waits for a status naming every device connected: at the fleet's own default (10 s)
+# every start would wait up to 10 s after the devices had connected.
+STATUS_INTERVAL_S = 2.0
 _NUMBER = re.compile(rf"^{DEVICE_PREFIX}(\d+)$")
 
 
@@ -122,6 +126,7 @@ def start_fleet(stack: Stack, fleet_dir: Path, device_port: int, ca_file: Path) 
                 f"--store={fleet_dir / STORE_FILE}",
                 f"--activity={options.sim_activity}",
                 f"--status-file={status}",
+                f"--status-interval={STATUS_INTERVAL_S}",
             ],
             options.data_dir / "logs" / "fleet.log",
             env=dict(os.environ),

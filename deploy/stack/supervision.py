@@ -1,5 +1,5 @@
 """The backend's processes under ``make run``: the API, maintenance, the notification
-dispatcher, and the ingest and rules workers, each started with its ``GALVANI_<SERVICE>_*``
+dispatchers, and the ingest and rules workers, each started with its ``GALVANI_<SERVICE>_*``
 settings and restarted when it exits."""
 
 import functools
@@ -106,27 +106,43 @@ def start_services(
         stack, "maintenance", ServiceAccount.MAINTENANCE, metrics_port=maintenance_metrics_port
     )
     stack.services.append(maintenance)
-    start_notify = _notify_starter(stack, connection)
-    notify = start_notify()
-    stack.services.append(notify)
-    stack.restart[notify.name] = start_notify
-    # Both consumers subscribe before any device is admitted (see broker_lifecycle).
+    scheme = "https" if options.api_tls else "http"
+    api_url = f"{scheme}://{LOOPBACK}:{api_port}"
+    dispatchers = []
+    for dispatcher in range(1, options.notify_dispatchers + 1):
+        start_notify = _notify_starter(stack, connection, str(dispatcher), f"{api_url}/dashboard/")
+        notify = start_notify()
+        stack.services.append(notify)
+        stack.restart[notify.name] = start_notify
+        dispatchers.append(notify)
+    # Both consumers subscribe before any device is admitted (see broker_lifecycle). They are
+    # started together, then waited for: each spends its first seconds importing.
     workers = [("ingest", str(n)) for n in range(1, options.ingest_workers + 1)]
     workers.append(("rules", "1"))
+    started = []
     for service, worker in workers:
         start_worker = _worker_starter(stack, connection, service, worker)
         child = start_worker()
         stack.services.append(child)
         stack.restart[child.name] = start_worker
         stack.consumers[child.name] = service
+        started.append((child, service, worker))
+    for child, service, worker in started:
         wait_until(
             functools.partial(worker_connected, stack.metrics[child.name], service),
             child=child,
             timeout_s=SERVICE_READY_TIMEOUT_S,
             what=f"{service} worker {worker}",
         )
-    scheme = "https" if options.api_tls else "http"
-    api_url = f"{scheme}://{LOOPBACK}:{api_port}"
+    # A dispatcher serves its metrics once its settings are read: one that refuses them (an
+    # SMTP server without a sender, say) stops the start with its log, not a restart loop.
+    for notify in dispatchers:
+        wait_until(
+            functools.partial(http_ok, stack.metrics[notify.name]),
+            child=notify,
+            timeout_s=SERVICE_READY_TIMEOUT_S,
+            what=f"notification dispatcher {notify.name}",
+        )
     api_tls = client_context(broker.pki.ca_file) if options.api_tls else None
     wait_until(
         lambda: http_ok(f"{api_url}/readyz", tls=api_tls),
@@ -137,25 +153,32 @@ def start_services(
     return api_url
 
 
-def _notify_starter(stack: Stack, connection: _Connection) -> Callable[[], Child]:
-    """How to (re)start the notification dispatcher: its own database role, no broker. A
-    restart loses nothing: what was in flight is sent again when its lease ends, with the same
-    idempotency key. It shares the channel secrets' key with the API
-    (``<data_dir>/secrets/notify-secret-key``); GALVANI_NOTIFY_ALLOW_PRIVATE_TARGETS and
-    _HTTP_TARGETS in the environment reach both, for a receiver on this machine."""
+def _notify_starter(
+    stack: Stack, connection: _Connection, dispatcher: str, dashboard_url: str
+) -> Callable[[], Child]:
+    """How to (re)start notification dispatcher ``dispatcher`` (``notify-<n>``): its own
+    database role, no broker. Dispatchers share the outbox (a claim skips rows another holds),
+    and a restart loses nothing: what was in flight is sent again when its lease ends, with
+    the same idempotency key. They share the channel secrets' key with the API
+    (``<data_dir>/secrets/notify-secret-key``) and link notifications to ``dashboard_url``.
+    The rest of the caller's ``GALVANI_NOTIFY_*`` environment reaches them as it is:
+    ``_ALLOW_PRIVATE_TARGETS`` and ``_ALLOW_HTTP_TARGETS`` (also read by the API) for a
+    receiver on this machine, ``_SMTP_*`` for the e-mail channels' server."""
+    name = f"notify-{dispatcher}"
     metrics_port = free_port()
-    stack.metrics["notify"] = f"http://{LOOPBACK}:{metrics_port}/metrics"
+    stack.metrics[name] = f"http://{LOOPBACK}:{metrics_port}/metrics"
 
     def start() -> Child:
         return spawn(
-            "notify",
+            name,
             [sys.executable, "-m", "services.notify.main"],
-            stack.options.data_dir / "logs" / "notify.log",
+            stack.options.data_dir / "logs" / f"{name}.log",
             env=service_env(
                 "NOTIFY",
                 database_url=connection.database_urls[ServiceRole.NOTIFY],
                 data_dir=str(stack.options.data_dir),
                 metrics_port=metrics_port,
+                dashboard_url=dashboard_url,
             ),
             cwd=REPO_ROOT,
         )
