@@ -35,9 +35,11 @@ EXCLUDED_PATH: Final = "/v1/alerts/stream"
 # (i_target_ua <= i_max_ua, z_ok_ohm low <= high, session default <= cap), and telemetry's
 # bound of 10,000 points per answer (it depends on the range, the bucket and the data); and
 # certificate enrolment, whose `csr` or `certificate` must be a parseable PEM that verifies (a
-# string schema cannot say so) and must agree with `auth`; and a notification channel, whose
-# `url` must resolve, and only to public addresses (an outbound policy on DNS answers, which no
-# schema can state; here no generated host resolves at all). Every other check still runs on
+# string schema cannot say so) and must agree with `auth`; and a notification channel (made or
+# changed), whose `url` must resolve, and only to public addresses (an outbound policy on DNS
+# answers, which no schema can state; here no generated host resolves at all), whose quiet
+# hours' `time_zone` must be an IANA zone name, and whose recipients must be addresses that
+# email-validator accepts (stricter than `format: email`). Every other check still runs on
 # these operations.
 CONFIG: Final = """
 [checks]
@@ -56,7 +58,7 @@ include-name-regex = '^POST /v1/(devices(/[^/]+/certificate)?|device-authorities
 checks.positive_data_acceptance.enabled = false
 
 [[operations]]
-include-name = "POST /v1/notification-channels"
+include-name-regex = '^(POST /v1/notification-channels|PATCH /v1/notification-channels/[^/]+)$'
 checks.positive_data_acceptance.enabled = false
 """
 

@@ -1,14 +1,19 @@
 """Notification channels (issue 21): a webhook channel's secret shown once and stored only
 encrypted, its URL checked against the outbound policy (no loopback, private, link-local or
 plain-http targets unless the operator allows them), tenancy, the delivery log and the test
-notification. The API runs on a real database; "localhost" is resolved by the system."""
+notification; Slack, PagerDuty and e-mail channels, whose credentials are never shown; quiet
+hours, the cap on a brand's channels and PATCH. The API runs on a real database; "localhost"
+is resolved by the system."""
 
 import ipaddress
 import os
 import re
+import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -22,6 +27,7 @@ from services.common.outbound_urls import OutboundPolicy, RefusedUrl, check_url,
 from services.common.secret_box import SecretBox, SecretBoxError
 from tests.api import auth
 from tests.notify_receiver import Receiver
+from tests.test_notification_outbox import insert_alert
 from tests.test_notify_dispatcher import Dispatcher, Setup, wait_for
 
 CHANNELS = "/v1/notification-channels"
@@ -192,7 +198,8 @@ def test_the_switches_are_read_from_the_environment(monkeypatch: pytest.MonkeyPa
         ({"min_severity": "fatal"}, "body.min_severity"),
         ({"transitions": ["test"]}, "body.transitions.0"),
         ({"transitions": []}, "body.transitions"),
-        ({"kind": "slack"}, "body.kind"),
+        ({"kind": "sms"}, "body.kind"),
+        ({"recipients": ["a@example.com"]}, "body.recipients"),
         ({"max_concurrency": 0}, "body.max_concurrency"),
         ({"max_concurrency": 65}, "body.max_concurrency"),
         ({"name": ""}, "body.name"),
@@ -453,3 +460,436 @@ def test_a_rotated_key_file_still_decrypts_what_the_old_key_encrypted(tmp_path: 
     assert rotated.decrypt(sealed) == "whsec_old"
     with pytest.raises(SecretBoxError):
         old.decrypt(rotated.encrypt("whsec_new"))  # the new first key encrypts
+
+
+# Channels of every kind, quiet hours, the cap on a brand's channels, and PATCH.
+
+SLACK_URL = "https://93.184.215.14/services/T0GALVANI/B0GALVANI/sl4ckT0kenSecretPart"
+SLACK_MASKED = "https://93.184.215.14/services/…"
+ROUTING_KEY = "R0ut1ngKeyOfTheServiceIntegr4t10"
+RECIPIENTS = ["oncall@example.com", "Second.Person@Example.COM"]
+KIND_BODIES: dict[str, dict[str, Any]] = {
+    "webhook": {"kind": "webhook", "url": PUBLIC_URL},
+    "slack": {"kind": "slack", "url": SLACK_URL},
+    "pagerduty": {"kind": "pagerduty", "routing_key": ROUTING_KEY},
+    "email": {"kind": "email", "recipients": RECIPIENTS},
+}
+# What each kind must never show after its create (the webhook's secret is checked by value).
+CREDENTIALS = {"slack": ["sl4ckT0ken", "B0GALVANI"], "pagerduty": [ROUTING_KEY]}
+QUIET = {"start": "22:00", "end": "07:00", "time_zone": "Pacific/Auckland"}
+
+
+def post_kind(client: TestClient, key: str, kind: str, **fields: Any) -> Response:
+    body = {"name": f"{kind} channel", **KIND_BODIES[kind], **fields}
+    return client.post(CHANNELS, json=body, headers=auth(key))
+
+
+def create_kind(client: TestClient, key: str, kind: str, **fields: Any) -> dict[str, Any]:
+    response = post_kind(client, key, kind, **fields)
+    assert response.status_code == 201, response.text
+    assert response.headers["cache-control"] == "no-store"
+    made: dict[str, Any] = response.json()
+    return made
+
+
+def stored(database_url: str, channel_id: int) -> dict[str, Any]:
+    with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
+        row = conn.execute(
+            "SELECT * FROM notification_channels WHERE id = %s", [channel_id]
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+def box(tmp_path: Path) -> SecretBox:
+    return SecretBox.from_file(tmp_path / "secrets" / "notify-secret-key")
+
+
+@pytest.mark.parametrize("kind", KIND_BODIES)
+def test_each_kind_is_created_and_never_shows_its_credential(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path, kind: str
+) -> None:
+    created = post_kind(client, keys["admin"], kind, min_severity="warning", quiet_hours=QUIET)
+    assert created.status_code == 201, created.text
+    made = created.json()
+    assert (made["kind"], made["min_severity"], made["quiet_hours"]) == (kind, "warning", QUIET)
+    row = stored(database_url, made["id"])
+    assert (row["quiet_hours_time_zone"], str(row["quiet_hours_start"])) == (
+        "Pacific/Auckland",
+        "22:00:00",
+    )
+    expected_url = {
+        "webhook": PUBLIC_URL,
+        "slack": SLACK_MASKED,
+        "pagerduty": "https://events.pagerduty.com/v2/enqueue",
+        "email": None,
+    }[kind]
+    assert made["url"] == row["url"] == expected_url
+    if kind == "email":
+        assert (
+            made["recipients"]
+            == row["recipients"]
+            == [
+                "oncall@example.com",
+                "Second.Person@example.com",  # the domain normalised, the local part kept
+            ]
+        )
+        assert row["secret_ciphertext"] is None
+    else:
+        assert made["recipients"] is None
+        sealed = bytes(row["secret_ciphertext"])
+        plain = {"webhook": made["secret"], "slack": SLACK_URL, "pagerduty": ROUTING_KEY}[kind]
+        assert box(tmp_path).decrypt(sealed) == plain
+        assert plain.encode() not in sealed
+    if kind == "webhook":
+        assert SECRET_RE.match(made["secret"])
+    else:
+        assert made["secret"] is None
+        for credential in CREDENTIALS.get(kind, []):
+            assert credential not in created.text
+
+    admin = auth(keys["admin"])
+    for response in (
+        client.get(CHANNELS, headers=admin),
+        client.get(f"{CHANNELS}/{made['id']}", headers=auth(keys["viewer"])),
+        client.patch(f"{CHANNELS}/{made['id']}", json={"name": "renamed"}, headers=admin),
+        client.get(f"{CHANNELS}/{made['id']}/deliveries", headers=admin),
+    ):
+        assert response.status_code == 200, response.text
+        assert "secret" not in response.text
+        for credential in [*CREDENTIALS.get(kind, []), str(made["secret"])]:
+            assert credential not in response.text
+
+
+def test_a_slack_url_of_one_path_segment_is_masked_whole(
+    permissive: TestClient, keys: dict[str, str]
+) -> None:
+    made = create_kind(permissive, keys["admin"], "slack", url="https://127.0.0.1:8443/t0ken")
+    assert made["url"] == "https://127.0.0.1:8443/…"
+    assert "t0ken" not in str(made)
+
+
+@pytest.mark.parametrize("kind", ["slack", "pagerduty"])
+@pytest.mark.parametrize(("url", "why"), list(REFUSED_BY_DEFAULT.items())[:3])
+def test_slack_and_pagerduty_urls_are_checked_like_a_webhooks(
+    client: TestClient,
+    permissive: TestClient,
+    keys: dict[str, str],
+    database_url: str,
+    kind: str,
+    url: str,
+    why: str,
+) -> None:
+    refused = post_kind(client, keys["admin"], kind, url=url)
+    assert why in assert_problem(refused, 422, "body.url")["detail"]
+    assert channel_rows(database_url) == []
+    made = create_kind(permissive, keys["admin"], kind, url=url)
+    assert made["url"] == (url if kind == "pagerduty" else made["url"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "field"),
+    [
+        ("slack", {"url": None}, "body.url"),
+        ("slack", {"url": "ftp://93.184.215.14/x"}, "body.url"),
+        ("slack", {"routing_key": ROUTING_KEY}, "body.routing_key"),
+        ("pagerduty", {"routing_key": ROUTING_KEY[:31]}, "body.routing_key"),
+        ("pagerduty", {"routing_key": ROUTING_KEY[:31] + "-"}, "body.routing_key"),
+        ("pagerduty", {"routing_key": ROUTING_KEY + "x"}, "body.routing_key"),
+        ("pagerduty", {"routing_key": None}, "body.routing_key"),
+        ("pagerduty", {"url": "http://93.184.215.14/v2/enqueue"}, "body.url"),
+        ("email", {"recipients": []}, "body.recipients"),
+        ("email", {"recipients": ["not an address"]}, "body.recipients.0"),
+        ("email", {"recipients": ["oncall@example.com", "x@"]}, "body.recipients.1"),
+        ("email", {"recipients": [f"p{n}@example.com" for n in range(21)]}, "body.recipients"),
+        ("email", {"url": PUBLIC_URL}, "body.url"),
+        ("email", {"secret": "x"}, "body.secret"),
+        ("webhook", {"quiet_hours": {**QUIET, "time_zone": "Mars/Olympus"}}, "body.quiet_hours"),
+        ("webhook", {"quiet_hours": {**QUIET, "time_zone": "CET+1"}}, "body.quiet_hours"),
+        ("slack", {"quiet_hours": {**QUIET, "end": "22:00"}}, "body.quiet_hours"),
+        ("pagerduty", {"quiet_hours": {**QUIET, "start": "24:00"}}, "body.quiet_hours.start"),
+        ("email", {"quiet_hours": {"start": "22:00", "end": "07:00"}}, "body.quiet_hours"),
+        ("webhook", {"kind": None}, "body.kind"),
+    ],
+)
+def test_invalid_channels_of_each_kind_are_problems_naming_the_field(
+    client: TestClient,
+    keys: dict[str, str],
+    database_url: str,
+    kind: str,
+    fields: dict[str, Any],
+    field: str,
+) -> None:
+    body = {"name": "x", **KIND_BODIES[kind], **fields}
+    body = {name: value for name, value in body.items() if value is not None}
+    response = client.post(CHANNELS, json=body, headers=auth(keys["admin"]))
+    problem = assert_problem(response, 422)
+    assert problem["errors"][0]["field"].startswith(field), problem
+    assert problem["detail"].startswith(field), problem
+    assert ROUTING_KEY[:31] not in response.text  # a key is never echoed, even a wrong one
+    assert channel_rows(database_url) == []
+
+
+def test_quiet_hours_hold_an_alerts_notification_and_the_log_shows_until_when(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    """Quiet hours of an hour either side of now in Los Angeles: a warning's notification
+    waits an hour; a test notification never waits."""
+    zone = ZoneInfo("America/Los_Angeles")
+    now = datetime.now(zone)
+    quiet = {
+        "start": (now - timedelta(hours=1)).strftime("%H:%M"),
+        "end": (now + timedelta(hours=1)).strftime("%H:%M"),
+        "time_zone": "America/Los_Angeles",
+    }
+    admin = auth(keys["admin"])
+    made = create_kind(client, keys["admin"], "email", quiet_hours=quiet)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, brand_id, model) VALUES ('acme-dev-1', 'acme', 'glow-2')"
+        )
+        insert_alert(conn, "acme", "acme-dev-1", "battery_hot", "warning")
+    test = client.post(f"{CHANNELS}/{made['id']}/test", headers=admin)
+    assert test.status_code == 202, test.text
+    items = client.get(f"{CHANNELS}/{made['id']}/deliveries", headers=admin).json()["items"]
+    assert [item["transition"] for item in items] == ["test", "opened"]
+    assert items[0]["held_until"] is None
+    held_until = datetime.fromisoformat(items[1]["held_until"])
+    assert datetime.fromisoformat(items[1]["next_attempt_at"]) == held_until
+    end = now.replace(second=0, microsecond=0) + timedelta(hours=1)
+    assert held_until == end.astimezone(UTC)
+
+
+def channels_client(api_database_url: str, tmp_path: Path, **settings: Any) -> TestClient:
+    return TestClient(
+        create_app(
+            ApiSettings(
+                database_url=api_database_url, mqtt_password="x", data_dir=tmp_path, **settings
+            )
+        )
+    )
+
+
+def test_a_brand_has_at_most_its_cap_of_live_channels(
+    api_database_url: str, database_url: str, tmp_path: Path, keys: dict[str, str]
+) -> None:
+    with channels_client(api_database_url, tmp_path, notify_channels_per_brand=3) as client:
+        made = [create_kind(client, keys["admin"], kind)["id"] for kind in ("webhook", "slack")]
+        made.append(create_kind(client, keys["admin"], "email")["id"])
+        refused = post_kind(client, keys["admin"], "pagerduty")
+        problem = assert_problem(refused, 409)
+        assert problem["type"].endswith("/channel-limit")
+        assert "at most 3" in problem["detail"]
+        assert len(channel_rows(database_url)) == 3
+        create_kind(client, keys["other"], "pagerduty")  # another brand's count
+        admin = auth(keys["admin"])
+        assert client.delete(f"{CHANNELS}/{made[0]}", headers=admin).status_code == 204
+        create_kind(client, keys["admin"], "pagerduty")  # a deleted one does not count
+        assert_problem(post_kind(client, keys["admin"], "webhook"), 409)
+
+
+def test_the_default_cap_is_50(client: TestClient, keys: dict[str, str], database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        for n in range(49):
+            conn.execute(
+                "INSERT INTO notification_channels (brand_id, name, kind, url, secret_ciphertext)"
+                " VALUES ('acme', %s, 'webhook', 'https://h.example/', 'k')",
+                [f"c{n}"],
+            )
+    create_kind(client, keys["admin"], "email")
+    assert_problem(post_kind(client, keys["admin"], "email"), 409)
+
+
+def test_a_create_at_the_cap_waits_for_a_concurrent_one_and_counts_it(
+    api_database_url: str, database_url: str, tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """The count is taken under the brand's lock: a create that arrives while another
+    transaction (here the test's, holding the same lock) adds the last channel allowed waits
+    for it to commit, and then is refused; counted without the lock, it would pass."""
+    answers: list[Response] = []
+    with channels_client(api_database_url, tmp_path, notify_channels_per_brand=1) as client:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "SELECT pg_advisory_xact_lock("
+                " hashtextextended('galvani-notification-channels:' || 'acme', 0))"
+            )
+            conn.execute(
+                "INSERT INTO notification_channels (brand_id, name, kind, recipients)"
+                " VALUES ('acme', 'first', 'email', '{a@example.com}')"
+            )
+            racer = threading.Thread(
+                target=lambda: answers.append(post_kind(client, keys["admin"], "email"))
+            )
+            racer.start()
+            racer.join(timeout=1.0)
+            assert racer.is_alive(), "the create did not wait for the brand's lock"
+        racer.join(timeout=10)
+    [answer] = answers
+    assert_problem(answer, 409)
+    assert [row[2] for row in channel_rows(database_url)] == [None]  # only the first
+
+
+def test_patch_changes_only_the_fields_given(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    admin = auth(keys["admin"])
+    made = create_kind(
+        client, keys["admin"], "webhook", rules=["no_gel"], models=["glow-2"], quiet_hours=QUIET
+    )
+    before = stored(database_url, made["id"])
+    patch = {
+        "name": "night shift",
+        "min_severity": "critical",
+        "transitions": ["opened"],
+        "max_concurrency": 16,
+        "rules": None,
+    }
+    response = client.patch(f"{CHANNELS}/{made['id']}", json=patch, headers=admin)
+    assert response.status_code == 200, response.text
+    changed = response.json()
+    assert changed == client.get(f"{CHANNELS}/{made['id']}", headers=admin).json()
+    expected = {**made, **patch}
+    del expected["secret"]
+    assert changed == expected
+    assert changed["models"] == ["glow-2"]
+    assert changed["quiet_hours"] == QUIET
+    # Quiet hours changed, then cleared; the URL re-checked; the secret never changes.
+    later = {**QUIET, "time_zone": "America/Los_Angeles"}
+    changed = client.patch(f"{CHANNELS}/{made['id']}", json={"quiet_hours": later}, headers=admin)
+    assert changed.json()["quiet_hours"] == later
+    cleared = client.patch(f"{CHANNELS}/{made['id']}", json={"quiet_hours": None}, headers=admin)
+    assert cleared.json()["quiet_hours"] is None
+    assert stored(database_url, made["id"])["quiet_hours_time_zone"] is None
+    refused = client.patch(
+        f"{CHANNELS}/{made['id']}", json={"url": "https://10.0.0.1/x"}, headers=admin
+    )
+    assert "private" in assert_problem(refused, 422, "body.url")["detail"]
+    moved = client.patch(
+        f"{CHANNELS}/{made['id']}", json={"url": "https://93.184.215.15/new"}, headers=admin
+    )
+    assert moved.json()["url"] == "https://93.184.215.15/new"
+    after = stored(database_url, made["id"])
+    assert bytes(after["secret_ciphertext"]) == bytes(before["secret_ciphertext"])
+    assert after["created_at"] == before["created_at"]
+    assert client.patch(f"{CHANNELS}/{made['id']}", json={}, headers=admin).json() == {
+        **moved.json()
+    }
+
+
+def test_patch_of_a_slack_url_replaces_its_secret_and_an_emails_recipients(
+    client: TestClient, keys: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    admin = auth(keys["admin"])
+    slack = create_kind(client, keys["admin"], "slack")
+    new_url = "https://93.184.215.14/hooks/T1/B1/n3wT0ken"
+    moved = client.patch(f"{CHANNELS}/{slack['id']}", json={"url": new_url}, headers=admin)
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["url"] == "https://93.184.215.14/hooks/…"
+    assert "n3wT0ken" not in moved.text
+    sealed = bytes(stored(database_url, slack["id"])["secret_ciphertext"])
+    assert box(tmp_path).decrypt(sealed) == new_url
+
+    email = create_kind(client, keys["admin"], "email")
+    changed = client.patch(
+        f"{CHANNELS}/{email['id']}", json={"recipients": ["pager@example.org"]}, headers=admin
+    )
+    assert changed.json()["recipients"] == ["pager@example.org"]
+    assert stored(database_url, email["id"])["recipients"] == ["pager@example.org"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "patch", "field"),
+    [
+        ("webhook", {"kind": "slack"}, "body.kind"),
+        ("webhook", {"secret": "whsec_mine"}, "body.secret"),
+        ("pagerduty", {"routing_key": ROUTING_KEY}, "body.routing_key"),
+        ("webhook", {"name": None}, "body.name"),
+        ("webhook", {"min_severity": None}, "body.min_severity"),
+        ("webhook", {"transitions": []}, "body.transitions"),
+        ("webhook", {"max_concurrency": 0}, "body.max_concurrency"),
+        ("webhook", {"url": None}, "body.url"),
+        ("webhook", {"recipients": ["a@example.com"]}, "body.recipients"),
+        ("email", {"url": PUBLIC_URL}, "body.url"),
+        ("email", {"recipients": []}, "body.recipients"),
+        ("email", {"recipients": None}, "body.recipients"),
+        ("slack", {"url": "https://127.0.0.1/x"}, "body.url"),
+        ("slack", {"quiet_hours": {**QUIET, "time_zone": "Nowhere/Else"}}, "body.quiet_hours"),
+        ("slack", {"rules": ["no_such_rule"]}, "body.rules"),
+    ],
+)
+def test_an_invalid_patch_is_a_problem_naming_the_field_and_changes_nothing(
+    client: TestClient,
+    keys: dict[str, str],
+    database_url: str,
+    kind: str,
+    patch: dict[str, Any],
+    field: str,
+) -> None:
+    made = create_kind(client, keys["admin"], kind, name="kept")
+    before = stored(database_url, made["id"])
+    response = client.patch(
+        f"{CHANNELS}/{made['id']}", json={"name": "changed", **patch}, headers=auth(keys["admin"])
+    )
+    problem = assert_problem(response, 422)
+    assert problem["errors"][0]["field"].startswith(field), problem
+    assert stored(database_url, made["id"]) == before
+
+
+def test_patch_is_for_admins_of_the_channels_brand(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    made = create_kind(client, keys["admin"], "pagerduty")
+    path = f"{CHANNELS}/{made['id']}"
+    for role in ("viewer", "support", "operator"):
+        assert_problem(client.patch(path, json={"name": "x"}, headers=auth(keys[role])), 403)
+    assert_problem(client.patch(path, json={"name": "x"}, headers=auth(keys["other"])), 404)
+    assert_problem(client.patch(f"{CHANNELS}/999999", json={}, headers=auth(keys["admin"])), 404)
+    assert client.delete(path, headers=auth(keys["admin"])).status_code == 204
+    assert_problem(client.patch(path, json={"name": "x"}, headers=auth(keys["admin"])), 404)
+    assert stored(database_url, made["id"])["name"] == "pagerduty channel"
+
+
+def test_a_patch_leaves_what_is_queued_on_its_schedule(
+    client: TestClient, keys: dict[str, str], database_url: str
+) -> None:
+    """A notification held by quiet hours stays held when the quiet hours are cleared."""
+    zone = ZoneInfo("Pacific/Auckland")
+    now = datetime.now(zone)
+    quiet = {
+        "start": (now - timedelta(hours=1)).strftime("%H:%M"),
+        "end": (now + timedelta(hours=1)).strftime("%H:%M"),
+        "time_zone": "Pacific/Auckland",
+    }
+    made = create_kind(client, keys["admin"], "slack", quiet_hours=quiet)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, brand_id, model) VALUES ('acme-dev-1', 'acme', 'glow-2')"
+        )
+        insert_alert(conn, "acme", "acme-dev-1", "battery_hot", "info")
+        held = conn.execute("SELECT next_attempt_at, held_until FROM notifications").fetchall()
+    [(due, until)] = held
+    assert due == until
+    assert until is not None
+    cleared = client.patch(
+        f"{CHANNELS}/{made['id']}", json={"quiet_hours": None}, headers=auth(keys["admin"])
+    )
+    assert cleared.status_code == 200, cleared.text
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT next_attempt_at, held_until FROM notifications").fetchall() == (
+            held
+        )
+
+
+@pytest.mark.parametrize("kind", KIND_BODIES)
+def test_the_test_endpoint_queues_a_notification_for_every_kind(
+    client: TestClient, keys: dict[str, str], database_url: str, kind: str
+) -> None:
+    made = create_kind(client, keys["admin"], kind)
+    queued = client.post(f"{CHANNELS}/{made['id']}/test", headers=auth(keys["admin"]))
+    assert queued.status_code == 202, queued.text
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT id, channel_id, transition, held_until FROM notifications"
+        ).fetchall()
+    assert rows == [(queued.json()["id"], made["id"], "test", None)]
+    assert_problem(client.post(f"{CHANNELS}/{made['id']}/test", headers=auth(keys["other"])), 404)

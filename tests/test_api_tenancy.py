@@ -114,6 +114,7 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("POST", "/v1/notification-channels"): allow(ADMIN),
     ("GET", "/v1/notification-channels"): READ,
     ("GET", "/v1/notification-channels/{channel_id}"): READ,
+    ("PATCH", "/v1/notification-channels/{channel_id}"): allow(ADMIN),
     ("DELETE", "/v1/notification-channels/{channel_id}"): allow(ADMIN),
     ("GET", "/v1/notification-channels/{channel_id}/deliveries"): READ,
     ("POST", "/v1/notification-channels/{channel_id}/test"): allow(ADMIN),
@@ -164,6 +165,7 @@ BODIES: dict[tuple[str, str], Callable[[SeededBrand], dict[str, Any]]] = {
     },
     ("POST", "/v1/api-keys"): lambda s: {"role": "viewer", "name": "desk"},
     ("POST", "/v1/notification-channels"): lambda s: dict(CHANNEL_BODY),
+    ("PATCH", "/v1/notification-channels/{channel_id}"): lambda s: {"name": "renamed"},
     ("PUT", "/v1/users/{user_id}"): lambda s: {"stage": "intro"},
     ("POST", "/v1/mode-tables"): lambda s: {
         "name": "gentler LIFT",

@@ -445,3 +445,41 @@ def test_the_rules_workers_own_transitions_write_their_notifications(
         "glow-cert",
     )
     assert rows[1]["payload"]["alert"]["resolved_by"]
+
+
+def test_channels_of_every_kind_made_through_the_api_get_their_alerts(
+    keys: dict[str, str], outbox: Outbox, client: TestClient
+) -> None:
+    """The trigger queues for a Slack, PagerDuty or e-mail channel exactly as for a webhook:
+    the same rows, the same payload (the dispatcher renders it for the kind)."""
+    bodies = [
+        {"kind": "webhook", "url": "https://93.184.215.14/hook"},
+        {"kind": "slack", "url": "https://93.184.215.14/services/T0/B0/t0ken"},
+        {"kind": "pagerduty", "routing_key": "0123456789abcdef0123456789ABCDEF"},
+        {"kind": "email", "recipients": ["oncall@example.com"]},
+    ]
+    channels = []
+    for body in bodies:
+        made = client.post(
+            "/v1/notification-channels",
+            json={"name": body["kind"], "min_severity": "warning", **body},
+            headers=auth(keys["admin"]),
+        )
+        assert made.status_code == 201, made.text
+        channels.append(made.json()["id"])
+    quiet = outbox.open_alert(rule="session_long", severity="info")  # below every minimum
+    alert_id = outbox.open_alert(severity="warning")
+    outbox.update(alert_id, "state = 'resolved', resolved_at = now()")
+    assert outbox.rows(quiet) == []
+    rows = outbox.rows(alert_id)
+    assert [(row["channel_id"], row["transition"]) for row in rows] == [
+        *((channel, "opened") for channel in channels),
+        *((channel, "resolved") for channel in channels),
+    ]
+    for transition in ("opened", "resolved"):
+        payloads = [
+            {**row["payload"], "idempotency_key": None}
+            for row in rows
+            if row["transition"] == transition
+        ]
+        assert all(payload == payloads[0] for payload in payloads), payloads

@@ -107,6 +107,8 @@ class ApiSettings(ServiceSettings):
             "notify_allow_http_targets",
         ),
     )
+    # Live (not deleted) notification channels per brand: the next create answers 409.
+    notify_channels_per_brand: int = Field(default=50, ge=1)
     # The key channel secrets are encrypted with (default ``<data_dir>/secrets/notify-secret-key``,
     # created 0600 on first use; services/common/secret_box.py), shared with the dispatcher.
     notify_secret_key_file: Path | None = Field(
