@@ -835,6 +835,20 @@ def test_an_invalid_patch_is_a_problem_naming_the_field_and_changes_nothing(
     assert stored(database_url, made["id"]) == before
 
 
+def test_patch_moves_a_pagerduty_channel_between_regions(
+    permissive: TestClient, keys: dict[str, str]
+) -> None:
+    admin = auth(keys["admin"])
+    made = create_kind(permissive, keys["admin"], "pagerduty", url="https://127.0.0.1:9/v2/x")
+    path = f"{CHANNELS}/{made['id']}"
+    default = "https://events.pagerduty.com/v2/enqueue"
+    back = permissive.patch(path, json={"url": default}, headers=admin)
+    assert back.status_code == 200, back.text
+    assert back.json()["url"] == default
+    local = permissive.patch(path, json={"url": "https://127.0.0.1:9/v2/y"}, headers=admin)
+    assert local.json()["url"] == "https://127.0.0.1:9/v2/y"
+
+
 def test_patch_is_for_admins_of_the_channels_brand(
     client: TestClient, keys: dict[str, str], database_url: str
 ) -> None:

@@ -119,6 +119,12 @@ def masked(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/{shown}…"
 
 
+def _pagerduty_url(request: Request, url: str) -> str:
+    """A PagerDuty channel's endpoint: PagerDuty's own is not the brand's choice (and its
+    name need not resolve here), so only another is checked."""
+    return url if url == schemas.PAGERDUTY_EVENTS_URL else _checked_url(request, url)
+
+
 def _target(
     request: Request, body: schemas.ChannelCreate
 ) -> tuple[str | None, bytes | None, str | None]:
@@ -131,10 +137,11 @@ def _target(
             url = _checked_url(request, body.url)
             return masked(url), _secret_box(request).encrypt(url), None
         case schemas.PagerDutyChannelCreate():
-            # PagerDuty's own endpoint is not the brand's choice: only another is checked.
-            given = "url" in body.model_fields_set and body.url != schemas.PAGERDUTY_EVENTS_URL
-            url = _checked_url(request, body.url) if given else body.url
-            return url, _secret_box(request).encrypt(body.routing_key), None
+            return (
+                _pagerduty_url(request, body.url),
+                _secret_box(request).encrypt(body.routing_key),
+                None,
+            )
         case schemas.EmailChannelCreate():
             return None, None, None
 
@@ -221,7 +228,10 @@ def update_channel(
     if body.url is not None:
         if kind is schemas.ChannelKind.EMAIL:
             raise _invalid("body.url", "an email channel has no url (it has recipients)")
-        url = _checked_url(request, body.url)
+        if kind is schemas.ChannelKind.PAGERDUTY:
+            url = _pagerduty_url(request, body.url)
+        else:
+            url = _checked_url(request, body.url)
         if kind is schemas.ChannelKind.SLACK:
             columns["url"] = masked(url)
             columns["secret_ciphertext"] = _secret_box(request).encrypt(url)
