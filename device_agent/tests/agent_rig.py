@@ -19,6 +19,12 @@ from device_agent.store import DeviceStore, OutboxLimits, open_database
 T0 = 1_763_805_600_000
 HOUR_MS = 3_600_000
 
+# The rig's store syncs at checkpoints only (synchronous=NORMAL), as the fleet simulator's
+# does: its restarts are process crashes, which that survives, and no test here cuts the power
+# (test_agent_store checks a device's own store syncs every commit). A sync per commit made
+# the tests that run a device for 20 simulated minutes seconds slower each.
+DURABLE = False
+
 
 class Clock:
     """The device's clock, in epoch milliseconds, moved only by the test."""
@@ -51,7 +57,7 @@ class Rig:
         self.hardware = SimulatedHardware(
             clock=self.clock.seconds, rng=random.Random(7), **hardware
         )
-        self.conn = open_database(path)
+        self.conn = open_database(path, durable=DURABLE)
         self.store = DeviceStore(self.conn, "dev-0001", self.limits)
         self.agent = self.new_agent()
         self.agent.boot(self.clock.ms)
@@ -59,7 +65,7 @@ class Rig:
     def restart(self) -> None:
         """Power back on after a crash: a new agent on a new connection to the same file."""
         self.conn.close()
-        self.conn = open_database(self.path)
+        self.conn = open_database(self.path, durable=DURABLE)
         self.store = DeviceStore(self.conn, "dev-0001", self.limits)
         self.agent = self.new_agent()
         self.agent.boot(self.clock.ms)

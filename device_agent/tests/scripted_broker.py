@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_rig import DURABLE
 from device_agent.link import BrokerAddress, DeleteOn, Link
 from device_agent.store import DeviceStore, open_database
 from paho.mqtt.properties import VariableByteIntegers
@@ -266,7 +267,7 @@ async def connected(
     loop = asyncio.get_running_loop()
     clock = clock or FakeClock()
     port = await broker.start()
-    conn = open_database(tmp_path / "agent.sqlite3")
+    conn = open_database(tmp_path / "agent.sqlite3", durable=DURABLE)
     store = DeviceStore(conn, DEVICE)
     link = Link(
         DEVICE,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_rig import Clock
+from agent_rig import DURABLE, Clock
 from device_agent.agent import Identity
 from device_agent.link import BrokerAddress
 from device_agent.modes import DEFAULT_MODES
@@ -42,7 +42,7 @@ def simulate(
     clock = Clock()
 
     async def run() -> tuple[SimulatedDevice, list[tuple[str, dict[str, Any]]]]:
-        conn = open_database(tmp_path / "sim.sqlite3")
+        conn = open_database(tmp_path / "sim.sqlite3", durable=DURABLE)
         device = SimulatedDevice(
             Identity("sim-00001"),
             DeviceStore(conn, "sim-00001"),

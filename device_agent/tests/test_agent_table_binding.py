@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_rig import Rig
+from agent_rig import DURABLE, Rig
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from device_agent.anti_rollback import SUFFIX, AntiRollback, AntiRollbackError
@@ -84,7 +84,7 @@ def _wipe_store(rig: Rig) -> None:
     rig.conn.close()
     for suffix in ("", "-wal", "-shm"):
         Path(f"{rig.path}{suffix}").unlink(missing_ok=True)
-    rig.conn = open_database(rig.path)
+    rig.conn = open_database(rig.path, durable=DURABLE)
     rig.store = DeviceStore(rig.conn, "dev-0001", rig.limits)
     rig.agent = rig.new_agent()
     rig.agent.boot(rig.clock.ms)
