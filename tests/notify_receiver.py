@@ -8,6 +8,7 @@ secret it stands in for Slack's or PagerDuty's endpoint: any JSON POST is record
 and answered ``ok_status`` (PagerDuty's 202) or ``fail_status`` while failing.
 """
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -15,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -62,7 +64,11 @@ class Receiver:
         self.hang_until = 0.0
         self.hang_s = 0.0
         self.port = 0
+        # Requests being answered (recorded, not yet answered) per path, and the most seen.
+        self.in_progress: Counter[str] = Counter()
+        self.max_in_progress: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -87,6 +93,13 @@ class Receiver:
                 # The status line and headers, then the body, are two writes: without
                 # TCP_NODELAY the second waits for the client's delayed ACK (40 ms).
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with receiver._lock:
+                    receiver._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with receiver._lock:
+                    receiver._connections.discard(self.connection)
+                super().finish()
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -102,11 +115,19 @@ class Receiver:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop listening: connections are refused until the next ``start``."""
+        """Stop listening: connections are refused until the next ``start``, and the open ones
+        (a client's kept-alive connections) are shut, so nothing more is answered."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            open_connections = list(self._connections)
+            self._connections.clear()
+        for connection in open_connections:
+            # OSError: the client closed it already.
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
         """Verify, then answer as the current mode says."""
@@ -130,11 +151,19 @@ class Receiver:
                     request.path,
                 )
             )
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if time.monotonic() < self.hang_until:
-            time.sleep(self.hang_s)
-        self._answer(request, self.ok_status)
+            self.in_progress[request.path] += 1
+            self.max_in_progress[request.path] = max(
+                self.max_in_progress.get(request.path, 0), self.in_progress[request.path]
+            )
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if time.monotonic() < self.hang_until:
+                time.sleep(self.hang_s)
+            self._answer(request, self.ok_status)
+        finally:
+            with self._lock:
+                self.in_progress[request.path] -= 1
 
     def _verified(self, request: BaseHTTPRequestHandler, body: bytes) -> bool:
         assert self.secret is not None

@@ -7,6 +7,7 @@ request it gets against a JSON Schema written from the vendor's documentation
 (tests/schemas/, each citing its pages).
 """
 
+import http.client
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -349,3 +350,29 @@ def test_webhook_payload_carries_the_dashboard_url_when_set(
         receiver.stop()
     assert receiver.bad_signatures == 0
     assert got.payload["dashboard_url"] == f"{DASHBOARD}#/alerts/{alert}"
+
+
+def test_stopped_receiver_answers_nothing_more_on_a_kept_alive_connection() -> None:
+    """The outage tests stop the receiver while the dispatcher may hold kept-alive
+    connections to it (http_post): those must go quiet too."""
+    receiver = Receiver(None)
+    receiver.start()
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=2)
+    try:
+        connection.request("POST", "/x", body=b"{}", headers={"Content-Type": "application/json"})
+        first = connection.getresponse()
+        first.read()
+        assert first.status == 200
+        receiver.stop()
+
+        def post_again() -> None:
+            connection.request("POST", "/x", body=b"{}")
+            connection.getresponse()
+
+        with pytest.raises((OSError, http.client.HTTPException)):
+            post_again()
+    finally:
+        connection.close()
+        receiver.stop()
+    assert [r.path for r in receiver.snapshot()] == ["/x"]
+    assert receiver.max_in_progress == {"/x": 1}
