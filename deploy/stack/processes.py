@@ -59,6 +59,9 @@ class Child:
     process: subprocess.Popen[bytes]
     log_path: Path
     _log: IO[bytes] | None = field(default=None, repr=False)
+    # Set once asked to stop, so that ``stop`` does not send a second signal (to some servers,
+    # uvicorn's among them, a second one means "stop now, drop what is in flight").
+    _asked: bool = field(default=False, repr=False)
 
     @property
     def pid(self) -> int:
@@ -77,10 +80,17 @@ class Child:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Ask the child to stop with ``sig``; kill it if it has not stopped in time."""
-        if self.alive():
+    def ask_to_stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Send ``sig`` without waiting (``stop`` then waits), so children stop side by side."""
+        if self.alive() and not self._asked:
             self.process.send_signal(sig)
+            self._asked = True
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Ask the child to stop with ``sig`` (unless asked already); kill it if it has not
+        stopped in time."""
+        if self.alive():
+            self.ask_to_stop(sig)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

@@ -67,7 +67,15 @@ class Stack:
         self.run_json.unlink(missing_ok=True)
         if self.services or self.broker or self.postgres:
             log.info("stopping")
-        for child in reversed(self.services):
+        # The fleet first, so that its devices' last messages reach ingest; then the backend's
+        # services side by side (each finishes its own work; none needs another to stop).
+        services = list(reversed(self.services))
+        for child in services:
+            if child.name == "fleet":
+                child.stop()
+        for child in services:
+            child.ask_to_stop()
+        for child in services:
             child.stop()
         self.services.clear()
         if self.broker is not None:
