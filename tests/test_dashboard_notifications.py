@@ -163,8 +163,9 @@ def test_an_admin_reads_a_channels_delivery_log_pages_it_filters_it_and_sends_a_
         assert part in listed
     assert "every rule" in page.locator(f"#channel-{audit['id']}").inner_text()
 
-    page.get_by_role("link", name="on-call").click()
+    # With no channel named in the link, the first is shown.
     page.get_by_role("heading", name="Deliveries to on-call").wait_for()
+    assert page.get_by_role("link", name="on-call").get_attribute("aria-current") == "true"
     rows = page.locator("#deliveries tbody tr[data-delivery-id]")
     rows.first.wait_for()
     assert rows.count() == 25
@@ -222,6 +223,12 @@ def test_an_admin_reads_a_channels_delivery_log_pages_it_filters_it_and_sends_a_
     )
     assert "test notification" in top.inner_text()
 
+    page.get_by_role("link", name="audit").click()
+    page.get_by_role("heading", name="Deliveries to audit").wait_for()
+    page.get_by_text("Nothing sent to this channel yet.").wait_for()
+    page.get_by_role("link", name="on-call").click()
+    page.get_by_role("heading", name="Deliveries to on-call").wait_for()
+    rows.first.wait_for()
     page.get_by_label("Status").select_option("failed")
     page.wait_for_function(
         "() => { const rows = document.querySelectorAll('#deliveries tbody tr[data-status]');"
