@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
+.PHONY: run test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-notify bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-ingest-floor - CPU per sample of paho receive+ack and of decoding (no servers)"
 	@echo "make bench-agent  - one agent's RSS and CPU; the largest fleet one process holds"
 	@echo "make bench-rules  - publish-to-alert and publish-to-SAFE-table latency under fleet load"
+	@echo "make bench-notify - fault-to-webhook latency under fleet load; deliveries/s (BENCH_ARGS=...)"
 	@echo "make bench-api    - API p50/p95 at 20 clients on a seeded month of 10,000 devices"
 	@echo "make bench-faults - the fault suite's faults, longer, on 200 devices; both outbox contracts"
 
@@ -70,6 +71,11 @@ bench-ingest-floor: venv
 # Its own PostgreSQL (TimescaleDB) and Mosquitto, 10,200 background devices and the backend.
 bench-rules: test-deps venv
 	$(PY) -m bench.rules $(BENCH_ARGS)
+
+# bench-rules' stack and load plus the notify dispatcher and a local webhook receiver: fault
+# event to webhook latency, then deliveries/s. E.g. BENCH_ARGS="--alerts 5000 --outage-s 60".
+bench-notify: test-deps venv
+	$(PY) -m bench.notify $(BENCH_ARGS)
 
 # Its own PostgreSQL (TimescaleDB), seeded once and kept under .galvani/bench-api (--reseed),
 # and the API as `make run` starts it.
