@@ -299,12 +299,14 @@ def test_kill_9_mid_delivery_loses_nothing_and_duplicates_keep_their_key(
 ) -> None:
     add_channel(setup, receiver.url, max_concurrency=8)
     receiver.delay_s = 0.05
-    # Two dispatchers share the queue (SKIP LOCKED); one is killed mid-delivery.
+    # Two dispatchers share the queue (SKIP LOCKED); one is killed mid-delivery. The channel's
+    # 8 slots are shared by both (its limit holds across processes), so the one delivering
+    # keeps them: the second starts once a third is delivered, as the first is killed.
     victim = dispatchers("notify-1")
-    survivor = dispatchers("notify-2")
     started = time.monotonic()
     open_alerts(setup, [f"rule-{n}" for n in range(300)])
     wait_for(lambda: len(receiver.snapshot()) >= 100, 60, "a third delivered")
+    survivor = dispatchers("notify-2")
     victim.kill()
     wait_for(all_settled(setup), 90, "every notification delivered")
     elapsed = time.monotonic() - started

@@ -79,8 +79,10 @@ _CLAIM_LOCK = "SELECT pg_advisory_xact_lock(%(key)s)"
 # 2-core machine, each round trip waiting for the server to be scheduled, and claims (16 rows
 # each) became the limit at about 640 deliveries/s.
 #
-# Full channels are an array computed once, a filter PostgreSQL applies before the costlier
-# order check. The order check is a scalar subquery, evaluated per due row with
+# The candidates are read from notifications alone (the channels' limits are joined after
+# the LIMIT): joined first, PostgreSQL hash-joined every due row and sorted them (46 ms a claim
+# with 24,000 queued). Full channels are an array computed once, a filter PostgreSQL applies
+# before the costlier order check. The order check is a scalar subquery, evaluated per due row with
 # notifications_alert_idx, not NOT EXISTS: PostgreSQL turns that into an anti-join, and with
 # statistics taken before a burst (a few rows due) it chose a nested loop over a sequential
 # scan, 0.5 s per claim with 2,000 rows pending (72 deliveries/s).
@@ -98,10 +100,8 @@ WITH busy AS MATERIALIZED (
   WHERE leased_until IS NOT NULL AND leased_until > now()
   GROUP BY channel_id
 ), candidates AS MATERIALIZED (
-  SELECT n.id, n.channel_id, n.next_attempt_at, c.max_concurrency - coalesce(b.n, 0) AS free
+  SELECT n.id, n.channel_id, n.next_attempt_at
   FROM notifications n
-  JOIN notification_channels c ON c.id = n.channel_id
-  LEFT JOIN busy b ON b.channel_id = n.channel_id
   WHERE n.status = 'pending' AND n.next_attempt_at <= now()
     AND NOT n.channel_id = ANY(ARRAY(
       SELECT f.channel_id FROM busy f JOIN notification_channels l ON l.id = f.channel_id
@@ -112,12 +112,14 @@ WITH busy AS MATERIALIZED (
       n.alert_change)
   ORDER BY n.next_attempt_at
   LIMIT %(scan)s
-  FOR UPDATE OF n SKIP LOCKED
+  FOR UPDATE SKIP LOCKED
 ), chosen AS (
   SELECT id FROM (
-    SELECT id, next_attempt_at, free,
-      row_number() OVER (PARTITION BY channel_id ORDER BY next_attempt_at, id) AS place
-    FROM candidates
+    SELECT a.id, a.next_attempt_at, c.max_concurrency - coalesce(b.n, 0) AS free,
+      row_number() OVER (PARTITION BY a.channel_id ORDER BY a.next_attempt_at, a.id) AS place
+    FROM candidates a
+    JOIN notification_channels c ON c.id = a.channel_id
+    LEFT JOIN busy b ON b.channel_id = a.channel_id
   ) ranked
   WHERE place <= free
   ORDER BY next_attempt_at, id
