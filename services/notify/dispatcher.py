@@ -177,8 +177,14 @@ WITH head AS (
 SELECT status FROM head
 """
 
+# The oldest age is of rows due now, counted from when they became due: a row held by its
+# channel's quiet hours (held_until) is not late while it waits for the window's end, and an
+# eight-hour quiet window must not look like an eight-hour backlog (the backlog alert in
+# deploy/prometheus/galvani-notify-alerts.yml reads this gauge).
 _QUEUE_STATS = """
-SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+SELECT count(*),
+  coalesce(extract(epoch FROM now() - min(coalesce(held_until, created_at))
+    FILTER (WHERE coalesce(held_until, created_at) <= now())), 0)::float8
 FROM notifications WHERE status = 'pending'
 """
 

@@ -20,6 +20,7 @@ QUEUE_DEPTH = Gauge(
 )
 OLDEST_PENDING_AGE = Gauge(
     "galvani_notify_oldest_pending_age_seconds",
-    "Age of the oldest pending notification (0 when none)",
+    "Age of the oldest pending notification that is due, from its creation or the end of its"
+    " quiet hours (0 when none)",
 )
 IN_FLIGHT = Gauge("galvani_notify_in_flight", "Deliveries under way in this process")
