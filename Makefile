@@ -52,7 +52,7 @@ test: test-deps venv
 	$(PY) -m pytest || $(NO_TESTS_IS_FAILURE)
 
 test-long: test-deps venv
-	$(PY) -m pytest -m long || $(NO_TESTS_IS_FAILURE)
+	$(PY) -m pytest -m long -rP || $(NO_TESTS_IS_FAILURE)
 
 # Its own durable PostgreSQL (with TimescaleDB, as in production) and Mosquitto, like `test`.
 # Options through BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS="--seconds 120".
