@@ -376,3 +376,22 @@ def test_stopped_receiver_answers_nothing_more_on_a_kept_alive_connection() -> N
         receiver.stop()
     assert [r.path for r in receiver.snapshot()] == ["/x"]
     assert receiver.max_in_progress == {"/x": 1}
+
+
+@pytest.mark.parametrize("kind", ["slack", "pagerduty"])
+def test_slack_and_pagerduty_loopback_targets_are_refused_at_send_time(
+    kind: str, setup: Setup, endpoint: Receiver, dispatchers: Callable[..., Dispatcher]
+) -> None:
+    # The API checked the target at creation; a name can resolve elsewhere later, so the
+    # dispatcher checks again: without the operator's switch, loopback gets nothing.
+    if kind == "slack":
+        add_kind_channel(setup, kind, "https://hooks.slack.com/services/…", endpoint.url_for("/s"))
+    else:
+        add_kind_channel(setup, kind, endpoint.url_for("/v2/enqueue"), secrets.token_hex(16))
+    dispatchers(allow_private_targets="0")
+    open_alerts(setup, ["overheat"])
+    wait_for(lambda: any(r["last_error"] for r in outbox(setup)), 10, "the attempt recorded")
+    [row] = outbox(setup)
+    assert row["status"] == "pending"
+    assert "refused target" in str(row["last_error"])
+    assert endpoint.snapshot() == []
