@@ -58,7 +58,7 @@ from bench.harness import (
     start_stack,
     workspace,
 )
-from bench.rules import Background, background_process, connect_all, event, now_ms, percentile
+from bench.rules import Background, connect_all, event, now_ms, percentile, start_background
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
 from deploy.stack.postgres import new_password
 from deploy.stack.processes import Child, service_env, spawn, wait_until
@@ -578,34 +578,18 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
         f"(1 msg of 10 samples/s), {len(probes)} probes; {len(rules)} rules, {len(ingest)} "
         f"ingest worker, 1 notify dispatcher, a receiver on 127.0.0.1:{receiver_port}"
     )
-    ctx = multiprocessing.get_context("spawn")
-    ready, stop, sent = ctx.Event(), ctx.Event(), ctx.RawValue("q", 0)
-    loader = ctx.Process(
-        target=background_process,
-        args=(
-            Background(
-                LOOPBACK,
-                broker.config.device_port,
-                tuple(heartbeat),
-                tuple(session),
-                broker.config.pki.ca_file,
-            ),
-            ready,
-            stop,
-            sent,
+    background = start_background(
+        Background(
+            LOOPBACK,
+            broker.config.device_port,
+            tuple(heartbeat),
+            tuple(session),
+            broker.config.pki.ca_file,
         ),
+        stack,
+        "bench-notify",
     )
-    loader.start()
-
-    def stop_loader() -> None:
-        stop.set()
-        loader.join(30)
-        if loader.is_alive():
-            loader.kill()
-
-    stack.callback(stop_loader)
-    if not ready.wait(300):
-        raise SystemExit("bench-notify: the background devices did not connect")
+    sent = background.sent
     status = 0
     if not args.skip_latency:
         say(f"background connected; warming up {args.warmup:g} s")
@@ -625,7 +609,7 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
             )
         status |= 1 if missing or not latencies else 0
     if not args.throughput_under_load:
-        stop_loader()
+        background.stop()
         say("background stopped for the throughput phase")
     status |= measure_throughput(
         args, url, box, secret, receiver, load_device, dispatcher, postmaster

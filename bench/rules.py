@@ -437,6 +437,35 @@ def _main(args: argparse.Namespace) -> int:
         return _run(args, root, stack)
 
 
+def start_background(background: Background, stack: contextlib.ExitStack, bench: str) -> Any:
+    """Run ``background`` in a process of its own (spawned: it shares no state with the
+    measuring process), stopped when ``stack`` closes, and wait until every device connected.
+    Returns its shared count of messages published (``.value``) and a stop function."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop, sent = ctx.Event(), ctx.Event(), ctx.RawValue("q", 0)
+    loader = ctx.Process(target=background_process, args=(background, ready, stop, sent))
+    loader.start()
+
+    def stop_loader() -> None:
+        stop.set()
+        loader.join(30)
+        if loader.is_alive():
+            loader.kill()
+
+    stack.callback(stop_loader)
+    if not ready.wait(300):
+        raise SystemExit(f"{bench}: the background devices did not connect")
+    return BackgroundLoad(sent, stop_loader)
+
+
+@dataclass(frozen=True)
+class BackgroundLoad:
+    """A running background fleet: ``sent.value`` messages published so far."""
+
+    sent: Any
+    stop: Callable[[], None]
+
+
 def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
     total = args.heartbeat_devices + args.session_devices + args.injections
     bench = start_stack(root, stack, "bench-rules", total, database="galvani_bench")
@@ -462,33 +491,17 @@ def _run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> i
         f"(1 msg of 10 samples/s), {len(injected)} injected; "
         f"{len(rules)} rules and {len(ingest)} ingest workers"
     )
-    ctx = multiprocessing.get_context("spawn")
-    ready, stop, sent = ctx.Event(), ctx.Event(), ctx.RawValue("q", 0)
-    loader = ctx.Process(
-        target=background_process,
-        args=(
-            Background(
-                LOOPBACK,
-                broker.config.device_port,
-                tuple(heartbeat),
-                tuple(session),
-                broker.config.pki.ca_file,
-            ),
-            ready,
-            stop,
-            sent,
+    sent = start_background(
+        Background(
+            LOOPBACK,
+            broker.config.device_port,
+            tuple(heartbeat),
+            tuple(session),
+            broker.config.pki.ca_file,
         ),
-    )
-    loader.start()
-
-    def stop_loader() -> None:
-        stop.set()
-        loader.join(30)
-        loader.kill()
-
-    stack.callback(stop_loader)
-    if not ready.wait(300):
-        raise SystemExit("bench-rules: the background devices did not connect")
+        stack,
+        "bench-rules",
+    ).sent
     say(f"background connected; warming up {args.warmup:g} s")
     time.sleep(args.warmup)
     listener = Listener(url)
