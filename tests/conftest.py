@@ -96,12 +96,14 @@ def template_url(postgres: PostgresServer) -> str:
 class DatabaseSupply:
     """Copies of the template made one ahead: while a test runs, the next test's database is
     copied on a thread (a copy takes 100-140 ms, most of a short test's setup, and it waits on
-    I/O that a running test leaves idle). Each database is still used by one test only."""
+    I/O that a running test leaves idle), and the last one is dropped there too. Each database
+    is still used by one test only."""
 
     def __init__(self, postgres: PostgresServer) -> None:
         self._postgres = postgres
         self._next: concurrent.futures.Future[tuple[str, str]] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="db-copy")
+        self._drops: list[concurrent.futures.Future[None]] = []
 
     def _copy(self) -> tuple[str, str]:
         name = f"test_{os.getpid()}_{next(_db_numbers)}"
@@ -118,8 +120,15 @@ class DatabaseSupply:
                 name, _ = self._next.result()
                 self.drop(name)
         self._executor.shutdown()
+        for dropped in self._drops:
+            dropped.result()
 
     def drop(self, name: str) -> None:
+        """Drop ``name`` on the copying thread (terminating what is still connected to it can
+        take a moment); a drop that failed fails the session's end."""
+        self._drops.append(self._executor.submit(self._drop, name))
+
+    def _drop(self, name: str) -> None:
         with psycopg.connect(self._postgres.config.url("postgres"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
