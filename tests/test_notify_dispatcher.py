@@ -384,19 +384,6 @@ def test_notification_still_undelivered_after_give_up_time_is_failed_with_its_er
     assert receiver.snapshot() == []
 
 
-def test_loopback_target_is_refused_at_send_time_unless_allowed(
-    setup: Setup, receiver: Receiver, dispatchers: Callable[..., Dispatcher]
-) -> None:
-    add_channel(setup, receiver.url)
-    dispatchers(allow_private_targets="0")
-    open_alerts(setup, ["overheat"])
-    wait_for(lambda: any(r["last_error"] for r in outbox(setup)), 10, "the attempt recorded")
-    [row] = outbox(setup)
-    assert row["status"] == "pending"
-    assert "refused target" in str(row["last_error"])
-    assert receiver.snapshot() == []
-
-
 def test_backoff_is_full_jitter_doubling_to_its_cap() -> None:
     rng = random.Random(7)
     for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (9, 256.0), (10, 300.0), (80, 300.0)]:
