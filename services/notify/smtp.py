@@ -33,13 +33,12 @@ from typing import Final
 
 from pydantic import SecretStr
 
-from services.notify.http_post import Outcome
+from services.notify.http_post import ERROR_TEXT_CHARS, Outcome
 from services.notify.messages import Notice, single_line, truncate
 
 log = logging.getLogger("galvani.notify")
 
 SUBJECT_CHARS: Final = 200
-ERROR_TEXT_CHARS: Final = 200
 NOT_CONFIGURED: Final = "no SMTP server configured (GALVANI_NOTIFY_SMTP_HOST)"
 # The code recorded as last_status_code for an accepted message (RFC 5321's "250 OK").
 ACCEPTED: Final = 250
