@@ -5,9 +5,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.broker import BrokerKind
 from services.common.tls import client_context
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,44 @@ def refuse_plaintext(environment: Environment, mqtt_tls: bool) -> None:
         )
 
 
+NATS_SCHEMES = ("nats://", "tls://")
+
+
+def split_nats_urls(urls: str) -> list[str]:
+    """The comma-separated NATS server URLs, each ``nats://host:port`` or ``tls://host:port``."""
+    servers = [url.strip() for url in urls.split(",") if url.strip()]
+    for url in servers:
+        if not url.startswith(NATS_SCHEMES) or ":" not in url.split("://", 1)[1]:
+            raise ValueError(f"nats_urls: {url!r} is not nats://host:port or tls://host:port")
+    return servers
+
+
+def split_addresses(nodes: str) -> list[tuple[str, int]]:
+    """The comma-separated ``host:port`` pairs of ``mqtt_nodes``."""
+    addresses = []
+    for node in (part.strip() for part in nodes.split(",")):
+        if not node:
+            continue
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65_536:
+            raise ValueError(f"mqtt_nodes: {node!r} is not host:port")
+        addresses.append((host, int(port)))
+    return addresses
+
+
+def check_broker(environment: Environment, broker: BrokerKind, nats_urls: str) -> None:
+    """Raise ValueError if the NATS settings cannot work, or are plaintext outside development."""
+    servers = split_nats_urls(nats_urls)
+    if broker is not BrokerKind.NATS:
+        return
+    if not servers:
+        raise ValueError("broker is nats but nats_urls is empty (set GALVANI_NATS_URLS)")
+    if environment is not Environment.DEVELOPMENT and any(
+        not url.startswith("tls://") for url in servers
+    ):
+        raise ValueError("outside development every NATS server URL is tls://")
+
+
 class ServiceSettings(BaseSettings):
     """Connection settings every service has (database, broker, data directory).
 
@@ -75,12 +114,40 @@ class ServiceSettings(BaseSettings):
     mqtt_ca_file: Path | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "INFO"
+    # The engine: one Mosquitto (MQTT 5), or a NATS cluster whose MQTT gateway speaks 3.1.1
+    # only and whose workers consume JetStream over the NATS protocol at ``nats_urls``.
+    # Installation-wide, so read from GALVANI_BROKER (and GALVANI_NATS_URLS,
+    # GALVANI_MQTT_NODES) whatever the service's own prefix.
+    broker: BrokerKind = Field(
+        default=BrokerKind.MOSQUITTO, validation_alias=AliasChoices("GALVANI_BROKER", "broker")
+    )
+    nats_urls: str = Field(
+        default="", validation_alias=AliasChoices("GALVANI_NATS_URLS", "nats_urls")
+    )
+    # The backend MQTT clients' failover list, "host:port,host:port"; empty = mqtt_host:mqtt_port.
+    mqtt_nodes: str = Field(
+        default="", validation_alias=AliasChoices("GALVANI_MQTT_NODES", "mqtt_nodes")
+    )
 
     @model_validator(mode="after")
     def _refuse_insecure(self) -> Self:
         refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
         refuse_plaintext(self.environment, self.mqtt_tls)
+        check_broker(self.environment, self.broker, self.nats_urls)
+        split_addresses(self.mqtt_nodes)
         return self
+
+    def mqtt_protocol(self) -> int:
+        """The MQTT version of the backend's MQTT clients: 4 (3.1.1) on NATS, else 5."""
+        return 4 if self.broker is BrokerKind.NATS else 5
+
+    def mqtt_addresses(self) -> list[tuple[str, int]]:
+        """The broker nodes an MQTT client tries in turn (``mqtt_nodes``, else the one host)."""
+        return split_addresses(self.mqtt_nodes) or [(self.mqtt_host, self.mqtt_port)]
+
+    def nats_servers(self) -> list[str]:
+        """The NATS server URLs, in the order given."""
+        return split_nats_urls(self.nats_urls)
 
     def mqtt_tls_context(self) -> ssl.SSLContext | None:
         """The TLS context for the broker connection, None when ``mqtt_tls`` is off."""
