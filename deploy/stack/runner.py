@@ -38,7 +38,11 @@ from deploy.stack.ports import LOOPBACK, choose_port
 from deploy.stack.postgres import PostgresConfig, PostgresServer, require_postgres
 from deploy.stack.processes import ChildExited, service_user
 from deploy.stack.state import Stack
-from deploy.stack.supervision import restart_exited_services, start_services
+from deploy.stack.supervision import (
+    mosquitto_endpoints,
+    restart_exited_services,
+    start_services,
+)
 from services.common import api_keys
 from services.common.db import connect, describe_url
 from services.common.db_roles import ensure_login, service_url
@@ -181,7 +185,13 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             # broker's and API's certificate, and the device CA.
             pki = DevelopmentPKI.ensure(options.data_dir / "pki")
             broker = start_broker(stack, secrets, pki)
-            api_url = start_services(stack, database_urls, broker.service_port, secrets)
+            api_url = start_services(
+                stack,
+                database_urls,
+                mosquitto_endpoints(broker),
+                secrets,
+                tls_cert=(pki.server_cert, pki.server_key),
+            )
             if not admit_devices_once_subscribed(stack, api_database_url, stop):
                 return
             if options.sim_devices:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.stack.mosquitto import BrokerConfig
 from deploy.stack.options import Secrets
 from deploy.stack.ports import LOOPBACK, choose_port, free_port
 from deploy.stack.processes import (
@@ -37,21 +38,66 @@ SERVICE_READY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
+class BrokerEndpoints:
+    """Where the backend's services find the broker, whichever it is.
+
+    ``service_settings(n)`` are the broker settings of the n-th service started (each gets
+    them as ``GALVANI_<SERVICE>_*``): one Mosquitto gives every service its service listener;
+    a cluster spreads the services over its nodes. ``api_settings`` are what the API alone
+    needs (the device listeners it tells devices about, the device CA and trust directory).
+    ``watched`` says whether maintenance watches the broker's own statistics (Mosquitto's
+    ``$SYS``, with the maintenance account's broker password).
+    """
+
+    ca_file: Path
+    service_settings: Callable[[int], Mapping[str, str | int]]
+    api_settings: Mapping[str, str | int]
+    watched: bool = True
+
+
+def mosquitto_endpoints(broker: BrokerConfig) -> BrokerEndpoints:
+    """Every service on Mosquitto's service listener; the API also knows the device ones."""
+    service_port = broker.service_port
+    return BrokerEndpoints(
+        ca_file=broker.pki.ca_file,
+        service_settings=lambda _: {"mqtt_port": service_port},
+        api_settings={
+            "device_mqtt_port": broker.device_port,
+            "device_cert_mqtt_port": broker.cert_port,
+            "device_ca_cert": str(broker.pki.device_ca_cert),
+            "device_ca_key": str(broker.pki.device_ca_key),
+            "trust_dir": str(broker.pki.trust_dir),
+        },
+    )
+
+
+@dataclass
 class _Connection:
-    """Where every service finds the database (as its own role) and the broker's service
-    listener, and the CA it verifies the broker's certificate against."""
+    """Where every service finds the database (as its own role) and the broker, and the CA
+    it verifies the broker's certificate against."""
 
     database_urls: Mapping[ServiceRole, str]
-    service_port: int
+    broker: BrokerEndpoints
     secrets: Secrets
-    ca_file: Path
+    started: int = 0  # services started so far: the next one's index into the broker's nodes
 
     def spawn(
-        self, stack: Stack, name: str, account: ServiceAccount, **settings: str | int
+        self,
+        stack: Stack,
+        name: str,
+        account: ServiceAccount,
+        *,
+        with_broker_password: bool = True,
+        extra: Mapping[str, str | int] | None = None,
+        **settings: str | int,
     ) -> Child:
         """Start the service of ``account`` (``python -m services.<service>.main``) as ``name``
         with its ``GALVANI_<SERVICE>_*`` settings, logging to ``logs/<name>.log``."""
         service = account.removeprefix("galvani-")
+        broker_settings = dict(self.broker.service_settings(self.started))
+        self.started += 1
+        if with_broker_password:
+            broker_settings["mqtt_password"] = self.secrets.get(f"mqtt-{account}")
         return spawn(
             name,
             [sys.executable, "-m", f"services.{service}.main"],
@@ -59,9 +105,9 @@ class _Connection:
             env=service_env(
                 service.upper(),
                 database_url=self.database_urls[ServiceRole(f"galvani_{service}")],
-                mqtt_port=self.service_port,
-                mqtt_password=self.secrets.get(f"mqtt-{account}"),
-                mqtt_ca_file=str(self.ca_file),
+                mqtt_ca_file=str(self.broker.ca_file),
+                **broker_settings,
+                **(extra or {}),
                 **settings,
             ),
             cwd=REPO_ROOT,
@@ -69,17 +115,22 @@ class _Connection:
 
 
 def start_services(
-    stack: Stack, database_urls: Mapping[ServiceRole, str], service_port: int, secrets: Secrets
+    stack: Stack,
+    database_urls: Mapping[ServiceRole, str],
+    broker: BrokerEndpoints,
+    secrets: Secrets,
+    *,
+    tls_cert: tuple[Path, Path],
+    rules_workers: int = 1,
 ) -> str:
     """Start the API and the maintenance loop, each with its own database URL, then the ingest
-    and rules workers with theirs; return the API's URL once it is ready."""
+    and rules workers with theirs; return the API's URL once it is ready. ``tls_cert`` is the
+    server certificate and key the API serves HTTPS with (``GALVANI_API_TLS=1``)."""
     options = stack.options
     api_port = choose_port(
         PREFERRED_API_PORT, required=options.api_port, what="API", env_var="GALVANI_API_PORT"
     )
-    assert stack.broker is not None
-    broker = stack.broker.config
-    connection = _Connection(database_urls, service_port, secrets, broker.pki.ca_file)
+    connection = _Connection(database_urls, broker, secrets)
     # The API signs device certificates with the device CA, publishes revocation lists into
     # the broker's trust directory, and (with GALVANI_API_TLS=1) serves HTTPS with the
     # server certificate.
@@ -89,21 +140,21 @@ def start_services(
         ServiceAccount.API,
         data_dir=str(options.data_dir),
         port=api_port,
-        device_mqtt_port=broker.device_port,
-        device_cert_mqtt_port=broker.cert_port,
-        device_ca_cert=str(broker.pki.device_ca_cert),
-        device_ca_key=str(broker.pki.device_ca_key),
-        trust_dir=str(broker.pki.trust_dir),
+        extra=broker.api_settings,
         tls=int(options.api_tls),
-        tls_cert_file=str(broker.pki.server_cert),
-        tls_key_file=str(broker.pki.server_key),
+        tls_cert_file=str(tls_cert[0]),
+        tls_key_file=str(tls_cert[1]),
     )
     stack.services.append(api)
     maintenance_metrics_port = free_port()
     stack.metrics["maintenance"] = f"http://{LOOPBACK}:{maintenance_metrics_port}/metrics"
     # With the broker's password it also watches the broker's statistics ($SYS).
     maintenance = connection.spawn(
-        stack, "maintenance", ServiceAccount.MAINTENANCE, metrics_port=maintenance_metrics_port
+        stack,
+        "maintenance",
+        ServiceAccount.MAINTENANCE,
+        with_broker_password=broker.watched,
+        metrics_port=maintenance_metrics_port,
     )
     stack.services.append(maintenance)
     scheme = "https" if options.api_tls else "http"
@@ -118,7 +169,7 @@ def start_services(
     # Both consumers subscribe before any device is admitted (see broker_lifecycle). They are
     # started together, then waited for: each spends its first seconds importing.
     workers = [("ingest", str(n)) for n in range(1, options.ingest_workers + 1)]
-    workers.append(("rules", "1"))
+    workers.extend(("rules", str(n)) for n in range(1, rules_workers + 1))
     started = []
     for service, worker in workers:
         start_worker = _worker_starter(stack, connection, service, worker)
@@ -143,7 +194,7 @@ def start_services(
             timeout_s=SERVICE_READY_TIMEOUT_S,
             what=f"notification dispatcher {notify.name}",
         )
-    api_tls = client_context(broker.pki.ca_file) if options.api_tls else None
+    api_tls = client_context(broker.ca_file) if options.api_tls else None
     wait_until(
         lambda: http_ok(f"{api_url}/readyz", tls=api_tls),
         child=api,
