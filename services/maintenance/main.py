@@ -16,7 +16,9 @@ from services.maintenance.broker_watch import (
     BrokerStats,
     BrokerWatch,
 )
+from services.maintenance.cluster_watch import ClusterCollector, ClusterStats, ClusterWatch
 from services.maintenance.jobs import run_pass
+from services.maintenance.replication import ReplicationCollector, read_replication
 from services.maintenance.settings import MaintenanceSettings
 
 log = logging.getLogger("galvani.maintenance")
@@ -25,6 +27,8 @@ PASSES = Counter("galvani_maintenance_passes_total", "Maintenance passes", ["out
 PASS_SECONDS = Histogram("galvani_maintenance_pass_seconds", "Duration of one pass")
 ROLLUP_ROWS = Counter("galvani_maintenance_rollup_rows_total", "Rollup rows recomputed")
 DROPPED = Counter("galvani_maintenance_dropped_total", "Chunks or partitions dropped")
+REPLICATION = ReplicationCollector()
+REGISTRY.register(REPLICATION)
 
 
 def start_broker_watch(settings: MaintenanceSettings) -> BrokerWatch | None:
@@ -47,6 +51,18 @@ def start_broker_watch(settings: MaintenanceSettings) -> BrokerWatch | None:
     return watch
 
 
+def start_cluster_watch(settings: MaintenanceSettings) -> ClusterWatch | None:
+    """Poll the NATS cluster's monitoring ports and serve what they say, when configured."""
+    urls = settings.nats_monitor_url_list()
+    if not urls:
+        return None
+    stats = ClusterStats(urls)
+    REGISTRY.register(ClusterCollector(stats))
+    watch = ClusterWatch(urls, stats)
+    watch.start()
+    return watch
+
+
 def main() -> None:
     """Run a pass every ``interval_s`` until SIGTERM or SIGINT."""
     settings = MaintenanceSettings()
@@ -55,11 +71,14 @@ def main() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     watch = start_broker_watch(settings)
+    cluster_watch = start_cluster_watch(settings)
     try:
         run_passes(settings, stop)
     finally:
         if watch is not None:
             watch.close()
+        if cluster_watch is not None:
+            cluster_watch.close()
 
 
 def run_passes(settings: MaintenanceSettings, stop: threading.Event) -> None:
@@ -70,7 +89,9 @@ def run_passes(settings: MaintenanceSettings, stop: threading.Event) -> None:
             try:
                 with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
                     result = run_pass(conn, datetime.now(UTC), lookback)
+                    REPLICATION.update(read_replication(conn))
             except DatabaseUnavailable as exc:
+                REPLICATION.update(None)
                 PASSES.labels("database_unavailable").inc()
                 log.warning("maintenance pass skipped: %s", exc)
             else:

@@ -36,6 +36,10 @@ class MaintenanceSettings(BaseSettings):
     mqtt_password: SecretStr | None = None
     mqtt_tls: bool = True
     mqtt_ca_file: Path | None = None
+    # The NATS cluster's HTTP monitoring URLs, comma-separated ("http://127.0.0.1:8222,...");
+    # when given, maintenance polls each node's health and JetStream consumers
+    # (services/maintenance/cluster_watch.py). Empty with Mosquitto.
+    nats_monitor_urls: str = ""
     metrics_port: int = 0
     log_level: str = "INFO"
 
@@ -43,6 +47,10 @@ class MaintenanceSettings(BaseSettings):
     def watches_broker(self) -> bool:
         """Whether to watch the broker's statistics (a broker password was given)."""
         return self.mqtt_password is not None
+
+    def nats_monitor_url_list(self) -> list[str]:
+        """The cluster nodes' monitoring URLs (empty: no cluster to watch)."""
+        return [url.strip() for url in self.nats_monitor_urls.split(",") if url.strip()]
 
     @model_validator(mode="after")
     def _refuse_insecure(self) -> Self:

@@ -1,0 +1,230 @@
+"""The cluster watch: a NATS node's health and JetStream backlog as maintenance metrics, read
+from a real nats-server's monitoring port (one node, JetStream, the Galvani account)."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from deploy.stack.ports import distinct_free_ports
+from deploy.stack.processes import Child, spawn, wait_until
+from services.common.settings import REPO_ROOT
+from services.maintenance.cluster_watch import (
+    JETSTREAM_ACCOUNT,
+    ClusterCollector,
+    ClusterStats,
+    ClusterWatch,
+    read_jsz,
+)
+from services.maintenance.settings import MaintenanceSettings
+
+STREAM = "GALVANI_DEVICES"
+SERVICE_PASSWORD = "cluster-watch-test"
+
+
+def exported(stats: ClusterStats) -> str:
+    """The metrics page maintenance would serve for ``stats``."""
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(stats))
+    return generate_latest(registry).decode()
+
+
+def sample(page: str, name: str, **labels: str) -> float | None:
+    """The value of the series ``name`` whose labels include ``labels``, or None."""
+    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", page, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if labels.items() <= found.items():
+            return float(match.group(2))
+    return None
+
+
+def jsz(*consumers: dict[str, Any], stream_leader: str = "n1") -> dict[str, Any]:
+    """A /jsz?consumers=true answer with one stream in the Galvani account."""
+    stream = {
+        "name": STREAM,
+        "cluster": {"leader": stream_leader},
+        "state": {"messages": 9},
+        "consumer_detail": list(consumers),
+    }
+    return {"account_details": [{"name": JETSTREAM_ACCOUNT, "stream_detail": [stream]}]}
+
+
+def test_consumers_are_reported_by_their_leader_only() -> None:
+    """Every replica lists every consumer it holds, with its own (possibly stale) figures."""
+    answer = jsz(
+        {"name": "ingest", "cluster": {"leader": "n2"}, "num_pending": 5, "num_ack_pending": 1},
+        {"name": "rules", "cluster": {"leader": "n1"}, "num_pending": 7, "num_ack_pending": 2},
+    )
+    streams, consumers = read_jsz(answer, "n1")
+    assert streams == ((STREAM, 9),)
+    assert [(c.consumer, c.pending, c.ack_pending) for c in consumers] == [("rules", 7, 2)]
+    streams, consumers = read_jsz(answer, "n2")
+    assert streams == ()
+    assert [c.consumer for c in consumers] == ["ingest"]
+
+
+def test_a_single_node_reports_consumers_it_names_no_leader_for() -> None:
+    answer = jsz({"name": "ingest", "num_pending": 3, "num_ack_pending": 0})
+    assert [c.consumer for c in read_jsz(answer, "n1")[1]] == ["ingest"]
+    # Another account's streams (the MQTT sessions' in $G, say) are not Galvani's backlog.
+    other = jsz({"name": "ingest", "num_pending": 3, "num_ack_pending": 0})
+    other["account_details"][0]["name"] = "OTHER"
+    assert read_jsz(other, "n1") == ((), ())
+
+
+def test_nodes_count_as_down_until_polled() -> None:
+    stats = ClusterStats(["http://127.0.0.1:1/", "http://127.0.0.1:2"])
+    page = exported(stats)
+    assert sample(page, "galvani_broker_node_up", node="127.0.0.1:1") == 0
+    assert sample(page, "galvani_broker_node_up", node="127.0.0.1:2") == 0
+    assert "galvani_broker_node_connections{" not in page
+
+
+def test_monitor_urls_setting_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GALVANI_MAINTENANCE_DATABASE_URL", "postgresql://x@127.0.0.1/x")
+    monkeypatch.setenv(
+        "GALVANI_MAINTENANCE_NATS_MONITOR_URLS", " http://127.0.0.1:8222, http://127.0.0.1:8223,"
+    )
+    assert MaintenanceSettings().nats_monitor_url_list() == [
+        "http://127.0.0.1:8222",
+        "http://127.0.0.1:8223",
+    ]
+    monkeypatch.delenv("GALVANI_MAINTENANCE_NATS_MONITOR_URLS")
+    assert MaintenanceSettings().nats_monitor_url_list() == []
+
+
+class NatsConnection:
+    """Just enough of the NATS client protocol to set up a stream and leave work pending."""
+
+    def __init__(self, port: int) -> None:
+        self._socket = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._reader = self._socket.makefile("rb")
+        assert self._reader.readline().startswith(b"INFO ")
+        connect = {"user": "svc", "pass": SERVICE_PASSWORD, "verbose": False, "pedantic": False}
+        self._socket.sendall(b"CONNECT %s\r\nSUB _INBOX.t 1\r\n" % json.dumps(connect).encode())
+
+    def request(self, subject: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Publish ``payload`` to ``subject`` and return the JSON reply."""
+        body = json.dumps(payload).encode()
+        self._socket.sendall(b"PUB %s _INBOX.t %d\r\n%s\r\n" % (subject.encode(), len(body), body))
+        while True:
+            line = self._reader.readline()
+            assert line, "nats-server closed the connection"
+            assert not line.startswith(b"-ERR"), line
+            if line.startswith(b"PING"):
+                self._socket.sendall(b"PONG\r\n")
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                reply: dict[str, Any] = json.loads(self._reader.read(size + 2)[:size])
+                return reply
+
+    def close(self) -> None:
+        self._reader.close()
+        self._socket.close()
+
+
+@pytest.fixture
+def nats_node(tmp_path: Path) -> Iterator[tuple[Child, int, int]]:
+    """One nats-server with JetStream, the Galvani and system accounts and a monitoring port:
+    (process, client port, monitoring port)."""
+    found = subprocess.run(
+        ["bash", str(REPO_ROOT / "deploy" / "install-nats.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert found.returncode == 0, found.stderr
+    binary = found.stdout.strip().splitlines()[-1]
+    client_port, http_port = distinct_free_ports(2)
+    config = tmp_path / "nats.conf"
+    config.write_text(
+        f"""
+server_name: watch-test
+listen: 127.0.0.1:{client_port}
+http: 127.0.0.1:{http_port}
+jetstream {{ store_dir: "{tmp_path / "js"}" }}
+accounts {{
+  {JETSTREAM_ACCOUNT} {{ jetstream: enabled, users: [{{user: svc, password: {SERVICE_PASSWORD}}}] }}
+  SYS {{ users: [{{user: sys, password: {SERVICE_PASSWORD}}}] }}
+}}
+system_account: SYS
+"""
+    )
+    child = spawn("nats", [binary, "-c", str(config)], tmp_path / "nats.log")
+    try:
+        wait_until(
+            lambda: b"Server is ready" in child.log_path.read_bytes(),
+            child=child,
+            timeout_s=20,
+            what="nats-server",
+        )
+        yield child, client_port, http_port
+    finally:
+        child.stop()
+
+
+def test_watch_reads_a_live_node_and_sees_it_stop(nats_node: tuple[Child, int, int]) -> None:
+    child, client_port, http_port = nats_node
+    nats = NatsConnection(client_port)
+    try:
+        created = nats.request(
+            f"$JS.API.STREAM.CREATE.{STREAM}",
+            {"name": STREAM, "subjects": ["galvani.v1.d.*.telemetry"], "retention": "interest"},
+        )
+        assert "error" not in created, created
+        for consumer in ("ingest", "rules"):
+            made = nats.request(
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{consumer}",
+                {
+                    "stream_name": STREAM,
+                    "config": {"durable_name": consumer, "ack_policy": "explicit"},
+                },
+            )
+            assert "error" not in made, made
+        for n in range(5):
+            assert nats.request("galvani.v1.d.dev-1.telemetry", {"n": n})["seq"] == n + 1
+        # ingest takes two messages and acknowledges neither: two in flight, three waiting.
+        nats.request(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.ingest", {"batch": 1})
+        nats.request(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.ingest", {"batch": 1})
+
+        url = f"http://127.0.0.1:{http_port}"
+        stats = ClusterStats([url])
+        watch = ClusterWatch([url], stats)
+        watch.poll_once()
+        page = exported(stats)
+        node = f"127.0.0.1:{http_port}"
+        assert sample(page, "galvani_broker_node_up", node=node) == 1
+        assert sample(page, "galvani_broker_node_connections", node=node) == 1  # the test's own
+        assert sample(page, "galvani_broker_node_routes", node=node) == 0
+        assert sample(page, "galvani_broker_stream_messages", stream=STREAM) == 5
+        for consumer, pending, ack_pending in (("ingest", 3, 2), ("rules", 5, 0)):
+            labels = {"node": node, "stream": STREAM, "consumer": consumer}
+            assert sample(page, "galvani_broker_consumer_pending_messages", **labels) == pending
+            assert (
+                sample(page, "galvani_broker_consumer_ack_pending_messages", **labels)
+                == ack_pending
+            )
+    finally:
+        nats.close()
+
+    # Stopped (SIGSTOP: the socket stays open and nothing answers), then gone.
+    child.process.send_signal(signal.SIGSTOP)
+    try:
+        watch.poll_once()
+        page = exported(stats)
+        assert sample(page, "galvani_broker_node_up", node=node) == 0
+        assert sample(page, "galvani_broker_consumer_pending_messages", consumer="ingest") is None
+    finally:
+        child.process.send_signal(signal.SIGCONT)
+    watch.poll_once()
+    assert sample(exported(stats), "galvani_broker_node_up", node=node) == 1
+    child.stop()
+    watch.poll_once()
+    assert sample(exported(stats), "galvani_broker_node_up", node=node) == 0
