@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -141,61 +142,117 @@ def ensure_key(
     return issued.key
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What every stack has before its broker starts: the database with its roles, keys, the
+    simulated fleet's credentials and the development PKI."""
+
+    database_url: str  # the migration role's (it owns the schema)
+    database_urls: dict[ServiceRole, str]  # each service's own login role
+    operator_key: str
+    demo_admin_key: str | None
+    fleet_dir: Path
+    signing_key_b64: str
+    pki: DevelopmentPKI
+
+    @property
+    def api_database_url(self) -> str:
+        """The API's URL: where set-up writes, as the API would."""
+        return self.database_urls[ServiceRole.API]
+
+    def run_json(self, stack: Stack, api_url: str) -> dict[str, object]:
+        """run.json's fields that do not depend on the broker."""
+        options = stack.options
+        return {
+            "api_url": api_url,
+            # Every listener is TLS with a certificate ca_file verifies (for the loopback names).
+            "ca_file": str(self.pki.ca_file),
+            # The migration role's (it owns the schema); the services' own are in database_urls.
+            "database_url": self.database_url,
+            "database_urls": {role.service: url for role, url in self.database_urls.items()},
+            "operator_key": self.operator_key,
+            "dashboard_url": f"{api_url}/dashboard/",
+            "demo_admin_key": self.demo_admin_key,
+            "sim_devices": options.sim_devices,
+            "sim_fleet_status": str(self.fleet_dir / sim_fleet.STATUS_FILE),
+            "config_public_key": self.signing_key_b64,
+            "data_dir": str(options.data_dir),
+            "logs": str(options.data_dir / "logs"),
+        }
+
+
+def prepare(stack: Stack, secrets: Secrets) -> Prepared:
+    """Database (started or checked), migrations, the services' roles, the operator key, the
+    simulated fleet's devices and keys, the PKI: everything before the broker."""
+    options = stack.options
+    database_url = start_database(stack, secrets)
+    log.info("migrating %s", describe_url(database_url))
+    upgrade(database_url)
+    # From here on the migration role is not used: set-up writes as the API would.
+    database_urls = service_database_urls(database_url, secrets)
+    api_database_url = database_urls[ServiceRole.API]
+    operator_key = ensure_key(
+        api_database_url,
+        secrets,
+        "operator-key",
+        api_keys.Role.OPERATOR,
+        "make run operator",
+    )
+    fleet_dir = options.data_dir / "fleet"
+    signing_key = load_or_create_key(secrets.directory)
+    demo_admin_key: str | None = None
+    if options.sim_devices:
+        (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).parent.mkdir(parents=True, exist_ok=True)
+        # The keys the simulated devices trust, one a line: the current one and, while a
+        # rotation is under way, the next (docs/protocol.md, "Signing keys").
+        trusted = [signing_key, *filter(None, [load_next_key(secrets.directory)])]
+        (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(
+            "".join(f"{public_key_b64(key)}\n" for key in trusted)
+        )
+        sim_fleet.provision_fleet(api_database_url, fleet_dir, options.sim_devices)
+        # An admin key of the simulated fleet's brand, for the dashboard.
+        demo_admin_key = ensure_key(
+            api_database_url,
+            secrets,
+            f"{sim_fleet.BRAND_ID}-admin-key",
+            api_keys.Role.ADMIN,
+            "make run dashboard",
+            sim_fleet.BRAND_ID,
+        )
+    # Made once and reused (deploy/stack/pki.py): the CA every client trusts, the broker's and
+    # API's certificate, and the device CA.
+    pki = DevelopmentPKI.ensure(options.data_dir / "pki")
+    return Prepared(
+        database_url=database_url,
+        database_urls=database_urls,
+        operator_key=operator_key,
+        demo_admin_key=demo_admin_key,
+        fleet_dir=fleet_dir,
+        signing_key_b64=public_key_b64(signing_key),
+        pki=pki,
+    )
+
+
 def run(options: RunOptions, stop: threading.Event) -> None:
     """Start everything, write run.json, and block until ``stop`` or a child exits."""
     with exclusive(options.data_dir):
         stack = Stack(options)
         secrets = Secrets(options.data_dir / "secrets")
         try:
-            database_url = start_database(stack, secrets)
-            log.info("migrating %s", describe_url(database_url))
-            upgrade(database_url)
-            # From here on the migration role is not used: set-up writes as the API would.
-            database_urls = service_database_urls(database_url, secrets)
-            api_database_url = database_urls[ServiceRole.API]
-            operator_key = ensure_key(
-                api_database_url,
-                secrets,
-                "operator-key",
-                api_keys.Role.OPERATOR,
-                "make run operator",
-            )
-            fleet_dir = options.data_dir / "fleet"
-            signing_key = load_or_create_key(secrets.directory)
-            demo_admin_key: str | None = None
-            if options.sim_devices:
-                (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).parent.mkdir(parents=True, exist_ok=True)
-                # The keys the simulated devices trust, one a line: the current one and, while
-                # a rotation is under way, the next (docs/protocol.md, "Signing keys").
-                trusted = [signing_key, *filter(None, [load_next_key(secrets.directory)])]
-                (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(
-                    "".join(f"{public_key_b64(key)}\n" for key in trusted)
-                )
-                sim_fleet.provision_fleet(api_database_url, fleet_dir, options.sim_devices)
-                # An admin key of the simulated fleet's brand, for the dashboard.
-                demo_admin_key = ensure_key(
-                    api_database_url,
-                    secrets,
-                    f"{sim_fleet.BRAND_ID}-admin-key",
-                    api_keys.Role.ADMIN,
-                    "make run dashboard",
-                    sim_fleet.BRAND_ID,
-                )
-            # Made once and reused (deploy/stack/pki.py): the CA every client trusts, the
-            # broker's and API's certificate, and the device CA.
-            pki = DevelopmentPKI.ensure(options.data_dir / "pki")
+            prepared = prepare(stack, secrets)
+            pki = prepared.pki
             broker = start_broker(stack, secrets, pki)
             api_url = start_services(
                 stack,
-                database_urls,
+                prepared.database_urls,
                 mosquitto_endpoints(broker),
                 secrets,
                 tls_cert=(pki.server_cert, pki.server_key),
             )
-            if not admit_devices_once_subscribed(stack, api_database_url, stop):
+            if not admit_devices_once_subscribed(stack, prepared.api_database_url, stop):
                 return
             if options.sim_devices:
-                sim_fleet.start_fleet(stack, fleet_dir, broker.device_port, pki.ca_file)
+                sim_fleet.start_fleet(stack, prepared.fleet_dir, broker.device_port, pki.ca_file)
             plaintext = (
                 {}
                 if broker.plain_device_port is None
@@ -203,34 +260,20 @@ def run(options: RunOptions, stop: threading.Event) -> None:
             )
             stack.write_run_json(
                 {
-                    "api_url": api_url,
+                    **prepared.run_json(stack, api_url),
                     "mqtt_host": LOOPBACK,
-                    # Every listener is TLS with a certificate ca_file verifies (for the
-                    # loopback names); devices use mqtt_port (password) or mqtt_cert_port
-                    # (a certificate from the device CA), services mqtt_service_port.
-                    "ca_file": str(pki.ca_file),
+                    # Devices use mqtt_port (password) or mqtt_cert_port (a certificate from
+                    # the device CA), services mqtt_service_port.
                     "mqtt_port": broker.device_port,
                     "mqtt_cert_port": broker.cert_port,
                     "mqtt_service_port": broker.service_port,
                     **plaintext,
-                    # The migration role's (it owns the schema); the services' own are in
-                    # database_urls.
-                    "database_url": database_url,
-                    "database_urls": {role.service: url for role, url in database_urls.items()},
-                    "operator_key": operator_key,
-                    "dashboard_url": f"{api_url}/dashboard/",
-                    "demo_admin_key": demo_admin_key,
-                    "sim_devices": options.sim_devices,
-                    "sim_fleet_status": str(fleet_dir / sim_fleet.STATUS_FILE),
-                    "config_public_key": public_key_b64(signing_key),
-                    "data_dir": str(options.data_dir),
-                    "logs": str(options.data_dir / "logs"),
                     "metrics": stack.metrics,
                     "pids": stack.pids(),
                 }
             )
             print_ready(stack.info, stack.run_json)
-            supervise(stack, api_database_url, stop)
+            supervise(stack, prepared.api_database_url, stop)
         finally:
             stack.stop()
 
