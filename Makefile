@@ -41,7 +41,7 @@ run: system-deps venv
 	$(PY) -m deploy.run
 
 test-deps:
-	@deploy/install-system-deps.sh --require-timescaledb --with-chromium --with-promtool
+	@deploy/install-system-deps.sh --require-timescaledb --with-chromium --with-promtool --with-deploy-checkers
 
 # pytest exits 5 when it collected no tests: a failure, said so (make itself then exits 2).
 NO_TESTS_IS_FAILURE = { status=$$?; [ $$status -ne 5 ] || echo "make $@: pytest collected no tests" >&2; exit $$status; }

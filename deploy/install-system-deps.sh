@@ -7,21 +7,26 @@
 # With --with-chromium it also installs Debian's Chromium, which the dashboard's end-to-end
 # tests drive (Playwright's own browser download does not work on a closed network).
 # With --with-promtool it installs promtool, which checks and unit-tests the Prometheus alert
-# rules (deploy/prometheus). `make test` passes only --with-chromium, which therefore implies
-# --with-promtool: both are the suite's tools outside Python.
+# rules (deploy/prometheus). With --with-deploy-checkers it installs systemd-analyze (Debian's
+# systemd package), which verifies the units in deploy/systemd offline. `make test` passes only
+# --with-chromium, which therefore implies --with-promtool and --with-deploy-checkers: all are
+# the suite's tools outside Python.
 #
 # Usage: deploy/install-system-deps.sh [--require-timescaledb] [--with-chromium] [--with-promtool]
+#                                      [--with-deploy-checkers]
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 require_timescaledb=0
 with_chromium=0
 with_promtool=0
+with_deploy_checkers=0
 for arg in "$@"; do
     case "$arg" in
         --require-timescaledb) require_timescaledb=1 ;;
-        --with-chromium) with_chromium=1; with_promtool=1 ;;
+        --with-chromium) with_chromium=1; with_promtool=1; with_deploy_checkers=1 ;;
         --with-promtool) with_promtool=1 ;;
+        --with-deploy-checkers) with_deploy_checkers=1 ;;
         *) echo "install-system-deps: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -97,4 +102,8 @@ if [ "$with_promtool" -eq 1 ]; then
     # Debian ships promtool only inside its prometheus package. The package also installs
     # the Prometheus server and its service; the suite runs promtool alone, never the server.
     install_tool promtool prometheus "the alert-rule tests"
+fi
+if [ "$with_deploy_checkers" -eq 1 ]; then
+    # Only the tool: the suite reads unit files with it and never needs systemd as PID 1.
+    install_tool systemd-analyze systemd "the systemd unit tests (deploy/systemd)"
 fi
