@@ -30,6 +30,12 @@ def check_rules(name: str) -> str:
     return _promtool("check", "rules", name)
 
 
+def check_config(name: str) -> str:
+    """``promtool check config`` on a Prometheus configuration of RULES_DIR (it checks the rule
+    files the configuration names as well): its output."""
+    return _promtool("check", "config", name)
+
+
 def run_rule_tests(name: str) -> str:
     """``promtool test rules`` on a unit-test file of RULES_DIR: its output."""
     return _promtool("test", "rules", name)
