@@ -19,6 +19,9 @@ from types import FrameType
 
 from prometheus_client import start_http_server
 
+from services.common.broker import BrokerKind
+from services.common.broker.jetstream import JetStreamSource, jetstream_config
+from services.common.broker.source import InboundSource
 from services.common.db import Conn
 from services.common.logs import configure_logging
 from services.common.protocol.topics import shared_filters
@@ -49,6 +52,14 @@ def subscriber_config(settings: WorkerSettings) -> SubscriberConfig:
     )
 
 
+def inbound_source(settings: WorkerSettings) -> InboundSource:
+    """The worker's broker session: an MQTT 5 shared subscription on Mosquitto, a JetStream
+    pull consumer of its group on NATS."""
+    if settings.broker is BrokerKind.NATS:
+        return JetStreamSource(jetstream_config(settings))
+    return Subscriber(subscriber_config(settings))
+
+
 class WorkerLoop:
     """One worker's broker session and database connection, and the loop that batches one
     into the other. Single-threaded: the service's handler runs on the loop's thread."""
@@ -65,7 +76,7 @@ class WorkerLoop:
         self.settings = settings
         self.metrics = metrics
         self.stop = stop
-        self.subscriber = Subscriber(subscriber_config(settings))
+        self.subscriber = inbound_source(settings)
         self.db = RetryingDatabase(
             settings.database_url.get_secret_value(),
             wait=self.wait,

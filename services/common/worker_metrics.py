@@ -3,7 +3,7 @@
 
 from prometheus_client import Counter, Gauge
 
-from services.common.subscriber import Subscriber
+from services.common.broker.source import InboundSource
 from services.common.subscriber_metrics import SubscriberMetrics
 
 
@@ -33,7 +33,7 @@ class WorkerMetrics:
         """Count one transaction retried after ``exc``."""
         self.db_retries.labels(type(exc).__name__).inc()
 
-    def observe(self, subscriber: Subscriber) -> None:
+    def observe(self, subscriber: InboundSource) -> None:
         """Take the subscriber's state after a poll."""
         self.inflight.set(subscriber.unacked)
         self.connected.set(1 if subscriber.connected else 0)
