@@ -1,8 +1,11 @@
-"""A scripted MQTT 5 broker on a loopback port, and a link connected to it, for the link's tests.
+"""A scripted MQTT 5 or 3.1.1 broker on a loopback port, and a link connected to it, for the
+link's tests.
 
 The test plays the broker's side of MQTT 5 (CONNACK, SUBACK, a PUBACK reason code chosen per
-message, stored-acks sent on ``ack``) in the same asyncio loop as the link, so it decides
-exactly what each publish meets. Against a real Mosquitto and ingest: tests/test_agent_live.py.
+message, stored-acks sent on ``ack``) or of MQTT 3.1.1 (the same packets without reason codes
+or properties; a refusal is a closed connection), whichever the device's CONNECT asks for, in
+the same asyncio loop as the link, so it decides exactly what each publish meets. Against a
+real Mosquitto and ingest: tests/test_agent_live.py.
 """
 
 import asyncio
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent_rig import DURABLE
+from device_agent.connection import MQTT_5
 from device_agent.link import BrokerAddress, DeleteOn, Link
 from device_agent.store import DeviceStore, open_database
 from paho.mqtt.properties import VariableByteIntegers
@@ -28,6 +32,10 @@ TICK_S = 0.01
 SUCCESS = 0x00
 NO_MATCHING_SUBSCRIBERS = 0x10
 NOT_AUTHORIZED = 0x87
+# What a 3.1.1 SUBACK returns for a refused filter (MQTT 3.1.1 section 3.9.3).
+SUBACK_FAILURE_311 = 0x80
+# The MQTT 3.1.1 broker's answer to a publish it will not take: it closes the connection.
+HANG_UP = -1
 
 # (seq, how often the broker has seen it before) -> the PUBACK reason code for this copy.
 Pubacks = Callable[[int, int], int]
@@ -73,6 +81,7 @@ class ScriptedBroker:
     published: list[Publish] = field(default_factory=list)
     subscriptions: list[list[tuple[str, int]]] = field(default_factory=list)
     connects: int = 0
+    levels: list[int] = field(default_factory=list)  # each CONNECT's protocol level
     _server: asyncio.Server | None = None
     _writer: asyncio.StreamWriter | None = None
 
@@ -90,7 +99,8 @@ class ScriptedBroker:
     def send(self, topic: str, payload: bytes) -> None:
         """A QoS 0 PUBLISH to the device, as the backend's stored-acks are sent."""
         assert self._writer is not None
-        self._writer.write(_packet(0x30, _utf8(topic) + b"\x00" + payload))
+        properties = b"\x00" if self.levels[-1] == 5 else b""
+        self._writer.write(_packet(0x30, _utf8(topic) + properties + payload))
 
     def ack(self, *ranges: tuple[int, int]) -> None:
         self.send(ACK_TOPIC, json.dumps({"v": 1, "seqs": [list(r) for r in ranges]}).encode())
@@ -113,21 +123,27 @@ class ScriptedBroker:
         self._writer = writer
         self.connects += 1
         loop = asyncio.get_running_loop()
+        v5 = True
         try:
             while True:
                 first, body = await _read_packet(reader)
                 kind = first >> 4
-                if kind == 1:  # CONNECT
-                    writer.write(b"\x20\x03\x00\x00\x00")
+                if kind == 1:  # CONNECT: protocol name, then its level
+                    level = body[6]
+                    self.levels.append(level)
+                    v5 = level == 5
+                    writer.write(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
                 elif kind == 8:  # SUBSCRIBE
-                    filters = self._filters(body)
+                    filters = self._filters(body, v5)
                     self.subscriptions.append(filters)
+                    refused = NOT_AUTHORIZED if v5 else SUBACK_FAILURE_311
                     granted = bytes(
-                        NOT_AUTHORIZED if name in self.refuse else qos for name, qos in filters
+                        refused if name in self.refuse else qos for name, qos in filters
                     )
-                    writer.write(_packet(0x90, body[:2] + b"\x00" + granted))
+                    writer.write(_packet(0x90, body[:2] + (b"\x00" if v5 else b"") + granted))
                 elif kind == 3:  # PUBLISH
-                    self._on_publish(first, body, loop.time(), writer)
+                    if not self._on_publish(first, body, loop.time(), writer, v5):
+                        break
                 elif kind == 12:  # PINGREQ
                     writer.write(b"\xd0\x00")
                 elif kind == 14:  # DISCONNECT
@@ -138,9 +154,11 @@ class ScriptedBroker:
             writer.close()
 
     @staticmethod
-    def _filters(body: bytes) -> list[tuple[str, int]]:
-        size, used = VariableByteIntegers.decode(body[2:])
-        at = 2 + used + size
+    def _filters(body: bytes, v5: bool) -> list[tuple[str, int]]:
+        at = 2
+        if v5:
+            size, used = VariableByteIntegers.decode(body[2:])
+            at += used + size
         filters = []
         while at < len(body):
             length = int.from_bytes(body[at : at + 2], "big")
@@ -148,21 +166,30 @@ class ScriptedBroker:
             at += 3 + length
         return filters
 
-    def _on_publish(self, first: int, body: bytes, at: float, writer: asyncio.StreamWriter) -> None:
+    def _on_publish(
+        self, first: int, body: bytes, at: float, writer: asyncio.StreamWriter, v5: bool
+    ) -> bool:
+        """Answer a PUBLISH; False when the broker closes the connection instead (3.1.1)."""
         qos = (first >> 1) & 3
         length = int.from_bytes(body[:2], "big")
         topic = body[2 : 2 + length].decode()
         packet_id = body[2 + length : 4 + length]
-        size, used = VariableByteIntegers.decode(body[4 + length :])
-        payload = json.loads(body[4 + length + used + size :])
+        properties = 0
+        if v5:
+            size, used = VariableByteIntegers.decode(body[4 + length :])
+            properties = used + size
+        payload = json.loads(body[4 + length + properties :])
         channel = topic.rsplit("/", 1)[1]
         seq = payload.get("seq") if channel != "presence" else None
         reason = SUCCESS
         if seq is not None:
             reason = self.pubacks(seq, self.seqs().count(seq))
         self.published.append(Publish(at, channel, seq, reason))
+        if reason == HANG_UP:
+            return False
         if qos == 1:
-            writer.write(_packet(0x40, packet_id + bytes((reason,))))
+            writer.write(_packet(0x40, packet_id + (bytes((reason,)) if v5 else b"")))
+        return True
 
 
 class FakeClock:
@@ -258,6 +285,8 @@ async def connected(
     broker: ScriptedBroker,
     delete_on: DeleteOn = DeleteOn.STORED,
     clock: FakeClock | None = None,
+    protocol: int = MQTT_5,
+    fallbacks: tuple[tuple[str, int], ...] = (),
 ) -> AsyncIterator[Device]:
     """A link on the running loop, connected to ``broker``, serviced every few milliseconds.
 
@@ -271,7 +300,7 @@ async def connected(
     store = DeviceStore(conn, DEVICE)
     link = Link(
         DEVICE,
-        BrokerAddress("127.0.0.1", port, "password"),
+        BrokerAddress("127.0.0.1", port, "password", protocol=protocol, fallbacks=fallbacks),
         store,
         lambda raw: None,
         loop=loop,
@@ -307,11 +336,12 @@ def run_linked(
     broker: ScriptedBroker,
     delete_on: DeleteOn = DeleteOn.STORED,
     clock: FakeClock | None = None,
+    protocol: int = MQTT_5,
 ) -> None:
     """Run ``scenario`` on a new loop with a device :func:`connected` to ``broker``."""
 
     async def main() -> None:
-        async with connected(tmp_path, broker, delete_on, clock) as device:
+        async with connected(tmp_path, broker, delete_on, clock, protocol) as device:
             await scenario(device)
 
     asyncio.run(main())

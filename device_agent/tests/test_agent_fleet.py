@@ -11,6 +11,7 @@ def _device(*, acks_overdue: bool, subscribe_refused: int = 0) -> SimpleNamespac
     return SimpleNamespace(
         link=SimpleNamespace(
             connected=True,
+            node=("127.0.0.1", 1883),
             acks_overdue=acks_overdue,
             stats=LinkStats(subscribe_refused=subscribe_refused),
         ),
@@ -26,8 +27,7 @@ def test_the_status_counts_devices_whose_stored_acks_are_overdue_and_refused_sub
         FleetOptions(
             devices=3,
             credentials=tmp_path / "credentials.json",
-            host="127.0.0.1",
-            port=1883,
+            nodes=(("127.0.0.1", 1883),),
             public_keys=(bytes(32),),
             store=tmp_path / "fleet.sqlite3",
         )

@@ -6,11 +6,15 @@ import dataclasses
 import ssl
 from pathlib import Path
 
+from device_agent.connection import MQTT_5, MQTT_311
 from device_agent.link import BrokerAddress, DeleteOn
 
 # MQTT over TLS's registered port, and plain MQTT's (a development broker's, only).
 TLS_PORT = 8883
 PLAINTEXT_PORT = 1883
+# --mqtt-version: the CONNECT's protocol level for each.
+MQTT_VERSIONS = {"5": MQTT_5, "3.1.1": MQTT_311}
+DEFAULT_HOST = "127.0.0.1"
 
 
 def broker_port(port: int | None, ca_file: str | None) -> int:
@@ -23,12 +27,29 @@ def broker_port(port: int | None, ca_file: str | None) -> int:
 def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) -> None:
     """The broker, the backend's key, the store file, when a message leaves the outbox, and
     how long to run."""
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", help=f"the broker's host (default {DEFAULT_HOST})")
     parser.add_argument(
         "--port",
         type=int,
         default=None,
         help=f"the broker's port (default {TLS_PORT} with --ca-file, {PLAINTEXT_PORT} without)",
+    )
+    parser.add_argument(
+        "--broker",
+        action="append",
+        type=_nodes,
+        default=[],
+        metavar="HOST[:PORT][,...]",
+        help="a node of a broker cluster, instead of --host and --port; repeat it or give a "
+        "comma-separated list for several: a device connects to one and, when that connection "
+        "fails or ends, tries the next",
+    )
+    parser.add_argument(
+        "--mqtt-version",
+        choices=list(MQTT_VERSIONS),
+        default="5",
+        help="the MQTT version to speak (default 5; 3.1.1 for a broker that has only it, such "
+        "as a NATS cluster's MQTT gateway)",
     )
     parser.add_argument(
         "--public-key",
@@ -48,6 +69,32 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) ->
         "behind it)",
     )
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
+
+
+def _nodes(text: str) -> list[tuple[str, int | None]]:
+    """``HOST[:PORT][,HOST[:PORT]...]``: the port None when not given."""
+    nodes: list[tuple[str, int | None]] = []
+    for item in text.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = port, ""
+        if not host or (colon and not port.isdigit()) or (port and not 0 < int(port) < 65536):
+            raise argparse.ArgumentTypeError(f"expected HOST or HOST:PORT, got {item!r}")
+        nodes.append((host, int(port) if port else None))
+    return nodes
+
+
+def broker_nodes(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> list[tuple[str, int]]:
+    """The broker nodes asked for (``--broker``, or ``--host``/``--port``), each with its port
+    (the transport's default when not given), in the order given."""
+    if args.broker and (args.host is not None or args.port is not None):
+        parser.error("give --broker, or --host and --port, not both")
+    asked = [node for group in args.broker for node in group] or [
+        (args.host or DEFAULT_HOST, args.port)
+    ]
+    return [(host, broker_port(port, args.ca_file)) for host, port in asked]
 
 
 def read_public_keys(path: Path) -> tuple[bytes, ...]:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from device_agent.agent import Identity
 from device_agent.arguments import (
+    MQTT_VERSIONS,
     add_shared_arguments,
     broker_address,
-    broker_port,
+    broker_nodes,
     read_public_keys,
 )
 from device_agent.link import BACKOFF_MAX_S, BrokerAddress
@@ -123,6 +124,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.session is not None:
         mode, level, seconds = args.session
         plan = Plan(mode=mode, level=level, seconds=seconds, every_s=args.every)
+    (host, port), *fallbacks = args.nodes
     conn = open_database(args.store)
     store = DeviceStore(
         conn,
@@ -135,12 +137,14 @@ async def _run(args: argparse.Namespace) -> int:
         broker_address(
             "galvani-agent",
             BrokerAddress(
-                args.host,
-                broker_port(args.port, args.ca_file),
+                host,
+                port,
                 _password(args),
                 args.ca_file,
                 args.cert_file,
                 args.key_file,
+                protocol=MQTT_VERSIONS[args.mqtt_version],
+                fallbacks=tuple(fallbacks),
             ),
         ),
         public_keys=read_public_keys(args.public_key),
@@ -178,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--cert-file and --key-file go together")
     if args.cert_file is not None and args.ca_file is None:
         parser.error("--cert-file needs --ca-file (the broker's CA: mutual TLS)")
+    args.nodes = broker_nodes(parser, args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(message)s",

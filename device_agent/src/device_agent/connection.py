@@ -1,4 +1,4 @@
-"""One device's MQTT 5 connection, run on an asyncio loop without a thread of its own.
+"""One device's MQTT connection (5, or 3.1.1), run on an asyncio loop without a thread of its own.
 
 paho-mqtt's client is driven through its external-loop hooks (``on_socket_open`` and
 friends, as in paho's ``loop_asyncio`` example), so one process can hold thousands of
@@ -17,6 +17,12 @@ the broker's certificate listener, which takes the username from the certificate
 password is sent; the client id stays the device id). A handshake either side refuses (the
 broker's certificate not from the CA, the device's revoked or expired) is logged with the
 reason TLS gave, and tried again after the same backoff as any refused connection.
+
+A broker address may name several nodes of a cluster: each new attempt after a failed or lost
+connection goes to the next node in the list (after the same backoff), so a device whose node
+dies comes back on another. The protocol is MQTT 5 by default, or MQTT 3.1.1 (protocol level
+4) for a broker that speaks only 3.1.1, as NATS's MQTT gateway does: the same clean session,
+will, subscriptions and QoS 1, without reason codes or properties.
 """
 
 import asyncio
@@ -50,6 +56,11 @@ BACKOFF_MAX_S: Final = 60.0
 # growing backoff instead of a reconnect a second.
 STABLE_CONNECTION_S: Final = 20.0
 
+# The CONNECT's protocol level (MQTT 3.1.1 section 3.1.2.2, MQTT 5.0 section 3.1.2.2).
+MQTT_5: Final = 5
+MQTT_311: Final = 4
+PROTOCOLS: Final = {MQTT_5: MQTTProtocolVersion.MQTTv5, MQTT_311: MQTTProtocolVersion.MQTTv311}
+
 # paho's callbacks (CallbackAPIVersion.VERSION2) for a PUBACK and for a message.
 OnPublish = Callable[[mqtt.Client, Any, int, ReasonCode, Properties | None], None]
 OnMessage = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
@@ -57,7 +68,10 @@ OnMessage = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where and how a device connects. Username and client id are the device id."""
+    """Where and how a device connects. Username and client id are the device id.
+
+    ``host``/``port`` is the node tried first; ``fallbacks`` are the cluster's other nodes,
+    tried in turn after a failed or lost connection (with the same credentials and TLS)."""
 
     host: str
     port: int
@@ -71,10 +85,18 @@ class BrokerAddress:
     # caller shares one among many connections (a fleet's devices); else the connection
     # builds its own, once.
     tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    protocol: int = MQTT_5  # or MQTT_311
+    fallbacks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.ca_file is None and (self.cert_file or self.key_file or self.tls_context):
             raise ValueError("a device certificate or TLS context needs ca_file (TLS)")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"MQTT protocol level {self.protocol}: 5 (MQTT 5) or 4 (3.1.1)")
+
+    def nodes(self) -> list[tuple[str, int]]:
+        """Every node to connect to, in the order they are tried: the first, then the rest."""
+        return [(self.host, self.port), *self.fallbacks]
 
     def context(self) -> ssl.SSLContext | None:
         """The TLS context to connect with (None: plaintext), built here unless given."""
@@ -111,11 +133,13 @@ class Connection:
         on_forget: Callable[[], None],
         on_publish: OnPublish,
         on_message: OnMessage,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         """``subscriptions`` maps each filter (subscribed at QoS 1) to what its refusal costs,
         for the log. ``on_connected`` runs once a connection is up, subscribed and online;
         ``on_forget`` whenever what only meant something on a connection is to be forgotten
-        (it ended, or a new attempt starts)."""
+        (it ended, or a new attempt starts); ``on_lost`` just before, when an accepted
+        connection ended without :meth:`stop` (the broker or the network ended it)."""
         self.device_id = device_id
         self.address = address
         self.loop = loop
@@ -128,10 +152,13 @@ class Connection:
         self.on_forget = on_forget
         self.on_publish = on_publish
         self.on_message = on_message
+        self.on_lost = on_lost
         self.connected = False
         self.client: mqtt.Client | None = None  # from the attempt on, until it is dropped
         self._attempt = 0  # reconnects since the last stable connection
         self._connected_at = 0.0  # loop time of the current connection's CONNACK
+        self._nodes = address.nodes()
+        self._node = 0  # index in _nodes of the node this (or the next) attempt goes to
         self._retry: asyncio.TimerHandle | None = None
         self._stopping = False
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
@@ -166,10 +193,13 @@ class Connection:
         self._retry = None
         if self._stopping:
             return
+        mqtt_311 = self.address.protocol == MQTT_311
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.device_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=PROTOCOLS[self.address.protocol],
+            # 3.1.1's clean session (section 3.1.2.4); MQTT 5 says it with clean_start below.
+            clean_session=True if mqtt_311 else None,
         )
         if self.address.cert_file is None:
             client.username_pw_set(self.device_id, self.address.password)
@@ -190,27 +220,40 @@ class Connection:
         self.client = client
         self._socket_error = None
         self._forget_connection()
+        host, port = self._nodes[self._node]
         try:
             # A blocking TCP connect, and TLS handshake (paho's, bounded by its 5 s connect
             # timeout); on loopback or a LAN they take microseconds and a millisecond or two.
-            client.connect(
-                self.address.host,
-                self.address.port,
-                keepalive=KEEPALIVE_S,
-                clean_start=True,
-            )
+            if mqtt_311:
+                client.connect(host, port, keepalive=KEEPALIVE_S)
+            else:
+                client.connect(host, port, keepalive=KEEPALIVE_S, clean_start=True)
         except ssl.SSLError as exc:
-            log.warning("%s: TLS handshake failed: %s", self.device_id, _tls_reason(exc))
+            log.warning(
+                "%s: TLS handshake failed: %s (%s:%d)",
+                self.device_id,
+                _tls_reason(exc),
+                host,
+                port,
+            )
             self._drop_client()
             self._schedule_reconnect()
         except (TimeoutError, OSError) as exc:
-            log.debug("%s: connect failed: %s", self.device_id, exc)
+            log.debug("%s: connect to %s:%d failed: %s", self.device_id, host, port, exc)
             self._drop_client()
             self._schedule_reconnect()
+
+    @property
+    def node(self) -> tuple[str, int]:
+        """The node the current connection (or the next attempt) is with."""
+        return self._nodes[self._node]
 
     def _schedule_reconnect(self) -> None:
         if self._stopping or self._retry is not None:
             return
+        # The next attempt goes to the next node: the one that failed or dropped the device
+        # may be down, and the cluster's other nodes serve the device as well.
+        self._node = (self._node + 1) % len(self._nodes)
         # Full jitter: a fleet that lost its broker together does not return together.
         ceiling = min(self.backoff_max_s, BACKOFF_MIN_S * 2**self._attempt)
         self._attempt = min(self._attempt + 1, 30)
@@ -247,6 +290,7 @@ class Connection:
             log.warning("%s: broker refused the connection: %s", self.device_id, reason)
             return  # paho closes the socket; on_disconnect schedules the retry
         client.on_log = None  # paho formats every packet's log line for it
+        log.debug("%s: connected to %s:%d", self.device_id, *self.node)
         self.connected = True
         self._connected_at = self.loop.time()
         self.stats.connects += 1
@@ -273,7 +317,9 @@ class Connection:
             self.stats.disconnects += 1
             if self.loop.time() - self._connected_at >= STABLE_CONNECTION_S:
                 self._attempt = 0
-            log.info("%s: disconnected (%s)", self.device_id, reason)
+            log.info("%s: disconnected from %s:%d (%s)", self.device_id, *self.node, reason)
+            if not self._stopping:
+                self.on_lost()
         elif self._socket_error is not None:
             log.warning(
                 "%s: the connection closed before the broker accepted it: %s",

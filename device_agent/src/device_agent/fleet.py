@@ -9,6 +9,11 @@ shows sessions within minutes instead of days.
 
 With ``--ca-file`` every device connects with TLS (to the broker's password listener); the
 fleet builds one TLS context for all of them, so the CA bundle is loaded once, not 10,000 times.
+
+Given a cluster's nodes (``--broker`` repeated, or a comma-separated list), the fleet spreads its
+devices over them round-robin, as a load balancer would: each device connects to its own node
+first and fails over to the others, in an order of its own, so the devices of a node that dies
+spread over the nodes left instead of all landing on the next one.
 """
 
 import argparse
@@ -25,13 +30,20 @@ import sqlite3
 import ssl
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from device_agent.agent import Identity
-from device_agent.arguments import add_shared_arguments, broker_port, read_public_keys
+from device_agent.arguments import (
+    MQTT_VERSIONS,
+    add_shared_arguments,
+    broker_nodes,
+    read_public_keys,
+)
+from device_agent.connection import MQTT_5
 from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
@@ -63,8 +75,7 @@ class FleetOptions:
 
     devices: int
     credentials: Path
-    host: str
-    port: int
+    nodes: tuple[tuple[str, int], ...]  # the broker's nodes (host, port): one, or a cluster's
     public_keys: tuple[bytes, ...]
     store: Path
     activity: float = 1.0
@@ -76,6 +87,7 @@ class FleetOptions:
     faulty_share: float = FAULTY_SHARE
     ca_file: str | None = None  # TLS when set
     connects_per_s: int = CONNECTS_PER_S
+    protocol: int = MQTT_5  # the CONNECT's protocol level: 5, or 4 (MQTT 3.1.1)
 
 
 @dataclass(frozen=True)
@@ -159,18 +171,23 @@ class Fleet:
         conn = self.conn = open_database(options.store, durable=False)
         rng = random.Random(options.seed)
         due: list[tuple[float, int]] = []
-        for device_id in device_ids:
+        for index, device_id in enumerate(device_ids):
             device_rng = random.Random(f"{options.seed}/{device_id}")
             scenarios = [rng.choice(FAULTS)] if rng.random() < options.faulty_share else []
+            (host, port), *fallbacks = spread(
+                options.nodes, index, random.Random(f"{options.seed}/{device_id}/nodes")
+            )
             device = SimulatedDevice(
                 Identity(device_id, fw="1.4.2", hw="B"),
                 DeviceStore(conn, device_id, FLEET_OUTBOX),
                 BrokerAddress(
-                    options.host,
-                    options.port,
+                    host,
+                    port,
                     credentials[device_id].password,
                     ca_file=options.ca_file,
                     tls_context=tls,
+                    protocol=options.protocol,
+                    fallbacks=tuple(fallbacks),
                 ),
                 public_keys=options.public_keys,
                 clock_ms=_now_ms,
@@ -221,12 +238,14 @@ class Fleet:
         p99 = lateness[int(0.99 * (len(lateness) - 1))] if lateness else 0.0
         uptime_s = round(time.monotonic() - self.started, 2)
         connected = sum(d.link.connected for d in self.devices)
+        by_node = Counter("{}:{}".format(*d.link.node) for d in self.devices if d.link.connected)
         if self.all_connected_s is None and self.devices and connected == len(self.devices):
             self.all_connected_s = uptime_s
         return {
             "devices": len(self.devices),
             "tls": self.options.ca_file is not None,
             "connected": connected,
+            "connected_by_node": dict(sorted(by_node.items())),
             "power_on_s": self.power_on_s,
             "all_connected_s": self.all_connected_s,
             "publishing_60s": sum(
@@ -239,6 +258,7 @@ class Fleet:
             "no_subscribers": sum(d.link.stats.no_subscribers for d in self.devices),
             "resends": sum(d.link.stats.resends for d in self.devices),
             "refused": sum(d.link.stats.refused for d in self.devices),
+            "hung_up": sum(d.link.stats.hung_up for d in self.devices),
             "subscribe_refused": sum(d.link.stats.subscribe_refused for d in self.devices),
             # Devices whose delivered messages have waited past the longest stored-ack timeout:
             # the backend away, or acks not reaching them (a SUBACK can grant a filter the ACL
@@ -259,6 +279,17 @@ class Fleet:
             tmp = self.options.status_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(status) + "\n")
             os.replace(tmp, self.options.status_file)
+
+
+def spread(
+    nodes: Sequence[tuple[str, int]], index: int, rng: random.Random
+) -> list[tuple[str, int]]:
+    """The nodes in the order device ``index`` tries them: its own first (round-robin over
+    the fleet), then the others shuffled by the device's own generator."""
+    first = nodes[index % len(nodes)]
+    others = [node for position, node in enumerate(nodes) if position != index % len(nodes)]
+    rng.shuffle(others)
+    return [first, *others]
 
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext | None:
@@ -319,7 +350,10 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
     values["public_keys"] = read_public_keys(values.pop("public_key"))
     values["status_interval_s"] = values.pop("status_interval")
     values["duration_s"] = values.pop("duration")
-    values["port"] = broker_port(args.port, args.ca_file)
+    values["nodes"] = tuple(broker_nodes(parser, args))
+    values["protocol"] = MQTT_VERSIONS[values.pop("mqtt_version")]
+    for name in ("host", "port", "broker"):
+        del values[name]
     return FleetOptions(**values)
 
 

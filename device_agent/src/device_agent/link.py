@@ -18,6 +18,14 @@ message is sent again only on its own stored-ack timer, as TCP retransmits a seg
 for later seqs show its ack was lost, or, as a single probe of the oldest, when no ack arrives
 at all. Those timers are kept by :mod:`device_agent.unstored`; what a PUBACK's reason code does
 to a message is decided by :mod:`device_agent.puback`.
+
+Over MQTT 3.1.1 a PUBACK carries no reason code: every PUBACK is a success, and the rules
+that read codes never fire. What they did is done by other means: a message the broker took
+with nobody subscribed (MQTT 5's 0x10) is sent again by its stored-ack timers; a refusal is
+either a silent drop (Mosquitto 2.0 and NATS answer a publish their ACL forbids with a plain
+PUBACK), which those timers also send again, or the broker closing the connection, which
+:meth:`Link._on_lost` counts against the earliest message still waiting for its PUBACK and,
+after ``REFUSED_RETRIES`` such ends in a row, gives up as MQTT 5's 0x87 rule does.
 """
 
 import asyncio
@@ -34,9 +42,9 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent.connection import BACKOFF_MAX_S, BrokerAddress, Connection
+from device_agent.connection import BACKOFF_MAX_S, MQTT_311, BrokerAddress, Connection
 from device_agent.protocol import Channel, MalformedAck, parse_ack, topic
-from device_agent.puback import GIVE_UP, NO_MATCHING_SUBSCRIBERS, Refusals
+from device_agent.puback import GIVE_UP, HUNG_UP, NO_MATCHING_SUBSCRIBERS, Refusals
 from device_agent.store import DeviceStore, Pending
 from device_agent.unstored import Unacked, Unstored
 
@@ -67,6 +75,7 @@ class LinkStats:
     no_subscribers: int = 0  # PUBACK 0x10 (kept, sent again after a backoff)
     retried: int = 0  # refusals that may clear, sent again after a backoff
     refused: int = 0  # refused for good: given up and counted as an outbox drop
+    hung_up: int = 0  # MQTT 3.1.1: connections the broker ended with a message awaiting PUBACK
     resends: int = 0  # copies of delivered messages sent for want of a stored-ack
     malformed_acks: int = 0
     subscribe_refused: int = 0  # filters (config, ack) a SUBACK refused
@@ -118,6 +127,7 @@ class Link:
         self._held: asyncio.TimerHandle | None = None  # no publishing until it fires
         self._resend_from: int | None = None  # the oldest outbox id to send again after it
         self._refusals = Refusals()
+        self._mqtt_311 = address.protocol == MQTT_311
         self._config_topic = topic(device_id, Channel.CONFIG)
         self._ack_topic = topic(device_id, Channel.ACK)
         # Each filter, and what its refusal in a SUBACK costs. Without ``ack`` nothing ever
@@ -140,6 +150,7 @@ class Link:
             on_forget=self._forget_connection,
             on_publish=self._on_publish,
             on_message=self._on_message,
+            on_lost=self._on_lost,
         )
 
     @property
@@ -170,6 +181,11 @@ class Link:
         connection.client.loop_misc()
         if self._unstored.entries and self._held is None and connection.connected:
             self._send_overdue(self.clock())
+
+    @property
+    def node(self) -> tuple[str, int]:
+        """The broker node (host, port) the link is connected to, or tries next."""
+        return self._connection.node
 
     @property
     def awaiting_ack(self) -> int:
@@ -236,6 +252,28 @@ class Link:
 
     def _on_connected(self) -> None:
         self.pump(force=True)
+
+    def _on_lost(self) -> None:
+        """MQTT 3.1.1: a broker that refuses a publish may close the connection instead of
+        answering (3.1.1 has no reason code to say so; section 3.3.5 lets a server close it).
+        The earliest message still awaiting its PUBACK is then the one it could not take: it
+        is sent again on the next connection (perhaps to another node) and given up after
+        ``REFUSED_RETRIES`` ends in a row with no PUBACK for it, so that one message the
+        broker will never take cannot hold the outbox back. A PUBACK for it starts the count
+        over, so a node that dies or a network that fails costs nothing unless the same message
+        is the one in flight at each of the ends. MQTT 5 says why with a reason code instead."""
+        if not self._mqtt_311 or not self._inflight:
+            return
+        self.stats.hung_up += 1
+        sent = next(iter(self._inflight.values()))  # paho sends and PUBACKs come in this order
+        if self._refusals.may_retry(sent.id, HUNG_UP):
+            log.warning(
+                "%s: the connection ended while seq %d awaited its PUBACK; sending it again",
+                self.device_id,
+                sent.seq,
+            )
+            return
+        self._give_up(sent, "the broker ended the connection each time it was sent")
 
     def _forget_connection(self) -> None:
         """What only meant something on the connection that ended: the next one republishes
@@ -331,7 +369,7 @@ class Link:
             self._held = None
         self._resend_from = None
 
-    def _give_up(self, sent: _Sent, reason: ReasonCode) -> None:
+    def _give_up(self, sent: _Sent, reason: ReasonCode | str) -> None:
         self._refusals.forget(sent.id)
         if self.store.give_up([sent.id]):
             self.stats.refused += 1

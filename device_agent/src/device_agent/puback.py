@@ -13,6 +13,11 @@ carries it out (it holds back the publish window and moves its read cursor back)
 - any other failure (0x80, 0x83, 0x91, a code newer than this list): may or may not clear;
   waited out ``REFUSED_RETRIES`` times, then given up.
 
+Over MQTT 3.1.1 a PUBACK has no reason code: every one is a success. A broker that will not
+take a message either drops it and PUBACKs it all the same (Mosquitto 2.0 and NATS do, for an
+ACL refusal) or closes the connection (``HUNG_UP``, counted by the link): the latter is a failure
+that may or may not clear, waited out ``REFUSED_RETRIES`` times like the codes above.
+
 The wait starts at ``RETRY_BACKOFF_MIN_S``, doubles to ``RETRY_BACKOFF_MAX_S`` (or the link's
 own cap if lower) and is jittered between half the ceiling and the ceiling, so a fleet meeting a
 restarted broker together does not return together; the next success resets it.
@@ -35,6 +40,9 @@ RETRY_ALWAYS: Final = frozenset({0x97})
 # Refusals that never clear for this message: not authorized (0x87), topic name invalid
 # (0x90), payload format invalid (0x99). Keeping it would block the outbox behind it forever.
 GIVE_UP: Final = frozenset({0x87, 0x90, 0x99})
+# Not a reason code: an MQTT 3.1.1 connection the broker ended while the message awaited its
+# PUBACK (0x80 is "unspecified error", what MQTT 5 would call it).
+HUNG_UP: Final = 0x80
 
 
 class Refusals:
