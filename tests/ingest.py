@@ -60,6 +60,8 @@ class ServiceWorkers:
     ca_file: Path | None = field(default_factory=suite_ca_file)
     group: str = field(default_factory=lambda: f"t{os.getpid()}-{next(_groups)}")
     env_overrides: dict[str, str] = field(default_factory=dict)
+    # "nats": the workers consume JetStream (GALVANI_BROKER=nats in env_overrides).
+    broker: str = "mosquitto"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
@@ -81,6 +83,22 @@ class ServiceWorkers:
             log_dir=log_dir,
             ca_file=broker.config.pki.ca_file,
             env_overrides=env_overrides,
+        )
+
+    @classmethod
+    def on_nats(
+        cls, database_url: str, nats_urls: str, password: str, log_dir: Path, ca_file: Path | None
+    ) -> Self:
+        """Workers for ``database_url`` consuming JetStream from the NATS servers at
+        ``nats_urls`` as ``galvani-<service>`` with ``password``."""
+        return cls(
+            database_url=database_url,
+            mqtt_port=0,  # not used: nothing of theirs speaks MQTT on NATS
+            password=password,
+            log_dir=log_dir,
+            ca_file=ca_file,
+            env_overrides={"GALVANI_BROKER": "nats", "GALVANI_NATS_URLS": nats_urls},
+            broker="nats",
         )
 
     def client_id(self, worker: str) -> str:
@@ -164,6 +182,8 @@ class ServiceWorkers:
         """Stop every worker and make the broker forget their sessions."""
         for worker in list(self.procs):
             self.stop(worker)
+            if self.broker == "nats":
+                continue  # a consumer of the test's own server, which goes with it
             forget = MqttClient(
                 "127.0.0.1",
                 self.mqtt_port,

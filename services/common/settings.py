@@ -179,6 +179,9 @@ class WorkerSettings(ServiceSettings):
     receive_maximum: ReceiveMaximum
     # How long the broker keeps a stopped worker's session and queued messages.
     session_expiry_s: int = Field(default=WEEK_S, ge=3600)
+    # On NATS: how long JetStream waits for a message's ack before it redelivers it to the
+    # group (a worker that died holding it); a held batch is kept alive with +WPI meanwhile.
+    nats_ack_wait_s: float = Field(default=30.0, ge=0.5, le=3600)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65_535)
 

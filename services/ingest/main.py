@@ -16,6 +16,7 @@ from typing import Final
 
 import psycopg
 
+from services.common.broker import BrokerKind
 from services.common.broker_certificates import end_device_session
 from services.common.db import Conn, Storage, describe_error, storage_of
 from services.common.protocol import ProtocolError, parse_topic
@@ -119,6 +120,8 @@ class Worker:
         self._storage = Storage.PLAIN
         self.loop = WorkerLoop(settings, metrics.WORKER, stop, on_connect=self._learn_storage)
         self.subscriber = self.loop.subscriber
+        # The ban is Mosquitto's password file and a takeover on its service listener; on NATS
+        # the auth-callout responder refuses a banned device's logins (services/broker_access).
         self.throttle = (
             Throttle(
                 Budget(settings.throttle_messages, settings.throttle_window_s),
@@ -128,7 +131,7 @@ class Worker:
                 end_session=session_ender(settings),
                 takeover_interval_s=settings.throttle_takeover_interval_s,
             )
-            if settings.throttle
+            if settings.throttle and settings.broker is BrokerKind.MOSQUITTO
             else None
         )
 

@@ -50,6 +50,7 @@ from services.common.broker.nats_client import (
 from services.common.broker.subjects import (
     ACK_WAIT_S,
     NS_PER_S,
+    STREAM_SUBJECTS,
     JetStreamError,
     ensure_consumer,
     ensure_stream,
@@ -107,6 +108,7 @@ def jetstream_config(settings: WorkerSettings) -> JetStreamConfig:
         name=settings.client_id(),
         durable=settings.share_group,
         receive_maximum=settings.receive_maximum,
+        ack_wait_s=settings.nats_ack_wait_s,
     )
 
 
@@ -296,7 +298,13 @@ class JetStreamSource:
                 self._lose(str(exc))
                 return False
             self._unsent.clear()
-        log.info("consuming %s from %s as %s", self.config.durable, client.server, self.config.name)
+        log.info(
+            "subscribed to %s (JetStream consumer %s at %s) as %s",
+            ", ".join(STREAM_SUBJECTS),
+            self.config.durable,
+            client.server,
+            self.config.name,
+        )
         return True
 
     def _retry_later(self) -> float:
