@@ -406,3 +406,33 @@ def test_an_agent_killed_mid_stream_resumes_its_outbox_with_no_gap_and_no_repeat
         [device_id],
     )
     assert ends == [("fault",)], "the session cut by the kill is ended once, at the next boot"
+
+
+def test_an_agent_speaking_mqtt_311_has_every_message_stored_once_and_its_outbox_emptied(
+    database_url: str,
+    ingest_workers: IngestWorkers,
+    new_agent: NewAgent,
+    key: Ed25519PrivateKey,
+    broker: MosquittoBroker,
+) -> None:
+    """The agent as a 3.1.1-only firmware would connect: the backend's MQTT 5 ingest stores
+    what it publishes, and its stored-acks reach it through the broker as to any device."""
+    agent = new_agent("v311", key)
+    ingest_workers.start("1")
+    device_id = agent.device.device_id
+    agent.start("--mqtt-version=3.1.1", "--session=LIFT:5:3")
+    wait_until(
+        lambda: _stored_samples(database_url, device_id) >= 2 * SAMPLE_HZ, 30, "the session stored"
+    )
+    wait_until(lambda: not agent.outbox(), 30, "every message stored and acknowledged")
+    agent.stop()
+    last = agent.last_seq()
+    wait_until(
+        lambda: len(_stored_seqs(database_url, device_id)) >= last, 30, "every message stored"
+    )
+
+    _assert_seqs_1_to(database_url, device_id, last)
+    # Mosquitto logs each client's protocol as its own enum: p2 is MQTT 3.1.1, p5 MQTT 5.
+    log = (broker.config.directory / "mosquitto.log").read_text(errors="replace")
+    assert f"as {device_id} (p2," in log
+    assert f"as {device_id} (p5," not in log
