@@ -203,6 +203,7 @@ def test_watch_reads_a_live_node_and_sees_it_stop(nats_node: tuple[Child, int, i
         assert sample(page, "galvani_broker_node_up", node=node) == 1
         assert sample(page, "galvani_broker_node_connections", node=node) == 1  # the test's own
         assert sample(page, "galvani_broker_node_routes", node=node) == 0
+        assert sample(page, "galvani_broker_node_slow_consumers_total", node=node) == 0
         assert sample(page, "galvani_broker_stream_messages", stream=STREAM) == 5
         for consumer, pending, ack_pending in (("ingest", 3, 2), ("rules", 5, 0)):
             labels = {"node": node, "stream": STREAM, "consumer": consumer}

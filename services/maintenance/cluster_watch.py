@@ -12,7 +12,8 @@ with ``node``, the monitoring address it came from (known whether or not the nod
   :data:`HTTP_TIMEOUT_S` (a node stopped with SIGSTOP keeps its socket open and never answers).
 * from ``/varz``: ``galvani_broker_node_connections`` (every client connection on the node:
   MQTT devices, NATS services), ``galvani_broker_node_routes`` (its links to the other
-  nodes: fewer than nodes - 1 is a partition) and ``galvani_broker_node_slow_consumers``.
+  nodes: fewer than nodes - 1 is a partition) and ``galvani_broker_node_slow_consumers_total``
+  (the node's own count since it started, so a counter that a node restart resets).
   NATS 2.10 has no count of MQTT connections alone: ``/connz`` can only list them one by one,
   which at a million devices is not something to do every few seconds.
 * from ``/jsz?acc=GALVANI&consumers=true``, per JetStream consumer of the Galvani account:
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -244,7 +245,7 @@ class ClusterCollector(Collector):
             "The node's routes to other cluster nodes, from /varz (nodes - 1 when whole)",
             labels=["node"],
         )
-        slow = GaugeMetricFamily(
+        slow = CounterMetricFamily(
             "galvani_broker_node_slow_consumers",
             "Clients the node disconnected or skipped for reading too slowly since it started",
             labels=["node"],
@@ -269,13 +270,12 @@ class ClusterCollector(Collector):
             up.add_metric([state.node], 1 if state.up else 0)
             if not state.up:
                 continue
-            for family, value in (
-                (connections, state.connections),
-                (routes, state.routes),
-                (slow, state.slow_consumers),
-            ):
-                if value is not None:
-                    family.add_metric([state.node], value)
+            if state.connections is not None:
+                connections.add_metric([state.node], state.connections)
+            if state.routes is not None:
+                routes.add_metric([state.node], state.routes)
+            if state.slow_consumers is not None:
+                slow.add_metric([state.node], state.slow_consumers)
             for stream, messages in state.streams:
                 stream_messages.add_metric([state.node, stream], messages)
             for consumer in state.consumers:
