@@ -6,6 +6,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,24 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from deploy.stack.nats_cluster import NatsCluster
+from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import distinct_free_ports
 from deploy.stack.processes import Child, spawn, wait_until
+from services.common.broker.nats_client import NatsClient
+from services.common.broker.subjects import ensure_consumer, ensure_stream
 from services.common.settings import REPO_ROOT
+from services.common.tls import client_context
 from services.maintenance.cluster_watch import (
     JETSTREAM_ACCOUNT,
     ClusterCollector,
     ClusterStats,
     ClusterWatch,
+    node_label,
     read_jsz,
 )
 from services.maintenance.settings import MaintenanceSettings
+from tests.nats import running_cluster
 
 STREAM = "GALVANI_DEVICES"
 SERVICE_PASSWORD = "cluster-watch-test"
@@ -229,3 +237,78 @@ def test_watch_reads_a_live_node_and_sees_it_stop(nats_node: tuple[Child, int, i
     child.stop()
     watch.poll_once()
     assert sample(exported(stats), "galvani_broker_node_up", node=node) == 0
+
+
+CLUSTER_USER = "watch-tester"
+CLUSTER_PASSWORD = "watch-tester-password"
+ELECTION_WAIT_S = 30.0
+
+
+def cluster_page(cluster: NatsCluster) -> tuple[ClusterWatch, ClusterStats, list[str]]:
+    """A watch of every node's monitoring port, and the nodes' labels in order."""
+    urls = [node.monitor_url("") for node in cluster.nodes]
+    stats = ClusterStats(urls)
+    return ClusterWatch(urls, stats), stats, [node_label(url) for url in urls]
+
+
+def reporters(page: str, consumer: str) -> dict[str, float]:
+    """node -> pending, for every node that exports ``consumer``'s pending count."""
+    found = {}
+    for match in re.finditer(
+        r"^galvani_broker_consumer_pending_messages\{([^}]*)\} (\S+)$", page, re.M
+    ):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if labels["consumer"] == consumer:
+            found[labels["node"]] = float(match.group(2))
+    return found
+
+
+def test_each_consumer_is_reported_once_by_its_leader_and_again_after_it_is_killed(
+    tmp_path: Path, pki: DevelopmentPKI
+) -> None:
+    """Three nodes, GALVANI_DEVICES with three replicas: every node lists both consumers, one
+    series each comes out; kill the ingest consumer's leader and the node is down, and the
+    consumer is reported by the node elected in its place."""
+    with running_cluster(
+        tmp_path / "nats", pki, static_users={CLUSTER_USER: CLUSTER_PASSWORD}
+    ) as cluster:
+        client = NatsClient(
+            cluster.nats_urls().split(","),
+            user=CLUSTER_USER,
+            password=CLUSTER_PASSWORD,
+            tls=client_context(pki.ca_file),
+            name="watch-test",
+        )
+        try:
+            client.connect(5.0)
+            ensure_stream(client, replicas=3)
+            for durable in ("ingest", "rules"):
+                ensure_consumer(client, durable)
+            for n in range(4):
+                client.request("galvani.v1.d.dev-1.telemetry", b'{"n": %d}' % n, 5.0)
+        finally:
+            client.close()
+
+        watch, stats, nodes = cluster_page(cluster)
+        watch.poll_once()
+        page = exported(stats)
+        for node in nodes:
+            assert sample(page, "galvani_broker_node_up", node=node) == 1
+            assert sample(page, "galvani_broker_node_routes", node=node) >= 2
+        for consumer in ("ingest", "rules"):
+            assert list(reporters(page, consumer).values()) == [4], page
+        assert sample(page, "galvani_broker_stream_messages", stream=STREAM) == 4
+
+        leader = nodes.index(next(iter(reporters(page, "ingest"))))
+        cluster.kill(leader)
+        deadline = time.monotonic() + ELECTION_WAIT_S
+        while True:
+            watch.poll_once()
+            page = exported(stats)
+            now_reporting = reporters(page, "ingest")
+            if now_reporting and nodes[leader] not in now_reporting:
+                break
+            assert time.monotonic() < deadline, f"no new leader reported:\n{page}"
+            time.sleep(0.5)
+        assert sample(page, "galvani_broker_node_up", node=nodes[leader]) == 0
+        assert list(now_reporting.values()) == [4]
