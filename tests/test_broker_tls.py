@@ -373,11 +373,17 @@ def test_a_revoked_certificate_is_refused_and_its_live_session_ended_by_takeover
     _certificate_client(broker, device_tls(_device_id("after"))).connect().close()
 
 
+# The takeover's CONNECT in MQTT 5, and in 3.1.1 as a cluster that speaks only 3.1.1 needs.
+PROTOCOLS = [pytest.param(5, id="mqtt5"), pytest.param(4, id="mqtt311")]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_the_takeover_also_ends_a_password_device_session(
     broker: MosquittoBroker,
     database_url: str,
     sync_devices: Callable[[], int],
     service_passwords: dict[ServiceAccount, str],
+    protocol: int,
 ) -> None:
     [device] = provision(database_url, 1, prefix="takeover")
     sync_devices()
@@ -390,14 +396,19 @@ def test_the_takeover_also_ends_a_password_device_session(
             service_passwords[ServiceAccount.API],
             broker.tls_context(),
             device.device_id,
+            protocol=protocol,
         )
         assert client.wait_disconnected(SESSION_END_BUDGET_S)
     finally:
         client.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_takeover_with_a_wrong_password_ends_nothing(
-    broker: MosquittoBroker, device_tls: CertificateFiles
+    broker: MosquittoBroker,
+    device_tls: CertificateFiles,
+    protocol: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     device_id = _device_id("kept")
     client = _certificate_client(broker, device_tls(device_id)).connect()
@@ -409,8 +420,13 @@ def test_a_takeover_with_a_wrong_password_ends_nothing(
             "not-the-password",
             broker.tls_context(),
             device_id,
+            protocol=protocol,
         )
         assert not client.wait_disconnected(0.5)
+        # 3.1.1's return code 5 for Mosquitto's refusal of a password; MQTT 5's reason 0x87.
+        assert ("not authorized (0x05)" if protocol == 4 else "not authorized (0x87)") in (
+            caplog.text
+        )
     finally:
         client.close()
 

@@ -10,6 +10,10 @@ connection"). Mosquitto keys sessions by client id across listeners, and on the 
 listener the client id is the certificate's CN, the device id; so a backend account on the
 service listener connecting as that client id ends the device's connection, whichever
 listener it is on, and then disconnects with a session expiry of 0, discarding the session.
+
+A broker that speaks only MQTT 3.1.1 (NATS's MQTT gateway, whose client-id registry spans the
+cluster) takes over the same way (3.1.1, 3.1.4-2): the CONNECT asks for a clean session, which
+the broker discards when the takeover client disconnects (3.1.2.4).
 """
 
 import datetime as dt
@@ -21,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from services.common import mqtt5
+from services.common import mqtt5, mqtt311
 from services.common.pki import Authority, TrustDirectory
 
 log = logging.getLogger(__name__)
@@ -50,24 +54,33 @@ def end_device_session(
     tls_context: ssl.SSLContext | None,
     device_id: str,
     timeout_s: float = TAKEOVER_TIMEOUT_S,
+    protocol: int = 5,
 ) -> bool:
     """End ``device_id``'s connection to the broker, if it has one, by session takeover on
     the service listener (``host``:``port``, a backend account); whether the broker accepted
     the takeover (it then has closed the device's connection and discarded its session).
+    ``protocol`` is the CONNECT's protocol level: 5, or 4 for a broker that speaks only MQTT
+    3.1.1 (``ServiceSettings.mqtt_protocol()``).
 
     Safe to call when the device is not connected: the broker then accepts a new session
     that ends at once.
     """
     deadline = time.monotonic() + timeout_s
-    connect = mqtt5.connect(
-        device_id,
-        username,
-        password,
-        keepalive_s=max(1, int(timeout_s)),
-        session_expiry_s=0,
-        receive_maximum=_RECEIVE_MAXIMUM,
-        maximum_packet_size=_MAXIMUM_PACKET_SIZE,
-    )
+    keepalive_s = max(1, int(timeout_s))
+    if protocol == mqtt311.PROTOCOL_LEVEL:
+        connect = mqtt311.connect(
+            device_id, username, password, keepalive_s=keepalive_s, clean_session=True
+        )
+    else:
+        connect = mqtt5.connect(
+            device_id,
+            username,
+            password,
+            keepalive_s=keepalive_s,
+            session_expiry_s=0,
+            receive_maximum=_RECEIVE_MAXIMUM,
+            maximum_packet_size=_MAXIMUM_PACKET_SIZE,
+        )
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as raw:
             sock: socket.socket = raw
@@ -81,20 +94,25 @@ def end_device_session(
                         "session takeover of %s: the broker sent packet %d", device_id, kind
                     )
                     return False
-                ack = mqtt5.read_connack(body)
-                if ack.reason != 0:
-                    log.warning(
-                        "session takeover of %s refused: %s",
-                        device_id,
-                        mqtt5.reason_name(ack.reason),
-                    )
+                refusal = _refusal(body, protocol)
+                if refusal is not None:
+                    log.warning("session takeover of %s refused: %s", device_id, refusal)
                     return False
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
-                sock.sendall(mqtt5.disconnect(mqtt5.NORMAL_DISCONNECTION))
+                sock.sendall(mqtt5.disconnect(mqtt5.NORMAL_DISCONNECTION))  # 3.1.1's as well
                 return True
     except (OSError, mqtt5.ProtocolViolation) as exc:
         log.warning("session takeover of %s failed: %s", device_id, exc)
         return False
+
+
+def _refusal(connack: bytes, protocol: int) -> str | None:
+    """Why the broker refused the connection, as the standard names it; None if it accepted."""
+    if protocol == mqtt311.PROTOCOL_LEVEL:
+        code = mqtt311.read_connack(connack).return_code
+        return None if code == mqtt311.ACCEPTED else mqtt311.return_code_name(code)
+    reason = mqtt5.read_connack(connack).reason
+    return None if reason == 0 else mqtt5.reason_name(reason)
 
 
 def _read_packet(sock: socket.socket, deadline: float) -> tuple[int, bytes]:

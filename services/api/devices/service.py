@@ -57,18 +57,25 @@ def publish_revocations(settings: ApiSettings, authority: pki.Authority) -> Call
 
 def end_session(settings: ApiSettings, device_id: str) -> Callable[[Conn], None]:
     """Then: the end of the device's live session (a revocation list is checked at
-    handshakes only) by session takeover on the service listener; 503 when the broker cannot
-    be reached (the revocation stands, and a repeated DELETE tries again)."""
+    handshakes only) by session takeover on the service listener, in MQTT 3.1.1 on a broker
+    that speaks only that; 503 when no broker node can be reached (the revocation stands, and
+    a repeated DELETE tries again)."""
 
     def end(_: Conn) -> None:
-        ended = end_device_session(
-            settings.mqtt_host,
-            settings.mqtt_port,
-            settings.mqtt_username,
-            settings.mqtt_password.get_secret_value(),
-            settings.mqtt_tls_context(),
-            device_id,
-            settings.session_end_timeout_s,
+        # Any node will do (a cluster's client-id registry spans its nodes): the first that
+        # answers, in the order of the settings.
+        ended = any(
+            end_device_session(
+                host,
+                port,
+                settings.mqtt_username,
+                settings.mqtt_password.get_secret_value(),
+                settings.mqtt_tls_context(),
+                device_id,
+                settings.session_end_timeout_s,
+                protocol=settings.mqtt_protocol(),
+            )
+            for host, port in settings.mqtt_addresses()
         )
         if not ended:
             raise ProblemError(
