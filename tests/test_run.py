@@ -352,7 +352,14 @@ def assert_simulated_fleet_reports(info: dict, devices: int, reboots: int = 1) -
 
 def assert_services_connect_as_their_own_roles(info: dict) -> None:
     """Every service's connection is its own login role; none is the owner's (database_url)."""
-    assert set(info["database_urls"]) == {"ingest", "rules", "api", "maintenance", "notify"}
+    assert set(info["database_urls"]) == {
+        "ingest",
+        "rules",
+        "api",
+        "maintenance",
+        "notify",
+        "broker_access",
+    }
     with psycopg.connect(info["database_url"]) as conn:
         users = {
             row[0]

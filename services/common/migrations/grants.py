@@ -38,6 +38,7 @@ class ServiceRole(StrEnum):
     API = "galvani_api"
     MAINTENANCE = "galvani_maintenance"
     NOTIFY = "galvani_notify"
+    BROKER_ACCESS = "galvani_broker_access"
 
     @property
     def service(self) -> str:
@@ -50,12 +51,13 @@ class ServiceRole(StrEnum):
         return f"{self.value}_login"
 
 
-INGEST, RULES, API, MAINTENANCE, NOTIFY = (
+INGEST, RULES, API, MAINTENANCE, NOTIFY, BROKER_ACCESS = (
     ServiceRole.INGEST,
     ServiceRole.RULES,
     ServiceRole.API,
     ServiceRole.MAINTENANCE,
     ServiceRole.NOTIFY,
+    ServiceRole.BROKER_ACCESS,
 )
 
 READ = "SELECT"
@@ -74,8 +76,8 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     "api_keys": {API: UPSERT},
     "users": {RULES: READ, API: UPSERT},
     # Devices: provisioned by the API; ingest keeps their counters and reported state, rules
-    # the table version they should have.
-    "devices": {INGEST: EDIT, RULES: EDIT, API: UPSERT},
+    # the table version they should have; the NATS cluster's auth callout checks logins.
+    "devices": {INGEST: EDIT, RULES: EDIT, API: UPSERT, BROKER_ACCESS: READ},
     # Device data: ingest writes it, the API reads it, maintenance rolls it up and trims it.
     "samples": {INGEST: APPEND, API: READ, MAINTENANCE: READ},
     "samples_1m": {API: READ, MAINTENANCE: "SELECT, INSERT, DELETE"},
@@ -112,6 +114,9 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # alerts to the device's brand (which the API shows: it reads alerts, not this table),
     # maintenance trims them with the retention period.
     "device_throttles": {INGEST: "INSERT", RULES: READ, MAINTENANCE: "SELECT, DELETE"},
+    # Bans in force on the NATS cluster (migration 0016): ingest sets and lifts them, the
+    # auth callout refuses the devices they name.
+    "device_bans": {INGEST: OWN, BROKER_ACCESS: READ},
     # Device certificates (migration 0013): the API issues and revokes them and keeps the
     # brands' factory CAs; the rules' sweep raises certificate_expiring from their expiry.
     "device_certificates": {RULES: READ, API: UPSERT},
