@@ -87,17 +87,30 @@ class ServiceWorkers:
 
     @classmethod
     def on_nats(
-        cls, database_url: str, nats_urls: str, password: str, log_dir: Path, ca_file: Path | None
+        cls,
+        database_url: str,
+        nats_urls: str,
+        password: str,
+        log_dir: Path,
+        ca_file: Path | None,
+        *,
+        mqtt_port: int = 0,
+        **env_overrides: str,
     ) -> Self:
         """Workers for ``database_url`` consuming JetStream from the NATS servers at
-        ``nats_urls`` as ``galvani-<service>`` with ``password``."""
+        ``nats_urls`` as ``galvani-<service>`` with ``password``; ``mqtt_port`` is the MQTT
+        gateway's, for what publishes over MQTT (rules' tables; ingest has nothing there)."""
         return cls(
             database_url=database_url,
-            mqtt_port=0,  # not used: nothing of theirs speaks MQTT on NATS
+            mqtt_port=mqtt_port,
             password=password,
             log_dir=log_dir,
             ca_file=ca_file,
-            env_overrides={"GALVANI_BROKER": "nats", "GALVANI_NATS_URLS": nats_urls},
+            env_overrides={
+                "GALVANI_BROKER": "nats",
+                "GALVANI_NATS_URLS": nats_urls,
+                **env_overrides,
+            },
             broker="nats",
         )
 

@@ -15,7 +15,7 @@ ingest writes it into the push's ``answer_*`` columns.
 """
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -156,17 +156,39 @@ class Published(StrEnum):
 def connect_publisher(settings: ServiceSettings, client_id: str) -> paho.Client:
     """A broker client for :func:`publish_push`, connecting (and reconnecting) on a network
     thread of its own: a publisher waits for PUBACKs while its caller's loop does not run.
-    TLS with verification on unless the settings turn it off (development only)."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    TLS with verification on unless the settings turn it off (development only).
+
+    MQTT 5 to Mosquitto, 3.1.1 to NATS's MQTT gateway (which refuses 5); each reconnection
+    goes to the next of ``settings.mqtt_addresses()`` (a cluster's nodes)."""
+    protocol = paho.MQTTv311 if settings.mqtt_protocol() == 4 else paho.MQTTv5
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
     client.username_pw_set(settings.mqtt_username, settings.mqtt_password.get_secret_value())
     context = settings.mqtt_tls_context()
     if context is not None:
         # A failed verification ends that attempt; paho's loop tries again with backoff.
         client.tls_set_context(context)
     client.reconnect_delay_set(1, 30)
-    client.connect_async(settings.mqtt_host, settings.mqtt_port, keepalive=PUBLISHER_KEEPALIVE_S)
+    addresses = settings.mqtt_addresses()
+    if len(addresses) > 1:
+        client.on_pre_connect = _next_address(addresses)
+    host, port = addresses[0]
+    client.connect_async(host, port, keepalive=PUBLISHER_KEEPALIVE_S)
     client.loop_start()
     return client
+
+
+def _next_address(addresses: list[tuple[str, int]]) -> Callable[[paho.Client, object], None]:
+    """paho's pre-connect callback that moves every reconnection to the next node. paho calls
+    it with the old socket closed and the new one not yet made; its ``host`` and ``port``
+    setters refuse while the state says "connecting", so the attributes behind them are set."""
+    attempts = 0
+
+    def before_connect(client: paho.Client, userdata: object) -> None:
+        nonlocal attempts
+        client._host, client._port = addresses[attempts % len(addresses)]
+        attempts += 1
+
+    return before_connect
 
 
 def publish_push(conn: Conn, client: paho.Client, push: Push) -> Published:
