@@ -27,6 +27,7 @@ from deploy.stack.nats_cluster import find_nats_server
 from deploy.stack.pki import DevelopmentPKI
 from services.api.health.endpoints import router as health_router
 from services.api.settings import ApiSettings
+from services.broker_access.settings import BrokerAccessSettings
 from services.common.settings import REPO_ROOT
 from services.ingest.settings import IngestSettings
 from services.maintenance.settings import MaintenanceSettings
@@ -43,6 +44,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "services.rules.main": RulesSettings,
     "services.notify.main": NotifySettings,
     "services.maintenance.main": MaintenanceSettings,
+    "services.broker_access.main": BrokerAccessSettings,
 }
 # Workers serve Prometheus' exposition (prometheus_client.start_http_server) and nothing else.
 WORKER_ROUTES = frozenset({"/metrics"})
@@ -226,7 +228,11 @@ def test_every_workload_probes_a_route_its_service_serves_on_the_port_it_listens
                     assert get["path"] in WORKER_ROUTES, where
                     port = container_port(container, get["port"])
                     assert port == int(env[f"{prefix}METRICS_PORT"]), where
-                elif module in ("services.notify.main", "services.maintenance.main"):
+                elif module in (
+                    "services.notify.main",
+                    "services.maintenance.main",
+                    "services.broker_access.main",
+                ):
                     # Their metrics listen on 127.0.0.1 only: probed from inside the container.
                     prefix = env_prefix(SETTINGS[module])
                     url = f"http://127.0.0.1:{env[f'{prefix}METRICS_PORT']}/metrics"
@@ -239,6 +245,7 @@ def test_every_workload_probes_a_route_its_service_serves_on_the_port_it_listens
                     raise AssertionError(f"{where}: no known health route for this container")
                 probed.add(workload["metadata"]["name"])
     assert {"galvani-api", "galvani-ingest", "galvani-rules", "galvani-nats"} <= probed
+    assert {"galvani-notify", "galvani-maintenance", "galvani-broker-access"} <= probed
 
 
 def test_every_container_requests_resources_and_limits_its_memory() -> None:
@@ -441,7 +448,8 @@ def test_nats_server_check_refuses_a_misspelled_key(tmp_path: Path) -> None:
     assert "stream_replica" in result.stdout + result.stderr
 
 
-def test_the_api_runs_two_replicas_and_the_broker_three_nodes() -> None:
+def test_the_api_and_the_responders_run_two_replicas_and_the_broker_three_nodes() -> None:
     replicas = {w["metadata"]["name"]: w["spec"]["replicas"] for w in workloads()}
     assert replicas["galvani-api"] == 2
+    assert replicas["galvani-broker-access"] == 2
     assert replicas["galvani-nats"] == 3
