@@ -78,6 +78,9 @@ class ScriptedBroker:
 
     pubacks: Pubacks = lambda seq, seen: SUCCESS
     refuse: frozenset[str] = frozenset()  # filters the SUBACK refuses (0x87, not authorized)
+    wedged: bool = (
+        False  # takes connections and reads, as a stopped node's kernel does; answers nothing
+    )
     published: list[Publish] = field(default_factory=list)
     subscriptions: list[list[tuple[str, int]]] = field(default_factory=list)
     connects: int = 0
@@ -128,6 +131,8 @@ class ScriptedBroker:
             while True:
                 first, body = await _read_packet(reader)
                 kind = first >> 4
+                if self.wedged:
+                    continue
                 if kind == 1:  # CONNECT: protocol name, then its level
                     level = body[6]
                     self.levels.append(level)

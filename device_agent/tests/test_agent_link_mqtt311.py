@@ -24,6 +24,7 @@ from scripted_broker import (
     run_linked,
 )
 
+from device_agent import connection as connection_module
 from device_agent import puback as puback_module
 
 pytestmark = pytest.mark.usefixtures("quick")
@@ -155,5 +156,27 @@ def test_a_device_fails_over_to_the_next_node_and_sends_its_outbox_there(
             device.broker = second
             await device.acked((1, 2), leaving=[])
         await second.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_that_never_answers_the_connect_is_left_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped node's kernel still accepts the TCP connection: without a CONNACK timeout the
+    device would wait out its keepalive there."""
+    monkeypatch.setattr(connection_module, "CONNECT_TIMEOUT_S", 0.3)
+    wedged, working = ScriptedBroker(wedged=True), ScriptedBroker()
+
+    async def main() -> None:
+        port = await working.start()
+        started = asyncio.get_running_loop().time()
+        async with connected(
+            tmp_path, wedged, protocol=MQTT_311, fallbacks=(("127.0.0.1", port),)
+        ) as device:
+            assert device.link.node == ("127.0.0.1", port)
+            assert wedged.connects == 1
+            assert asyncio.get_running_loop().time() - started < 2.0
+        await working.close()
 
     asyncio.run(main())

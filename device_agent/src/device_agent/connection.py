@@ -47,6 +47,10 @@ from device_agent.tls import client_context
 log = logging.getLogger("galvani.agent.link")
 
 KEEPALIVE_S: Final = 60
+# With a cluster's other nodes to go to, how long an attempt waits for its CONNACK before it
+# tries the next node: a node stopped (SIGSTOP) or wedged still completes the TCP handshake in
+# its kernel and then answers nothing, and paho would wait out the keepalive (60 s). With one
+# node there is nowhere else to go, and an attempt waits as long as paho does.
 CONNECT_TIMEOUT_S: Final = 5.0
 BACKOFF_MIN_S: Final = 1.0
 BACKOFF_MAX_S: Final = 60.0
@@ -157,6 +161,7 @@ class Connection:
         self.client: mqtt.Client | None = None  # from the attempt on, until it is dropped
         self._attempt = 0  # reconnects since the last stable connection
         self._connected_at = 0.0  # loop time of the current connection's CONNACK
+        self._attempted_at = 0.0  # loop time of the current attempt's CONNECT
         self._nodes = address.nodes()
         self._node = 0  # index in _nodes of the node this (or the next) attempt goes to
         self._retry: asyncio.TimerHandle | None = None
@@ -221,6 +226,7 @@ class Connection:
         self._socket_error = None
         self._forget_connection()
         host, port = self._nodes[self._node]
+        self._attempted_at = self.loop.time()
         try:
             # A blocking TCP connect, and TLS handshake (paho's, bounded by its 5 s connect
             # timeout); on loopback or a LAN they take microseconds and a millisecond or two.
@@ -240,6 +246,28 @@ class Connection:
             self._schedule_reconnect()
         except (TimeoutError, OSError) as exc:
             log.debug("%s: connect to %s:%d failed: %s", self.device_id, host, port, exc)
+            self._drop_client()
+            self._schedule_reconnect()
+
+    def service(self) -> None:
+        """paho's timers (keepalive, retries), and the CONNACK timeout: call at least once a
+        second."""
+        client = self.client
+        if client is None:
+            return
+        client.loop_misc()
+        if (
+            not self.connected
+            and self.client is client
+            and len(self._nodes) > 1
+            and self.loop.time() - self._attempted_at > CONNECT_TIMEOUT_S
+        ):
+            log.warning(
+                "%s: no CONNACK from %s:%d in %.0f s: trying the next node",
+                self.device_id,
+                *self.node,
+                CONNECT_TIMEOUT_S,
+            )
             self._drop_client()
             self._schedule_reconnect()
 

@@ -176,9 +176,9 @@ class Link:
         whole outbox again.
         """
         connection = self._connection
+        connection.service()
         if connection.client is None:
             return
-        connection.client.loop_misc()
         if self._unstored.entries and self._held is None and connection.connected:
             self._send_overdue(self.clock())
 
