@@ -76,6 +76,11 @@ def test_consumers_are_reported_by_their_leader_only() -> None:
     streams, consumers = read_jsz(answer, "n2")
     assert streams == ()
     assert [c.consumer for c in consumers] == ["ingest"]
+    # During an election the replicas name no leader: nobody reports the consumer.
+    leaderless = jsz(
+        {"name": "ingest", "cluster": {"name": "galvani"}, "num_pending": 5, "num_ack_pending": 0}
+    )
+    assert read_jsz(leaderless, "n1")[1] == ()
 
 
 def test_a_single_node_reports_consumers_it_names_no_leader_for() -> None:

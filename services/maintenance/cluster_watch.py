@@ -112,11 +112,16 @@ def read_varz(varz: dict[str, Any]) -> tuple[str, int, int, int]:
 
 
 def _leads(detail: dict[str, Any], server_name: str) -> bool:
-    """Whether ``server_name`` leads a stream or consumer (true when no leader is named)."""
+    """Whether ``server_name`` leads a stream or consumer.
+
+    A single node gives a consumer no ``cluster`` at all: it is the node's own. In a cluster
+    every replica gives one, naming the leader once there is one; while it has none (an
+    election under way) no replica leads it and none reports it.
+    """
     cluster = detail.get("cluster")
-    if not isinstance(cluster, dict) or "leader" not in cluster:
+    if cluster is None:
         return True
-    return bool(cluster["leader"] == server_name)
+    return isinstance(cluster, dict) and cluster.get("leader") == server_name
 
 
 def read_jsz(
@@ -124,8 +129,8 @@ def read_jsz(
 ) -> tuple[tuple[tuple[str, int], ...], tuple[ConsumerState, ...]]:
     """The streams and consumers ``server_name`` leads, from a ``/jsz?consumers=true`` answer.
 
-    A single node names itself as each stream's leader and names no consumer leader, so both
-    are its own; in a cluster each replica lists every stream and consumer it holds.
+    A single node names itself as each stream's leader and gives its consumers no cluster, so
+    both are its own; in a cluster each replica lists every stream and consumer it holds.
     """
     streams: list[tuple[str, int]] = []
     consumers: list[ConsumerState] = []
