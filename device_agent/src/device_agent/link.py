@@ -25,7 +25,8 @@ with nobody subscribed (MQTT 5's 0x10) is sent again by its stored-ack timers; a
 either a silent drop (Mosquitto 2.0 and NATS answer a publish their ACL forbids with a plain
 PUBACK), which those timers also send again, or the broker closing the connection, which
 :meth:`Link._on_lost` counts against the earliest message still waiting for its PUBACK and,
-after ``REFUSED_RETRIES`` such ends in a row, gives up as MQTT 5's 0x87 rule does.
+once it has been sent again ``REFUSED_RETRIES`` times that way, gives up at the next end, as
+MQTT 5's 0x87 rule does.
 """
 
 import asyncio
@@ -258,7 +259,7 @@ class Link:
         answering (3.1.1 has no reason code to say so; section 3.3.5 lets a server close it).
         The earliest message still awaiting its PUBACK is then the one it could not take: it
         is sent again on the next connection (perhaps to another node) and given up after
-        ``REFUSED_RETRIES`` ends in a row with no PUBACK for it, so that one message the
+        ``REFUSED_RETRIES`` + 1 ends in a row with no PUBACK for it, so that one message the
         broker will never take cannot hold the outbox back. A PUBACK for it starts the count
         over, so a node that dies or a network that fails costs nothing unless the same message
         is the one in flight at each of the ends. MQTT 5 says why with a reason code instead."""
