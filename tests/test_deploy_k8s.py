@@ -453,3 +453,18 @@ def test_the_api_and_the_responders_run_two_replicas_and_the_broker_three_nodes(
     assert replicas["galvani-api"] == 2
     assert replicas["galvani-broker-access"] == 2
     assert replicas["galvani-nats"] == 3
+
+
+def test_a_broker_pod_is_given_time_to_finish_its_lame_duck_mode() -> None:
+    config = nats_config()
+
+    def seconds(key: str) -> int:
+        match = re.search(rf'^\s*{key}:\s*"(\d+)s"', config, re.MULTILINE)
+        assert match, f"no {key} in nats.conf"
+        return int(match.group(1))
+
+    spec = pod_spec(nats_statefulset())
+    lame_duck_s = seconds("lame_duck_duration") + seconds("lame_duck_grace_period")
+    assert spec["terminationGracePeriodSeconds"] > lame_duck_s
+    (container,) = spec["containers"]
+    assert "ldm=" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
