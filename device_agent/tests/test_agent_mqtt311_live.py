@@ -9,6 +9,7 @@ that acks every telemetry or events seq it receives, as ingest does after its co
 """
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from agent_rig import DURABLE
 from device_agent.connection import MQTT_311
+from device_agent.fleet import Fleet, parse_args
 from device_agent.link import BrokerAddress, Link
 from device_agent.store import DeviceStore, open_database
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -34,7 +36,12 @@ from test_agent_tls_live import MOSQUITTO, MOSQUITTO_PASSWD, START_TIMEOUT_S, _f
 
 DEVICE = "dev-311-0001"
 BACKEND = "backend"
-PASSWORDS = {DEVICE: "device-password", BACKEND: "backend-password"}
+FLEET = tuple(f"dev-311-fleet-{i}" for i in range(4))
+PASSWORDS = {
+    DEVICE: "device-password",
+    BACKEND: "backend-password",
+    **{device: f"{device}-password" for device in FLEET},
+}
 ACL = f"""\
 pattern write galvani/v1/d/%u/telemetry
 pattern write galvani/v1/d/%u/state
@@ -292,3 +299,47 @@ def test_a_device_whose_broker_is_killed_fails_over_to_the_other_and_resends_the
         asyncio.run(main())
     finally:
         backend.close()
+
+
+def test_a_311_fleet_spreads_over_the_nodes_and_a_killed_nodes_devices_move_to_the_other(
+    tmp_path: Path, brokers: list[Mosquitto]
+) -> None:
+    first, second = brokers
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({device: PASSWORDS[device] for device in FLEET}))
+    key = tmp_path / "config-key"
+    key.write_text(base64.b64encode(bytes(32)).decode())
+    options = parse_args(
+        [
+            f"--devices={len(FLEET)}",
+            f"--credentials={credentials}",
+            f"--broker=127.0.0.1:{first.port},127.0.0.1:{second.port}",
+            "--mqtt-version=3.1.1",
+            f"--public-key={key}",
+            f"--store={tmp_path / 'fleet.sqlite3'}",
+            "--status-interval=0.1",
+            "--duration=60",  # the bound; it stops once the devices have moved
+        ]
+    )
+    fleet = Fleet(options)
+    spread: list[dict[str, int]] = []
+    stop = asyncio.Event()
+
+    def report() -> None:
+        status = fleet.status()
+        by_node = status["connected_by_node"]
+        assert isinstance(by_node, dict)
+        if not spread and status["connected"] == len(FLEET):
+            spread.append(by_node)
+            first.kill()
+        elif spread and by_node == {f"127.0.0.1:{second.port}": len(FLEET)}:
+            stop.set()
+
+    fleet.report = report  # type: ignore[method-assign]
+    asyncio.run(fleet.run(stop))
+
+    assert spread == [{f"127.0.0.1:{first.port}": 2, f"127.0.0.1:{second.port}": 2}]
+    assert all(
+        device.link.stats.connects == 1 + (i % 2 == 0) for i, device in enumerate(fleet.devices)
+    )
+    assert {device.link._connection.address.protocol for device in fleet.devices} == {MQTT_311}
