@@ -6,6 +6,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.pki import DevelopmentPKI
-from deploy.stack.ports import distinct_free_ports
-from deploy.stack.processes import Child, spawn, wait_until
+from deploy.stack.ports import distinct_free_ports, free_port
+from deploy.stack.processes import Child, http_get, service_env, spawn, wait_until
 from services.common.broker.nats_client import NatsClient
 from services.common.broker.subjects import ensure_consumer, ensure_stream
 from services.common.settings import REPO_ROOT
@@ -317,3 +318,46 @@ def test_each_consumer_is_reported_once_by_its_leader_and_again_after_it_is_kill
             time.sleep(0.5)
         assert sample(page, "galvani_broker_node_up", node=nodes[leader]) == 0
         assert list(now_reporting.values()) == [4]
+
+
+def test_maintenance_serves_the_cluster_and_replication_metrics(
+    nats_node: tuple[Child, int, int], maintenance_database_url: str, tmp_path: Path
+) -> None:
+    """The process as deployed: given the monitoring URL, maintenance's metrics endpoint shows
+    the node up, and after its first pass the database's replica count (none here)."""
+    _, _, http_port = nats_node
+    metrics_port = free_port()
+    maintenance = spawn(
+        "maintenance",
+        [sys.executable, "-m", "services.maintenance.main"],
+        tmp_path / "maintenance.log",
+        env=service_env(
+            "MAINTENANCE",
+            database_url=maintenance_database_url,
+            nats_monitor_urls=f"http://127.0.0.1:{http_port}",
+            metrics_port=metrics_port,
+            interval_s=3600,
+        ),
+        cwd=REPO_ROOT,
+    )
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    node_up = b'galvani_broker_node_up{node="127.0.0.1:%d"} 1.0' % http_port
+    try:
+
+        def served() -> bool:
+            body = http_get(url)
+            return body is not None and node_up in body and b"galvani_db_replicas " in body
+
+        wait_until(served, child=maintenance, timeout_s=20, what="maintenance")
+        page = (http_get(url) or b"").decode()
+    finally:
+        maintenance.stop()
+    assert sample_line(page, "galvani_db_replicas") == 0
+    assert "galvani_db_replication_lag_seconds{" not in page
+    assert sample(page, "galvani_broker_consumer_pending_messages") is None  # no stream yet
+
+
+def sample_line(page: str, name: str) -> float | None:
+    """The value of the unlabelled series ``name``, or None."""
+    match = re.search(rf"^{name} (\S+)$", page, re.M)
+    return float(match.group(1)) if match else None
