@@ -23,7 +23,7 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 from pydantic_settings import BaseSettings
 
-from deploy.stack.nats_cluster import find_nats_server
+from deploy.stack.nats_cluster import CalloutConfig, NatsNode, find_nats_server, render_config
 from deploy.stack.pki import DevelopmentPKI
 from services.api.health.endpoints import router as health_router
 from services.api.settings import ApiSettings
@@ -153,6 +153,28 @@ def listen_port(config: str, key: str) -> int:
     match = re.search(rf'^\s*{key}:\s*"[^"]*:(\d+)"', config, re.MULTILINE)
     assert match, f"no {key} listener in nats.conf"
     return int(match.group(1))
+
+
+def config_shape(text: str) -> set[str]:
+    """The dotted paths of every key of a NATS configuration (``mqtt.stream_replicas``,
+    ``accounts.AUTH.users.{}.user``), its values, comments and URLs left out."""
+    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    text = re.sub(r'"[^"]*"', '""', text)
+    text = re.sub(r"[a-z-]+://[^\s,\]]+", "url", text)
+    paths: set[str] = set()
+    stack: list[str] = []
+    for match in re.finditer(r"([A-Za-z_][\w-]*)\s*(:\s*\{|:|\{)|(\{)|(\})", text):
+        key, separator, anonymous, close = match.groups()
+        if close:
+            stack.pop()
+        elif anonymous:
+            stack.append("{}")
+        else:
+            paths.add(".".join([*stack, key]))
+            if "{" in separator:
+                stack.append(key)
+    assert not stack, "unbalanced braces"
+    return paths
 
 
 def block_listen_port(config: str, block: str) -> int:
@@ -468,3 +490,35 @@ def test_a_broker_pod_is_given_time_to_finish_its_lame_duck_mode() -> None:
     assert spec["terminationGracePeriodSeconds"] > lame_duck_s
     (container,) = spec["containers"]
     assert "ldm=" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+
+
+# What the cluster's nodes have beyond what deploy/stack/nats_cluster.py renders for one
+# machine: lame duck mode on stop, and TLS on the routes, which there stay on loopback.
+PRODUCTION_ONLY_KEYS = frozenset(
+    {
+        "lame_duck_duration",
+        "lame_duck_grace_period",
+        "cluster.tls",
+        "cluster.tls.cert_file",
+        "cluster.tls.key_file",
+        "cluster.tls.ca_file",
+        "cluster.tls.verify",
+        "cluster.tls.timeout",
+    }
+)
+
+
+def test_the_broker_configuration_has_the_shape_make_run_cluster_renders() -> None:
+    nodes = [NatsNode(f"n{i}", 4222, 1883, 6222, 8222, Path(f"/data/n{i}")) for i in range(3)]
+    rendered = render_config(
+        nodes[0],
+        nodes[1:],
+        tls=(Path("server.pem"), Path("server.key"), Path("ca.pem")),
+        callout=CalloutConfig(issuer=account_nkey(), auth_password="x"),
+        static_users=None,
+        system_password="y",
+    )
+    development, cluster = config_shape(rendered), config_shape(nats_config())
+    assert "mqtt.stream_replicas" in development
+    assert development - cluster == set(), "keys make run-cluster has and the manifests lack"
+    assert cluster - development <= PRODUCTION_ONLY_KEYS, sorted(cluster - development)
