@@ -7,10 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-notify bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
+.PHONY: run run-cluster test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-notify bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
+	@echo "make run-cluster - the same on a 3-node NATS cluster (.galvani-cluster/)"
 	@echo "make test   - the whole suite against a real TimescaleDB and Mosquitto"
 	@echo "make test-long - the tests that take minutes (a 10-minute receiver outage)"
 	@echo "make check  - ruff, mypy (strict) and the import-cycle check"
@@ -39,6 +40,11 @@ system-deps:
 
 run: system-deps venv
 	$(PY) -m deploy.run
+
+# The same system on a 3-node NATS cluster (JetStream, MQTT 3.1.1 devices spread over the
+# nodes), nats-server 2.10 fetched by deploy/install-nats.sh; data in .galvani-cluster/.
+run-cluster: system-deps venv
+	$(PY) -m deploy.run_cluster
 
 test-deps:
 	@deploy/install-system-deps.sh --require-timescaledb --with-chromium --with-promtool --with-deploy-checkers

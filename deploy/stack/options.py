@@ -42,6 +42,8 @@ class RunOptions:
     # GALVANI_NOTIFY_DISPATCHERS: notification dispatcher processes (not GALVANI_NOTIFY_WORKERS,
     # which is each dispatcher's own thread pool, services/notify/settings.py).
     notify_dispatchers: int = DEFAULT_NOTIFY_DISPATCHERS
+    # GALVANI_RULES_WORKERS: rules workers to start (None: the stack's default, 1 on Mosquitto).
+    rules_workers: int | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "RunOptions":
@@ -74,6 +76,11 @@ class RunOptions:
             api_tls=_flag_env(env, "GALVANI_API_TLS"),
             notify_dispatchers=max(
                 1, _int_env(env, "GALVANI_NOTIFY_DISPATCHERS", DEFAULT_NOTIFY_DISPATCHERS)
+            ),
+            rules_workers=(
+                max(1, _int_env(env, "GALVANI_RULES_WORKERS", 1))
+                if env.get("GALVANI_RULES_WORKERS")
+                else None
             ),
         )
 

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,8 +304,7 @@ def print_ready(info: dict[str, object], run_json: Path) -> None:
         f"  API          {info['api_url']}  (docs: {info['api_url']}/docs)",
         f"  dashboard    {info['dashboard_url']}"
         + ("  (sign in with run.json's demo_admin_key)" if info["demo_admin_key"] else ""),
-        f"  MQTT         {info['mqtt_host']}:{info['mqtt_port']} (devices, TLS; CA"
-        f" {info['ca_file']}), {info['mqtt_cert_port']} (device certificates)",
+        *_broker_lines(info),
         *(
             [f"  MQTT         {info['mqtt_host']}:{info['mqtt_plain_port']} (devices, plaintext)"]
             if "mqtt_plain_port" in info
@@ -320,8 +319,9 @@ def print_ready(info: dict[str, object], run_json: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
-def main() -> int:
-    """Entry point for ``make run``; returns the exit status."""
+def run_main(run_stack: Callable[[RunOptions, threading.Event], None], env: dict[str, str]) -> int:
+    """Run ``run_stack`` with the options ``env`` asks for until Ctrl-C or SIGTERM; return the
+    exit status (2: the set-up was refused, 1: a part exited)."""
     logging.basicConfig(level=logging.INFO, format="galvani: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -333,7 +333,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
     try:
-        run(RunOptions.from_env(dict(os.environ)), stop)
+        run_stack(RunOptions.from_env(env), stop)
     except SetupError as exc:
         print(f"galvani: {exc}", file=sys.stderr)
         return 2
@@ -342,3 +342,23 @@ def main() -> int:
         return 1
     log.info("stopped after %.0f s", time.monotonic() - started)
     return 0
+
+
+def _broker_lines(info: dict[str, object]) -> list[str]:
+    """Where devices connect: Mosquitto's listeners, or every node of a cluster."""
+    broker = info.get("broker")
+    if isinstance(broker, dict):
+        return [
+            f"  MQTT 3.1.1   {info['mqtt_host']}:{node['mqtt']} (devices, TLS; node {node['name']},"
+            f" NATS {node['nats']}, monitoring {node['http']})"
+            for node in broker["nodes"]
+        ] + [f"  CA           {info['ca_file']}"]
+    return [
+        f"  MQTT         {info['mqtt_host']}:{info['mqtt_port']} (devices, TLS; CA"
+        f" {info['ca_file']}), {info['mqtt_cert_port']} (device certificates)"
+    ]
+
+
+def main() -> int:
+    """Entry point for ``make run``; returns the exit status."""
+    return run_main(run, dict(os.environ))

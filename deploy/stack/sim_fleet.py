@@ -102,10 +102,19 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def start_fleet(stack: Stack, fleet_dir: Path, device_port: int, ca_file: Path) -> None:
+def start_fleet(
+    stack: Stack,
+    fleet_dir: Path,
+    device_port: int,
+    ca_file: Path,
+    *,
+    brokers: list[str] | None = None,
+    mqtt_version: str = "5",
+) -> None:
     """Start the fleet process (restarted like a worker if it exits) and wait until every
     device is connected, each with TLS to the device listener, verifying the broker against
-    ``ca_file``."""
+    ``ca_file``. ``brokers`` (``host:port`` of a cluster's nodes) spreads the devices over the
+    nodes instead, each failing over to the others."""
     options = stack.options
     status = fleet_dir / STATUS_FILE
     status.unlink(missing_ok=True)
@@ -119,8 +128,12 @@ def start_fleet(stack: Stack, fleet_dir: Path, device_port: int, ca_file: Path) 
                 "device_agent.fleet",
                 f"--devices={options.sim_devices}",
                 f"--credentials={fleet_dir / ('active-' + CREDENTIALS_FILE)}",
-                f"--host={LOOPBACK}",
-                f"--port={device_port}",
+                *(
+                    [f"--broker={','.join(brokers)}"]
+                    if brokers
+                    else [f"--host={LOOPBACK}", f"--port={device_port}"]
+                ),
+                f"--mqtt-version={mqtt_version}",
                 f"--ca-file={ca_file}",
                 f"--public-key={fleet_dir / PUBLIC_KEY_FILE}",
                 f"--store={fleet_dir / STORE_FILE}",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.stack.mosquitto import MosquittoBroker
+from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.options import RunOptions
 from deploy.stack.postgres import PostgresServer
 from deploy.stack.processes import Child
@@ -22,6 +23,7 @@ class Stack:
     options: RunOptions
     postgres: PostgresServer | None = None
     broker: MosquittoBroker | None = None
+    cluster: NatsCluster | None = None  # make run-cluster's broker, instead of Mosquitto
     services: list[Child] = field(default_factory=list)
     # Services restarted when they exit, by name: how to start each again.
     restart: dict[str, Callable[[], Child]] = field(default_factory=dict)
@@ -44,6 +46,10 @@ class Stack:
             pids["postgres"] = self.postgres.child.pid
         if self.broker and self.broker.child:
             pids["mosquitto"] = self.broker.child.pid
+        if self.cluster is not None:
+            for i, node in enumerate(self.cluster.nodes):
+                if self.cluster.alive(i):
+                    pids[f"nats-{node.name}"] = self.cluster.pid(i)
         return pids
 
     def write_run_json(self, info: dict[str, object]) -> None:
@@ -65,7 +71,7 @@ class Stack:
     def stop(self) -> None:
         """Stop services, then the broker, then the database; remove run.json."""
         self.run_json.unlink(missing_ok=True)
-        if self.services or self.broker or self.postgres:
+        if self.services or self.broker or self.cluster or self.postgres:
             log.info("stopping")
         # The fleet first, so that its devices' last messages reach ingest; then the backend's
         # services side by side (each finishes its own work; none needs another to stop).
@@ -80,5 +86,7 @@ class Stack:
         self.services.clear()
         if self.broker is not None:
             self.broker.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.postgres is not None:
             self.postgres.stop()

@@ -46,13 +46,16 @@ class BrokerEndpoints:
     a cluster spreads the services over its nodes. ``api_settings`` are what the API alone
     needs (the device listeners it tells devices about, the device CA and trust directory).
     ``watched`` says whether maintenance watches the broker's own statistics (Mosquitto's
-    ``$SYS``, with the maintenance account's broker password).
+    ``$SYS``, with the maintenance account's broker password). ``environment(n)`` holds the
+    installation-wide variables (no service prefix) of the n-th service.
     """
 
     ca_file: Path
     service_settings: Callable[[int], Mapping[str, str | int]]
     api_settings: Mapping[str, str | int]
     watched: bool = True
+    # Installation-wide variables (GALVANI_BROKER, GALVANI_NATS_URLS, ...) of the n-th service.
+    environment: Callable[[int], Mapping[str, str]] = lambda _: {}
 
 
 def mosquitto_endpoints(broker: BrokerConfig) -> BrokerEndpoints:
@@ -95,21 +98,24 @@ class _Connection:
         with its ``GALVANI_<SERVICE>_*`` settings, logging to ``logs/<name>.log``."""
         service = account.removeprefix("galvani-")
         broker_settings = dict(self.broker.service_settings(self.started))
+        environment = self.broker.environment(self.started)
         self.started += 1
         if with_broker_password:
             broker_settings["mqtt_password"] = self.secrets.get(f"mqtt-{account}")
+        env = service_env(
+            service.upper(),
+            database_url=self.database_urls[ServiceRole(f"galvani_{service}")],
+            mqtt_ca_file=str(self.broker.ca_file),
+            **broker_settings,
+            **(extra or {}),
+            **settings,
+        )
+        env.update(environment)
         return spawn(
             name,
             [sys.executable, "-m", f"services.{service}.main"],
             stack.options.data_dir / "logs" / f"{name}.log",
-            env=service_env(
-                service.upper(),
-                database_url=self.database_urls[ServiceRole(f"galvani_{service}")],
-                mqtt_ca_file=str(self.broker.ca_file),
-                **broker_settings,
-                **(extra or {}),
-                **settings,
-            ),
+            env=env,
             cwd=REPO_ROOT,
         )
 
