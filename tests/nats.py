@@ -2,7 +2,9 @@
 MQTT 3.1.1 client (NATS's MQTT gateway refuses MQTT 5) over paho-mqtt 2."""
 
 import contextlib
+import os
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,9 +14,16 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from deploy.stack.nats_cluster import CalloutConfig, NatsCluster
+from deploy.stack.nats_cluster import AUTH_USER, CalloutConfig, NatsCluster
 from deploy.stack.pki import DevelopmentPKI
+from deploy.stack.postgres import new_password
+from deploy.stack.processes import Child, spawn
+from services.broker_access.issuer import ensure_issuer
+from services.broker_access.settings import ISSUER_SEED_FILE
+from services.common.broker_auth import BrokerFiles, ServiceAccount
+from services.common.migrations.grants import ServiceRole
 from tests.mqtt import Received, suite_tls
+from tests.roles import as_service
 
 TIMEOUT_S = 5.0
 # MQTT 3.1.1 CONNACK return codes (section 3.2.2.3).
@@ -45,6 +54,90 @@ def running_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+@dataclass(frozen=True)
+class CalloutSetup:
+    """What a responder needs besides its database: the issuer seed, its own password as
+    ``galvani-auth``, and the directory holding the service password file."""
+
+    issuer_seed_file: Path
+    auth_password: str
+    broker_dir: Path
+    ca_file: Path
+
+
+def callout_setup(
+    directory: Path, pki: DevelopmentPKI, service_passwords: dict[ServiceAccount, str]
+) -> tuple[CalloutSetup, CalloutConfig]:
+    """An issuer key, the responder's password and the service password file under
+    ``directory``, and the cluster's callout configuration that goes with them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    issuer = ensure_issuer(directory / "secrets" / ISSUER_SEED_FILE)
+    broker_dir = directory / "broker"
+    broker_dir.mkdir(exist_ok=True)
+    BrokerFiles(broker_dir).write_service_files(service_passwords)
+    setup = CalloutSetup(
+        issuer_seed_file=directory / "secrets" / ISSUER_SEED_FILE,
+        auth_password=new_password(),
+        broker_dir=broker_dir,
+        ca_file=pki.ca_file,
+    )
+    return setup, CalloutConfig(issuer=issuer.public_key, auth_password=setup.auth_password)
+
+
+READY_TIMEOUT_S = 20.0
+
+
+class ResponderProcess:
+    """``python -m services.broker_access.main`` for one test's database (as the responder's
+    own role), stopped by its pid."""
+
+    def __init__(
+        self,
+        cluster: NatsCluster,
+        setup: CalloutSetup,
+        database_url: str,
+        log_path: Path,
+        responder_id: str = "1",
+    ) -> None:
+        env = dict(os.environ)
+        env.update(
+            {
+                "GALVANI_BROKER": "nats",
+                "GALVANI_NATS_URLS": cluster.nats_urls(),
+                "GALVANI_BROKER_ACCESS_DATABASE_URL": as_service(
+                    database_url, ServiceRole.BROKER_ACCESS
+                ),
+                "GALVANI_BROKER_ACCESS_MQTT_USERNAME": AUTH_USER,
+                "GALVANI_BROKER_ACCESS_MQTT_PASSWORD": setup.auth_password,
+                "GALVANI_BROKER_ACCESS_MQTT_CA_FILE": str(setup.ca_file),
+                "GALVANI_BROKER_ACCESS_ISSUER_SEED_FILE": str(setup.issuer_seed_file),
+                "GALVANI_BROKER_ACCESS_BROKER_DIR": str(setup.broker_dir),
+                "GALVANI_BROKER_ACCESS_RESPONDER_ID": responder_id,
+                "GALVANI_BROKER_ACCESS_LOG_LEVEL": "DEBUG",
+            }
+        )
+        self.log_path = log_path
+        self.child: Child = spawn(
+            f"broker-access-{responder_id}",
+            [sys.executable, "-m", "services.broker_access.main"],
+            log_path,
+            env=env,
+        )
+        self._wait_serving()
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "serving $SYS.REQ.USER.AUTH" not in self.log_path.read_text(errors="replace"):
+            if not self.child.alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the responder did not start:\n{self.child.log_tail(20)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM, then wait."""
+        self.child.stop()
 
 
 class Refused(Exception):

@@ -43,16 +43,16 @@ QUEUE_GROUP: Final = "galvani-auth"
 APP_ACCOUNT: Final = "GALVANI"
 DEVICE_SUBJECT_ROOT: Final = "galvani.v1.d"
 # The MQTT gateway delivers a QoS 1 subscription's messages through a JetStream consumer
-# whose deliver subject is ``$MQTT.sub.<random>``, created as the client: without subscribe
-# permission there a device's QoS 1 SUBSCRIBE is refused ("subscribe permission violation"
-# for the JetStream consumer; checked in tests/test_broker_access.py). The name is random, so
-# this is the narrowest grant; a device cannot use it to read another's messages, because
-# ``allowed_connection_types: MQTT`` keeps it off the NATS protocol, and MQTT topics cannot
-# name ``$MQTT`` subjects (server/mqtt.go refuses them).
-MQTT_DELIVERY_SUBJECTS: Final = "$MQTT.sub.>"
+# whose deliver subject is ``$MQTT.sub.<random token>``, subscribed as the client: without
+# subscribe permission there, a device's QoS 1 SUBSCRIBE gets SUBACK 0x80 (tried in
+# tests/test_broker_access.py with this grant removed). The token is random, so one level of
+# wildcard is the narrowest grant. It lets a device read no other device's messages:
+# ``allowed_connection_types: MQTT`` keeps it off the NATS protocol, and an MQTT topic
+# cannot name a ``$MQTT`` subject (server/mqtt.go refuses it).
+MQTT_DELIVERY_SUBJECTS: Final = "$MQTT.sub.*"
 DEVICE_CONNECTION_TYPES: Final = ("MQTT",)
-# How long a user JWT is good for: only the login itself uses it (a connection outlives it:
-# the server closes a connection at its user JWT's ``exp``, so none is set on the user).
+# The authorization response's lifetime: the server reads it at once. The user JWT inside has
+# no ``exp``: the server would close the connection when it passed.
 RESPONSE_TTL_S: Final = 60
 
 _DEVICE_ID: Final = re.compile(DEVICE_ID_PATTERN)

@@ -1,0 +1,295 @@
+"""The auth callout on a real 3-node NATS cluster with the responder process
+(services/broker_access) and this test's database: who gets in, and what they may do."""
+
+import statistics
+import time
+
+import psycopg
+import pytest
+
+from deploy.stack.nats_cluster import NatsCluster
+from deploy.stack.pki import DevelopmentPKI
+from services.broker_access import jwt
+from services.broker_access.access import Authorizer, ServicePasswords
+from services.broker_access.callout import CALLOUT_SUBJECT
+from services.broker_access.issuer import load_issuer
+from services.broker_access.nkeys import KeyPair, Prefix
+from services.broker_access.responder import DeviceLookup, Responder
+from services.common.broker.nats_access import NatsDeviceAccess
+from services.common.broker.nats_client import NatsClient, NatsMessage
+from services.common.broker_auth import ServiceAccount
+from services.common.migrations.grants import ServiceRole
+from services.common.tls import client_context
+from tests.ingest import Device, provision
+from tests.nats import (
+    CONNACK_ACCEPTED,
+    CalloutSetup,
+    Mqtt311Client,
+    connack_of,
+)
+from tests.roles import as_service
+
+REFUSED = {4, 5}  # bad user name or password, not authorized (3.1.1 CONNACK)
+# How long a message that should not arrive is waited for (a permitted one takes
+# milliseconds on loopback).
+SILENCE_S = 1.0
+
+
+@pytest.fixture
+def callout(nats_callout: tuple[NatsCluster, CalloutSetup]) -> tuple[NatsCluster, CalloutSetup]:
+    """The suite's callout cluster and its responder set-up (conftest)."""
+    return nats_callout
+
+
+@pytest.fixture
+def cluster(nats_broker: NatsCluster) -> NatsCluster:
+    """The callout cluster, its logins decided from this test's database (conftest)."""
+    return nats_broker
+
+
+def mqtt(cluster: NatsCluster, node: int, device: Device, client_id: str = "") -> Mqtt311Client:
+    """A connected device client of ``node``."""
+    port = cluster.nodes[node].mqtt_port
+    return Mqtt311Client(port, client_id or device.device_id, device.device_id, device.password)
+
+
+def service(
+    cluster: NatsCluster, node: int, passwords: dict[ServiceAccount, str], client_id: str
+) -> Mqtt311Client:
+    """A service client (the API's account) of ``node`` with any client id."""
+    account = ServiceAccount.API
+    port = cluster.nodes[node].mqtt_port
+    return Mqtt311Client(port, client_id, account.value, passwords[account])
+
+
+def test_a_device_provisioned_after_the_cluster_started_connects(
+    cluster: NatsCluster, database_url: str
+) -> None:
+    [device] = provision(database_url, 1, prefix="late")
+    client = mqtt(cluster, 2, device).connect()
+    try:
+        client.publish(f"galvani/v1/d/{device.device_id}/telemetry", b"{}")
+    finally:
+        client.close()
+
+
+def test_devices_are_refused_without_their_own_credentials(
+    cluster: NatsCluster, database_url: str
+) -> None:
+    one, other, gone, banned = provision(database_url, 4, prefix="who")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE devices SET decommissioned_at = now() WHERE id = %s", [gone.device_id])
+        conn.execute(
+            "INSERT INTO device_bans (device_id, until) VALUES (%s, now() + interval '1 hour')",
+            [banned.device_id],
+        )
+    port = cluster.nodes[0].mqtt_port
+    assert connack_of(port, one.device_id, one.device_id, one.password) == CONNACK_ACCEPTED
+    attempts = {
+        "wrong password": (one.device_id, one.device_id, other.password),
+        "another device's client id": (other.device_id, one.device_id, one.password),
+        "another device's name": (one.device_id, other.device_id, one.password),
+        "a backend client id": ("galvani-ingest-1", one.device_id, one.password),
+        "decommissioned": (gone.device_id, gone.device_id, gone.password),
+        "banned": (banned.device_id, banned.device_id, banned.password),
+        "unknown": ("who-none", "who-none", one.password),
+    }
+    codes = {what: connack_of(port, *attempt) for what, attempt in attempts.items()}
+    assert all(code in REFUSED for code in codes.values()), codes
+
+
+def test_a_device_publishing_on_another_devices_topic_is_acked_and_dropped(
+    cluster: NatsCluster, database_url: str, service_passwords: dict[ServiceAccount, str]
+) -> None:
+    sender, victim = provision(database_url, 2, prefix="pub")
+    watcher = service(cluster, 1, service_passwords, "galvani-api-watch").connect()
+    client = mqtt(cluster, 0, sender).connect()
+    try:
+        assert watcher.subscribe("galvani/v1/d/+/telemetry") == 1
+        forged = f"galvani/v1/d/{victim.device_id}/telemetry"
+        own = f"galvani/v1/d/{sender.device_id}/telemetry"
+        client.publish(forged, b"forged")  # NATS's gateway acknowledges what it drops
+        client.publish(own, b"marker")
+        assert watcher.wait_for(own) is not None
+        assert watcher.wait_for(forged, timeout_s=SILENCE_S) is None
+    finally:
+        client.close()
+        watcher.close()
+
+
+def test_a_device_subscribes_to_its_own_config_and_not_to_anothers(
+    cluster: NatsCluster, database_url: str, service_passwords: dict[ServiceAccount, str]
+) -> None:
+    device, other = provision(database_url, 2, prefix="sub")
+    own = f"galvani/v1/d/{device.device_id}/config"
+    publisher = service(cluster, 0, service_passwords, "galvani-api-cfg").connect()
+    publisher.publish(own, b"table", retain=True)
+    publisher.close()
+    client = mqtt(cluster, 1, device).connect()
+    try:
+        assert client.subscribe(f"galvani/v1/d/{other.device_id}/config") == 0x80
+        assert client.subscribe(own) == 1  # QoS 1: a JetStream consumer made as the device
+        received = client.wait_for(own)
+        assert received is not None
+        assert (received.payload, received.retain) == (b"table", True)
+    finally:
+        client.close()
+
+
+def test_a_service_account_uses_nats_and_mqtt_with_any_client_id(
+    cluster: NatsCluster,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
+) -> None:
+    nats = NatsClient(
+        cluster.nats_urls().split(","),
+        user=ServiceAccount.INGEST.value,
+        password=service_passwords[ServiceAccount.INGEST],
+        tls=client_context(pki.ca_file),
+        name="galvani-ingest-test",
+    )
+    nats.connect(5.0)
+    try:
+        nats.subscribe("galvani.v1.d.*.ack")
+        nats.flush()
+        publisher = service(cluster, 2, service_passwords, "any-client-id").connect()
+        publisher.publish("galvani/v1/d/svc-0001/ack", b"ack")
+        publisher.close()
+        deadline = time.monotonic() + 5
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = nats.poll(0.2)
+        assert [(m.subject, m.payload) for m in got] == [("galvani.v1.d.svc-0001.ack", b"ack")]
+    finally:
+        nats.close()
+    wrong = NatsClient(
+        cluster.nats_urls().split(","),
+        user=ServiceAccount.INGEST.value,
+        password="not-it",
+        tls=client_context(pki.ca_file),
+        name="galvani-ingest-test",
+    )
+    with pytest.raises(Exception, match="uthoriz"):
+        wrong.connect(5.0)
+
+
+def test_connect_latency_through_the_callout(cluster: NatsCluster, database_url: str) -> None:
+    """Sequential device CONNECTs through the callout: the figure the reconnect storm after a
+    node kill pays per device (printed; the bound only catches a broken responder)."""
+    devices = provision(database_url, 20, prefix="lat")
+    took: list[float] = []
+    for round_ in range(5):
+        for device in devices:
+            started = time.perf_counter()
+            client = mqtt(cluster, round_ % 3, device).connect()
+            took.append(time.perf_counter() - started)
+            client.close()
+    took.sort()
+    p99 = took[int(len(took) * 0.99) - 1]
+    print(
+        f"callout_connect n={len(took)} median_ms={statistics.median(took) * 1000:.1f}"
+        f" p99_ms={p99 * 1000:.1f} connects_per_s={len(took) / sum(took):.0f}"
+    )
+    assert p99 < 2.0
+
+
+class _Outbox:
+    """Collects what the responder would send (the server refuses client publishes on the
+    callout subject, so requests cannot be injected over NATS)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def subscribe(self, subject: str, *, queue: str = "") -> int:
+        return 1
+
+    def publish(self, subject: str, payload: bytes, **_: object) -> None:
+        self.sent.append((subject, payload))
+
+
+def test_responder_answers_per_second(
+    callout: tuple[NatsCluster, CalloutSetup], database_url: str
+) -> None:
+    """The responder's own cost per login, from the database as the responder's role:
+    requests signed by a stand-in server key, decided and signed one after another (printed:
+    answers/s and the p99 of one answer)."""
+    _, setup = callout
+    devices = provision(database_url, 50, prefix="rps")
+    server = KeyPair.create(Prefix.SERVER)
+    issuer = load_issuer(setup.issuer_seed_file)
+
+    def request(device: Device) -> NatsMessage:
+        claims = {
+            "sub": issuer.public_key,
+            "aud": "nats-authorization-request",
+            "nats": {
+                "type": "authorization_request",
+                "server_id": {"name": "bench", "host": "127.0.0.1", "id": server.public_key},
+                "user_nkey": KeyPair.create(Prefix.USER).public_key,
+                "client_info": {"type": "mqtt", "mqtt_id": device.device_id},
+                "connect_opts": {"user": device.device_id, "pass": device.password},
+            },
+        }
+        payload = jwt.encode(claims, server, now=time.time()).encode()
+        return NatsMessage(CALLOUT_SUBJECT, "_INBOX.x", {}, None, payload)
+
+    requests = [request(devices[i % len(devices)]) for i in range(2000)]
+    lookup = DeviceLookup(as_service(database_url, ServiceRole.BROKER_ACCESS))
+    outbox = _Outbox()
+    responder = Responder(
+        outbox,  # type: ignore[arg-type]
+        Authorizer(lookup, ServicePasswords(setup.broker_dir)),
+        issuer,
+    )
+    took = []
+    try:
+        started = time.perf_counter()
+        for message in requests:
+            began = time.perf_counter()
+            responder.handle(message)
+            took.append(time.perf_counter() - began)
+        rate = len(requests) / (time.perf_counter() - started)
+    finally:
+        lookup.close()
+    assert len(outbox.sent) == len(requests)
+    answers = [jwt.decode(payload.decode()) for _, payload in outbox.sent]
+    assert all("jwt" in answer["nats"] for answer in answers)
+    took.sort()
+    print(
+        f"callout_responder answers_per_s={rate:.0f}"
+        f" answer_median_ms={statistics.median(took) * 1000:.2f}"
+        f" answer_p99_ms={took[int(len(took) * 0.99) - 1] * 1000:.2f}"
+    )
+
+
+def test_a_ban_ends_the_session_and_refuses_reconnects_until_lifted(
+    cluster: NatsCluster,
+    database_url: str,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
+) -> None:
+    flooder, bystander = provision(database_url, 2, prefix="ban")
+    access = NatsDeviceAccess(
+        [("127.0.0.1", node.mqtt_port) for node in cluster.nodes],
+        ServiceAccount.INGEST.value,
+        service_passwords[ServiceAccount.INGEST],
+        client_context(pki.ca_file),
+    )
+    client = mqtt(cluster, 1, flooder).connect()
+    other = mqtt(cluster, 2, bystander).connect()
+    try:
+        with psycopg.connect(database_url) as conn:
+            assert access.ban(conn, {flooder.device_id: time.time() + 3600})
+        assert client.wait_disconnected()
+        port = cluster.nodes[0].mqtt_port
+        assert connack_of(port, flooder.device_id, flooder.device_id, flooder.password) == 5
+        assert other.connected
+        with psycopg.connect(database_url) as conn:
+            assert set(access.bans(conn)) == {flooder.device_id}
+            assert access.lift_expired_bans(conn) == []
+            assert access.lift_expired_bans(conn, now=time.time() + 7200) == [flooder.device_id]
+        code = connack_of(port, flooder.device_id, flooder.device_id, flooder.password)
+        assert code == CONNACK_ACCEPTED
+    finally:
+        client.close()
+        other.close()
