@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
+from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import free_port
 from deploy.stack.postgres import PostgresConfig, PostgresServer, new_password, require_postgres
@@ -35,6 +36,7 @@ from tests.agent import AgentProcess
 from tests.api import issue_keys
 from tests.ingest import IngestWorkers, provision
 from tests.mqtt import use_suite_ca
+from tests.nats import CalloutSetup, ResponderProcess, callout_setup, running_cluster
 from tests.roles import as_service, create_logins
 from tests.rules import RulesWorkers
 
@@ -236,6 +238,28 @@ def broker(
     server.start([])
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_callout(
+    stack_root: Path, pki: DevelopmentPKI, service_passwords: dict[ServiceAccount, str]
+) -> Iterator[tuple[NatsCluster, CalloutSetup]]:
+    """A 3-node NATS cluster (TLS) whose logins go to the auth callout, and what a responder
+    needs to answer it (tests/nats.py); no responder runs until a test asks for ``nats_broker``."""
+    setup, config = callout_setup(stack_root / "callout", pki, service_passwords)
+    with running_cluster(stack_root / "nats-callout", pki, callout=config) as cluster:
+        yield cluster, setup
+
+
+@pytest.fixture
+def nats_broker(
+    nats_callout: tuple[NatsCluster, CalloutSetup], database_url: str, tmp_path: Path
+) -> Iterator[NatsCluster]:
+    """The callout cluster with a responder deciding logins from this test's database."""
+    cluster, setup = nats_callout
+    responder = ResponderProcess(cluster, setup, database_url, tmp_path / "broker-access.log")
+    yield cluster
+    responder.stop()
 
 
 @pytest.fixture
