@@ -292,6 +292,7 @@ async def connected(
     clock: FakeClock | None = None,
     protocol: int = MQTT_5,
     fallbacks: tuple[tuple[str, int], ...] = (),
+    keepalive_s: int = 60,
 ) -> AsyncIterator[Device]:
     """A link on the running loop, connected to ``broker``, serviced every few milliseconds.
 
@@ -305,7 +306,14 @@ async def connected(
     store = DeviceStore(conn, DEVICE)
     link = Link(
         DEVICE,
-        BrokerAddress("127.0.0.1", port, "password", protocol=protocol, fallbacks=fallbacks),
+        BrokerAddress(
+            "127.0.0.1",
+            port,
+            "password",
+            protocol=protocol,
+            fallbacks=fallbacks,
+            keepalive_s=keepalive_s,
+        ),
         store,
         lambda raw: None,
         loop=loop,

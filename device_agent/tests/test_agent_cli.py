@@ -87,6 +87,7 @@ def test_the_fleet_takes_a_clusters_nodes_repeated_or_comma_separated_and_the_mq
     )
     assert options.nodes == (("10.0.0.1", 1884), ("10.0.0.2", 1883), ("h3", 1886))
     assert options.protocol == 4
+    assert parse_args(_fleet_args(tmp_path, "--keepalive=15")).keepalive_s == 15
 
     default = parse_args(_fleet_args(tmp_path, "--port=1999"))
     assert default.nodes == (("127.0.0.1", 1999),)
@@ -95,7 +96,13 @@ def test_the_fleet_takes_a_clusters_nodes_repeated_or_comma_separated_and_the_mq
 
 @pytest.mark.parametrize(
     "arguments",
-    [["--broker=a:1", "--port=2"], ["--broker=a:x"], ["--broker=:1"], ["--mqtt-version=3"]],
+    [
+        ["--broker=a:1", "--port=2"],
+        ["--broker=a:x"],
+        ["--broker=:1"],
+        ["--mqtt-version=3"],
+        ["--keepalive=0"],
+    ],
 )
 def test_broker_options_that_cannot_both_hold_are_usage_errors(
     tmp_path: Path, arguments: list[str], capsys: pytest.CaptureFixture[str]

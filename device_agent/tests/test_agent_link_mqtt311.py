@@ -180,3 +180,25 @@ def test_a_node_that_never_answers_the_connect_is_left_for_the_next(
         await working.close()
 
     asyncio.run(main())
+
+
+def test_a_node_that_stops_answering_is_left_after_the_keepalive(tmp_path: Path) -> None:
+    """A stopped (SIGSTOP) or partitioned node keeps the TCP connection open and answers
+    nothing: paho gives it up after one to two keepalives, and the next node is tried."""
+    stalled, working = ScriptedBroker(), ScriptedBroker()
+
+    async def main() -> None:
+        port = await working.start()
+        async with connected(
+            tmp_path, stalled, protocol=MQTT_311, fallbacks=(("127.0.0.1", port),), keepalive_s=1
+        ) as device:
+            stalled.wedged = True
+            started = asyncio.get_running_loop().time()
+            await device.until(lambda: working.connects == 1, "a connection to the next node")
+            await device.until(lambda: device.link.connected, "its CONNACK")
+
+            assert 1.0 <= asyncio.get_running_loop().time() - started < 4.0
+            assert device.link.node == ("127.0.0.1", port)
+        await working.close()
+
+    asyncio.run(main())

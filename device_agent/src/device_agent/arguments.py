@@ -6,7 +6,7 @@ import dataclasses
 import ssl
 from pathlib import Path
 
-from device_agent.connection import MQTT_5, MQTT_311
+from device_agent.connection import KEEPALIVE_S, MQTT_5, MQTT_311
 from device_agent.link import BrokerAddress, DeleteOn
 
 # MQTT over TLS's registered port, and plain MQTT's (a development broker's, only).
@@ -50,6 +50,13 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, store_help: str) ->
         default="5",
         help="the MQTT version to speak (default 5; 3.1.1 for a broker that has only it, such "
         "as a NATS cluster's MQTT gateway)",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=KEEPALIVE_S,
+        help=f"seconds (default {KEEPALIVE_S}): a connection that hears nothing for one to two "
+        "of these is given up (and, with --broker, the next node tried)",
     )
     parser.add_argument(
         "--public-key",

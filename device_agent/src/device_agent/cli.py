@@ -145,6 +145,7 @@ async def _run(args: argparse.Namespace) -> int:
                 args.key_file,
                 protocol=MQTT_VERSIONS[args.mqtt_version],
                 fallbacks=tuple(fallbacks),
+                keepalive_s=args.keepalive,
             ),
         ),
         public_keys=read_public_keys(args.public_key),
@@ -183,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cert_file is not None and args.ca_file is None:
         parser.error("--cert-file needs --ca-file (the broker's CA: mutual TLS)")
     args.nodes = broker_nodes(parser, args)
+    if not 0 < args.keepalive <= 0xFFFF:
+        parser.error("--keepalive must be 1 to 65535 seconds")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(message)s",

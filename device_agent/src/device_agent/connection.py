@@ -91,12 +91,17 @@ class BrokerAddress:
     tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     protocol: int = MQTT_5  # or MQTT_311
     fallbacks: tuple[tuple[str, int], ...] = ()
+    # paho closes a connection that has heard nothing for one to two keepalives: what a node
+    # that stops answering (SIGSTOP, a partition) costs before the device tries the next one.
+    keepalive_s: int = KEEPALIVE_S
 
     def __post_init__(self) -> None:
         if self.ca_file is None and (self.cert_file or self.key_file or self.tls_context):
             raise ValueError("a device certificate or TLS context needs ca_file (TLS)")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol level {self.protocol}: 5 (MQTT 5) or 4 (3.1.1)")
+        if not 0 < self.keepalive_s <= 0xFFFF:  # two bytes in CONNECT (3.1.2.10 in both)
+            raise ValueError(f"keepalive {self.keepalive_s} s: 1 to 65535")
 
     def nodes(self) -> list[tuple[str, int]]:
         """Every node to connect to, in the order they are tried: the first, then the rest."""
@@ -231,9 +236,9 @@ class Connection:
             # A blocking TCP connect, and TLS handshake (paho's, bounded by its 5 s connect
             # timeout); on loopback or a LAN they take microseconds and a millisecond or two.
             if mqtt_311:
-                client.connect(host, port, keepalive=KEEPALIVE_S)
+                client.connect(host, port, keepalive=self.address.keepalive_s)
             else:
-                client.connect(host, port, keepalive=KEEPALIVE_S, clean_start=True)
+                client.connect(host, port, keepalive=self.address.keepalive_s, clean_start=True)
         except ssl.SSLError as exc:
             log.warning(
                 "%s: TLS handshake failed: %s (%s:%d)",

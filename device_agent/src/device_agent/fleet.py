@@ -43,7 +43,7 @@ from device_agent.arguments import (
     broker_nodes,
     read_public_keys,
 )
-from device_agent.connection import MQTT_5
+from device_agent.connection import KEEPALIVE_S, MQTT_5
 from device_agent.link import BrokerAddress, DeleteOn
 from device_agent.simulation import Habits, SimulatedDevice, power_off
 from device_agent.simulator import Scenario
@@ -88,6 +88,7 @@ class FleetOptions:
     ca_file: str | None = None  # TLS when set
     connects_per_s: int = CONNECTS_PER_S
     protocol: int = MQTT_5  # the CONNECT's protocol level: 5, or 4 (MQTT 3.1.1)
+    keepalive_s: int = KEEPALIVE_S
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ class Fleet:
                     tls_context=tls,
                     protocol=options.protocol,
                     fallbacks=tuple(fallbacks),
+                    keepalive_s=options.keepalive_s,
                 ),
                 public_keys=options.public_keys,
                 clock_ms=_now_ms,
@@ -344,6 +346,8 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
         parser.error("--connects-per-s must be at least 1")
     if args.activity <= 0:
         parser.error("--activity must be positive")
+    if not 0 < args.keepalive <= 0xFFFF:
+        parser.error("--keepalive must be 1 to 65535 seconds")
     # The options are the parsed arguments, but for the keys (read from their file) and the two
     # durations, whose fields carry their unit in the name.
     values = vars(args)
@@ -352,6 +356,7 @@ def parse_args(argv: Sequence[str]) -> FleetOptions:
     values["duration_s"] = values.pop("duration")
     values["nodes"] = tuple(broker_nodes(parser, args))
     values["protocol"] = MQTT_VERSIONS[values.pop("mqtt_version")]
+    values["keepalive_s"] = values.pop("keepalive")
     for name in ("host", "port", "broker"):
         del values[name]
     return FleetOptions(**values)
