@@ -215,8 +215,7 @@ class JetStreamSource:
             return len(subjects)
         client = self._client
         try:
-            for subject in subjects:
-                client.publish(subject, ACK)
+            client.publish_each(subjects, ACK)
             client.flush()
         except ConnectionLost as exc:
             self._lose(str(exc))
@@ -292,8 +291,7 @@ class JetStreamSource:
         self.connected = True
         if self._unsent:
             try:
-                for subject in self._unsent:
-                    client.publish(subject, ACK)
+                client.publish_each(self._unsent, ACK)
             except ConnectionLost as exc:
                 self._lose(str(exc))
                 return False
@@ -424,6 +422,6 @@ class JetStreamSource:
             return
         period = self.config.ack_wait_s / 3
         self._next_progress = now + period
-        for reply, arrived in self._replies.values():
-            if now - arrived >= period:
-                self._client.publish(reply, IN_PROGRESS)
+        held = [reply for reply, arrived in self._replies.values() if now - arrived >= period]
+        if held:
+            self._client.publish_each(held, IN_PROGRESS)

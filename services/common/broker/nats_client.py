@@ -52,6 +52,8 @@ CLOSE_TIMEOUT_S: Final = 1.0
 CLIENT_LANG: Final = "python-galvani"
 CLIENT_VERSION: Final = "1"
 HEADER_LINE: Final = b"NATS/1.0"
+MSG_FIRST: Final = ord("M")
+SPACE: Final = ord(" ")
 # -ERR messages after which the server keeps the connection (server/client.go sendErr calls
 # that do not close): the rest precede a close.
 NON_FATAL_ERRORS: Final = ("permissions violation", "invalid subject", "invalid publish subject")
@@ -355,6 +357,14 @@ class NatsClient:
         out += payload
         out += b"\r\n"
 
+    def publish_each(self, subjects: list[str], payload: bytes) -> None:
+        """Queue ``payload`` to each of ``subjects`` (JetStream acks: one append for a batch).
+        Raises ConnectionLost when not connected."""
+        if not self.connected:
+            raise ConnectionLost("not connected")
+        tail = b" %d\r\n%s\r\n" % (len(payload), payload)
+        self._out += b"".join(b"PUB " + subject.encode() + tail for subject in subjects)
+
     def flush(self) -> None:
         """Send everything queued, waiting up to FLUSH_TIMEOUT_S for the socket to take it."""
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
@@ -480,20 +490,24 @@ class NatsClient:
                     if size - pos > MAX_CONTROL_LINE_BYTES:
                         raise _Lost("a control line over the limit")
                     break
-                op = buf[pos : pos + 4]
-                if op == b"MSG ":
-                    args = bytes(buf[pos + 4 : eol]).split()
-                    length = int(args[-1])
-                    end = eol + 2 + length
+                first = buf[pos]
+                if first == MSG_FIRST and buf[pos + 3] == SPACE:  # "MSG "
+                    args = buf[pos + 4 : eol].split()
+                    end = eol + 2 + int(args[-1])
                     if end + 2 > size:
                         break
-                    reply = args[2].decode() if len(args) == 4 else ""
                     ready.append(
-                        NatsMessage(args[0].decode(), reply, {}, None, bytes(buf[eol + 2 : end]))
+                        NatsMessage(
+                            args[0].decode(),
+                            args[2].decode() if len(args) == 4 else "",
+                            {},
+                            None,
+                            bytes(buf[eol + 2 : end]),
+                        )
                     )
                     pos = end + 2
-                elif op == b"HMSG":
-                    args = bytes(buf[pos + 5 : eol]).split()
+                elif buf[pos : pos + 4] == b"HMSG":
+                    args = buf[pos + 5 : eol].split()
                     head_length = int(args[-2])
                     total = int(args[-1])
                     end = eol + 2 + total

@@ -60,6 +60,8 @@ def topic_to_subject(topic: str) -> str:
 
 def subject_to_topic(subject: str) -> str:
     """The MQTT topic of a NATS subject (the inverse of :func:`topic_to_subject`)."""
+    if "//" not in subject:
+        return subject.replace(".", "/")
     return ".".join(part.replace(".", "/") for part in subject.split("//"))
 
 
