@@ -417,6 +417,10 @@ class NatsCluster:
         child = self._children[i]
         if child is None:
             return
+        if not child.alive():  # exited (and reaped by the look): nothing to signal
+            child.stop()
+            self._children[i] = None
+            return
         os.kill(child.pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             child.stop(timeout_s=STOP_TIMEOUT_S)  # waits (kills only if the signal did not)
