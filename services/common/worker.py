@@ -9,6 +9,11 @@ id), and each service makes a redelivered message change nothing. While the data
 waited for, the network keeps running (:meth:`WorkerLoop.wait`), so the broker session and
 its keepalive stay up. On SIGTERM or SIGINT the loop handles what it holds, then disconnects
 normally, which keeps the session (and whatever is unacknowledged) on the broker.
+
+The broker session is an :class:`~services.common.broker.source.InboundSource`: the MQTT 5
+:class:`~services.common.subscriber.Subscriber` on Mosquitto, or a JetStream pull consumer
+(:mod:`services.common.broker.jetstream`) with ``GALVANI_BROKER=nats``, where what is
+unacknowledged at a crash is redelivered after the consumer's ack wait instead.
 """
 
 import logging
