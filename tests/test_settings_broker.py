@@ -13,6 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.broker import BrokerKind
+from services.common.broker.jetstream import JetStreamSource
+from services.common.subscriber import Subscriber
+from services.common.worker import inbound_source
 from services.ingest.settings import IngestSettings
 from services.rules.settings import RulesSettings
 
@@ -85,3 +88,14 @@ def test_a_malformed_mqtt_node_is_refused(nodes: str) -> None:
 def test_an_unknown_broker_is_refused() -> None:
     with pytest.raises(ValidationError):
         make(broker="rabbitmq")
+
+
+def test_the_worker_loop_consumes_jetstream_on_nats_and_mqtt_on_mosquitto() -> None:
+    nats = make(broker="nats", nats_urls="nats://127.0.0.1:4301,nats://127.0.0.1:4302")
+    source = inbound_source(nats)
+    assert isinstance(source, JetStreamSource)
+    assert source.config.servers == ("nats://127.0.0.1:4301", "nats://127.0.0.1:4302")
+    assert source.config.durable == "ingest"
+    assert source.config.user == "galvani-ingest"
+    assert source.config.receive_maximum == nats.receive_maximum
+    assert isinstance(inbound_source(make()), Subscriber)
