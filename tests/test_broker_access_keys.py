@@ -150,7 +150,9 @@ def test_device_passwords_verify_against_the_mosquitto_hash() -> None:
 def _authorizer(rows: dict[str, DeviceRow], tmp_path) -> Authorizer:
     files = BrokerFiles(tmp_path)
     files.write_service_files({ServiceAccount.INGEST: "ingest-pw"})
-    return Authorizer(rows.get, ServicePasswords(tmp_path))
+    return Authorizer(
+        lambda ids: {i: rows[i] for i in ids if i in rows}, ServicePasswords(tmp_path)
+    )
 
 
 def _login(user: str, password: str, client_id: str, client_type: str = "mqtt") -> AuthRequest:

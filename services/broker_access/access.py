@@ -13,8 +13,7 @@ import hmac
 import logging
 import os
 import re
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,10 +32,13 @@ from services.common.protocol.topics import DEVICE_ID_PATTERN
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNTS: Final = frozenset(account.value for account in ServiceAccount)
-# The device's row and its ban in one round trip (device_bans' primary key).
+# The devices' rows and bans in one round trip (both by primary key): every request that
+# arrived together is looked up at once, so a reconnect storm costs one query per read of the
+# socket rather than one per device.
 DEVICE_QUERY: Final = (
-    "SELECT d.credential_hash, d.decommissioned_at IS NOT NULL, d.auth, b.until > now()"
-    " FROM devices d LEFT JOIN device_bans b ON b.device_id = d.id WHERE d.id = %s"
+    "SELECT d.id, d.credential_hash, d.decommissioned_at IS NOT NULL, d.auth,"
+    " coalesce(b.until > now(), false)"
+    " FROM devices d LEFT JOIN device_bans b ON b.device_id = d.id WHERE d.id = ANY(%s)"
 )
 _DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
 
@@ -67,18 +69,22 @@ class DeviceRow:
     banned: bool
 
 
-def lookup_device(conn: Conn, device_id: str) -> DeviceRow | None:
-    """The device's row and whether a ban holds it now, or None when there is none."""
-    row = conn.execute(DEVICE_QUERY, [device_id], prepare=True).fetchone()
-    if row is None:
-        return None
-    encoded, decommissioned, auth, banned = row
-    return DeviceRow(
-        credential_hash=None if encoded is None else str(encoded),
-        decommissioned=bool(decommissioned),
-        auth=str(auth),
-        banned=bool(banned),
-    )
+def lookup_devices(conn: Conn, device_ids: Sequence[str]) -> dict[str, DeviceRow]:
+    """The rows of those of ``device_ids`` that exist, each with whether a ban holds it now."""
+    rows = conn.execute(DEVICE_QUERY, [list(device_ids)], prepare=True).fetchall()
+    return {
+        str(device_id): DeviceRow(
+            credential_hash=None if encoded is None else str(encoded),
+            decommissioned=bool(decommissioned),
+            auth=str(auth),
+            banned=bool(banned),
+        )
+        for device_id, encoded, decommissioned, auth, banned in rows
+    }
+
+
+class LookupFailed(Exception):
+    """The devices could not be read (the database is unavailable)."""
 
 
 class ServicePasswords:
@@ -109,24 +115,44 @@ class ServicePasswords:
 
 
 class Authorizer:
-    """Decides each login; ``lookup`` reads a device (a database round trip)."""
+    """Decides logins; ``lookup`` reads devices by id (one database round trip for many) and
+    raises :class:`LookupFailed` when it cannot."""
 
     def __init__(
         self,
-        lookup: Callable[[str], DeviceRow | None],
+        lookup: Callable[[Sequence[str]], dict[str, DeviceRow]],
         services: ServicePasswords,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._lookup = lookup
         self._services = services
-        self._clock = clock
 
     def decide(self, request: AuthRequest) -> Decision:
         """A grant or a refusal for ``request``."""
-        username = request.username
-        if username in SERVICE_ACCOUNTS:
-            return self._service(request)
-        return self._device(request)
+        [decision] = self.decide_all([request])
+        return decision
+
+    def decide_all(self, requests: Sequence[AuthRequest]) -> list[Decision]:
+        """A grant or a refusal for each of ``requests``, the devices read in one lookup."""
+        decisions: list[Decision | None] = []
+        wanted: list[str] = []
+        for request in requests:
+            if request.username in SERVICE_ACCOUNTS:
+                decisions.append(self._service(request))
+                continue
+            refused = _refuse_before_lookup(request)
+            decisions.append(refused)
+            if refused is None:
+                wanted.append(request.username)
+        rows: dict[str, DeviceRow] | None = None
+        if wanted:
+            try:
+                rows = self._lookup(wanted)
+            except LookupFailed as exc:
+                log.error("cannot check %d device login(s): %s", len(wanted), exc)  # noqa: TRY400
+        return [
+            decision if decision is not None else _device_decision(request, rows)
+            for request, decision in zip(requests, decisions, strict=True)
+        ]
 
     def _service(self, request: AuthRequest) -> Decision:
         encoded = self._services.hash_of(request.username)
@@ -136,33 +162,40 @@ class Authorizer:
             return Refusal(f"wrong password for service account {request.username}")
         return service_grant(request.username)
 
-    def _device(self, request: AuthRequest) -> Decision:
-        device_id = request.username
-        if not request.is_mqtt:
-            return Refusal(f"{device_id!r}: devices connect over MQTT only")
-        if not _DEVICE_ID_RE.fullmatch(device_id):
-            return Refusal(f"{device_id!r} is not a device id")
-        if is_reserved_client_id(device_id) or is_reserved_client_id(request.mqtt_client_id):
-            return Refusal(f"{device_id!r}: reserved client id {request.mqtt_client_id!r}")
-        if request.mqtt_client_id != device_id:
-            return Refusal(
-                f"device {device_id} must connect with its id as client id,"
-                f" not {request.mqtt_client_id!r}"
-            )
-        row = self._lookup(device_id)
-        if row is None:
-            return Refusal(f"unknown device {device_id}")
-        if row.decommissioned:
-            return Refusal(f"device {device_id} is decommissioned")
-        if row.auth == "certificate":
-            return Refusal(
-                f"device {device_id} authenticates with a certificate, which the NATS cluster"
-                " does not support (only password devices connect to it)"
-            )
-        if row.credential_hash is None or not verify_password(
-            request.password, row.credential_hash
-        ):
-            return Refusal(f"wrong password for device {device_id}")
-        if row.banned:
-            return Refusal(f"device {device_id} is banned for flooding")
-        return device_grant(device_id)
+
+def _refuse_before_lookup(request: AuthRequest) -> Refusal | None:
+    """What refuses a device login without reading its row."""
+    device_id = request.username
+    if not request.is_mqtt:
+        return Refusal(f"{device_id!r}: devices connect over MQTT only")
+    if not _DEVICE_ID_RE.fullmatch(device_id):
+        return Refusal(f"{device_id!r} is not a device id")
+    if is_reserved_client_id(device_id) or is_reserved_client_id(request.mqtt_client_id):
+        return Refusal(f"{device_id!r}: reserved client id {request.mqtt_client_id!r}")
+    if request.mqtt_client_id != device_id:
+        return Refusal(
+            f"device {device_id} must connect with its id as client id,"
+            f" not {request.mqtt_client_id!r}"
+        )
+    return None
+
+
+def _device_decision(request: AuthRequest, rows: dict[str, DeviceRow] | None) -> Decision:
+    device_id = request.username
+    if rows is None:
+        return Refusal(f"device {device_id}'s login could not be checked (database unavailable)")
+    row = rows.get(device_id)
+    if row is None:
+        return Refusal(f"unknown device {device_id}")
+    if row.decommissioned:
+        return Refusal(f"device {device_id} is decommissioned")
+    if row.auth == "certificate":
+        return Refusal(
+            f"device {device_id} authenticates with a certificate, which the NATS cluster"
+            " does not support (only password devices connect to it)"
+        )
+    if row.credential_hash is None or not verify_password(request.password, row.credential_hash):
+        return Refusal(f"wrong password for device {device_id}")
+    if row.banned:
+        return Refusal(f"device {device_id} is banned for flooding")
+    return device_grant(device_id)
