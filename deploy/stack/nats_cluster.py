@@ -36,6 +36,7 @@ from deploy.stack.errors import SetupError
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
 from deploy.stack.postgres import new_password
 from deploy.stack.processes import Child, ChildExited, chown_to, http_get, spawn
+from services.broker_access.issuer import ensure_issuer
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT: Final = REPO_ROOT / "deploy" / "install-nats.sh"
@@ -89,6 +90,14 @@ class CalloutConfig:
 
     issuer: str
     auth_password: str
+
+
+def callout_config(issuer_seed_file: Path, auth_password: str) -> CalloutConfig:
+    """The callout configuration for the issuer key in ``issuer_seed_file`` (made there,
+    owner-only, on first use; the responders read the same file, GALVANI_BROKER_ACCESS_
+    ISSUER_SEED_FILE) and the responders' password as ``galvani-auth``."""
+    issuer = ensure_issuer(issuer_seed_file)
+    return CalloutConfig(issuer=issuer.public_key, auth_password=auth_password)
 
 
 @dataclass(frozen=True)
@@ -338,9 +347,12 @@ class NatsCluster:
     def _ready(self, node: NatsNode, peers: set[str]) -> bool:
         if http_get(node.monitor_url("/healthz?js-enabled-only=true"), 1.0) is None:
             return False
-        # The full health check also needs the JetStream meta group to have a leader this
-        # node follows: before that, the MQTT gateway cannot create its streams.
-        if http_get(node.monitor_url("/healthz"), 1.0) is None:
+        # The server and the JetStream meta group (a leader this node follows: before that,
+        # the MQTT gateway cannot create its streams). Not the full check: that also waits for
+        # every stream and consumer to be current, and a node restarted on its data holds the
+        # MQTT gateway's consumers of sessions from before, which can stay "not current" for
+        # minutes (seen: over 30 s) without keeping the node from serving.
+        if http_get(node.monitor_url("/healthz?js-server-only=true"), 1.0) is None:
             return False
         if not peers <= self.routed_to(node):
             return False
