@@ -79,6 +79,12 @@ def test_plaintext_nats_is_refused_outside_development() -> None:
     assert settings.nats_servers() == ["tls://n1.example:4222"]
 
 
+def test_tls_servers_need_the_broker_tls_on() -> None:
+    with pytest.raises(ValidationError, match="mqtt_tls is off"):
+        make(broker="nats", nats_urls="tls://127.0.0.1:4222", mqtt_tls=False)
+    assert make(broker="nats", nats_urls="nats://127.0.0.1:4222", mqtt_tls=False).nats_servers()
+
+
 @pytest.mark.parametrize("nodes", ["127.0.0.1", "127.0.0.1:0", ":1883", "h:port"])
 def test_a_malformed_mqtt_node_is_refused(nodes: str) -> None:
     with pytest.raises(ValidationError, match="is not host:port"):

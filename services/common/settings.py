@@ -78,13 +78,19 @@ def split_addresses(nodes: str) -> list[tuple[str, int]]:
     return addresses
 
 
-def check_broker(environment: Environment, broker: BrokerKind, nats_urls: str) -> None:
-    """Raise ValueError if the NATS settings cannot work, or are plaintext outside development."""
+def check_broker(
+    environment: Environment, broker: BrokerKind, nats_urls: str, *, tls: bool
+) -> None:
+    """Raise ValueError if the NATS settings cannot work, or are plaintext outside development.
+
+    NATS connections take their TLS from the broker's (``mqtt_tls``, ``mqtt_ca_file``)."""
     servers = split_nats_urls(nats_urls)
     if broker is not BrokerKind.NATS:
         return
     if not servers:
         raise ValueError("broker is nats but nats_urls is empty (set GALVANI_NATS_URLS)")
+    if not tls and any(url.startswith("tls://") for url in servers):
+        raise ValueError("nats_urls names tls:// servers but mqtt_tls is off")
     if environment is not Environment.DEVELOPMENT and any(
         not url.startswith("tls://") for url in servers
     ):
@@ -133,7 +139,7 @@ class ServiceSettings(BaseSettings):
     def _refuse_insecure(self) -> Self:
         refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
         refuse_plaintext(self.environment, self.mqtt_tls)
-        check_broker(self.environment, self.broker, self.nats_urls)
+        check_broker(self.environment, self.broker, self.nats_urls, tls=self.mqtt_tls)
         split_addresses(self.mqtt_nodes)
         return self
 
