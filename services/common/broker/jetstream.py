@@ -218,6 +218,8 @@ class JetStreamSource:
             client.publish_each(subjects, ACK)
             client.flush()
         except ConnectionLost as exc:
+            # Some may have left; a second ack is ignored, a lost one costs a redelivery.
+            self._unsent.extend(subjects)
             self._lose(str(exc))
         return len(subjects)
 
