@@ -10,15 +10,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from deploy.stack.nats_cluster import AUTH_USER, CalloutConfig, NatsCluster
+from deploy.stack.nats_cluster import AUTH_USER, CalloutConfig, NatsCluster, callout_config
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.postgres import new_password
 from deploy.stack.processes import Child, spawn
-from services.broker_access.issuer import ensure_issuer
 from services.broker_access.settings import ISSUER_SEED_FILE
 from services.common.broker_auth import BrokerFiles, ServiceAccount
 from services.common.migrations.grants import ServiceRole
@@ -72,18 +72,18 @@ def callout_setup(
 ) -> tuple[CalloutSetup, CalloutConfig]:
     """An issuer key, the responder's password and the service password file under
     ``directory``, and the cluster's callout configuration that goes with them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    issuer = ensure_issuer(directory / "secrets" / ISSUER_SEED_FILE)
+    seed_file = directory / "secrets" / ISSUER_SEED_FILE
+    config = callout_config(seed_file, new_password())
     broker_dir = directory / "broker"
-    broker_dir.mkdir(exist_ok=True)
+    broker_dir.mkdir(parents=True, exist_ok=True)
     BrokerFiles(broker_dir).write_service_files(service_passwords)
     setup = CalloutSetup(
-        issuer_seed_file=directory / "secrets" / ISSUER_SEED_FILE,
-        auth_password=new_password(),
+        issuer_seed_file=seed_file,
+        auth_password=config.auth_password,
         broker_dir=broker_dir,
         ca_file=pki.ca_file,
     )
-    return setup, CalloutConfig(issuer=issuer.public_key, auth_password=setup.auth_password)
+    return setup, config
 
 
 READY_TIMEOUT_S = 20.0
@@ -92,6 +92,8 @@ READY_TIMEOUT_S = 20.0
 class ResponderProcess:
     """``python -m services.broker_access.main`` for one test's database (as the responder's
     own role), stopped by its pid."""
+
+    running: ClassVar[list["ResponderProcess"]] = []  # started and not yet stopped
 
     def __init__(
         self,
@@ -125,6 +127,7 @@ class ResponderProcess:
             log_path,
             env=env,
         )
+        ResponderProcess.running.append(self)
         self._wait_serving()
 
     def _wait_serving(self) -> None:
@@ -138,6 +141,8 @@ class ResponderProcess:
     def stop(self) -> None:
         """SIGTERM, then wait."""
         self.child.stop()
+        if self in ResponderProcess.running:
+            ResponderProcess.running.remove(self)
 
 
 class Refused(Exception):

@@ -3,6 +3,7 @@
 
 import statistics
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -25,6 +26,7 @@ from tests.nats import (
     CONNACK_ACCEPTED,
     CalloutSetup,
     Mqtt311Client,
+    ResponderProcess,
     connack_of,
 )
 from tests.roles import as_service
@@ -299,3 +301,28 @@ def test_a_ban_ends_the_session_and_refuses_reconnects_until_lifted(
     finally:
         client.close()
         other.close()
+
+
+def test_logins_go_on_when_one_of_two_responders_stops(
+    callout: tuple[NatsCluster, CalloutSetup],
+    cluster: NatsCluster,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """Two responders in the queue group (the fixture's and a second one): with the first
+    stopped, every login is answered by the other."""
+    nats, setup = callout
+    second = ResponderProcess(nats, setup, database_url, tmp_path / "second.log", "2")
+    devices = provision(database_url, 6, prefix="ha")
+    try:
+        for device in devices[:3]:
+            mqtt(cluster, 0, device).connect().close()
+        first = [p for p in ResponderProcess.running if p is not second]
+        assert first, "the fixture's responder"
+        for process in first:
+            process.stop()
+        for i, device in enumerate(devices[3:]):
+            mqtt(cluster, i % 3, device).connect().close()
+        assert "granted ha-0005" in (tmp_path / "second.log").read_text()
+    finally:
+        second.stop()
