@@ -165,6 +165,8 @@ class Mqtt311Client:
     password: str | None = None
     host: str = "127.0.0.1"
     tls: ssl.SSLContext | None = field(default_factory=suite_tls)
+    # (topic, payload): a retained QoS 1 last will, as the device agent sets on presence.
+    will: tuple[str, bytes] | None = None
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -178,6 +180,8 @@ class Mqtt311Client:
             self._client.tls_set_context(self.tls)
         if self.username is not None:
             self._client.username_pw_set(self.username, self.password)
+        if self.will is not None:
+            self._client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         self._connected = threading.Event()
         self._disconnected = threading.Event()
         self._connack: int | None = None
@@ -267,6 +271,15 @@ class Mqtt311Client:
                 if remaining <= 0:
                     return None
                 self._lock.wait(remaining)
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT, as a device losing power would (its will
+        fires)."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+        self._client._reset_sockets(sockpair_only=True)
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""

@@ -326,3 +326,38 @@ def test_logins_go_on_when_one_of_two_responders_stops(
         assert "granted ha-0005" in (tmp_path / "second.log").read_text()
     finally:
         second.stop()
+
+
+def test_a_devices_retained_presence_and_will_reach_the_backend(
+    cluster: NatsCluster, database_url: str, service_passwords: dict[ServiceAccount, str]
+) -> None:
+    """What the device agent does on presence (retained QoS 1 "online", a retained QoS 1 will
+    "offline") works with a device's grant: the gateway publishes the will as the device."""
+    [device] = provision(database_url, 1, prefix="will")
+    presence = f"galvani/v1/d/{device.device_id}/presence"
+    port = cluster.nodes[0].mqtt_port
+    client = Mqtt311Client(
+        port, device.device_id, device.device_id, device.password, will=(presence, b"offline")
+    ).connect()
+    client.publish(presence, b"online", retain=True)
+    watcher = service(cluster, 1, service_passwords, "galvani-api-presence").connect()
+    try:
+        assert watcher.subscribe(presence) == 1
+        online = watcher.wait_for(presence)
+        assert online is not None
+        assert (online.payload, online.retain) == (b"online", True)
+        watcher.received.clear()
+        client.drop()
+        will = watcher.wait_for(presence, timeout_s=10)
+        assert will is not None
+        assert will.payload == b"offline"
+    finally:
+        watcher.close()
+    later = service(cluster, 2, service_passwords, "galvani-api-later").connect()
+    try:
+        assert later.subscribe(presence) == 1
+        kept = later.wait_for(presence)
+        assert kept is not None
+        assert (kept.payload, kept.retain) == (b"offline", True)
+    finally:
+        later.close()
