@@ -59,7 +59,6 @@ from services.common.broker.subjects import (
     topic_to_subject,
 )
 from services.common.broker_session import (
-    CONNECT_TIMEOUT_S,
     RECONNECT_MAX_DELAY_S,
     RECONNECT_MIN_DELAY_S,
     SubscriberStats,
@@ -70,6 +69,9 @@ from services.common.subscriber import Inbound
 
 log = logging.getLogger("services.common.subscriber")
 
+# TCP, TLS, CONNECT and its PONG: above the auth callout's own timeout (5 s in
+# deploy/stack/nats_cluster.py), so a slow responder fails the login there, not here.
+CONNECT_TIMEOUT_S: Final = 10.0
 # A pull request waits this long for its batch to fill, then ends with a 408.
 PULL_EXPIRES_S: Final = 5.0
 IDLE_HEARTBEAT_S: Final = 1.0
