@@ -14,11 +14,13 @@ from typing import ClassVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.stack.nats_cluster import AUTH_USER, CalloutConfig, NatsCluster, callout_config
 from deploy.stack.pki import DevelopmentPKI
+from deploy.stack.ports import free_port
 from deploy.stack.postgres import new_password
-from deploy.stack.processes import Child, spawn
+from deploy.stack.processes import Child, http_get, http_ok, spawn
 from services.broker_access.settings import ISSUER_SEED_FILE
 from services.common.broker_auth import BrokerFiles, ServiceAccount
 from services.common.migrations.grants import ServiceRole
@@ -103,9 +105,12 @@ class ResponderProcess:
         log_path: Path,
         responder_id: str = "1",
     ) -> None:
+        metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         env = dict(os.environ)
         env.update(
             {
+                "GALVANI_BROKER_ACCESS_METRICS_PORT": str(metrics_port),
                 "GALVANI_BROKER": "nats",
                 "GALVANI_NATS_URLS": cluster.nats_urls(),
                 "GALVANI_BROKER_ACCESS_DATABASE_URL": as_service(
@@ -131,12 +136,26 @@ class ResponderProcess:
         self._wait_serving()
 
     def _wait_serving(self) -> None:
+        # The metrics endpoint opens once the responder has subscribed (as make run-cluster
+        # waits for it).
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while "serving $SYS.REQ.USER.AUTH" not in self.log_path.read_text(errors="replace"):
+        while not http_ok(self.metrics_url):
             if not self.child.alive() or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the responder did not start:\n{self.child.log_tail(20)}")
             time.sleep(0.05)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of the responder's metrics (0 when absent)."""
+        body = http_get(self.metrics_url)
+        assert body is not None
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
 
     def stop(self) -> None:
         """SIGTERM, then wait."""

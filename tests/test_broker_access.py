@@ -98,6 +98,11 @@ def test_devices_are_refused_without_their_own_credentials(
     }
     codes = {what: connack_of(port, *attempt) for what, attempt in attempts.items()}
     assert all(code in REFUSED for code in codes.values()), codes
+    [responder] = ResponderProcess.running
+    refused = responder.metric(
+        "galvani_broker_access_decisions_total", kind="device", outcome="refused"
+    )
+    assert refused == len(attempts)
 
 
 def test_a_device_publishing_on_another_devices_topic_is_acked_and_dropped(

@@ -1,6 +1,7 @@
 """The NATS cluster's auth-callout responder: ``python -m services.broker_access.main``."""
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import start_http_server
 
@@ -15,13 +16,21 @@ from services.common.worker import stop_on_signals
 log = logging.getLogger("galvani.broker_access")
 
 
+def serving(settings: BrokerAccessSettings) -> Callable[[], None]:
+    """What to do once the responder has subscribed: open the metrics endpoint (if any)."""
+
+    def opened() -> None:
+        if settings.metrics_port:
+            start_http_server(settings.metrics_port, addr="127.0.0.1")
+
+    return opened
+
+
 def main() -> None:
     """Answer the cluster's authorization requests until SIGTERM or SIGINT."""
     settings = BrokerAccessSettings()
     configure_logging(settings.log_level)
     stop = stop_on_signals()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
     issuer = load_issuer(settings.issuer_seed_path())
     lookup = DeviceLookup(settings.database_url.get_secret_value())
     authorizer = Authorizer(lookup, ServicePasswords(settings.service_dir()))
@@ -36,7 +45,8 @@ def main() -> None:
         "auth-callout responder %s started (issuer %s)", settings.client_name(), issuer.public_key
     )
     try:
-        Responder(client, authorizer, issuer).run(stop)
+        # The metrics endpoint opens once the responder serves: `make run-cluster` waits on it.
+        Responder(client, authorizer, issuer).run(stop, on_serving=serving(settings))
     finally:
         lookup.close()
 

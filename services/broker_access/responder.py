@@ -13,7 +13,7 @@ would hold one of the server's connection slots for seconds.
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import psycopg
@@ -131,9 +131,9 @@ class Responder:
         for _ in requests:
             metrics.ANSWER_SECONDS.observe(each)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, on_serving: Callable[[], None] | None = None) -> None:
         """Serve until ``stop`` is set, reconnecting (to the next server) when the connection
-        is lost."""
+        is lost; ``on_serving`` is called once, when the first connection has subscribed."""
         delay = RECONNECT_MIN_S
         while not stop.is_set():
             if not self.client.connected:
@@ -146,6 +146,9 @@ class Responder:
                     continue
                 delay = RECONNECT_MIN_S
                 log.info("serving %s at %s", CALLOUT_SUBJECT, self.client.server)
+                if on_serving is not None:
+                    on_serving()  # the server's PONG to the CONNECT followed our SUB
+                    on_serving = None
             try:
                 self.handle(self.client.poll(POLL_S))
                 self.client.flush()
