@@ -13,73 +13,56 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.postgres import new_password
-from services.common.tls import client_context
-from tests.ingest import T0_MS, Device, IngestWorkers, provision, scalar, telemetry, wait_until
+from tests.ingest import (
+    T0_MS,
+    Device,
+    IngestWorkers,
+    provision,
+    scalar,
+    telemetry,
+    topic,
+    wait_until,
+)
+from tests.nats import Mqtt311Client
 from tests.nats_single import SingleNats, single_nats
 
 TIMEOUT_S = 10.0
 
 
 class Device311:
-    """A device on the MQTT gateway: MQTT 3.1.1 (NATS refuses 5), QoS 1 publishes, and its
-    ``ack`` channel at QoS 0."""
+    """A device on the MQTT gateway (tests/nats.py's MQTT 3.1.1 client; NATS refuses 5): QoS 1
+    telemetry, and its ``ack`` channel at QoS 0."""
 
-    def __init__(self, port: int, device: Device, ca_file: Path) -> None:
+    def __init__(self, port: int, device: Device) -> None:
         self.device_id = device.device_id
-        self.acks: list[dict[str, object]] = []
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=device.device_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,
-        )
-        client.username_pw_set(device.device_id, device.password)
-        client.tls_set_context(client_context(ca_file))
-        client.on_connect = lambda c, u, f, rc, p: self._connected.set()
-        client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
-        client.on_message = lambda c, u, m: self.acks.append(json.loads(m.payload))
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        self.client = client
-        assert self._connected.wait(TIMEOUT_S), "the device did not connect"
-        client.subscribe(f"galvani/v1/d/{self.device_id}/ack", qos=0)
-        assert self._subscribed.wait(TIMEOUT_S), "the device did not subscribe"
+        self.client = Mqtt311Client(port, device.device_id, device.device_id, device.password)
+        self.client.connect()
+        assert self.client.subscribe(topic(self.device_id, "ack"), qos=0) == 0
 
     def publish(self, seqs: range, *, gap_s: float = 0.0) -> None:
-        """Telemetry of 10 samples for each seq, QoS 1, each PUBACKed; ``gap_s`` apart."""
-        infos = []
+        """Telemetry of 10 samples for each seq, each PUBACKed; ``gap_s`` apart."""
         for seq in seqs:
-            infos.append(
-                self.client.publish(
-                    f"galvani/v1/d/{self.device_id}/telemetry",
-                    telemetry(seq, T0_MS + seq * 1000),
-                    qos=1,
-                )
+            self.client.publish(
+                topic(self.device_id, "telemetry"), telemetry(seq, T0_MS + seq * 1000)
             )
             if gap_s:
                 time.sleep(gap_s)
-        for info in infos:
-            info.wait_for_publish(TIMEOUT_S)
-            assert info.is_published()
 
     def acked_seqs(self) -> set[int]:
+        """Every seq the device's stored acks have covered so far."""
         seqs: set[int] = set()
-        for ack in self.acks:
-            for first, last in ack["seqs"]:  # type: ignore[attr-defined]
-                seqs.update(range(first, last + 1))
+        for message in list(self.client.received):
+            if message.topic == topic(self.device_id, "ack"):
+                for first, last in json.loads(message.payload)["seqs"]:
+                    seqs.update(range(first, last + 1))
         return seqs
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.close()
 
 
 @pytest.fixture
@@ -110,11 +93,11 @@ def messages(url: str) -> int:
 
 
 def test_mqtt_311_telemetry_through_nats_is_stored_once_and_acknowledged_to_the_device(
-    database_url: str, setup: tuple[SingleNats, IngestWorkers, list[Device]], pki: DevelopmentPKI
+    database_url: str, setup: tuple[SingleNats, IngestWorkers, list[Device]]
 ) -> None:
     server, workers, devices = setup
     workers.start()  # creates the stream and the consumer before any device publishes
-    fleet = [Device311(server.mqtt_port, device, pki.ca_file) for device in devices]
+    fleet = [Device311(server.mqtt_port, device) for device in devices]
     try:
         for device in fleet:
             device.publish(range(1, 31))
@@ -147,11 +130,11 @@ def test_mqtt_311_telemetry_through_nats_is_stored_once_and_acknowledged_to_the_
 
 
 def test_a_worker_killed_under_load_loses_and_duplicates_nothing(
-    database_url: str, setup: tuple[SingleNats, IngestWorkers, list[Device]], pki: DevelopmentPKI
+    database_url: str, setup: tuple[SingleNats, IngestWorkers, list[Device]]
 ) -> None:
     server, workers, devices = setup
     workers.start("1")
-    device = Device311(server.mqtt_port, devices[0], pki.ca_file)
+    device = Device311(server.mqtt_port, devices[0])
     try:
         publisher = threading.Thread(
             target=device.publish, args=(range(1, 301),), kwargs={"gap_s": 0.01}
