@@ -184,6 +184,15 @@ system_account: SYS
         child.stop()
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` has stopped: a signal reaches a busy multithreaded
+    process (nats-server's Go runtime) thread by thread, and one still running answers."""
+    tasks = Path(f"/proc/{pid}/task")
+    return all(
+        (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks.iterdir()
+    )
+
+
 def test_watch_reads_a_live_node_and_sees_it_stop(nats_node: tuple[Child, int, int]) -> None:
     child, client_port, http_port = nats_node
     nats = NatsConnection(client_port)
@@ -232,6 +241,7 @@ def test_watch_reads_a_live_node_and_sees_it_stop(nats_node: tuple[Child, int, i
     # Stopped (SIGSTOP: the socket stays open and nothing answers), then gone.
     child.process.send_signal(signal.SIGSTOP)
     try:
+        wait_until(lambda: stopped(child.pid), child=child, timeout_s=5, what="SIGSTOP")
         watch.poll_once()
         page = exported(stats)
         assert sample(page, "galvani_broker_node_up", node=node) == 0
