@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 import services.api.metrics
 import services.api.publisher
+import services.broker_access.metrics
 import services.ingest.metrics
 import services.maintenance.main
 import services.notify.metrics

@@ -15,7 +15,14 @@ RULES = "galvani-cluster-alerts.yml"
 CONFIG = "prometheus.yml"
 RULE_FILES = sorted(p for p in RULES_DIR.glob("galvani-*.yml") if not p.name.endswith(".test.yml"))
 # The processes whose metrics the rules and dashboards read: the example scrapes each.
-JOBS = {"galvani-maintenance", "galvani-ingest", "galvani-rules", "galvani-notify", "galvani-api"}
+JOBS = {
+    "galvani-maintenance",
+    "galvani-broker-access",
+    "galvani-ingest",
+    "galvani-rules",
+    "galvani-notify",
+    "galvani-api",
+}
 # What docs/research/issue22-cluster-broker.md and issue 22 name: broker node down, ingest lag,
 # dead-letter rate, DB replication lag, notification backlog.
 PAGES = (
@@ -41,7 +48,7 @@ def test_example_config_loads_every_rule_file_and_scrapes_every_service() -> Non
 
 
 def test_cluster_alert_rules_pass_promtool_check() -> None:
-    assert "SUCCESS: 6 rules found" in check_rules(RULES)
+    assert "SUCCESS: 7 rules found" in check_rules(RULES)
 
 
 def test_cluster_alert_rules_fire_as_their_unit_tests_expect() -> None:

@@ -657,6 +657,41 @@ PLATFORM: Final = Dashboard(
                 )
             ],
         ),
+        Panel(
+            "Logins decided (auth callout)",
+            "Every MQTT and NATS login on the cluster, decided by Galvani's responders"
+            " (services/broker_access) from the database, per second by kind and outcome. A"
+            " burst of device logins follows a node's loss: its devices reconnect elsewhere.",
+            [_rate("galvani_broker_access_decisions_total", "kind, outcome")],
+            unit="ops",
+            stacked=True,
+            width=8,
+        ),
+        Panel(
+            "Login answer time",
+            "Time for a responder to decide and sign one login (a database round trip and a"
+            " password check); the broker waits for it on every CONNECT.",
+            _quantiles("galvani_broker_access_answer_seconds"),
+            unit="s",
+            width=8,
+        ),
+        Panel(
+            "Logins failed by the responders",
+            "Device logins refused because the database could not be asked"
+            " (GalvaniBrokerLoginsFailing), and malformed requests on the callout subject.",
+            [
+                Query(
+                    f"sum(rate(galvani_broker_access_database_errors_total[{RATE}]))",
+                    "database errors",
+                ),
+                Query(
+                    f"sum(rate(galvani_broker_access_bad_requests_total[{RATE}]))",
+                    "bad requests",
+                ),
+            ],
+            unit="ops",
+            width=8,
+        ),
         Row("Mosquitto"),
         Panel(
             "Messages dropped",
