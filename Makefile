@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSDEPS_STAMP := $(VENV)/.system-deps
 
-.PHONY: run run-cluster test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-notify bench-api bench-faults check lint typecheck imports format venv system-deps clean-data help
+.PHONY: run run-cluster test test-long test-deps bench-ingest bench-ingest-floor bench-flood bench-agent bench-rules bench-notify bench-api bench-faults bench-disk bench-cluster check lint typecheck imports format venv system-deps clean-data help
 
 help:
 	@echo "make run    - start broker, database, services and a simulated fleet (.galvani/)"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-notify - fault-to-webhook latency under fleet load; deliveries/s (BENCH_ARGS=...)"
 	@echo "make bench-api    - API p50/p95 at 20 clients on a seeded month of 10,000 devices"
 	@echo "make bench-faults - the fault suite's faults, longer, on 200 devices; both outbox contracts"
+	@echo "make bench-disk   - bytes on disk and WAL per stored sample; ingest, rules and rollup CPU per sample"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,6 +93,11 @@ bench-api: test-deps venv
 # outbox contract; the same faults as tests/test_faults.py, longer. E.g. BENCH_ARGS="--devices 500".
 bench-faults: test-deps venv
 	$(PY) -m bench.faults $(BENCH_ARGS)
+
+# Its own durable PostgreSQL (TimescaleDB): bytes and WAL per stored sample through ingest's
+# real writer, the rules' and a rollup pass's CPU (docs/capacity.md rests on it).
+bench-disk: test-deps venv
+	$(PY) -m bench.disk_per_sample $(BENCH_ARGS)
 
 # Its own Mosquitto; no database (the broker acknowledges, nothing stores).
 bench-agent: system-deps venv
