@@ -3,7 +3,9 @@
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,11 +18,12 @@ from services.broker_access.callout import CALLOUT_SUBJECT
 from services.broker_access.issuer import load_issuer
 from services.broker_access.nkeys import KeyPair, Prefix
 from services.broker_access.responder import DeviceLookup, Responder
-from services.common.broker.nats_access import NatsDeviceAccess
+from services.common.broker.nats_access import DatabaseBans, NatsDeviceAccess
 from services.common.broker.nats_client import NatsClient, NatsMessage
 from services.common.broker_auth import ServiceAccount
 from services.common.migrations.grants import ServiceRole
 from services.common.tls import client_context
+from services.ingest.throttle import LIFT_CHECK_INTERVAL_S, Budget, Throttle
 from tests.ingest import Device, provision
 from tests.nats import (
     CONNACK_ACCEPTED,
@@ -366,3 +369,59 @@ def test_a_devices_retained_presence_and_will_reach_the_backend(
         assert (kept.payload, kept.retain) == (b"offline", True)
     finally:
         later.close()
+
+
+def test_ingests_throttle_bans_a_flooding_device_from_the_cluster_until_the_ban_ends(
+    cluster: NatsCluster,
+    database_url: str,
+    ingest_database_url: str,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
+    tmp_path: Path,
+) -> None:
+    """services/ingest/throttle.py with the database ban store (as ingest's role): the flooder
+    is cut off by takeover after the ban commits, refused while banned, let back in after."""
+    flooder, bystander = provision(database_url, 2, prefix="flood")
+    access = NatsDeviceAccess(
+        [("127.0.0.1", node.mqtt_port) for node in cluster.nodes],
+        ServiceAccount.INGEST.value,
+        service_passwords[ServiceAccount.INGEST],
+        client_context(pki.ca_file),
+    )
+    client = mqtt(cluster, 1, flooder).connect()
+    other = mqtt(cluster, 2, bystander).connect()
+    port = cluster.nodes[0].mqtt_port
+    ban_s = 3.0
+    with psycopg.connect(ingest_database_url, autocommit=True) as conn:
+
+        def in_transaction(work: Callable[[psycopg.Connection[Any]], None]) -> None:
+            with conn.transaction():
+                work(conn)
+
+        throttle = Throttle(
+            Budget(3, 10.0),
+            ban_s,
+            tmp_path,
+            in_transaction,
+            end_session=access.end_session,
+            store=DatabaseBans(),
+        )
+        try:
+            banned_at = time.monotonic()
+            throttle.observe([flooder.device_id] * 5 + [bystander.device_id])
+            assert client.wait_disconnected()
+            assert connack_of(port, flooder.device_id, flooder.device_id, flooder.password) == 5
+            assert other.connected
+            time.sleep(max(0.0, banned_at + ban_s + LIFT_CHECK_INTERVAL_S - time.monotonic()))
+            throttle.tick()
+            assert DatabaseBans().current(in_transaction) == {}
+        finally:
+            throttle.close()
+            client.close()
+            other.close()
+    assert connack_of(port, flooder.device_id, flooder.device_id, flooder.password) == 0
+    with psycopg.connect(database_url) as conn:
+        [(recorded,)] = conn.execute(
+            "SELECT count(*) FROM device_throttles WHERE device_id = %s", [flooder.device_id]
+        ).fetchall()
+    assert recorded == 1

@@ -17,6 +17,7 @@ from typing import Final
 import psycopg
 
 from services.common.broker import BrokerKind
+from services.common.broker.nats_access import DatabaseBans, NatsDeviceAccess
 from services.common.broker_certificates import end_device_session
 from services.common.db import Conn, Storage, describe_error, storage_of
 from services.common.protocol import ProtocolError, parse_topic
@@ -94,7 +95,12 @@ def _device_time(item: TelemetryIn | EventIn | StateIn | PresenceIn) -> datetime
 
 def session_ender(settings: IngestSettings) -> Callable[[str], bool]:
     """Ends a device's session by takeover with the worker's own account on the service
-    listener (a banned certificate device: throttle.py)."""
+    listener (a banned certificate device: throttle.py); on NATS, through the first node of
+    ``mqtt_nodes`` that answers, in MQTT 3.1.1 (any banned device)."""
+    if settings.broker is BrokerKind.NATS:
+        nodes = NatsDeviceAccess.from_settings(settings)
+        nodes.timeout_s = settings.throttle_takeover_timeout_s
+        return nodes.end_session
     password = settings.mqtt_password.get_secret_value()
     tls = settings.mqtt_tls_context()
 
@@ -121,7 +127,9 @@ class Worker:
         self.loop = WorkerLoop(settings, metrics.WORKER, stop, on_connect=self._learn_storage)
         self.subscriber = self.loop.subscriber
         # The ban is Mosquitto's password file and a takeover on its service listener; on NATS
-        # the auth-callout responder refuses a banned device's logins (services/broker_access).
+        # a device_bans row the auth-callout responder reads (services/broker_access) and a
+        # takeover through a node's MQTT port.
+        on_nats = settings.broker is BrokerKind.NATS
         self.throttle = (
             Throttle(
                 Budget(settings.throttle_messages, settings.throttle_window_s),
@@ -130,8 +138,9 @@ class Worker:
                 self.loop.db.transaction,
                 end_session=session_ender(settings),
                 takeover_interval_s=settings.throttle_takeover_interval_s,
+                store=DatabaseBans() if on_nats else None,
             )
-            if settings.throttle and settings.broker is BrokerKind.MOSQUITTO
+            if settings.throttle
             else None
         )
 

@@ -36,6 +36,14 @@ messages it receives. Every message the broker acknowledged is still stored; the
 the device's outbox. What this bounds depends on how soon the device reconnects: the broker
 accepts each reconnect, so a device sends for up to one takeover interval per connection.
 
+On the NATS cluster there is no password file: every login is decided by the auth-callout
+responder from the database (services/broker_access), so a ban is a ``device_bans`` row
+(services.common.broker.nats_access.DatabaseBans) that it reads at the device's next CONNECT,
+and every banned device, password or not, is kept down by session takeover as certificate
+devices are here: when its ban starts (after the ban's transaction has committed, so that the
+reconnect it makes is refused) and whenever its messages keep arriving. Each worker learns the
+others' bans from the table.
+
 Each worker counts what it sees. A shared subscription deals one device's messages round-robin
 over the group's workers, so with W workers a device is banned at about W times the budget.
 """
@@ -48,7 +56,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import psycopg
 
@@ -75,6 +83,46 @@ TAKEOVER_INTERVAL_S: Final = 0.2
 InTransaction = Callable[[Callable[[Conn], None]], None]
 # Ends a device's session at the broker by session takeover; whether the broker accepted it.
 EndSession = Callable[[str], bool]
+
+
+class BanStore(Protocol):
+    """Where a ban is kept so that the broker refuses the device's logins until it ends."""
+
+    # Whether every banned device's live session must be ended by takeover (NATS: the auth
+    # callout refuses new logins only), not only a certificate device's (Mosquitto: the
+    # password-file reload disconnects the others).
+    takeover_all: bool
+
+    def ban(self, conn: Conn, bans: dict[str, float]) -> bool:
+        """Keep ``bans`` (device id to its end, Unix seconds), in the caller's transaction;
+        whether the broker will refuse them."""
+
+    def current(self, transaction: InTransaction) -> dict[str, float]:
+        """Every ban kept, ended or not."""
+
+    def lift_expired(self, conn: Conn, now: float) -> list[str]:
+        """Let back in the devices whose ban ended by ``now``; return them."""
+
+
+class FileBans:
+    """Mosquitto's ban file beside its password file (services.common.broker_auth)."""
+
+    takeover_all = False
+
+    def __init__(self, broker_dir: Path) -> None:
+        self.files = BrokerFiles(broker_dir)
+
+    def ban(self, conn: Conn, bans: dict[str, float]) -> bool:
+        """Write the bans, re-render the password file and reload; False without a broker."""
+        return ban_devices(conn, self.files, bans)
+
+    def current(self, transaction: InTransaction) -> dict[str, float]:
+        """The ban file's entries (no database needed)."""
+        return self.files.bans()
+
+    def lift_expired(self, conn: Conn, now: float) -> list[str]:
+        """Render the ended bans' devices back and reload."""
+        return lift_expired_bans(conn, self.files, now)
 
 
 def certificate_devices(conn: Conn, device_ids: Iterable[str]) -> set[str]:
@@ -160,13 +208,15 @@ class Throttle:
         end_session: EndSession | None = None,
         takeover_interval_s: float = TAKEOVER_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        store: BanStore | None = None,
     ) -> None:
         """``transaction`` runs the ban's reading of device credentials in the database;
-        ``end_session`` ends a banned certificate device's session (without it, such a device
-        cannot be banned: counted as ``ban_failed``)."""
+        ``end_session`` ends a banned device's session where the ban alone does not (without
+        it, such a device cannot be banned: counted as ``ban_failed``); ``store`` keeps the
+        bans (default: Mosquitto's ban file in ``broker_dir``)."""
         self.counts = Counts(budget, clock)
         self.ban_s = ban_s
-        self.files = BrokerFiles(broker_dir)
+        self.store: BanStore = store if store is not None else FileBans(broker_dir)
         self._transaction = transaction
         self._clock = clock
         self._banned_until: dict[str, float] = {}  # by this worker, on its clock
@@ -220,9 +270,11 @@ class Throttle:
         certificate: set[str] = set()
 
         def ban(conn: Conn) -> None:
-            reloaded[:] = [ban_devices(conn, self.files, bans)]
+            reloaded[:] = [self.store.ban(conn, bans)]
             certificate.clear()
-            certificate.update(certificate_devices(conn, device_ids))
+            certificate.update(
+                device_ids if self.store.takeover_all else certificate_devices(conn, device_ids)
+            )
 
         try:
             self._transaction(ban)
@@ -235,15 +287,15 @@ class Throttle:
         failed = [d for d in device_ids if d not in certificate] if not reloaded[0] else []
         if failed:
             log.error(
-                "could not ban %s: no broker runs from %s (no pid file, or its process is gone)",
+                "could not ban %s: no broker runs from the broker directory (no pid file, or"
+                " its process is gone)",
                 ", ".join(failed),
-                self.files.directory,
             )
         if certificate and self._end_session is None:
             failed += sorted(certificate)
             log.error(
-                "could not ban %s: a certificate device is kept out by session takeover, and"
-                " this worker has no broker account to make one",
+                "could not ban %s: a certificate device (any device on NATS) is kept out by"
+                " session takeover, and this worker has no broker account to make one",
                 ", ".join(sorted(certificate)),
             )
         elif certificate:
@@ -338,7 +390,7 @@ class Throttle:
         self._banned_until = {d: u for d, u in self._banned_until.items() if u > now}
         wall = time.time()
         try:
-            bans = self.files.bans()
+            bans = self.store.current(self._transaction)
         except OSError:
             log.exception("could not read the broker's ban file")
             return
@@ -348,7 +400,7 @@ class Throttle:
         lifted: list[str] = []
 
         def lift(conn: Conn) -> None:
-            lifted[:] = lift_expired_bans(conn, self.files, wall)
+            lifted[:] = self.store.lift_expired(conn, wall)
 
         try:
             self._transaction(lift)
@@ -380,7 +432,10 @@ class Throttle:
             found.clear()
             found.update(certificate_devices(conn, unknown))
 
-        self._transaction(classify)
+        if self.store.takeover_all:
+            found.update(unknown)
+        else:
+            self._transaction(classify)
         self._classified |= unknown
         for device_id in found:
             self._certificate_bans[device_id] = current[device_id]

@@ -20,7 +20,7 @@ Callers that can end sessions after their commit use :meth:`record_bans` and
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from services.common import mqtt311
@@ -72,43 +72,25 @@ class NatsDeviceAccess:
         return int(str(row[0])) if row else 0
 
     def record_bans(self, conn: Conn, bans: dict[str, float]) -> None:
-        """Write each ban (device id to its end, Unix seconds) in the caller's transaction;
-        a later end wins over an earlier one. Unknown devices are skipped."""
-        if not bans:
-            return
-        conn.execute(
-            "INSERT INTO device_bans (device_id, until)"
-            " SELECT d.id, b.until FROM devices d"
-            " JOIN unnest(%s::text[], %s::timestamptz[]) AS b(device_id, until)"
-            " ON b.device_id = d.id"
-            " ON CONFLICT (device_id) DO UPDATE"
-            " SET until = GREATEST(device_bans.until, EXCLUDED.until)",
-            [list(bans), [datetime.fromtimestamp(u, UTC) for u in bans.values()]],
-        )
+        """Write each ban (device id to its end, Unix seconds) in the caller's transaction."""
+        record_bans(conn, bans)
 
     def ban(self, conn: Conn, bans: dict[str, float]) -> bool:
         """Record ``bans`` and end each device's session; whether every takeover was
         accepted (a device not connected counts as ended)."""
-        self.record_bans(conn, bans)
+        record_bans(conn, bans)
         ended = [self.end_session(device_id) for device_id in bans]  # every one, not the first
         return all(ended)
 
     def bans(self, conn: Conn) -> dict[str, float]:
         """The bans in force: device id to the end of its ban (Unix seconds)."""
-        rows = conn.execute(
-            "SELECT device_id, extract(epoch FROM until) FROM device_bans WHERE until > now()"
-        ).fetchall()
-        return {str(device_id): float(str(until)) for device_id, until in rows}
+        now = time.time()
+        return {d: until for d, until in every_ban(conn).items() if until > now}
 
     def lift_expired_bans(self, conn: Conn, now: float | None = None) -> list[str]:
         """Delete the bans that ended by ``now`` (default: the current time); return their
-        devices. The responder already admits them once ``until`` has passed: this keeps the
-        table to the bans in force."""
-        moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-        rows = conn.execute(
-            "DELETE FROM device_bans WHERE until <= %s RETURNING device_id", [moment]
-        ).fetchall()
-        return sorted(str(row[0]) for row in rows)
+        devices."""
+        return lift_expired_bans(conn, now)
 
     def end_session(self, device_id: str) -> bool:
         """End ``device_id``'s connection to the cluster, if it has one, by session takeover
@@ -130,3 +112,65 @@ class NatsDeviceAccess:
                 return True
         log.error("could not end %s's session through any of %d nodes", device_id, count)
         return False
+
+
+def record_bans(conn: Conn, bans: dict[str, float]) -> None:
+    """Write each ban (device id to its end, Unix seconds) in the caller's transaction; a later
+    end wins over an earlier one. Unknown devices are skipped."""
+    if not bans:
+        return
+    conn.execute(
+        "INSERT INTO device_bans (device_id, until)"
+        " SELECT d.id, b.until FROM devices d"
+        " JOIN unnest(%s::text[], %s::timestamptz[]) AS b(device_id, until)"
+        " ON b.device_id = d.id"
+        " ON CONFLICT (device_id) DO UPDATE"
+        " SET until = GREATEST(device_bans.until, EXCLUDED.until)",
+        [list(bans), [datetime.fromtimestamp(u, UTC) for u in bans.values()]],
+    )
+
+
+def every_ban(conn: Conn) -> dict[str, float]:
+    """Every ``device_bans`` row, ended or not: device id to the end of its ban (Unix
+    seconds)."""
+    rows = conn.execute("SELECT device_id, extract(epoch FROM until) FROM device_bans").fetchall()
+    return {str(device_id): float(str(until)) for device_id, until in rows}
+
+
+def lift_expired_bans(conn: Conn, now: float | None = None) -> list[str]:
+    """Delete the bans that ended by ``now`` (default: the current time); return their devices.
+    The responder already admits a device once its ``until`` has passed: this keeps the table
+    to the bans in force."""
+    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    rows = conn.execute(
+        "DELETE FROM device_bans WHERE until <= %s RETURNING device_id", [moment]
+    ).fetchall()
+    return sorted(str(row[0]) for row in rows)
+
+
+class DatabaseBans:
+    """Ingest's throttle's ban store on NATS (services/ingest/throttle.py BanStore): rows the
+    auth-callout responder reads. It refuses only new logins, so every banned device's live
+    session is ended by takeover, after the ban's transaction has committed."""
+
+    takeover_all = True
+
+    def ban(self, conn: Conn, bans: dict[str, float]) -> bool:
+        """Record ``bans`` in the caller's transaction; always applied once it commits."""
+        record_bans(conn, bans)
+        return True
+
+    def current(self, transaction: Callable[[Callable[[Conn], None]], None]) -> dict[str, float]:
+        """Every ban, ended or not (read in a transaction of the worker's database)."""
+        found: dict[str, float] = {}
+
+        def read(conn: Conn) -> None:
+            found.clear()
+            found.update(every_ban(conn))
+
+        transaction(read)
+        return found
+
+    def lift_expired(self, conn: Conn, now: float) -> list[str]:
+        """Delete the bans that ended by ``now``; their devices."""
+        return lift_expired_bans(conn, now)
