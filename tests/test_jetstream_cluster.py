@@ -1,9 +1,11 @@
-"""A worker's JetStream consumer on the 3-node cluster (deploy/stack/nats_cluster.py) when the
-node it is connected to is killed or paused: it moves to a surviving node and every message
-the stream accepted (its publish acknowledged) is delivered; none is lost.
+"""A worker's JetStream consumer on the 3-node cluster (deploy/stack/nats_cluster.py) when a
+node fails: the node it is connected to is killed or paused (it moves to a survivor), or the
+node leading its consumer is killed (it stays and pulls from the new leader). Every message
+the stream accepted is delivered; none is lost.
 
-Messages are published with JetStream's publish acknowledgement (retried, under a
-Nats-Msg-Id, until one comes), as the MQTT gateway does for a device's QoS 1 message.
+Messages are published with JetStream's publish acknowledgement, retried under a Nats-Msg-Id
+until one comes, so that the test knows what the stream accepted (the MQTT gateway's PUBACK
+to a device does not say that; the device's stored acks do).
 """
 
 import json
@@ -115,6 +117,21 @@ def node_of(cluster: NatsCluster, source: JetStreamSource) -> int:
     return [node.client_port for node in cluster.nodes].index(port)
 
 
+def consumer_leader(cluster: NatsCluster) -> int:
+    """The node leading the consumer ``ingest``, as a running node's /jsz says."""
+    for i in range(len(cluster.nodes)):
+        if not cluster.alive(i):
+            continue
+        jsz = cluster.monitor(i, "/jsz?accounts=true&streams=true&consumers=true&acc=GALVANI")
+        for account in (jsz or {}).get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                for consumer in stream.get("consumer_detail") or []:
+                    leader = (consumer.get("cluster") or {}).get("leader")
+                    if consumer.get("name") == "ingest" and leader:
+                        return [node.name for node in cluster.nodes].index(leader)
+    raise AssertionError("no leader for the consumer")
+
+
 def consume(source: JetStreamSource, seen: list[int], seconds: float) -> None:
     """Poll, taking and acknowledging everything, for ``seconds``."""
     deadline = time.monotonic() + seconds
@@ -125,8 +142,8 @@ def consume(source: JetStreamSource, seen: list[int], seconds: float) -> None:
         source.ack(batch)
 
 
-@pytest.mark.parametrize("fault", ["kill", "pause"])
-def test_the_worker_moves_to_a_survivor_and_loses_nothing(
+@pytest.mark.parametrize("fault", ["kill", "pause", "kill-leader"])
+def test_the_worker_survives_a_node_fault_and_loses_nothing(
     cluster: NatsCluster, pki: DevelopmentPKI, fault: str
 ) -> None:
     source = worker(cluster, pki)
@@ -139,7 +156,17 @@ def test_the_worker_moves_to_a_survivor_and_loses_nothing(
         consume(source, seen, 1.0)
         assert sorted(set(seen)) == list(range(100))
         victim = node_of(cluster, source)
-        if fault == "kill":
+        if fault == "kill-leader":
+            # The worker's node stays up; the consumer's (and its pulls') leader goes.
+            victim = consumer_leader(cluster)
+            deadline = time.monotonic() + 20
+            while not source.connected or node_of(cluster, source) == victim:
+                assert time.monotonic() < deadline, "the worker did not leave the leader"
+                if source.connected:
+                    source._lose("the test moves the worker off the consumer's leader")
+                source.poll(0.1)
+            cluster.kill(victim, signal.SIGKILL)
+        elif fault == "kill":
             cluster.kill(victim, signal.SIGKILL)
         else:
             cluster.pause(victim)
@@ -153,7 +180,8 @@ def test_the_worker_moves_to_a_survivor_and_loses_nothing(
         recovered_s = time.monotonic() - faulted
         missing = set(range(200)) - set(seen)
         assert not missing, f"never delivered: {sorted(missing)[:10]}..."
-        assert node_of(cluster, source) != victim
+        assert source.connected
+        assert node_of(cluster, source) != victim  # moved, or (kill-leader) never on it
         print(
             f"\n{fault}: every message delivered {recovered_s:.1f} s after the fault; "
             f"{len(seen) - len(set(seen))} redelivered, reconnects={source.stats.reconnects}"
