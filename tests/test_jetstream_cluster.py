@@ -23,6 +23,8 @@ from services.common.broker.nats_client import ConnectionLost, NatsClient
 from services.common.tls import client_context
 from tests.nats import running_cluster
 
+pytestmark = pytest.mark.slow
+
 USERS = {"galvani-ingest": "ingest-test-password", "tester": "tester-test-password"}
 ACK_WAIT_S = 2.0
 RECOVERY_LIMIT_S = 45.0

@@ -128,7 +128,7 @@ def test_acknowledged_messages_arrive_as_mqtt_topics_and_never_again(
     assert worker.unacked == 51
     assert worker.ack(taken) == 51
     assert worker.unacked == 0
-    assert quiet_for([worker], 3 * ACK_WAIT_S) == []
+    assert quiet_for([worker], 2 * ACK_WAIT_S) == []
     info = consumer_info(tester)
     assert info["num_ack_pending"] == 0
     assert info["num_redelivered"] == 0
@@ -147,7 +147,7 @@ def test_unacknowledged_messages_go_to_the_other_worker_after_the_first_is_gone(
     (again,) = collect([second], 8, timeout_s=ACK_WAIT_S + TIMEOUT_S)
     assert sorted(int(m.payload) for m in again) == list(range(12, 20))
     second.ack(again)
-    assert quiet_for([second], 3 * ACK_WAIT_S) == []
+    assert quiet_for([second], 2 * ACK_WAIT_S) == []
 
 
 def test_two_workers_of_a_group_share_the_messages_each_once(
@@ -167,7 +167,7 @@ def test_two_workers_of_a_group_share_the_messages_each_once(
             worker.ack(batch)
     assert sorted(seen) == list(range(300))
     assert all(count > 0 for count in counts), counts
-    assert quiet_for(workers, 3 * ACK_WAIT_S) == []
+    assert quiet_for(workers, 2 * ACK_WAIT_S) == []
 
 
 def test_a_worker_holds_at_most_its_window(server: SingleNats, tester: NatsClient) -> None:
@@ -193,7 +193,7 @@ def test_a_batch_held_past_ack_wait_is_not_redelivered(
     # The database is away: the loop keeps polling while it waits, holding the batch.
     assert quiet_for([worker], 4 * ACK_WAIT_S) == []
     worker.ack(taken)
-    assert quiet_for([worker], 3 * ACK_WAIT_S) == []
+    assert quiet_for([worker], 2 * ACK_WAIT_S) == []
     assert consumer_info(tester)["num_redelivered"] == 0
 
 
@@ -211,7 +211,7 @@ def test_an_ack_from_an_earlier_connection_still_counts(
         worker.poll(0.05)
     assert worker.stats.reconnects == 1
     assert taken[0].generation != worker._generation
-    assert quiet_for([worker], 3 * ACK_WAIT_S) == []
+    assert quiet_for([worker], 2 * ACK_WAIT_S) == []
     assert consumer_info(tester)["num_ack_pending"] == 0
 
 
