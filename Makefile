@@ -24,6 +24,7 @@ help:
 	@echo "make bench-api    - API p50/p95 at 20 clients on a seeded month of 10,000 devices"
 	@echo "make bench-faults - the fault suite's faults, longer, on 200 devices; both outbox contracts"
 	@echo "make bench-disk   - bytes on disk and WAL per stored sample; ingest, rules and rollup CPU per sample"
+	@echo "make bench-cluster - ingest through a 3-node NATS cluster beside one Mosquitto; node kill and pause"
 
 $(STAMP): pyproject.toml device_agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -98,6 +99,12 @@ bench-faults: test-deps venv
 # real writer, the rules' and a rollup pass's CPU (docs/capacity.md rests on it).
 bench-disk: test-deps venv
 	$(PY) -m bench.disk_per_sample $(BENCH_ARGS)
+
+# bench-ingest's TLS load through one Mosquitto, then through a 3-node NATS cluster (its own
+# durable PostgreSQL, nodes, responders and ingest workers), then the cluster's faults (node
+# kill -9, ingest worker kill -9, node SIGSTOP) on a simulated fleet, with the ledger.
+bench-cluster: test-deps venv
+	$(PY) -m bench.cluster $(BENCH_ARGS)
 
 # Its own Mosquitto; no database (the broker acknowledges, nothing stores).
 bench-agent: system-deps venv

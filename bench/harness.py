@@ -129,8 +129,9 @@ def start_broker(
     return broker
 
 
-def provision(url: str, count: int, broker: MosquittoBroker) -> list[DeviceLogin]:
-    """``count`` devices of one brand in one transaction, then the broker's credentials."""
+def provision(url: str, count: int, broker: MosquittoBroker | None) -> list[DeviceLogin]:
+    """``count`` devices of one brand in one transaction, then Mosquitto's credentials (a
+    NATS cluster, ``broker`` None, asks the database at each CONNECT)."""
     with psycopg.connect(url) as conn:
         conn.execute("INSERT INTO brands (id, name) VALUES (%s, %s)", [BRAND, "Benchmark"])
         devices = [
@@ -138,7 +139,8 @@ def provision(url: str, count: int, broker: MosquittoBroker) -> list[DeviceLogin
             for i in range(count)
         ]
         conn.commit()
-        sync_device_credentials(conn, BrokerFiles(broker.config.directory))
+        if broker is not None:
+            sync_device_credentials(conn, BrokerFiles(broker.config.directory))
     return [DeviceLogin(d.device_id, d.password) for d in devices]
 
 

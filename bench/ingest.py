@@ -87,7 +87,6 @@ from bench.mqtt_load import (
     run_event_loop,
     split,
 )
-from deploy.stack.mosquitto import MosquittoBroker
 from deploy.stack.ports import LOOPBACK, distinct_free_ports
 from deploy.stack.postgres import PostgresServer
 from services.common.protocol.limits import CLOCK_FUTURE_LIMIT, CLOCK_PAST_LIMIT
@@ -228,17 +227,19 @@ class Run:
         self,
         args: argparse.Namespace,
         logins: list[DeviceLogin],
-        broker: MosquittoBroker,
-        device_port: int,
+        broker_cpu: Callable[[], float],
+        device_ports: Sequence[int],
         postgres: PostgresServer,
         workers: list[ServiceWorker],
         ca_file: str | None,
     ):
-        """Devices connect to ``device_port``, with TLS verifying against ``ca_file`` if given."""
+        """Load process ``i`` connects its devices to ``device_ports[i mod len]`` (a cluster's
+        nodes in turn; one broker's listener), with TLS verifying against ``ca_file`` if
+        given; ``broker_cpu`` is the broker's cumulative CPU seconds (every node's)."""
         self.args = args
         self.logins = logins
-        self.broker = broker
-        self.device_port = device_port
+        self.broker_cpu = broker_cpu
+        self.device_ports = list(device_ports)
         self.ca_file = ca_file
         self.postgres = postgres
         self.workers = workers
@@ -248,12 +249,11 @@ class Run:
     def snapshot(self) -> CpuSnapshot:
         """Cumulative CPU of the workers, the cluster, the broker and this process."""
         assert self.postgres.child is not None
-        assert self.broker.child is not None
         return CpuSnapshot(
             at=time.monotonic(),
             ingest=tuple(process_cpu_s(w.child.pid) for w in self.workers),
             postgres=postgres_cpu_s(self.postgres.child.pid),
-            mosquitto=process_cpu_s(self.broker.child.pid),
+            mosquitto=self.broker_cpu(),
             main=time.process_time(),
         )
 
@@ -277,7 +277,7 @@ class Run:
         plans = [
             LoadPlan(
                 host=LOOPBACK,
-                port=self.device_port,
+                port=self.device_ports[i % len(self.device_ports)],
                 devices=devices,
                 total_devices=len(self.logins),
                 messages_per_device=per_device,
@@ -289,7 +289,7 @@ class Run:
                 hear_acks=not args.no_acks,
                 ca_file=self.ca_file,
             )
-            for devices in split(self.logins, args.loadgen_procs)
+            for i, devices in enumerate(split(self.logins, args.loadgen_procs))
         ]
         try:
             self.load.start(plans)
@@ -567,6 +567,7 @@ class Phase:
     measurement: Measurement
     check: Check
     problems: list[str]  # what its workers logged at WARNING and above
+    broker: str = "mosquitto"  # what the report calls the broker's CPU ("nats": all nodes)
 
 
 @dataclass(frozen=True)
@@ -617,13 +618,13 @@ def report(args: argparse.Namespace, phase: Phase, ceiling: Ceiling) -> Figures:
     say_(
         f"cpu over the window (s): ingest {ingest_cpu:.1f} "
         f"({' + '.join(f'{c:.1f}' for c in cpu.ingest)}), postgres {cpu.postgres:.1f}, "
-        f"mosquitto {cpu.mosquitto:.1f}, loadgen {loadgen_cpu:.1f}, bench {cpu.main:.1f}; "
+        f"{phase.broker} {cpu.mosquitto:.1f}, loadgen {loadgen_cpu:.1f}, bench {cpu.main:.1f}; "
         f"{(ingest_cpu + cpu.postgres + cpu.mosquitto + loadgen_cpu + cpu.main) / window:.2f}"
         f" of {cores} cores busy"
     )
     say_(
         f"cpu us/sample: ingest {us(ingest_cpu)}, postgres {us(cpu.postgres)}, "
-        f"mosquitto {us(cpu.mosquitto)}, loadgen {us(loadgen_cpu)}"
+        f"{phase.broker} {us(cpu.mosquitto)}, loadgen {us(loadgen_cpu)}"
     )
     for stat in m.workers:
         say_(
@@ -885,7 +886,17 @@ def measure_phase(
         if listener == "tls"
         else (config.plain_device_port, None)
     )
-    measured = Run(args, logins, bench.broker, device_port, bench.postgres, workers, ca_file)
+    broker = bench.broker.child
+    assert broker is not None
+    measured = Run(
+        args,
+        logins,
+        lambda: process_cpu_s(broker.pid),
+        [device_port],
+        bench.postgres,
+        workers,
+        ca_file,
+    )
     stack.callback(measured.stop_load)
     measured.start_load()
     say(f"publishing for {args.seconds:.0f} s")

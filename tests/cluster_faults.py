@@ -1,0 +1,284 @@
+"""The fault stack of tests/faults.py on a three-node NATS cluster instead of one Mosquitto.
+
+Everything else is as there: a durable PostgreSQL with TimescaleDB, two ingest and one rules
+worker (``GALVANI_BROKER=nats``: JetStream consumers ``ingest`` and ``rules``), two
+auth-callout responders that admit devices from the database, and ``galvani-fleet`` whose
+devices speak MQTT 3.1.1, are spread over the three nodes, fail over to the others, and keep
+each message in their outbox until ingest says it is stored. The ledger
+(:func:`tests.faults.read_ledger`) judges, exactly as on Mosquitto.
+
+What the cluster adds are node faults: :meth:`ClusterFaultStack.kill_node` (kill -9, then the
+node started again on its data) and :meth:`ClusterFaultStack.pause_node` (SIGSTOP for a while:
+to the others a node cut off by a partition, whose TCP connections stay open). Both measure
+how long the node's devices took to reconnect to a survivor, from the survivors' monitoring
+endpoints (``/connz``: each MQTT connection names its client id), per device.
+
+``make test`` runs short faults (tests/test_cluster_faults.py); ``make bench-cluster`` runs
+them longer on a larger fleet (bench/cluster.py).
+"""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import psycopg
+
+from deploy.stack import sim_fleet
+from deploy.stack.nats_cluster import NatsCluster
+from deploy.stack.pki import DevelopmentPKI
+from deploy.stack.postgres import local_server, new_password
+from deploy.stack.processes import http_get
+from services.common.broker_auth import ServiceAccount
+from services.common.migrate import upgrade
+from services.common.migrations.grants import ServiceRole
+from services.common.signing import load_or_create_key, public_key_b64
+from tests.faults import FaultStack
+from tests.ingest import REPO_ROOT, IngestWorkers, wait_until
+from tests.nats import ResponderProcess, callout_setup, cluster_tls
+from tests.roles import as_service, create_logins
+from tests.rules import RulesWorkers
+
+INGEST_WORKERS: Final = ("1", "2")
+RESPONDERS: Final = ("1", "2")
+# The devices' MQTT keepalive: a node that stops answering (SIGSTOP) is left after 1-1.5 of
+# them (the agent waits 1.5 keepalives for a PINGRESP); at the default 60 s a 30 s pause
+# would never move a device.
+KEEPALIVE_S: Final = 10
+CONNZ_POLL_S: Final = 0.25
+RECONNECT_TIMEOUT_S: Final = 120.0
+
+
+@dataclass(frozen=True)
+class Reconnects:
+    """How long each device of a node took to be connected to another node again."""
+
+    node: str
+    devices: int  # connected to the node when the fault struck
+    seconds: tuple[float, ...]  # per device that came back within the timeout, sorted
+
+    @property
+    def missing(self) -> int:
+        """Devices not seen on a survivor within the timeout."""
+        return self.devices - len(self.seconds)
+
+    def percentile(self, p: float) -> float:
+        """The ``p``-th percentile (nearest rank) of the reconnect times."""
+        if not self.seconds:
+            return math.nan
+        rank = max(1, math.ceil(p / 100 * len(self.seconds)))
+        return self.seconds[rank - 1]
+
+    def line(self) -> str:
+        """The figure line: how many, p50, p99, max."""
+        return (
+            f"node={self.node} devices={self.devices} reconnected={len(self.seconds)} "
+            f"reconnect_p50_s={self.percentile(50):.1f} reconnect_p99_s={self.percentile(99):.1f}"
+            f" reconnect_max_s={max(self.seconds, default=math.nan):.1f}"
+        )
+
+
+def mqtt_clients(cluster: NatsCluster, i: int) -> set[str] | None:
+    """The MQTT client ids connected to node ``i`` (None when its monitoring does not answer)."""
+    body = http_get(cluster.nodes[i].monitor_url("/connz?limit=100000"), 1.0)
+    if body is None:
+        return None
+    connections = json.loads(body).get("connections") or []
+    return {str(c["mqtt_client"]) for c in connections if c.get("mqtt_client")}
+
+
+@dataclass
+class ClusterFaultStack(FaultStack):
+    """Servers, backend and fleet of one fault run on a NATS cluster, under ``root``."""
+
+    cluster: NatsCluster | None = None
+    responders: list[ResponderProcess] = field(default_factory=list)
+    reconnects: list[Reconnects] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Start everything and wait until the fleet's messages are being stored."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        self.postgres = local_server(self.root, durable=True)
+        self.postgres.start()
+        self.database_url = self.postgres.config.url()
+        upgrade(self.database_url)
+        create_logins(self.database_url)
+        passwords = {account: new_password() for account in ServiceAccount}
+        self.pki = DevelopmentPKI.ensure(self.root / "pki")
+        setup, callout = callout_setup(self.root / "callout", self.pki, passwords)
+        self.cluster = NatsCluster(self.root / "nats", tls=cluster_tls(self.pki), callout=callout)
+        self.cluster.start()
+        for responder in RESPONDERS:
+            self.responders.append(
+                ResponderProcess(
+                    self.cluster,
+                    setup,
+                    self.database_url,
+                    self.root / f"broker-access-{responder}.log",
+                    responder,
+                )
+            )
+        fleet_dir = self.root / "fleet"
+        key_dir = self.root / "secrets"
+        fleet_dir.mkdir(parents=True, exist_ok=True)
+        (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(
+            public_key_b64(load_or_create_key(key_dir))
+        )
+        sim_fleet.provision_fleet(self.database_url, fleet_dir, self.devices)
+        cluster = self.cluster
+        self.ingest = IngestWorkers.on_nats(
+            as_service(self.database_url, ServiceRole.INGEST),
+            cluster.nats_urls(),
+            passwords[ServiceAccount.INGEST],
+            self.root,
+            self.pki.ca_file,
+        )
+        self.ingest.group = "ingest"
+        for worker in INGEST_WORKERS:
+            self.ingest.start(worker)
+        self.rules = RulesWorkers.on_nats(
+            as_service(self.database_url, ServiceRole.RULES),
+            cluster.nats_urls(),
+            passwords[ServiceAccount.RULES],
+            self.root,
+            self.pki.ca_file,
+            mqtt_port=cluster.nodes[0].mqtt_port,
+            GALVANI_MQTT_NODES=cluster.mqtt_nodes(),
+            GALVANI_RULES_SIGNING_KEY_DIR=str(key_dir),
+            GALVANI_RULES_SWEEP_INTERVAL_S="2",
+            GALVANI_RULES_REPUBLISH_GRACE_S="5",
+        )
+        self.rules.group = "rules"
+        self.rules.start()
+        self.fleet = self._start_fleet(fleet_dir)
+        wait_until(lambda: self.stored_messages() > self.devices, 90, "the fleet's messages")
+
+    def _start_fleet(self, fleet_dir: Path) -> subprocess.Popen[bytes]:
+        assert self.cluster is not None
+        log = open(self.root / "fleet.log", "ab")  # noqa: SIM115 - the child holds it
+        try:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "device_agent.fleet",
+                    f"--devices={self.devices}",
+                    f"--credentials={fleet_dir / ('active-' + sim_fleet.CREDENTIALS_FILE)}",
+                    f"--broker={self.cluster.mqtt_nodes()}",
+                    "--mqtt-version=3.1.1",
+                    f"--keepalive={KEEPALIVE_S}",
+                    f"--ca-file={self.pki.ca_file}",
+                    f"--public-key={fleet_dir / sim_fleet.PUBLIC_KEY_FILE}",
+                    f"--store={self.store}",
+                    f"--activity={self.activity}",
+                    f"--seed={self.seed}",
+                    f"--faulty-share={self.faulty_share}",
+                    f"--delete-on={self.delete_on}",
+                    f"--status-file={fleet_dir / sim_fleet.STATUS_FILE}",
+                    "--status-interval=1",
+                ],
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+
+    # -- node faults ------------------------------------------------------------------------
+
+    def busiest_node(self) -> int:
+        """The node holding the most devices now (the worst one to lose)."""
+        assert self.cluster is not None
+        counts = [len(mqtt_clients(self.cluster, i) or ()) for i in range(len(self.cluster.nodes))]
+        return counts.index(max(counts))
+
+    def kill_node(self, i: int, down_s: float) -> None:
+        """kill -9 node ``i``; once its devices are on the survivors (or ``down_s`` passed,
+        whichever is later), start it again on its data and wait until it is ready."""
+        cluster = self.cluster
+        assert cluster is not None
+        devices = mqtt_clients(cluster, i) or set()
+        struck = time.monotonic()
+        cluster.kill(i, signal.SIGKILL)
+        self._measure_reconnects(i, devices, struck, minimum_s=down_s)
+        cluster.restart(i)
+
+    def pause_node(self, i: int, paused_s: float) -> None:
+        """SIGSTOP node ``i`` for ``paused_s`` (its sockets stay open, it answers nothing),
+        measuring its devices' moves to the survivors meanwhile, then SIGCONT it."""
+        cluster = self.cluster
+        assert cluster is not None
+        devices = mqtt_clients(cluster, i) or set()
+        struck = time.monotonic()
+        cluster.pause(i)
+        try:
+            self._measure_reconnects(i, devices, struck, minimum_s=paused_s)
+        finally:
+            cluster.resume(i)
+        cluster.wait_ready([i])
+
+    def _measure_reconnects(
+        self, down: int, devices: Iterable[str], struck: float, *, minimum_s: float
+    ) -> None:
+        """Poll the survivors until every device of node ``down`` is connected to one of them
+        (or the timeout), for at least ``minimum_s``; record when each first appeared."""
+        cluster = self.cluster
+        assert cluster is not None
+        waiting = set(devices)
+        count = len(waiting)
+        survivors = [j for j in range(len(cluster.nodes)) if j != down]
+        seconds: list[float] = []
+        while True:
+            now = time.monotonic()
+            if waiting:
+                seen: set[str] = set()
+                for j in survivors:
+                    seen |= mqtt_clients(cluster, j) or set()
+                arrived = waiting & seen
+                seconds.extend([now - struck] * len(arrived))
+                waiting -= arrived
+            elapsed = now - struck
+            if elapsed >= minimum_s and (not waiting or elapsed > RECONNECT_TIMEOUT_S):
+                break
+            time.sleep(CONNZ_POLL_S)
+        result = Reconnects(cluster.nodes[down].name, count, tuple(sorted(seconds)))
+        self.reconnects.append(result)
+        print(result.line(), flush=True)
+
+    # -- after the faults -------------------------------------------------------------------
+
+    def alerts_raised_since(self, since: float) -> int:
+        """Alerts opened or raised again (count, last seen) at or after ``since`` (Unix
+        seconds): the rules' work reaching the database."""
+        with psycopg.connect(self.database_url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM alerts WHERE updated_at >= to_timestamp(%s)", [since]
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def stop(self) -> None:
+        """Stop the fleet, the backend, the responders and the servers (each by its pid)."""
+        if self.fleet is not None and self.fleet.poll() is None:
+            self.fleet.send_signal(signal.SIGTERM)
+            try:
+                self.fleet.wait(30)
+            except subprocess.TimeoutExpired:
+                self.fleet.kill()
+                self.fleet.wait(5)
+        for workers in (self.rules, self.ingest):
+            if workers is not None:
+                for worker in list(workers.procs):
+                    workers.stop(worker)
+        for responder in self.responders:
+            responder.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
