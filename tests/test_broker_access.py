@@ -9,9 +9,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.pki import DevelopmentPKI
+from services.api.main import create_app
+from services.api.settings import ApiSettings
 from services.broker_access import jwt
 from services.broker_access.access import Authorizer, ServicePasswords
 from services.broker_access.callout import CALLOUT_SUBJECT
@@ -425,3 +428,37 @@ def test_ingests_throttle_bans_a_flooding_device_from_the_cluster_until_the_ban_
             "SELECT count(*) FROM device_throttles WHERE device_id = %s", [flooder.device_id]
         ).fetchall()
     assert recorded == 1
+
+
+def test_decommissioning_a_device_through_the_api_ends_its_session_on_the_cluster(
+    cluster: NatsCluster,
+    database_url: str,
+    api_database_url: str,
+    keys: dict[str, str],
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
+    tmp_path: Path,
+) -> None:
+    [device] = provision(database_url, 1, prefix="gone")
+    client = mqtt(cluster, 2, device).connect()
+    settings = ApiSettings(
+        database_url=api_database_url,
+        broker="nats",
+        nats_urls=cluster.nats_urls(),
+        mqtt_nodes=cluster.mqtt_nodes(),
+        mqtt_password=service_passwords[ServiceAccount.API],
+        mqtt_ca_file=pki.ca_file,
+        data_dir=tmp_path / "api",
+    )
+    try:
+        with TestClient(create_app(settings)) as api:
+            answer = api.delete(
+                f"/v1/devices/{device.device_id}",
+                headers={"Authorization": f"Bearer {keys['admin']}"},
+            )
+        assert answer.status_code == 204, answer.text
+        assert client.wait_disconnected()
+    finally:
+        client.close()
+    port = cluster.nodes[0].mqtt_port
+    assert connack_of(port, device.device_id, device.device_id, device.password) == 5

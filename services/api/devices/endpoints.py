@@ -23,6 +23,7 @@ from services.api.responses import json_response
 from services.api.settings import ApiSettings
 from services.common import provisioning, rollouts
 from services.common.api_keys import Role
+from services.common.broker import BrokerKind
 from services.common.broker_auth import BrokerFiles, sync_device_credentials
 from services.common.config_push import record_push
 from services.common.db import Conn
@@ -158,7 +159,8 @@ def decommission(
 ) -> Response:
     """Revoke the device's credentials; the broker disconnects it at once.
 
-    A password device's password is removed from the broker's file. A certificate device's
+    A password device's password is removed from the broker's file (on the NATS cluster its
+    live session is ended, as the callout refuses it from then on). A certificate device's
     certificates are revoked: the broker's revocation list names them before this answers
     (new connections fail at the handshake), and its live session is ended."""
     require(key, Role.ADMIN)
@@ -174,6 +176,10 @@ def decommission(
     provisioning.revoke_device(devices.conn, device_id)
     if authority is None:
         _sync_broker(request)
+        if settings.broker is BrokerKind.NATS:
+            # The cluster's auth callout refuses the device's next login, but nothing like
+            # Mosquitto's reload drops the connection it has: a takeover ends it.
+            deps.after_commit(request, service.end_session(settings, device_id))
     else:
         # Each in a transaction of its own: the list's writers queue on a lock that the
         # takeover (up to session_end_timeout_s) does not hold.

@@ -57,9 +57,9 @@ def publish_revocations(settings: ApiSettings, authority: pki.Authority) -> Call
 
 def end_session(settings: ApiSettings, device_id: str) -> Callable[[Conn], None]:
     """Then: the end of the device's live session (a revocation list is checked at
-    handshakes only) by session takeover on the service listener, in MQTT 3.1.1 on a broker
-    that speaks only that; 503 when no broker node can be reached (the revocation stands, and
-    a repeated DELETE tries again)."""
+    handshakes only, the NATS cluster's auth callout at logins only) by session takeover on
+    the service listener, in MQTT 3.1.1 on a broker that speaks only that; 503 when no broker
+    node can be reached (the revocation stands, and a repeated DELETE tries again)."""
 
     def end(_: Conn) -> None:
         # Any node will do (a cluster's client-id registry spans its nodes): the first that
@@ -82,9 +82,9 @@ def end_session(settings: ApiSettings, device_id: str) -> Callable[[Conn], None]
                 503,
                 "session-not-ended",
                 "Session not ended",
-                f"device {device_id!r} is decommissioned and its certificates revoked (it "
-                "cannot connect again), but the broker could not be reached to end the "
-                "connection it has; repeat the DELETE to end it",
+                f"device {device_id!r} is decommissioned (it cannot connect again), but the "
+                "broker could not be reached to end the connection it has; repeat the DELETE "
+                "to end it",
                 headers={"Retry-After": "1"},
             )
 
