@@ -9,12 +9,12 @@ MQTT port as a backend account (the gateway's client-id registry spans the clust
 node ends a session held on another). Nothing is rendered and nothing is reloaded: a
 provisioning or decommission takes effect at the device's next CONNECT.
 
-The ban row is written in the caller's transaction; :meth:`NatsDeviceAccess.ban` ends the
-sessions before that transaction commits. A device that reconnects in between (the device
-agent waits a second or more) is admitted once more, and is cut off again by the next ban
-or takeover its messages bring (as services/ingest/throttle.py does for certificate devices).
-Callers that can end sessions after their commit use :meth:`record_bans` and
-:meth:`end_session` instead.
+Ingest's throttle keeps its bans through :class:`DatabaseBans` and ends sessions itself, after
+the ban's transaction has committed (services/ingest/throttle.py), so the reconnect a takeover
+provokes meets the ban. :meth:`NatsDeviceAccess.ban` ends the sessions before its caller's
+transaction commits: a device that reconnects in between (the device agent waits a second or
+more) is admitted once more; callers that can should use :meth:`NatsDeviceAccess.record_bans`,
+commit, then :meth:`NatsDeviceAccess.end_session`.
 """
 
 import logging
