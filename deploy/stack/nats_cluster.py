@@ -64,6 +64,10 @@ MAX_FILE_STORE: Final = "4GB"
 # protocol.md caps payloads at 64 KiB; like Mosquitto's max_packet_size, somewhat more goes
 # through so that ingest can store an oversized payload as a dead letter that says why.
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
+# How long a TLS handshake may take. NATS's default (2 s here before) closed the handshakes of
+# a reconnect storm on a busy 2-core host (bench-cluster's 300 devices, 100 at a time:
+# "TLS handshake timeout"); a device on a slow cellular link needs the slack too.
+TLS_HANDSHAKE_TIMEOUT_S: Final = 10
 # How long the server waits for the auth-callout answer (and any client's CONNECT).
 AUTH_TIMEOUT_S: Final = 5
 
@@ -150,7 +154,7 @@ def render_config(
         cert, key, ca = tls
         tls_block = (
             f"tls {{ cert_file: {_quote(cert)}, key_file: {_quote(key)}, "
-            f"ca_file: {_quote(ca)}, timeout: 2 }}"
+            f"ca_file: {_quote(ca)}, timeout: {TLS_HANDSHAKE_TIMEOUT_S} }}"
         )
     auth_user = (
         f"{{ user: {AUTH_USER}, password: {_quote(callout.auth_password)} }}"
