@@ -34,6 +34,7 @@ from services.common.migrations.grants import ServiceRole
 from services.common.tls import client_context
 from tests.agent import AgentProcess
 from tests.api import issue_keys
+from tests.brokers import KINDS, BrokerUnderTest, open_broker_under_test
 from tests.ingest import IngestWorkers, provision
 from tests.mqtt import use_suite_ca
 from tests.nats import CalloutSetup, ResponderProcess, callout_setup, running_cluster
@@ -260,6 +261,28 @@ def nats_broker(
     responder = ResponderProcess(cluster, setup, database_url, tmp_path / "broker-access.log")
     yield cluster
     responder.stop()
+
+
+@pytest.fixture(params=KINDS)
+def broker_under_test(
+    request: pytest.FixtureRequest,
+    database_url: str,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
+    tmp_path: Path,
+) -> Iterator[BrokerUnderTest]:
+    """This test on each engine (tests/brokers.py): the session's Mosquitto, or the session's
+    callout cluster with a responder on this test's database; each started on first use."""
+    engine = (
+        {"mosquitto": request.getfixturevalue("broker")}
+        if request.param == "mosquitto"
+        else {"callout": request.getfixturevalue("nats_callout")}
+    )
+    under_test = open_broker_under_test(
+        request.param, database_url, tmp_path, service_passwords, pki.ca_file, **engine
+    )
+    yield under_test
+    under_test.close()
 
 
 @pytest.fixture
