@@ -32,8 +32,11 @@ from tests.nats import (
     CONNACK_ACCEPTED,
     CalloutSetup,
     Mqtt311Client,
+    Refused,
     ResponderProcess,
+    callout_setup,
     connack_of,
+    running_cluster,
 )
 from tests.roles import as_service
 
@@ -462,3 +465,35 @@ def test_decommissioning_a_device_through_the_api_ends_its_session_on_the_cluste
         client.close()
     port = cluster.nodes[0].mqtt_port
     assert connack_of(port, device.device_id, device.device_id, device.password) == 5
+
+
+@pytest.mark.slow
+def test_logins_resume_when_the_responders_node_is_killed(
+    database_url: str,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
+    tmp_path: Path,
+) -> None:
+    """A cluster of its own: kill -9 the node the only responder is connected to (the first of
+    GALVANI_NATS_URLS); it reconnects to another and devices log in again through the
+    survivors (printed: seconds from the kill to the first accepted CONNECT)."""
+    setup, config = callout_setup(tmp_path / "callout", pki, service_passwords)
+    devices = provision(database_url, 2, prefix="nodekill")
+    with running_cluster(tmp_path / "nats", pki, callout=config) as nats:
+        responder = ResponderProcess(nats, setup, database_url, tmp_path / "responder.log")
+        try:
+            mqtt(nats, 1, devices[0]).connect().close()
+            nats.kill(0)
+            killed = time.monotonic()
+            while True:
+                try:
+                    mqtt(nats, 2, devices[1]).connect().close()
+                    break
+                except Refused:
+                    assert time.monotonic() - killed < 60, "no login through the survivors"
+                    time.sleep(0.2)
+            took = time.monotonic() - killed
+            print(f"callout_login_after_node_kill_s={took:.1f}")
+            assert "lost the NATS connection" in (tmp_path / "responder.log").read_text()
+        finally:
+            responder.stop()
