@@ -253,14 +253,23 @@ def nats_callout(
 
 
 @pytest.fixture
-def nats_broker(
+def nats_responder(
     nats_callout: tuple[NatsCluster, CalloutSetup], database_url: str, tmp_path: Path
-) -> Iterator[NatsCluster]:
-    """The callout cluster with a responder deciding logins from this test's database."""
+) -> Iterator[ResponderProcess]:
+    """An auth-callout responder deciding the callout cluster's logins from this test's
+    database."""
     cluster, setup = nats_callout
     responder = ResponderProcess(cluster, setup, database_url, tmp_path / "broker-access.log")
-    yield cluster
+    yield responder
     responder.stop()
+
+
+@pytest.fixture
+def nats_broker(
+    nats_callout: tuple[NatsCluster, CalloutSetup], nats_responder: ResponderProcess
+) -> NatsCluster:
+    """The callout cluster with a responder deciding logins from this test's database."""
+    return nats_callout[0]
 
 
 @pytest.fixture(params=KINDS)

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -95,8 +94,6 @@ class ResponderProcess:
     """``python -m services.broker_access.main`` for one test's database (as the responder's
     own role), stopped by its pid."""
 
-    running: ClassVar[list["ResponderProcess"]] = []  # started and not yet stopped
-
     def __init__(
         self,
         cluster: NatsCluster,
@@ -132,7 +129,6 @@ class ResponderProcess:
             log_path,
             env=env,
         )
-        ResponderProcess.running.append(self)
         self._wait_serving()
 
     def _wait_serving(self) -> None:
@@ -160,8 +156,6 @@ class ResponderProcess:
     def stop(self) -> None:
         """SIGTERM, then wait."""
         self.child.stop()
-        if self in ResponderProcess.running:
-            ResponderProcess.running.remove(self)
 
 
 class Refused(Exception):

@@ -85,7 +85,7 @@ def test_a_device_provisioned_after_the_cluster_started_connects(
 
 
 def test_devices_are_refused_without_their_own_credentials(
-    cluster: NatsCluster, database_url: str
+    cluster: NatsCluster, nats_responder: ResponderProcess, database_url: str
 ) -> None:
     one, other, gone, banned = provision(database_url, 4, prefix="who")
     with psycopg.connect(database_url) as conn:
@@ -107,8 +107,7 @@ def test_devices_are_refused_without_their_own_credentials(
     }
     codes = {what: connack_of(port, *attempt) for what, attempt in attempts.items()}
     assert all(code in REFUSED for code in codes.values()), codes
-    [responder] = ResponderProcess.running
-    refused = responder.metric(
+    refused = nats_responder.metric(
         "galvani_broker_access_decisions_total", kind="device", outcome="refused"
     )
     assert refused == len(attempts)
@@ -320,6 +319,7 @@ def test_a_ban_ends_the_session_and_refuses_reconnects_until_lifted(
 def test_logins_go_on_when_one_of_two_responders_stops(
     callout: tuple[NatsCluster, CalloutSetup],
     cluster: NatsCluster,
+    nats_responder: ResponderProcess,
     database_url: str,
     tmp_path: Path,
 ) -> None:
@@ -331,10 +331,7 @@ def test_logins_go_on_when_one_of_two_responders_stops(
     try:
         for device in devices[:3]:
             mqtt(cluster, 0, device).connect().close()
-        first = [p for p in ResponderProcess.running if p is not second]
-        assert first, "the fixture's responder"
-        for process in first:
-            process.stop()
+        nats_responder.stop()
         for i, device in enumerate(devices[3:]):
             mqtt(cluster, i % 3, device).connect().close()
         assert "granted ha-0005" in (tmp_path / "second.log").read_text()
