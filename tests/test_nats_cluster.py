@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack.nats_cluster import NatsCluster
+from deploy.stack.nats_cluster import STOP_TIMEOUT_S, NatsCluster
 from deploy.stack.pki import DevelopmentPKI
 from tests.nats import Mqtt311Client, Refused, running_cluster
 
@@ -131,3 +131,17 @@ def test_a_paused_node_is_routed_around_and_rejoins_when_resumed(cluster: NatsCl
     # The resumed node catches up with the streams' new leaders before its gateway serves.
     rejoined = seconds_until_publish_succeeds(cluster, victim, topic)
     print(f"node_resume_serving_s={rejoined:.1f}")
+
+
+def test_a_paused_node_is_stopped_and_restarted_without_waiting_for_the_kill_timeout(
+    cluster: NatsCluster,
+) -> None:
+    cluster.pause(1)
+    started = time.monotonic()
+    cluster.restart(1)  # SIGTERM to a stopped process waits for SIGCONT
+    assert cluster.routed_to(cluster.nodes[1]) == {"n1", "n3"}
+    cluster.pause(2)
+    cluster.stop()
+    took = time.monotonic() - started
+    assert took < STOP_TIMEOUT_S, f"{took:.1f} s: a paused node waited for the kill timeout"
+    assert not any(cluster.alive(i) for i in range(3))

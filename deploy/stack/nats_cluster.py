@@ -412,6 +412,7 @@ class NatsCluster:
         children = [child for child in self._children if child is not None]
         for child in children:
             child.ask_to_stop(signal.SIGTERM)
+            _wake(child)  # a paused node acts on its SIGTERM only once continued
         for child in children:
             child.stop(timeout_s=STOP_TIMEOUT_S)
         self._children = [None] * len(self.nodes)
@@ -439,6 +440,7 @@ class NatsCluster:
             return
         os.kill(child.pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            _wake(child)
             child.stop(timeout_s=STOP_TIMEOUT_S)  # waits (kills only if the signal did not)
             self._children[i] = None
 
@@ -488,3 +490,10 @@ class NatsCluster:
             "nats_urls": self.nats_urls(),
             "mqtt_nodes": self.mqtt_nodes(),
         }
+
+
+def _wake(child: Child) -> None:
+    """SIGCONT ``child`` (harmless when it runs), so that a paused node handles the signal
+    it was sent."""
+    if child.alive():
+        os.kill(child.pid, signal.SIGCONT)
