@@ -3,15 +3,22 @@ MQTT gateway, retained messages across nodes, and what a node kill or pause cost
 
 import itertools
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from deploy.stack.nats_cluster import STOP_TIMEOUT_S, NatsCluster
+from deploy.stack.nats_cluster import (
+    STOP_TIMEOUT_S,
+    CalloutConfig,
+    NatsCluster,
+    find_nats_server,
+)
 from deploy.stack.pki import DevelopmentPKI
-from tests.nats import Mqtt311Client, Refused, running_cluster
+from services.broker_access.nkeys import KeyPair, Prefix
+from tests.nats import Mqtt311Client, Refused, cluster_tls, running_cluster
 
 USER = "tester"
 PASSWORD = "tester-password"
@@ -145,3 +152,35 @@ def test_a_paused_node_is_stopped_and_restarted_without_waiting_for_the_kill_tim
     took = time.monotonic() - started
     assert took < STOP_TIMEOUT_S, f"{took:.1f} s: a paused node waited for the kill timeout"
     assert not any(cluster.alive(i) for i in range(3))
+
+
+@pytest.mark.parametrize("auth", ["callout", "static", "none"])
+@pytest.mark.parametrize("with_tls", [True, False])
+def test_every_rendered_config_passes_the_servers_own_check(
+    tmp_path: Path, pki: DevelopmentPKI, auth: str, with_tls: bool
+) -> None:
+    """``nats-server -t`` (test the configuration and exit) on each variant a node can get. It
+    refuses unknown keys and, for the callout, an issuer that is not a valid public account
+    nkey: the server's own check of services/broker_access/nkeys.py's encoding."""
+    callout = (
+        CalloutConfig(KeyPair.create(Prefix.ACCOUNT).public_key, "auth-pw")
+        if auth == "callout"
+        else None
+    )
+    cluster = NatsCluster(
+        tmp_path / "nats",
+        tls=cluster_tls(pki) if with_tls else None,
+        callout=callout,
+        static_users={USER: PASSWORD} if auth == "static" else None,
+    )
+    cluster.prepare()
+    checked = subprocess.run(
+        [find_nats_server(), "-t", "-c", str(cluster.nodes[0].conf_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text = cluster.nodes[0].conf_path.read_text()
+    assert ("auth_callout" in text) == (auth == "callout")
+    assert ("tls {" in text) == with_tls
