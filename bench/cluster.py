@@ -93,6 +93,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-single", action="store_true", help="leave out the single-broker run"
     )
+    parser.add_argument(
+        "--skip-faults", action="store_true", help="leave out the faults (no line at the end)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data and logs directory")
     return parser.parse_args(argv)
 
@@ -276,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
     with workspace("galvani-bench-cluster-", args.keep, "data and logs kept in {}") as root:
         say("--- cluster throughput")
         figures = cluster_throughput(args, root / "throughput")
+        if args.skip_faults:
+            return 1 if figures.failed else 0
         faults, reconnects = cluster_faults(args, root / "faults")
     lost = sum(r.ledger.lost for r in faults)
     duplicates = sum(r.ledger.duplicates for r in faults)

@@ -93,6 +93,10 @@ def nats_endpoints(cluster: NatsCluster, ca_file: Path) -> BrokerEndpoints:
         # cluster (docs/architecture.md, "The clustered broker").
         api_settings={"device_mqtt_port": cluster.nodes[0].mqtt_port},
         watched=False,
+        # Maintenance watches every node's monitoring port (galvani_broker_node_up, ...).
+        maintenance_settings={
+            "nats_monitor_urls": ",".join(node.monitor_url("") for node in cluster.nodes)
+        },
     )
 
 

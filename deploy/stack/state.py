@@ -66,6 +66,8 @@ class Stack:
         """Rewrite run.json with the current pids after a restart (once it has been written)."""
         if self.info:
             self.info["pids"] = self.pids()
+            if self.cluster is not None:
+                self.info["broker"] = self.cluster.run_json()
             self.write_run_json(self.info)
 
     def stop(self) -> None:

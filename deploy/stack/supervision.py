@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.stack.mosquitto import BrokerConfig
@@ -56,6 +56,8 @@ class BrokerEndpoints:
     watched: bool = True
     # Installation-wide variables (GALVANI_BROKER, GALVANI_NATS_URLS, ...) of the n-th service.
     environment: Callable[[int], Mapping[str, str]] = lambda _: {}
+    # Maintenance's own broker settings (a cluster's monitoring URLs).
+    maintenance_settings: Mapping[str, str | int] = field(default_factory=dict)
 
 
 def mosquitto_endpoints(broker: BrokerConfig) -> BrokerEndpoints:
@@ -160,6 +162,7 @@ def start_services(
         "maintenance",
         ServiceAccount.MAINTENANCE,
         with_broker_password=broker.watched,
+        extra=broker.maintenance_settings,
         metrics_port=maintenance_metrics_port,
     )
     stack.services.append(maintenance)
