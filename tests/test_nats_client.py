@@ -297,6 +297,23 @@ def test_a_server_that_stops_answering_is_declared_lost(
         os.kill(server.process.pid, signal.SIGCONT)
 
 
+def test_a_stopped_server_is_left_within_seconds_at_the_default_ping_interval(
+    server: SingleNats,
+) -> None:
+    # What a cluster node paused 30 s needs: the auth-callout responders connected to it must
+    # leave it well within the pause, or no login succeeds anywhere meanwhile.
+    c = client([server.url()])
+    c.connect(TIMEOUT_S)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="PINGs unanswered"):
+            receive(c, 1, timeout_s=15.0)
+        assert time.monotonic() - started < 8.0
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
 def test_tls_verifies_the_server_and_upgrades_after_info(
     tmp_path: Path, pki: DevelopmentPKI
 ) -> None:
