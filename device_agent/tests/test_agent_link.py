@@ -4,6 +4,7 @@ subscriptions, and the legacy delete-on-PUBACK mode.
 The stored-ack timers that send a delivered message again: test_agent_link_resend.py.
 """
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from scripted_broker import (
     run_linked,
 )
 
+from device_agent import connection as connection_module
 from device_agent import puback as puback_module
 
 pytestmark = pytest.mark.usefixtures("quick")
@@ -49,9 +51,11 @@ def test_the_link_subscribes_to_config_and_ack_on_every_connection(tmp_path: Pat
         await device.until(lambda: device.broker.connects == 2, "a reconnect")
         await device.until(lambda: len(device.broker.subscriptions) == 2, "a subscribe")
 
-        wanted = {f"galvani/v1/d/{DEVICE}/config", ACK_TOPIC}
+        # config at QoS 1; ack at 0, the QoS its stored-acks are published at (on NATS a QoS 1
+        # filter costs a JetStream consumer, which an election can refuse).
+        wanted = {(f"galvani/v1/d/{DEVICE}/config", 1), (ACK_TOPIC, 0)}
         for subscription in device.broker.subscriptions:
-            assert {name for name, _ in subscription} == wanted
+            assert set(subscription) == wanted
 
     run_linked(scenario, tmp_path, ScriptedBroker())
 
@@ -195,6 +199,29 @@ def test_a_refused_subscription_is_logged_and_counted(
     assert len(refusals) == 2
     assert all(r.levelname == "ERROR" for r in refusals)
     assert not any(f"d/{DEVICE}/config" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_subscription_is_subscribed_again_on_the_same_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As NATS refuses a QoS 1 filter while JetStream elects a leader: the device must not
+    stay connected and deaf until its connection happens to end."""
+    monkeypatch.setattr(connection_module, "SUBSCRIBE_RETRY_MIN_S", 0.05)
+    config = f"galvani/v1/d/{DEVICE}/config"
+    broker = ScriptedBroker(refuse=frozenset({ACK_TOPIC, config}))
+
+    async def scenario(device: Device) -> None:
+        await device.until(lambda: device.link.stats.subscribe_refused == 2, "the SUBACK")
+        await device.until(lambda: device.link.stats.subscribe_refused == 4, "a refused retry")
+        broker.refuse = frozenset()
+        await device.until(lambda: len(broker.subscriptions) == 3, "a granted retry")
+        await asyncio.sleep(0.3)  # time for a retry that should not come
+
+        assert broker.connects == 1
+        assert broker.subscriptions[1:] == [[(ACK_TOPIC, 0), (config, 1)]] * 2
+        assert device.link.stats.subscribe_refused == 4
+
+    run_linked(scenario, tmp_path, broker)
 
 
 def test_puback_mode_deletes_on_the_brokers_puback_as_before(tmp_path: Path) -> None:

@@ -6,11 +6,19 @@ devices' connections without a thread each.
 
 :class:`Connection` keeps the connection up until it is stopped: each attempt uses a fresh paho
 client with a clean start, and a lost or refused connection is tried again after a backoff with
-full jitter. On every connection it subscribes to its filters (a filter the SUBACK refuses is
-logged and counted) and says it is online on the retained ``presence`` topic, whose last will
-says it is not. What travels over the connection is its owner's business, the
-:class:`~device_agent.link.Link`'s: the connection hands it the paho client once connected,
-the PUBACKs and the messages, and tells it when a connection's state is to be forgotten.
+full jitter. On every connection it subscribes to its filters and says it is online on the
+retained ``presence`` topic, whose last will says it is not. What travels over the connection
+is its owner's business, the :class:`~device_agent.link.Link`'s: the connection hands it the
+paho client once connected, the PUBACKs and the messages, and tells it when a connection's
+state is to be forgotten.
+
+A filter the SUBACK refuses is logged, counted, and subscribed again on the same connection
+after a backoff (doubling, with full jitter, up to the reconnect backoff's ceiling). A refusal
+may be for good (an ACL without the line) or for a while: NATS's MQTT gateway makes a
+JetStream consumer for each QoS 1 filter and refuses the filter when JetStream does not answer
+within its 4 s, as while a stream's leader is elected after a node stops. Without the retry a
+device refused its ``ack`` then stayed connected and deaf: nothing left its outbox until the
+connection happened to end.
 
 With a CA file the connection is TLS; with the device's certificate too it is mutual TLS, for
 the broker's certificate listener, which takes the username from the certificate's CN (so no
@@ -59,6 +67,8 @@ BACKOFF_MAX_S: Final = 60.0
 # and then ends its session at once, as a flood ban of a certificate device does, meets a
 # growing backoff instead of a reconnect a second.
 STABLE_CONNECTION_S: Final = 20.0
+# The first wait before a refused filter is subscribed again (then doubling, with full jitter).
+SUBSCRIBE_RETRY_MIN_S: Final = 2.0
 
 # The CONNECT's protocol level (MQTT 3.1.1 section 3.1.2.2, MQTT 5.0 section 3.1.2.2).
 MQTT_5: Final = 5
@@ -116,6 +126,14 @@ class BrokerAddress:
         return client_context(self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
 
 
+@dataclass(frozen=True)
+class Subscription:
+    """A filter's QoS, and what its refusal costs (for the log)."""
+
+    qos: int
+    refused: str
+
+
 class ConnectionCounters(Protocol):
     """The counters a connection keeps (the link's :class:`~device_agent.link.LinkStats`)."""
 
@@ -135,7 +153,7 @@ class Connection:
         loop: asyncio.AbstractEventLoop,
         rng: random.Random,
         backoff_max_s: float,
-        subscriptions: Mapping[str, str],
+        subscriptions: Mapping[str, Subscription],
         max_inflight: int,
         stats: ConnectionCounters,
         on_connected: Callable[[], None],
@@ -144,8 +162,8 @@ class Connection:
         on_message: OnMessage,
         on_lost: Callable[[], None] = lambda: None,
     ) -> None:
-        """``subscriptions`` maps each filter (subscribed at QoS 1) to what its refusal costs,
-        for the log. ``on_connected`` runs once a connection is up, subscribed and online;
+        """``subscriptions`` maps each filter to its QoS and what its refusal costs, for the
+        log. ``on_connected`` runs once a connection is up, subscribed and online;
         ``on_forget`` whenever what only meant something on a connection is to be forgotten
         (it ended, or a new attempt starts); ``on_lost`` just before, when an accepted
         connection ended without :meth:`stop` (the broker or the network ended it)."""
@@ -172,6 +190,10 @@ class Connection:
         self._retry: asyncio.TimerHandle | None = None
         self._stopping = False
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
+        # Filters refused on this connection, to subscribe again when the timer fires.
+        self._refused: set[str] = set()
+        self._resubscribe: asyncio.TimerHandle | None = None
+        self._resubscribes = 0  # on this connection, for the backoff
         self._presence_topic = topic(device_id, Channel.PRESENCE)
         # Built here, once: every attempt's client shares it, and a file that cannot be read
         # fails now rather than on each attempt.
@@ -307,6 +329,11 @@ class Connection:
     def _forget_connection(self) -> None:
         self.connected = False
         self._subscribing.clear()
+        self._refused.clear()
+        if self._resubscribe is not None:
+            self._resubscribe.cancel()
+            self._resubscribe = None
+        self._resubscribes = 0
         self.on_forget()
 
     # -- paho callbacks ------------------------------------------------------------------
@@ -329,12 +356,24 @@ class Connection:
         self.stats.connects += 1
         # Subscribed before anything is published on this connection: the broker handles a
         # client's packets in order, so no ack for this connection's messages is missed.
-        filters = list(self.subscriptions)
-        _, mid = client.subscribe([(name, 1) for name in filters])
-        if mid is not None:
-            self._subscribing[mid] = filters
+        self._subscribe(client, list(self.subscriptions))
         client.publish(self._presence_topic, _presence(True), qos=1, retain=True)
         self.on_connected()
+
+    def _subscribe(self, client: mqtt.Client, filters: list[str]) -> None:
+        _, mid = client.subscribe([(name, self.subscriptions[name].qos) for name in filters])
+        if mid is not None:
+            self._subscribing[mid] = filters
+
+    def _subscribe_again(self) -> None:
+        self._resubscribe = None
+        client = self.client
+        if client is None or not self.connected or not self._refused:
+            return
+        filters = sorted(self._refused)
+        self._refused.clear()
+        log.info("%s: subscribing again to %s", self.device_id, ", ".join(filters))
+        self._subscribe(client, filters)
 
     def _on_disconnect(
         self,
@@ -378,13 +417,20 @@ class Connection:
             if not reason.is_failure:
                 continue
             self.stats.subscribe_refused += 1
+            self._refused.add(name)
             log.error(
                 "%s: the broker refused the subscription to %s (%s): %s",
                 self.device_id,
                 name,
                 reason,
-                self.subscriptions[name],
+                self.subscriptions[name].refused,
             )
+        if self._refused and self._resubscribe is None:
+            ceiling = min(self.backoff_max_s, SUBSCRIBE_RETRY_MIN_S * 2**self._resubscribes)
+            self._resubscribes = min(self._resubscribes + 1, 30)
+            delay = self.rng.uniform(SUBSCRIBE_RETRY_MIN_S / 2, ceiling)
+            log.warning("%s: subscribing again in %.1f s", self.device_id, delay)
+            self._resubscribe = self.loop.call_later(delay, self._subscribe_again)
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
         if level == mqtt.MQTT_LOG_ERR and client is self.client:

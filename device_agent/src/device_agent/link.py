@@ -43,7 +43,13 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent.connection import BACKOFF_MAX_S, MQTT_311, BrokerAddress, Connection
+from device_agent.connection import (
+    BACKOFF_MAX_S,
+    MQTT_311,
+    BrokerAddress,
+    Connection,
+    Subscription,
+)
 from device_agent.protocol import Channel, MalformedAck, parse_ack, topic
 from device_agent.puback import GIVE_UP, HUNG_UP, NO_MATCHING_SUBSCRIBERS, Refusals
 from device_agent.store import DeviceStore, Pending
@@ -131,12 +137,15 @@ class Link:
         self._mqtt_311 = address.protocol == MQTT_311
         self._config_topic = topic(device_id, Channel.CONFIG)
         self._ack_topic = topic(device_id, Channel.ACK)
-        # Each filter, and what its refusal in a SUBACK costs. Without ``ack`` nothing ever
-        # leaves the outbox but by its bounds.
-        subscriptions = {self._config_topic: "no mode table will arrive"}
+        # Each filter, its QoS, and what its refusal in a SUBACK costs. Without ``ack``
+        # nothing ever leaves the outbox but by its bounds. Stored-acks are published at QoS
+        # 0 (protocol.md), so a QoS 1 ``ack`` filter would receive them at 0 all the same;
+        # subscribed at 0 it costs NATS's MQTT gateway no JetStream consumer, which it makes
+        # for each QoS 1 filter, so a JetStream election cannot refuse it.
+        subscriptions = {self._config_topic: Subscription(1, "no mode table will arrive")}
         if delete_on is DeleteOn.STORED:
-            subscriptions[self._ack_topic] = (
-                "no stored-ack will arrive, so the outbox keeps every message until it is full"
+            subscriptions[self._ack_topic] = Subscription(
+                0, "no stored-ack will arrive, so the outbox keeps every message until it is full"
             )
         self._connection = Connection(
             device_id,
