@@ -24,6 +24,7 @@ development PKI's server certificate when ``tls`` is given.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -38,6 +39,8 @@ from deploy.stack.postgres import new_password
 from deploy.stack.processes import Child, ChildExited, chown_to, http_get, spawn
 from services.broker_access.issuer import ensure_issuer
 
+log = logging.getLogger("galvani.run")
+
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT: Final = REPO_ROOT / "deploy" / "install-nats.sh"
 
@@ -51,6 +54,9 @@ SYSTEM_USER: Final = "galvani-sys"
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 20.0
 HEALTH_POLL_S: Final = 0.1
+# How long a node may stay outside the JetStream meta group at start before it is restarted.
+META_JOIN_GRACE_S: Final = 5.0
+META_SHORT: Final = "the JetStream meta group knows"
 # How fast a node notices a dead route. The server's defaults (2 min ping interval, 2 pings
 # out) leave a SIGSTOPped node counted as a peer for minutes; 1 s x 3 lets the others drop
 # its routes within about 3-4 s. A killed node's routes close at once (the socket resets), so
@@ -324,47 +330,85 @@ class NatsCluster:
         self, indexes: list[int] | None = None, *, timeout_s: float = START_TIMEOUT_S
     ) -> None:
         """Wait until each node of ``indexes`` (default: all running) is healthy and has
-        routes to every other running node; raise ChildExited if one exits or time runs out."""
+        routes to every other running node; raise ChildExited if one exits or time runs out.
+
+        A node left out of the JetStream meta group for META_JOIN_GRACE_S is restarted: on a
+        cold start of all three at once, 2.10 now and then elects a meta leader with two peers
+        and never adds the third, which follows the leader without being a peer (seen in 1 of
+        50 starts here, the group still at two 15 s later). A restarted node joins."""
         running = [i for i, child in enumerate(self._children) if child is not None]
-        waiting = indexes if indexes is not None else running
+        waiting = list(indexes if indexes is not None else running)
         deadline = time.monotonic() + timeout_s
-        for i in waiting:
+        short_since: float | None = None
+        while waiting:
+            i = waiting[0]
             child = self._children[i]
             assert child is not None
             node = self.nodes[i]
             peers = {self.nodes[j].name for j in running if j != i}
-            while not self._ready(node, peers):
-                if not child.alive():
-                    child.stop()
-                    self._children[i] = None
-                    raise ChildExited(
-                        f"nats-server {node.name} exited during start-up; its log ends with:\n"
-                        f"{child.log_tail()}"
-                    )
-                if time.monotonic() > deadline:
-                    raise ChildExited(
-                        f"nats-server {node.name} was not ready within {timeout_s:.0f} s; its "
-                        f"log ends with:\n{child.log_tail()}"
-                    )
-                time.sleep(HEALTH_POLL_S)
+            why = self._not_ready(node, peers)
+            if why is None:
+                waiting.pop(0)
+                continue
+            if not child.alive():
+                child.stop()
+                self._children[i] = None
+                raise ChildExited(
+                    f"nats-server {node.name} exited during start-up; its log ends with:\n"
+                    f"{child.log_tail()}"
+                )
+            now = time.monotonic()
+            if now > deadline:
+                raise ChildExited(
+                    f"nats-server {node.name} was not ready within {timeout_s:.0f} s ({why});"
+                    f" its log ends with:\n{child.log_tail()}"
+                )
+            if why.startswith(META_SHORT):
+                short_since = short_since or now
+                if now - short_since > META_JOIN_GRACE_S:
+                    for j in self._outside_meta_group(running):
+                        log.warning(
+                            "nats-server %s is not in the JetStream meta group: restarting it",
+                            self.nodes[j].name,
+                        )
+                        self.kill(j, signal.SIGTERM)
+                        self._spawn(j)
+                        if j not in waiting:
+                            waiting.append(j)
+                    short_since = None
+            time.sleep(HEALTH_POLL_S)
 
-    def _ready(self, node: NatsNode, peers: set[str]) -> bool:
+    def _outside_meta_group(self, running: list[int]) -> list[int]:
+        """The running nodes the meta leader does not count as peers."""
+        leader = self.meta_leader()
+        if leader is None:
+            return []
+        jsz = self.monitor(leader, "/jsz") or {}
+        meta = jsz.get("meta_cluster") or {}
+        members = {str(meta.get("leader", ""))} | {
+            str(replica.get("name", "")) for replica in meta.get("replicas") or []
+        }
+        return [j for j in running if self.nodes[j].name not in members]
+
+    def _not_ready(self, node: NatsNode, peers: set[str]) -> str | None:
+        """Why ``node`` is not ready yet, or None when it is."""
         if http_get(node.monitor_url("/healthz?js-enabled-only=true"), 1.0) is None:
-            return False
-        # The server and the JetStream meta group (a leader this node follows: before that,
-        # the MQTT gateway cannot create its streams). Not the full check: that also waits for
-        # every stream and consumer to be current, and a node restarted on its data holds the
-        # MQTT gateway's consumers of sessions from before, which can stay "not current" for
-        # minutes (seen: over 30 s) without keeping the node from serving.
-        if http_get(node.monitor_url("/healthz?js-server-only=true"), 1.0) is None:
-            return False
-        if not peers <= self.routed_to(node):
-            return False
+            return "JetStream is not enabled yet"
+        # The full health check also needs the JetStream meta group to have a leader this
+        # node follows: before that, the MQTT gateway cannot create its streams.
+        if http_get(node.monitor_url("/healthz"), 1.0) is None:
+            return "/healthz: not current with a JetStream meta leader"
+        missing = peers - self.routed_to(node)
+        if missing:
+            return f"no route to {', '.join(sorted(missing))}"
         # Every node a peer of the meta group: the MQTT gateway sizes its streams' replicas
         # from the peers it knows when it first creates them.
         body = http_get(node.monitor_url("/jsz"), 1.0)
         meta = {} if body is None else json.loads(body).get("meta_cluster") or {}
-        return int(meta.get("cluster_size", 0)) >= len(self.nodes)
+        size = int(meta.get("cluster_size", 0))
+        if size < len(self.nodes):
+            return f"{META_SHORT} {size} of {len(self.nodes)} nodes"
+        return None
 
     def routed_to(self, node: NatsNode) -> set[str]:
         """The names of the nodes ``node`` has a route to (its /routez)."""
