@@ -394,10 +394,13 @@ class NatsCluster:
         """Why ``node`` is not ready yet, or None when it is."""
         if http_get(node.monitor_url("/healthz?js-enabled-only=true"), 1.0) is None:
             return "JetStream is not enabled yet"
-        # The full health check also needs the JetStream meta group to have a leader this
-        # node follows: before that, the MQTT gateway cannot create its streams.
-        if http_get(node.monitor_url("/healthz"), 1.0) is None:
-            return "/healthz: not current with a JetStream meta leader"
+        # The server and the JetStream meta group (a leader this node follows: before that,
+        # the MQTT gateway cannot create its streams). Not the full check: that also waits for
+        # every stream and consumer to be current, and a node restarted on its data holds the
+        # MQTT gateway's consumers of sessions from before, which can stay "not current" for
+        # minutes (seen: over 30 s) without keeping the node from serving.
+        if http_get(node.monitor_url("/healthz?js-server-only=true"), 1.0) is None:
+            return "/healthz?js-server-only: no JetStream meta leader followed yet"
         missing = peers - self.routed_to(node)
         if missing:
             return f"no route to {', '.join(sorted(missing))}"
