@@ -40,6 +40,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -188,6 +189,7 @@ class Connection:
         self._nodes = address.nodes()
         self._node = 0  # index in _nodes of the node this (or the next) attempt goes to
         self._retry: asyncio.TimerHandle | None = None
+        self._opening: mqtt.Client | None = None  # whose connect runs on a thread
         self._stopping = False
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters
         # Filters refused on this connection, to subscribe again when the timer fires.
@@ -245,23 +247,39 @@ class Connection:
         client.on_publish = self.on_publish
         client.on_message = self.on_message
         client.on_subscribe = self._on_subscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
         self.client = client
         self._socket_error = None
         self._forget_connection()
         host, port = self._nodes[self._node]
         self._attempted_at = self.loop.time()
-        try:
-            # A blocking TCP connect, and TLS handshake (paho's, bounded by its 5 s connect
-            # timeout); on loopback or a LAN they take microseconds and a millisecond or two.
-            if mqtt_311:
-                client.connect(host, port, keepalive=self.address.keepalive_s)
-            else:
-                client.connect(host, port, keepalive=self.address.keepalive_s, clean_start=True)
-        except ssl.SSLError as exc:
+        self._opening = client
+        # paho's connect is a blocking TCP connect and TLS handshake (bounded by its 5 s
+        # connect timeout). Run on the loop, a node that is stopped (SIGSTOP) or wedged, whose
+        # kernel still completes the TCP handshake and which then answers nothing, held the
+        # loop, and with it every other device of a fleet, for the whole 5 s of each attempt.
+        # So it runs on a thread, and the socket joins the loop once it is open.
+        opening = self.loop.run_in_executor(_opener(), self._open, client, host, port, mqtt_311)
+        opening.add_done_callback(lambda done: self._opened(client, host, port, done))
+
+    def _open(self, client: mqtt.Client, host: str, port: int, mqtt_311: bool) -> None:
+        """On a thread: paho's connect, with no socket callback set (they touch the loop)."""
+        if mqtt_311:
+            client.connect(host, port, keepalive=self.address.keepalive_s)
+        else:
+            client.connect(host, port, keepalive=self.address.keepalive_s, clean_start=True)
+
+    def _opened(
+        self, client: mqtt.Client, host: str, port: int, done: "asyncio.Future[None]"
+    ) -> None:
+        """On the loop: the socket of ``client`` is open (or the attempt failed)."""
+        if self._opening is client:
+            self._opening = None
+        exc = done.exception()
+        if self.client is not client:  # dropped meanwhile (stopped)
+            if exc is None:
+                client.disconnect()  # closes the socket
+            return
+        if isinstance(exc, ssl.SSLError):
             log.warning(
                 "%s: TLS handshake failed: %s (%s:%d)",
                 self.device_id,
@@ -269,18 +287,27 @@ class Connection:
                 host,
                 port,
             )
-            self._drop_client()
-            self._schedule_reconnect()
-        except (TimeoutError, OSError) as exc:
+        elif exc is not None:
             log.debug("%s: connect to %s:%d failed: %s", self.device_id, host, port, exc)
+        sock = client.socket()
+        if exc is not None or sock is None:
             self._drop_client()
             self._schedule_reconnect()
+            return
+        self._attempted_at = self.loop.time()  # the CONNACK's wait starts now
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        self._on_socket_open(client, None, sock)
+        if client.want_write():  # the CONNECT, if the thread could not write all of it
+            self.loop.add_writer(sock, client.loop_write)
 
     def service(self) -> None:
         """paho's timers (keepalive, retries), and the CONNACK timeout: call at least once a
         second."""
         client = self.client
-        if client is None:
+        if client is None or client is self._opening:
             return
         client.loop_misc()
         if (
@@ -318,6 +345,8 @@ class Connection:
         client = self.client
         self.client = None
         self._forget_connection()
+        if client is not None and client is self._opening:
+            return  # still opening on its thread: closed when it is done (see _opened)
         if client is not None:
             sock = client.socket()
             if sock is not None:
@@ -453,6 +482,20 @@ class Connection:
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self.loop.remove_writer(sock)
+
+
+_OPENER: ThreadPoolExecutor | None = None
+# Threads for paho's blocking connects (TCP and TLS handshakes), shared by a process's devices:
+# a fleet's reconnect storm queues here, and a node that answers nothing holds one thread for
+# paho's 5 s connect timeout, not the loop.
+OPENER_THREADS: Final = 16
+
+
+def _opener() -> ThreadPoolExecutor:
+    global _OPENER  # one pool per process, made on first use
+    if _OPENER is None:
+        _OPENER = ThreadPoolExecutor(OPENER_THREADS, thread_name_prefix="mqtt-connect")
+    return _OPENER
 
 
 def _tls_reason(exc: ssl.SSLError) -> str:
