@@ -31,6 +31,7 @@ from typing import Final
 import psycopg
 
 from deploy.stack import sim_fleet
+from deploy.stack.cluster import rotated
 from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.postgres import local_server, new_password
@@ -115,7 +116,11 @@ class ClusterFaultStack(FaultStack):
         setup, callout = callout_setup(self.root / "callout", self.pki, passwords)
         self.cluster = NatsCluster(self.root / "nats", tls=cluster_tls(self.pki), callout=callout)
         self.cluster.start()
-        for responder in RESPONDERS:
+        # Each responder first on another node, as make run-cluster runs them: with both on
+        # one node, that node stopping refused every login on the others until the
+        # responders left it.
+        urls = self.cluster.nats_urls().split(",")
+        for n, responder in enumerate(RESPONDERS):
             self.responders.append(
                 ResponderProcess(
                     self.cluster,
@@ -123,6 +128,7 @@ class ClusterFaultStack(FaultStack):
                     self.database_url,
                     self.root / f"broker-access-{responder}.log",
                     responder,
+                    nats_urls=",".join(rotated(urls, n)),
                 )
             )
         fleet_dir = self.root / "fleet"

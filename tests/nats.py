@@ -101,7 +101,11 @@ class ResponderProcess:
         database_url: str,
         log_path: Path,
         responder_id: str = "1",
+        nats_urls: str | None = None,
     ) -> None:
+        """``nats_urls``: the servers in the order tried (the cluster's, from its first node,
+        by default); a cluster's responders each start on another node, as make run-cluster
+        starts them, so that one node stopping leaves the others a responder."""
         metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         env = dict(os.environ)
@@ -109,7 +113,7 @@ class ResponderProcess:
             {
                 "GALVANI_BROKER_ACCESS_METRICS_PORT": str(metrics_port),
                 "GALVANI_BROKER": "nats",
-                "GALVANI_NATS_URLS": cluster.nats_urls(),
+                "GALVANI_NATS_URLS": nats_urls or cluster.nats_urls(),
                 "GALVANI_BROKER_ACCESS_DATABASE_URL": as_service(
                     database_url, ServiceRole.BROKER_ACCESS
                 ),
