@@ -32,7 +32,7 @@ import psycopg
 
 from deploy.stack import sim_fleet
 from deploy.stack.cluster import rotated
-from deploy.stack.nats_cluster import NatsCluster
+from deploy.stack.nats_cluster import APP_ACCOUNT, NatsCluster
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.postgres import local_server, new_password
 from deploy.stack.processes import http_get
@@ -87,12 +87,19 @@ class Reconnects:
 
 
 def mqtt_clients(cluster: NatsCluster, i: int) -> set[str] | None:
-    """The MQTT client ids connected to node ``i`` (None when its monitoring does not answer)."""
-    body = http_get(cluster.nodes[i].monitor_url("/connz?limit=100000"), 1.0)
+    """The MQTT client ids logged in on node ``i`` (None when its monitoring does not answer).
+
+    A connection is listed from its CONNECT on, before the auth callout has answered; only
+    one placed in the GALVANI account (``auth=true`` names it) has been let in."""
+    body = http_get(cluster.nodes[i].monitor_url("/connz?limit=100000&auth=true"), 1.0)
     if body is None:
         return None
     connections = json.loads(body).get("connections") or []
-    return {str(c["mqtt_client"]) for c in connections if c.get("mqtt_client")}
+    return {
+        str(c["mqtt_client"])
+        for c in connections
+        if c.get("mqtt_client") and c.get("account") == APP_ACCOUNT
+    }
 
 
 @dataclass
