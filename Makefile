@@ -56,8 +56,13 @@ NO_TESTS_IS_FAILURE = { status=$$?; [ $$status -ne 5 ] || echo "make $@: pytest 
 
 # The suite needs TimescaleDB (it tests the hypertable path and the plain path). Tests marked
 # long are left out (pyproject's addopts): `make test-long` runs only those.
+# Two pytest processes (pytest-xdist), each with servers of its own, a test file kept in one
+# (its module fixtures start stacks): most of a test is waiting on the servers it started,
+# and one process left a core idle (load average ~1 over a 27-minute run).
+TEST_PROCESSES ?= 2
+
 test: test-deps venv
-	$(PY) -m pytest || $(NO_TESTS_IS_FAILURE)
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile || $(NO_TESTS_IS_FAILURE)
 
 test-long: test-deps venv
 	$(PY) -m pytest -m long -rP || $(NO_TESTS_IS_FAILURE)

@@ -20,31 +20,21 @@ them longer on a larger fleet (bench/cluster.py).
 import json
 import math
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import psycopg
 
-from deploy.stack import sim_fleet
 from deploy.stack.cluster import rotated
 from deploy.stack.nats_cluster import APP_ACCOUNT, NatsCluster
-from deploy.stack.pki import DevelopmentPKI
-from deploy.stack.postgres import local_server, new_password
 from deploy.stack.processes import http_get
 from services.common.broker_auth import ServiceAccount
-from services.common.migrate import upgrade
 from services.common.migrations.grants import ServiceRole
-from services.common.signing import load_or_create_key, public_key_b64
-from tests.faults import FaultStack
-from tests.ingest import REPO_ROOT, IngestWorkers, wait_until
+from tests.faults import FaultStack, Workers
 from tests.nats import ResponderProcess, callout_setup, cluster_tls
-from tests.roles import as_service, create_logins
-from tests.rules import RulesWorkers
+from tests.roles import as_service
 
 INGEST_WORKERS: Final = ("1", "2")
 RESPONDERS: Final = ("1", "2")
@@ -110,23 +100,13 @@ class ClusterFaultStack(FaultStack):
     responders: list[ResponderProcess] = field(default_factory=list)
     reconnects: list[Reconnects] = field(default_factory=list)
 
-    def start(self) -> None:
-        """Start everything and wait until the fleet's messages are being stored."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
-        self.postgres = local_server(self.root, durable=True)
-        self.postgres.start()
-        self.database_url = self.postgres.config.url()
-        upgrade(self.database_url)
-        create_logins(self.database_url)
-        passwords = {account: new_password() for account in ServiceAccount}
-        self.pki = DevelopmentPKI.ensure(self.root / "pki")
+    def start_broker(self, passwords: dict[ServiceAccount, str]) -> None:
+        """The three nodes with the auth callout, and its responders, each first on another
+        node, as make run-cluster runs them: with both on one node, that node stopping refused
+        every login on the others until the responders left it."""
         setup, callout = callout_setup(self.root / "callout", self.pki, passwords)
         self.cluster = NatsCluster(self.root / "nats", tls=cluster_tls(self.pki), callout=callout)
         self.cluster.start()
-        # Each responder first on another node, as make run-cluster runs them: with both on
-        # one node, that node stopping refused every login on the others until the
-        # responders left it.
         urls = self.cluster.nats_urls().split(",")
         for n, responder in enumerate(RESPONDERS):
             self.responders.append(
@@ -139,71 +119,34 @@ class ClusterFaultStack(FaultStack):
                     nats_urls=",".join(rotated(urls, n)),
                 )
             )
-        fleet_dir = self.root / "fleet"
-        key_dir = self.root / "secrets"
-        fleet_dir.mkdir(parents=True, exist_ok=True)
-        (fleet_dir / sim_fleet.PUBLIC_KEY_FILE).write_text(
-            public_key_b64(load_or_create_key(key_dir))
-        )
-        sim_fleet.provision_fleet(self.database_url, fleet_dir, self.devices)
+
+    def workers(self, kind: type[Workers], password: str, **env: str) -> Workers:
+        """The ingest or rules workers of group ``kind.service`` on the cluster's JetStream
+        consumer of that name; rules publish tables through the nodes' MQTT gateway."""
         cluster = self.cluster
-        self.ingest = IngestWorkers.on_nats(
-            as_service(self.database_url, ServiceRole.INGEST),
+        assert cluster is not None
+        workers = kind.on_nats(
+            as_service(self.database_url, ServiceRole(f"galvani_{kind.service}")),
             cluster.nats_urls(),
-            passwords[ServiceAccount.INGEST],
-            self.root,
-            self.pki.ca_file,
-        )
-        self.ingest.group = "ingest"
-        for worker in INGEST_WORKERS:
-            self.ingest.start(worker)
-        self.rules = RulesWorkers.on_nats(
-            as_service(self.database_url, ServiceRole.RULES),
-            cluster.nats_urls(),
-            passwords[ServiceAccount.RULES],
+            password,
             self.root,
             self.pki.ca_file,
             mqtt_port=cluster.nodes[0].mqtt_port,
             GALVANI_MQTT_NODES=cluster.mqtt_nodes(),
-            GALVANI_RULES_SIGNING_KEY_DIR=str(key_dir),
-            GALVANI_RULES_SWEEP_INTERVAL_S="2",
-            GALVANI_RULES_REPUBLISH_GRACE_S="5",
+            **env,
         )
-        self.rules.group = "rules"
-        self.rules.start()
-        self.fleet = self._start_fleet(fleet_dir)
-        wait_until(lambda: self.stored_messages() > self.devices, 90, "the fleet's messages")
+        workers.group = kind.service
+        return workers
 
-    def _start_fleet(self, fleet_dir: Path) -> subprocess.Popen[bytes]:
+    def broker_arguments(self) -> list[str]:
+        """The fleet's devices on every node (each spread first on one, failing over to the
+        others), in MQTT 3.1.1, with a keepalive that leaves a silent node within a pause."""
         assert self.cluster is not None
-        log = open(self.root / "fleet.log", "ab")  # noqa: SIM115 - the child holds it
-        try:
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "device_agent.fleet",
-                    f"--devices={self.devices}",
-                    f"--credentials={fleet_dir / ('active-' + sim_fleet.CREDENTIALS_FILE)}",
-                    f"--broker={self.cluster.mqtt_nodes()}",
-                    "--mqtt-version=3.1.1",
-                    f"--keepalive={KEEPALIVE_S}",
-                    f"--ca-file={self.pki.ca_file}",
-                    f"--public-key={fleet_dir / sim_fleet.PUBLIC_KEY_FILE}",
-                    f"--store={self.store}",
-                    f"--activity={self.activity}",
-                    f"--seed={self.seed}",
-                    f"--faulty-share={self.faulty_share}",
-                    f"--delete-on={self.delete_on}",
-                    f"--status-file={fleet_dir / sim_fleet.STATUS_FILE}",
-                    "--status-interval=1",
-                ],
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        finally:
-            log.close()
+        return [
+            f"--broker={self.cluster.mqtt_nodes()}",
+            "--mqtt-version=3.1.1",
+            f"--keepalive={KEEPALIVE_S}",
+        ]
 
     # -- node faults ------------------------------------------------------------------------
 
@@ -277,22 +220,9 @@ class ClusterFaultStack(FaultStack):
             ).fetchone()
         return int(row[0]) if row else 0
 
-    def stop(self) -> None:
-        """Stop the fleet, the backend, the responders and the servers (each by its pid)."""
-        if self.fleet is not None and self.fleet.poll() is None:
-            self.fleet.send_signal(signal.SIGTERM)
-            try:
-                self.fleet.wait(30)
-            except subprocess.TimeoutExpired:
-                self.fleet.kill()
-                self.fleet.wait(5)
-        for workers in (self.rules, self.ingest):
-            if workers is not None:
-                for worker in list(workers.procs):
-                    workers.stop(worker)
+    def stop_broker(self) -> None:
+        """Stop the responders, then the nodes (each by its pid)."""
         for responder in self.responders:
             responder.stop()
         if self.cluster is not None:
             self.cluster.stop()
-        if self.postgres is not None:
-            self.postgres.stop()

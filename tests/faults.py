@@ -232,7 +232,6 @@ class FaultStack:
         create_logins(self.database_url)
         passwords = {account: new_password() for account in ServiceAccount}
         self.pki = DevelopmentPKI.ensure(self.root / "pki")
-        self.broker = local_broker(self.root / "mosquitto", passwords, self.pki)
         fleet_dir = self.root / "fleet"
         key_dir = self.root / "secrets"
         (fleet_dir).mkdir(parents=True, exist_ok=True)
@@ -240,40 +239,48 @@ class FaultStack:
             public_key_b64(load_or_create_key(key_dir))
         )
         sim_fleet.provision_fleet(self.database_url, fleet_dir, self.devices)
+        self.start_broker(passwords)
+        self.ingest = self.workers(IngestWorkers, passwords[ServiceAccount.INGEST])
+        for worker in INGEST_WORKERS:
+            self.ingest.start(worker)
+        self.rules = self.workers(
+            RulesWorkers,
+            passwords[ServiceAccount.RULES],
+            GALVANI_RULES_SIGNING_KEY_DIR=str(key_dir),
+            GALVANI_RULES_SWEEP_INTERVAL_S="2",
+            GALVANI_RULES_REPUBLISH_GRACE_S="5",
+        )
+        self.rules.start()
+        self.fleet = self._start_fleet(fleet_dir)
+        wait_until(lambda: self.stored_messages() > self.devices, 90, "the fleet's messages")
+
+    def start_broker(self, passwords: dict[ServiceAccount, str]) -> None:
+        """Mosquitto with Galvani's configuration, the fleet's devices admitted."""
+        self.broker = local_broker(self.root / "mosquitto", passwords, self.pki)
         self.broker.start([])
         with psycopg.connect(self.database_url) as conn:
             sync_device_credentials(conn, BrokerFiles(self.broker.config.directory))
 
-        def workers(kind: type[Workers], account: ServiceAccount, **extra: object) -> Workers:
-            assert self.broker is not None
-            return kind(
-                database_url=as_service(self.database_url, ServiceRole(f"galvani_{kind.service}")),
-                mqtt_port=self.broker.config.service_port,
-                password=passwords[account],
-                log_dir=self.root,
-                ca_file=self.pki.ca_file,
-                group=kind.service,
-                **extra,
-            )
-
-        self.ingest = workers(IngestWorkers, ServiceAccount.INGEST)
-        for worker in INGEST_WORKERS:
-            self.ingest.start(worker)
-        self.rules = workers(
-            RulesWorkers,
-            ServiceAccount.RULES,
-            env_overrides={
-                "GALVANI_RULES_SIGNING_KEY_DIR": str(key_dir),
-                "GALVANI_RULES_SWEEP_INTERVAL_S": "2",
-                "GALVANI_RULES_REPUBLISH_GRACE_S": "5",
-            },
+    def workers(self, kind: type[Workers], password: str, **env: str) -> Workers:
+        """The ingest or rules workers of group ``kind.service`` on Mosquitto's service
+        listener, as the service's own database role and broker account."""
+        assert self.broker is not None
+        return kind(
+            database_url=as_service(self.database_url, ServiceRole(f"galvani_{kind.service}")),
+            mqtt_port=self.broker.config.service_port,
+            password=password,
+            log_dir=self.root,
+            ca_file=self.pki.ca_file,
+            group=kind.service,
+            env_overrides=env,
         )
-        self.rules.start()
-        self.fleet = self._start_fleet(fleet_dir)
-        wait_until(lambda: self.stored_messages() > self.devices, 60, "the fleet's messages")
+
+    def broker_arguments(self) -> list[str]:
+        """Where the fleet's devices connect: Mosquitto's device listener."""
+        assert self.broker is not None
+        return [f"--port={self.broker.config.device_port}"]
 
     def _start_fleet(self, fleet_dir: Path) -> subprocess.Popen[bytes]:
-        assert self.broker is not None
         log = open(self.root / "fleet.log", "ab")  # noqa: SIM115 - the child holds it
         try:
             return subprocess.Popen(
@@ -283,7 +290,7 @@ class FaultStack:
                     "device_agent.fleet",
                     f"--devices={self.devices}",
                     f"--credentials={fleet_dir / ('active-' + sim_fleet.CREDENTIALS_FILE)}",
-                    f"--port={self.broker.config.device_port}",
+                    *self.broker_arguments(),
                     f"--ca-file={self.pki.ca_file}",
                     f"--public-key={fleet_dir / sim_fleet.PUBLIC_KEY_FILE}",
                     f"--store={self.store}",
@@ -450,10 +457,14 @@ class FaultStack:
             if workers is not None:
                 for worker in list(workers.procs):
                     workers.stop(worker)
-        if self.broker is not None:
-            self.broker.stop()
+        self.stop_broker()
         if self.postgres is not None:
             self.postgres.stop()
+
+    def stop_broker(self) -> None:
+        """Stop Mosquitto (by its pid)."""
+        if self.broker is not None:
+            self.broker.stop()
 
 
 def fleet_status(stack: FaultStack) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from services.common.subscriber import SubscriberStats
 
@@ -14,19 +14,26 @@ class SubscriberMetrics:
     :meth:`update` from the worker loop; it adds what the Subscriber counted since the last call.
     """
 
-    def __init__(self, service: str, *, publishes: bool) -> None:
+    def __init__(
+        self, service: str, *, publishes: bool, registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        """``registry``: where the counters are registered (the served default; a test's own)."""
         prefix = f"galvani_{service}_mqtt"
         self.reconnects = Counter(
-            f"{prefix}_reconnects_total", "Reconnections to the broker after the first"
+            f"{prefix}_reconnects_total",
+            "Reconnections to the broker after the first",
+            registry=registry,
         )
         self.subscribe_failures = Counter(
             f"{prefix}_subscribe_failures_total",
             "Connections closed because the broker refused a subscription, granted it QoS 0, "
             "or answered with other than one reason code per filter",
+            registry=registry,
         )
         self.sessions_lost = Counter(
             f"{prefix}_sessions_lost_total",
             "Reconnections on which the broker had lost the worker's session and what it queued",
+            registry=registry,
         )
         # Only a worker that publishes through its Subscriber (ingest's stored acks) has these.
         self.publishes_dropped = (
@@ -35,6 +42,7 @@ class SubscriberMetrics:
                 "QoS 0 publishes (stored acks) not sent, by reason (disconnected; too_large: over "
                 "the broker's Maximum Packet Size)",
                 ["reason"],
+                registry=registry,
             )
             if publishes
             else None
