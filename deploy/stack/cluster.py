@@ -36,8 +36,15 @@ from deploy.stack import sim_fleet
 from deploy.stack.nats_cluster import CalloutConfig, NatsCluster
 from deploy.stack.options import RunOptions, Secrets
 from deploy.stack.ports import LOOPBACK, free_port
-from deploy.stack.processes import Child, ChildExited, http_ok, service_env, spawn, wait_until
-from deploy.stack.runner import Prepared, exclusive, prepare, print_ready
+from deploy.stack.processes import Child, http_ok, service_env, spawn, wait_until
+from deploy.stack.runner import (
+    Prepared,
+    check_postgres,
+    exclusive,
+    prepare,
+    print_ready,
+    run_main,
+)
 from deploy.stack.state import Stack
 from deploy.stack.supervision import (
     SERVICE_READY_TIMEOUT_S,
@@ -228,18 +235,11 @@ def supervise_cluster(stack: Stack, stop: threading.Event) -> None:
                 time.sleep(NODE_RESTART_DELAY_S)
                 cluster.restart(i)
                 stack.rewrite_run_json()
-        postgres = stack.postgres.child if stack.postgres else None
-        if postgres is not None and not postgres.alive():
-            raise ChildExited(
-                f"{postgres.name} exited unexpectedly; its log ({postgres.log_path}) ends with:\n"
-                f"{postgres.log_tail()}"
-            )
+        check_postgres(stack)
 
 
 def main() -> int:
     """Entry point for ``make run-cluster``."""
-    from deploy.stack.runner import run_main
-
     env = dict(os.environ)
     env.setdefault("GALVANI_DATA_DIR", str(REPO_ROOT / ".galvani-cluster"))
     env.setdefault("GALVANI_INGEST_WORKERS", str(DEFAULT_CLUSTER_INGEST_WORKERS))

@@ -288,12 +288,18 @@ def supervise(stack: Stack, database_url: str, stop: threading.Event) -> None:
         restart_exited_services(stack)
         if broker_exited(stack) is not None:
             restart_broker(stack, database_url, stop, broker_failures)
-        postgres = stack.postgres.child if stack.postgres else None
-        if postgres is not None and not postgres.alive():
-            raise ChildExited(
-                f"{postgres.name} exited unexpectedly; its log ({postgres.log_path}) ends with:\n"
-                f"{postgres.log_tail()}"
-            )
+        check_postgres(stack)
+
+
+def check_postgres(stack: Stack) -> None:
+    """Raise ChildExited, with its log's end, when the stack's own PostgreSQL has exited: the
+    stack ends with it (nothing restarts a database under its services)."""
+    postgres = stack.postgres.child if stack.postgres else None
+    if postgres is not None and not postgres.alive():
+        raise ChildExited(
+            f"{postgres.name} exited unexpectedly; its log ({postgres.log_path}) ends with:\n"
+            f"{postgres.log_tail()}"
+        )
 
 
 def print_ready(info: dict[str, object], run_json: Path) -> None:
