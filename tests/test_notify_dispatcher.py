@@ -86,6 +86,18 @@ class Dispatcher:
                     return float(line.split()[-1])
         return 0.0
 
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until the process serves /metrics: it is up and its dispatch loop is starting."""
+
+        def serving() -> bool:
+            try:
+                self.metric("galvani_notify_deliveries_total")
+            except OSError:
+                return False
+            return True
+
+        wait_for(serving, timeout_s, "the dispatcher serving /metrics")
+
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
@@ -372,7 +384,10 @@ def test_notification_still_undelivered_after_give_up_time_is_failed_with_its_er
 ) -> None:
     add_channel(setup, receiver.url)
     receiver.fail_always = True
-    dispatcher = dispatchers(give_up_after_s="2")
+    dispatcher = dispatchers(give_up_after_s="3")
+    # Started before the alert is written: a slow start (a loaded box) would otherwise spend
+    # the give-up time before the first attempt, and fail the row after one attempt.
+    dispatcher.wait_ready()
     open_alerts(setup, ["overheat"])
     wait_for(all_settled(setup, "failed"), 20, "the notification failed")
     [row] = outbox(setup)
