@@ -29,8 +29,9 @@ from services.common.broker_auth import ServiceAccount
 from services.common.protocol import signing_input
 from services.common.signing import load_or_create_key
 from tests.agent import AgentProcess
-from tests.brokers import BrokerUnderTest, DeviceClient, Refused, unique_prefix
+from tests.brokers import BrokerUnderTest, unique_prefix
 from tests.ingest import provision, scalar, state, telemetry, topic, wait_until
+from tests.mqtt import MqttClient, Refused
 
 WAIT_S = 20.0
 # How long a message that must not arrive is waited for (one that may takes milliseconds).
@@ -56,7 +57,7 @@ def count(url: str, query: str, params: list[object] | None = None) -> int:
     return int(str(scalar(url, query, params)))
 
 
-def connect(client: DeviceClient, timeout_s: float = WAIT_S) -> DeviceClient:
+def connect(client: MqttClient, timeout_s: float = WAIT_S) -> MqttClient:
     """Connect, trying again while refused: Mosquitto's reload after ``admit`` is a signal,
     done a moment later."""
     deadline = time.monotonic() + timeout_s
@@ -69,7 +70,7 @@ def connect(client: DeviceClient, timeout_s: float = WAIT_S) -> DeviceClient:
             time.sleep(0.1)
 
 
-def acked(client: DeviceClient, device_id: str) -> set[int]:
+def acked(client: MqttClient, device_id: str) -> set[int]:
     """Every seq the stored-acks ``client`` received cover."""
     seqs: set[int] = set()
     for message in client.messages(topic(device_id, "ack")):

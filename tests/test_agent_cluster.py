@@ -23,8 +23,8 @@ from device_agent.store import DeviceStore, open_database
 from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.pki import DevelopmentPKI
 from services.common.broker_certificates import end_device_session
-from tests.mqtt import suite_tls
-from tests.nats import Mqtt311Client, running_cluster
+from tests.mqtt import MqttClient, suite_tls
+from tests.nats import running_cluster
 
 DEVICE = "dev-cluster-0001"
 BACKEND = "backend"
@@ -44,15 +44,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pki: DevelopmentPKI) -> It
         yield started
 
 
-def _backend(cluster: NatsCluster, node: int) -> Mqtt311Client:
-    backend = Mqtt311Client(
-        cluster.nodes[node].mqtt_port, f"backend-{time.monotonic_ns()}", BACKEND, PASSWORDS[BACKEND]
-    ).connect()
+def _client(cluster: NatsCluster, node: int, client_id: str, user: str) -> MqttClient:
+    """An MQTT 3.1.1 client of ``node`` as ``user``, not connected yet."""
+    port = cluster.nodes[node].mqtt_port
+    return MqttClient(
+        "127.0.0.1", port, user, PASSWORDS[user], client_id=client_id, protocol=MQTT_311
+    )
+
+
+def _backend(cluster: NatsCluster, node: int) -> MqttClient:
+    backend = _client(cluster, node, f"backend-{time.monotonic_ns()}", BACKEND).connect()
     assert backend.subscribe(TELEMETRY) == 1
     return backend
 
 
-def _seqs(backend: Mqtt311Client) -> set[int]:
+def _seqs(backend: MqttClient) -> set[int]:
     return {json.loads(m.payload)["seq"] for m in list(backend.received) if m.topic == TELEMETRY}
 
 
@@ -68,7 +74,7 @@ def test_a_311_takeover_on_one_node_ends_the_devices_connection_on_another(
     cluster: NatsCluster,
 ) -> None:
     client_id = "dev-takeover-0001"
-    device = Mqtt311Client(cluster.nodes[0].mqtt_port, client_id, DEVICE, PASSWORDS[DEVICE])
+    device = _client(cluster, 0, client_id, DEVICE)
     device.connect()
     try:
         assert end_device_session(

@@ -28,16 +28,8 @@ from services.common.migrations.grants import ServiceRole
 from services.common.tls import client_context
 from services.ingest.throttle import LIFT_CHECK_INTERVAL_S, Budget, Throttle
 from tests.ingest import Device, provision
-from tests.nats import (
-    CONNACK_ACCEPTED,
-    CalloutSetup,
-    Mqtt311Client,
-    Refused,
-    ResponderProcess,
-    callout_setup,
-    connack_of,
-    running_cluster,
-)
+from tests.mqtt import CONNACK_ACCEPTED, MQTT_311, MqttClient, Refused, connack_of
+from tests.nats import CalloutSetup, ResponderProcess, callout_setup, running_cluster
 from tests.roles import as_service
 
 REFUSED = {4, 5}  # bad user name or password, not authorized (3.1.1 CONNACK)
@@ -58,19 +50,34 @@ def cluster(nats_broker: NatsCluster) -> NatsCluster:
     return nats_broker
 
 
-def mqtt(cluster: NatsCluster, node: int, device: Device, client_id: str = "") -> Mqtt311Client:
-    """A connected device client of ``node``."""
+def mqtt(cluster: NatsCluster, node: int, device: Device, client_id: str = "") -> MqttClient:
+    """A device client of ``node`` (MQTT 3.1.1, not connected yet)."""
     port = cluster.nodes[node].mqtt_port
-    return Mqtt311Client(port, client_id or device.device_id, device.device_id, device.password)
+    return MqttClient(
+        "127.0.0.1",
+        port,
+        device.device_id,
+        device.password,
+        client_id=client_id or device.device_id,
+        protocol=MQTT_311,
+    )
 
 
 def service(
     cluster: NatsCluster, node: int, passwords: dict[ServiceAccount, str], client_id: str
-) -> Mqtt311Client:
-    """A service client (the API's account) of ``node`` with any client id."""
+) -> MqttClient:
+    """A service client (the API's account) of ``node`` with any client id (MQTT 3.1.1, not
+    connected yet)."""
     account = ServiceAccount.API
     port = cluster.nodes[node].mqtt_port
-    return Mqtt311Client(port, client_id, account.value, passwords[account])
+    return MqttClient(
+        "127.0.0.1",
+        port,
+        account.value,
+        passwords[account],
+        client_id=client_id,
+        protocol=MQTT_311,
+    )
 
 
 def test_a_device_provisioned_after_the_cluster_started_connects(
@@ -347,8 +354,14 @@ def test_a_devices_retained_presence_and_will_reach_the_backend(
     [device] = provision(database_url, 1, prefix="will")
     presence = f"galvani/v1/d/{device.device_id}/presence"
     port = cluster.nodes[0].mqtt_port
-    client = Mqtt311Client(
-        port, device.device_id, device.device_id, device.password, will=(presence, b"offline")
+    client = MqttClient(
+        "127.0.0.1",
+        port,
+        device.device_id,
+        device.password,
+        client_id=device.device_id,
+        protocol=MQTT_311,
+        will=(presence, b"offline"),
     ).connect()
     client.publish(presence, b"online", retain=True)
     watcher = service(cluster, 1, service_passwords, "galvani-api-presence").connect()

@@ -32,7 +32,7 @@ from services.maintenance.jobs import run_pass
 from services.rules.sweeps import BANS_LOOKBACK, sweep
 from tests.api import auth
 from tests.ingest import T0_MS, Device, IngestWorkers, connect_device, provision, wait_until
-from tests.mqtt import ConnectRefused, MqttClient
+from tests.mqtt import MqttClient, Refused
 from tests.promtool import RULES_DIR, check_rules, run_rule_tests
 from tests.roles import as_service
 from tests.rules import RulesWorkers, alerts
@@ -126,7 +126,7 @@ def _connect_eventually(port: int, device: Device) -> MqttClient:
     while True:
         try:
             return connect_device(port, device)
-        except ConnectRefused:
+        except Refused:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

@@ -27,19 +27,26 @@ from tests.ingest import (
     topic,
     wait_until,
 )
-from tests.nats import Mqtt311Client
+from tests.mqtt import MQTT_311, MqttClient
 from tests.nats_single import SingleNats, single_nats
 
 TIMEOUT_S = 10.0
 
 
 class Device311:
-    """A device on the MQTT gateway (tests/nats.py's MQTT 3.1.1 client; NATS refuses 5): QoS 1
-    telemetry, and its ``ack`` channel at QoS 0."""
+    """A device on the MQTT gateway (tests/mqtt.py's client over MQTT 3.1.1; NATS refuses 5):
+    QoS 1 telemetry, and its ``ack`` channel at QoS 0."""
 
     def __init__(self, port: int, device: Device) -> None:
         self.device_id = device.device_id
-        self.client = Mqtt311Client(port, device.device_id, device.device_id, device.password)
+        self.client = MqttClient(
+            "127.0.0.1",
+            port,
+            device.device_id,
+            device.password,
+            client_id=device.device_id,
+            protocol=MQTT_311,
+        )
         self.client.connect()
         assert self.client.subscribe(topic(self.device_id, "ack"), qos=0) == 0
 

@@ -18,7 +18,8 @@ from deploy.stack.nats_cluster import (
 )
 from deploy.stack.pki import DevelopmentPKI
 from services.broker_access.nkeys import KeyPair, Prefix
-from tests.nats import Mqtt311Client, Refused, cluster_tls, running_cluster
+from tests.mqtt import MQTT_311, MqttClient, Refused
+from tests.nats import cluster_tls, running_cluster
 
 USER = "tester"
 PASSWORD = "tester-password"
@@ -36,10 +37,17 @@ def cluster(tmp_path: Path, pki: DevelopmentPKI) -> Iterator[NatsCluster]:
         yield started
 
 
-def client(cluster: NatsCluster, node: int) -> Mqtt311Client:
-    """A connected MQTT 3.1.1 client of ``node`` with a client id of its own."""
+def unconnected(cluster: NatsCluster, node: int) -> MqttClient:
+    """An MQTT 3.1.1 client of ``node`` with a client id of its own, not connected yet."""
     port = cluster.nodes[node].mqtt_port
-    return Mqtt311Client(port, f"test-{next(_ids)}", USER, PASSWORD).connect()
+    return MqttClient(
+        "127.0.0.1", port, USER, PASSWORD, client_id=f"test-{next(_ids)}", protocol=MQTT_311
+    )
+
+
+def client(cluster: NatsCluster, node: int) -> MqttClient:
+    """A connected MQTT 3.1.1 client of ``node`` with a client id of its own."""
+    return unconnected(cluster, node).connect()
 
 
 def gateway_store_leader(cluster: NatsCluster) -> int:
@@ -55,9 +63,7 @@ def seconds_until_publish_succeeds(cluster: NatsCluster, node: int, topic: str) 
     started = time.monotonic()
     while time.monotonic() - started < RECOVERY_LIMIT_S:
         try:
-            publisher = Mqtt311Client(
-                cluster.nodes[node].mqtt_port, f"test-{next(_ids)}", USER, PASSWORD
-            ).connect(timeout_s=ATTEMPT_TIMEOUT_S * 2)
+            publisher = unconnected(cluster, node).connect(timeout_s=ATTEMPT_TIMEOUT_S * 2)
         except Refused:
             time.sleep(0.1)
             continue

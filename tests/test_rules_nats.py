@@ -22,11 +22,23 @@ from services.common.protocol import signing_input
 from services.common.signing import load_or_create_key, public_key_b64
 from services.rules.settings import RulesSettings
 from tests.ingest import Device, IngestWorkers, provision, scalar, topic, wait_until
-from tests.nats import Mqtt311Client
+from tests.mqtt import MQTT_311, MqttClient
 from tests.nats_single import SingleNats, single_nats
 from tests.rules import RulesWorkers
 
 TIMEOUT_S = 20.0
+
+
+def as_device(server: SingleNats, device: Device) -> MqttClient:
+    """An MQTT 3.1.1 client of the gateway as ``device``, not connected yet."""
+    return MqttClient(
+        "127.0.0.1",
+        server.mqtt_port,
+        device.device_id,
+        device.password,
+        client_id=device.device_id,
+        protocol=MQTT_311,
+    )
 
 
 def overcurrent(seq: int, ts_ms: int) -> bytes:
@@ -81,9 +93,7 @@ def test_an_overcurrent_through_nats_is_stored_raises_an_alert_and_the_safe_tabl
     try:
         rules.start()
         ingest.start()
-        client = Mqtt311Client(
-            server.mqtt_port, device.device_id, device.device_id, device.password
-        ).connect()
+        client = as_device(server, device).connect()
         try:
             assert client.subscribe(topic(device.device_id, "config"), qos=1) == 1
             now = int(time.time() * 1000)
@@ -106,7 +116,7 @@ def test_an_overcurrent_through_nats_is_stored_raises_an_alert_and_the_safe_tabl
         )
         assert scalar(database_url, "SELECT published_at IS NOT NULL FROM config_pushes")
         # A device that reconnects later finds the table retained.
-        late = Mqtt311Client(server.mqtt_port, device.device_id, device.device_id, device.password)
+        late = as_device(server, device)
         late.connect()
         try:
             late.subscribe(topic(device.device_id, "config"), qos=1)
@@ -143,7 +153,7 @@ def test_the_publisher_speaks_311_to_nats_and_moves_on_from_a_dead_node(
     finally:
         publisher.disconnect()
         publisher.loop_stop()
-    reader = Mqtt311Client(server.mqtt_port, device.device_id, device.device_id, device.password)
+    reader = as_device(server, device)
     reader.connect()
     try:
         reader.subscribe(topic(device.device_id, "config"), qos=1)
