@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -398,9 +399,24 @@ def broker_api_settings(
     )
 
 
+@pytest.fixture(scope="session")
+def no_broker_port() -> Iterator[int]:
+    """A loopback port on which every connect is refused for the whole run: bound and never
+    listening, so no server can take it. For services "with no broker": their default port
+    (8885) is the one ``make run``'s broker prefers, and a test of the run may hold it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
 @pytest.fixture
-def client(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+def client(api_database_url: str, tmp_path: Path, no_broker_port: int) -> Iterator[TestClient]:
     """The API (as its own role) on this test's database, with no broker."""
-    settings = ApiSettings(database_url=api_database_url, mqtt_password="x", data_dir=tmp_path)
+    settings = ApiSettings(
+        database_url=api_database_url,
+        mqtt_port=no_broker_port,
+        mqtt_password="x",
+        data_dir=tmp_path,
+    )
     with TestClient(create_app(settings)) as client:
         yield client

@@ -262,12 +262,13 @@ def assert_problem(response: Response, status: int, where: object) -> None:
 
 
 @pytest.fixture
-def client(api_database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+def client(api_database_url: str, tmp_path: Path, no_broker_port: int) -> Iterator[TestClient]:
     """The API on this test's database. The 401 matrix sends a bad key to every route from
     one address, far past the failed-authentication limit (``test_api_rate_limit.py``), so the
     limit is set out of its way here."""
     settings = ApiSettings(
         database_url=api_database_url,
+        mqtt_port=no_broker_port,
         mqtt_password="x",
         data_dir=tmp_path,
         auth_failures_per_window=1_000_000,
