@@ -58,11 +58,12 @@ NO_TESTS_IS_FAILURE = { status=$$?; [ $$status -ne 5 ] || echo "make $@: pytest 
 # long are left out (pyproject's addopts): `make test-long` runs only those.
 # Two pytest processes (pytest-xdist), each with servers of its own, a test file kept in one
 # (its module fixtures start stacks): most of a test is waiting on the servers it started,
-# and one process left a core idle (load average ~1 over a 27-minute run).
+# and one process left a core idle (load average ~1 over a 27-minute run). The longest files go
+# first (tests/conftest.py, LONGEST_FILES), so the two processes finish together.
 TEST_PROCESSES ?= 2
 
 test: test-deps venv
-	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile || $(NO_TESTS_IS_FAILURE)
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder || $(NO_TESTS_IS_FAILURE)
 
 test-long: test-deps venv
 	$(PY) -m pytest -m long -rP || $(NO_TESTS_IS_FAILURE)
