@@ -67,6 +67,7 @@ LONGEST_FILES = (
     "tests/test_jetstream_cluster.py",
     "tests/test_flood.py",
     "tests/test_rules_properties.py",
+    "tests/test_silent_devices.py",
 )
 
 

@@ -781,6 +781,21 @@ PLATFORM: Final = Dashboard(
             ],
             width=6,
         ),
+        Panel(
+            "Devices reported offline for silence",
+            "Devices maintenance reported offline per hour because nothing was received from"
+            " them for GALVANI_MAINTENANCE_SILENT_AFTER_S (300 s: the wills a broker killed -9"
+            " never sent), and reported online again when a message from them was stored"
+            " later. None are marked while no device at all was heard within that time (an"
+            " outage of ingest or the database, not of the fleet).",
+            [
+                Query(
+                    "sum by (change) (increase(galvani_maintenance_devices_silent_total[1h]))",
+                    "{{change}}",
+                )
+            ],
+            width=12,
+        ),
     ],
 )
 

@@ -140,6 +140,8 @@ _UPDATE_DEVICES: Final = sql.SQL(
         {config_wins},
         state_ts = GREATEST(d.state_ts, u.state_ts),
         {presence_wins},
+        -- The device's own word on presence ends a silence maintenance reported.
+        silent_since = CASE WHEN {presence_won} THEN NULL ELSE d.silent_since END,
         presence_at = GREATEST(d.presence_at, u.presence_at),
         suspect_samples_at = GREATEST(d.suspect_samples_at, u.suspect_at)
     FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],
@@ -154,6 +156,7 @@ _UPDATE_DEVICES: Final = sql.SQL(
     state_wins=_if_newer(_STATE_WINS, "u.{c}", "d.{c}", "fw", "hw"),
     config_wins=_if_newer(_CONFIG_WINS, "u.{c}", "d.{c}", *_CONFIG_COLUMNS),
     presence_wins=_if_newer(_PRESENCE_WINS, "u.{c}", "d.{c}", "online"),
+    presence_won=sql.SQL(_PRESENCE_WINS),
 )
 
 

@@ -9,6 +9,7 @@ from psycopg.abc import Params
 from psycopg.rows import args_row
 
 from services.common.db import Conn, Storage, storage_of
+from services.maintenance.silent_devices import DEFAULT_SILENT_AFTER_S, mark_silent_devices
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,9 @@ class PassResult:
     rollup_rows: int
     dropped: int
     partitions_created: int
+    # Devices reported offline for silence, and reported online again (silent_devices.py).
+    silent_marked: int = 0
+    silent_revived: int = 0
 
 
 def _count(count: int) -> int:
@@ -44,7 +48,13 @@ def _counted(conn: Conn, query: LiteralString, params: Params) -> int:
         return cur.execute(query, params).fetchone() or 0
 
 
-def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
+def run_pass(
+    conn: Conn,
+    now: datetime,
+    lookback: timedelta,
+    *,
+    silent_after_s: float = DEFAULT_SILENT_AFTER_S,
+) -> PassResult:
     """Refresh rollups, drop expired samples and (plain storage) create partitions ahead.
 
     The first job runs on every storage: it trims, by receipt time, the telemetry ledger, the
@@ -55,14 +65,19 @@ def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     1970 would have been dropped on the next pass and one at 2100 never). The licensed
     TimescaleDB build does the other sample jobs with its own policies, so a pass there ends
     after this one.
+
+    The second, on every storage too, reports devices silent for ``silent_after_s`` offline
+    and marked ones heard from since online again (``silent_devices.py``), by the database's
+    clock (``now()``), not ``now``.
     """
     storage = storage_of(conn)
     with conn.transaction():
         cutoff = now - timedelta(days=retention_days(conn))
         conn.execute("SELECT galvani_drop_old_messages(%s)", [cutoff])
         conn.execute("DELETE FROM device_throttles WHERE banned_at < %s", [cutoff])
+    silent = mark_silent_devices(conn, silent_after_s)
     if storage is Storage.TIMESCALEDB:
-        return PassResult(0, 0, 0)
+        return PassResult(0, 0, 0, silent.marked, silent.revived)
     created = 0
     if storage is Storage.PLAIN:
         with conn.transaction():
@@ -82,4 +97,10 @@ def run_pass(conn: Conn, now: datetime, lookback: timedelta) -> PassResult:
     with conn.transaction():
         cutoff = now - timedelta(days=retention_days(conn))
         dropped = _counted(conn, "SELECT galvani_drop_old_samples(%s)", [cutoff])
-    return PassResult(rollup_rows=rollup_rows, dropped=dropped, partitions_created=created)
+    return PassResult(
+        rollup_rows=rollup_rows,
+        dropped=dropped,
+        partitions_created=created,
+        silent_marked=silent.marked,
+        silent_revived=silent.revived,
+    )

@@ -27,6 +27,12 @@ PASSES = Counter("galvani_maintenance_passes_total", "Maintenance passes", ["out
 PASS_SECONDS = Histogram("galvani_maintenance_pass_seconds", "Duration of one pass")
 ROLLUP_ROWS = Counter("galvani_maintenance_rollup_rows_total", "Rollup rows recomputed")
 DROPPED = Counter("galvani_maintenance_dropped_total", "Chunks or partitions dropped")
+SILENT = Counter(
+    "galvani_maintenance_devices_silent_total",
+    "Devices reported offline for silence (change=offline), and online again when heard from"
+    " (change=online)",
+    ["change"],
+)
 REPLICATION = ReplicationCollector()
 REGISTRY.register(REPLICATION)
 
@@ -88,7 +94,9 @@ def run_passes(settings: MaintenanceSettings, stop: threading.Event) -> None:
         with PASS_SECONDS.time():
             try:
                 with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-                    result = run_pass(conn, datetime.now(UTC), lookback)
+                    result = run_pass(
+                        conn, datetime.now(UTC), lookback, silent_after_s=settings.silent_after_s
+                    )
                     REPLICATION.update(read_replication(conn))
             except DatabaseUnavailable as exc:
                 REPLICATION.update(None)
@@ -98,6 +106,8 @@ def run_passes(settings: MaintenanceSettings, stop: threading.Event) -> None:
                 PASSES.labels("ok").inc()
                 ROLLUP_ROWS.inc(result.rollup_rows)
                 DROPPED.inc(result.dropped)
+                SILENT.labels("offline").inc(result.silent_marked)
+                SILENT.labels("online").inc(result.silent_revived)
                 log.info("maintenance pass: %s", result)
         stop.wait(settings.interval_s)
 

@@ -4,12 +4,13 @@ import ssl
 from pathlib import Path
 from typing import Self
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.broker_auth import ServiceAccount
 from services.common.settings import Environment, refuse_default_secrets, refuse_plaintext
 from services.common.tls import client_context
+from services.maintenance.silent_devices import DEFAULT_SILENT_AFTER_S, MIN_SILENT_AFTER_S
 
 
 class MaintenanceSettings(BaseSettings):
@@ -30,6 +31,11 @@ class MaintenanceSettings(BaseSettings):
     # Rollups are recomputed for this much recent time on every pass, besides the hours
     # ingest marks dirty when late (buffered) samples arrive.
     rollup_lookback_s: float = 2 * 3600.0
+    # A device from which nothing was received for this long is reported offline (a presence
+    # log row with no ts, as a will), for wills a broker killed -9 never sent: 300 s is five
+    # missed heartbeats (an idle device sends a telemetry sample a minute). Must exceed 60 s,
+    # the heartbeat period (services/maintenance/silent_devices.py).
+    silent_after_s: float = DEFAULT_SILENT_AFTER_S
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 8885
     mqtt_username: str = ServiceAccount.MAINTENANCE.value
@@ -57,6 +63,16 @@ class MaintenanceSettings(BaseSettings):
         refuse_default_secrets(self.environment, self.database_url, self.mqtt_password)
         refuse_plaintext(self.environment, self.mqtt_tls)
         return self
+
+    @field_validator("silent_after_s")
+    @classmethod
+    def _longer_than_a_heartbeat(cls, value: float) -> float:
+        if not value > MIN_SILENT_AFTER_S:
+            raise ValueError(
+                f"silent_after_s must exceed {MIN_SILENT_AFTER_S:g} s, the heartbeat period:"
+                " an idle device between two heartbeats would be reported offline"
+            )
+        return value
 
     def mqtt_tls_context(self) -> ssl.SSLContext | None:
         """The TLS context for the broker connection, None when ``mqtt_tls`` is off."""

@@ -66,7 +66,8 @@ UPSERT = "SELECT, INSERT, UPDATE"
 EDIT = "SELECT, UPDATE"
 OWN = "SELECT, INSERT, UPDATE, DELETE"
 
-# Table (or view) -> what each group may do with it; a group not named may do nothing.
+# Table (or view) -> what each group may do with it; a group not named may do nothing. A
+# privilege may name columns ("UPDATE (online)"): REVOKE ALL on the table revokes those too.
 TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     # Alembic's own: the migration role's alone.
     "alembic_version": {},
@@ -77,7 +78,16 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     "users": {RULES: READ, API: UPSERT},
     # Devices: provisioned by the API; ingest keeps their counters and reported state, rules
     # the table version they should have; the NATS cluster's auth callout checks logins.
-    "devices": {INGEST: EDIT, RULES: EDIT, API: UPSERT, BROKER_ACCESS: READ},
+    # Maintenance marks a silent device offline and back online (migration 0017): the columns
+    # it judges by, and the two it sets, nothing else.
+    "devices": {
+        INGEST: EDIT,
+        RULES: EDIT,
+        API: UPSERT,
+        BROKER_ACCESS: READ,
+        MAINTENANCE: "SELECT (id, online, last_received_at, silent_since),"
+        " UPDATE (online, silent_since)",
+    },
     # Device data: ingest writes it, the API reads it, maintenance rolls it up and trims it.
     "samples": {INGEST: APPEND, API: READ, MAINTENANCE: READ},
     "samples_1m": {API: READ, MAINTENANCE: "SELECT, INSERT, DELETE"},
@@ -88,7 +98,8 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
     "telemetry_messages": {INGEST: APPEND, MAINTENANCE: "SELECT, DELETE"},
     "events": {INGEST: APPEND, API: READ},
     "state_reports": {INGEST: APPEND},
-    "presence_log": {INGEST: APPEND, RULES: READ},
+    # Maintenance logs the offline and online it reports for silent devices (migration 0017).
+    "presence_log": {INGEST: APPEND, RULES: READ, MAINTENANCE: "INSERT"},
     "sessions": {INGEST: UPSERT, API: READ},
     "message_conflicts": {INGEST: APPEND, API: READ, MAINTENANCE: "SELECT, DELETE"},
     # Dead letters: ingest only adds them (COPY), the API shows them to their brand.
