@@ -23,6 +23,7 @@ from services.broker_access.nkeys import KeyPair, Prefix
 from services.broker_access.responder import DeviceLookup, Responder
 from services.common.broker.nats_access import DatabaseBans, NatsDeviceAccess
 from services.common.broker.nats_client import NatsClient, NatsMessage
+from services.common.broker.subjects import topic_to_subject
 from services.common.broker_auth import ServiceAccount
 from services.common.migrations.grants import ServiceRole
 from services.common.tls import client_context
@@ -31,6 +32,7 @@ from tests.ingest import Device, provision
 from tests.mqtt import CONNACK_ACCEPTED, MQTT_311, MqttClient, Refused, connack_of
 from tests.nats import CalloutSetup, ResponderProcess, callout_setup, running_cluster
 from tests.roles import as_service
+from tests.stream_watch import StreamWatcher
 
 REFUSED = {4, 5}  # bad user name or password, not authorized (3.1.1 CONNACK)
 # How long a message that should not arrive is waited for (a permitted one takes
@@ -121,22 +123,23 @@ def test_devices_are_refused_without_their_own_credentials(
 
 
 def test_a_device_publishing_on_another_devices_topic_is_acked_and_dropped(
-    cluster: NatsCluster, database_url: str, service_passwords: dict[ServiceAccount, str]
+    cluster: NatsCluster,
+    database_url: str,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
 ) -> None:
     sender, victim = provision(database_url, 2, prefix="pub")
-    watcher = service(cluster, 1, service_passwords, "galvani-api-watch").connect()
     client = mqtt(cluster, 0, sender).connect()
     try:
-        assert watcher.subscribe("galvani/v1/d/+/telemetry") == 1
-        forged = f"galvani/v1/d/{victim.device_id}/telemetry"
-        own = f"galvani/v1/d/{sender.device_id}/telemetry"
-        client.publish(forged, b"forged")  # NATS's gateway acknowledges what it drops
-        client.publish(own, b"marker")
-        assert watcher.wait_for(own) is not None
-        assert watcher.wait_for(forged, timeout_s=SILENCE_S) is None
+        with StreamWatcher(cluster, service_passwords[ServiceAccount.INGEST], pki.ca_file) as seen:
+            forged = f"galvani/v1/d/{victim.device_id}/telemetry"
+            own = f"galvani/v1/d/{sender.device_id}/telemetry"
+            client.publish(forged, b"forged")  # NATS's gateway acknowledges what it drops
+            client.publish(own, b"marker")
+            assert seen.wait_for(topic_to_subject(own)) is not None
+            assert seen.wait_for(topic_to_subject(forged), timeout_s=SILENCE_S) is None
     finally:
         client.close()
-        watcher.close()
 
 
 def test_a_device_subscribes_to_its_own_config_and_not_to_anothers(
@@ -160,9 +163,14 @@ def test_a_device_subscribes_to_its_own_config_and_not_to_anothers(
 
 def test_a_service_account_uses_nats_and_mqtt_with_any_client_id(
     cluster: NatsCluster,
+    database_url: str,
     service_passwords: dict[ServiceAccount, str],
     pki: DevelopmentPKI,
 ) -> None:
+    """Ingest's ack as core NATS and the API's table over MQTT (a client id of its own) reach
+    the device; a wrong password keeps a service out."""
+    [device] = provision(database_url, 1, prefix="svc")
+    receiver = mqtt(cluster, 1, device).connect()
     nats = NatsClient(
         cluster.nats_urls().split(","),
         user=ServiceAccount.INGEST.value,
@@ -172,18 +180,23 @@ def test_a_service_account_uses_nats_and_mqtt_with_any_client_id(
     )
     nats.connect(5.0)
     try:
-        nats.subscribe("galvani.v1.d.*.ack")
+        ack = f"galvani/v1/d/{device.device_id}/ack"
+        config = f"galvani/v1/d/{device.device_id}/config"
+        assert receiver.subscribe(ack) == 1
+        assert receiver.subscribe(config) == 1
+        nats.publish(topic_to_subject(ack), b"ack")
         nats.flush()
         publisher = service(cluster, 2, service_passwords, "any-client-id").connect()
-        publisher.publish("galvani/v1/d/svc-0001/ack", b"ack")
+        publisher.publish(config, b"table")
         publisher.close()
-        deadline = time.monotonic() + 5
-        got = []
-        while not got and time.monotonic() < deadline:
-            got = nats.poll(0.2)
-        assert [(m.subject, m.payload) for m in got] == [("galvani.v1.d.svc-0001.ack", b"ack")]
+        got_ack, got_table = receiver.wait_for(ack), receiver.wait_for(config)
+        assert got_ack is not None
+        assert got_ack.payload == b"ack"
+        assert got_table is not None
+        assert got_table.payload == b"table"
     finally:
         nats.close()
+        receiver.close()
     wrong = NatsClient(
         cluster.nats_urls().split(","),
         user=ServiceAccount.INGEST.value,
@@ -347,44 +360,36 @@ def test_logins_go_on_when_one_of_two_responders_stops(
 
 
 def test_a_devices_retained_presence_and_will_reach_the_backend(
-    cluster: NatsCluster, database_url: str, service_passwords: dict[ServiceAccount, str]
+    cluster: NatsCluster,
+    database_url: str,
+    service_passwords: dict[ServiceAccount, str],
+    pki: DevelopmentPKI,
 ) -> None:
     """What the device agent does on presence (retained QoS 1 "online", a retained QoS 1 will
-    "offline") works with a device's grant: the gateway publishes the will as the device."""
+    "offline") works with a device's grant: the gateway publishes the will as the device, and
+    both reach the stream the workers read."""
     [device] = provision(database_url, 1, prefix="will")
     presence = f"galvani/v1/d/{device.device_id}/presence"
     port = cluster.nodes[0].mqtt_port
-    client = MqttClient(
-        "127.0.0.1",
-        port,
-        device.device_id,
-        device.password,
-        client_id=device.device_id,
-        protocol=MQTT_311,
-        will=(presence, b"offline"),
-    ).connect()
-    client.publish(presence, b"online", retain=True)
-    watcher = service(cluster, 1, service_passwords, "galvani-api-presence").connect()
-    try:
-        assert watcher.subscribe(presence) == 1
-        online = watcher.wait_for(presence)
+    with StreamWatcher(cluster, service_passwords[ServiceAccount.INGEST], pki.ca_file) as seen:
+        client = MqttClient(
+            "127.0.0.1",
+            port,
+            device.device_id,
+            device.password,
+            client_id=device.device_id,
+            protocol=MQTT_311,
+            will=(presence, b"offline"),
+        ).connect()
+        client.publish(presence, b"online", retain=True)
+        online = seen.wait_for(topic_to_subject(presence))
         assert online is not None
-        assert (online.payload, online.retain) == (b"online", True)
-        watcher.received.clear()
+        assert online.payload == b"online"
+        seen.received.clear()
         client.drop()
-        will = watcher.wait_for(presence, timeout_s=10)
+        will = seen.wait_for(topic_to_subject(presence), timeout_s=10)
         assert will is not None
         assert will.payload == b"offline"
-    finally:
-        watcher.close()
-    later = service(cluster, 2, service_passwords, "galvani-api-later").connect()
-    try:
-        assert later.subscribe(presence) == 1
-        kept = later.wait_for(presence)
-        assert kept is not None
-        assert (kept.payload, kept.retain) == (b"offline", True)
-    finally:
-        later.close()
 
 
 def test_ingests_throttle_bans_a_flooding_device_from_the_cluster_until_the_ban_ends(

@@ -13,6 +13,7 @@ from services.broker_access.access import (
     verify_password,
 )
 from services.broker_access.callout import (
+    SERVICE_GRANTS,
     AuthRequest,
     Grant,
     Refusal,
@@ -192,7 +193,7 @@ def test_who_gets_in(tmp_path) -> None:
     for what, request in refused.items():
         assert isinstance(authorizer.decide(request), Refusal), what
     service = authorizer.decide(_login("galvani-ingest", "ingest-pw", "dev-good", "nats"))
-    assert service == Grant("galvani-ingest", None, None, None)
+    assert service == SERVICE_GRANTS[ServiceAccount.INGEST]
 
 
 def test_a_replaced_service_password_file_is_read_again(tmp_path) -> None:

@@ -160,7 +160,15 @@ class Authorizer:
             return Refusal(f"service account {request.username} is not in the password file")
         if not verify_password(request.password, encoded):
             return Refusal(f"wrong password for service account {request.username}")
-        return service_grant(request.username)
+        grant = service_grant(ServiceAccount(request.username))
+        if grant is None:
+            return Refusal(f"service account {request.username} has no use for the cluster")
+        if not grant.admits(request.client_type):
+            return Refusal(
+                f"service account {request.username} does not connect over"
+                f" {request.client_type or 'an unknown protocol'}"
+            )
+        return grant
 
 
 def _refuse_before_lookup(request: AuthRequest) -> Refusal | None:

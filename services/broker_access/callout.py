@@ -28,6 +28,8 @@ from typing import Any, Final
 
 from services.broker_access import jwt
 from services.broker_access.nkeys import KeyPair, Prefix, is_public
+from services.common.broker.subjects import STREAM
+from services.common.broker_auth import ServiceAccount
 from services.common.protocol.topics import (
     ACK_CHANNEL,
     CONFIG_CHANNEL,
@@ -51,6 +53,11 @@ DEVICE_SUBJECT_ROOT: Final = "galvani.v1.d"
 # cannot name a ``$MQTT`` subject (server/mqtt.go refuses it).
 MQTT_DELIVERY_SUBJECTS: Final = "$MQTT.sub.*"
 DEVICE_CONNECTION_TYPES: Final = ("MQTT",)
+STANDARD: Final = "STANDARD"  # the NATS protocol
+MQTT: Final = "MQTT"
+# An authorization request's ``client_info.type`` (server/client.go clientTypeString) to the
+# user JWT's connection type.
+CONNECTION_TYPES: Final = {"nats": STANDARD, "mqtt": MQTT, "websocket": "WEBSOCKET"}
 # The authorization response's lifetime: the server reads it at once. The user JWT inside has
 # no ``exp``: the server would close the connection when it passed.
 RESPONSE_TTL_S: Final = 60
@@ -112,13 +119,22 @@ def parse_request(token: str, *, now: float | None = None) -> AuthRequest:
 @dataclass(frozen=True)
 class Grant:
     """Let the client in as ``name`` in ``account`` with these subject permissions
-    (None: everything) and connection types (None: any)."""
+    (None: everything, an empty tuple: nothing) and connection types (None: any)."""
 
     name: str
     publish: tuple[str, ...] | None
     subscribe: tuple[str, ...] | None
     connection_types: tuple[str, ...] | None
     account: str = APP_ACCOUNT
+
+    def admits(self, client_type: str) -> bool:
+        """Whether a client of ``client_type`` (the request's ``client_info.type``) may use
+        this grant. nats-server 2.10 does not enforce a callout user JWT's
+        ``allowed_connection_types`` (server/auth_callout.go registers the user without
+        checking them; tried in tests/test_service_grants.py), so the responder does."""
+        if self.connection_types is None:
+            return True
+        return CONNECTION_TYPES.get(client_type) in self.connection_types
 
 
 @dataclass(frozen=True)
@@ -154,18 +170,92 @@ def device_grant(device_id: str) -> Grant:
     )
 
 
-def service_grant(account: str) -> Grant:
-    """A backend service account: every subject of GALVANI (device traffic, JetStream's API,
-    configs), any client id, NATS or MQTT."""
-    return Grant(name=account, publish=None, subscribe=None, connection_types=None)
+# What a backend account reaches on NATS (services/common/broker/subjects.py, jetstream.py,
+# nats_client.py; services/common/config_push.py; services/common/broker_certificates.py):
+#
+# * the JetStream API of the stream GALVANI_DEVICES, as ensure_stream and ensure_consumer call
+#   it on every connection of a worker (STREAM.INFO, then STREAM.CREATE when it is missing;
+#   CONSUMER.INFO and CONSUMER.CREATE of the group's durable), and the pull requests
+#   (CONSUMER.MSG.NEXT). The durable is the worker's share group, a setting
+#   (GALVANI_<SERVICE>_SHARE_GROUP, ``ingest``/``rules`` by default, one of its own per test),
+#   so its token is ``*``: a worker account can pull from another group's consumer too;
+# * ``$JS.ACK.GALVANI_DEVICES.>``: acknowledging a message (and ``+WPI``) is a publish to its
+#   reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``;
+# * ``_INBOX.>`` (subscribe): the replies of the JetStream API and the pulled messages come
+#   to ``_INBOX.<random>.<n>`` (nats_client.new_inbox_prefix);
+# * over MQTT: a config table published retained at QoS 1 is a publish on the device's
+#   ``config`` subject; a session takeover (CONNECT with the device's client id, then
+#   DISCONNECT) needs no subject at all.
+_STREAM_INFO: Final = f"$JS.API.STREAM.INFO.{STREAM}"
+_STREAM_CREATE: Final = f"$JS.API.STREAM.CREATE.{STREAM}"
+_CONSUMER_INFO: Final = f"$JS.API.CONSUMER.INFO.{STREAM}.*"
+_CONSUMER_CREATE: Final = f"$JS.API.CONSUMER.CREATE.{STREAM}.*"
+_CONSUMER_DELETE: Final = f"$JS.API.CONSUMER.DELETE.{STREAM}.*"
+_CONSUMER_NEXT: Final = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*"
+_STREAM_ACKS: Final = f"$JS.ACK.{STREAM}.>"
+INBOX_SUBJECTS: Final = "_INBOX.>"
+# What a worker group's consumer needs: the stream made if missing, the consumer made if
+# missing, pulled from, and each message acknowledged.
+_CONSUMING: Final = (
+    _STREAM_INFO,
+    _STREAM_CREATE,
+    _CONSUMER_INFO,
+    _CONSUMER_CREATE,
+    _CONSUMER_NEXT,
+    _STREAM_ACKS,
+)
+
+
+def _every_device(channel: str) -> str:
+    return device_subject("*", channel)
+
+
+SERVICE_GRANTS: Final[dict[ServiceAccount, Grant | None]] = {
+    # Pulls the device channels from its group's consumer (NATS), publishes each stored
+    # message's ack to the device as core NATS (jetstream.py JetStreamSource.publish), and
+    # ends a flooding device's session by MQTT takeover (services/ingest/throttle.py).
+    # CONSUMER.DELETE: retiring a worker group's consumer, which nothing else in GALVANI can
+    # do on the callout cluster (tests/brokers.py deletes the tests' groups so).
+    ServiceAccount.INGEST: Grant(
+        name=ServiceAccount.INGEST.value,
+        publish=(*_CONSUMING, _CONSUMER_DELETE, _every_device(ACK_CHANNEL)),
+        subscribe=(INBOX_SUBJECTS,),
+        connection_types=(STANDARD, MQTT),
+    ),
+    # Pulls the device channels from its group's consumer (NATS) and publishes config tables
+    # retained over MQTT (services/rules/main.py connect_publisher).
+    ServiceAccount.RULES: Grant(
+        name=ServiceAccount.RULES.value,
+        publish=(*_CONSUMING, _every_device(CONFIG_CHANNEL)),
+        subscribe=(INBOX_SUBJECTS,),
+        connection_types=(STANDARD, MQTT),
+    ),
+    # Publishes config tables retained over MQTT (rollouts, API pushes: services/api/
+    # publisher.py) and ends a decommissioned device's session by takeover; subscribes to
+    # nothing and never speaks the NATS protocol.
+    ServiceAccount.API: Grant(
+        name=ServiceAccount.API.value,
+        publish=(_every_device(CONFIG_CHANNEL),),
+        subscribe=(),
+        connection_types=(MQTT,),
+    ),
+    # Watches the cluster through the nodes' HTTP monitoring ports (services/maintenance/
+    # cluster_watch.py), never through a connection: refused.
+    ServiceAccount.MAINTENANCE: None,
+}
+
+
+def service_grant(account: ServiceAccount) -> Grant | None:
+    """What ``account`` may do on the cluster (SERVICE_GRANTS); None: it may not log in."""
+    return SERVICE_GRANTS[account]
 
 
 def user_claims(grant: Grant, user_nkey: str) -> dict[str, Any]:
     """The user JWT's claims for ``grant`` (before signing)."""
     nats: dict[str, Any] = {
         "type": jwt.USER_CLAIM,
-        "pub": {} if grant.publish is None else {"allow": list(grant.publish)},
-        "sub": {} if grant.subscribe is None else {"allow": list(grant.subscribe)},
+        "pub": _permission(grant.publish),
+        "sub": _permission(grant.subscribe),
         "subs": jwt.NO_LIMIT,
         "data": jwt.NO_LIMIT,
         "payload": jwt.NO_LIMIT,
@@ -173,6 +263,16 @@ def user_claims(grant: Grant, user_nkey: str) -> dict[str, Any]:
     if grant.connection_types is not None:
         nats["allowed_connection_types"] = list(grant.connection_types)
     return {"sub": user_nkey, "aud": grant.account, "name": grant.name, "nats": nats}
+
+
+def _permission(allowed: tuple[str, ...] | None) -> dict[str, list[str]]:
+    """A user JWT's ``pub`` or ``sub``: nothing said allows everything, and an empty allow
+    list is not relied on to mean nothing, so no subject at all is a deny of every subject."""
+    if allowed is None:
+        return {}
+    if not allowed:
+        return {"deny": [">"]}
+    return {"allow": list(allowed)}
 
 
 def respond(
