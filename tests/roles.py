@@ -7,6 +7,9 @@ database's owner (conftest's ``database_url``).
 
 from typing import Final
 
+import psycopg
+from psycopg import errors
+
 from deploy.stack.postgres import new_password
 from services.common.db import connect
 from services.common.db_roles import ensure_login, service_url
@@ -26,3 +29,15 @@ def create_logins(admin_url: str) -> None:
 def as_service(database_url: str, role: ServiceRole) -> str:
     """``database_url`` (the owner's) as ``role``'s login."""
     return service_url(database_url, role, PASSWORDS[role])
+
+
+def refused(url: str, statement: str) -> bool:
+    """Whether PostgreSQL refuses ``statement`` to the role of ``url`` for want of privilege."""
+    with psycopg.connect(url) as conn:
+        try:
+            conn.execute(statement)
+        except errors.InsufficientPrivilege:
+            return True
+        finally:
+            conn.rollback()
+    return False

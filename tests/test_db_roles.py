@@ -6,7 +6,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import errors
 
 from deploy.stack.options import Secrets
 from deploy.stack.runner import service_database_urls
@@ -15,7 +14,7 @@ from services.common.migrate import upgrade
 from services.common.migrations import grants
 from services.common.migrations.grants import ServiceRole
 from services.maintenance.jobs import run_pass
-from tests.roles import as_service, create_logins
+from tests.roles import as_service, create_logins, refused
 
 INGEST, RULES, API, MAINTENANCE = (
     ServiceRole.INGEST,
@@ -68,18 +67,6 @@ def test_every_table_sequence_and_function_has_an_entry_in_the_grants_map(
     # Both storages together hold every table listed: no entry outlives its table.
     timescale, plain = schema_objects(database_url)[0], schema_objects(plain_url)[0]
     assert grants.TABLES.keys() - (timescale | plain) == set()
-
-
-def refused(url: str, statement: str) -> bool:
-    """Whether PostgreSQL refuses ``statement`` to the role of ``url`` for want of privilege."""
-    with psycopg.connect(url) as conn:
-        try:
-            conn.execute(statement)
-        except errors.InsufficientPrivilege:
-            return True
-        finally:
-            conn.rollback()
-    return False
 
 
 @pytest.mark.parametrize("role", list(ServiceRole))

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import errors
 from pydantic import ValidationError
 
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
@@ -45,6 +44,7 @@ from tests.ingest import (
     wait_until,
 )
 from tests.mqtt import MqttClient
+from tests.roles import refused
 
 SILENT_AFTER_S = 300.0
 LONG_AGO = timedelta(seconds=400)  # silent for longer than SILENT_AFTER_S
@@ -247,18 +247,6 @@ def test_a_device_row_ingest_holds_is_skipped_not_waited_for(
         ingest.rollback()
     assert a_pass(maintenance_database_url).silent_marked == 1
     assert device_row(database_url, silent)[0] is False
-
-
-def refused(url: str, statement: str) -> bool:
-    """Whether PostgreSQL refuses ``statement`` to the role of ``url`` for want of privilege."""
-    with psycopg.connect(url) as conn:
-        try:
-            conn.execute(statement)
-        except errors.InsufficientPrivilege:
-            return True
-        finally:
-            conn.rollback()
-    return False
 
 
 @pytest.mark.parametrize(
