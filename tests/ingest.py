@@ -117,8 +117,9 @@ class ServiceWorkers:
     def client_id(self, worker: str) -> str:
         return f"galvani-{self.service}-{self.group}-{worker}"
 
-    def start(self, worker: str = "1") -> subprocess.Popen[bytes]:
-        """Start (or restart) worker ``worker`` and wait until it has subscribed."""
+    def start(self, worker: str = "1", *, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start (or restart) worker ``worker`` and wait until it has subscribed (unless
+        ``wait`` is false)."""
         port = self.metrics_ports.setdefault(worker, free_port())
         env = dict(os.environ)
         prefix = f"GALVANI_{self.service.upper()}_"
@@ -145,9 +146,10 @@ class ServiceWorkers:
         )
         log.close()
         self.procs[worker] = proc
-        wait_until(
-            lambda: self.subscribed(worker), 20, f"{self.service} worker {worker} to subscribe"
-        )
+        if wait:
+            wait_until(
+                lambda: self.subscribed(worker), 20, f"{self.service} worker {worker} to subscribe"
+            )
         return proc
 
     def log_text(self, worker: str = "1") -> str:

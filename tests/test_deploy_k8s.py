@@ -28,6 +28,7 @@ from deploy.stack.pki import DevelopmentPKI
 from services.api.health.endpoints import router as health_router
 from services.api.settings import ApiSettings
 from services.broker_access.settings import BrokerAccessSettings
+from services.common.metrics_server import READY_PATH
 from services.common.settings import REPO_ROOT
 from services.ingest.settings import IngestSettings
 from services.maintenance.settings import MaintenanceSettings
@@ -46,8 +47,17 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "services.maintenance.main": MaintenanceSettings,
     "services.broker_access.main": BrokerAccessSettings,
 }
-# Workers serve Prometheus' exposition (prometheus_client.start_http_server) and nothing else.
-WORKER_ROUTES = frozenset({"/metrics"})
+# Ingest and rules serve Prometheus' exposition and /ready (services/common/metrics_server.py);
+# notify, maintenance and the responders the exposition only (prometheus_client).
+WORKER_ROUTES = frozenset({"/metrics", READY_PATH})
+METRICS_ONLY_ROUTES = frozenset({"/metrics"})
+METRICS_MODULES = (
+    "services.ingest.main",
+    "services.rules.main",
+    "services.notify.main",
+    "services.maintenance.main",
+    "services.broker_access.main",
+)
 # nats-server's monitoring routes the probes may use (its /healthz and two of its options).
 NATS_HEALTH_ROUTES = frozenset(
     {"/healthz", "/healthz?js-enabled-only=true", "/healthz?js-server-only=true"}
@@ -243,22 +253,18 @@ def test_every_workload_probes_a_route_its_service_serves_on_the_port_it_listens
                     get = probe["httpGet"]
                     assert get["path"] in api_routes, where
                     assert container_port(container, get["port"]) == int(env["GALVANI_API_PORT"])
-                elif module in ("services.ingest.main", "services.rules.main"):
+                elif module in METRICS_MODULES:
                     prefix = env_prefix(SETTINGS[module])
                     assert env[f"{prefix}METRICS_HOST"] == ALL_INTERFACES, where
                     get = probe["httpGet"]
-                    assert get["path"] in WORKER_ROUTES, where
+                    workers = module in ("services.ingest.main", "services.rules.main")
+                    assert get["path"] in (WORKER_ROUTES if workers else METRICS_ONLY_ROUTES), where
+                    if workers:
+                        # Ready only while subscribed; alive while the endpoint answers.
+                        wanted = READY_PATH if kind == "readinessProbe" else "/metrics"
+                        assert get["path"] == wanted, where
                     port = container_port(container, get["port"])
                     assert port == int(env[f"{prefix}METRICS_PORT"]), where
-                elif module in (
-                    "services.notify.main",
-                    "services.maintenance.main",
-                    "services.broker_access.main",
-                ):
-                    # Their metrics listen on 127.0.0.1 only: probed from inside the container.
-                    prefix = env_prefix(SETTINGS[module])
-                    url = f"http://127.0.0.1:{env[f'{prefix}METRICS_PORT']}/metrics"
-                    assert any(url in part for part in probe["exec"]["command"]), where
                 elif container["image"].startswith("nats:"):
                     get = probe["httpGet"]
                     assert get["path"] in NATS_HEALTH_ROUTES, where
@@ -268,6 +274,40 @@ def test_every_workload_probes_a_route_its_service_serves_on_the_port_it_listens
                 probed.add(workload["metadata"]["name"])
     assert {"galvani-api", "galvani-ingest", "galvani-rules", "galvani-nats"} <= probed
     assert {"galvani-notify", "galvani-maintenance", "galvani-broker-access"} <= probed
+
+
+def test_every_probe_is_an_http_get_on_a_named_port() -> None:
+    for workload in workloads():
+        for container in pod_spec(workload)["containers"]:
+            for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+                probe = container.get(kind)
+                if probe is None:
+                    continue
+                where = f"{workload['metadata']['name']}/{container['name']} {kind}"
+                assert set(probe) & {"exec", "tcpSocket", "grpc"} == set(), where
+                port = probe["httpGet"]["port"]
+                assert isinstance(port, str), where
+                container_port(container, port)
+
+
+def test_every_service_with_a_metrics_port_is_scraped_on_it() -> None:
+    scraped = set()
+    for workload in workloads():
+        for container in pod_spec(workload)["containers"]:
+            if module_of(container) not in METRICS_MODULES:
+                continue
+            name = workload["metadata"]["name"]
+            annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+            assert annotations.get("prometheus.io/scrape") == "true", name
+            assert int(annotations["prometheus.io/port"]) == container_port(container, "metrics")
+            scraped.add(name)
+    assert {
+        "galvani-ingest",
+        "galvani-rules",
+        "galvani-notify",
+        "galvani-maintenance",
+        "galvani-broker-access",
+    } <= scraped
 
 
 def test_every_container_requests_resources_and_limits_its_memory() -> None:

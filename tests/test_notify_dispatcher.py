@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ class Dispatcher:
 
     def __init__(self, setup: Setup, name: str, **settings: str) -> None:
         self.metrics_port = free_port()
+        self.metrics_host = settings.get("metrics_host", "127.0.0.1")
         env = dict(os.environ)
         values = {
             "database_url": setup.notify_url,
@@ -79,7 +81,7 @@ class Dispatcher:
 
     def metric(self, name: str) -> float:
         """A sample's value from the process's /metrics (0 when absent)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        url = f"http://{self.metrics_host}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=2) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith(name + " "):
@@ -254,6 +256,15 @@ def test_opened_alert_reaches_the_receiver_signed_once_with_its_idempotency_key(
     assert row["last_status_code"] == 200
     assert dispatcher.metric('galvani_notify_deliveries_total{outcome="delivered"}') == 1.0
     assert dispatcher.metric("galvani_notify_delivery_latency_seconds_count") == 1.0
+
+
+def test_the_metrics_endpoint_listens_on_metrics_host_only(
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    dispatcher = dispatchers(metrics_host="127.0.0.2")
+    dispatcher.wait_ready()  # /metrics on 127.0.0.2
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", dispatcher.metrics_port), timeout=2).close()
 
 
 def test_receiver_answering_500_gets_each_alert_after_retries_in_order(

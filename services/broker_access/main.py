@@ -21,7 +21,7 @@ def serving(settings: BrokerAccessSettings) -> Callable[[], None]:
 
     def opened() -> None:
         if settings.metrics_port:
-            start_http_server(settings.metrics_port, addr="127.0.0.1")
+            start_http_server(settings.metrics_port, addr=settings.metrics_host)
 
     return opened
 

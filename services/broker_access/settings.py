@@ -26,7 +26,8 @@ class BrokerAccessSettings(ServiceSettings):
     broker_dir: Path | None = None
     # Names this responder's NATS connection (galvani-auth-<id>); several serve one queue.
     responder_id: WorkerName = "1"
-    # Prometheus metrics (decisions, answer time) on 127.0.0.1; 0 = none.
+    # Prometheus metrics (decisions, answer time) on metrics_host:metrics_port; 0 = none.
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65_535)
 
     @model_validator(mode="after")

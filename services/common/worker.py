@@ -22,13 +22,12 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from prometheus_client import start_http_server
-
 from services.common.broker import BrokerKind
 from services.common.broker.jetstream import JetStreamSource, jetstream_config
 from services.common.broker.source import InboundSource
 from services.common.db import Conn
 from services.common.logs import configure_logging
+from services.common.metrics_server import WORKER_READINESS, start_metrics_server
 from services.common.protocol.topics import shared_filters
 from services.common.retrying import RetryingDatabase, StoppedWaiting
 from services.common.settings import WorkerSettings
@@ -117,6 +116,7 @@ class WorkerLoop:
         except StoppedWaiting:
             log.warning("stopping with %d messages unacknowledged", subscriber.unacked)
         finally:
+            WORKER_READINESS.stopped()
             subscriber.close()
             if close is not None:
                 close()
@@ -126,6 +126,7 @@ class WorkerLoop:
         """Run the network for ``timeout_s`` (also while waiting for the database)."""
         self.subscriber.poll(timeout_s)
         self.metrics.observe(self.subscriber)
+        WORKER_READINESS.observe(self.subscriber)
 
 
 def stop_on_signals() -> threading.Event:
@@ -142,10 +143,12 @@ def stop_on_signals() -> threading.Event:
 
 def serve(settings: WorkerSettings, run: Callable[[threading.Event], None]) -> None:
     """Run one worker process until SIGTERM or SIGINT: logging, the metrics endpoint (when
-    ``metrics_port`` is set), then ``run`` with the event that asks it to stop."""
+    ``metrics_port`` is set: ``/metrics``, and ``/ready``, 200 while the broker session is
+    subscribed, services.common.metrics_server), then ``run`` with the event that asks it to
+    stop."""
     configure_logging(settings.log_level)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        start_metrics_server(settings.metrics_port, settings.metrics_host)
     stop = stop_on_signals()
     service_log = logging.getLogger(f"galvani.{settings.service}")
     service_log.info("%s worker %s starting", settings.service, settings.worker_id)

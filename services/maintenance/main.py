@@ -75,7 +75,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     stop = stop_on_signals()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     watch = start_broker_watch(settings)
     cluster_watch = start_cluster_watch(settings)
     try:

@@ -46,6 +46,8 @@ class MaintenanceSettings(BaseSettings):
     # when given, maintenance polls each node's health and JetStream consumers
     # (services/maintenance/cluster_watch.py). Empty with Mosquitto.
     nats_monitor_urls: str = ""
+    # Where the metrics endpoint listens (0.0.0.0 in a pod, so Prometheus and probes reach it).
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     log_level: str = "INFO"
 

@@ -19,7 +19,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     stop = stop_on_signals()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     secrets = SecretBox.from_file(settings.secret_key_path())
     log.info("dispatcher started (%d workers)", settings.workers)
     Dispatcher(settings, secrets).run(stop)

@@ -64,6 +64,8 @@ class NotifySettings(BaseSettings):
     smtp_ca_file: Path | None = None
     # Per network operation (connect, each command); keep a few of them within lease_s.
     smtp_timeout_s: float = 10.0
+    # Where the metrics endpoint listens (0.0.0.0 in a pod, so Prometheus and probes reach it).
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     # Queue depth and oldest pending age are read from the database this often.
     queue_stats_interval_s: float = 5.0
