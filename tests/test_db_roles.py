@@ -228,3 +228,14 @@ def test_only_a_role_that_may_create_roles_passes_for_one_that_can_make_the_grou
         assert grants._may_create_roles(owner)
     with psycopg.connect(as_service(database_url, API)) as api:
         assert not grants._may_create_roles(api)
+
+
+def test_a_column_grant_names_only_the_columns_of_this_revision() -> None:
+    """The grants are applied after every migration run, also at a revision before the one
+    adding a column (test_reserved_client_ids upgrades to 0006 first)."""
+    grant = grants.OnColumns(select=("id", "silent_since"), update=("silent_since",))
+    assert grant.privileges({"id", "silent_since", "online"}) == (
+        "SELECT (id, silent_since), UPDATE (silent_since)"
+    )
+    assert grant.privileges({"id", "online"}) == "SELECT (id)"
+    assert grant.privileges(set()) == ""

@@ -23,6 +23,7 @@ roles (``<group>_login``) are made by whoever holds the passwords
 (``services.common.db_roles.ensure_login``: ``make run``, the suite).
 """
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -66,9 +67,28 @@ UPSERT = "SELECT, INSERT, UPDATE"
 EDIT = "SELECT, UPDATE"
 OWN = "SELECT, INSERT, UPDATE, DELETE"
 
-# Table (or view) -> what each group may do with it; a group not named may do nothing. A
-# privilege may name columns ("UPDATE (online)"): REVOKE ALL on the table revokes those too.
-TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
+
+@dataclass(frozen=True)
+class OnColumns:
+    """Privileges on some columns of a table only (REVOKE ALL on the table revokes them too)."""
+
+    select: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
+
+    def privileges(self, existing: Collection[str]) -> str:
+        """The GRANT's privilege list over the columns that exist now ("" when none do): the
+        grants are applied after every migration run, so also at a revision before the one
+        that adds a column."""
+        parts = []
+        for privilege, columns in (("SELECT", self.select), ("UPDATE", self.update)):
+            present = [column for column in columns if column in existing]
+            if present:
+                parts.append(f"{privilege} ({', '.join(present)})")
+        return ", ".join(parts)
+
+
+# Table (or view) -> what each group may do with it; a group not named may do nothing.
+TABLES: Final[dict[str, dict[ServiceRole, str | OnColumns]]] = {
     # Alembic's own: the migration role's alone.
     "alembic_version": {},
     "galvani_meta": {INGEST: READ, RULES: READ, API: READ, MAINTENANCE: EDIT},
@@ -85,8 +105,10 @@ TABLES: Final[dict[str, dict[ServiceRole, str]]] = {
         RULES: EDIT,
         API: UPSERT,
         BROKER_ACCESS: READ,
-        MAINTENANCE: "SELECT (id, online, last_received_at, silent_since),"
-        " UPDATE (online, silent_since)",
+        MAINTENANCE: OnColumns(
+            select=("id", "online", "last_received_at", "silent_since"),
+            update=("online", "silent_since"),
+        ),
     },
     # Device data: ingest writes it, the API reads it, maintenance rolls it up and trims it.
     "samples": {INGEST: APPEND, API: READ, MAINTENANCE: READ},
@@ -226,8 +248,21 @@ def apply(conn: Conn) -> None:
             target = f"{kind} {schema_name}.{_quoted(name)}"
             conn.execute(f"REVOKE ALL ON {target} FROM PUBLIC, {roles}")
             for role, granted in privileges.items():
+                if isinstance(granted, OnColumns):
+                    granted = granted.privileges(_columns(conn, name))
+                    if not granted:
+                        continue
                 conn.execute(f"GRANT {granted} ON {target} TO {_quoted(role)}")
     _apply_functions(conn, schema_name, roles)
+
+
+def _columns(conn: Conn, table: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass"
+        " AND attnum > 0 AND NOT attisdropped",
+        [_quoted(table)],
+    ).fetchall()
+    return {str(name) for (name,) in rows}
 
 
 def _may_create_roles(conn: Conn) -> bool:
