@@ -37,7 +37,7 @@ class StreamWatcher:
             name=self.name,
         )
         self._client.connect(TIMEOUT_S)
-        self._inbox = new_inbox_prefix()
+        self._inbox = new_inbox_prefix(ServiceAccount.INGEST.value)
         self._client.subscribe(f"{self._inbox}.*")
         ensure_stream(self._client)
         config = {

@@ -25,6 +25,8 @@ from services.common.broker.nats_client import (
     NatsMessage,
     decode_headers,
     encode_headers,
+    inbox_root,
+    new_inbox_prefix,
 )
 from services.common.tls import client_context
 from tests.nats_single import SingleNats, single_nats
@@ -340,3 +342,14 @@ def test_tls_url_to_a_plaintext_server_is_refused(server: SingleNats) -> None:
     url = server.url().replace("nats://", "tls://")
     with pytest.raises(ConnectionLost, match="does not offer TLS"):
         client([url], tls=ssl.create_default_context()).connect(TIMEOUT_S)
+
+
+def test_replies_come_to_the_users_own_inbox() -> None:
+    """A login's permissions grant it ``_INBOX.<user>.>`` (services/broker_access/callout.py)."""
+    prefix = new_inbox_prefix("galvani-ingest")
+    assert prefix.startswith("_INBOX.galvani-ingest.")
+    assert len(prefix.split(".")) == 3
+    assert prefix != new_inbox_prefix("galvani-ingest")
+    for unusable in ("a.b", "a b", "*", ">", ""):
+        with pytest.raises(ValueError):
+            inbox_root(unusable)

@@ -53,11 +53,11 @@ def test_each_account_has_only_the_subjects_of_its_job() -> None:
         f"$JS.API.CONSUMER.DELETE.{STREAM}.*",
         "galvani.v1.d.*.ack",
     }
-    assert ingest.subscribe == ("_INBOX.>",)
+    assert ingest.subscribe == ("_INBOX.galvani-ingest.>",)
     assert ingest.connection_types == ("STANDARD", "MQTT")
     assert rules.publish is not None
     assert set(rules.publish) == CONSUMING | {"galvani.v1.d.*.config"}
-    assert rules.subscribe == ("_INBOX.>",)
+    assert rules.subscribe == ("_INBOX.galvani-rules.>",)
     assert rules.connection_types == ("STANDARD", "MQTT")
     assert api_grant.publish == ("galvani.v1.d.*.config",)
     assert api_grant.subscribe == ()
@@ -177,9 +177,13 @@ def test_each_worker_account_is_refused_what_is_not_its_job(
         "$MQTT.sub.anything",
         "_INBOX.anything",
     ]
-    for account, refused_too in (
-        (ServiceAccount.INGEST, [f"{own}.config"]),
-        (ServiceAccount.RULES, [f"{own}.ack", f"$JS.API.CONSUMER.DELETE.{STREAM}.ingest"]),
+    for account, refused_too, others_replies in (
+        (ServiceAccount.INGEST, [f"{own}.config"], "_INBOX.galvani-rules.>"),
+        (
+            ServiceAccount.RULES,
+            [f"{own}.ack", f"$JS.API.CONSUMER.DELETE.{STREAM}.ingest"],
+            "_INBOX.galvani-ingest.>",
+        ),
     ):
         client = _nats(nats_broker, account, service_passwords[account], pki.ca_file)
         try:
@@ -189,7 +193,15 @@ def test_each_worker_account_is_refused_what_is_not_its_job(
             assert _violation(client) == ""
             for subject in forbidden_to_both + refused_too:
                 assert _refused_publish(client, subject), (account, subject)
-            for subject in (f"{own}.telemetry", "galvani.v1.d.>", ">", "$JS.>", "$MQTT.sub.*"):
+            for subject in (
+                f"{own}.telemetry",
+                "galvani.v1.d.>",
+                ">",
+                "$JS.>",
+                "$MQTT.sub.*",
+                "_INBOX.>",
+                others_replies,
+            ):
                 assert _refused_subscribe(client, subject), (account, subject)
         finally:
             client.close()

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from services.broker_access import jwt
 from services.broker_access.nkeys import KeyPair, Prefix, is_public
+from services.common.broker.nats_client import inbox_root
 from services.common.broker.subjects import STREAM
 from services.common.broker_auth import ServiceAccount
 from services.common.protocol.topics import (
@@ -181,8 +182,9 @@ def device_grant(device_id: str) -> Grant:
 #   so its token is ``*``: a worker account can pull from another group's consumer too;
 # * ``$JS.ACK.GALVANI_DEVICES.>``: acknowledging a message (and ``+WPI``) is a publish to its
 #   reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``;
-# * ``_INBOX.>`` (subscribe): the replies of the JetStream API and the pulled messages come
-#   to ``_INBOX.<random>.<n>`` (nats_client.new_inbox_prefix);
+# * ``_INBOX.<account>.>`` (subscribe): the replies of the JetStream API and the pulled
+#   messages come to ``_INBOX.<user>.<random>.<n>`` (nats_client.new_inbox_prefix), so a
+#   worker reads its own account's replies and not the other's;
 # * over MQTT: a config table published retained at QoS 1 is a publish on the device's
 #   ``config`` subject; a session takeover (CONNECT with the device's client id, then
 #   DISCONNECT) needs no subject at all.
@@ -193,7 +195,7 @@ _CONSUMER_CREATE: Final = f"$JS.API.CONSUMER.CREATE.{STREAM}.*"
 _CONSUMER_DELETE: Final = f"$JS.API.CONSUMER.DELETE.{STREAM}.*"
 _CONSUMER_NEXT: Final = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*"
 _STREAM_ACKS: Final = f"$JS.ACK.{STREAM}.>"
-INBOX_SUBJECTS: Final = "_INBOX.>"
+
 # What a worker group's consumer needs: the stream made if missing, the consumer made if
 # missing, pulled from, and each message acknowledged.
 _CONSUMING: Final = (
@@ -210,6 +212,10 @@ def _every_device(channel: str) -> str:
     return device_subject("*", channel)
 
 
+def _replies(account: ServiceAccount) -> str:
+    return f"{inbox_root(account.value)}.>"
+
+
 SERVICE_GRANTS: Final[dict[ServiceAccount, Grant | None]] = {
     # Pulls the device channels from its group's consumer (NATS), publishes each stored
     # message's ack to the device as core NATS (jetstream.py JetStreamSource.publish), and
@@ -219,7 +225,7 @@ SERVICE_GRANTS: Final[dict[ServiceAccount, Grant | None]] = {
     ServiceAccount.INGEST: Grant(
         name=ServiceAccount.INGEST.value,
         publish=(*_CONSUMING, _CONSUMER_DELETE, _every_device(ACK_CHANNEL)),
-        subscribe=(INBOX_SUBJECTS,),
+        subscribe=(_replies(ServiceAccount.INGEST),),
         connection_types=(STANDARD, MQTT),
     ),
     # Pulls the device channels from its group's consumer (NATS) and publishes config tables
@@ -227,7 +233,7 @@ SERVICE_GRANTS: Final[dict[ServiceAccount, Grant | None]] = {
     ServiceAccount.RULES: Grant(
         name=ServiceAccount.RULES.value,
         publish=(*_CONSUMING, _every_device(CONFIG_CHANNEL)),
-        subscribe=(INBOX_SUBJECTS,),
+        subscribe=(_replies(ServiceAccount.RULES),),
         connection_types=(STANDARD, MQTT),
     ),
     # Publishes config tables retained over MQTT (rollouts, API pushes: services/api/

@@ -147,7 +147,7 @@ class JetStreamSource:
             tls=config.tls,
             name=config.name,
         )
-        self._pull_prefix = new_inbox_prefix()
+        self._pull_prefix = new_inbox_prefix(config.user)
         self._client.subscribe(f"{self._pull_prefix}.*")
         self._next_subject = next_subject(config.durable)
         self._pulls: deque[_Pull] = deque()

@@ -30,6 +30,7 @@ the same sids, and bumps :attr:`NatsClient.generation`.
 
 import json
 import logging
+import re
 import secrets
 import select
 import socket
@@ -61,6 +62,9 @@ MSG_FIRST: Final = ord("M")
 SPACE: Final = ord(" ")
 # -ERR messages after which the server keeps the connection (server/client.go sendErr calls
 # that do not close): the rest precede a close.
+# Reply subjects: ``_INBOX.<user>.<random>.<n>``; a user name must be one subject token.
+INBOX: Final = "_INBOX"
+_SUBJECT_TOKEN: Final = re.compile(r"[^\s.*>]+")
 NON_FATAL_ERRORS: Final = ("permissions violation", "invalid subject", "invalid publish subject")
 
 
@@ -122,9 +126,18 @@ def decode_headers(block: bytes) -> tuple[int | None, dict[str, str]]:
     return status, headers
 
 
-def new_inbox_prefix() -> str:
-    """A reply-subject prefix no other client will use: ``_INBOX.<random>``."""
-    return f"_INBOX.{secrets.token_hex(11)}"
+def inbox_root(user: str) -> str:
+    """Where the replies to ``user``'s requests come: ``_INBOX.<user>``. A login's permissions
+    can then let it read its own replies and no other login's (services/broker_access/
+    callout.py grants ``_INBOX.<account>.>``)."""
+    if not _SUBJECT_TOKEN.fullmatch(user):
+        raise ValueError(f"{user!r} cannot be a subject token")
+    return f"{INBOX}.{user}"
+
+
+def new_inbox_prefix(user: str) -> str:
+    """A reply-subject prefix no other client will use: ``_INBOX.<user>.<random>``."""
+    return f"{inbox_root(user)}.{secrets.token_hex(11)}"
 
 
 class _Server(NamedTuple):
@@ -400,7 +413,7 @@ class NatsClient:
         """Publish ``payload`` with a reply subject of this client's inbox and wait for the
         answer (a 503 status when nothing serves ``subject``). Raises TimeoutError."""
         if not self._inbox:
-            self._inbox = new_inbox_prefix()
+            self._inbox = new_inbox_prefix(self._user)
             self._inbox_sid = self.subscribe(f"{self._inbox}.*")
         self._request_id += 1
         reply = f"{self._inbox}.{self._request_id}"
