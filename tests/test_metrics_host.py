@@ -9,9 +9,7 @@ answering there and refusing 127.0.0.1 shows the setting is what it binds.
 """
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from deploy.stack.ports import free_port
+from deploy.stack.processes import service_env, spawn
 from services.broker_access.main import serving
 from services.broker_access.settings import BrokerAccessSettings
 from services.common.settings import REPO_ROOT
@@ -70,38 +69,28 @@ def test_maintenance_serves_its_metrics_on_metrics_host(
     maintenance_database_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "GALVANI_MAINTENANCE_DATABASE_URL": maintenance_database_url,
-            "GALVANI_MAINTENANCE_METRICS_HOST": OTHER_LOOPBACK,
-            "GALVANI_MAINTENANCE_METRICS_PORT": str(port),
-        }
+    maintenance = spawn(
+        "maintenance",
+        [sys.executable, "-m", "services.maintenance.main"],
+        tmp_path / "maintenance.log",
+        env=service_env(
+            "MAINTENANCE",
+            database_url=maintenance_database_url,
+            metrics_host=OTHER_LOOPBACK,
+            metrics_port=port,
+        ),
+        cwd=REPO_ROOT,
     )
-    log_path = tmp_path / "maintenance.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.maintenance.main"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     try:
 
         def serving() -> bool:
-            assert proc.poll() is None, log_path.read_text()
+            assert maintenance.alive(), maintenance.log_tail(20)
             return answers(OTHER_LOOPBACK, port)
 
         wait_until(serving, 30, "maintenance's metrics on 127.0.0.2")
         assert_only_on_other_loopback(port)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        maintenance.stop()
 
 
 def test_the_responder_opens_its_metrics_on_metrics_host() -> None:

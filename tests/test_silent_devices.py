@@ -8,9 +8,7 @@ kills a Mosquitto of its own with -9 under a connected device that never comes b
 
 import itertools
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -26,6 +24,7 @@ from pydantic import ValidationError
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import free_port
+from deploy.stack.processes import Child, service_env, spawn
 from services.common.broker_auth import ServiceAccount, active_device_credentials
 from services.common.db import storage_of
 from services.common.subscriber import Inbound
@@ -315,34 +314,24 @@ def own_broker(
 @pytest.fixture
 def maintenance_process(
     maintenance_database_url: str, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+) -> Iterator[tuple[Child, int]]:
     """``services.maintenance.main`` with the short settings, and its metrics port."""
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "GALVANI_MAINTENANCE_DATABASE_URL": maintenance_database_url,
-            "GALVANI_MAINTENANCE_INTERVAL_S": str(FAULT_INTERVAL_S),
-            "GALVANI_MAINTENANCE_SILENT_AFTER_S": str(FAULT_SILENT_AFTER_S),
-            "GALVANI_MAINTENANCE_METRICS_PORT": str(port),
-        }
-    )
-    log = open(tmp_path / "maintenance.log", "ab")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen(
+    child = spawn(
+        "maintenance",
         [sys.executable, "-m", "services.maintenance.main"],
+        tmp_path / "maintenance.log",
+        env=service_env(
+            "MAINTENANCE",
+            database_url=maintenance_database_url,
+            interval_s=str(FAULT_INTERVAL_S),
+            silent_after_s=str(FAULT_SILENT_AFTER_S),
+            metrics_port=port,
+        ),
         cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
     )
-    log.close()
-    yield proc, port
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    yield child, port
+    child.stop()
 
 
 def metric(port: int, series: str) -> float:
@@ -371,7 +360,7 @@ def test_a_device_whose_broker_was_killed_9_and_never_came_back_is_reported_offl
     service_passwords: dict[ServiceAccount, str],
     kill9_devices: tuple[Device, Device],
     own_broker: MosquittoBroker,
-    maintenance_process: tuple[subprocess.Popen[bytes], int],
+    maintenance_process: tuple[Child, int],
     tmp_path: Path,
 ) -> None:
     """No will is published for the devices of a broker killed -9; maintenance reports the
@@ -406,7 +395,7 @@ def test_a_device_whose_broker_was_killed_9_and_never_came_back_is_reported_offl
         next_heartbeat = time.monotonic() + HEARTBEAT_S
         deadline = killed + FAULT_SILENT_AFTER_S + FAULT_INTERVAL_S + SLACK_S
         while device_row(database_url, lost.device_id)[0]:
-            assert maintenance.poll() is None, (tmp_path / "maintenance.log").read_text()
+            assert maintenance.alive(), maintenance.log_tail(20)
             assert time.monotonic() < deadline, (
                 f"{lost.device_id} still online {time.monotonic() - killed:.1f} s after the kill"
             )
