@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from deploy.stack.nats_cluster import NatsCluster
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import distinct_free_ports, free_port
-from deploy.stack.processes import Child, http_get, service_env, spawn, wait_until
+from deploy.stack.processes import Child, http_get, spawn, wait_until
 from services.common.broker.nats_client import NatsClient
 from services.common.broker.subjects import ensure_consumer, ensure_stream
 from services.common.settings import REPO_ROOT
@@ -32,6 +31,7 @@ from services.maintenance.cluster_watch import (
     read_jsz,
 )
 from services.maintenance.settings import MaintenanceSettings
+from tests.maintenance import spawn_maintenance
 from tests.nats import running_cluster
 
 STREAM = "GALVANI_DEVICES"
@@ -337,18 +337,12 @@ def test_maintenance_serves_the_cluster_and_replication_metrics(
     the node up, and after its first pass the database's replica count (none here)."""
     _, _, http_port = nats_node
     metrics_port = free_port()
-    maintenance = spawn(
-        "maintenance",
-        [sys.executable, "-m", "services.maintenance.main"],
+    maintenance = spawn_maintenance(
+        maintenance_database_url,
         tmp_path / "maintenance.log",
-        env=service_env(
-            "MAINTENANCE",
-            database_url=maintenance_database_url,
-            nats_monitor_urls=f"http://127.0.0.1:{http_port}",
-            metrics_port=metrics_port,
-            interval_s=3600,
-        ),
-        cwd=REPO_ROOT,
+        nats_monitor_urls=f"http://127.0.0.1:{http_port}",
+        metrics_port=metrics_port,
+        interval_s=3600,
     )
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     node_up = b'galvani_broker_node_up{node="127.0.0.1:%d"} 1.0' % http_port

@@ -10,7 +10,6 @@ answering there and refusing 127.0.0.1 shows the setting is what it binds.
 
 import os
 import socket
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -18,13 +17,12 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from deploy.stack.ports import free_port
-from deploy.stack.processes import service_env, spawn
 from services.broker_access.main import serving
 from services.broker_access.settings import BrokerAccessSettings
-from services.common.settings import REPO_ROOT
 from services.maintenance.settings import MaintenanceSettings
 from services.notify.settings import NotifySettings
 from tests.ingest import wait_until
+from tests.maintenance import spawn_maintenance
 
 OTHER_LOOPBACK = "127.0.0.2"
 REQUIRED: dict[type[BaseSettings], dict[str, str]] = {
@@ -69,17 +67,11 @@ def test_maintenance_serves_its_metrics_on_metrics_host(
     maintenance_database_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    maintenance = spawn(
-        "maintenance",
-        [sys.executable, "-m", "services.maintenance.main"],
+    maintenance = spawn_maintenance(
+        maintenance_database_url,
         tmp_path / "maintenance.log",
-        env=service_env(
-            "MAINTENANCE",
-            database_url=maintenance_database_url,
-            metrics_host=OTHER_LOOPBACK,
-            metrics_port=port,
-        ),
-        cwd=REPO_ROOT,
+        metrics_host=OTHER_LOOPBACK,
+        metrics_port=port,
     )
     try:
 

@@ -9,7 +9,6 @@ kills a Mosquitto of its own with -9 under a connected device that never comes b
 import itertools
 import json
 import signal
-import sys
 import time
 import urllib.request
 import uuid
@@ -24,7 +23,7 @@ from pydantic import ValidationError
 from deploy.stack.mosquitto import MosquittoBroker, local_broker
 from deploy.stack.pki import DevelopmentPKI
 from deploy.stack.ports import free_port
-from deploy.stack.processes import Child, service_env, spawn
+from deploy.stack.processes import Child
 from services.common.broker_auth import ServiceAccount, active_device_credentials
 from services.common.db import storage_of
 from services.common.subscriber import Inbound
@@ -33,7 +32,6 @@ from services.ingest.writer import write_batch
 from services.maintenance.jobs import PassResult, run_pass
 from services.maintenance.settings import MaintenanceSettings
 from tests.ingest import (
-    REPO_ROOT,
     Device,
     IngestWorkers,
     connect_device,
@@ -42,6 +40,7 @@ from tests.ingest import (
     topic,
     wait_until,
 )
+from tests.maintenance import spawn_maintenance
 from tests.mqtt import MqttClient
 from tests.roles import refused
 
@@ -317,18 +316,12 @@ def maintenance_process(
 ) -> Iterator[tuple[Child, int]]:
     """``services.maintenance.main`` with the short settings, and its metrics port."""
     port = free_port()
-    child = spawn(
-        "maintenance",
-        [sys.executable, "-m", "services.maintenance.main"],
+    child = spawn_maintenance(
+        maintenance_database_url,
         tmp_path / "maintenance.log",
-        env=service_env(
-            "MAINTENANCE",
-            database_url=maintenance_database_url,
-            interval_s=str(FAULT_INTERVAL_S),
-            silent_after_s=str(FAULT_SILENT_AFTER_S),
-            metrics_port=port,
-        ),
-        cwd=REPO_ROOT,
+        interval_s=str(FAULT_INTERVAL_S),
+        silent_after_s=str(FAULT_SILENT_AFTER_S),
+        metrics_port=port,
     )
     yield child, port
     child.stop()
