@@ -233,3 +233,20 @@ class RulesWorkers(ServiceWorkers):
     """Rules worker processes of one test (the signing key's directory in ``env_overrides``)."""
 
     service: str = "rules"
+
+
+def overcurrent_telemetry(seq: int, ts_ms: int, session: str = "s-1") -> bytes:
+    """A telemetry payload of three LIFT samples at 1,250 uA against a 300 uA setpoint: the
+    overcurrent rule's fault, which pushes a SAFE table to the device."""
+    samples = [
+        {
+            "ts": ts_ms + 100 * i,
+            "mode": "LIFT",
+            "out": True,
+            "i_ua": 1250.0,
+            "i_set_ua": 300.0,
+            "z_ohm": 8000.0,
+        }
+        for i in range(3)
+    ]
+    return json.dumps({"v": 1, "seq": seq, "session": session, "samples": samples}).encode()

@@ -32,6 +32,7 @@ from tests.agent import AgentProcess
 from tests.brokers import BrokerUnderTest, unique_prefix
 from tests.ingest import provision, scalar, state, telemetry, topic, wait_until
 from tests.mqtt import MqttClient, Refused
+from tests.rules import overcurrent_telemetry
 
 WAIT_S = 20.0
 # How long a message that must not arrive is waited for (one that may takes milliseconds).
@@ -187,21 +188,6 @@ def test_each_seq_is_stored_once_through_repeats_and_a_worker_killed_mid_burst(
     assert count(database_url, "SELECT seq_gaps FROM devices WHERE id = %s", [dev.device_id]) == 0
 
 
-def overcurrent(seq: int, ts_ms: int) -> bytes:
-    samples = [
-        {
-            "ts": ts_ms + 100 * i,
-            "mode": "LIFT",
-            "out": True,
-            "i_ua": 1250.0,
-            "i_set_ua": 300.0,
-            "z_ohm": 8000.0,
-        }
-        for i in range(3)
-    ]
-    return json.dumps({"v": 1, "seq": seq, "session": "s-1", "samples": samples}).encode()
-
-
 def test_a_fault_pushes_a_signed_safe_table_the_device_answers_and_finds_again_retained(
     broker_under_test: BrokerUnderTest,
     database_url: str,
@@ -217,7 +203,7 @@ def test_a_fault_pushes_a_signed_safe_table_the_device_answers_and_finds_again_r
     config = topic(dev.device_id, "config")
     device = connect(broker.device(dev, node=0))
     assert device.subscribe(config) in (0, 1)
-    device.publish(topic(dev.device_id, "telemetry"), overcurrent(1, now_ms()))
+    device.publish(topic(dev.device_id, "telemetry"), overcurrent_telemetry(1, now_ms()))
     pushed = device.wait_for(config, WAIT_S)
     assert pushed is not None, "no SAFE table reached the device"
     table: dict[str, Any] = json.loads(pushed.payload)

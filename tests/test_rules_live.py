@@ -24,7 +24,7 @@ from tests.ingest import (
     topic,
     wait_until,
 )
-from tests.rules import RulesWorkers, Stream, run
+from tests.rules import RulesWorkers, Stream, overcurrent_telemetry, run
 from tests.test_agent_live import AgentProcess
 
 Provisioned = Callable[[int, str], list[Device]]
@@ -47,21 +47,6 @@ def _triggers(url: str) -> int:
     count = scalar(url, "SELECT count(*) FROM alert_triggers")
     assert isinstance(count, int)
     return count
-
-
-def _overcurrent(seq: int, ts_ms: int, session: str = "s-1") -> bytes:
-    samples = [
-        {
-            "ts": ts_ms + 100 * i,
-            "mode": "LIFT",
-            "out": True,
-            "i_ua": 1250.0,
-            "i_set_ua": 300.0,
-            "z_ohm": 8000.0,
-        }
-        for i in range(3)
-    ]
-    return json.dumps({"v": 1, "seq": seq, "session": session, "samples": samples}).encode()
 
 
 def _fault(seq: int, ts_ms: int, code: str = "dc_offset") -> bytes:
@@ -93,7 +78,8 @@ def test_an_overcurrent_raises_an_alert_and_the_signed_safe_table_reaches_the_de
     try:
         client.subscribe(topic(device.device_id, "config"))
         now = int(time.time() * 1000)
-        assert client.publish(topic(device.device_id, "telemetry"), _overcurrent(1, now)) == 0
+        fault = overcurrent_telemetry(1, now)
+        assert client.publish(topic(device.device_id, "telemetry"), fault) == 0
         pushed = client.wait_for(topic(device.device_id, "config"), 20)
     finally:
         client.close()

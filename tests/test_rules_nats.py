@@ -24,7 +24,7 @@ from services.rules.settings import RulesSettings
 from tests.ingest import Device, IngestWorkers, provision, scalar, topic, wait_until
 from tests.mqtt import MQTT_311, MqttClient
 from tests.nats_single import SingleNats, single_nats
-from tests.rules import RulesWorkers
+from tests.rules import RulesWorkers, overcurrent_telemetry
 
 TIMEOUT_S = 20.0
 
@@ -39,21 +39,6 @@ def as_device(server: SingleNats, device: Device) -> MqttClient:
         client_id=device.device_id,
         protocol=MQTT_311,
     )
-
-
-def overcurrent(seq: int, ts_ms: int) -> bytes:
-    samples = [
-        {
-            "ts": ts_ms + 100 * i,
-            "mode": "LIFT",
-            "out": True,
-            "i_ua": 1250.0,
-            "i_set_ua": 300.0,
-            "z_ohm": 8000.0,
-        }
-        for i in range(3)
-    ]
-    return json.dumps({"v": 1, "seq": seq, "session": "s-1", "samples": samples}).encode()
 
 
 @pytest.fixture
@@ -97,7 +82,7 @@ def test_an_overcurrent_through_nats_is_stored_raises_an_alert_and_the_safe_tabl
         try:
             assert client.subscribe(topic(device.device_id, "config"), qos=1) == 1
             now = int(time.time() * 1000)
-            client.publish(topic(device.device_id, "telemetry"), overcurrent(1, now))
+            client.publish(topic(device.device_id, "telemetry"), overcurrent_telemetry(1, now))
             pushed = client.wait_for(topic(device.device_id, "config"), TIMEOUT_S)
         finally:
             client.close()
