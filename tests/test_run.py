@@ -42,11 +42,13 @@ from tests.roles import create_logins
 READY_TIMEOUT_S = 90
 
 
-def start_runner(data_dir: Path, **env: str) -> subprocess.Popen:
+def start_runner(data_dir: Path, module: str = "deploy.run", **env: str) -> subprocess.Popen:
+    """``python -m <module>`` (``make run``; ``deploy.run_cluster`` for ``make run-cluster``)
+    on ``data_dir`` with ``env`` and none of the caller's GALVANI_ settings."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GALVANI_")}
     environ.update(GALVANI_DATA_DIR=str(data_dir), **env)
     return subprocess.Popen(
-        [sys.executable, "-m", "deploy.run"],
+        [sys.executable, "-m", module],
         cwd=REPO_ROOT,
         env=environ,
         stdout=subprocess.PIPE,

@@ -6,8 +6,6 @@ and its devices go on being stored."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,26 +14,12 @@ import psycopg
 import pytest
 
 from deploy.stack.processes import http_get
-from services.common.settings import REPO_ROOT
-from tests.test_run import alive, wait_for_run_json
+from tests.test_run import alive, start_runner, wait_for_run_json
 
 pytestmark = pytest.mark.slow
 
 DEVICES = 6
 STORED_TIMEOUT_S = 60.0
-
-
-def start_cluster_runner(data_dir: Path, **env: str) -> subprocess.Popen[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GALVANI_")}
-    environ.update(GALVANI_DATA_DIR=str(data_dir), **env)
-    return subprocess.Popen(
-        [sys.executable, "-m", "deploy.run_cluster"],
-        cwd=REPO_ROOT,
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def fleet_status(info: dict) -> dict:
@@ -64,8 +48,11 @@ def test_run_cluster_starts_three_nodes_spreads_everything_and_restarts_a_killed
     data_dir = stack_root / "run-cluster"
     data_dir.mkdir()
     os.chmod(data_dir, 0o755)
-    process = start_cluster_runner(
-        data_dir, GALVANI_SIM_DEVICES=str(DEVICES), GALVANI_SIM_ACTIVITY="2000"
+    process = start_runner(
+        data_dir,
+        "deploy.run_cluster",
+        GALVANI_SIM_DEVICES=str(DEVICES),
+        GALVANI_SIM_ACTIVITY="2000",
     )
     try:
         info = wait_for_run_json(process, data_dir)
