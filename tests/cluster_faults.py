@@ -30,7 +30,7 @@ import psycopg
 from deploy.stack.cluster import rotated
 from deploy.stack.nats_cluster import APP_ACCOUNT, NatsCluster
 from deploy.stack.processes import http_get
-from services.common.broker_auth import ServiceAccount
+from services.common.broker_auth import ServiceAccount, is_reserved_client_id
 from services.common.migrations.grants import ServiceRole
 from tests.faults import FaultStack, Workers
 from tests.nats import ResponderProcess, callout_setup, cluster_tls
@@ -53,7 +53,17 @@ class Reconnects:
 
     node: str
     devices: int  # connected to the node when the fault struck
-    seconds: tuple[float, ...]  # per device that came back within the timeout, sorted
+    # When each device that came back within the timeout was first seen on a survivor.
+    arrivals: dict[str, float]
+
+    @property
+    def seconds(self) -> tuple[float, ...]:
+        """The arrival times, sorted."""
+        return tuple(sorted(self.arrivals.values()))
+
+    def slowest(self) -> str | None:
+        """The device that took longest to come back (None when none did)."""
+        return max(self.arrivals, key=self.arrivals.__getitem__, default=None)
 
     @property
     def missing(self) -> int:
@@ -76,11 +86,13 @@ class Reconnects:
         )
 
 
-def mqtt_clients(cluster: NatsCluster, i: int) -> set[str] | None:
-    """The MQTT client ids logged in on node ``i`` (None when its monitoring does not answer).
+def mqtt_devices(cluster: NatsCluster, i: int) -> set[str] | None:
+    """The devices logged in over MQTT on node ``i`` (None when its monitoring does not answer).
 
     A connection is listed from its CONNECT on, before the auth callout has answered; only
-    one placed in the GALVANI account (``auth=true`` names it) has been let in."""
+    one placed in the GALVANI account (``auth=true`` names it) has been let in. The backend's
+    own MQTT clients there (the rules' config publisher, whose client ids are reserved) are
+    not devices: their failover is not the fleet's, and the figures are the fleet's."""
     body = http_get(cluster.nodes[i].monitor_url("/connz?limit=100000&auth=true"), 1.0)
     if body is None:
         return None
@@ -88,7 +100,9 @@ def mqtt_clients(cluster: NatsCluster, i: int) -> set[str] | None:
     return {
         str(c["mqtt_client"])
         for c in connections
-        if c.get("mqtt_client") and c.get("account") == APP_ACCOUNT
+        if c.get("mqtt_client")
+        and c.get("account") == APP_ACCOUNT
+        and not is_reserved_client_id(str(c["mqtt_client"]))
     }
 
 
@@ -153,7 +167,7 @@ class ClusterFaultStack(FaultStack):
     def busiest_node(self) -> int:
         """The node holding the most devices now (the worst one to lose)."""
         assert self.cluster is not None
-        counts = [len(mqtt_clients(self.cluster, i) or ()) for i in range(len(self.cluster.nodes))]
+        counts = [len(mqtt_devices(self.cluster, i) or ()) for i in range(len(self.cluster.nodes))]
         return counts.index(max(counts))
 
     def kill_node(self, i: int, down_s: float) -> None:
@@ -161,7 +175,7 @@ class ClusterFaultStack(FaultStack):
         whichever is later), start it again on its data and wait until it is ready."""
         cluster = self.cluster
         assert cluster is not None
-        devices = mqtt_clients(cluster, i) or set()
+        devices = mqtt_devices(cluster, i) or set()
         struck = time.monotonic()
         cluster.kill(i, signal.SIGKILL)
         self._measure_reconnects(i, devices, struck, minimum_s=down_s)
@@ -172,7 +186,7 @@ class ClusterFaultStack(FaultStack):
         measuring its devices' moves to the survivors meanwhile, then SIGCONT it."""
         cluster = self.cluster
         assert cluster is not None
-        devices = mqtt_clients(cluster, i) or set()
+        devices = mqtt_devices(cluster, i) or set()
         struck = time.monotonic()
         cluster.pause(i)
         try:
@@ -191,25 +205,30 @@ class ClusterFaultStack(FaultStack):
         waiting = set(devices)
         count = len(waiting)
         survivors = [j for j in range(len(cluster.nodes)) if j != down]
-        seconds: list[float] = []
+        arrivals: dict[str, float] = {}
         while True:
             now = time.monotonic()
             if waiting:
                 seen: set[str] = set()
                 for j in survivors:
-                    seen |= mqtt_clients(cluster, j) or set()
+                    seen |= mqtt_devices(cluster, j) or set()
                 arrived = waiting & seen
-                seconds.extend([now - struck] * len(arrived))
+                arrivals.update(dict.fromkeys(arrived, now - struck))
                 waiting -= arrived
             elapsed = now - struck
             if elapsed >= minimum_s and (not waiting or elapsed > RECONNECT_TIMEOUT_S):
                 break
             time.sleep(CONNZ_POLL_S)
-        result = Reconnects(cluster.nodes[down].name, count, tuple(sorted(seconds)))
+        result = Reconnects(cluster.nodes[down].name, count, arrivals)
         self.reconnects.append(result)
         print(result.line(), flush=True)
 
     # -- after the faults -------------------------------------------------------------------
+
+    def fleet_log_of(self, device: str, limit: int = 40) -> list[str]:
+        """The fleet log's last ``limit`` lines naming ``device``: what its connection did."""
+        lines = (self.root / "fleet.log").read_text(errors="replace").splitlines()
+        return [line for line in lines if device in line][-limit:]
 
     def alerts_raised_since(self, since: float) -> int:
         """Alerts opened or raised again (count, last seen) at or after ``since`` (Unix
