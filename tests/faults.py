@@ -211,8 +211,10 @@ class FaultStack:
     fleet: subprocess.Popen[bytes] | None = None
     database_url: str = ""
     results: list[FaultResult] = field(default_factory=list)
-    # Every (device, seq) waiting in an outbox when a fault struck: each must be stored in
-    # the end, however the fault treated it (nothing may wait forever for a resend).
+    # Every (device, seq) waiting in an outbox when a fault struck or while it lasted: each
+    # must be stored in the end, however the fault treated it (nothing may wait forever for a
+    # resend). Sampled through the fault, not only as it struck: a small fleet's outboxes
+    # can be empty at one instant, and then the check had nothing to judge.
     held: set[tuple[str, int]] = field(default_factory=set)
 
     @property
@@ -338,11 +340,14 @@ class FaultStack:
         self.held |= waiting
         peak = len(waiting)
         # The backlog is highest while the part is down, not once it is back (a restarted
-        # database drains hundreds of messages in a second): sampled while the fault lasts.
+        # database drains hundreds of messages in a second): sampled while the fault lasts,
+        # and what waits then is held too.
         with ThreadPoolExecutor(1) as pool:
             injected = pool.submit(inject)
             while not injected.done():
-                peak = max(peak, outbox_backlog(self.store))
+                waiting = read_outboxes(self.store)[2]
+                self.held |= waiting
+                peak = max(peak, len(waiting))
                 time.sleep(0.2)
             injected.result()
         # Recovered when the outboxes are back to their level before the fault, and the
