@@ -49,11 +49,13 @@ RECONNECT_TIMEOUT_S: Final = 120.0
 
 @dataclass(frozen=True)
 class Reconnects:
-    """How long each device of a node took to be connected to another node again."""
+    """How long each client of a kind (devices, or the backend's own) of a node took to be
+    connected to another node again."""
 
     node: str
-    devices: int  # connected to the node when the fault struck
-    # When each device that came back within the timeout was first seen on a survivor.
+    kind: str  # "devices" or "backend_clients": the figure line's name for the count
+    clients: int  # connected to the node when the fault struck
+    # When each client that came back within the timeout was first seen on a survivor.
     arrivals: dict[str, float]
 
     @property
@@ -62,13 +64,13 @@ class Reconnects:
         return tuple(sorted(self.arrivals.values()))
 
     def slowest(self) -> str | None:
-        """The device that took longest to come back (None when none did)."""
+        """The client that took longest to come back (None when none did)."""
         return max(self.arrivals, key=self.arrivals.__getitem__, default=None)
 
     @property
     def missing(self) -> int:
-        """Devices not seen on a survivor within the timeout."""
-        return self.devices - len(self.seconds)
+        """Clients not seen on a survivor within the timeout."""
+        return self.clients - len(self.seconds)
 
     def percentile(self, p: float) -> float:
         """The ``p``-th percentile (nearest rank) of the reconnect times."""
@@ -80,19 +82,19 @@ class Reconnects:
     def line(self) -> str:
         """The figure line: how many, p50, p99, max."""
         return (
-            f"node={self.node} devices={self.devices} reconnected={len(self.seconds)} "
+            f"node={self.node} {self.kind}={self.clients} reconnected={len(self.seconds)} "
             f"reconnect_p50_s={self.percentile(50):.1f} reconnect_p99_s={self.percentile(99):.1f}"
             f" reconnect_max_s={max(self.seconds, default=math.nan):.1f}"
         )
 
 
-def mqtt_devices(cluster: NatsCluster, i: int) -> set[str] | None:
-    """The devices logged in over MQTT on node ``i`` (None when its monitoring does not answer).
+def mqtt_logins(cluster: NatsCluster, i: int) -> set[str] | None:
+    """The MQTT client ids logged in on node ``i`` (None when its monitoring does not answer):
+    the devices, and the backend's own clients (the rules' config publisher), whose ids are
+    reserved (:func:`~services.common.broker_auth.is_reserved_client_id`).
 
     A connection is listed from its CONNECT on, before the auth callout has answered; only
-    one placed in the GALVANI account (``auth=true`` names it) has been let in. The backend's
-    own MQTT clients there (the rules' config publisher, whose client ids are reserved) are
-    not devices: their failover is not the fleet's, and the figures are the fleet's."""
+    one placed in the GALVANI account (``auth=true`` names it) has been let in."""
     body = http_get(cluster.nodes[i].monitor_url("/connz?limit=100000&auth=true"), 1.0)
     if body is None:
         return None
@@ -100,10 +102,13 @@ def mqtt_devices(cluster: NatsCluster, i: int) -> set[str] | None:
     return {
         str(c["mqtt_client"])
         for c in connections
-        if c.get("mqtt_client")
-        and c.get("account") == APP_ACCOUNT
-        and not is_reserved_client_id(str(c["mqtt_client"]))
+        if c.get("mqtt_client") and c.get("account") == APP_ACCOUNT
     }
+
+
+def devices_among(clients: Iterable[str]) -> set[str]:
+    """The devices among MQTT client ids: every id not reserved for the backend."""
+    return {client for client in clients if not is_reserved_client_id(client)}
 
 
 @dataclass
@@ -112,7 +117,10 @@ class ClusterFaultStack(FaultStack):
 
     cluster: NatsCluster | None = None
     responders: list[ResponderProcess] = field(default_factory=list)
-    reconnects: list[Reconnects] = field(default_factory=list)
+    reconnects: list[Reconnects] = field(default_factory=list)  # the devices', per node fault
+    # The backend's clients' (its config publishers), per node fault (none when the node held
+    # none): measured apart, since their failover is paho's with a keepalive of their own.
+    backend_reconnects: list[Reconnects] = field(default_factory=list)
 
     def start_broker(self, passwords: dict[ServiceAccount, str]) -> None:
         """The three nodes with the auth callout, and its responders, each first on another
@@ -167,7 +175,10 @@ class ClusterFaultStack(FaultStack):
     def busiest_node(self) -> int:
         """The node holding the most devices now (the worst one to lose)."""
         assert self.cluster is not None
-        counts = [len(mqtt_devices(self.cluster, i) or ()) for i in range(len(self.cluster.nodes))]
+        counts = [
+            len(devices_among(mqtt_logins(self.cluster, i) or ()))
+            for i in range(len(self.cluster.nodes))
+        ]
         return counts.index(max(counts))
 
     def kill_node(self, i: int, down_s: float) -> None:
@@ -175,35 +186,35 @@ class ClusterFaultStack(FaultStack):
         whichever is later), start it again on its data and wait until it is ready."""
         cluster = self.cluster
         assert cluster is not None
-        devices = mqtt_devices(cluster, i) or set()
+        clients = mqtt_logins(cluster, i) or set()
         struck = time.monotonic()
         cluster.kill(i, signal.SIGKILL)
-        self._measure_reconnects(i, devices, struck, minimum_s=down_s)
+        self._measure_reconnects(i, clients, struck, minimum_s=down_s)
         cluster.restart(i)
 
     def pause_node(self, i: int, paused_s: float) -> None:
         """SIGSTOP node ``i`` for ``paused_s`` (its sockets stay open, it answers nothing),
-        measuring its devices' moves to the survivors meanwhile, then SIGCONT it."""
+        measuring its clients' moves to the survivors meanwhile, then SIGCONT it."""
         cluster = self.cluster
         assert cluster is not None
-        devices = mqtt_devices(cluster, i) or set()
+        clients = mqtt_logins(cluster, i) or set()
         struck = time.monotonic()
         cluster.pause(i)
         try:
-            self._measure_reconnects(i, devices, struck, minimum_s=paused_s)
+            self._measure_reconnects(i, clients, struck, minimum_s=paused_s)
         finally:
             cluster.resume(i)
         cluster.wait_ready([i])
 
     def _measure_reconnects(
-        self, down: int, devices: Iterable[str], struck: float, *, minimum_s: float
+        self, down: int, clients: set[str], struck: float, *, minimum_s: float
     ) -> None:
-        """Poll the survivors until every device of node ``down`` is connected to one of them
-        (or the timeout), for at least ``minimum_s``; record when each first appeared."""
+        """Poll the survivors until every client of node ``down`` is connected to one of them
+        (or the timeout), for at least ``minimum_s``; record when each first appeared, the
+        devices' in :attr:`reconnects` and the backend's in :attr:`backend_reconnects`."""
         cluster = self.cluster
         assert cluster is not None
-        waiting = set(devices)
-        count = len(waiting)
+        waiting = set(clients)
         survivors = [j for j in range(len(cluster.nodes)) if j != down]
         arrivals: dict[str, float] = {}
         while True:
@@ -211,7 +222,7 @@ class ClusterFaultStack(FaultStack):
             if waiting:
                 seen: set[str] = set()
                 for j in survivors:
-                    seen |= mqtt_devices(cluster, j) or set()
+                    seen |= mqtt_logins(cluster, j) or set()
                 arrived = waiting & seen
                 arrivals.update(dict.fromkeys(arrived, now - struck))
                 waiting -= arrived
@@ -219,9 +230,18 @@ class ClusterFaultStack(FaultStack):
             if elapsed >= minimum_s and (not waiting or elapsed > RECONNECT_TIMEOUT_S):
                 break
             time.sleep(CONNZ_POLL_S)
-        result = Reconnects(cluster.nodes[down].name, count, arrivals)
+        node = cluster.nodes[down].name
+        devices = devices_among(clients)
+        result = Reconnects(
+            node, "devices", len(devices), {c: s for c, s in arrivals.items() if c in devices}
+        )
         self.reconnects.append(result)
         print(result.line(), flush=True)
+        backend = clients - devices
+        theirs = {c: s for c, s in arrivals.items() if c in backend}
+        self.backend_reconnects.append(Reconnects(node, "backend_clients", len(backend), theirs))
+        if backend:
+            print(self.backend_reconnects[-1].line(), flush=True)
 
     # -- after the faults -------------------------------------------------------------------
 

@@ -36,7 +36,13 @@ from services.common.settings import ServiceSettings
 from services.common.signing import sign_table
 
 PUBLISH_TIMEOUT_S: Final = 10.0
-PUBLISHER_KEEPALIVE_S: Final = 30
+# A node that stops answering (SIGSTOP, a partition) is left after one to two keepalives: paho
+# pings after one without input and closes the connection one later without the answer. An
+# attempt on a node whose kernel completes the TCP handshake and which then sends no CONNACK is
+# given up after one. At 30 s a publisher on a stopped cluster node held tables back for 30-60
+# s (docs/architecture.md, "The clustered broker"); a ping every 10 s on one connection per
+# process costs nothing.
+PUBLISHER_KEEPALIVE_S: Final = 10
 SOURCES: Final = ("rule", "rollout", "api")
 
 
