@@ -5,9 +5,8 @@ load, in that order on one stack.
 After each fault the ledger must show, for every message a device deleted from its outbox,
 exactly one stored row (0 lost, 0 duplicated); every device of the struck node, and the rules'
 config publisher if it was there, must be connected to a survivor within its bound, and the
-rules must keep raising alerts. Each
-test prints its figure lines; docs/architecture.md ("The clustered broker") quotes them.
-``make bench-cluster`` runs the same faults on a larger fleet.
+rules must keep raising alerts. Each test prints its figure lines; docs/architecture.md ("The
+clustered broker") quotes them. ``make bench-cluster`` runs the same faults on a larger fleet.
 """
 
 import time
